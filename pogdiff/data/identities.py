@@ -1,0 +1,530 @@
+"""Procedural identity generator: an offline stand-in for face datasets such as AgeDB.
+
+An :class:`Identity` is a person with fixed traits; an :class:`Attributes` record holds what
+changes from one photo of that person to the next. :func:`render` draws a portrait with PIL
+``ImageDraw`` primitives only, deterministically: every random choice lives in the two records,
+so the same identity and attributes always give the same picture.
+
+Identity traits (``Identity`` fields):
+
+===============  ==============================================================  ==========
+trait            values                                                          visibility
+===============  ==============================================================  ==========
+hair_colour      9 named colours (black ... dyed blue / pink), RGB               big
+hair_style       bald, buzz, short, long, bob, afro, mohawk, ponytail, spiky     big
+skin_tone        6 tones, RGB                                                    big
+shirt_colour     8 named colours, RGB                                            big
+face_shape       oval, round, square, long, heart                                big
+facial_hair      none, moustache, beard, goatee                                  big
+eye_colour       5 colours, RGB                                                  small
+nose             small, long, wide                                               small
+mouth            narrow, medium, wide                                            small
+eyebrows         thin, medium, thick                                             small
+===============  ==============================================================  ==========
+
+:func:`make_identities` spreads the *big* traits apart: every new identity is the candidate,
+out of a fixed number of random draws, whose big traits differ most from all identities chosen
+before it (greedy farthest-point selection on the Hamming distance). No two identities of one
+call share all big traits, and the result is prefix-stable: ``make_identities(n + m, seed)[:n]
+== make_identities(n, seed)`` (with the same ``exclude``).
+
+Per-image attributes (``Attributes``): age 20..80 (grey hair fraction grows from 35 years,
+forehead lines from 45, smile and crow's-feet lines from 58), smiling (an open smile instead of a
+flat mouth), glasses (dark round frames), a pose shift ``dx, dy`` in pixels of a 32-px render,
+a scale jitter and a background colour index.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
+
+RGB = tuple[int, int, int]
+
+# --- palettes -------------------------------------------------------------------------------
+
+HAIR_COLOURS: dict[str, RGB] = {
+    "black": (24, 20, 18),
+    "dark brown": (78, 48, 28),
+    "chestnut": (140, 78, 36),
+    "auburn": (150, 40, 30),
+    "copper": (222, 110, 30),
+    "golden blonde": (232, 190, 80),
+    "platinum": (246, 240, 214),
+    "blue": (40, 90, 220),
+    "pink": (236, 90, 170),
+}
+HAIR_STYLES = ("bald", "buzz", "short", "long", "bob", "afro", "mohawk", "ponytail", "spiky")
+SKIN_TONES: dict[str, RGB] = {
+    "porcelain": (250, 222, 205),
+    "light": (236, 196, 164),
+    "medium": (208, 160, 118),
+    "olive": (176, 132, 88),
+    "brown": (130, 86, 56),
+    "deep": (80, 52, 36),
+}
+SHIRT_COLOURS: dict[str, RGB] = {
+    "red": (205, 35, 40),
+    "blue": (30, 70, 200),
+    "green": (40, 150, 60),
+    "yellow": (245, 205, 30),
+    "purple": (120, 50, 160),
+    "orange": (240, 130, 20),
+    "teal": (20, 150, 150),
+    "white": (245, 245, 245),
+}
+FACE_SHAPES = ("oval", "round", "square", "long", "heart")
+FACIAL_HAIR = ("none", "moustache", "beard", "goatee")
+EYE_COLOURS: dict[str, RGB] = {
+    "brown": (100, 60, 30),
+    "blue": (50, 110, 210),
+    "green": (50, 150, 70),
+    "grey": (120, 130, 140),
+    "amber": (200, 140, 30),
+}
+NOSES = ("small", "long", "wide")
+MOUTHS = ("narrow", "medium", "wide")
+EYEBROWS = ("thin", "medium", "thick")
+BACKGROUNDS: tuple[RGB, ...] = (
+    (200, 200, 204),  # light grey
+    (180, 205, 230),  # pale blue
+    (190, 220, 190),  # pale green
+    (226, 214, 190),  # beige
+    (210, 196, 230),  # lavender
+    (236, 200, 200),  # pale rose
+)
+
+FIRST_NAMES = (
+    "Mira", "Jonas", "Aiko", "Tomas", "Leila", "Kwame", "Sofia", "Ravi", "Ingrid", "Mateo",
+    "Nadia", "Omar", "Freya", "Dmitri", "Amara", "Hugo", "Yuki", "Priya", "Elias", "Zara",
+    "Kenji", "Lucia", "Anders", "Chiara", "Tariq", "Ines", "Felix", "Noor", "Bruno", "Hana",
+    "Mikael", "Ayla", "Desmond", "Greta", "Rafael", "Sana", "Oskar", "Leona", "Idris", "Maya",
+    "Pavel", "Esme", "Kofi", "Lena", "Arjun", "Sienna", "Marek", "Talia", "Emeka", "Vera",
+)
+LAST_NAMES = (
+    "Okafor", "Lindqvist", "Tanaka", "Novak", "Haddad", "Mensah", "Rossi", "Sharma", "Berg",
+    "Alvarez", "Petrova", "Farouk", "Larsen", "Ivanov", "Diallo", "Moreau", "Sato", "Iyer",
+    "Keller", "Rahman", "Mori", "Ferreira", "Nilsson", "Bianchi", "Aziz", "Costa", "Weber",
+    "Karimi", "Santos", "Kim", "Virtanen", "Demir", "Osei", "Hoffmann", "Reyes", "Qureshi",
+    "Dahl", "Marin", "Adeyemi", "Castillo", "Horvat", "Nakamura", "Bauer", "Mbeki", "Quinn",
+    "Yilmaz", "Fontaine", "Kowalski", "Abara", "Lund",
+)
+
+BIG_TRAITS = ("hair_colour", "hair_style", "skin_tone", "shirt_colour", "face_shape", "facial_hair")
+# How many random candidates each new identity is chosen from (greedy farthest point).
+CANDIDATES_PER_IDENTITY = 64
+
+ATTRIBUTE_HEADS: dict[str, int] = {"smiling": 2, "glasses": 2, "age_group": 3}
+AGE_RANGE = (20, 80)
+AGE_GROUP_EDGES = (35, 60)  # age_group 0: < 35, 1: 35..59, 2: >= 60
+SHIFT_MAX = 2  # px at 32-px resolution
+SCALE_JITTER = 0.06
+P_SMILING = 0.5
+P_GLASSES = 0.35
+REFERENCE_SIZE = 32  # dx, dy are expressed in pixels of a render of this size
+SUPERSAMPLE = 4
+GREY_HAIR: RGB = (196, 196, 200)
+GREY_MAX = 0.65  # hair never turns fully grey, so its colour still identifies the person
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A person: fixed traits shared by every photo of them (see the module docstring)."""
+
+    name: str
+    hair_colour_name: str
+    hair_style: str
+    skin_tone_name: str
+    shirt_colour_name: str
+    face_shape: str
+    facial_hair: str
+    eye_colour_name: str
+    nose: str
+    mouth: str
+    eyebrows: str
+
+    @property
+    def hair_colour(self) -> RGB:
+        return HAIR_COLOURS[self.hair_colour_name]
+
+    @property
+    def skin_tone(self) -> RGB:
+        return SKIN_TONES[self.skin_tone_name]
+
+    @property
+    def shirt_colour(self) -> RGB:
+        return SHIRT_COLOURS[self.shirt_colour_name]
+
+    @property
+    def eye_colour(self) -> RGB:
+        return EYE_COLOURS[self.eye_colour_name]
+
+    def big_traits(self) -> tuple[str, ...]:
+        """The strongly visible traits that :func:`make_identities` keeps apart."""
+        return tuple(getattr(self, _TRAIT_FIELD[t]) for t in BIG_TRAITS)
+
+    def describe(self) -> str:
+        """One line of the person's traits, e.g. for a contact sheet or a tooltip."""
+        beard = "" if self.facial_hair == "none" else f", {self.facial_hair}"
+        return (
+            f"{self.hair_colour_name} {self.hair_style} hair, {self.skin_tone_name} skin, "
+            f"{self.face_shape} face, {self.shirt_colour_name} shirt{beard}"
+        )
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """What varies between photos of one identity (all randomness of :func:`render`)."""
+
+    age: int
+    smiling: bool
+    glasses: bool
+    dx: int  # horizontal shift, px of a 32-px render
+    dy: int  # vertical shift, px of a 32-px render
+    scale: float
+    background: int  # index into BACKGROUNDS
+
+
+_TRAIT_FIELD = {
+    "hair_colour": "hair_colour_name",
+    "hair_style": "hair_style",
+    "skin_tone": "skin_tone_name",
+    "shirt_colour": "shirt_colour_name",
+    "face_shape": "face_shape",
+    "facial_hair": "facial_hair",
+}
+_TRAIT_VALUES: dict[str, tuple[str, ...]] = {
+    "hair_colour": tuple(HAIR_COLOURS),
+    "hair_style": HAIR_STYLES,
+    "skin_tone": tuple(SKIN_TONES),
+    "shirt_colour": tuple(SHIRT_COLOURS),
+    "face_shape": FACE_SHAPES,
+    "facial_hair": FACIAL_HAIR,
+}
+
+
+# --- identities -----------------------------------------------------------------------------
+
+
+def make_identities(n: int, seed: int, *, exclude: Iterable[str] = ()) -> list[Identity]:
+    """Return ``n`` identities with unique names and well-separated big traits.
+
+    :param n: how many identities (at most ``len(FIRST_NAMES) * len(LAST_NAMES)`` minus excluded).
+    :param seed: same seed, same identities.
+    :param exclude: names that must not be used (e.g. the identities of another split).
+    """
+    excluded = set(exclude)
+    n_names = len(FIRST_NAMES) * len(LAST_NAMES) - len(excluded)
+    if n < 0 or n > n_names:
+        raise ValueError(f"n must be in 0..{n_names}, got {n}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1D]))
+    used_names = set(excluded)
+    chosen: list[tuple[int, ...]] = []
+    identities: list[Identity] = []
+    for _ in range(n):
+        big = _pick_far_candidate(rng, chosen)
+        chosen.append(big)
+        small = [int(rng.integers(len(v))) for v in (EYE_COLOURS, NOSES, MOUTHS, EYEBROWS)]
+        name = _draw_name(rng, used_names)
+        used_names.add(name)
+        identities.append(_identity_from_indices(name, big, small))
+    return identities
+
+
+def _pick_far_candidate(rng: np.random.Generator, chosen: list[tuple[int, ...]]) -> tuple[int, ...]:
+    sizes = [len(_TRAIT_VALUES[t]) for t in BIG_TRAITS]
+    candidates = np.stack([rng.integers(s, size=CANDIDATES_PER_IDENTITY) for s in sizes], axis=1)
+    if not chosen:
+        return tuple(int(v) for v in candidates[0])
+    prev = np.asarray(chosen)  # [M, T]
+    hamming = (candidates[:, None, :] != prev[None, :, :]).sum(-1)  # [C, M]
+    # Largest minimum distance first, then largest mean distance (fewer near-twins).
+    score = hamming.min(1) * 1000 + hamming.mean(1)
+    return tuple(int(v) for v in candidates[int(np.argmax(score))])
+
+
+def _draw_name(rng: np.random.Generator, used: set[str]) -> str:
+    while True:
+        name = f"{FIRST_NAMES[rng.integers(len(FIRST_NAMES))]} {LAST_NAMES[rng.integers(len(LAST_NAMES))]}"
+        if name not in used:
+            return name
+
+
+def _identity_from_indices(name: str, big: tuple[int, ...], small: list[int]) -> Identity:
+    values = {_TRAIT_FIELD[t]: _TRAIT_VALUES[t][i] for t, i in zip(BIG_TRAITS, big)}
+    return Identity(
+        name=name,
+        eye_colour_name=tuple(EYE_COLOURS)[small[0]],
+        nose=NOSES[small[1]],
+        mouth=MOUTHS[small[2]],
+        eyebrows=EYEBROWS[small[3]],
+        **values,
+    )
+
+
+# --- attributes -----------------------------------------------------------------------------
+
+
+def sample_attributes(rng: np.random.Generator) -> Attributes:
+    """Draw one photo's attributes: uniform age, fair-coin smile, glasses, pose, background."""
+    return Attributes(
+        age=int(rng.integers(AGE_RANGE[0], AGE_RANGE[1] + 1)),
+        smiling=bool(rng.random() < P_SMILING),
+        glasses=bool(rng.random() < P_GLASSES),
+        dx=int(rng.integers(-SHIFT_MAX, SHIFT_MAX + 1)),
+        dy=int(rng.integers(-SHIFT_MAX, SHIFT_MAX + 1)),
+        scale=float(round(1.0 + rng.uniform(-SCALE_JITTER, SCALE_JITTER), 4)),
+        background=int(rng.integers(len(BACKGROUNDS))),
+    )
+
+
+def age_group(age: int) -> int:
+    """0: younger than 35, 1: 35..59, 2: 60 and older."""
+    return int(age >= AGE_GROUP_EDGES[0]) + int(age >= AGE_GROUP_EDGES[1])
+
+
+def attribute_labels(attrs: Attributes) -> dict[str, int]:
+    """Integer labels for the attribute heads of an evaluator (keys of ATTRIBUTE_HEADS)."""
+    return {"smiling": int(attrs.smiling), "glasses": int(attrs.glasses), "age_group": age_group(attrs.age)}
+
+
+def caption(identity: Identity, attrs: Attributes) -> str:
+    """E.g. ``"a photo of Mira Okafor, about 60 years old, smiling, wearing glasses"``.
+
+    The age is rounded to the nearest 5 years; the subject is the text between ``"a photo of "``
+    and the first comma, which is how :mod:`pogdiff.data.loader` derives classes from captions.
+    """
+    parts = [f"a photo of {identity.name}", f"about {5 * math.floor(attrs.age / 5 + 0.5)} years old"]
+    if attrs.smiling:
+        parts.append("smiling")
+    if attrs.glasses:
+        parts.append("wearing glasses")
+    return ", ".join(parts)
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def _mix(a: RGB, b: RGB, t: float) -> RGB:
+    return tuple(int(round(x + (y - x) * t)) for x, y in zip(a, b))  # type: ignore[return-value]
+
+
+def _shade(c: RGB, f: float) -> RGB:
+    """f < 1 darkens, f > 1 lightens (towards white)."""
+    if f <= 1:
+        return tuple(int(round(x * f)) for x in c)  # type: ignore[return-value]
+    return _mix(c, (255, 255, 255), f - 1)
+
+
+class _Pen:
+    """Draws in unit coordinates (0..1 across a 32-px frame) with pose shift and scale applied."""
+
+    def __init__(self, draw: ImageDraw.ImageDraw, side: int, attrs: Attributes):
+        self.draw, self.side = draw, side
+        self.scale = attrs.scale
+        self.off_x = attrs.dx / REFERENCE_SIZE
+        self.off_y = attrs.dy / REFERENCE_SIZE
+
+    def pt(self, x: float, y: float) -> tuple[float, float]:
+        return (
+            (0.5 + (x - 0.5) * self.scale + self.off_x) * self.side,
+            (0.5 + (y - 0.5) * self.scale + self.off_y) * self.side,
+        )
+
+    def box(self, x0: float, y0: float, x1: float, y1: float) -> list[float]:
+        return [*self.pt(x0, y0), *self.pt(x1, y1)]
+
+    def w(self, width: float) -> int:
+        return max(1, int(round(width * self.side * self.scale)))
+
+    def ellipse(self, box, fill=None, outline=None, width=0.0):
+        self.draw.ellipse(self.box(*box), fill=fill, outline=outline, width=self.w(width) if outline else 0)
+
+    def rect(self, box, fill, radius=0.0):
+        self.draw.rounded_rectangle(self.box(*box), radius=radius * self.side * self.scale, fill=fill)
+
+    def chord(self, box, start, end, fill):
+        self.draw.chord(self.box(*box), start, end, fill=fill)
+
+    def arc(self, box, start, end, fill, width):
+        self.draw.arc(self.box(*box), start, end, fill=fill, width=self.w(width))
+
+    def polygon(self, points, fill):
+        self.draw.polygon([self.pt(x, y) for x, y in points], fill=fill)
+
+    def line(self, points, fill, width):
+        self.draw.line([self.pt(x, y) for x, y in points], fill=fill, width=self.w(width), joint="curve")
+
+
+# Face geometry in unit coordinates: centre and half-extents per face shape.
+_FACE_CX, _FACE_CY = 0.5, 0.45
+_FACE_HALF = {
+    "oval": (0.205, 0.265),
+    "round": (0.24, 0.235),
+    "square": (0.225, 0.25),
+    "long": (0.175, 0.29),
+    "heart": (0.235, 0.26),
+}
+
+
+def render(identity: Identity, attrs: Attributes, size: int = 32) -> Image.Image:
+    """Draw one RGB portrait of ``identity`` with ``attrs``; deterministic.
+
+    Drawn at ``SUPERSAMPLE`` times ``size`` and downsampled with LANCZOS for antialiasing.
+    """
+    side = size * SUPERSAMPLE
+    img = Image.new("RGB", (side, side), BACKGROUNDS[attrs.background % len(BACKGROUNDS)])
+    pen = _Pen(ImageDraw.Draw(img), side, attrs)
+    grey = GREY_MAX * min(1.0, max(0.0, (attrs.age - 35) / 35))
+    hair = _mix(identity.hair_colour, GREY_HAIR, grey)
+    hw, hh = _FACE_HALF[identity.face_shape]
+    _draw_back_hair(pen, identity.hair_style, hair, hw, hh)
+    _draw_body(pen, identity)
+    _draw_face(pen, identity, hw, hh)
+    _draw_wrinkles(pen, identity, attrs.age, hw, hh)
+    _draw_facial_hair(pen, identity, hair, hw, hh)
+    _draw_front_hair(pen, identity.hair_style, hair, hw, hh)
+    _draw_features(pen, identity, hair, attrs.smiling, hw)
+    if attrs.glasses:
+        _draw_glasses(pen, hw)
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def _draw_back_hair(pen: _Pen, style: str, hair: RGB, hw: float, hh: float) -> None:
+    cx, top = _FACE_CX, _FACE_CY - hh
+    if style == "long":
+        pen.rect((cx - hw - 0.07, top - 0.035, cx + hw + 0.07, 0.9), hair, radius=0.12)
+    elif style == "bob":
+        pen.rect((cx - hw - 0.06, top - 0.035, cx + hw + 0.06, _FACE_CY + 0.14), hair, radius=0.1)
+    elif style == "afro":
+        pen.ellipse((cx - hw - 0.13, top - 0.12, cx + hw + 0.13, _FACE_CY + 0.1), fill=hair)
+    elif style == "ponytail":
+        pen.ellipse((cx + hw - 0.03, _FACE_CY - 0.14, cx + hw + 0.13, _FACE_CY + 0.26), fill=hair)
+
+
+def _draw_body(pen: _Pen, ident: Identity) -> None:
+    skin = ident.skin_tone
+    pen.rect((0.43, _FACE_CY + 0.1, 0.57, 0.9), _shade(skin, 0.88))
+    pen.chord((0.1, 0.8, 0.9, 1.35), 180, 360, ident.shirt_colour)
+    pen.polygon([(0.44, 0.8), (0.56, 0.8), (0.5, 0.88)], _shade(skin, 0.88))  # V-neck
+
+
+def _draw_face(pen: _Pen, ident: Identity, hw: float, hh: float) -> None:
+    skin, cx, cy = ident.skin_tone, _FACE_CX, _FACE_CY
+    ear = _shade(skin, 0.92)
+    for side in (-1, 1):
+        ex = cx + side * hw
+        pen.ellipse((ex - 0.035, cy - 0.05, ex + 0.035, cy + 0.05), fill=ear)
+    shape = ident.face_shape
+    if shape == "square":
+        pen.rect((cx - hw, cy - hh, cx + hw, cy + hh), skin, radius=0.07)
+    elif shape == "heart":
+        pen.ellipse((cx - hw, cy - hh, cx + hw, cy + hh * 0.55), fill=skin)
+        pen.polygon([(cx - hw + 0.01, cy), (cx + hw - 0.01, cy), (cx, cy + hh)], skin)
+    else:
+        pen.ellipse((cx - hw, cy - hh, cx + hw, cy + hh), fill=skin)
+
+
+def _draw_wrinkles(pen: _Pen, ident: Identity, age: int, hw: float, hh: float) -> None:
+    line = _shade(ident.skin_tone, 0.62)
+    cx, cy, top = _FACE_CX, _FACE_CY, _FACE_CY - hh
+    n_forehead = sum(age >= a for a in (45, 58, 70))
+    for k in range(n_forehead):
+        y = top + 0.085 + 0.028 * k + (0.02 if ident.hair_style in ("short", "bob", "afro") else 0)
+        pen.arc((cx - 0.09, y, cx + 0.09, y + 0.06), 200, 340, line, 0.016)
+    if age >= 58:
+        for side in (-1, 1):  # smile lines from the nose to the mouth corners
+            x0 = cx + side * 0.055
+            pen.line([(x0, cy + 0.07), (x0 + side * 0.035, cy + 0.17)], line, 0.016)
+            ex = cx + side * (hw - 0.02)  # crow's feet
+            pen.line([(ex, cy - 0.03), (ex + side * 0.03, cy - 0.045)], line, 0.012)
+            pen.line([(ex, cy - 0.015), (ex + side * 0.03, cy - 0.005)], line, 0.012)
+
+
+def _draw_facial_hair(pen: _Pen, ident: Identity, hair: RGB, hw: float, hh: float) -> None:
+    cx, cy = _FACE_CX, _FACE_CY
+    if ident.facial_hair == "beard":
+        pen.chord((cx - hw, cy - hh, cx + hw, cy + hh + 0.02), 8, 172, hair)
+    elif ident.facial_hair == "goatee":
+        pen.ellipse((cx - 0.06, cy + 0.17, cx + 0.06, cy + hh + 0.015), fill=hair)
+
+
+def _draw_front_hair(pen: _Pen, style: str, hair: RGB, hw: float, hh: float) -> None:
+    cx, top = _FACE_CX, _FACE_CY - hh
+    left, right = cx - hw - 0.025, cx + hw + 0.025
+    if style == "bald":
+        for side in (-1, 1):  # side tufts above the ears
+            x = cx + side * (hw + 0.005)
+            pen.ellipse((x - 0.03, _FACE_CY - 0.12, x + 0.03, _FACE_CY - 0.02), fill=hair)
+    elif style == "buzz":
+        pen.chord((left + 0.01, top - 0.015, right - 0.01, top + 0.13), 180, 360, hair)
+    elif style in ("short", "long", "ponytail"):
+        depth = {"short": 0.22, "long": 0.24, "ponytail": 0.18}[style]
+        pen.chord((left, top - 0.04, right, top - 0.04 + depth), 180, 360, hair)
+        if style == "short":
+            for side in (-1, 1):  # sideburns
+                x = cx + side * (hw - 0.005)
+                pen.rect((x - 0.025, top + 0.05, x + 0.025, _FACE_CY - 0.02), hair)
+        if style == "long":
+            pen.polygon([(cx - 0.02, top + 0.07), (left, top + 0.07), (left, _FACE_CY + 0.05)], hair)
+    elif style == "bob":
+        pen.chord((left, top - 0.04, right, top + 0.2), 180, 360, hair)
+        pen.rect((left + 0.02, top + 0.04, right - 0.02, top + 0.11), hair)  # straight fringe
+    elif style == "afro":
+        pen.chord((left, top - 0.04, right, top + 0.18), 180, 360, hair)
+        for k in range(5):
+            x = left + 0.03 + k * (right - left - 0.06) / 4
+            pen.ellipse((x - 0.035, top + 0.03, x + 0.035, top + 0.09), fill=hair)
+    elif style == "mohawk":
+        pen.rect((cx - 0.045, top - 0.14, cx + 0.045, top + 0.07), hair, radius=0.03)
+    elif style == "spiky":
+        pen.chord((left, top - 0.02, right, top + 0.14), 180, 360, hair)
+        for k in range(5):
+            x = left + 0.02 + k * (right - left - 0.04) / 4
+            pen.polygon([(x - 0.05, top + 0.03), (x + 0.05, top + 0.03), (x, top - 0.1)], hair)
+
+
+def _draw_features(pen: _Pen, ident: Identity, hair: RGB, smiling: bool, hw: float) -> None:
+    cx, cy = _FACE_CX, _FACE_CY
+    eye_y = cy - 0.025
+    brow = {"thin": 0.014, "medium": 0.024, "thick": 0.036}[ident.eyebrows]
+    brow_colour = _shade(hair, 0.8) if sum(hair) > 300 else hair
+    for side in (-1, 1):
+        ex = cx + side * 0.085
+        pen.line([(ex - 0.05, eye_y - 0.055), (ex, eye_y - 0.07), (ex + 0.05, eye_y - 0.055)], brow_colour, brow)
+        pen.ellipse((ex - 0.042, eye_y - 0.026, ex + 0.042, eye_y + 0.026), fill=(250, 250, 250))
+        pen.ellipse((ex - 0.024, eye_y - 0.024, ex + 0.024, eye_y + 0.024), fill=ident.eye_colour)
+        pen.ellipse((ex - 0.01, eye_y - 0.01, ex + 0.01, eye_y + 0.01), fill=(10, 10, 10))
+    nose = _shade(ident.skin_tone, 0.7)
+    if ident.nose == "small":
+        pen.line([(cx, cy + 0.02), (cx, cy + 0.06), (cx + 0.02, cy + 0.065)], nose, 0.016)
+    elif ident.nose == "long":
+        pen.line([(cx, cy - 0.01), (cx, cy + 0.09), (cx + 0.025, cy + 0.095)], nose, 0.018)
+    else:
+        pen.ellipse((cx - 0.05, cy + 0.045, cx + 0.05, cy + 0.09), fill=nose)
+    half = {"narrow": 0.055, "medium": 0.075, "wide": 0.095}[ident.mouth]
+    my = cy + 0.155
+    if ident.facial_hair == "moustache":
+        pen.rect((cx - half - 0.02, my - 0.06, cx + half + 0.02, my - 0.015), hair, radius=0.02)
+    if smiling:
+        pen.chord((cx - half, my - 0.045, cx + half, my + 0.055), 0, 180, (150, 30, 40))
+        pen.chord((cx - half * 0.8, my - 0.03, cx + half * 0.8, my + 0.025), 0, 180, (250, 250, 250))
+    else:
+        pen.line([(cx - half * 0.85, my + 0.005), (cx + half * 0.85, my + 0.005)], (150, 60, 60), 0.022)
+
+
+def _draw_glasses(pen: _Pen, hw: float) -> None:
+    cx, eye_y, r = _FACE_CX, _FACE_CY - 0.025, 0.062
+    frame = (25, 25, 30)
+    for side in (-1, 1):
+        ex = cx + side * 0.085
+        pen.ellipse((ex - r, eye_y - r, ex + r, eye_y + r), outline=frame, width=0.022)
+        pen.line([(ex + side * r, eye_y - 0.01), (cx + side * (hw + 0.01), eye_y - 0.02)], frame, 0.018)
+    pen.line([(cx - 0.085 + r, eye_y - 0.005), (cx + 0.085 - r, eye_y - 0.005)], frame, 0.02)

@@ -1,0 +1,434 @@
+"""Background training jobs for the UI: one job per server, state kept server-side.
+
+The :class:`JobManager` owns at most one running training thread. Every browser tab reads the
+same manager, so a page refresh or a second tab re-attaches to the running job: nothing about
+the job lives in a browser session. Snapshots (:class:`JobStatus`) are plain copies taken under
+the lock, safe to hand to any thread.
+
+A failing ``train()`` marks the job ``failed`` with its message and a traceback summary; the
+exception never leaves the worker thread, so the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import threading
+import time
+import traceback
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+STATES = ("idle", "running", "stopping", "finished", "failed")
+RUN_FILE = "run.json"
+EXPORTS_DIR = "exports"
+HISTORY_LIMIT = 4000  # rows kept for the live loss curve; older rows are thinned, never dropped wholesale
+TRACEBACK_LINES = 12  # lines of the traceback kept for the UI
+
+
+class JobBusyError(RuntimeError):
+    """Raised when a training job is requested while another one is running."""
+
+
+@dataclass
+class JobStatus:
+    """A snapshot of the training job, safe to read from any thread.
+
+    ``history`` holds one dict per logged step: ``step``, every loss term (``loss``, ``mse``,
+    ``pog``, ``cbdm``, ...), ``lr``, ``psi_mean``, ``psi_active``, ``seconds_per_step``.
+    ``preview_images`` is ``uint8 [N, H, W, 3]`` or ``None``.
+    """
+
+    state: str = "idle"
+    run_name: str = ""
+    run_dir: str = ""
+    method: str = ""
+    step: int = 0
+    max_steps: int = 0
+    eta_seconds: float | None = None
+    seconds_per_step: float | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    preview_step: int | None = None
+    preview_images: np.ndarray | None = None
+    preview_captions: list[str] = field(default_factory=list)
+    error: str = ""
+    traceback: str = ""
+    stopped: bool = False
+    last_checkpoint: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+    version: int = 0  # bumped on every change, so pollers can skip unchanged frames
+
+    @property
+    def busy(self) -> bool:
+        return self.state in ("running", "stopping")
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self.step / self.max_steps) if self.max_steps else 0.0
+
+    @property
+    def elapsed_seconds(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return (self.finished_at or time.time()) - self.started_at
+
+
+@dataclass
+class RunInfo:
+    """A run folder under ``runs_dir`` that holds a checkpoint."""
+
+    name: str
+    run_dir: Path
+    checkpoint: Path
+    state: str
+    method: str
+    steps_done: int
+    max_steps: int
+    stopped: bool
+    finished_at: float | None
+    model_cfg: dict[str, Any]
+    train_cfg: dict[str, Any]
+    dataset: dict[str, Any]
+
+
+class Job:
+    """One training run in a daemon thread. Read it through :meth:`JobManager.status`."""
+
+    def __init__(self, name: str, run_dir: Path, status: JobStatus) -> None:
+        self.name = name
+        self.run_dir = run_dir
+        self.stop_event = threading.Event()
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
+        self._status = status
+
+    def __repr__(self) -> str:
+        return f"Job({self.name!r}, state={self._status.state!r}, step={self._status.step})"
+
+
+def _default_train_fn() -> Callable[..., Any]:
+    from pogdiff.training import train  # lazy: keeps `import pogdiff.jobs` light
+
+    return train
+
+
+def _to_dict(cfg: Any) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    if dataclasses.is_dataclass(cfg):
+        from pogdiff.config import to_dict
+
+        return to_dict(cfg)
+    return dict(cfg)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
+
+
+class JobManager:
+    """Runs one training job at a time in a background thread.
+
+    Args:
+        runs_dir: every run gets a folder here (``<time>-<method>``) with ``run.json``
+            beside the checkpoints that ``train_fn`` writes.
+        train_fn: the training function, called with the keyword arguments of
+            :func:`pogdiff.training.train`. Defaults to it (imported on first use).
+    """
+
+    def __init__(self, runs_dir: str | Path, *, train_fn: Callable[..., Any] | None = None) -> None:
+        self.runs_dir = Path(runs_dir)
+        self._train_fn = train_fn
+        self._lock = threading.Lock()
+        self._job: Job | None = None
+
+    # ------------------------------------------------------------------ control
+    def start(
+        self,
+        dataset: Any,
+        model_cfg: Any,
+        train_cfg: Any,
+        *,
+        base_checkpoint: str | Path | None = None,
+        preview_captions: Sequence[str] | None = None,
+        cache_dir: str | Path | None = None,
+        name: str | None = None,
+    ) -> Job:
+        """Start training in a daemon thread and return at once.
+
+        Raises:
+            JobBusyError: a job is already running on this server.
+        """
+        with self._lock:
+            if self._job is not None and self._job._status.busy:
+                current = self._job._status
+                raise JobBusyError(
+                    f"A training job is already running ({current.run_name}, step {current.step} of "
+                    f"{current.max_steps}). One job runs per server: stop it or wait for it to finish."
+                )
+            method = getattr(train_cfg, "method", "run")
+            run_name = self._new_run_name(name or method)
+            run_dir = self.runs_dir / run_name
+            run_dir.mkdir(parents=True, exist_ok=False)
+            status = JobStatus(
+                state="running", run_name=run_name, run_dir=str(run_dir), method=method,
+                max_steps=int(getattr(train_cfg, "max_steps", 0) or 0), started_at=time.time(),
+                version=1,
+            )
+            job = Job(run_name, run_dir, status)
+            self._job = job
+        meta = {
+            "name": run_name, "method": method, "state": "running",
+            "started_at": status.started_at, "max_steps": status.max_steps,
+            "base_checkpoint": str(base_checkpoint) if base_checkpoint else "",
+            "dataset": _describe_dataset(dataset),
+            "model_cfg": _to_dict(model_cfg), "train_cfg": _to_dict(train_cfg),
+        }
+        _write_json(run_dir / RUN_FILE, meta)
+        kwargs = dict(
+            dataset=dataset, model_cfg=model_cfg, train_cfg=train_cfg, run_dir=run_dir,
+            base_checkpoint=base_checkpoint, callback=lambda info: self._on_step(job, info),
+            preview_callback=lambda step, images, captions: self._on_preview(job, step, images, captions),
+            preview_captions=list(preview_captions) if preview_captions else None,
+            stop_event=job.stop_event, cache_dir=cache_dir,
+        )
+        job.thread = threading.Thread(
+            target=self._run, args=(job, meta, kwargs), name=f"train-{run_name}", daemon=True
+        )
+        job.thread.start()
+        logger.info("started training job %s in %s", run_name, run_dir)
+        return job
+
+    def stop(self) -> bool:
+        """Ask the running job to stop after its current step; True if there was one."""
+        with self._lock:
+            job = self._job
+            if job is None or job._status.state != "running":
+                return False
+            job._status.state = "stopping"
+            job._status.version += 1
+            job.stop_event.set()
+        logger.info("stop requested for %s", job.name)
+        return True
+
+    def current(self) -> Job | None:
+        """The latest job of this server (running or not), or None."""
+        with self._lock:
+            return self._job
+
+    def status(self) -> JobStatus:
+        """A snapshot of the latest job, or an ``idle`` status when none ran yet."""
+        with self._lock:
+            if self._job is None:
+                return JobStatus()
+            s = self._job._status
+            return dataclasses.replace(
+                s, history=list(s.history), preview_captions=list(s.preview_captions)
+            )
+
+    def wait(self, timeout: float | None = None) -> JobStatus:
+        """Block until the current job ends (or ``timeout`` seconds pass); return its status."""
+        job = self.current()
+        if job is not None:
+            job.done.wait(timeout)
+        return self.status()
+
+    # ------------------------------------------------------------------ worker
+    def _run(self, job: Job, meta: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        try:
+            train_fn = self._train_fn or _default_train_fn()
+            result = train_fn(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - the server must survive any training failure
+            logger.exception("training job %s failed", job.name)
+            self._finish(job, meta, error=exc)
+        else:
+            self._finish(job, meta, result=result)
+        finally:
+            job.done.set()
+
+    def _on_step(self, job: Job, info: Any) -> None:
+        row: dict[str, float] = {"step": int(getattr(info, "step", 0))}
+        for key, value in (getattr(info, "terms", None) or {}).items():
+            row[str(key)] = float(value)
+        for key in ("lr", "psi_mean", "psi_active", "seconds_per_step"):
+            value = getattr(info, key, None)
+            if value is not None:
+                row[key] = float(value)
+        with self._lock:
+            s = job._status
+            s.step = row["step"]
+            s.max_steps = int(getattr(info, "max_steps", 0) or s.max_steps)
+            s.eta_seconds = _maybe_float(getattr(info, "eta_seconds", None))
+            s.seconds_per_step = _maybe_float(getattr(info, "seconds_per_step", None))
+            s.history.append(row)
+            if len(s.history) > HISTORY_LIMIT:
+                s.history = s.history[::2]
+            s.version += 1
+
+    def _on_preview(self, job: Job, step: int, images: np.ndarray, captions: Sequence[str]) -> None:
+        images = np.asarray(images, dtype=np.uint8).copy()
+        with self._lock:
+            s = job._status
+            s.preview_step = int(step)
+            s.preview_images = images
+            s.preview_captions = [str(c) for c in captions]
+            s.version += 1
+
+    def _finish(self, job: Job, meta: dict[str, Any], *, result: Any = None, error: BaseException | None = None) -> None:
+        with self._lock:
+            s = job._status
+            s.finished_at = time.time()
+            s.eta_seconds = 0.0 if error is None else None
+            if error is not None:
+                s.state = "failed"
+                s.error = f"{type(error).__name__}: {error}"
+                s.traceback = _traceback_summary(error)
+            else:
+                s.state = "finished"
+                s.stopped = bool(getattr(result, "stopped", job.stop_event.is_set()))
+                s.step = int(getattr(result, "steps_done", s.step) or s.step)
+                checkpoint = getattr(result, "last_checkpoint", None)
+                s.last_checkpoint = str(checkpoint) if checkpoint else ""
+            s.version += 1
+            meta.update(
+                state=s.state, stopped=s.stopped, steps_done=s.step, finished_at=s.finished_at,
+                error=s.error, last_checkpoint=s.last_checkpoint,
+            )
+        try:
+            _write_json(job.run_dir / RUN_FILE, meta)
+        except OSError:
+            logger.exception("could not write %s", job.run_dir / RUN_FILE)
+
+    def _new_run_name(self, stem: str) -> str:
+        base = f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(stem)}"
+        name, n = base, 1
+        while (self.runs_dir / name).exists():
+            n += 1
+            name = f"{base}-{n}"
+        return name
+
+    # ------------------------------------------------------------------ runs on disk
+    def list_runs(self) -> list[RunInfo]:
+        """Runs under ``runs_dir`` that hold a checkpoint, newest first (the running one excluded)."""
+        if not self.runs_dir.is_dir():
+            return []
+        running = self.current()
+        busy_dir = running.run_dir if running is not None and running._status.busy else None
+        runs = []
+        for meta_path in sorted(self.runs_dir.glob(f"*/{RUN_FILE}")):
+            run_dir = meta_path.parent
+            if busy_dir is not None and run_dir.resolve() == busy_dir.resolve():
+                continue
+            info = self._read_run(run_dir)
+            if info is not None:
+                runs.append(info)
+        runs.sort(key=lambda r: (r.finished_at or 0.0, r.name), reverse=True)
+        return runs
+
+    def get_run(self, run: RunInfo | str | Path) -> RunInfo:
+        """Resolve a run by RunInfo, folder name or path; ValueError when it has no checkpoint."""
+        if isinstance(run, RunInfo):
+            return run
+        path = Path(run)
+        run_dir = path if path.is_absolute() or path.exists() else self.runs_dir / str(run)
+        info = self._read_run(run_dir)
+        if info is None:
+            raise ValueError(f"no finished run with a checkpoint at {run_dir}")
+        return info
+
+    def _read_run(self, run_dir: Path) -> RunInfo | None:
+        try:
+            meta = json.loads((run_dir / RUN_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        checkpoint = _find_checkpoint(run_dir, meta.get("last_checkpoint") or "")
+        if checkpoint is None:
+            return None
+        state = meta.get("state", "finished")
+        if state == "running":  # left over from a server that went away mid-run
+            state = "interrupted"
+        return RunInfo(
+            name=meta.get("name", run_dir.name), run_dir=run_dir, checkpoint=checkpoint, state=state,
+            method=meta.get("method", ""), steps_done=int(meta.get("steps_done", 0) or 0),
+            max_steps=int(meta.get("max_steps", 0) or 0), stopped=bool(meta.get("stopped", False)),
+            finished_at=meta.get("finished_at"), model_cfg=meta.get("model_cfg", {}),
+            train_cfg=meta.get("train_cfg", {}), dataset=meta.get("dataset", {}),
+        )
+
+    def export_zip(self, run: RunInfo | str | Path) -> Path:
+        """Zip a run's last checkpoint (weights + configs) and its ``run.json``; return the zip path."""
+        info = self.get_run(run)
+        out_dir = self.runs_dir / EXPORTS_DIR
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out = out_dir / f"{info.name}.zip"
+        files = sorted(p for p in info.checkpoint.rglob("*") if p.is_file())
+        newest = max([p.stat().st_mtime for p in files] + [(info.run_dir / RUN_FILE).stat().st_mtime])
+        if out.exists() and out.stat().st_mtime >= newest:
+            return out
+        tmp = out.with_suffix(".zip.tmp")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.write(info.run_dir / RUN_FILE, f"{info.name}/{RUN_FILE}")
+            for path in files:
+                zf.write(path, f"{info.name}/{info.checkpoint.name}/{path.relative_to(info.checkpoint)}")
+        tmp.replace(out)
+        return out
+
+
+def _find_checkpoint(run_dir: Path, recorded: str) -> Path | None:
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    try:
+        from pogdiff.checkpoints import latest_checkpoint
+
+        found = latest_checkpoint(run_dir)
+        if found:
+            return Path(found)
+    except Exception:  # noqa: BLE001 - fall back to a plain folder search below
+        logger.debug("latest_checkpoint unavailable for %s", run_dir, exc_info=True)
+    candidates = sorted(
+        (p.parent for p in run_dir.rglob("configs.json")), key=lambda p: p.stat().st_mtime
+    )
+    return candidates[-1] if candidates else None
+
+
+def _describe_dataset(dataset: Any) -> dict[str, Any]:
+    desc: dict[str, Any] = {}
+    root = getattr(dataset, "root", None)
+    if root is not None:
+        desc["root"] = str(root)
+    samples = getattr(dataset, "samples", None)
+    if samples is not None:
+        desc["num_samples"] = len(samples)
+    subjects = getattr(dataset, "subjects", None)
+    if subjects is not None:
+        try:
+            desc["num_classes"] = len(set(subjects))
+        except TypeError:
+            pass
+    return desc
+
+
+def _traceback_summary(error: BaseException) -> str:
+    lines = traceback.format_exception(type(error), error, error.__traceback__)
+    text = "".join(lines).rstrip().splitlines()
+    return "\n".join(text[-TRACEBACK_LINES:])
+
+
+def _maybe_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)

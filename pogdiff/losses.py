@@ -1,0 +1,172 @@
+"""Pure loss functions: eps-MSE, PoGDiff (two equivalent forms) and CBDM.
+
+Every function takes tensors and returns a dict of named per-sample terms, each of shape
+``[N]``; ``terms["loss"]`` is the per-sample total that the trainer averages (DESIGN §1).
+Squared norms are means over the non-batch dimensions (``mean_flat``), as in DDPM's simple loss.
+
+Derivation of the PoGDiff target (DESIGN §1, "The method"). With
+``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` the DDPM posterior mean and the model mean are
+both affine in an eps-prediction::
+
+    mu(x_t, e) = (x_t - beta_t / sqrt(1 - abar_t) * e) / sqrt(alpha_t)
+
+so ``mu_tilde = mu(x_t, eps)`` and ``mu_theta(x_t, y') = mu(x_t, eps_theta(x_t, t, y'))``.
+The product ``N(mu_tilde, beta_tilde I) * N(mu_theta(x_t, y'), sigma'^2 I)`` is (up to
+normalisation) the Gaussian with the precision-weighted mean::
+
+    mu* = (mu_tilde / beta_tilde + mu_theta / sigma'^2) / (1 / beta_tilde + 1 / sigma'^2)
+        = (mu_tilde + psi * mu_theta) / (1 + psi),        psi = beta_tilde / sigma'^2
+
+and, because ``mu`` is affine in ``e`` with the same coefficients for both factors,
+``mu* = mu(x_t, eps*)`` with ``eps* = (eps + psi * sg(eps_theta(x_t, t, y'))) / (1 + psi)``.
+Expanding the squares gives the two forms (``p = eps_theta(x_t, t, y)``, ``n = sg(eps_theta(x_t, t, y'))``)::
+
+    ||p - eps||^2 + psi * ||p - n||^2  =  (1 + psi) * ||p - eps*||^2 + psi / (1 + psi) * ||eps - n||^2
+
+The last term does not depend on ``p``: the two forms have identical gradients with respect to
+``p``, and both are ``(1 + psi)`` times the gradient of the plain regression onto ``eps*``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+POG_FORMS = ("two_term", "mix")
+# CBDM weight of the second (balanced-branch) regulariser (DESIGN §1: 1/4).
+CBDM_COMMITMENT = 0.25
+
+
+def mean_flat(x: Tensor) -> Tensor:
+    """Mean over all non-batch dimensions: ``[N, ...] -> [N]``."""
+    return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+def _check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}")
+    if a.ndim < 1 or a.shape[0] == 0:
+        raise ValueError(f"{name_a} must be a non-empty [N, ...] batch, got shape {tuple(a.shape)}")
+
+
+def _per_sample(name: str, value: Tensor | float, like: Tensor) -> Tensor:
+    """A per-sample scalar as float32 ``[N]`` on ``like``'s device (python scalars broadcast)."""
+    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    if value.ndim == 0:
+        value = value.expand(like.shape[0])
+    if value.shape != (like.shape[0],):
+        raise ValueError(f"{name} must have shape [{like.shape[0]}], got {tuple(value.shape)}")
+    return value
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    """``[N] -> [N, 1, 1, ...]`` so it broadcasts against ``like`` of shape ``[N, ...]``."""
+    return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def mse_loss(eps_pred: Tensor, eps: Tensor) -> dict[str, Tensor]:
+    """Plain DDPM loss ``||eps_theta(x_t, t, y) - eps||^2``.
+
+    :param eps_pred: the [N x ...] model prediction.
+    :param eps: the [N x ...] noise that was added.
+    :return: ``{"loss", "mse"}``, each float32 ``[N]`` (here equal).
+    """
+    _check_pair("eps_pred", eps_pred, "eps", eps)
+    mse = mean_flat((eps_pred.float() - eps.float()) ** 2)
+    return {"loss": mse, "mse": mse}
+
+
+def pog_target(eps: Tensor, eps_neighbour: Tensor, psi: Tensor | float) -> Tensor:
+    """PoGDiff target ``eps* = (eps + psi * sg(eps_nb)) / (1 + psi)`` (DESIGN §1).
+
+    :param eps: the [N x ...] noise that was added.
+    :param eps_neighbour: the [N x ...] model prediction for the neighbour caption (detached here).
+    :param psi: [N] (or a scalar) relative precision of the neighbour, ``psi >= 0``.
+    :return: float32 [N x ...] target.
+    """
+    _check_pair("eps", eps, "eps_neighbour", eps_neighbour)
+    psi = _bcast(_per_sample("psi", psi, eps), eps)
+    return (eps.float() + psi * eps_neighbour.detach().float()) / (1.0 + psi)
+
+
+def pogdiff_loss(
+    eps_pred: Tensor,
+    eps: Tensor,
+    eps_neighbour: Tensor,
+    psi: Tensor | float,
+    *,
+    form: str = "two_term",
+) -> dict[str, Tensor]:
+    """PoGDiff loss in one of two forms with identical gradients w.r.t. ``eps_pred`` (DESIGN §1).
+
+    ``"two_term"``: ``||p - eps||^2 + psi * ||p - sg(n)||^2``.
+    ``"mix"``: ``(1 + psi) * ||p - eps*||^2``; it equals ``"two_term"`` minus
+    ``psi / (1 + psi) * ||eps - n||^2``, a constant in ``p``.
+
+    ``eps_neighbour`` is always detached. Rows with ``psi == 0`` ignore ``eps_neighbour``
+    entirely (the trainer may leave them unfilled) and equal :func:`mse_loss` exactly.
+
+    :param eps_pred: the [N x ...] model prediction for the sample's own caption.
+    :param eps: the [N x ...] noise that was added.
+    :param eps_neighbour: the [N x ...] prediction for the neighbour caption.
+    :param psi: [N] (or a scalar) per-sample psi, ``psi >= 0``.
+    :param form: ``"two_term"`` or ``"mix"``.
+    :return: ``{"loss", "mse", "pog"}``, each float32 ``[N]``; ``"pog"`` is
+        ``psi * ||p - sg(n)||^2``, reported for logging in both forms (``"two_term"``: loss = mse + pog).
+    """
+    if form not in POG_FORMS:
+        raise ValueError(f"unknown PoGDiff form {form!r}; choose one of {', '.join(POG_FORMS)}")
+    _check_pair("eps_pred", eps_pred, "eps", eps)
+    _check_pair("eps_pred", eps_pred, "eps_neighbour", eps_neighbour)
+    psi = _per_sample("psi", psi, eps_pred)
+    if bool((psi < 0).any()):
+        raise ValueError(f"psi must be >= 0, got min {psi.min().item():.4g}")
+    active = _bcast(psi > 0, eps)
+    # Rows with psi == 0 borrow nothing: substitute eps so a skipped (NaN / garbage) neighbour
+    # cannot leak into the loss or its gradient.
+    eps_nb = torch.where(active, eps_neighbour.detach().float(), eps.float())
+    pred = eps_pred.float()
+    mse = mean_flat((pred - eps.float()) ** 2)
+    if form == "two_term":
+        pog = psi * mean_flat((pred - eps_nb) ** 2)
+        return {"loss": mse + pog, "mse": mse, "pog": pog}
+    target = pog_target(eps, eps_nb, psi)
+    loss = (1.0 + psi) * mean_flat((pred - target) ** 2)
+    with torch.no_grad():
+        pog = psi * mean_flat((pred - eps_nb) ** 2)
+    return {"loss": loss, "mse": mse.detach(), "pog": pog}
+
+
+def cbdm_loss(
+    eps_pred: Tensor,
+    eps: Tensor,
+    eps_pred_balanced: Tensor,
+    t: Tensor,
+    num_timesteps: int,
+    *,
+    tau: float,
+) -> dict[str, Tensor]:
+    """Class-Balancing Diffusion loss (Qin et al., CVPR 2023) adapted to captions (DESIGN §1).
+
+    ``L = ||p - eps||^2 + tau * t/T * (||p - sg(p_b)||^2 + 1/4 * ||sg(p) - p_b||^2)``
+    with ``p = eps_theta(x_t, t, y)`` and ``p_b = eps_theta(x_t, t, y_b)`` for a caption ``y_b``
+    of a uniformly drawn class. Both ``p`` and ``p_b`` carry gradient (each through one term).
+
+    :param eps_pred: the [N x ...] prediction for the sample's caption.
+    :param eps: the [N x ...] noise that was added.
+    :param eps_pred_balanced: the [N x ...] prediction for the balanced caption ``y_b``.
+    :param t: [N] timesteps in ``[0, num_timesteps)``.
+    :param num_timesteps: T, the number of diffusion steps.
+    :param tau: regulariser weight.
+    :return: ``{"loss", "mse", "cbdm"}``, each float32 ``[N]``; loss = mse + cbdm.
+    """
+    _check_pair("eps_pred", eps_pred, "eps", eps)
+    _check_pair("eps_pred", eps_pred, "eps_pred_balanced", eps_pred_balanced)
+    if num_timesteps <= 0:
+        raise ValueError(f"num_timesteps must be positive, got {num_timesteps}")
+    weight = tau * _per_sample("t", t, eps_pred) / num_timesteps
+    pred, pred_b = eps_pred.float(), eps_pred_balanced.float()
+    mse = mean_flat((pred - eps.float()) ** 2)
+    reg = mean_flat((pred - pred_b.detach()) ** 2) + CBDM_COMMITMENT * mean_flat((pred.detach() - pred_b) ** 2)
+    cbdm = weight * reg
+    return {"loss": mse + cbdm, "mse": mse, "cbdm": cbdm}
