@@ -33,12 +33,12 @@ import pandas as pd
 import scipy.linalg
 
 from pogdiff.config import DataConfig
+from pogdiff.data.stats import SHOTS, shot_bucket
 
 logger = logging.getLogger(__name__)
 
-SHOTS = ("many", "medium", "few")
 BUCKETS = ("all",) + SHOTS
-# Classes are shown in this order: metric columns of per_class_table, before attr_* columns.
+# Metric columns of per_class_table, in this order; attr_<name>_acc columns follow.
 METRIC_COLUMNS = ("accuracy", "gRecall", "dino")
 # Largest imaginary part of sqrtm(S1 S2) that is treated as numerical noise without a warning.
 _SQRTM_IMAG_TOL = 1e-3
@@ -54,19 +54,6 @@ def _as_feats(x: np.ndarray, name: str) -> np.ndarray:
 def _check_same_length(a: Sequence, b: Sequence, name_a: str, name_b: str) -> None:
     if len(a) != len(b):
         raise ValueError(f"{name_a} has {len(a)} entries but {name_b} has {len(b)}")
-
-
-def shot_of(count: int, config: DataConfig = DataConfig()) -> str:
-    """Shot bucket of a class with ``count`` training images.
-
-    ``"many"`` if ``count > config.many_shot_above``, ``"few"`` if ``count < config.few_shot_below``,
-    else ``"medium"`` (defaults: >20 / 5..20 / <5).
-    """
-    if count > config.many_shot_above:
-        return "many"
-    if count < config.few_shot_below:
-        return "few"
-    return "medium"
 
 
 def identity_accuracy(pred_subjects: Sequence[str], target_subjects: Sequence[str]) -> float:
@@ -238,7 +225,7 @@ def per_class_table(
     :param real_subjects: ``[N_real]`` subject of each real (reference) image.
     :param real_feats: ``[N_real, F]`` features of the real images.
     :param train_counts: training images per subject; every prompted subject must be present.
-    :param config: shot thresholds (:func:`shot_of`).
+    :param config: shot thresholds (:func:`pogdiff.data.stats.shot_bucket`: many > 20, few < 5 by default).
     :param attr_pred: optional ``{attribute: int [N_gen]}`` predicted attribute of each generation.
     :param attr_target: ``{attribute: int [N_gen]}`` the attribute each generation was prompted
         with; needed for every attribute in ``attr_pred``.
@@ -281,7 +268,7 @@ def per_class_table(
         row = {
             "subject": c,
             "train_count": int(train_counts[c]),
-            "shot": shot_of(int(train_counts[c]), config),
+            "shot": shot_bucket(int(train_counts[c]), config),
             "accuracy": float(np.mean(pred[g_mask] == c)),
             "gRecall": g_recall(real[r_mask], gen[correct], k=k) if r_mask.any() else math.nan,
             "dino": dino_score(gen[g_mask], real[r_mask]),

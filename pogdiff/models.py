@@ -192,11 +192,12 @@ class DiffusionModel:
         A v-prediction UNet's output is converted to eps: eps = sqrt(abar) v + sqrt(1-abar) x_t.
         """
         dtype = self.unet.dtype
+        context = _plain(context, x_t.device)
         kwargs: dict[str, Any] = {}
         if mask is not None and self.uses_attention_mask:
             kwargs["encoder_attention_mask"] = mask.to(x_t.device)
         out = self.unet(
-            x_t.to(dtype), t, encoder_hidden_states=context.to(x_t.device, dtype), **kwargs
+            x_t.to(dtype), t, encoder_hidden_states=context.to(dtype), **kwargs
         ).sample
         assert out.shape == x_t.shape, f"UNet output {tuple(out.shape)} != input {tuple(x_t.shape)}"
         out = out.to(x_t.dtype)
@@ -211,14 +212,21 @@ class DiffusionModel:
         device (computed once, cached; used for caption dropout and classifier-free guidance)."""
         if self._null is None:
             emb = self.text_encoder.encode([""])
-            self._null = (emb.tokens.to(self.device), emb.mask.to(self.device))
+            self._null = (_plain(emb.tokens, self.device), _plain(emb.mask, self.device))
         tokens, mask = self._null
         return tokens.expand(n, -1, -1), mask.expand(n, -1)
 
     def encode_captions(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """Captions -> token states ``[N, L, C]`` and mask ``[N, L]`` on the model's device."""
         emb = self.text_encoder.encode(list(captions))
-        return emb.tokens.to(self.device), emb.mask.to(self.device)
+        return _plain(emb.tokens, self.device), _plain(emb.mask, self.device)
+
+
+def _plain(x: Tensor, device: torch.device) -> Tensor:
+    """``x`` on ``device`` as an ordinary tensor (encoders may return inference-mode tensors,
+    which autograd, e.g. gradient checkpointing, cannot save)."""
+    x = x.to(device)
+    return x.clone() if x.is_inference() else x
 
 
 # --- tiny preset ------------------------------------------------------------------------------
@@ -271,16 +279,21 @@ def make_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
     )
 
 
+def default_text_encoder(cfg: ModelConfig) -> CaptionEncoder:
+    """The frozen caption encoder of a tiny model: the shared MiniLM instance, or
+    ``text.build_text_encoder(cfg)`` for other choices."""
+    from pogdiff import text
+
+    if cfg.text_encoder == "minilm":
+        return text.default_minilm(cfg.max_caption_tokens)
+    return text.build_text_encoder(cfg)
+
+
 def build_tiny(cfg: ModelConfig, *, seed: int = 0, text_encoder: CaptionEncoder | None = None) -> DiffusionModel:
     """A freshly initialised tiny model; the same ``seed`` gives the same weights and the global
     RNG is left untouched. ``text_encoder`` defaults to the shared MiniLM encoder."""
     if text_encoder is None:
-        from pogdiff import text
-
-        if cfg.text_encoder == "minilm":
-            text_encoder = text.default_minilm(cfg.max_caption_tokens)
-        else:
-            text_encoder = text.build_text_encoder(cfg)
+        text_encoder = default_text_encoder(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = tiny_unet(cfg)
@@ -326,14 +339,19 @@ def _local_files_only(pretrained: str) -> bool:
 
 
 def load_stable_diffusion(
-    cfg: ModelConfig, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    cfg: ModelConfig,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    unet: UNet2DConditionModel | None = None,
 ) -> DiffusionModel:
     """Stable Diffusion components of ``cfg.pretrained`` (hub id or local diffusers folder).
 
     VAE and CLIP text encoder are frozen in ``dtype``. The UNet gets LoRA (frozen weights in
     ``dtype``, LoRA weights float32) unless ``cfg.full_finetune`` (then the whole UNet is
     trainable and kept float32). The training schedule is the pipeline's own scheduler config,
-    with ``num_train_timesteps`` and ``beta_schedule`` from ``cfg``.
+    with ``num_train_timesteps`` and ``beta_schedule`` from ``cfg``. A given ``unet`` (e.g. a
+    fully fine-tuned one from a checkpoint) replaces the pipeline's.
     """
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -354,7 +372,9 @@ def load_stable_diffusion(
     clip = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=dtype, **kw)
     clip.requires_grad_(False).eval()
     unet_dtype = torch.float32 if cfg.full_finetune else dtype
-    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=unet_dtype, **kw)
+    if unet is None:
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=unet_dtype, **kw)
+    unet.to(unet_dtype)
     if cfg.cross_attention_dim != unet.config.cross_attention_dim:
         logger.warning(
             "ModelConfig.cross_attention_dim=%d differs from the pipeline's %d; using the pipeline's",

@@ -18,7 +18,6 @@ from pogdiff.metrics import (
     knn_radii,
     per_class_accuracy,
     per_class_table,
-    shot_of,
     summarise,
 )
 
@@ -31,12 +30,6 @@ def test_identity_accuracy_and_per_class():
     assert math.isnan(identity_accuracy([], []))
     with pytest.raises(ValueError, match="pred_subjects has 1 entries but target_subjects has 2"):
         identity_accuracy(["a"], ["a", "b"])
-
-
-def test_shot_buckets_follow_config():
-    cfg = DataConfig()
-    assert [shot_of(n, cfg) for n in (2, 4, 5, 20, 21, 100)] == ["few", "few", "medium", "medium", "many", "many"]
-    assert shot_of(10, DataConfig(many_shot_above=9)) == "many"
 
 
 def test_knn_radii_on_a_line():
@@ -172,6 +165,8 @@ def test_per_class_table_on_hand_built_case():
     feats = case["gen_feats"]
     expected_dino_c = dino_score(feats[8:10], np.array([[20.0, 1.0]]))
     assert table.loc[2, "dino"] == pytest.approx(expected_dino_c)
+    moved = per_class_table(**case, k=1, config=DataConfig(many_shot_above=9, few_shot_below=3))
+    assert list(moved["shot"]) == ["many", "many", "few"]
 
 
 def test_per_class_table_rejects_bad_inputs():

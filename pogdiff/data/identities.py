@@ -219,6 +219,7 @@ def make_identities(n: int, seed: int, *, exclude: Iterable[str] = ()) -> list[I
     :param n: how many identities (at most ``len(FIRST_NAMES) * len(LAST_NAMES)`` minus excluded).
     :param seed: same seed, same identities.
     :param exclude: names that must not be used (e.g. the identities of another split).
+        First and last names are not repeated while unused ones remain (50 of each).
     """
     excluded = set(exclude)
     n_names = len(FIRST_NAMES) * len(LAST_NAMES) - len(excluded)
@@ -251,10 +252,16 @@ def _pick_far_candidate(rng: np.random.Generator, chosen: list[tuple[int, ...]])
 
 
 def _draw_name(rng: np.random.Generator, used: set[str]) -> str:
+    """A random unused name; first and last names not used yet are preferred while any remain."""
+    firsts = {n.split(" ", 1)[0] for n in used}
+    lasts = {n.split(" ", 1)[-1] for n in used}
+    fresh_first = [f for f in FIRST_NAMES if f not in firsts] or list(FIRST_NAMES)
+    fresh_last = [l for l in LAST_NAMES if l not in lasts] or list(LAST_NAMES)
     while True:
-        name = f"{FIRST_NAMES[rng.integers(len(FIRST_NAMES))]} {LAST_NAMES[rng.integers(len(LAST_NAMES))]}"
+        name = f"{fresh_first[rng.integers(len(fresh_first))]} {fresh_last[rng.integers(len(fresh_last))]}"
         if name not in used:
             return name
+        fresh_first, fresh_last = list(FIRST_NAMES), list(LAST_NAMES)
 
 
 def _identity_from_indices(name: str, big: tuple[int, ...], small: list[int]) -> Identity:
@@ -406,7 +413,7 @@ def _draw_back_hair(pen: _Pen, style: str, hair: RGB, hw: float, hh: float) -> N
     elif style == "afro":
         pen.ellipse((cx - hw - 0.13, top - 0.12, cx + hw + 0.13, _FACE_CY + 0.1), fill=hair)
     elif style == "ponytail":
-        pen.ellipse((cx + hw - 0.03, _FACE_CY - 0.14, cx + hw + 0.13, _FACE_CY + 0.26), fill=hair)
+        pen.ellipse((cx + hw - 0.02, _FACE_CY - 0.16, cx + hw + 0.1, _FACE_CY + 0.3), fill=hair)
 
 
 def _draw_body(pen: _Pen, ident: Identity) -> None:
@@ -473,7 +480,8 @@ def _draw_front_hair(pen: _Pen, style: str, hair: RGB, hw: float, hh: float) -> 
                 x = cx + side * (hw - 0.005)
                 pen.rect((x - 0.025, top + 0.05, x + 0.025, _FACE_CY - 0.02), hair)
         if style == "long":
-            pen.polygon([(cx - 0.02, top + 0.07), (left, top + 0.07), (left, _FACE_CY + 0.05)], hair)
+            # side-swept fringe, ending above the eyebrow
+            pen.polygon([(cx + 0.03, top + 0.06), (left, top + 0.06), (left, _FACE_CY - 0.07)], hair)
     elif style == "bob":
         pen.chord((left, top - 0.04, right, top + 0.2), 180, 360, hair)
         pen.rect((left + 0.02, top + 0.04, right - 0.02, top + 0.11), hair)  # straight fringe

@@ -1,0 +1,383 @@
+"""PoGDiff Studio: the Gradio app (UI only).
+
+Every callback is a method of :class:`pogdiff.ui.Studio`; this file lays out the components and
+binds them. Nothing heavy happens at import time: the demo set, the text encoder and the models
+are built on first use.
+
+    python app.py                      # http://127.0.0.1:7860
+    python app.py --host 0.0.0.0 --port 7860 --runs-dir runs --max-upload-mb 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+# Offline-safe: no telemetry, no version check. Must be set before gradio is imported.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import gradio as gr  # noqa: E402
+
+from pogdiff.config import METHODS, PRESETS, PsiConfig, TrainConfig  # noqa: E402
+from pogdiff.ui import Studio, gpu_task  # noqa: E402
+
+TITLE = "PoGDiff Studio"
+POLL_SECONDS = 1.0
+DEFAULT_STEPS = 300
+DEFAULT_PREVIEW_EVERY = 50
+DEFAULT_MAX_UPLOAD_MB = 500
+DEFAULT_CONCURRENCY = 2
+QUEUE_SIZE = 64
+
+CSS = """
+.pg-progress {margin: 4px 0 8px 0;}
+.pg-progress-track {height: 12px; background: var(--neutral-200); border-radius: 6px; overflow: hidden;}
+.pg-progress-fill {height: 100%; transition: width .4s ease;}
+.pg-progress-label {font-size: var(--text-sm); margin-top: 4px; color: var(--body-text-color-subdued);}
+.pixelated img, .pixelated canvas {image-rendering: pixelated;}
+.explain {color: var(--body-text-color-subdued); font-size: var(--text-md);}
+#pg-header h1 {margin-bottom: 0;}
+"""
+
+INTRO = """# PoGDiff Studio
+Fine-tune a text-to-image diffusion model on **imbalanced** image–text data with the
+**PoGDiff** objective (product of Gaussians with a neighbouring caption's prediction), and see
+whether prompts of *rare* subjects come out better than with plain fine-tuning.
+Work left to right: **Data → Neighbours → Train → Compare**."""
+
+DATA_HELP = """Load an image–text set: a **.zip** (or several loose files) with images and captions in
+`metadata.jsonl` / `metadata.csv` (`file_name`, `text`, optional `subject`), `.txt` files beside the
+images, or one sub-folder per class, or start with the **built-in demo set**: procedurally drawn
+people with a long-tailed number of photos each. The report lists every problem with how to fix it;
+the table and chart show how imbalanced the classes are (*many* > 20 images, *few* < 5)."""
+
+NEIGHBOURS_HELP = """Each dot is one training caption, placed by a 2-D PCA of its sentence embedding. PoGDiff lets a
+caption borrow from one of its **k nearest captions**: its target becomes a precision-weighted mix
+of the true noise and the model's prediction for the neighbour, with weight
+**psi = psi_max × w_density × s_img × s_txt**. Rare captions (high *w_density*) whose neighbours
+look alike (*s_img*) and read alike (*s_txt*) borrow the most; frequent ones borrow almost nothing.
+Click a row of the neighbour table to hop to that caption."""
+
+TRAIN_HELP = """Fine-tune from the shipped base model with one objective: **baseline** (plain ε-MSE),
+**pogdiff**, **cbdm** (class-balancing regulariser) or **resample** (class-balanced batches). Training
+runs on the server in the background: the curve and the previews of rare prompts update live, a page
+refresh or another tab re-attaches to the same job, and **Stop** ends it after the current step and
+keeps its checkpoint. One job runs per server at a time."""
+
+COMPARE_HELP = """Two checkpoints, the **same prompts and the same seeds**: any difference comes from the
+fine-tuning. Prompts of few-shot subjects are pre-selected because that is where PoGDiff should help.
+Drag the slider to compare one pair; the grids show every prompt × seed. **Compute metrics** scores
+generations for the demo evaluation captions with the identity classifier: accuracy per class and
+against class frequency."""
+
+OPT_INFO = {
+    "method": "baseline: plain fine-tuning · pogdiff: borrow from neighbouring captions · "
+              "cbdm: class-balancing regulariser · resample: class-balanced batches",
+    "preset": "tiny: small pixel-space UNet, runs on CPU · sd15: Stable Diffusion 1.x/2.x with LoRA (GPU)",
+}
+
+
+def build_demo(studio: Studio | None = None) -> gr.Blocks:
+    """Lay out the four tabs and bind them to ``studio`` (a fresh :class:`Studio` by default)."""
+    studio = studio or Studio()
+    defaults = TrainConfig()
+    psi = PsiConfig()
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        ds_key = gr.State(None)  # which loaded dataset this browser session works on
+        seen = gr.State(-1)  # last job version this tab has drawn
+        timer = gr.Timer(POLL_SECONDS)  # polls the server-side job: refresh-proof, shared by all tabs
+        gr.Markdown(INTRO, elem_id="pg-header")
+        with gr.Tabs():
+            # ----------------------------------------------------------------------- Data
+            with gr.Tab("Data", id="data"):
+                gr.Markdown(DATA_HELP, elem_classes="explain")
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        upload = gr.File(
+                            label="Upload a .zip, or several images + metadata.jsonl / .csv / .txt captions",
+                            file_count="multiple",
+                            file_types=[".zip", "image", ".jsonl", ".csv", ".txt", ".json"],
+                            height=140,
+                        )
+                        with gr.Row():
+                            load_btn = gr.Button("Validate and load upload", variant="primary")
+                            demo_btn = gr.Button("Use the built-in demo set", variant="secondary")
+                    with gr.Column(scale=3):
+                        summary_md = gr.Markdown("No dataset loaded yet. Upload one or use the demo set.")
+                        with gr.Accordion("Validation report", open=True):
+                            report_md = gr.Markdown("")
+                with gr.Row():
+                    class_table = gr.Dataframe(
+                        label="Images per class", interactive=False, max_height=360, scale=2,
+                        headers=["subject", "count", "shot"],
+                    )
+                    long_tail = gr.BarPlot(
+                        x="subject", y="count", color="shot", color_map={"many": "#2563eb", "medium": "#f59e0b",
+                                                                         "few": "#dc2626"},
+                        sort="-y", title="Long tail: images per class", x_title="class (most to least frequent)",
+                        y_title="training images", x_label_angle=-45, height=360, scale=3,
+                        tooltip=["subject", "count", "shot"],
+                    )
+                class_dd = gr.Dropdown(
+                    label="Samples of one class", choices=[], filterable=True,
+                    info="Pick a class to see its images and captions (few-shot classes first in the demo).",
+                )
+                class_gallery = gr.Gallery(label="Class samples", columns=8, height=300, object_fit="contain",
+                                           elem_classes="pixelated", allow_preview=True)
+
+            # ----------------------------------------------------------------- Neighbours
+            with gr.Tab("Neighbours", id="neighbours") as nb_tab:
+                gr.Markdown(NEIGHBOURS_HELP, elem_classes="explain")
+                nb_banner = gr.Markdown(studio.dataset_banner(None))
+                with gr.Row():
+                    scatter = gr.ScatterPlot(
+                        x="x", y="y", color="shot", color_map={"many": "#2563eb", "medium": "#f59e0b",
+                                                               "few": "#dc2626"},
+                        title="Caption embeddings (PCA)", x_title="PC 1", y_title="PC 2", height=420,
+                        tooltip=["caption", "subject", "images in class"], scale=3,
+                    )
+                    with gr.Column(scale=1, min_width=260):
+                        colour_by = gr.Radio(["shot bucket", "class frequency"], value="shot bucket",
+                                             label="Colour by",
+                                             info="many / medium / few-shot bucket, or images in the class")
+                        nb_k = gr.Slider(1, 20, value=psi.k, step=1, label="k (neighbours)",
+                                         info="How many nearest captions each caption can borrow from.")
+                        nb_psi_max = gr.Slider(0.0, 5.0, value=psi.psi_max, step=0.1, label="psi_max",
+                                               info="Upper bound of psi (the neighbour's relative precision).")
+                        nb_same = gr.Checkbox(value=psi.same_class_pool, label="Same-class pool",
+                                              info="Only look for neighbours inside the caption's own class.")
+                        map_btn = gr.Button("Build / refresh the map", variant="secondary")
+                caption_dd = gr.Dropdown(
+                    label="Caption", choices=[], filterable=True,
+                    info="Type to search the training captions; [n img] is the size of the caption's class.",
+                )
+                nb_head = gr.Markdown("")
+                nb_table = gr.Dataframe(label="Nearest captions (click a row to hop to it)", interactive=False,
+                                        max_height=300, wrap=True)
+                nb_gallery = gr.Gallery(label="The caption's image, then its neighbours", columns=6, height=240,
+                                        object_fit="contain", elem_classes="pixelated")
+                with gr.Accordion("Free-text search: which training captions are nearest to any text?", open=False):
+                    with gr.Row():
+                        query = gr.Textbox(label="Query", placeholder="a photo of someone smiling, wearing glasses",
+                                           info="Any text; it is embedded with the same sentence encoder.", scale=4)
+                        search_btn = gr.Button("Search", scale=1)
+                    search_table = gr.Dataframe(label="Nearest training captions", interactive=False, max_height=260,
+                                                wrap=True)
+                    search_gallery = gr.Gallery(label="Their images", columns=6, height=220, object_fit="contain",
+                                                elem_classes="pixelated")
+
+            # ---------------------------------------------------------------------- Train
+            with gr.Tab("Train", id="train") as train_tab:
+                gr.Markdown(TRAIN_HELP, elem_classes="explain")
+                train_banner = gr.Markdown(studio.dataset_banner(None))
+                with gr.Row():
+                    with gr.Column(scale=2, min_width=320):
+                        method = gr.Radio(list(METHODS), value="pogdiff", label="Method", info=OPT_INFO["method"])
+                        preset = gr.Radio(list(PRESETS), value="tiny", label="Model preset", info=OPT_INFO["preset"])
+                        model_id = gr.Textbox(label="Model id or local folder (sd15)", visible=False,
+                                              info="A diffusers Stable Diffusion 1.x/2.x pipeline: hub id or path.")
+                        with gr.Row():
+                            steps = gr.Number(value=DEFAULT_STEPS, precision=0, minimum=1, label="Steps",
+                                              info="Optimisation steps; ~300 show a difference on the demo set.")
+                            batch = gr.Number(value=defaults.batch_size, precision=0, minimum=1, label="Batch size",
+                                              info="Images per step.")
+                        with gr.Row():
+                            lr = gr.Number(value=defaults.learning_rate, label="Learning rate",
+                                           info="AdamW learning rate after a short warm-up.")
+                            seed = gr.Number(value=defaults.seed, precision=0, minimum=0, label="Seed",
+                                             info="Same seed, same run.")
+                        sample_every = gr.Number(value=DEFAULT_PREVIEW_EVERY, precision=0, minimum=0,
+                                                 label="Preview every (steps)",
+                                                 info="Sample the rarest classes' prompts this often; 0 = never.")
+                        with gr.Accordion("psi options (pogdiff)", open=False):
+                            psi_max = gr.Slider(0.0, 5.0, value=psi.psi_max, step=0.1, label="psi_max",
+                                                info="Largest weight a sample gives to its neighbour's prediction.")
+                            k = gr.Slider(1, 20, value=psi.k, step=1, label="k (neighbours)",
+                                          info="Neighbours drawn from, by caption similarity.")
+                            use_density = gr.Checkbox(value=psi.use_density, label="w_density",
+                                                      info="Rare classes borrow more, frequent ones ~0.")
+                            use_image_sim = gr.Checkbox(value=psi.use_image_sim, label="s_img",
+                                                        info="Only borrow from neighbours whose image looks alike.")
+                            use_text_sim = gr.Checkbox(value=psi.use_text_sim, label="s_txt",
+                                                       info="Scale by caption similarity.")
+                            same_class = gr.Checkbox(value=psi.same_class_pool, label="Same-class pool",
+                                                     info="Neighbours only from the caption's own class.")
+                        with gr.Row():
+                            start_btn = gr.Button("Start training", variant="primary")
+                            stop_btn = gr.Button("Stop", variant="stop", interactive=False)
+                    with gr.Column(scale=3):
+                        job_md = gr.Markdown("")
+                        job_progress = gr.HTML("")
+                        loss_plot = gr.LinePlot(x="step", y="value", color="term", title="Loss terms",
+                                                x_title="step", y_title="value", height=300,
+                                                tooltip=["step", "term", "value"])
+                        preview = gr.Gallery(label="Previews: prompts of the rarest classes", columns=4, height=200,
+                                             object_fit="contain", elem_classes="pixelated")
+                gr.Markdown("### Finished runs")
+                with gr.Row():
+                    runs_dd = gr.Dropdown(label="Run", choices=[], scale=3, allow_custom_value=True,
+                                          info="Runs of this server that hold a checkpoint, newest first.")
+                    export_btn = gr.Button("Zip weights + config", scale=1)
+                    zip_file = gr.File(label="Download", scale=2, height=80, interactive=False)
+                runs_table = gr.Dataframe(label="Runs", interactive=False, max_height=240)
+
+            # -------------------------------------------------------------------- Compare
+            with gr.Tab("Compare", id="compare") as cmp_tab:
+                gr.Markdown(COMPARE_HELP, elem_classes="explain")
+                cmp_note = gr.Markdown(studio.shipped_note())
+                with gr.Row():
+                    run_a = gr.Dropdown(label="A (left)", choices=[], allow_custom_value=True,
+                                        info="Usually the baseline: a shipped checkpoint or one of your runs.")
+                    run_b = gr.Dropdown(label="B (right)", choices=[], allow_custom_value=True,
+                                        info="Usually PoGDiff, fine-tuned with the same budget.")
+                    refresh_btn = gr.Button("Refresh list", scale=0, min_width=120)
+                with gr.Row():
+                    prompts = gr.Dropdown(label="Prompts (rarest classes first)", choices=[], scale=3,
+                                          multiselect=True, allow_custom_value=True, filterable=True,
+                                          info="Few-shot subjects are pre-selected; type to add any prompt.")
+                    with gr.Column(scale=2, min_width=280):
+                        custom = gr.Textbox(label="Or type prompts", lines=2,
+                                            placeholder="a photo of Mira Okafor, about 60 years old, smiling",
+                                            info="One prompt per line, added to the ticked ones.")
+                        n_seeds = gr.Slider(1, 8, value=4, step=1, label="Seeds per prompt",
+                                            info="Seeds 0..n-1, identical for A and B.")
+                        guidance = gr.Slider(1.0, 8.0, value=3.0, step=0.5, label="Guidance scale",
+                                             info="Classifier-free guidance; 1 turns it off.")
+                        sample_steps = gr.Slider(5, 50, value=25, step=1, label="Sampling steps",
+                                                 info="DDIM steps per image.")
+                gen_btn = gr.Button("Generate A and B", variant="primary")
+                pair_md = gr.Markdown("")
+                slider = gr.ImageSlider(label="A ◀ drag ▶ B (first prompt, seed 0)", type="numpy", max_height=320,
+                                        elem_classes="pixelated", interactive=False)
+                with gr.Row():
+                    grid_a = gr.Image(label="A", type="pil", interactive=False, elem_classes="pixelated")
+                    grid_b = gr.Image(label="B", type="pil", interactive=False, elem_classes="pixelated")
+                gr.Markdown("### Per-class metrics")
+                metrics_btn = gr.Button("Compute metrics (generates every evaluation caption with A and B)")
+                metrics_md = gr.Markdown("")
+                with gr.Row():
+                    metrics_plot = gr.Plot(label="Accuracy vs class frequency", scale=3)
+                    metrics_table = gr.Dataframe(label="Per-class metrics", interactive=False, max_height=420,
+                                                 scale=4)
+
+        # ============================================================ events: Data
+        data_outputs = [ds_key, summary_md, report_md, class_table, long_tail, class_dd, class_gallery]
+        for btn, fn, inputs, name in ((demo_btn, studio.load_demo, [], "load_demo"),
+                                      (load_btn, studio.load_upload, [upload], "load_upload")):
+            (btn.click(_busy, None, [demo_btn, load_btn], queue=False, api_visibility="private")
+             .then(fn, inputs, data_outputs, api_name=name)
+             .then(_idle2, None, [demo_btn, load_btn], queue=False, api_visibility="private")
+             .then(studio.dataset_banner, ds_key, nb_banner, api_visibility="private")
+             .then(studio.dataset_banner, ds_key, train_banner, api_visibility="private"))
+        class_dd.change(studio.class_gallery, [ds_key, class_dd], class_gallery, api_name="class_gallery")
+
+        # ====================================================== events: Neighbours
+        map_outputs = [scatter, caption_dd, nb_banner]
+        map_btn.click(studio.neighbour_map, [ds_key, colour_by], map_outputs, api_name="neighbour_map")
+        nb_tab.select(studio.neighbour_map, [ds_key, colour_by], map_outputs, api_name="neighbour_map_on_tab",
+                      api_visibility="private")
+        colour_by.change(studio.recolour, [ds_key, colour_by], scatter, api_visibility="private")
+        nb_inputs = [ds_key, caption_dd, nb_k, nb_psi_max, nb_same]
+        nb_outputs = [nb_head, nb_table, nb_gallery]
+        caption_dd.change(studio.neighbours_of, nb_inputs, nb_outputs, api_name="neighbours")
+        for trigger in (nb_k.release, nb_psi_max.release, nb_same.change):
+            trigger(studio.neighbours_of, nb_inputs, nb_outputs, api_visibility="private")
+        nb_table.select(studio.hop, [ds_key, nb_table], caption_dd, api_visibility="private")
+        search_btn.click(studio.search, [ds_key, query, nb_k], [search_table, search_gallery], api_name="search")
+        query.submit(studio.search, [ds_key, query, nb_k], [search_table, search_gallery], api_name="search_submit",
+                     api_visibility="private")
+
+        # =========================================================== events: Train
+        preset.change(studio.preset_defaults, preset, [batch, lr, model_id], api_visibility="private")
+        options = [method, preset, model_id, steps, batch, lr, psi_max, k, use_density, use_image_sim,
+                   use_text_sim, same_class, sample_every, seed]
+        poll_outputs = [job_md, job_progress, loss_plot, preview, start_btn, stop_btn, runs_dd, seen]
+        start_btn.click(_busy1, None, start_btn, queue=False, api_visibility="private").then(
+            studio.start_training, [ds_key, *options], poll_outputs, api_name="start_training"
+        ).then(studio.poll, None, poll_outputs, api_name="poll_after_start", api_visibility="private")
+        stop_btn.click(studio.stop_training, None, poll_outputs, api_name="stop_training",
+                       concurrency_limit=None)
+        timer.tick(studio.poll, seen, poll_outputs, show_progress="hidden", concurrency_limit=None,
+                   api_name="poll", queue=False)
+        train_tab.select(studio.dataset_banner, ds_key, train_banner, api_visibility="private")
+        runs_dd.change(studio.runs_table, None, runs_table, api_visibility="private")
+        export_btn.click(studio.export_run, runs_dd, zip_file, api_name="export_run")
+
+        # ========================================================= events: Compare
+        choice_outputs = [run_a, run_b, cmp_note]
+        metric_outputs = [metrics_table, metrics_plot, metrics_md]
+        for trigger in (cmp_tab.select, refresh_btn.click):
+            (trigger(studio.compare_choices, None, choice_outputs, api_visibility="private")
+             .then(studio.prompt_choices, ds_key, prompts, api_visibility="private")
+             .then(studio.precomputed_metrics, [run_a, run_b], metric_outputs, api_visibility="private"))
+        gen_inputs = [run_a, run_b, prompts, custom, n_seeds, guidance, sample_steps]
+        (gen_btn.click(_busy1, None, gen_btn, queue=False, api_visibility="private")
+         .then(gpu_task(studio.generate_pair), gen_inputs, [slider, grid_a, grid_b, pair_md], api_name="compare")
+         .then(_idle1, None, gen_btn, queue=False, api_visibility="private"))
+        (metrics_btn.click(_busy1, None, metrics_btn, queue=False, api_visibility="private")
+         .then(gpu_task(studio.compute_metrics), [run_a, run_b], metric_outputs, api_name="metrics")
+         .then(_idle1, None, metrics_btn, queue=False, api_visibility="private"))
+
+        demo.load(studio.poll, None, poll_outputs, api_name="poll_on_load", api_visibility="private")
+        demo.load(studio.compare_choices, None, choice_outputs, api_visibility="private")
+    return demo
+
+
+def _busy():
+    return gr.Button(interactive=False), gr.Button(interactive=False)
+
+
+def _idle2():
+    return gr.Button(interactive=True), gr.Button(interactive=True)
+
+
+def _busy1():
+    return gr.Button(interactive=False)
+
+
+def _idle1():
+    return gr.Button(interactive=True)
+
+
+def launch_options(studio: Studio, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> dict:
+    """Keyword arguments of ``Blocks.launch`` shared by ``__main__`` and the tests."""
+    return dict(
+        max_file_size=f"{int(max_upload_mb)}mb",
+        allowed_paths=[str(studio.runs_dir.resolve())],
+        css=CSS,
+        theme=gr.themes.Soft(primary_hue="blue", secondary_hue="slate"),
+        show_error=True,
+        footer_links=["api", "settings"],
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    on_space = bool(os.environ.get("SPACE_ID"))
+    p = argparse.ArgumentParser(description=TITLE)
+    p.add_argument("--host", default="0.0.0.0" if on_space else "127.0.0.1",
+                   help="interface to listen on (0.0.0.0 on a Hugging Face Space, else 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="port")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    p.add_argument("--runs-dir", default=os.environ.get("POGDIFF_RUNS_DIR", "runs"),
+                   help="where training runs and their checkpoints are written")
+    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest accepted upload")
+    p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                   help="events of one kind that run at the same time (generation, loading)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    studio = Studio(args.runs_dir)
+    demo = build_demo(studio)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=QUEUE_SIZE)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                **launch_options(studio, args.max_upload_mb))
+
+
+if __name__ == "__main__":
+    main()

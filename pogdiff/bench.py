@@ -1,0 +1,324 @@
+"""Benchmarks and the commands that reproduce the shipped artefacts.
+
+- ``bench speed``: PoGDiff step time relative to plain fine-tuning, measured in one run with the
+  configurations interleaved (these machines are noisy, so ratios are what we report).
+- ``bench quality``: baseline / PoGDiff / CBDM fine-tuned from the same base with the same steps,
+  batch and seeds; generations for every evaluation caption with fixed seeds; metrics per class and
+  per many / medium / few-shot bucket, mean +- std over training seeds.
+- ``build base`` / ``build evaluator``: the shipped base checkpoint and evaluator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pogdiff import checkpoints
+from pogdiff.config import DataConfig, PsiConfig, SampleConfig, TrainConfig, model_preset
+from pogdiff.training import Trainer, prepare_data, train
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = REPO_ROOT / "checkpoints"
+BASE_DIR = SHIPPED / "base-tiny"
+EVALUATOR_DIR = SHIPPED / "evaluator"
+EVAL_SAMPLE = SampleConfig(scheduler="ddim", steps=25, guidance_scale=3.0)
+QUALITY_STEPS = 400
+QUICK_STEPS = 2
+
+
+def _demo_splits():
+    from pogdiff.data import ensure_demo, load_image_text_set
+
+    root = ensure_demo()
+    cfg = DataConfig()
+    return root, load_image_text_set(root / "train", cfg), load_image_text_set(root / "eval", cfg)
+
+
+def _base_or_fresh():
+    from pogdiff import models
+
+    if (BASE_DIR / "configs.json").exists():
+        return checkpoints.load_model(BASE_DIR), str(BASE_DIR)
+    logger.warning("no base checkpoint at %s; using a randomly initialised tiny UNet", BASE_DIR)
+    return models.build_tiny(model_preset("tiny")), None
+
+
+# ------------------------------------------------------------------------------------ speed
+class _ReencodeTrainer(Trainer):
+    """The naive loop: encodes the batch's captions with the text encoder at every step."""
+
+    def context(self, rows, drop=None):
+        captions = [self.data.captions[i] for i in rows.tolist()]
+        emb = self.model.text_encoder.encode(captions)
+        tokens, mask = emb.tokens.clone(), emb.mask.clone()
+        if drop is not None and bool(drop.any()):
+            tokens[drop] = self.null_tokens.to(tokens.dtype)
+            mask[drop] = self.null_mask
+        return tokens.to(self.device), mask.to(self.device)
+
+
+def speed(*, steps: int = 20, warmup: int = 3, batch_size: int = 32, repeats: int = 3) -> pd.DataFrame:
+    """Median seconds per step of each configuration, and the ratio to plain fine-tuning."""
+    _, train_set, _ = _demo_splits()
+    model, _ = _base_or_fresh()
+    data = prepare_data(train_set, model, PsiConfig())
+    base_cfg = TrainConfig(batch_size=batch_size, max_steps=10**9, checkpoint_every=0, log_every=0)
+    configs = {
+        "baseline (plain loss)": (Trainer, dataclasses.replace(base_cfg, method="baseline")),
+        "pogdiff (neighbour pass only where psi > threshold)": (Trainer, dataclasses.replace(base_cfg, method="pogdiff")),
+        "pogdiff naive (neighbour pass for every row)": (
+            Trainer, dataclasses.replace(base_cfg, method="pogdiff", psi=PsiConfig(psi_threshold=-1.0))),
+        "cbdm (second conditional pass with grad)": (Trainer, dataclasses.replace(base_cfg, method="cbdm")),
+        "baseline, captions re-encoded every step": (_ReencodeTrainer, dataclasses.replace(base_cfg, method="baseline")),
+    }
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    active: dict[str, list[float]] = {name: [] for name in configs}
+    init = {k: v.detach().clone() for k, v in model.unet.state_dict().items()}
+    for rep in range(repeats):
+        for name, (cls, cfg) in configs.items():
+            model.unet.load_state_dict(init)
+            trainer = cls(model, data, cfg, run_dir=REPO_ROOT / "runs" / "bench-speed")
+            for _ in range(warmup):
+                trainer.run_step()
+                trainer.step += 1
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                _, psi_stats = trainer.run_step()
+                trainer.step += 1
+                active[name].append(psi_stats[1])
+            times[name].append((time.perf_counter() - t0) / steps)
+            trainer.model.unet = trainer._raw_unet
+            logger.info("repeat %d %s: %.4f s/step", rep, name, times[name][-1])
+    base = statistics.median(times["baseline (plain loss)"])
+    rows = []
+    for name in configs:
+        med = statistics.median(times[name])
+        rows.append({"configuration": name, "s_per_step": round(med, 4), "ratio_to_baseline": round(med / base, 3),
+                     "rows_with_neighbour_pass": round(float(np.mean(active[name])), 3)})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------- quality
+def _attr_targets(eval_set) -> dict[str, np.ndarray]:
+    from pogdiff.data.identities import age_group
+
+    extra = [s.extra for s in eval_set.samples]
+    return {
+        "smiling": np.array([int(bool(e["smiling"])) for e in extra]),
+        "glasses": np.array([int(bool(e["glasses"])) for e in extra]),
+        "age_group": np.array([age_group(int(e["age"])) for e in extra]),
+    }
+
+
+def evaluate_model(model, eval_set, evaluator, train_counts: dict[str, int], *, sample_cfg: SampleConfig = EVAL_SAMPLE):
+    """Generate one image per evaluation caption (seed = row index) and score it.
+
+    :returns: (per-class table, bucket summary, generated images uint8 [N x H x W x 3]).
+    """
+    from pogdiff import metrics
+    from pogdiff.sampling import generate
+
+    captions = list(eval_set.captions)
+    images = generate(model, captions, list(range(len(captions))), sample_cfg)
+    pred = evaluator.predict(images)
+    real_feats = evaluator.features(eval_set.images)
+    table = metrics.per_class_table(
+        subjects_gen=eval_set.subjects, pred_gen=pred["subject"], gen_feats=pred["features"],
+        real_subjects=eval_set.subjects, real_feats=real_feats, train_counts=train_counts,
+        attr_pred=pred["attrs"], attr_target=_attr_targets(eval_set),
+    )
+    summary = metrics.summarise(table, gen_feats_all=pred["features"], real_feats_all=real_feats)
+    return table, summary, images
+
+
+def _apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
+    """``psi.psi_max=2`` style overrides, typed after the field's default."""
+    for item in items:
+        key, _, raw = item.partition("=")
+        target, field_name = (cfg.psi, key[4:]) if key.startswith("psi.") else (cfg, key)
+        if not hasattr(target, field_name):
+            raise ValueError(f"--set {item!r}: unknown field {key!r}")
+        old = getattr(target, field_name)
+        value = raw.lower() in ("1", "true", "yes") if isinstance(old, bool) else type(old)(raw)
+        if target is cfg.psi:
+            cfg = dataclasses.replace(cfg, psi=dataclasses.replace(cfg.psi, **{field_name: value}))
+        else:
+            cfg = dataclasses.replace(cfg, **{field_name: value})
+    return cfg
+
+
+def quality(*, out: Path, methods, seeds, steps: int | None = None, quick: bool = False,
+            overrides: list[str] | None = None, ship: Path | None = None) -> pd.DataFrame:
+    """Fine-tune each method from the same base for each seed, evaluate, and write the report."""
+    from pogdiff import metrics
+    from pogdiff.evaluator import load_evaluator
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _, train_set, eval_set = _demo_splits()
+    if quick:
+        keep = _quick_rows(eval_set)
+        eval_set = _subset(eval_set, keep)
+    evaluator = load_evaluator(EVALUATOR_DIR)
+    _, base = _base_or_fresh()
+    model_cfg = checkpoints.load_configs(base)[0] if base else model_preset("tiny")
+    counts = pd.Series(train_set.subjects).value_counts().to_dict()
+    steps = steps or (QUICK_STEPS if quick else QUALITY_STEPS)
+    sample_cfg = dataclasses.replace(EVAL_SAMPLE, steps=2) if quick else EVAL_SAMPLE
+    summaries, tables, grids = [], {}, {}
+    for seed in seeds:
+        for method in methods:
+            cfg = TrainConfig(method=method, max_steps=steps, seed=seed, checkpoint_every=0, log_every=50)
+            cfg = _apply_overrides(cfg, overrides or [])
+            run_dir = out / "runs" / f"{method}-seed{seed}"
+            t0 = time.perf_counter()
+            result = train(dataset=train_set, model_cfg=model_cfg, train_cfg=cfg, run_dir=run_dir,
+                           base_checkpoint=base, resume=True)
+            train_s = time.perf_counter() - t0
+            model = checkpoints.load_model(result.last_checkpoint)
+            table, summary, images = evaluate_model(model, eval_set, evaluator, counts, sample_cfg=sample_cfg)
+            summary = summary.assign(method=method, seed=seed, train_seconds=round(train_s, 1))
+            summaries.append(summary)
+            table.assign(method=method, seed=seed).to_csv(run_dir / "per_class.csv", index=False)
+            if seed == seeds[0]:
+                tables[method] = table
+                grids[method] = images
+            logger.info("%s seed %d done in %.0fs", method, seed, train_s)
+    long = pd.concat(summaries, ignore_index=True)
+    long.to_csv(out / "summary_all_seeds.csv", index=False)
+    report = aggregate(long)
+    report.to_csv(out / "results.csv", index=False)
+    (out / "results.json").write_text(report.to_json(orient="records", indent=2))
+    (out / "results.md").write_text(to_markdown(report, steps=steps, seeds=seeds))
+    metrics.accuracy_vs_frequency_figure(tables, path=out / "accuracy_vs_frequency.png")
+    _few_shot_grids(out, eval_set, grids, counts)
+    if ship:
+        _ship_demo_runs(out, Path(ship), seeds[0], tables)
+    return report
+
+
+def _quick_rows(eval_set) -> list[int]:
+    """Two evaluation captions for each of the first three classes (test size)."""
+    seen: dict[str, int] = {}
+    rows = []
+    for i, s in enumerate(eval_set.subjects):
+        if seen.get(s, 0) < 2 and (s in seen or len(seen) < 3):
+            seen[s] = seen.get(s, 0) + 1
+            rows.append(i)
+    return rows
+
+
+def _subset(ds, rows):
+    return dataclasses.replace(ds, samples=[ds.samples[i] for i in rows], images=ds.images[rows])
+
+
+def aggregate(long: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over seeds of every metric, per method and bucket."""
+    metric_cols = [c for c in long.columns if c not in ("method", "seed", "bucket", "n_classes")]
+    grouped = long.groupby(["method", "bucket"], sort=False)[metric_cols]
+    mean, std = grouped.mean(), grouped.std(ddof=1).fillna(0.0)
+    res = mean.add_suffix("_mean").join(std.add_suffix("_std")).reset_index()
+    res["n_seeds"] = long.groupby(["method", "bucket"], sort=False)["seed"].nunique().values
+    return res
+
+
+def to_markdown(report: pd.DataFrame, *, steps: int, seeds) -> str:
+    cols = [c[:-5] for c in report.columns if c.endswith("_mean") and c != "train_seconds_mean"]
+    lines = [f"Fine-tuning steps: {steps}; training seeds: {list(seeds)}; mean +- std over seeds.", "",
+             "| method | bucket | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for _, r in report.iterrows():
+        cells = [f"{r[c + '_mean']:.3f} +- {r[c + '_std']:.3f}" for c in cols]
+        lines.append(f"| {r['method']} | {r['bucket']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _few_shot_grids(out: Path, eval_set, grids: dict[str, np.ndarray], counts: dict[str, int]) -> None:
+    from pogdiff.data.stats import shot_bucket
+    from pogdiff.sampling import image_grid
+
+    rows = [i for i, s in enumerate(eval_set.subjects) if shot_bucket(counts.get(s, 0)) == "few"]
+    if not rows:
+        return
+    for method, images in grids.items():
+        labels = [f"{eval_set.subjects[i]}" for i in rows]
+        image_grid(images[rows], ncols=8, labels=labels, scale=2).save(out / f"few_shot_{method}.png")
+
+
+def _ship_demo_runs(out: Path, ship: Path, seed: int, tables: dict[str, pd.DataFrame]) -> None:
+    """Copy the seed's baseline and pogdiff checkpoints where the app finds them."""
+    for method in ("baseline", "pogdiff"):
+        src = checkpoints.latest_checkpoint(out / "runs" / f"{method}-seed{seed}")
+        if src is None:
+            continue
+        dst = ship / f"demo-{method}"
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("trainer_state.safetensors"))
+        if method in tables:
+            tables[method].to_csv(dst / "per_class.csv", index=False)
+
+
+# ------------------------------------------------------------------------------- artefacts
+def build_base(*, out: Path, steps: int, batch_size: int, lr: float, seed: int) -> Path:
+    """Pretrain the tiny base UNet on the balanced, disjoint pretraining identities."""
+    from pogdiff.data import ensure_demo, load_image_text_set
+    from pogdiff.sampling import generate, image_grid
+
+    pre = load_image_text_set(ensure_demo() / "pretrain", DataConfig())
+    cfg = TrainConfig(method="baseline", max_steps=steps, batch_size=batch_size, learning_rate=lr, seed=seed,
+                      warmup_steps=100, checkpoint_every=500, log_every=100)
+    run_dir = Path(out).parent / (Path(out).name + "-run")
+    result = train(dataset=pre, model_cfg=model_preset("tiny"), train_cfg=cfg, run_dir=run_dir)
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(result.last_checkpoint, out, ignore=shutil.ignore_patterns("trainer_state.safetensors"))
+    model = checkpoints.load_model(out)
+    subjects = sorted(set(pre.subjects))[:8]
+    captions = [f"a photo of {s}" for s in subjects for _ in range(4)]
+    images = generate(model, captions, [i % 4 for i in range(len(captions))], EVAL_SAMPLE)
+    image_grid(images, ncols=4, labels=[c.removeprefix("a photo of ") for c in captions], scale=2).save(
+        out / "samples.png")
+    (out / "history.json").write_text(json.dumps([h.terms for h in result.history][:: max(1, steps // 200)]))
+    return out
+
+
+def build(args) -> int:
+    if args.build_cmd == "base":
+        out = build_base(out=Path(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        print(f"base checkpoint written to {out}")
+        return 0
+    from pogdiff.data.demo import DemoSpec
+    from pogdiff.evaluator import EvaluatorConfig, train_evaluator
+
+    cfg = EvaluatorConfig(seed=args.seed)
+    if args.steps:
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    res = train_evaluator(DemoSpec(), cfg, Path(args.out))
+    print(json.dumps(res, indent=2, default=str))
+    return 0
+
+
+def main(args) -> int:
+    if args.bench_cmd == "speed":
+        table = speed(steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, repeats=args.repeats)
+        print(table.to_string(index=False))
+        if args.out:
+            Path(args.out).write_text(table.to_json(orient="records", indent=2))
+        return 0
+    report = quality(out=Path(args.out), methods=args.methods, seeds=args.seeds, steps=args.steps,
+                     quick=args.quick, overrides=args.set, ship=Path(args.ship) if args.ship else None)
+    print(to_markdown(report, steps=args.steps or QUALITY_STEPS, seeds=args.seeds))
+    return 0
+

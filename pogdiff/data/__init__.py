@@ -1,0 +1,57 @@
+"""Data: the procedural identity set, user image-text sets, validation and class statistics."""
+
+from .demo import (
+    DemoSpec,
+    RenderedSet,
+    build_demo,
+    default_demo_dir,
+    demo_identities,
+    ensure_demo,
+    long_tail_counts,
+    pretrain_identities,
+    render_set,
+)
+from .identities import (
+    ATTRIBUTE_HEADS,
+    Attributes,
+    Identity,
+    attribute_labels,
+    caption,
+    make_identities,
+    render,
+    sample_attributes,
+)
+from .loader import ImageTextSet, Sample, load_image_text_set, subject_from_caption
+from .stats import class_table, long_tail_figure, shot_bucket, summary
+from .validation import DatasetError, Issue, ValidationReport
+
+__all__ = [
+    "ATTRIBUTE_HEADS",
+    "Attributes",
+    "DatasetError",
+    "DemoSpec",
+    "Identity",
+    "ImageTextSet",
+    "Issue",
+    "RenderedSet",
+    "Sample",
+    "ValidationReport",
+    "attribute_labels",
+    "build_demo",
+    "caption",
+    "class_table",
+    "default_demo_dir",
+    "demo_identities",
+    "ensure_demo",
+    "load_image_text_set",
+    "long_tail_counts",
+    "long_tail_figure",
+    "make_identities",
+    "pretrain_identities",
+    "render",
+    "render_set",
+    "sample_attributes",
+    "shot_bucket",
+    "subject_from_caption",
+    "summary",
+]

@@ -1,0 +1,720 @@
+"""Load a user's image-text set from a folder or a ``.zip``, validating it on the way.
+
+Layouts (they can be mixed; per image the first that applies gives the caption):
+
+1. ``metadata.jsonl`` or ``metadata.csv`` with ``file_name`` and ``text`` columns and an optional
+   ``subject`` (or ``class``) column: the Hugging Face ``imagefolder`` convention. A metadata
+   file in a sub-folder describes the images below that sub-folder; other columns are kept in
+   :attr:`Sample.extra`.
+2. A ``.txt`` caption beside each image (``cat_01.png`` + ``cat_01.txt``).
+3. Class sub-folders (``cats/x.png``): the caption is ``config.caption_template`` with the folder
+   name as ``{subject}`` (underscores and dashes read as spaces).
+
+Classes (``ImageTextSet.class_source``):
+
+- ``"column"``: the ``subject`` / ``class`` column of the metadata;
+- ``"folder"``: without that column, when every image sits in a sub-folder and either there
+  are at least two sub-folders or the captions came from the folder names;
+- ``"derived"``: otherwise, from the captions. When every caption reads
+  ``"a photo of X, ..."`` (also ``an``, ``picture``, ``image``, ``portrait``), the class is ``X``:
+  the text after ``"a photo of"`` up to the first comma. Otherwise the captions are clustered
+  (TF-IDF bag of words, k-means with a fixed seed; ``config.derive_clusters`` clusters, or
+  ``round(sqrt(n / 2))`` clipped to 2..50) and each class is named by its cluster's top words.
+
+A zip is never extracted to disk: members are read into memory with :mod:`zipfile` after the
+archive size, the number of files, the uncompressed total, per-member compression ratios and
+member paths (``../``, absolute paths, links) have been checked against :class:`DataConfig`.
+A zip whose content sits in one top folder is read as if that folder were the root.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+import stat
+import unicodedata
+import warnings
+import zipfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..config import DataConfig
+from .validation import DatasetError, ValidationReport
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv")  # in order of preference
+MISNAMED_METADATA = ("metadata.json",)
+SUBJECT_COLUMNS = ("subject", "class")
+REQUIRED_COLUMNS = ("file_name", "text")
+COLUMN_ALIASES = {
+    "file_name": ("filename", "file", "image", "image_path", "path", "img", "file_path"),
+    "text": ("caption", "prompt", "captions", "description", "label_text"),
+}
+IGNORED_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+IGNORED_DIRS = frozenset({"__MACOSX"})
+# Compression ratios are only checked for members this large (small files compress well).
+RATIO_CHECK_MIN_BYTES = 1 << 20
+TEMPLATE_RE = re.compile(r"^\s*an?\s+(?:photo|picture|image|portrait)\s+of\s+([^,]+)", re.IGNORECASE)
+MAX_AUTO_CLUSTERS = 50
+# Large downscales first shrink by an integer factor (box filter) to within 3x of the target.
+REDUCING_GAP = 3.0
+KMEANS_ITERS = 50
+
+
+@dataclass
+class Sample:
+    """One image-text pair: ``file_name`` is the path inside the set (POSIX separators)."""
+
+    file_name: str
+    text: str
+    subject: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ImageTextSet:
+    """A loaded set. ``images``: uint8 ``[N, H, W, 3]`` at ``config.resolution``, one per sample."""
+
+    root: str
+    samples: list[Sample]
+    images: np.ndarray
+    report: ValidationReport
+    class_source: str  # "column" | "folder" | "derived"
+
+    @property
+    def subjects(self) -> list[str]:
+        return [s.subject for s in self.samples]
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(set(self.subjects))
+
+    @property
+    def captions(self) -> list[str]:
+        return [s.text for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+# --- sources: a folder or a zip, seen as relative POSIX paths -> bytes -------------------------
+
+
+class _Source:
+    """Files of a set as ``{relative posix path: reader}``, with the safety checks done."""
+
+    def __init__(self, files: dict[str, Callable[[], bytes]]):
+        self.files = files
+
+    def read(self, path: str) -> bytes:
+        return self.files[path]()
+
+
+def _nfc(path: str) -> str:
+    return unicodedata.normalize("NFC", path)
+
+
+def _is_ignored(path: str) -> bool:
+    parts = PurePosixPath(path).parts
+    return any(p in IGNORED_DIRS or p.startswith(".") for p in parts[:-1]) or (
+        parts[-1] in IGNORED_NAMES or parts[-1].startswith(".")
+    )
+
+
+def _unsafe_reason(name: str) -> str | None:
+    """Why a member path is unsafe to use (zip-slip), or None."""
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return "is an absolute path"
+    if ".." in re.split(r"[\\/]", name):
+        return "climbs out of the archive with '..'"
+    return None
+
+
+def _open_folder(root: Path, config: DataConfig, report: ValidationReport) -> _Source:
+    files: dict[str, Callable[[], bytes]] = {}
+    real_root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_DIRS and not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            rel = _nfc(path.relative_to(root).as_posix())
+            if _is_ignored(rel):
+                continue
+            if path.is_symlink() and not path.resolve().is_relative_to(real_root):
+                report.error("unsafe_path", rel, "is a link to a file outside the folder; skipped.",
+                             "Copy the file into the folder instead of linking to it.")
+                continue
+            files[rel] = path.read_bytes
+            if len(files) > config.max_files:
+                report.error("too_many_files", "", f"The folder holds more than {config.max_files} files.",
+                             "Split the set, or raise DataConfig.max_files.")
+                raise DatasetError("Refusing to read the folder: too many files.", report)
+    return _Source(files)
+
+
+def _open_zip(path: Path, config: DataConfig, report: ValidationReport) -> _Source:
+    size = path.stat().st_size
+    if size > config.max_archive_bytes:
+        report.error("archive_too_large", path.name,
+                     f"The archive is {size / 2**20:.1f} MiB; the limit is {config.max_archive_bytes / 2**20:.1f} MiB.",
+                     "Upload a smaller archive (split the set), or raise DataConfig.max_archive_bytes.")
+        raise DatasetError("Refusing to open the archive: it is too large.", report)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        report.error("corrupt_archive", path.name, f"Not a readable zip archive ({exc}).",
+                     "Re-create the archive (e.g. `zip -r set.zip folder/`) and upload it again.")
+        raise DatasetError("Could not open the archive.", report) from exc
+    members = [m for m in archive.infolist() if not m.is_dir()]
+    if len(members) > config.max_files:
+        report.error("too_many_files", path.name,
+                     f"The archive holds {len(members)} files; the limit is {config.max_files}.",
+                     "Split the set into smaller archives, or raise DataConfig.max_files.")
+        raise DatasetError("Refusing to read the archive: too many files.", report)
+    total = sum(m.file_size for m in members)
+    if total > config.max_uncompressed_bytes:
+        report.error("zip_bomb", path.name,
+                     f"The archive unpacks to {total / 2**20:.1f} MiB; the limit is "
+                     f"{config.max_uncompressed_bytes / 2**20:.1f} MiB.",
+                     "Upload a smaller set, or raise DataConfig.max_uncompressed_bytes if the data is genuine.")
+        raise DatasetError("Refusing to read the archive: it unpacks to too much data.", report)
+    files: dict[str, Callable[[], bytes]] = {}
+    for member in members:
+        name = _nfc(member.filename.replace("\\", "/"))
+        if _check_member(member, name, config, report) and not _is_ignored(name):
+            if name in files:
+                report.error("duplicate_file_name", name, "The archive holds this path twice; the first copy is used.",
+                             "Remove the duplicate from the archive.")
+                continue
+            files[name] = _member_reader(archive, member)
+    return _Source(files)
+
+
+def _check_member(member: zipfile.ZipInfo, name: str, config: DataConfig, report: ValidationReport) -> bool:
+    reason = _unsafe_reason(member.filename)
+    if reason:
+        report.error("unsafe_path", member.filename, f"This archive member {reason}; skipped.",
+                     "Re-create the archive from inside the data folder so that every path is relative.")
+        return False
+    if stat.S_ISLNK(member.external_attr >> 16):
+        report.error("unsafe_path", name, "This archive member is a symbolic link; skipped.",
+                     "Archive the file itself (`zip` without `--symlinks`).")
+        return False
+    if member.flag_bits & 0x1:
+        report.error("encrypted_file", name, "This archive member is password-protected; skipped.",
+                     "Re-create the archive without a password.")
+        return False
+    ratio = member.file_size / max(member.compress_size, 1)
+    if member.file_size >= RATIO_CHECK_MIN_BYTES and ratio > config.max_compression_ratio:
+        report.error("zip_bomb", name,
+                     f"Compression ratio {ratio:.0f}:1 exceeds the limit of {config.max_compression_ratio:.0f}:1 "
+                     "(a zip bomb?); skipped.",
+                     "Remove this file, or raise DataConfig.max_compression_ratio if it is genuine.")
+        return False
+    return True
+
+
+def _member_reader(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> Callable[[], bytes]:
+    def read() -> bytes:
+        with archive.open(member) as fh:  # zipfile stops at the declared size and checks the CRC
+            return fh.read(member.file_size)
+    return read
+
+
+def _strip_single_top_folder(source: _Source) -> str:
+    """Read ``top/...`` as the root when everything sits in one folder that is itself a set.
+
+    A single folder holding only images is kept: it is a class folder. Returns the prefix removed.
+    """
+    prefix = ""
+    while True:
+        tops = {p.split("/", 1)[0] for p in source.files}
+        if len(tops) != 1 or not all("/" in p for p in source.files):
+            return prefix
+        top = next(iter(tops))
+        inner = [p.split("/", 1)[1] for p in source.files]
+        if not any("/" in p or p in METADATA_NAMES + MISNAMED_METADATA or p.endswith(".txt") for p in inner):
+            return prefix
+        source.files = {p.split("/", 1)[1]: r for p, r in source.files.items()}
+        prefix += top + "/"
+
+
+# --- metadata --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    where: str  # "metadata.jsonl:12"
+    file_name: str  # path inside the set
+    text: str
+    subject: str | None
+    extra: dict[str, Any]
+
+
+def _parse_records(name: str, data: bytes, report: ValidationReport) -> tuple[list[str], list[tuple[int, dict]]] | None:
+    """Column names and ``(line number, record)`` pairs; None when the file cannot be used at all."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        report.error("bad_metadata", name, "The metadata file is not UTF-8 text.", "Save it as UTF-8.")
+        return None
+    base = PurePosixPath(name).name
+    if base.endswith(".csv"):
+        return _parse_csv(name, text, report)
+    rows = _parse_misnamed_json(name, text, report) if base.endswith(".json") else _parse_jsonl(name, text, report)
+    if rows is None:
+        return None
+    return list(dict.fromkeys(k for _, r in rows for k in r)), rows
+
+
+def _parse_csv(name: str, text: str, report: ValidationReport) -> tuple[list[str], list[tuple[int, dict]]]:
+    reader = csv.DictReader(io.StringIO(text))
+    rows = []
+    try:
+        for record in reader:
+            rows.append((reader.line_num, {k: v for k, v in record.items() if k is not None}))
+    except csv.Error as exc:
+        report.error("bad_metadata", f"{name}:{reader.line_num}", f"Unreadable CSV ({exc}); the rest is skipped.",
+                     "Check the quoting of that line.")
+    return [c.strip() for c in reader.fieldnames or []], [(n, {k.strip(): v for k, v in r.items()}) for n, r in rows]
+
+
+def _parse_jsonl(name: str, text: str, report: ValidationReport) -> list[tuple[int, dict]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            report.error("bad_metadata", f"{name}:{number}", f"Not valid JSON ({exc.msg}); line skipped.",
+                         'Write one JSON object per line, e.g. {"file_name": "a.png", "text": "a photo of ..."}.')
+            continue
+        if not isinstance(record, dict):
+            report.error("bad_metadata", f"{name}:{number}", "The line is not a JSON object; skipped.",
+                         'Write one JSON object per line, e.g. {"file_name": "a.png", "text": "a photo of ..."}.')
+            continue
+        rows.append((number, record))
+    return rows
+
+
+def _parse_misnamed_json(name: str, text: str, report: ValidationReport) -> list[tuple[int, dict]] | None:
+    fix = ("Rename it to metadata.jsonl and write one JSON object per line "
+           '({"file_name": ..., "text": ...}); the Hugging Face imagefolder format reads only that name.')
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        rows = _parse_jsonl(name, text, ValidationReport())
+        if rows:
+            report.warning("metadata_json", name, "Found metadata.json holding JSON Lines; read it as metadata.jsonl.",
+                           fix)
+            return rows
+        report.error("metadata_json", name, "Found metadata.json, which is not valid JSON; expected metadata.jsonl.",
+                     fix)
+        return None
+    if isinstance(data, list) and all(isinstance(r, dict) for r in data):
+        report.warning("metadata_json", name, "Found metadata.json (a JSON list) instead of metadata.jsonl; "
+                       "read it as a list of records.", fix)
+        return [(i + 1, r) for i, r in enumerate(data)]
+    report.error("metadata_json", name, "Found metadata.json, but it is not a list of records; expected metadata.jsonl.",
+                 fix)
+    return None
+
+
+def _column_error(name: str, missing: str, columns: list[str], report: ValidationReport) -> None:
+    alias = next((c for c in columns if c.lower() in COLUMN_ALIASES[missing]), None)
+    found = ", ".join(f"'{c}'" for c in columns) or "none"
+    fix = f"Rename the column '{alias}' to '{missing}'." if alias else (
+        f"Add a '{missing}' column ({'the image path relative to the metadata file' if missing == 'file_name' else 'the caption'}).")
+    report.error("metadata_columns", name,
+                 f"The metadata has no '{missing}' column; columns found: {found}. "
+                 f"Required: {', '.join(REQUIRED_COLUMNS)} (optional: {', '.join(SUBJECT_COLUMNS)}).", fix)
+
+
+def _read_metadata(source: _Source, report: ValidationReport) -> tuple[dict[str, _Row], bool]:
+    """Rows by file path, and whether any metadata file was present."""
+    by_dir: dict[str, str] = {}
+    for path in sorted(source.files):
+        p = PurePosixPath(path)
+        if p.name in METADATA_NAMES + MISNAMED_METADATA:
+            d = str(p.parent) if str(p.parent) != "." else ""
+            pick = by_dir.get(d)
+            rank = (METADATA_NAMES + MISNAMED_METADATA).index
+            if pick is None or rank(p.name) < rank(PurePosixPath(pick).name):
+                if pick is not None:
+                    report.warning("metadata_ignored", pick, f"Ignored because {path} is also present.",
+                                   "Keep a single metadata file per folder.")
+                by_dir[d] = path
+            else:
+                report.warning("metadata_ignored", path, f"Ignored because {pick} is also present.",
+                               "Keep a single metadata file per folder.")
+    rows: dict[str, _Row] = {}
+    for folder, meta in sorted(by_dir.items()):
+        parsed = _parse_records(meta, source.read(meta), report)
+        if parsed is not None:
+            _rows_from_records(meta, folder, *parsed, source, rows, report)
+    return rows, bool(by_dir)
+
+
+def _rows_from_records(meta, folder, columns, records, source, rows, report) -> None:
+    for required in REQUIRED_COLUMNS:
+        if (records or columns) and required not in columns:
+            _column_error(meta, required, columns, report)
+            return
+    subject_col = next((c for c in SUBJECT_COLUMNS if c in columns), None)
+    first_line: dict[str, str] = {}
+    for number, record in records:
+        where = f"{meta}:{number}"
+        raw = record.get("file_name")
+        if raw is None or not str(raw).strip():
+            report.error("missing_file_name", where, "The line has no file_name; skipped.",
+                         "Give the image path relative to the metadata file.")
+            continue
+        raw = str(raw).strip().replace("\\", "/")
+        reason = _unsafe_reason(raw)
+        if reason:
+            report.error("unsafe_path", where, f"file_name '{raw}' {reason}; skipped.",
+                         "Use a path relative to the metadata file, without '..'.")
+            continue
+        path = _nfc(str(PurePosixPath(folder, raw.removeprefix("./"))))
+        if path in first_line:
+            report.error("duplicate_file_name", where,
+                         f"'{raw}' is listed again (first at {first_line[path]}); the first caption is used.",
+                         "Keep one line per image (put several captions in separate copies of the image).")
+            continue
+        first_line[path] = where
+        text = record.get("text")
+        text = "" if text is None else str(text).strip()
+        if path not in source.files:
+            report.error("caption_for_missing_file", where, f"'{raw}' is listed, but there is no such file in the set.",
+                         "Add the image, or delete the line (check spelling and sub-folder).")
+            continue
+        if not text:
+            report.error("empty_caption", where, f"The caption of '{raw}' is empty; image skipped.",
+                         "Write a caption in the 'text' column.")
+            rows[path] = _Row(where, path, "", None, {})
+            continue
+        subject = record.get(subject_col) if subject_col else None
+        subject = str(subject).strip() if subject is not None and str(subject).strip() else None
+        extra = {k: v for k, v in record.items() if k not in ("file_name", "text", *SUBJECT_COLUMNS)}
+        rows[path] = _Row(where, path, text, subject, extra)
+        if subject_col and subject is None:
+            report.warning("missing_subject", where, f"'{raw}' has no {subject_col}; it is derived from the caption.",
+                           f"Fill in the '{subject_col}' column.")
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+def _decode_image(data: bytes, where: str, config: DataConfig, report: ValidationReport) -> np.ndarray | None:
+    """Bytes -> uint8 ``[R, R, 3]``: EXIF-upright, RGB, centre-cropped square, LANCZOS-resized."""
+    fix = "Re-export the image as PNG or JPEG, or remove it."
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > config.max_image_pixels:
+                report.error("image_too_large", where,
+                             f"The image is {w}x{h} = {w * h:,} pixels; the limit is {config.max_image_pixels:,}; skipped.",
+                             "Downscale the image, or raise DataConfig.max_image_pixels.")
+                return None
+            if im.format == "JPEG":
+                im.draft("RGB", (config.resolution * 2, config.resolution * 2))
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            im = _to_rgb(im)
+    except Image.DecompressionBombError:
+        report.error("image_too_large", where, "The image is too large to decode safely; skipped.",
+                     "Downscale the image, or raise DataConfig.max_image_pixels.")
+        return None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        report.error("corrupt_image", where, f"Cannot decode the image ({type(exc).__name__}: {exc}); skipped.", fix)
+        return None
+    return np.asarray(_centre_square(im, config.resolution), dtype=np.uint8)
+
+
+def _centre_square(im: Image.Image, resolution: int) -> Image.Image:
+    """Crop the largest centred square, then resize it (LANCZOS) to ``resolution``."""
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    square = im.crop((left, top, left + side, top + side))
+    if side == resolution:
+        return square
+    return square.resize((resolution, resolution), Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited on white, 16-bit and float are rescaled."""
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 1.0 if im.mode == "F" and arr.max(initial=0) <= 1.0 else (255.0 if arr.max(initial=0) <= 255 else 65535.0)
+        im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+# --- classes ---------------------------------------------------------------------------------
+
+
+def subject_from_caption(text: str) -> str | None:
+    """``"a photo of Mira Okafor, smiling"`` -> ``"Mira Okafor"``; None when the template does not match."""
+    m = TEMPLATE_RE.match(text)
+    if not m:
+        return None
+    subject = m.group(1).strip().rstrip(".").strip()
+    return subject or None
+
+
+def _folder_subject(path: str) -> str:
+    return str(PurePosixPath(path).parent)
+
+
+def _folder_caption_subject(path: str) -> str:
+    return re.sub(r"[_\-]+", " ", PurePosixPath(path).parent.name).strip()
+
+
+def cluster_captions(texts: list[str], n_clusters: int = 0, seed: int = 0) -> list[str]:
+    """Class names for free-text captions: TF-IDF bag of words + k-means (k-means++ init).
+
+    ``n_clusters = 0`` picks ``round(sqrt(n / 2))`` clipped to ``2..50``. Each class is named
+    ``"cluster NN: word, word"`` after the two heaviest words of its centroid.
+    """
+    n = len(texts)
+    k = n_clusters or int(np.clip(round(math.sqrt(n / 2)), 2, MAX_AUTO_CLUSTERS))
+    k = max(1, min(k, n))
+    docs = [re.findall(r"[a-z0-9]+", t.lower()) for t in texts]
+    vocab = sorted({w for d in docs for w in d if len(w) > 2})
+    if not vocab:
+        return ["cluster 00"] * n
+    index = {w: i for i, w in enumerate(vocab)}
+    tf = np.zeros((n, len(vocab)))
+    for r, d in enumerate(docs):
+        for w in d:
+            if w in index:
+                tf[r, index[w]] += 1
+    idf = np.log((1 + n) / (1 + (tf > 0).sum(0))) + 1
+    x = tf * idf
+    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    labels = _kmeans(x, k, np.random.default_rng(seed))
+    names = {}
+    for c in range(k):
+        members = x[labels == c]
+        top = np.argsort(-members.mean(0))[:2] if len(members) else []
+        names[c] = f"cluster {c:02d}: " + ", ".join(vocab[i] for i in top)
+    return [names[c] for c in labels]
+
+
+def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    centres = [x[rng.integers(len(x))]]
+    for _ in range(1, k):  # k-means++
+        d2 = np.min([((x - c) ** 2).sum(1) for c in centres], axis=0)
+        p = d2 / d2.sum() if d2.sum() > 0 else np.full(len(x), 1 / len(x))
+        centres.append(x[rng.choice(len(x), p=p)])
+    c = np.stack(centres)
+    labels = np.zeros(len(x), dtype=int)
+    for it in range(KMEANS_ITERS):
+        labels_new = ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
+        if it > 0 and np.array_equal(labels_new, labels):
+            break
+        labels = labels_new
+        for j in range(k):
+            if (labels == j).any():
+                c[j] = x[labels == j].mean(0)
+    return labels
+
+
+# --- the loader ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    path: str
+    text: str
+    subject: str | None  # from a column
+    extra: dict[str, Any]
+    caption_from: str  # "metadata" | "sidecar" | "folder"
+
+
+def load_image_text_set(source: str | Path, config: DataConfig = DataConfig()) -> ImageTextSet:
+    """Read, validate and normalise a folder or ``.zip`` image-text set.
+
+    Good images load even when others are bad; every problem is in ``result.report``.
+    Raises :class:`DatasetError` (with the report) only when no usable image is left.
+    """
+    report = ValidationReport()
+    src = _open(Path(source), config, report)
+    prefix = _strip_single_top_folder(src)
+    if prefix:
+        logger.info("reading %s from its top folder %s", source, prefix)
+    pending = _collect(src, config, report)
+    samples, images = [], []
+    for item in pending:
+        array = _decode_image(src.read(item.path), item.path, config, report)
+        if array is not None:
+            samples.append(Sample(item.path, item.text, item.subject or "", item.extra))
+            images.append(array)
+    report.n_images_loaded = len(samples)
+    if not samples:
+        what = "no images found" if report.n_images_found == 0 else "none of the images could be used"
+        if report.n_images_found == 0:
+            report.error("empty_set", "", "The set contains no images (png, jpg, jpeg, webp, bmp, gif, tif).",
+                         "Upload a folder or .zip with images and captions (see the accepted layouts).")
+        raise DatasetError(f"Cannot load '{Path(source).name}': {what}.", report)
+    class_source = _assign_classes(samples, pending, config, report)
+    _warn_small_classes(samples, report)
+    logger.info("loaded %s: %s", Path(source).name, report.summary())
+    return ImageTextSet(str(source), samples, np.stack(images), report, class_source)
+
+
+def _open(path: Path, config: DataConfig, report: ValidationReport) -> _Source:
+    if not path.exists():
+        report.error("not_found", str(path.name), "No such file or folder.", "Check the path.")
+        raise DatasetError(f"Cannot load '{path}': it does not exist.", report)
+    if path.is_dir():
+        return _open_folder(path, config, report)
+    if zipfile.is_zipfile(path) or path.suffix.lower() == ".zip":
+        return _open_zip(path, config, report)
+    report.error("unsupported_source", path.name, "Expected a folder or a .zip archive.",
+                 "Put the images and captions in a folder and upload it, or zip that folder.")
+    raise DatasetError(f"Cannot load '{path.name}': not a folder or a .zip archive.", report)
+
+
+def _collect(src: _Source, config: DataConfig, report: ValidationReport) -> list[_Pending]:
+    """Match every image with its caption; report files that cannot be used."""
+    rows, has_metadata = _read_metadata(src, report)
+    metadata_broken = has_metadata and not rows and any(i.code in ("metadata_columns", "metadata_json") for i in report.errors)
+    images = [p for p in sorted(src.files) if PurePosixPath(p).suffix.lower() in IMAGE_EXTENSIONS]
+    image_set = set(images)
+    stems = {str(PurePosixPath(p).with_suffix("")) for p in images}
+    _check_other_files(src, image_set, rows, stems, report)
+    _check_case_duplicates(images, report)
+    report.n_images_found = len(images)
+    pending = []
+    for path in images:
+        row = rows.get(path)
+        if row is not None:
+            if row.text:
+                pending.append(_Pending(path, row.text, row.subject, row.extra, "metadata"))
+            continue
+        item = _caption_without_row(src, path, config, has_metadata, metadata_broken, report)
+        if item is not None:
+            pending.append(item)
+    return pending
+
+
+def _caption_without_row(src, path, config, has_metadata, metadata_broken, report) -> _Pending | None:
+    sidecar = str(PurePosixPath(path).with_suffix(".txt"))
+    if sidecar in src.files:
+        try:
+            text = src.read(sidecar).decode("utf-8-sig").strip()
+        except UnicodeDecodeError:
+            report.error("bad_caption", sidecar, "The caption file is not UTF-8 text; image skipped.",
+                         "Save the .txt caption as UTF-8.")
+            return None
+        if not text:
+            report.error("empty_caption", sidecar, f"The caption of '{path}' is empty; image skipped.",
+                         "Write the caption into the .txt file.")
+            return None
+        return _Pending(path, text, None, {}, "sidecar")
+    if metadata_broken:
+        return None  # the metadata error already explains why nothing has a caption
+    if has_metadata:
+        report.error("missing_caption", path, "The image is not listed in the metadata; skipped.",
+                     f'Add a line {{"file_name": "{PurePosixPath(path).name}", "text": "..."}} to the metadata.')
+        return None
+    if "/" in path:
+        subject = _folder_caption_subject(path)
+        return _Pending(path, config.caption_template.format(subject=subject), None, {}, "folder")
+    report.error("missing_caption", path, "The image has no caption; skipped.",
+                 f"Add '{PurePosixPath(path).stem}.txt' with its caption beside it, a metadata.jsonl, "
+                 "or move the images into class sub-folders.")
+    return None
+
+
+def _check_other_files(src, image_set, rows, stems, report) -> None:
+    for path in sorted(src.files):
+        p = PurePosixPath(path)
+        if path in image_set or p.name in METADATA_NAMES + MISNAMED_METADATA:
+            continue
+        if p.suffix.lower() == ".txt":
+            if str(p.with_suffix("")) not in stems and p.stem.lower() not in ("readme", "license", "licence"):
+                report.warning("caption_for_missing_file", path, f"Caption file without an image named '{p.stem}.*'.",
+                               "Add the image with the same name, or delete the caption file.")
+            continue
+        if path in rows:  # listed in the metadata but not an image
+            report.error("non_image_file", path, f"Listed in the metadata but '{p.suffix}' is not an image type; skipped.",
+                         f"Convert it to PNG or JPEG ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+            continue
+        report.warning("non_image_file", path, f"Not an image or caption file ('{p.suffix or 'no extension'}'); ignored.",
+                       f"Remove it, or convert it to one of {', '.join(sorted(IMAGE_EXTENSIONS))}.")
+
+
+def _check_case_duplicates(images: list[str], report: ValidationReport) -> None:
+    seen: dict[str, str] = {}
+    for path in images:
+        key = path.casefold()
+        if key in seen:
+            report.warning("duplicate_file_name", path,
+                           f"Differs from '{seen[key]}' only in upper/lower case; both are loaded, but they clash "
+                           "on Windows and macOS.", "Rename one of the two files.")
+        else:
+            seen[key] = path
+
+
+def _assign_classes(samples: list[Sample], pending: list[_Pending], config: DataConfig,
+                    report: ValidationReport) -> str:
+    by_path = {p.path: p for p in pending}
+    if any(s.subject for s in samples):  # a subject / class column
+        missing = [s for s in samples if not s.subject]
+        for s in missing:
+            s.subject = subject_from_caption(s.text) or s.text
+        return "column"
+    folders = {_folder_subject(s.file_name) for s in samples}
+    in_folders = all("/" in s.file_name for s in samples)
+    from_folders = any(by_path[s.file_name].caption_from == "folder" for s in samples)
+    if in_folders and (len(folders) >= 2 or from_folders):
+        for s in samples:
+            s.subject = _folder_subject(s.file_name)
+        return "folder"
+    derived = [subject_from_caption(s.text) for s in samples]
+    if all(derived):
+        for s, d in zip(samples, derived):
+            s.subject = d
+        return "derived"
+    names = cluster_captions([s.text for s in samples], config.derive_clusters)
+    for s, name in zip(samples, names):
+        s.subject = name
+    report.warning("classes_clustered", "", f"Classes were derived by clustering the captions into {len(set(names))} groups.",
+                   "For exact classes add a 'subject' column to metadata.jsonl, or start every caption with "
+                   "'a photo of <subject>,'.")
+    return "derived"
+
+
+def _warn_small_classes(samples: list[Sample], report: ValidationReport) -> None:
+    counts = Counter(s.subject for s in samples)
+    for s in samples:
+        if counts[s.subject] == 1:
+            report.warning("single_image_class", s.file_name,
+                           f"Class '{s.subject}' has a single image; PoGDiff needs >= 2 images per class to borrow "
+                           "strength between them (this image can only use neighbours of other classes).",
+                           "Add at least one more image of this class, or merge it with a related class.")

@@ -1,0 +1,429 @@
+"""Neighbour graph and psi table (DESIGN §1, §6).
+
+Computed once per dataset: one FAISS search over the L2-normalised caption vectors gives the
+k nearest captions of every sample; with density weights and image / caption similarities it
+becomes the per-pair relative precision
+
+    psi_ij = psi_max * w_density(i) * s_img(i, j) * s_txt(i, j)
+
+that :func:`pogdiff.losses.pogdiff_loss` consumes. During training :meth:`NeighbourTable.draw`
+picks one of the k neighbours per sample.
+
+Missing neighbours (k larger than the pool, or a class of one under ``same_class_pool``) are
+marked with index ``-1``; they have psi 0 and probability 0, so they never contribute.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pogdiff.config import PsiConfig, from_dict, to_dict
+
+logger = logging.getLogger(__name__)
+
+SAMPLING_MODES = ("similarity", "nearest")
+MISSING = -1  # neighbour id of an empty slot
+HNSW_M = 32  # graph degree of the HNSW index
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH_MIN = 64
+NORM_TOLERANCE = 1e-3  # allowed deviation of ||v|| from 1 for "L2-normalised" inputs
+# Kernel density: exact all-pairs sums up to this many vectors, kNN-truncated sums beyond.
+DENSITY_EXACT_MAX = 20_000
+DENSITY_KNN = 256
+DENSITY_BLOCK = 2048
+IMAGE_FEATURE_CHUNK = 256
+TABLE_FORMAT = "pogdiff.neighbour_table/1"
+
+
+# --------------------------------------------------------------------------------------------
+# kNN search
+
+
+def _as_normalised(name: str, vectors: np.ndarray) -> np.ndarray:
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    if v.ndim != 2 or v.shape[0] == 0 or v.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty [N, D] array, got shape {v.shape}")
+    norms = np.linalg.norm(v, axis=1)
+    bad = np.flatnonzero(np.abs(norms - 1.0) > NORM_TOLERANCE)
+    if bad.size:
+        raise ValueError(
+            f"{name} must be L2-normalised; row {bad[0]} has norm {norms[bad[0]]:.4g} "
+            f"({bad.size} such rows)"
+        )
+    return v
+
+
+def _build_index(vectors: np.ndarray, hnsw_above: int) -> faiss.Index:
+    """Flat inner-product index (on GPU when faiss has one), HNSW beyond ``hnsw_above`` rows."""
+    n, d = vectors.shape
+    if n > hnsw_above:
+        index = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        logger.info("kNN: HNSW index over %d vectors (dim %d)", n, d)
+    else:
+        index = faiss.IndexFlatIP(d)
+        if faiss.get_num_gpus() > 0 and hasattr(faiss, "StandardGpuResources"):
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+            logger.info("kNN: flat GPU index over %d vectors (dim %d)", n, d)
+    index.add(vectors)
+    return index
+
+
+def knn(
+    vectors: np.ndarray,
+    k: int,
+    *,
+    exclude_self: bool = True,
+    hnsw_above: int = 100_000,
+    queries: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k inner-product (cosine) neighbours with FAISS.
+
+    :param vectors: [N x D] L2-normalised database vectors.
+    :param k: neighbours per query, ``k >= 1``.
+    :param exclude_self: when ``queries`` is None (each row queries itself), drop the query's
+        own row from its result (k + 1 are searched). Ignored when ``queries`` is given.
+    :param hnsw_above: use an approximate HNSW index when N exceeds this, else an exact flat one.
+    :param queries: optional [Q x D] L2-normalised query vectors; defaults to ``vectors``.
+    :return: ``(sims, idx)``: float32 [Q x k] similarities in descending order and int64
+        [Q x k] row ids. When fewer than k candidates exist (k >= N), the missing slots are
+        padded with id ``-1`` and similarity ``-inf``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    base = _as_normalised("vectors", vectors)
+    self_query = queries is None
+    q = base if self_query else _as_normalised("queries", queries)
+    if q.shape[1] != base.shape[1]:
+        raise ValueError(f"queries have dim {q.shape[1]} but vectors have dim {base.shape[1]}")
+    drop_self = exclude_self and self_query
+    n = base.shape[0]
+    k_search = min(k + int(drop_self), n)
+    index = _build_index(base, hnsw_above)
+    if isinstance(index, faiss.IndexHNSWFlat):
+        index.hnsw.efSearch = max(HNSW_EF_SEARCH_MIN, 2 * k_search)
+    sims, idx = index.search(q, k_search)
+    sims, idx = sims.astype(np.float32), idx.astype(np.int64)
+    if drop_self:
+        sims, idx = _drop_self(sims, idx)
+    sims[idx < 0] = -np.inf
+    return _pad(sims, idx, k)
+
+
+def _drop_self(sims: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each row's own id (or, if a tie pushed it out, the last column): [Q, m] -> [Q, m-1]."""
+    q, m = idx.shape
+    is_self = idx == np.arange(q)[:, None]
+    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), m - 1)
+    keep = np.ones_like(idx, dtype=bool)
+    keep[np.arange(q), drop] = False
+    return sims[keep].reshape(q, m - 1), idx[keep].reshape(q, m - 1)
+
+
+def _pad(sims: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    missing = k - idx.shape[1]
+    if missing <= 0:
+        return sims, idx
+    q = idx.shape[0]
+    sims = np.concatenate([sims, np.full((q, missing), -np.inf, np.float32)], axis=1)
+    idx = np.concatenate([idx, np.full((q, missing), MISSING, np.int64)], axis=1)
+    return sims, idx
+
+
+# --------------------------------------------------------------------------------------------
+# density weights and image features
+
+
+def density_weights(
+    *,
+    classes: Sequence[str] | None,
+    pooled: np.ndarray | None,
+    gamma: float,
+    bandwidth: float,
+) -> np.ndarray:
+    """Per-sample weight in [0, 1]: 1 for the rarest samples, small for the most frequent.
+
+    With class labels: ``(n_min / n_c) ** gamma``. Without: an LDS-style inverse Gaussian-kernel
+    density of the caption vectors, ``rho_i = sum_j exp(-d_ij^2 / (2 h^2))`` with the cosine
+    distance ``d_ij = 1 - <y_i, y_j>`` (self included), then ``(min rho / rho_i) ** gamma``.
+    Beyond ``DENSITY_EXACT_MAX`` vectors the sum runs over each vector's ``DENSITY_KNN`` nearest
+    neighbours only (the kernel of farther vectors is negligible for small ``h``).
+
+    :param classes: N labels, or None for free text.
+    :param pooled: [N x D] L2-normalised caption vectors (needed when ``classes`` is None).
+    :param gamma: exponent >= 0 (0 gives all ones).
+    :param bandwidth: kernel bandwidth h > 0 in cosine distance.
+    :return: float32 [N].
+    """
+    if gamma < 0:
+        raise ValueError(f"density gamma must be >= 0, got {gamma}")
+    if classes is not None:
+        labels = list(classes)
+        if pooled is not None and len(labels) != len(pooled):
+            raise ValueError(f"got {len(labels)} classes for {len(pooled)} caption vectors")
+        counts = Counter(labels)
+        n_c = np.array([counts[c] for c in labels], dtype=np.float64)
+        ratio = min(counts.values()) / n_c
+    else:
+        if pooled is None:
+            raise ValueError("density_weights needs classes or pooled caption vectors")
+        if bandwidth <= 0:
+            raise ValueError(f"kde bandwidth must be > 0, got {bandwidth}")
+        rho = _kernel_density(_as_normalised("pooled", pooled), bandwidth)
+        ratio = rho.min() / rho
+    return (ratio**gamma).astype(np.float32)
+
+
+def _kernel_density(vectors: np.ndarray, bandwidth: float) -> np.ndarray:
+    """``rho_i = sum_j exp(-(1 - cos_ij)^2 / (2 h^2))``: [N, D] -> float64 [N]."""
+    n = vectors.shape[0]
+    if n > DENSITY_EXACT_MAX:
+        sims, idx = knn(vectors, min(DENSITY_KNN, n), exclude_self=False)
+        dist = 1.0 - np.where(idx >= 0, sims, -1.0).astype(np.float64)
+        return np.where(idx >= 0, np.exp(-(dist**2) / (2 * bandwidth**2)), 0.0).sum(axis=1)
+    rho = np.empty(n, dtype=np.float64)
+    for start in range(0, n, DENSITY_BLOCK):
+        cos = vectors[start : start + DENSITY_BLOCK].astype(np.float64) @ vectors.T.astype(np.float64)
+        rho[start : start + DENSITY_BLOCK] = np.exp(-((1.0 - cos) ** 2) / (2 * bandwidth**2)).sum(axis=1)
+    return rho
+
+
+def image_features(images: np.ndarray | torch.Tensor, *, size: int = 8) -> np.ndarray:
+    """Cheap image features for ``s_img``: area-downsample to ``size x size``, flatten, subtract
+    the per-image mean, L2-normalise. Their cosine is the Pearson correlation of thumbnails, so
+    it is invariant to brightness offset and contrast.
+
+    :param images: uint8 [N x H x W x C] images (the on-disk convention), or float
+        [N x C x h x w] images / VAE latents (the model convention; numpy or torch).
+    :param size: thumbnail side.
+    :return: float32 [N x C*size*size]; a constant image gives the zero vector (cosine 0).
+    """
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    x = torch.as_tensor(images)
+    if x.ndim != 4:
+        raise ValueError(f"images must be [N, H, W, C] uint8 or [N, C, H, W] float, got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        x = x.permute(0, 3, 1, 2)  # [N, H, W, C] -> [N, C, H, W]
+    out = []
+    for chunk in x.split(IMAGE_FEATURE_CHUNK):
+        thumb = F.adaptive_avg_pool2d(chunk.float().cpu(), size)  # [B, C, size, size]
+        flat = thumb.flatten(1)
+        flat = flat - flat.mean(dim=1, keepdim=True)
+        out.append(F.normalize(flat, dim=1))
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# the psi table
+
+
+@dataclass
+class NeighbourTable:
+    """Per-sample neighbours and psi, computed once per dataset (DESIGN §1).
+
+    ``indices [N, k]`` int64 neighbour rows (never the row itself; -1 = empty slot),
+    ``s_txt [N, k]`` / ``s_img [N, k]`` max(0, cosine) of caption vectors / image features,
+    ``w_density [N]``, ``psi [N, k] = psi_max * w * s_img * s_txt`` (disabled factors are 1;
+    0 on empty slots and for classes of one), ``probs [N, k]`` sampling probabilities (rows sum
+    to 1), ``config`` the PsiConfig that built it.
+    """
+
+    indices: np.ndarray
+    s_txt: np.ndarray
+    s_img: np.ndarray
+    w_density: np.ndarray
+    psi: np.ndarray
+    probs: np.ndarray
+    config: PsiConfig
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def draw(self, rows: np.ndarray, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Pick one neighbour per row by ``probs``.
+
+        :param rows: [B] int sample rows.
+        :param generator: a CPU ``torch.Generator``; the same state gives the same draw.
+        :return: ``(neighbour ids [B] int64, psi [B] float32)``; id -1 only where psi is 0.
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size == 0:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        probs = torch.from_numpy(np.ascontiguousarray(self.probs[rows], dtype=np.float64))
+        col = torch.multinomial(probs, 1, generator=generator).squeeze(1).numpy()
+        return self.indices[rows, col].copy(), self.psi[rows, col].astype(np.float32)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one safetensors file; the PsiConfig is stored as JSON in its metadata."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        tensors = {name: np.ascontiguousarray(getattr(self, name)) for name in _TABLE_ARRAYS}
+        metadata = {"format": TABLE_FORMAT, "psi_config": json.dumps(to_dict(self.config), sort_keys=True)}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "NeighbourTable":
+        """Read a table written by :meth:`save` (no pickle)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != TABLE_FORMAT:
+                raise ValueError(f"{path} is not a neighbour table (format {metadata.get('format')!r})")
+            arrays = {name: f.get_tensor(name) for name in _TABLE_ARRAYS}
+        config = from_dict(PsiConfig, json.loads(metadata["psi_config"]))
+        return cls(**arrays, config=config)
+
+
+_TABLE_ARRAYS = ("indices", "s_txt", "s_img", "w_density", "psi", "probs")
+
+
+def _check_config(cfg: PsiConfig) -> None:
+    if cfg.k < 1:
+        raise ValueError(f"PsiConfig.k must be >= 1, got {cfg.k}")
+    if cfg.psi_max < 0:
+        raise ValueError(f"PsiConfig.psi_max must be >= 0, got {cfg.psi_max}")
+    if cfg.sampling not in SAMPLING_MODES:
+        raise ValueError(f"unknown PsiConfig.sampling {cfg.sampling!r}; choose one of {', '.join(SAMPLING_MODES)}")
+
+
+def _search(pooled: np.ndarray, cfg: PsiConfig, classes: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Caption kNN: [N, k] sims and ids, over the whole set or within each class."""
+    if not cfg.same_class_pool:
+        return knn(pooled, cfg.k, hnsw_above=cfg.hnsw_above)
+    if classes is None:
+        raise ValueError("PsiConfig.same_class_pool needs class labels (classes=...)")
+    n = pooled.shape[0]
+    sims = np.full((n, cfg.k), -np.inf, np.float32)
+    idx = np.full((n, cfg.k), MISSING, np.int64)
+    labels = np.asarray(classes, dtype=object)
+    for label in dict.fromkeys(classes):
+        members = np.flatnonzero(labels == label)
+        if members.size < 2:
+            continue
+        s, i = knn(pooled[members], cfg.k, hnsw_above=cfg.hnsw_above)
+        sims[members] = s
+        idx[members] = np.where(i >= 0, members[np.maximum(i, 0)], MISSING)
+    return sims, idx
+
+
+def _sampling_probs(s_txt: np.ndarray, valid: np.ndarray, sampling: str) -> np.ndarray:
+    """[N, k] rows summing to 1: proportional to s_txt over valid slots (uniform if all 0), or top-1."""
+    n, k = s_txt.shape
+    if sampling == "nearest":
+        probs = np.zeros((n, k), np.float64)
+        probs[:, 0] = 1.0
+        return probs
+    weights = np.where(valid, s_txt, 0.0).astype(np.float64)
+    total = weights.sum(axis=1, keepdims=True)
+    uniform = valid.astype(np.float64)
+    weights = np.where(total > 0, weights, uniform)
+    weights[~valid.any(axis=1), 0] = 1.0  # no neighbour at all: slot 0 (id -1, psi 0)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def build_neighbour_table(
+    pooled: np.ndarray,
+    image_feats: np.ndarray | None,
+    cfg: PsiConfig,
+    *,
+    classes: Sequence[str] | None = None,
+) -> NeighbourTable:
+    """Build the psi table: one FAISS search over the captions (per class if ``same_class_pool``).
+
+    :param pooled: [N x D] L2-normalised caption vectors (``TextEmbeddings.pooled``).
+    :param image_feats: [N x F] image features (:func:`image_features`); may be None when
+        ``cfg.use_image_sim`` is off.
+    :param cfg: the PsiConfig.
+    :param classes: optional N class labels: class-count density weights, the same-class pool,
+        and psi 0 for samples whose class has a single sample (nothing to borrow from).
+    :return: the :class:`NeighbourTable`.
+    """
+    _check_config(cfg)
+    pooled = _as_normalised("pooled", pooled)
+    n = pooled.shape[0]
+    labels = None if classes is None else [str(c) for c in classes]
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"got {len(labels)} classes for {n} caption vectors")
+
+    sims, idx = _search(pooled, cfg, labels)
+    valid = idx >= 0
+    safe_idx = np.where(valid, idx, 0)
+    s_txt = np.where(valid, np.maximum(sims, 0.0), 0.0).astype(np.float32)
+    s_img = _image_similarity(image_feats, safe_idx, valid, n, required=cfg.use_image_sim)
+    if cfg.use_density:
+        w = density_weights(classes=labels, pooled=pooled, gamma=cfg.density_gamma, bandwidth=cfg.kde_bandwidth)
+    else:
+        w = np.ones(n, np.float32)
+
+    psi = cfg.psi_max * w[:, None].astype(np.float64) * np.ones((n, cfg.k))
+    if cfg.use_image_sim:
+        psi = psi * s_img
+    if cfg.use_text_sim:
+        psi = psi * s_txt
+    psi = np.where(valid, psi, 0.0)
+    if labels is not None:
+        counts = Counter(labels)
+        psi[np.array([counts[c] == 1 for c in labels])] = 0.0
+    probs = _sampling_probs(s_txt, valid, cfg.sampling)
+    table = NeighbourTable(
+        indices=idx, s_txt=s_txt, s_img=s_img, w_density=w.astype(np.float32),
+        psi=psi.astype(np.float32), probs=probs.astype(np.float32), config=cfg,
+    )
+    logger.info(
+        "neighbour table: %d samples, k=%d, mean psi %.4f, %.1f%% of rows above threshold %.3g",
+        n, cfg.k, float(table.psi.mean()), 100.0 * float((table.psi.max(axis=1) >= cfg.psi_threshold).mean()),
+        cfg.psi_threshold,
+    )
+    return table
+
+
+def _image_similarity(
+    feats: np.ndarray | None, idx: np.ndarray, valid: np.ndarray, n: int, *, required: bool
+) -> np.ndarray:
+    """max(0, cosine) between each row's features and its neighbours': [N, k] float32."""
+    if feats is None:
+        if required:
+            raise ValueError("image_feats is None but PsiConfig.use_image_sim is on")
+        return np.ones(idx.shape, np.float32)
+    feats = np.asarray(feats, dtype=np.float32)
+    if feats.ndim != 2 or feats.shape[0] != n:
+        raise ValueError(f"image_feats must be [{n}, F], got shape {feats.shape}")
+    norms = np.linalg.norm(feats, axis=1, keepdims=True)
+    unit = np.divide(feats, norms, out=np.zeros_like(feats), where=norms > 0)
+    cos = np.einsum("nf,nkf->nk", unit, unit[idx])
+    return np.where(valid, np.clip(cos, 0.0, 1.0), 0.0).astype(np.float32)
+
+
+def pca_2d(vectors: np.ndarray) -> np.ndarray:
+    """2-D PCA map via numpy SVD; each axis' sign makes its largest-magnitude loading positive.
+
+    :param vectors: [N x D] array.
+    :return: float32 [N x 2] (zero-padded when fewer than 2 components exist).
+    """
+    x = np.asarray(vectors, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"vectors must be a non-empty [N, D] array, got shape {x.shape}")
+    x = x - x.mean(axis=0, keepdims=True)
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    m = min(2, s.size)
+    signs = np.sign(vt[np.arange(m), np.abs(vt[:m]).argmax(axis=1)])
+    signs[signs == 0] = 1.0
+    coords = np.zeros((x.shape[0], 2))
+    coords[:, :m] = u[:, :m] * s[:m] * signs
+    return coords.astype(np.float32)

@@ -1,0 +1,953 @@
+"""What the Gradio app binds its buttons to: the :class:`Studio` and pure helpers.
+
+``app.py`` only lays out components; every callback is a method of :class:`Studio`, which keeps
+the server-side state (loaded datasets, neighbour tables, loaded models, the training
+:class:`~pogdiff.jobs.JobManager`). Nothing heavy happens at import or construction time: the
+demo set, the text encoder and the models are built on first use.
+
+The helpers at the top (``loss_frame``, ``status_markdown``, ...) are pure functions of plain
+data, so they are tested without a browser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from pogdiff.config import (  # noqa: E402
+    DataConfig,
+    PsiConfig,
+    SampleConfig,
+    model_preset,
+    train_preset,
+)
+from pogdiff.jobs import JobBusyError, JobManager, JobStatus, RunInfo  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_DIR = REPO_ROOT / "checkpoints"
+DEMO_KEY = "demo"
+SHOTS = ("many", "medium", "few")
+SHOT_COLOURS = {"many": "#2563eb", "medium": "#f59e0b", "few": "#dc2626"}
+THUMB_PX = 96  # gallery thumbnails are upscaled (nearest) to at least this many pixels
+SLIDER_PX = 256  # the before/after slider shows one pair this large
+MAX_CACHED_DATASETS = 4
+MAX_CACHED_MODELS = 2
+MAX_GALLERY = 48
+SHIPPED_RUNS = {"baseline": "demo-baseline", "pogdiff": "demo-pogdiff"}
+TERM_ORDER = ("loss", "mse", "pog", "cbdm")
+
+
+# ================================================================================ pure helpers
+def format_seconds(seconds: float | None) -> str:
+    """``75.2 -> '1m 15s'``; None or NaN -> an em dash."""
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    seconds = int(round(max(0.0, seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    if h:
+        return f"{h}h {m:02d}m"
+    if m:
+        return f"{m}m {s:02d}s"
+    return f"{s}s"
+
+
+def shot_of(count: int, config: DataConfig) -> str:
+    """many if count > many_shot_above, few if count < few_shot_below, else medium."""
+    if count > config.many_shot_above:
+        return "many"
+    if count < config.few_shot_below:
+        return "few"
+    return "medium"
+
+
+def loss_frame(history: Sequence[dict[str, float]], terms: Sequence[str] | None = None) -> pd.DataFrame:
+    """Long table ``step, term, value`` of the loss terms, for a ``gr.LinePlot(color="term")``."""
+    rows = []
+    skip = {"step", "lr", "psi_mean", "psi_active", "seconds_per_step"}
+    for h in history:
+        for key, value in h.items():
+            if key in skip or (terms is not None and key not in terms):
+                continue
+            if value is not None and math.isfinite(value):
+                rows.append((int(h["step"]), key, float(value)))
+    frame = pd.DataFrame(rows, columns=["step", "term", "value"])
+    order = {t: i for i, t in enumerate(TERM_ORDER)}
+    return frame.sort_values(["term", "step"], key=lambda s: s.map(order) if s.name == "term" else s,
+                             kind="stable").reset_index(drop=True)
+
+
+def progress_html(status: JobStatus) -> str:
+    """A progress bar with step counter, speed and ETA."""
+    pct = 100.0 * status.progress
+    colour = {"failed": "#dc2626", "stopping": "#f59e0b"}.get(status.state, "#2563eb")
+    if status.state == "idle":
+        label = "No training job yet."
+    else:
+        speed = f"{status.seconds_per_step:.2f} s/step" if status.seconds_per_step else "warming up"
+        label = f"step {status.step} / {status.max_steps} · {pct:.0f}% · {speed}"
+        if status.busy:
+            label += f" · ETA {format_seconds(status.eta_seconds)}"
+        label += f" · elapsed {format_seconds(status.elapsed_seconds)}"
+    return (
+        '<div class="pg-progress"><div class="pg-progress-track">'
+        f'<div class="pg-progress-fill" style="width:{pct:.1f}%;background:{colour}"></div></div>'
+        f'<div class="pg-progress-label">{label}</div></div>'
+    )
+
+
+def status_markdown(status: JobStatus) -> str:
+    """One headline about the job, with the error and traceback summary when it failed."""
+    if status.state == "idle":
+        return "**Idle.** Choose the options and press **Start training**."
+    name = f"`{status.run_name}` ({status.method})"
+    if status.state == "running":
+        return f"**Training** {name}. Another browser tab sees this same job."
+    if status.state == "stopping":
+        return f"**Stopping** {name} after the current step; the last checkpoint is kept."
+    if status.state == "failed":
+        tb = f"\n\n```text\n{status.traceback}\n```" if status.traceback else ""
+        return f"**Training failed** {name} at step {status.step}.\n\n`{status.error}`{tb}"
+    how = "Stopped" if status.stopped else "Finished"
+    ckpt = f" Checkpoint: `{Path(status.last_checkpoint).name}`." if status.last_checkpoint else ""
+    return (f"**{how}** {name} after {status.step} of {status.max_steps} steps in "
+            f"{format_seconds(status.elapsed_seconds)}.{ckpt} Download it below or compare it in **Compare**.")
+
+
+def report_markdown(report: Any) -> str:
+    """The validation report of the data layer as markdown, with a friendly 'all good' line."""
+    if report is None:
+        return ""
+    issues = list(getattr(report, "issues", []) or [])
+    if not issues:
+        return "✅ **Validation passed**: no errors, no warnings."
+    to_md = getattr(report, "to_markdown", None)
+    if callable(to_md):
+        return to_md()
+    lines = []
+    for issue in issues:
+        icon = "❌" if issue.level == "error" else "⚠️"
+        fix = f" — *fix:* {issue.fix}" if getattr(issue, "fix", "") else ""
+        lines.append(f"- {icon} `{issue.where}` {issue.message}{fix}")
+    return "\n".join(lines)
+
+
+def upscale(image: np.ndarray, min_px: int = THUMB_PX) -> np.ndarray:
+    """Nearest-neighbour upscale of a uint8 ``[H, W, 3]`` image so its short side is >= ``min_px``."""
+    factor = max(1, -(-min_px // max(1, min(image.shape[:2]))))
+    if factor == 1:
+        return image
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def class_counts_table(subjects: Sequence[str], config: DataConfig) -> pd.DataFrame:
+    """``subject, count, shot`` sorted by count (descending) then name."""
+    counts = pd.Series(list(subjects), dtype=object).value_counts()
+    table = pd.DataFrame({"subject": counts.index.astype(str), "count": counts.values.astype(int)})
+    table["shot"] = [shot_of(int(c), config) for c in table["count"]]
+    return table.sort_values(["count", "subject"], ascending=[False, True]).reset_index(drop=True)
+
+
+def summary_markdown(table: pd.DataFrame, n_images: int, extra: dict[str, Any] | None = None) -> str:
+    """Headline numbers: images, classes, the many/medium/few split and the imbalance ratio."""
+    n_classes = len(table)
+    by_shot = table.groupby("shot")["count"].agg(["size", "sum"]) if n_classes else None
+    parts = []
+    for shot in SHOTS:
+        if by_shot is not None and shot in by_shot.index:
+            parts.append(f"**{shot}**: {int(by_shot.loc[shot, 'size'])} classes / {int(by_shot.loc[shot, 'sum'])} images")
+        else:
+            parts.append(f"**{shot}**: 0 classes")
+    ratio = (table["count"].max() / max(1, table["count"].min())) if n_classes else float("nan")
+    text = (f"### {n_images} images · {n_classes} classes · imbalance ratio {ratio:.0f}:1\n"
+            + " · ".join(parts))
+    single = list((extra or {}).get("single_image_classes") or [])
+    if single:
+        names = ", ".join(single[:8]) + (" …" if len(single) > 8 else "")
+        text += (f"\n\n⚠️ {len(single)} class(es) with a single image ({names}): they cannot borrow from a "
+                 "same-subject neighbour (s_img needs two images of a class).")
+    if extra:
+        skip = {"n_images", "n_classes", "images", "classes", "imbalance_ratio", "n_many", "n_medium", "n_few"}
+        items = [f"{k.replace('_', ' ')}: {_fmt(v)}" for k, v in extra.items()
+                 if k not in skip and not isinstance(v, (dict, list, tuple))]
+        if items:
+            text += "\n\n<small>" + " · ".join(items) + "</small>"
+    return text
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def runs_frame(runs: Sequence[RunInfo]) -> pd.DataFrame:
+    """One row per finished run for the runs table."""
+    rows = []
+    for r in runs:
+        psi = (r.train_cfg.get("psi") or {}) if r.method == "pogdiff" else {}
+        rows.append({
+            "run": r.name,
+            "method": r.method,
+            "state": "stopped" if r.stopped else r.state,
+            "steps": f"{r.steps_done}/{r.max_steps}",
+            "batch": r.train_cfg.get("batch_size", ""),
+            "lr": r.train_cfg.get("learning_rate", ""),
+            "psi_max": psi.get("psi_max", ""),
+            "images": r.dataset.get("num_samples", ""),
+            "checkpoint": r.checkpoint.name,
+        })
+    columns = ["run", "method", "state", "steps", "batch", "lr", "psi_max", "images", "checkpoint"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def gallery_items(images: np.ndarray, captions: Sequence[str], *, min_px: int = THUMB_PX) -> list[tuple[np.ndarray, str]]:
+    """``[(upscaled image, caption), ...]`` for a ``gr.Gallery``."""
+    return [(upscale(np.asarray(img), min_px), str(cap)) for img, cap in zip(images, captions)]
+
+
+def gpu_task(fn: Callable) -> Callable:
+    """Wrap ``fn`` with ``spaces.GPU`` on Hugging Face ZeroGPU Spaces; unchanged elsewhere."""
+    try:
+        import spaces  # type: ignore[import-not-found]
+    except ImportError:
+        return fn
+    return spaces.GPU(fn)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _missing(part: str, exc: Exception) -> gr.Error:
+    logger.warning("%s unavailable: %s", part, exc)
+    return gr.Error(f"{part} is not available in this installation yet ({exc}).", title="Not available")
+
+
+# ================================================================================ state
+@dataclass
+class DatasetBundle:
+    """A loaded image-text set with everything derived from it, built lazily."""
+
+    key: str
+    name: str
+    ds: Any  # pogdiff.data.ImageTextSet
+    table: pd.DataFrame
+    summary: dict[str, Any]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pooled: np.ndarray | None = None  # [N, D] L2-normalised caption vectors
+    coords: np.ndarray | None = None  # [N, 2] PCA of pooled
+    image_feats: np.ndarray | None = None  # [N, F]
+    tables: dict[tuple, Any] = field(default_factory=dict)  # PsiConfig fields -> NeighbourTable
+
+    @property
+    def subjects(self) -> list[str]:
+        return list(self.ds.subjects)
+
+    @property
+    def captions(self) -> list[str]:
+        return list(self.ds.captions)
+
+    def count_of(self) -> dict[str, int]:
+        return dict(zip(self.table["subject"], self.table["count"].astype(int)))
+
+    def few_shot_subjects(self) -> list[str]:
+        return list(self.table.loc[self.table["shot"] == "few", "subject"])
+
+
+@dataclass
+class Source:
+    """A model checkpoint the Compare tab can load."""
+
+    key: str
+    label: str
+    checkpoint: Path
+
+
+class Studio:
+    """Server-side state and every callback of the app.
+
+    Args:
+        runs_dir: where training runs are written (one folder per run).
+        shipped_dir: folder of the shipped checkpoints (``base-tiny``, ``evaluator``,
+            ``demo-baseline``, ``demo-pogdiff``).
+        jobs: a JobManager to use (tests inject one with a fake train function).
+        device: ``"cuda"`` / ``"cpu"``; default: CUDA when available.
+    """
+
+    def __init__(
+        self,
+        runs_dir: str | Path = "runs",
+        *,
+        shipped_dir: str | Path = SHIPPED_DIR,
+        jobs: JobManager | None = None,
+        data_config: DataConfig | None = None,
+        device: str | None = None,
+        demo_root: str | Path | None = None,
+    ) -> None:
+        self.runs_dir = Path(runs_dir)
+        self.shipped_dir = Path(shipped_dir)
+        self.jobs = jobs or JobManager(self.runs_dir)
+        self.data_config = data_config or DataConfig()
+        self._device = device
+        self._demo_root = demo_root
+        self._lock = threading.Lock()
+        self._datasets: OrderedDict[str, DatasetBundle] = OrderedDict()
+        self._models: OrderedDict[str, Any] = OrderedDict()
+        self._encoder = None
+        self._evaluator = None
+
+    # ------------------------------------------------------------------ shared lazies
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            self._device = default_device()
+        return self._device
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def _text_encoder(self):
+        with self._lock:
+            if self._encoder is None:
+                from pogdiff.text import default_minilm
+
+                self._encoder = default_minilm()
+            return self._encoder
+
+    def demo_root(self) -> Path:
+        from pogdiff.data import ensure_demo
+
+        return Path(ensure_demo(root=self._demo_root) if self._demo_root else ensure_demo())
+
+    def _remember(self, bundle: DatasetBundle) -> DatasetBundle:
+        with self._lock:
+            self._datasets[bundle.key] = bundle
+            self._datasets.move_to_end(bundle.key)
+            while len(self._datasets) > MAX_CACHED_DATASETS:
+                self._datasets.popitem(last=False)
+        return bundle
+
+    def bundle(self, key: str | None) -> DatasetBundle:
+        """The dataset of this browser session; the demo set when none was loaded."""
+        key = key or DEMO_KEY
+        with self._lock:
+            found = self._datasets.get(key)
+        if found is not None:
+            return found
+        if key == DEMO_KEY:
+            return self._load_demo_bundle()
+        raise gr.Error("That dataset is no longer in memory (the server restarted or loaded others). "
+                       "Load it again in the Data tab.", title="Dataset not loaded")
+
+    def _make_bundle(self, key: str, name: str, ds: Any) -> DatasetBundle:
+        table = self._class_table(ds)
+        try:
+            from pogdiff.data import stats
+
+            summary = dict(stats.summary(ds, self.data_config))
+        except (ImportError, AttributeError, TypeError) as exc:
+            logger.debug("stats.summary unavailable: %s", exc)
+            summary = {}
+        return DatasetBundle(key=key, name=name, ds=ds, table=table, summary=summary)
+
+    def _class_table(self, ds: Any) -> pd.DataFrame:
+        try:
+            from pogdiff.data import stats
+
+            table = stats.class_table(ds, self.data_config)
+            return table[["subject", "count", "shot"]].reset_index(drop=True)
+        except (ImportError, AttributeError, TypeError, KeyError) as exc:
+            logger.debug("stats.class_table unavailable: %s", exc)
+            return class_counts_table(ds.subjects, self.data_config)
+
+    def _load_demo_bundle(self) -> DatasetBundle:
+        try:
+            from pogdiff.data import load_image_text_set
+        except ImportError as exc:
+            raise _missing("The data loader", exc) from exc
+        ds = load_image_text_set(self.demo_root() / "train", self.data_config)
+        return self._remember(self._make_bundle(DEMO_KEY, "built-in demo set (train split)", ds))
+
+    def _eval_set(self):
+        from pogdiff.data import load_image_text_set
+
+        return load_image_text_set(self.demo_root() / "eval", self.data_config)
+
+    # ============================================================================ Data tab
+    def load_demo(self, progress: gr.Progress = gr.Progress()) -> tuple:
+        """Build (first time, cached on disk) and load the built-in long-tailed demo set."""
+        progress(0.1, desc="Building the demo set (first time only)…")
+        bundle = self._load_demo_bundle()
+        return self._data_outputs(bundle)
+
+    def load_upload(self, files: Sequence[str] | str | None, progress: gr.Progress = gr.Progress()) -> tuple:
+        """Validate and load an uploaded .zip, or several files (images + metadata / captions)."""
+        if not files:
+            raise gr.Error("Upload a .zip, or several images with a metadata.jsonl / metadata.csv or "
+                           ".txt captions, first.", title="Nothing uploaded")
+        paths = [Path(files)] if isinstance(files, (str, Path)) else [Path(f) for f in files]
+        try:
+            from pogdiff.data import DatasetError, load_image_text_set
+        except ImportError as exc:
+            raise _missing("The data loader", exc) from exc
+        digest = hashlib.sha256()
+        for p in sorted(paths, key=lambda p: p.name):
+            digest.update(p.name.encode())
+            digest.update(str(p.stat().st_size).encode())
+        key = f"upload-{digest.hexdigest()[:12]}"
+        progress(0.1, desc="Reading and validating…")
+        if len(paths) == 1 and paths[0].suffix.lower() == ".zip":
+            source, name = paths[0], paths[0].name
+        else:
+            zips = [p.name for p in paths if p.suffix.lower() == ".zip"]
+            if zips:
+                raise gr.Error(f"Upload one .zip on its own, or loose files without a .zip (got {zips}).",
+                               title="Mixed upload")
+            source = Path(tempfile.mkdtemp(prefix="pogdiff-upload-"))
+            for p in paths:
+                shutil.copy2(p, source / p.name)
+            name = f"{len(paths)} uploaded files"
+        try:
+            ds = load_image_text_set(source, self.data_config)
+        except DatasetError as exc:
+            report = getattr(exc, "report", None)
+            details = report_markdown(report) if report is not None else ""
+            raise gr.Error(f"{exc}\n\n{details}".strip(), title="The dataset did not validate",
+                           print_exception=False) from exc
+        return self._data_outputs(self._remember(self._make_bundle(key, name, ds)))
+
+    def _data_outputs(self, bundle: DatasetBundle) -> tuple:
+        """key, headline, report, class table, long-tail frame, class dropdown, class gallery."""
+        subjects = list(bundle.table["subject"])
+        first_few = bundle.few_shot_subjects()
+        chosen = first_few[0] if first_few else (subjects[0] if subjects else None)
+        headline = f"**Loaded:** {bundle.name}\n\n" + summary_markdown(bundle.table, len(bundle.captions), bundle.summary)
+        choices = [(f"{s} ({c} · {sh})", s) for s, c, sh in bundle.table[["subject", "count", "shot"]].itertuples(index=False)]
+        return (
+            bundle.key,
+            headline,
+            report_markdown(bundle.ds.report),
+            bundle.table,
+            self.long_tail_frame(bundle),
+            gr.Dropdown(choices=choices, value=chosen, interactive=True),
+            self.class_gallery(bundle.key, chosen),
+        )
+
+    @staticmethod
+    def long_tail_frame(bundle: DatasetBundle) -> pd.DataFrame:
+        """``rank, subject, count, shot``: one bar per class, most frequent first."""
+        frame = bundle.table[["subject", "count", "shot"]].copy()
+        frame.insert(0, "rank", np.arange(1, len(frame) + 1))
+        return frame
+
+    def class_gallery(self, key: str | None, subject: str | None) -> list[tuple[np.ndarray, str]]:
+        """Every image of one class (up to MAX_GALLERY) with its caption."""
+        if not subject:
+            return []
+        bundle = self.bundle(key)
+        rows = [i for i, s in enumerate(bundle.subjects) if s == subject][:MAX_GALLERY]
+        return gallery_items(bundle.ds.images[rows], [bundle.captions[i] for i in rows])
+
+    def dataset_banner(self, key: str | None) -> str:
+        """One line naming the dataset the session works on (for the Neighbours / Train tabs)."""
+        with self._lock:
+            bundle = self._datasets.get(key or DEMO_KEY)
+        if bundle is None:
+            return ("Working on the **built-in demo set** (load another one in the **Data** tab)."
+                    if not key or key == DEMO_KEY else "Load a dataset in the **Data** tab.")
+        return (f"Working on **{bundle.name}**: {len(bundle.captions)} images, {len(bundle.table)} classes, "
+                f"{len(bundle.few_shot_subjects())} few-shot.")
+
+    # ======================================================================= Neighbours tab
+    def _embed(self, bundle: DatasetBundle) -> None:
+        with bundle.lock:
+            if bundle.pooled is not None:
+                return
+            try:
+                from pogdiff.neighbors import image_features, pca_2d
+            except ImportError as exc:
+                raise _missing("The neighbour module", exc) from exc
+            encoder = self._text_encoder()
+            pooled = encoder.encode(bundle.captions).pooled
+            pooled = pooled.detach().cpu().numpy() if hasattr(pooled, "detach") else np.asarray(pooled)
+            bundle.pooled = pooled.astype(np.float32)
+            bundle.coords = np.asarray(pca_2d(bundle.pooled), dtype=np.float32)
+            bundle.image_feats = np.asarray(image_features(bundle.ds.images), dtype=np.float32)
+
+    def _psi_table(self, bundle: DatasetBundle, psi: PsiConfig):
+        self._embed(bundle)
+        psi = dataclasses.replace(psi, k=max(1, min(psi.k, len(bundle.captions) - 1)))
+        cache_key = tuple(sorted(dataclasses.asdict(psi).items()))
+        with bundle.lock:
+            table = bundle.tables.get(cache_key)
+            if table is None:
+                from pogdiff.neighbors import build_neighbour_table
+
+                table = build_neighbour_table(bundle.pooled, bundle.image_feats, psi, classes=bundle.subjects)
+                bundle.tables = {cache_key: table}  # keep the latest only
+        return table
+
+    def neighbour_map(self, key: str | None, colour_by: str, progress: gr.Progress = gr.Progress()) -> tuple:
+        """2-D PCA map of caption embeddings + the caption chooser."""
+        bundle = self.bundle(key)
+        if len(bundle.captions) < 2:
+            raise gr.Error("The neighbour map needs at least two captions.")
+        progress(0.2, desc="Encoding captions (first time only)…")
+        self._embed(bundle)
+        frame = self.map_frame(bundle)
+        choices = self.caption_choices(bundle)
+        few = [i for i, s in enumerate(bundle.subjects) if s in set(bundle.few_shot_subjects())]
+        chosen = few[0] if few else 0
+        return (
+            self._scatter(frame, colour_by),
+            gr.Dropdown(choices=choices, value=chosen, interactive=True),
+            self.dataset_banner(bundle.key),
+        )
+
+    def recolour(self, key: str | None, colour_by: str):
+        bundle = self.bundle(key)
+        if bundle.coords is None:
+            return gr.skip()
+        return self._scatter(self.map_frame(bundle), colour_by)
+
+    @staticmethod
+    def _scatter(frame: pd.DataFrame, colour_by: str):
+        if colour_by == "class frequency":
+            return gr.ScatterPlot(value=frame, color="images in class", color_map=None)
+        return gr.ScatterPlot(value=frame, color="shot", color_map=SHOT_COLOURS)
+
+    @staticmethod
+    def map_frame(bundle: DatasetBundle) -> pd.DataFrame:
+        counts = bundle.count_of()
+        shots = dict(zip(bundle.table["subject"], bundle.table["shot"]))
+        return pd.DataFrame({
+            "x": bundle.coords[:, 0], "y": bundle.coords[:, 1],
+            "shot": [shots[s] for s in bundle.subjects],
+            "images in class": [counts[s] for s in bundle.subjects],
+            "subject": bundle.subjects, "caption": bundle.captions,
+        })
+
+    @staticmethod
+    def caption_choices(bundle: DatasetBundle) -> list[tuple[str, int]]:
+        counts = bundle.count_of()
+        return [(f"{c}  [{counts[s]} img]", i) for i, (c, s) in enumerate(zip(bundle.captions, bundle.subjects))]
+
+    def neighbours_of(
+        self, key: str | None, row: int | None, k: int, psi_max: float, same_class: bool,
+    ) -> tuple[str, pd.DataFrame, list]:
+        """The k nearest captions of one caption, with similarity, psi and its factors."""
+        if row is None or row == "":
+            return "Pick a caption above.", pd.DataFrame(), []
+        bundle = self.bundle(key)
+        row = int(row)
+        if not 0 <= row < len(bundle.captions):
+            raise gr.Error(f"caption index {row} is out of range (0..{len(bundle.captions) - 1}).")
+        psi_cfg = PsiConfig(k=int(k), psi_max=float(psi_max), same_class_pool=bool(same_class))
+        table = self._psi_table(bundle, psi_cfg)
+        counts = bundle.count_of()
+        subj = bundle.subjects[row]
+        w = float(np.asarray(table.w_density).reshape(len(bundle.captions), -1)[row].mean())
+        rows = []
+        for j in range(table.indices.shape[1]):
+            nb = int(table.indices[row, j])
+            if nb < 0:
+                continue
+            rows.append({
+                "rank": j + 1, "caption": bundle.captions[nb], "subject": bundle.subjects[nb],
+                "images in class": counts[bundle.subjects[nb]],
+                "s_txt": round(float(table.s_txt[row, j]), 3), "s_img": round(float(table.s_img[row, j]), 3),
+                "w_density": round(w, 3), "psi": round(float(table.psi[row, j]), 3),
+                "p(draw)": round(float(table.probs[row, j]), 3), "row": nb,
+            })
+        frame = pd.DataFrame(rows, columns=["rank", "caption", "subject", "images in class", "s_txt",
+                                            "s_img", "w_density", "psi", "p(draw)", "row"])
+        images = [bundle.ds.images[row]] + [bundle.ds.images[r] for r in frame["row"]]
+        labels = [f"query · {bundle.captions[row]}"] + [
+            f"#{r.rank} psi={r.psi:.2f} · {r.caption}" for r in frame.itertuples()
+        ]
+        mean_psi = float(frame["psi"].mean()) if len(frame) else 0.0
+        head = (f"**{bundle.captions[row]}** — subject *{subj}* with {counts[subj]} training images "
+                f"({shot_of(counts[subj], self.data_config)}-shot). w_density = **{w:.3f}**, "
+                f"mean psi over its {len(frame)} neighbours = **{mean_psi:.3f}**. "
+                "psi = psi_max × w_density × s_img × s_txt: how much this sample borrows from each neighbour.")
+        return head, frame, gallery_items(np.stack(images), labels)
+
+    def hop(self, key: str | None, frame: pd.DataFrame, evt: gr.SelectData):
+        """Clicking a neighbour row makes it the query."""
+        try:
+            row_idx = evt.index[0] if isinstance(evt.index, (list, tuple)) else int(evt.index)
+            return int(pd.DataFrame(frame).iloc[row_idx]["row"])
+        except (KeyError, IndexError, ValueError, TypeError):
+            return gr.skip()
+
+    def search(self, key: str | None, query: str, k: int) -> tuple[pd.DataFrame, list]:
+        """Nearest training captions of a free-text query (cosine of MiniLM embeddings)."""
+        query = (query or "").strip()
+        if not query:
+            raise gr.Error("Type a caption to search for, e.g. 'a photo of someone smiling, wearing glasses'.")
+        bundle = self.bundle(key)
+        self._embed(bundle)
+        from pogdiff.neighbors import knn
+
+        q = self._text_encoder().encode([query]).pooled
+        q = q.detach().cpu().numpy() if hasattr(q, "detach") else np.asarray(q)
+        k = max(1, min(int(k), len(bundle.captions)))
+        sims, idx = knn(bundle.pooled, k, exclude_self=False, queries=q.astype(np.float32))
+        counts = bundle.count_of()
+        rows = [{"rank": j + 1, "similarity": round(float(sims[0, j]), 3), "caption": bundle.captions[int(i)],
+                 "subject": bundle.subjects[int(i)], "images in class": counts[bundle.subjects[int(i)]], "row": int(i)}
+                for j, i in enumerate(idx[0]) if int(i) >= 0]
+        frame = pd.DataFrame(rows, columns=["rank", "similarity", "caption", "subject", "images in class", "row"])
+        items = gallery_items(bundle.ds.images[list(frame["row"])],
+                              [f"{r.similarity:.2f} · {r.caption}" for r in frame.itertuples()])
+        return frame, items
+
+    # ============================================================================ Train tab
+    def preset_defaults(self, preset: str) -> tuple:
+        """Batch size, learning rate and model-id visibility for a preset."""
+        cfg = train_preset(preset)
+        model = model_preset(preset)
+        return (
+            gr.Number(value=cfg.batch_size),
+            gr.Number(value=cfg.learning_rate),
+            gr.Textbox(visible=preset == "sd15", value=model.pretrained if preset == "sd15" else ""),
+        )
+
+    def build_configs(
+        self, method: str, preset: str, pretrained: str, steps: float, batch_size: float, lr: float,
+        psi_max: float, k: float, use_density: bool, use_image_sim: bool, use_text_sim: bool,
+        same_class: bool, sample_every: float, seed: float,
+    ):
+        """UI values -> (ModelConfig, TrainConfig); gr.Error naming any bad value."""
+        def whole(name: str, value: Any, lo: int) -> int:
+            if value is None or float(value) != int(value) or int(value) < lo:
+                raise gr.Error(f"{name} must be a whole number >= {lo}, got {value!r}.")
+            return int(value)
+
+        steps_i = whole("Steps", steps, 1)
+        batch_i = whole("Batch size", batch_size, 1)
+        k_i = whole("k (neighbours)", k, 1)
+        every = whole("Preview every", sample_every or 0, 0)
+        seed_i = whole("Seed", seed or 0, 0)
+        if lr is None or not float(lr) > 0:
+            raise gr.Error(f"Learning rate must be positive, got {lr!r}.")
+        if psi_max is None or float(psi_max) < 0:
+            raise gr.Error(f"psi_max must be >= 0, got {psi_max!r}.")
+        overrides = {}
+        if preset == "sd15":
+            if not (pretrained or "").strip():
+                raise gr.Error("The sd15 preset needs a diffusers model id or a local folder.")
+            overrides["pretrained"] = pretrained.strip()
+        try:
+            model_cfg = model_preset(preset, **overrides)
+            psi = PsiConfig(k=k_i, psi_max=float(psi_max), use_density=bool(use_density),
+                            use_image_sim=bool(use_image_sim), use_text_sim=bool(use_text_sim),
+                            same_class_pool=bool(same_class))
+            train_cfg = train_preset(
+                preset, method=method, max_steps=steps_i, batch_size=batch_i, learning_rate=float(lr),
+                sample_every=every, seed=seed_i, psi=psi,
+                checkpoint_every=max(train_preset(preset).checkpoint_every, steps_i),
+                warmup_steps=min(train_preset(preset).warmup_steps, max(0, steps_i // 10)),
+            )
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
+        return model_cfg, train_cfg
+
+    def base_checkpoint(self, preset: str) -> Path | None:
+        base = self.shipped_dir / "base-tiny"
+        return base if preset == "tiny" and (base / "configs.json").exists() else None
+
+    def preview_captions(self, bundle: DatasetBundle, n: int = 4) -> list[str]:
+        """One training caption for each of the ``n`` rarest classes."""
+        rare = list(bundle.table.sort_values(["count", "subject"])["subject"][:n])
+        first = {}
+        for cap, s in zip(bundle.captions, bundle.subjects):
+            first.setdefault(s, cap)
+        return [first[s] for s in rare]
+
+    def start_training(self, key: str | None, *options: Any) -> tuple:
+        """Start a background training job; the Timer picks up its progress."""
+        model_cfg, train_cfg = self.build_configs(*options)
+        if train_cfg.method == "pogdiff" and not (train_cfg.psi.use_density or train_cfg.psi.use_image_sim
+                                                   or train_cfg.psi.use_text_sim) and train_cfg.psi.psi_max > 0:
+            gr.Warning("All psi factors are off: every sample borrows psi_max from its neighbour.")
+        if model_cfg.preset == "sd15" and not self.on_gpu:
+            raise gr.Error("The sd15 preset needs a GPU; this server has none. Use the tiny preset on CPU.")
+        bundle = self.bundle(key)
+        try:
+            from pogdiff.training import check_train_config
+
+            check_train_config(train_cfg, len(bundle.captions))
+        except ImportError as exc:
+            raise _missing("The training module", exc) from exc
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="Invalid training options") from exc
+        base = self.base_checkpoint(model_cfg.preset)
+        try:
+            self.jobs.start(
+                bundle.ds, model_cfg, train_cfg, base_checkpoint=base,
+                preview_captions=self.preview_captions(bundle) if train_cfg.sample_every else None,
+                cache_dir=self.runs_dir / "cache",
+            )
+        except JobBusyError as exc:
+            raise gr.Error(str(exc), title="Busy") from exc
+        if base is None and model_cfg.preset == "tiny":
+            gr.Info("No shipped base checkpoint (checkpoints/base-tiny) yet: training starts from a random UNet.")
+        return self.poll(-1)
+
+    def stop_training(self) -> tuple:
+        if not self.jobs.stop():
+            gr.Info("No training job is running.")
+        return self.poll(-1)
+
+    def poll(self, seen_version: int | None = None) -> tuple:
+        """Timer tick: status, progress, loss curve, previews, button states, runs (when changed).
+
+        Returns ``gr.skip()`` for every output when nothing changed since ``seen_version``.
+        """
+        s = self.jobs.status()
+        if seen_version is not None and seen_version >= 0 and s.version == seen_version:
+            return (gr.skip(),) * 8
+        runs_changed = seen_version is None or seen_version < 0 or (not s.busy and s.version != seen_version)
+        preview = (gallery_items(s.preview_images, [f"step {s.preview_step} · {c}" for c in s.preview_captions],
+                                 min_px=128)
+                   if s.preview_images is not None else [])
+        return (
+            status_markdown(s),
+            progress_html(s),
+            loss_frame(s.history),
+            preview,
+            gr.Button(interactive=not s.busy),
+            gr.Button(interactive=s.state == "running"),
+            self.runs_update() if runs_changed else gr.skip(),
+            s.version,
+        )
+
+    def runs_update(self):
+        runs = self.jobs.list_runs()
+        return gr.Dropdown(choices=[(f"{r.name} · {r.method} · {r.steps_done} steps", r.name) for r in runs],
+                           value=runs[0].name if runs else None)
+
+    def runs_table(self) -> pd.DataFrame:
+        return runs_frame(self.jobs.list_runs())
+
+    def export_run(self, name: str | None) -> str:
+        if not name:
+            raise gr.Error("Pick a finished run first.")
+        try:
+            return str(self.jobs.export_zip(name))
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
+
+    # ========================================================================== Compare tab
+    def sources(self) -> list[Source]:
+        """Shipped demo checkpoints first, then finished runs, newest first."""
+        found = []
+        for method, folder in SHIPPED_RUNS.items():
+            ckpt = self._checkpoint_in(self.shipped_dir / folder)
+            if ckpt is not None:
+                found.append(Source(f"shipped:{folder}", f"shipped · {folder} ({method}, demo set)", ckpt))
+        for run in self.jobs.list_runs():
+            found.append(Source(f"run:{run.name}", f"run · {run.name} ({run.method}, {run.steps_done} steps)",
+                                run.checkpoint))
+        return found
+
+    @staticmethod
+    def _checkpoint_in(folder: Path) -> Path | None:
+        if (folder / "configs.json").exists():
+            return folder
+        if folder.is_dir():
+            try:
+                from pogdiff.checkpoints import latest_checkpoint
+
+                found = latest_checkpoint(folder)
+                return Path(found) if found else None
+            except ImportError:
+                return None
+        return None
+
+    def shipped_note(self) -> str:
+        missing = [f for f in SHIPPED_RUNS.values() if self._checkpoint_in(self.shipped_dir / f) is None]
+        if not missing:
+            return ("Defaults: the shipped **demo-baseline** and **demo-pogdiff** checkpoints, fine-tuned from the "
+                    "same base on the demo set with the same steps and seeds.")
+        return ("⚠️ The shipped comparison checkpoints (`checkpoints/demo-baseline`, `checkpoints/demo-pogdiff`) "
+                "are not there yet. Make them with `python -m pogdiff bench quality --ship checkpoints`, "
+                "or train two runs in the **Train** tab (method *baseline*, then *pogdiff*, same steps) and pick "
+                "them here.")
+
+    def compare_choices(self) -> tuple:
+        """Dropdown A, dropdown B (defaults: shipped baseline vs pogdiff) and the note."""
+        sources = self.sources()
+        choices = [(s.label, s.key) for s in sources]
+        keys = [s.key for s in sources]
+        a = "shipped:demo-baseline" if "shipped:demo-baseline" in keys else (keys[1] if len(keys) > 1 else (keys[0] if keys else None))
+        b = "shipped:demo-pogdiff" if "shipped:demo-pogdiff" in keys else (keys[0] if keys else None)
+        return (gr.Dropdown(choices=choices, value=a), gr.Dropdown(choices=choices, value=b), self.shipped_note())
+
+    def prompt_choices(self, key: str | None) -> Any:
+        """One prompt per class (rarest first); few-shot ones pre-selected."""
+        bundle = self.bundle(key)
+        template = self.data_config.caption_template
+        table = bundle.table.sort_values(["count", "subject"])
+        choices = [template.format(subject=s) for s in table["subject"]]
+        selected = [template.format(subject=s) for s in table.loc[table["shot"] == "few", "subject"]][:6]
+        return gr.Dropdown(choices=choices, value=selected or choices[:4])
+
+    def _source(self, key: str | None) -> Source:
+        for s in self.sources():
+            if s.key == key:
+                return s
+        raise gr.Error(f"Checkpoint {key!r} is not available. {self.shipped_note() if not key else ''}".strip(),
+                       title="Pick two checkpoints")
+
+    def _model(self, source: Source):
+        cache_key = f"{source.checkpoint}:{source.checkpoint.stat().st_mtime if source.checkpoint.exists() else 0}"
+        with self._lock:
+            model = self._models.get(cache_key)
+            if model is not None:
+                self._models.move_to_end(cache_key)
+                return model
+        try:
+            from pogdiff import checkpoints
+        except ImportError as exc:
+            raise _missing("Checkpoint loading", exc) from exc
+        model = checkpoints.load_model(source.checkpoint, device=self.device)
+        with self._lock:
+            self._models[cache_key] = model
+            while len(self._models) > MAX_CACHED_MODELS:
+                self._models.popitem(last=False)
+        return model
+
+    def generate_pair(
+        self, key_a: str, key_b: str, prompts: Sequence[str] | None, custom: str, n_seeds: float,
+        guidance: float, sample_steps: float, progress: gr.Progress = gr.Progress(),
+    ) -> tuple:
+        """Same prompts, same seeds, two checkpoints: a slider for the first pair and two grids."""
+        captions = [p for p in (prompts or [])] + [c.strip() for c in (custom or "").split("\n") if c.strip()]
+        if not captions:
+            raise gr.Error("Pick at least one prompt, or type one.")
+        a, b = self._source(key_a), self._source(key_b)
+        n_seeds = max(1, int(n_seeds or 1))
+        seeds = list(range(n_seeds))
+        all_caps = [c for c in captions for _ in seeds]
+        all_seeds = [s for _ in captions for s in seeds]
+        cfg = SampleConfig(steps=int(sample_steps), guidance_scale=float(guidance))
+        from pogdiff.sampling import generate, image_grid
+
+        outs = []
+        for i, src in enumerate((a, b)):
+            progress(0.0 + 0.5 * i, desc=f"Loading {src.label}…")
+            model = self._model(src)
+
+            def cb(done: int, total: int, i: int = i, src: Source = src) -> None:
+                progress(0.5 * i + 0.5 * done / max(1, total), desc=f"Sampling {src.label}")
+
+            outs.append(generate(model, all_caps, all_seeds, cfg, callback=cb))
+        labels = [f"{c} · seed {s}" for c, s in zip(all_caps, all_seeds)]
+        grid_scale = max(1, 96 // outs[0].shape[1])
+        grids = [image_grid(o, ncols=n_seeds, labels=labels, scale=grid_scale) for o in outs]
+        pair = (upscale(outs[0][0], SLIDER_PX), upscale(outs[1][0], SLIDER_PX))
+        note = (f"Left / first grid: **{a.label}**. Right / second grid: **{b.label}**. "
+                f"{len(captions)} prompt(s) × seeds {seeds}; the slider shows *{captions[0]}*, seed 0.")
+        return pair, grids[0], grids[1], note
+
+    def _evaluator_or_error(self):
+        with self._lock:
+            if self._evaluator is not None:
+                return self._evaluator
+        folder = self.shipped_dir / "evaluator"
+        try:
+            from pogdiff.evaluator import load_evaluator
+        except ImportError as exc:
+            raise _missing("The evaluator", exc) from exc
+        if not folder.exists():
+            raise gr.Error("The identity evaluator (checkpoints/evaluator) is not there yet; make it with "
+                           "`python -m pogdiff build evaluator`.", title="No evaluator")
+        evaluator = load_evaluator(folder)
+        with self._lock:
+            self._evaluator = evaluator
+        return evaluator
+
+    def precomputed_metrics(self, key_a: str | None, key_b: str | None) -> tuple:
+        """Per-class tables shipped beside the demo checkpoints (``per_class.csv``), if any."""
+        tables = {}
+        for key in (key_a, key_b):
+            if not key or not key.startswith("shipped:"):
+                continue
+            path = self.shipped_dir / key.split(":", 1)[1] / "per_class.csv"
+            if path.exists():
+                tables[key.split(":", 1)[1]] = pd.read_csv(path)
+        if len(tables) < 2:
+            return gr.skip(), gr.skip(), gr.skip()
+        return self._metric_outputs(tables, note="Precomputed at build time on the demo evaluation split "
+                                                 "(press **Compute metrics** to recompute).")
+
+    def compute_metrics(self, key_a: str, key_b: str, progress: gr.Progress = gr.Progress()) -> tuple:
+        """Generate one image per demo evaluation caption with each checkpoint and score them."""
+        a, b = self._source(key_a), self._source(key_b)
+        evaluator = self._evaluator_or_error()
+        from pogdiff import bench
+
+        progress(0.02, desc="Loading the demo evaluation split…")
+        eval_set = self._eval_set()
+        counts = self._load_demo_bundle().count_of()
+        tables = {}
+        for i, src in enumerate((a, b)):
+            progress(0.05 + 0.45 * i, desc=f"Generating and scoring {src.label} ({len(eval_set.captions)} images)…")
+            model = self._model(src)
+            table, _summary, _images = bench.evaluate_model(model, eval_set, evaluator, counts)
+            tables[_short(src)] = table
+        progress(1.0, desc="Done")
+        return self._metric_outputs(tables, note="Computed now on the demo evaluation split, one image per caption "
+                                                 "with fixed seeds.")
+
+    def _metric_outputs(self, tables: dict[str, pd.DataFrame], *, note: str) -> tuple:
+        from pogdiff import metrics
+
+        names = list(tables)
+        fig = metrics.accuracy_vs_frequency_figure(tables, config=self.data_config)
+        merged = None
+        for name, table in tables.items():
+            cols = [c for c in ("accuracy", "gRecall", "dino") if c in table.columns]
+            part = table[["subject", "train_count", "shot", *cols]].rename(columns={c: f"{c} · {name}" for c in cols})
+            merged = part if merged is None else merged.merge(part, on=["subject", "train_count", "shot"], how="outer")
+        merged = merged.sort_values("train_count", ascending=False).reset_index(drop=True).round(3)
+        lines = [note, "", "| bucket | " + " | ".join(f"accuracy · {n}" for n in names) + " |",
+                 "|---|" + "---|" * len(names)]
+        for bucket in ("all", *SHOTS):
+            cells = []
+            for name in names:
+                t = tables[name]
+                part = t if bucket == "all" else t[t["shot"] == bucket]
+                cells.append(f"{part['accuracy'].mean():.3f}" if len(part) else "—")
+            lines.append(f"| {bucket} | " + " | ".join(cells) + " |")
+        return merged, fig, "\n".join(lines)
+
+
+def _short(src: Source) -> str:
+    return src.key.split(":", 1)[1]

@@ -1,0 +1,128 @@
+"""End to end through gradio_client against the app launched in-process on 127.0.0.1.
+
+Flow: demo set -> stats -> neighbours -> a few training steps (tiny config) -> export -> compare.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import zipfile
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from gradio_client import Client  # noqa: E402
+
+import app  # noqa: E402
+from pogdiff.ui import Studio  # noqa: E402
+
+TRAIN_TIMEOUT = 420.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    studio = Studio(root / "runs", shipped_dir=root / "shipped", device="cpu")
+    demo = app.build_demo(studio)
+    demo.queue(default_concurrency_limit=2)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **app.launch_options(studio, 50))
+    try:
+        yield f"http://127.0.0.1:{port}/", studio
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return Client(served[0], verbose=False)
+
+
+def test_data_stats_and_neighbours(client):
+    summary, report, table, long_tail, class_dd, gallery = client.predict(api_name="/load_demo")
+    assert "images" in summary and "classes" in summary and "imbalance ratio" in summary
+    assert "Validation passed" in report or "OK" in report
+    headers = table["headers"]
+    assert headers == ["subject", "count", "shot"]
+    shots = {row[2] for row in table["data"]}
+    assert shots == {"many", "medium", "few"}
+    assert len(gallery) >= 2 and gallery[0]["caption"].startswith("a photo of")
+
+    scatter, caption_dd, banner = client.predict("shot bucket", api_name="/neighbour_map")
+    assert "built-in demo set" in banner
+    row = 0
+    head, nb_table, nb_gallery = client.predict(row, 5, 1.0, False, api_name="/neighbours")
+    assert "w_density" in head and "psi" in head
+    assert {"s_txt", "s_img", "w_density", "psi"} <= set(nb_table["headers"])
+    assert len(nb_table["data"]) == 5 and len(nb_gallery) == 6  # the query + its 5 neighbours
+
+    results, images = client.predict("a photo of someone smiling, wearing glasses", 4, api_name="/search")
+    assert len(results["data"]) == 4 and "similarity" in results["headers"]
+
+    with pytest.raises(Exception, match="Type a caption"):
+        client.predict("   ", 4, api_name="/search")
+
+
+@pytest.mark.slow
+def test_train_a_few_steps_export_and_compare(client, served):
+    _, studio = served
+    client.predict(api_name="/load_demo")
+    options = dict(method="pogdiff", preset="tiny", pretrained="", steps=3, batch=4, lr=2e-4, psi_max=1.0,
+                   k=5, use_density=True, use_image_sim=True, use_text_sim=True, same_class=False,
+                   sample_every=2, seed=0)
+    out = client.predict(*options.values(), api_name="/start_training")
+    assert "Training" in out[0] or "Finished" in out[0]
+
+    # A second request while it runs is refused with a clear message.
+    if studio.jobs.status().busy:
+        with pytest.raises(Exception, match="already running"):
+            client.predict(*options.values(), api_name="/start_training")
+
+    # A fresh client (think: a page refresh or a second tab) re-attaches to the same job via /poll.
+    md = Client(served[0], verbose=False).predict(api_name="/poll")[0]
+    assert studio.jobs.status().run_name in md
+    assert studio.jobs.wait(TRAIN_TIMEOUT).state == "finished", studio.jobs.status().error
+    md, progress, loss, preview, runs = Client(served[0], verbose=False).predict(api_name="/poll")
+    assert "Finished" in md, md
+    assert "step 3 / 3" in progress
+    assert {"loss", "mse"} <= {row[1] for row in loss["data"]}
+    assert len(preview) == 4  # the four rarest classes' prompts
+    run_name = studio.jobs.list_runs()[0].name
+
+    zip_path = client.predict(run_name, api_name="/export_run")
+    with zipfile.ZipFile(zip_path) as zf:
+        names = zf.namelist()
+    assert any(n.endswith("configs.json") for n in names) and any("unet" in n for n in names)
+
+    key = f"run:{run_name}"
+    pair, grid_a, grid_b, note = client.predict(
+        key, key, ["a photo of Maya Sato"], "", 1, 3.0, 5, api_name="/compare"
+    )
+    assert len(pair) == 2 and all(os.path.exists(p) for p in pair)
+    assert os.path.exists(grid_a) and os.path.exists(grid_b)
+    assert "seed" in note
+    # Same checkpoint, same prompt, same seed: the same picture.
+    from PIL import Image
+    import numpy as np
+
+    a, b = (np.asarray(Image.open(p).convert("RGB")) for p in pair)
+    assert np.array_equal(a, b)
+
+
+def test_errors_reach_the_client_and_the_server_keeps_serving(client):
+    with pytest.raises(Exception, match="Learning rate must be positive"):
+        client.predict("pogdiff", "tiny", "", 3, 4, 0.0, 1.0, 5, True, True, True, False, 0, 0,
+                       api_name="/start_training")
+    with pytest.raises(Exception, match="not available|Pick two"):
+        client.predict("run:nope", "run:nope", ["a photo of x"], "", 1, 3.0, 5, api_name="/compare")
+    md = client.predict(api_name="/poll")[0]
+    assert isinstance(md, str)

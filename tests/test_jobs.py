@@ -1,0 +1,214 @@
+"""JobManager with an injected fake train function: fast and deterministic."""
+
+from __future__ import annotations
+
+import json
+import threading
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pogdiff.config import ModelConfig, TrainConfig
+from pogdiff.jobs import JobBusyError, JobManager, JobStatus
+
+TIMEOUT = 10.0
+
+
+@dataclass
+class FakeStep:
+    step: int
+    max_steps: int
+    terms: dict = field(default_factory=dict)
+    lr: float = 1e-4
+    psi_mean: float = 0.1
+    psi_active: float = 0.5
+    seconds_per_step: float = 0.01
+    eta_seconds: float = 1.0
+
+
+@dataclass
+class FakeResult:
+    run_dir: Path
+    last_checkpoint: Path
+    steps_done: int
+    stopped: bool
+    history: list
+
+
+class FakeTrain:
+    """Mimics pogdiff.training.train: steps gated by the test, honours stop_event, writes a checkpoint."""
+
+    def __init__(self, *, gated: bool = False, fail_at: int | None = None) -> None:
+        self.gated = gated
+        self.fail_at = fail_at
+        self.step_gate = threading.Semaphore(0)
+        self.started = threading.Event()
+        self.kwargs: dict = {}
+
+    def __call__(self, *, dataset, model_cfg, train_cfg, run_dir, base_checkpoint=None, callback=None,
+                 preview_callback=None, preview_captions=None, stop_event=None, cache_dir=None):
+        self.kwargs = dict(dataset=dataset, base_checkpoint=base_checkpoint, preview_captions=preview_captions)
+        self.started.set()
+        steps_done, stopped = 0, False
+        for step in range(1, train_cfg.max_steps + 1):
+            if self.gated:
+                assert self.step_gate.acquire(timeout=TIMEOUT)
+            if stop_event is not None and stop_event.is_set():
+                stopped = True
+                break
+            if self.fail_at == step:
+                raise ValueError("learning_rate must be positive, got -1")
+            steps_done = step
+            callback(FakeStep(step, train_cfg.max_steps, {"loss": 1.0 / step, "mse": 0.5 / step, "pog": 0.1}))
+            if preview_callback is not None and step % 2 == 0:
+                preview_callback(step, np.full((2, 8, 8, 3), step, np.uint8), list(preview_captions or ["a", "b"]))
+        ckpt = Path(run_dir) / f"checkpoint-{steps_done:06d}"
+        (ckpt / "unet").mkdir(parents=True)
+        (ckpt / "configs.json").write_text(json.dumps({"model": {}, "train": {"method": train_cfg.method}}))
+        (ckpt / "unet" / "weights.safetensors").write_bytes(b"\0" * 16)
+        return FakeResult(Path(run_dir), ckpt, steps_done, stopped, [])
+
+
+class FakeDataset:
+    root = "demo"
+    samples = [0, 1, 2]
+    subjects = ["a", "a", "b"]
+
+
+def _cfgs(steps: int = 4, method: str = "pogdiff"):
+    return ModelConfig(), TrainConfig(method=method, max_steps=steps, batch_size=2)
+
+
+def test_idle_status_before_any_job(tmp_path):
+    jobs = JobManager(tmp_path, train_fn=FakeTrain())
+    status = jobs.status()
+    assert status.state == "idle" and not status.busy and status.progress == 0.0
+    assert jobs.current() is None and jobs.list_runs() == [] and jobs.stop() is False
+
+
+def test_run_to_completion_records_history_preview_and_run(tmp_path):
+    fake = FakeTrain()
+    jobs = JobManager(tmp_path, train_fn=fake)
+    jobs.start(FakeDataset(), *_cfgs(4), preview_captions=["x", "y"], base_checkpoint="base")
+    status = jobs.wait(TIMEOUT)
+    assert status.state == "finished" and not status.stopped
+    assert status.step == 4 and status.max_steps == 4 and status.progress == 1.0
+    assert [row["step"] for row in status.history] == [1, 2, 3, 4]
+    assert status.history[1]["loss"] == pytest.approx(0.5) and "psi_mean" in status.history[0]
+    assert status.preview_step == 4 and status.preview_images.shape == (2, 8, 8, 3)
+    assert status.preview_captions == ["x", "y"]
+    assert fake.kwargs["base_checkpoint"] == "base"
+    runs = jobs.list_runs()
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.method == "pogdiff" and run.steps_done == 4 and run.state == "finished"
+    assert run.checkpoint.name == "checkpoint-000004" and run.train_cfg["max_steps"] == 4
+    assert run.dataset == {"root": "demo", "num_samples": 3, "num_classes": 2}
+
+
+def test_second_start_is_refused_with_a_clear_message(tmp_path):
+    fake = FakeTrain(gated=True)
+    jobs = JobManager(tmp_path, train_fn=fake)
+    jobs.start(FakeDataset(), *_cfgs(3))
+    assert fake.started.wait(TIMEOUT)
+    with pytest.raises(JobBusyError, match="already running.*One job runs per server"):
+        jobs.start(FakeDataset(), *_cfgs(3))
+    for _ in range(3):
+        fake.step_gate.release()
+    assert jobs.wait(TIMEOUT).state == "finished"
+    jobs.start(FakeDataset(), *_cfgs(1, "baseline"))  # allowed once the first one ended
+    fake.step_gate.release()
+    assert jobs.wait(TIMEOUT).method == "baseline"
+
+
+def test_stop_stops_within_a_step_and_keeps_the_checkpoint(tmp_path):
+    fake = FakeTrain(gated=True)
+    jobs = JobManager(tmp_path, train_fn=fake)
+    jobs.start(FakeDataset(), *_cfgs(100))
+    fake.step_gate.release()
+    fake.step_gate.release()
+    # wait until two steps are logged
+    for _ in range(200):
+        if jobs.status().step == 2:
+            break
+        threading.Event().wait(0.01)
+    assert jobs.stop() is True
+    assert jobs.status().state == "stopping"
+    assert jobs.stop() is False  # already stopping
+    fake.step_gate.release()
+    status = jobs.wait(TIMEOUT)
+    assert status.state == "finished" and status.stopped and status.step == 2
+    assert Path(status.last_checkpoint).name == "checkpoint-000002"
+    assert jobs.list_runs()[0].stopped is True
+
+
+def test_failure_is_captured_and_the_manager_keeps_working(tmp_path):
+    jobs = JobManager(tmp_path, train_fn=FakeTrain(fail_at=2))
+    jobs.start(FakeDataset(), *_cfgs(5))
+    status = jobs.wait(TIMEOUT)
+    assert status.state == "failed"
+    assert status.error == "ValueError: learning_rate must be positive, got -1"
+    assert "ValueError: learning_rate must be positive" in status.traceback
+    meta = json.loads((Path(status.run_dir) / "run.json").read_text())
+    assert meta["state"] == "failed" and "learning_rate" in meta["error"]
+    assert jobs.list_runs() == []  # no checkpoint was written
+    jobs._train_fn = FakeTrain()
+    jobs.start(FakeDataset(), *_cfgs(2))
+    assert jobs.wait(TIMEOUT).state == "finished"
+
+
+def test_status_reattaches_from_a_fresh_reference(tmp_path):
+    """A page refresh holds nothing but the shared manager: its snapshot shows the live job."""
+    fake = FakeTrain(gated=True)
+    jobs = JobManager(tmp_path, train_fn=fake)
+    jobs.start(FakeDataset(), *_cfgs(3))
+    fake.step_gate.release()
+    for _ in range(200):
+        if jobs.status().step == 1:
+            break
+        threading.Event().wait(0.01)
+
+    def from_another_tab(manager: JobManager) -> JobStatus:
+        return manager.status()
+
+    status = from_another_tab(jobs)
+    assert status.state == "running" and status.busy and status.step == 1 and status.run_name
+    # snapshots are copies: mutating one does not touch the job
+    status.history.clear()
+    assert len(jobs.status().history) == 1
+    assert jobs.list_runs() == []  # the running job is not a finished run
+    for _ in range(2):
+        fake.step_gate.release()
+    assert jobs.wait(TIMEOUT).state == "finished"
+
+
+def test_export_zip_holds_weights_config_and_run_file(tmp_path):
+    jobs = JobManager(tmp_path / "runs", train_fn=FakeTrain())
+    jobs.start(FakeDataset(), *_cfgs(2))
+    jobs.wait(TIMEOUT)
+    run = jobs.list_runs()[0]
+    path = jobs.export_zip(run)
+    assert path.suffix == ".zip" and path.exists()
+    with zipfile.ZipFile(path) as zf:
+        names = set(zf.namelist())
+    assert f"{run.name}/run.json" in names
+    assert f"{run.name}/checkpoint-000002/configs.json" in names
+    assert f"{run.name}/checkpoint-000002/unet/weights.safetensors" in names
+    assert jobs.export_zip(run.name) == path  # by name, cached
+    assert jobs.list_runs()[0].name == run.name  # the exports folder is not a run
+    with pytest.raises(ValueError, match="no finished run"):
+        jobs.export_zip("nope")
+
+
+def test_interrupted_run_on_disk_is_listed(tmp_path):
+    run_dir = tmp_path / "20250101-000000-pogdiff"
+    (run_dir / "checkpoint-000010").mkdir(parents=True)
+    (run_dir / "checkpoint-000010" / "configs.json").write_text("{}")
+    (run_dir / "run.json").write_text(json.dumps({"name": run_dir.name, "state": "running", "method": "pogdiff"}))
+    runs = JobManager(tmp_path, train_fn=FakeTrain()).list_runs()
+    assert [(r.name, r.state, r.checkpoint.name) for r in runs] == [
+        (run_dir.name, "interrupted", "checkpoint-000010")
+    ]

@@ -1,0 +1,300 @@
+"""FAISS against brute force, psi monotonicity, density weights, draws, round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from pogdiff.config import PsiConfig
+from pogdiff.neighbors import (
+    NeighbourTable,
+    build_neighbour_table,
+    density_weights,
+    image_features,
+    knn,
+    pca_2d,
+)
+
+
+def _unit(n: int, d: int, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _brute_topk(vectors, k, queries=None, exclude_self=True):
+    q = vectors if queries is None else queries
+    sims = q.astype(np.float64) @ vectors.T.astype(np.float64)
+    if exclude_self and queries is None:
+        np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, axis=1), order
+
+
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_knn_equals_brute_force(exclude_self):
+    v = _unit(300, 16, seed=1)
+    sims, idx = knn(v, 7, exclude_self=exclude_self)
+    b_sims, b_idx = _brute_topk(v, 7, exclude_self=exclude_self)
+    assert sims.shape == idx.shape == (300, 7)
+    assert sims.dtype == np.float32 and idx.dtype == np.int64
+    np.testing.assert_allclose(sims, b_sims, atol=1e-5)
+    assert np.all(np.diff(sims, axis=1) <= 1e-6)
+    # continuous random vectors: ties only where sims agree to float precision
+    tie = np.abs(sims[:, :, None] - b_sims[:, None, :]) < 1e-6
+    assert np.all((idx == b_idx) | tie.any(axis=2))
+    assert (idx == b_idx).mean() > 0.99
+    if exclude_self:
+        assert not np.any(idx == np.arange(300)[:, None])
+    else:
+        np.testing.assert_array_equal(idx[:, 0], np.arange(300))
+
+
+def test_knn_with_duplicates_never_returns_self_and_keeps_tied_sims():
+    base = _unit(20, 8, seed=2)
+    v = np.concatenate([base, base])  # every vector has an exact twin
+    sims, idx = knn(v, 3)
+    assert not np.any(idx == np.arange(40)[:, None])
+    twin = (np.arange(40) + 20) % 40
+    assert np.all(idx[:, 0] == twin)  # the twin (cosine 1) is the nearest non-self row
+    np.testing.assert_allclose(sims[:, 0], 1.0, atol=1e-5)
+    b_sims, _ = _brute_topk(v, 3)
+    np.testing.assert_allclose(sims, b_sims, atol=1e-5)
+
+
+def test_knn_explicit_queries_and_padding():
+    v = _unit(5, 4, seed=3)
+    q = _unit(3, 4, seed=4)
+    sims, idx = knn(v, 2, queries=q)
+    b_sims, b_idx = _brute_topk(v, 2, queries=q)
+    np.testing.assert_array_equal(idx, b_idx)
+    np.testing.assert_allclose(sims, b_sims, atol=1e-6)
+    # k >= N: 4 real neighbours (self excluded), the rest padded with -1 / -inf
+    sims, idx = knn(v, 6)
+    assert idx.shape == (5, 6)
+    assert np.all(idx[:, 4:] == -1) and np.all(np.isneginf(sims[:, 4:]))
+    assert np.all(idx[:, :4] >= 0)
+    assert all(set(idx[i, :4]) == set(range(5)) - {i} for i in range(5))
+
+
+def test_knn_bad_inputs():
+    v = _unit(5, 4)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        knn(v, 0)
+    with pytest.raises(ValueError, match="vectors must be L2-normalised; row 0"):
+        knn(v * 2, 2)
+    with pytest.raises(ValueError, match="queries have dim 3"):
+        knn(v, 2, queries=_unit(2, 3))
+
+
+def test_hnsw_path_has_high_recall():
+    v = _unit(2000, 16, seed=5)
+    sims, idx = knn(v, 10, hnsw_above=500)
+    _, b_idx = _brute_topk(v, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, b_idx)])
+    assert recall > 0.95
+    assert not np.any(idx == np.arange(2000)[:, None])
+    assert np.all(np.diff(sims, axis=1) <= 1e-6)
+
+
+def test_density_weights_from_classes():
+    classes = ["a"] * 8 + ["b"] * 4 + ["c"] * 2 + ["d"]
+    w = density_weights(classes=classes, pooled=None, gamma=1.0, bandwidth=0.2)
+    expected = {"a": 1 / 8, "b": 1 / 4, "c": 1 / 2, "d": 1.0}
+    np.testing.assert_allclose(w, [expected[c] for c in classes], rtol=1e-6)
+    w2 = density_weights(classes=classes, pooled=None, gamma=0.5, bandwidth=0.2)
+    np.testing.assert_allclose(w2, np.sqrt(w), rtol=1e-6)
+    assert np.all(density_weights(classes=classes, pooled=None, gamma=0.0, bandwidth=0.2) == 1)
+
+
+def test_density_weights_kde_reverses_cluster_size():
+    rng = np.random.default_rng(6)
+    centres = _unit(3, 32, seed=7)
+    sizes = [40, 10, 2]
+    pts = np.concatenate([c + 0.05 * rng.standard_normal((s, 32)) for c, s in zip(centres, sizes)])
+    pts = (pts / np.linalg.norm(pts, axis=1, keepdims=True)).astype(np.float32)
+    w = density_weights(classes=None, pooled=pts, gamma=1.0, bandwidth=0.2)
+    assert w.shape == (52,) and w.dtype == np.float32
+    assert w.max() == pytest.approx(1.0)
+    group = np.repeat([0, 1, 2], sizes)
+    means = [w[group == g].mean() for g in range(3)]
+    assert means[0] < means[1] < means[2]
+    assert w[group == 2].min() > w[group == 1].max() > w[group == 0].max()
+    # closed form for one point, computed independently
+    cos = pts.astype(np.float64) @ pts.T.astype(np.float64)
+    rho = np.exp(-((1 - cos) ** 2) / (2 * 0.2**2)).sum(1)
+    np.testing.assert_allclose(w, rho.min() / rho, rtol=1e-5)
+
+
+def _toy_set(seed: int = 8):
+    """3 classes of sizes 6, 3, 1 with cluster structure in both caption and image space."""
+    rng = np.random.default_rng(seed)
+    sizes = {"many": 6, "mid": 3, "one": 1}
+    classes = [c for c, s in sizes.items() for _ in range(s)]
+    centres = {c: _unit(1, 16, seed=seed + i)[0] for i, c in enumerate(sizes)}
+    pooled = np.stack([centres[c] + 0.3 * rng.standard_normal(16) for c in classes])
+    pooled = (pooled / np.linalg.norm(pooled, axis=1, keepdims=True)).astype(np.float32)
+    feats = rng.standard_normal((len(classes), 12)).astype(np.float32)
+    return pooled, feats, classes
+
+
+def test_table_psi_is_the_product_of_its_factors():
+    pooled, feats, classes = _toy_set()
+    cfg = PsiConfig(k=3, psi_max=2.0)
+    table = build_neighbour_table(pooled, feats, cfg, classes=classes)
+    n = len(classes)
+    assert table.indices.shape == table.psi.shape == table.probs.shape == (n, 3)
+    assert not np.any(table.indices == np.arange(n)[:, None])
+    # s_txt / s_img from brute force
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    exp_txt = np.maximum(0, np.einsum("nd,nkd->nk", pooled, pooled[table.indices]))
+    exp_img = np.maximum(0, np.einsum("nd,nkd->nk", unit, unit[table.indices]))
+    np.testing.assert_allclose(table.s_txt, exp_txt, atol=1e-5)
+    np.testing.assert_allclose(table.s_img, exp_img, atol=1e-5)
+    expected = 2.0 * table.w_density[:, None] * exp_img * exp_txt
+    expected[np.array(classes) == "one"] = 0.0  # a class of one has nothing to borrow from
+    np.testing.assert_allclose(table.psi, expected, atol=1e-6)
+    assert np.all(table.psi[np.array(classes) != "one"].max(axis=1) >= 0)
+    np.testing.assert_allclose(table.probs.sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(table.probs, exp_txt / exp_txt.sum(1, keepdims=True), atol=1e-6)
+
+
+def test_psi_is_monotone_in_each_factor_and_off_means_one():
+    pooled, feats, classes = _toy_set()
+    base_cfg = PsiConfig(k=3, psi_max=1.0)
+    base = build_neighbour_table(pooled, feats, base_cfg, classes=classes)
+    assert base.psi.max() > 0
+    # raising psi_max never lowers psi
+    higher = build_neighbour_table(pooled, feats, dataclasses.replace(base_cfg, psi_max=3.0), classes=classes)
+    assert np.all(higher.psi >= base.psi) and np.any(higher.psi > base.psi)
+    # switching a factor off replaces it by 1: psi never drops, and equals the product of the rest
+    for flag, factor in [("use_density", "w"), ("use_image_sim", "s_img"), ("use_text_sim", "s_txt")]:
+        off = build_neighbour_table(pooled, feats, dataclasses.replace(base_cfg, **{flag: False}), classes=classes)
+        np.testing.assert_array_equal(off.indices, base.indices)
+        assert np.all(off.psi >= base.psi - 1e-7)
+        parts = {"w": base.w_density[:, None], "s_img": base.s_img, "s_txt": base.s_txt}
+        parts[factor] = np.ones_like(base.psi)
+        expected = parts["w"] * parts["s_img"] * parts["s_txt"] * np.ones_like(base.psi)
+        expected[np.array(classes) == "one"] = 0.0
+        np.testing.assert_allclose(off.psi, expected, atol=1e-6)
+    # raising a similarity (more aligned image features) never lowers psi
+    aligned = feats.copy()
+    aligned[base.indices[0, 0]] = 0.5 * feats[base.indices[0, 0]] + feats[0]
+    raised = build_neighbour_table(pooled, aligned, base_cfg, classes=classes)
+    assert raised.s_img[0, 0] > base.s_img[0, 0]
+    assert raised.psi[0, 0] > base.psi[0, 0]
+    # rarer class -> larger density weight -> larger psi for equal similarities
+    assert base.w_density[np.array(classes) == "mid"].min() > base.w_density[np.array(classes) == "many"].max()
+
+
+def test_same_class_pool_never_crosses_classes():
+    pooled, feats, classes = _toy_set()
+    table = build_neighbour_table(pooled, feats, PsiConfig(k=4, same_class_pool=True), classes=classes)
+    labels = np.array(classes)
+    for i in range(len(classes)):
+        valid = table.indices[i] >= 0
+        assert np.all(labels[table.indices[i][valid]] == labels[i])
+        assert valid.sum() == min(4, (labels == labels[i]).sum() - 1)
+        assert np.all(table.psi[i][~valid] == 0)
+        if valid.any():
+            assert np.all(table.probs[i][~valid] == 0)
+    one = np.flatnonzero(labels == "one")[0]
+    assert np.all(table.indices[one] == -1) and np.all(table.psi[one] == 0)
+    ids, psi = table.draw(np.arange(len(classes)).repeat(50), torch.Generator().manual_seed(0))
+    src = labels[np.arange(len(classes)).repeat(50)]
+    ok = ids >= 0
+    assert np.all(labels[ids[ok]] == src[ok])
+    assert np.all(psi[~ok] == 0) and np.all(src[~ok] == "one")
+    with pytest.raises(ValueError, match="same_class_pool needs class labels"):
+        build_neighbour_table(pooled, feats, PsiConfig(same_class_pool=True))
+
+
+def test_draw_is_deterministic_and_matches_probs():
+    pooled, feats, classes = _toy_set()
+    table = build_neighbour_table(pooled, feats, PsiConfig(k=3), classes=classes)
+    rows = np.array([0, 4, 7])
+    a = table.draw(rows, torch.Generator().manual_seed(123))
+    b = table.draw(rows, torch.Generator().manual_seed(123))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    many = np.repeat(rows, 20_000)
+    ids, psi = table.draw(many, torch.Generator().manual_seed(7))
+    for r in rows:
+        picked = ids[many == r]
+        freq = np.array([(picked == j).mean() for j in table.indices[r]])
+        np.testing.assert_allclose(freq, table.probs[r], atol=0.015)
+        lookup = dict(zip(table.indices[r], table.psi[r]))
+        np.testing.assert_array_equal(psi[many == r], [lookup[j] for j in picked])
+    nearest = build_neighbour_table(pooled, feats, PsiConfig(k=3, sampling="nearest"), classes=classes)
+    ids, _ = nearest.draw(np.arange(10), torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(ids, nearest.indices[:, 0])
+
+
+def test_table_save_load_round_trip(tmp_path):
+    pooled, feats, classes = _toy_set()
+    cfg = PsiConfig(k=2, psi_max=0.7, density_gamma=0.5, sampling="nearest")
+    table = build_neighbour_table(pooled, feats, cfg, classes=classes)
+    path = tmp_path / "neighbours.safetensors"
+    table.save(path)
+    loaded = NeighbourTable.load(path)
+    assert loaded.config == cfg
+    for name in ("indices", "s_txt", "s_img", "w_density", "psi", "probs"):
+        got, want = getattr(loaded, name), getattr(table, name)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    (tmp_path / "other.safetensors").write_bytes(path.read_bytes()[:10])
+    with pytest.raises(Exception):
+        NeighbourTable.load(tmp_path / "other.safetensors")
+
+
+def test_table_config_errors():
+    pooled, feats, classes = _toy_set()
+    with pytest.raises(ValueError, match="unknown PsiConfig.sampling 'random'"):
+        build_neighbour_table(pooled, feats, PsiConfig(sampling="random"))
+    with pytest.raises(ValueError, match="image_feats is None"):
+        build_neighbour_table(pooled, None, PsiConfig())
+    table = build_neighbour_table(pooled, None, PsiConfig(use_image_sim=False))
+    assert np.all(table.s_img == 1)
+    with pytest.raises(ValueError, match="got 3 classes for 10"):
+        build_neighbour_table(pooled, feats, PsiConfig(), classes=classes[:3])
+
+
+def test_image_features_uint8_and_latents():
+    rng = np.random.default_rng(9)
+    imgs = rng.integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
+    f = image_features(imgs, size=4)
+    assert f.shape == (4, 48) and f.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(f, axis=1), 1.0, atol=1e-5)
+    # closed form: 4x4 block means, channel-major flatten, centre, normalise
+    x = imgs.astype(np.float64).reshape(4, 4, 4, 4, 4, 3).mean(axis=(2, 4))  # [N, 4, 4, 3]
+    flat = x.transpose(0, 3, 1, 2).reshape(4, -1)
+    flat -= flat.mean(1, keepdims=True)
+    np.testing.assert_allclose(f, flat / np.linalg.norm(flat, axis=1, keepdims=True), atol=1e-5)
+    # brightness / contrast invariance, and the same image in model layout gives the same features
+    brighter = np.clip(imgs.astype(np.int32) // 2 + 60, 0, 255).astype(np.uint8)
+    cos = np.sum(image_features(brighter, size=4) * f, axis=1)
+    assert np.all(cos > 0.99)
+    chw = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    np.testing.assert_allclose(image_features(chw, size=4), f, atol=1e-5)
+    lat = image_features(torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)), size=2)
+    assert lat.shape == (3, 16)
+    # a constant image has no structure: zero vector
+    assert np.all(image_features(np.full((1, 8, 8, 3), 7, np.uint8), size=2) == 0)
+
+
+def test_pca_2d_matches_covariance_eigenvectors_and_is_deterministic():
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((50, 5)) * np.array([5.0, 3.0, 1.0, 0.5, 0.1])
+    p = pca_2d(x)
+    assert p.shape == (50, 2) and p.dtype == np.float32
+    xc = x - x.mean(0)
+    evals, evecs = np.linalg.eigh(np.cov(xc.T))
+    top = evecs[:, ::-1][:, :2]
+    top *= np.sign(top[np.abs(top).argmax(axis=0), [0, 1]])
+    np.testing.assert_allclose(p, xc @ top, atol=1e-4)
+    np.testing.assert_array_equal(pca_2d(x), p)
+    # the sign convention follows the data: negated data gives the negated map
+    np.testing.assert_allclose(pca_2d(-x), -p, atol=1e-4)
+    assert pca_2d(x[:1]).shape == (1, 2)

@@ -1,0 +1,175 @@
+"""pogdiff.sampling: fixed per-image seeds, batch independence, guidance, stop, grids."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+from pogdiff.config import ModelConfig, SampleConfig
+from pogdiff.models import build_tiny
+from pogdiff.sampling import GenerationStopped, generate, image_grid, initial_noise, make_scheduler, to_uint8
+
+TOKEN_DIM = 16
+SMALL = ModelConfig(block_out_channels=(8, 16, 32), resolution=16, cross_attention_dim=TOKEN_DIM)
+CAPTIONS = ["a red cat", "two dogs on grass", "a blue car", "a red cat"]
+SEEDS = [11, 12, 13, 14]
+FAST = SampleConfig(steps=2, guidance_scale=3.0)
+
+
+@dataclass
+class Emb:
+    pooled: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+class HashEncoder:
+    """Deterministic stand-in caption encoder: one seeded random vector per word, padded to L."""
+
+    name = "hash"
+    pooled_dim = TOKEN_DIM
+    token_dim = TOKEN_DIM
+    max_tokens = 6
+
+    def encode(self, captions):
+        n, L = len(captions), self.max_tokens
+        tokens, mask = torch.zeros(n, L, TOKEN_DIM), torch.zeros(n, L, dtype=torch.bool)
+        for i, caption in enumerate(captions):
+            for j, word in enumerate((["<s>"] + caption.split())[:L]):
+                seed = int(hashlib.sha256(word.encode()).hexdigest()[:8], 16)
+                tokens[i, j] = torch.randn(TOKEN_DIM, generator=torch.Generator().manual_seed(seed))
+                mask[i, j] = True
+        return Emb(torch.nn.functional.normalize(tokens.sum(1), dim=-1), tokens, mask)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions are far faster single-threaded on a shared, busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny(SMALL, seed=0, text_encoder=HashEncoder())
+
+
+def test_same_seed_same_pixels_whatever_the_batch(model):
+    a = generate(model, CAPTIONS, SEEDS, FAST, batch_size=4)
+    b = generate(model, CAPTIONS, SEEDS, FAST, batch_size=1)
+    c = generate(model, CAPTIONS[1:3], SEEDS[1:3], FAST, batch_size=3)
+    d = generate(model, CAPTIONS, SEEDS, FAST, batch_size=3)
+    assert a.shape == (4, 16, 16, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, d)
+    np.testing.assert_array_equal(a[1:3], c)
+    assert a.std() > 10  # not a flat picture
+
+
+def test_different_seeds_or_captions_differ(model):
+    a = generate(model, CAPTIONS, SEEDS, FAST)
+    assert np.abs(a[0].astype(int) - a[3]).mean() > 5  # same caption, different seed
+    b = generate(model, ["a blue car"], [SEEDS[0]], FAST)
+    assert np.abs(a[0].astype(int) - b[0]).mean() > 0.5  # same seed, different caption
+
+
+def test_guidance_on_and_off(model):
+    calls: list[int] = []
+    original = model.predict_eps
+
+    def spy(x_t, t, context, mask=None):
+        calls.append(len(x_t))
+        return original(x_t, t, context, mask)
+
+    model.predict_eps = spy
+    try:
+        off = generate(model, CAPTIONS[:3], SEEDS[:3], SampleConfig(steps=2, guidance_scale=1.0))
+        n_off = list(calls)
+        calls.clear()
+        on = generate(model, CAPTIONS[:3], SEEDS[:3], SampleConfig(steps=2, guidance_scale=5.0))
+    finally:
+        del model.predict_eps
+    assert off.shape == on.shape == (3, 16, 16, 3)
+    assert n_off == [3, 3] and calls == [6, 6]  # guidance doubles the batch: [uncond, cond]
+    assert np.abs(off.astype(int) - on).mean() > 0.5
+
+
+def test_guidance_formula_with_zero_scale_is_unconditional(model):
+    uncond = generate(model, ["a red cat", "a blue car"], [5, 5], SampleConfig(steps=2, guidance_scale=0.0))
+    np.testing.assert_array_equal(uncond[0], uncond[1])  # w = 0: eps(null) only, caption ignored
+    empty = generate(model, [""], [5], SampleConfig(steps=2, guidance_scale=1.0))
+    np.testing.assert_array_equal(uncond[0], empty[0])
+
+
+def test_dpm_solver_is_batch_independent_too(model):
+    cfg = SampleConfig(scheduler="dpm", steps=3, guidance_scale=2.0)
+    np.testing.assert_array_equal(
+        generate(model, CAPTIONS, SEEDS, cfg, batch_size=4), generate(model, CAPTIONS, SEEDS, cfg, batch_size=1)
+    )
+
+
+def test_callback_and_stop_event(model):
+    seen: list[tuple[int, int]] = []
+    generate(model, CAPTIONS, SEEDS, FAST, batch_size=2, callback=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+    stop = threading.Event()
+
+    def stop_after_third(done, total):
+        if done == 3:
+            stop.set()
+
+    with pytest.raises(GenerationStopped) as info:
+        generate(model, CAPTIONS, SEEDS, FAST, batch_size=2, callback=stop_after_third, stop_event=stop)
+    full = generate(model, CAPTIONS, SEEDS, FAST, batch_size=2)
+    np.testing.assert_array_equal(info.value.images, full[:2])  # the first batch had finished
+    with pytest.raises(GenerationStopped):
+        generate(model, CAPTIONS, SEEDS, FAST, stop_event=stop)  # already set: stops before step 1
+
+
+def test_bad_inputs(model):
+    with pytest.raises(ValueError, match="need one seed per caption: got 2 captions and 1 seeds"):
+        generate(model, ["a", "b"], [1], FAST)
+    with pytest.raises(ValueError, match="unknown scheduler 'euler'; allowed values: ddim, dpm"):
+        generate(model, ["a"], [1], SampleConfig(scheduler="euler"))
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        generate(model, ["a"], [1], SampleConfig(steps=0))
+    with pytest.raises(ValueError, match="unknown scheduler 'pndm'"):
+        make_scheduler(model, "pndm")
+
+
+def test_make_scheduler_follows_the_training_schedule(model):
+    ddim, dpm = make_scheduler(model, "ddim"), make_scheduler(model, "dpm")
+    assert isinstance(ddim, DDIMScheduler) and isinstance(dpm, DPMSolverMultistepScheduler)
+    torch.testing.assert_close(ddim.alphas_cumprod, model.noise_scheduler.alphas_cumprod)
+    ddim.set_timesteps(2)
+    assert ddim.timesteps.tolist() == [999, 499]
+
+
+def test_initial_noise_rows_follow_their_seed():
+    noise = initial_noise([7, 8], (3, 4, 4))
+    torch.testing.assert_close(noise[1], torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(8)))
+    assert to_uint8(torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1)).tolist() == [[[[0, 128, 255]]]]
+
+
+def test_image_grid_layout_and_labels():
+    images = np.stack([np.full((4, 5, 3), 40 * i, np.uint8) for i in range(5)])
+    grid = np.asarray(image_grid(images, ncols=3, scale=2))
+    assert grid.shape == (2 * 8 + 2, 3 * 10 + 2 * 2, 3)
+    assert (grid[:8, 12:22] == 40).all() and (grid[10:18, 12:22] == 160).all()
+    assert (grid[10:18, 24:34] == 255).all()  # the empty sixth cell stays white
+    labelled = np.asarray(image_grid(images, ncols=3, scale=2, labels=[f"id {i}" for i in range(5)]))
+    assert labelled.shape[0] > grid.shape[0] and labelled.shape[1] == grid.shape[1]
+    assert (labelled[8:20, :10] < 128).any()  # some dark text under the first tile
+    with pytest.raises(ValueError, match="need one label per image: got 1 labels and 5 images"):
+        image_grid(images, 2, labels=["x"])
+    with pytest.raises(ValueError, match="images must be uint8"):
+        image_grid(images.astype(np.float32), 2)

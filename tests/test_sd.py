@@ -1,0 +1,165 @@
+"""The Stable Diffusion code path, offline, with tiny randomly initialised pipeline parts.
+
+A tiny UNet / VAE / CLIP pipeline is saved as a local diffusers folder and loaded through
+:func:`pogdiff.models.load_stable_diffusion` exactly as a real one would be.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+from pogdiff.checkpoints import export_diffusers, load_model, save_checkpoint
+from pogdiff.config import ModelConfig, SampleConfig, TrainConfig
+from pogdiff.models import LORA_TARGET_MODULES, load_stable_diffusion
+from pogdiff.sampling import generate
+from pogdiff.text import CLIPCaptionEncoder, tiny_clip_parts
+
+HIDDEN = 32
+RANK = 4
+CAPTIONS = ["a photo of a cat", "a photo of a dog"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions are far faster single-threaded on a shared, busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny_pipeline(folder) -> StableDiffusionPipeline:
+    tokenizer, text_encoder = tiny_clip_parts(folder / "clip", hidden_size=HIDDEN, seed=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=HIDDEN,
+            attention_head_dim=2,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+            norm_num_groups=8, sample_size=32,
+        )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd")
+    _tiny_pipeline(folder).save_pretrained(folder / "pipe")
+    return folder / "pipe"
+
+
+@pytest.fixture(scope="module")
+def cfg(pipe_dir) -> ModelConfig:
+    return ModelConfig(
+        preset="sd15", pretrained=str(pipe_dir), resolution=32, cross_attention_dim=HIDDEN,
+        text_encoder="clip", max_caption_tokens=77, beta_schedule="scaled_linear", lora_rank=RANK,
+        gradient_checkpointing=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    return load_stable_diffusion(cfg)
+
+
+def _inputs(model, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x_t = torch.randn(2, *model.latent_shape, generator=g)
+    t = torch.tensor([10, 700])
+    tokens, mask = model.encode_captions(CAPTIONS)
+    return x_t, t, tokens, mask
+
+
+def test_components_and_lora_layout(model):
+    assert isinstance(model.noise_scheduler, DDPMScheduler)
+    assert model.noise_scheduler.config.beta_schedule == "scaled_linear"
+    assert isinstance(model.text_encoder, CLIPCaptionEncoder)
+    assert model.latent_shape == (4, 8, 8)
+    assert model.is_lora and not model.uses_attention_mask
+    trainable = [n for n, p in model.unet.named_parameters() if p.requires_grad]
+    targets = [n for n, m in model.unet.named_modules() if n.endswith(LORA_TARGET_MODULES) and hasattr(m, "lora_A")]
+    assert len(trainable) == 2 * len(targets) > 0  # lora_A and lora_B of each projection
+    assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert {id(p) for p in model.trainable_parameters()} == {
+        id(p) for p in model.unet.parameters() if p.requires_grad
+    }
+    assert not any(p.requires_grad for p in model.vae.parameters())
+    assert not any(p.requires_grad for p in model.text_encoder.text_model.parameters())
+    assert model.unet.is_gradient_checkpointing
+
+
+def test_encode_decode_shapes(model):
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    x0 = model.encode_images(images)
+    assert x0.shape == (2, 4, 8, 8) and not x0.requires_grad
+    dist = model.vae.encode(images).latent_dist
+    torch.testing.assert_close(x0, dist.mode() * model.vae.config.scaling_factor)
+    out = model.decode(x0)
+    assert out.shape == images.shape and out.min() >= -1 and out.max() <= 1
+
+
+def test_training_step_changes_only_lora(cfg):
+    model = load_stable_diffusion(cfg)
+    model.train()
+    frozen = {n: p.detach().clone() for n, p in model.unet.named_parameters() if not p.requires_grad}
+    lora = {n: p.detach().clone() for n, p in model.unet.named_parameters() if p.requires_grad}
+    vae = [p.detach().clone() for p in model.vae.parameters()]
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    x_t, t, tokens, mask = _inputs(model)
+    eps = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(2))
+    for _ in range(2):
+        loss = torch.nn.functional.mse_loss(model.predict_eps(x_t, t, tokens, mask), eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = dict(model.unet.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in frozen.items())
+    assert all(torch.equal(a, b) for a, b in zip(model.vae.parameters(), vae, strict=True))
+    changed = [n for n, v in lora.items() if not torch.equal(after[n], v)]
+    assert any(".lora_B." in n for n in changed) and any(".lora_A." in n for n in changed)
+
+
+def test_lora_checkpoint_loads_into_a_diffusers_pipeline(model, cfg, pipe_dir, tmp_path):
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a LoRA that really changes the output
+        for p in model.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    x_t, t, tokens, _ = _inputs(model)
+    with torch.no_grad():
+        ours = model.predict_eps(x_t, t, tokens)
+    path = save_checkpoint(tmp_path / "run", 4, model, train_cfg=TrainConfig(), keep=1)
+    assert (path / "unet" / "pytorch_lora_weights.safetensors").is_file()
+    out = export_diffusers(path, tmp_path / "lora")
+    assert "pipe.load_lora_weights" in (out / "README.md").read_text()
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
+    with torch.no_grad():
+        before = pipe.unet(x_t, t, encoder_hidden_states=tokens).sample
+        pipe.load_lora_weights(out)
+        after = pipe.unet(x_t, t, encoder_hidden_states=tokens).sample
+    assert (before - ours).abs().max() > 1e-3
+    torch.testing.assert_close(after, ours, rtol=1e-5, atol=1e-5)
+
+    reloaded = load_model(path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.predict_eps(x_t, t, tokens), ours, rtol=0, atol=0)
+
+
+def test_generate_two_steps(model):
+    images = generate(model, CAPTIONS, [0, 1], SampleConfig(steps=2, guidance_scale=2.0))
+    assert images.shape == (2, 32, 32, 3) and images.dtype.name == "uint8"
+    again = generate(model, CAPTIONS[1:], [1], SampleConfig(steps=2, guidance_scale=2.0))
+    assert (images[1] == again[0]).all()

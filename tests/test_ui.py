@@ -1,0 +1,270 @@
+"""Pure helpers of pogdiff.ui and the Studio callbacks that need no model."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pogdiff import ui
+from pogdiff.config import DataConfig
+from pogdiff.jobs import JobManager, JobStatus, RunInfo
+
+try:  # tests/ as a package or as a plain folder on sys.path
+    from tests.test_jobs import FakeTrain
+except ImportError:  # pragma: no cover
+    from test_jobs import FakeTrain
+
+CFG = DataConfig()
+
+
+def test_format_seconds():
+    assert ui.format_seconds(None) == "—"
+    assert ui.format_seconds(float("nan")) == "—"
+    assert ui.format_seconds(4.4) == "4s"
+    assert ui.format_seconds(75.2) == "1m 15s"
+    assert ui.format_seconds(3 * 3600 + 61) == "3h 01m"
+
+
+@pytest.mark.parametrize("count,shot", [(1, "few"), (4, "few"), (5, "medium"), (20, "medium"), (21, "many")])
+def test_shot_of_matches_the_data_layer(count, shot):
+    from pogdiff.data.stats import shot_bucket
+
+    assert ui.shot_of(count, CFG) == shot == shot_bucket(count, CFG)
+
+
+def test_loss_frame_is_long_and_skips_non_loss_columns():
+    history = [
+        {"step": 1, "loss": 1.0, "mse": 0.8, "pog": 0.2, "lr": 1e-4, "psi_mean": 0.3, "seconds_per_step": 0.1},
+        {"step": 2, "loss": 0.9, "mse": 0.7, "pog": float("nan"), "lr": 1e-4},
+    ]
+    frame = ui.loss_frame(history)
+    assert list(frame.columns) == ["step", "term", "value"]
+    assert list(frame["term"]) == ["loss", "loss", "mse", "mse", "pog"]  # TERM_ORDER, NaN dropped
+    assert frame.loc[frame.term == "mse", "value"].tolist() == [0.8, 0.7]
+    assert ui.loss_frame([]).empty
+
+
+def test_status_markdown_and_progress_for_each_state():
+    idle = JobStatus()
+    assert "Idle" in ui.status_markdown(idle) and "No training job" in ui.progress_html(idle)
+    running = JobStatus(state="running", run_name="r1", method="pogdiff", step=30, max_steps=120,
+                        seconds_per_step=0.5, eta_seconds=45, started_at=0.0)
+    html = ui.progress_html(running)
+    assert "width:25.0%" in html and "step 30 / 120" in html and "ETA 45s" in html
+    failed = JobStatus(state="failed", run_name="r1", method="cbdm", step=3, max_steps=9,
+                       error="ValueError: bad lr", traceback="Traceback ...\nValueError: bad lr")
+    md = ui.status_markdown(failed)
+    assert "failed" in md and "`ValueError: bad lr`" in md and "```text" in md
+    done = JobStatus(state="finished", run_name="r1", method="baseline", step=7, max_steps=10, stopped=True,
+                     last_checkpoint="runs/r1/checkpoint-000007", started_at=0.0, finished_at=65.0)
+    md = ui.status_markdown(done)
+    assert md.startswith("**Stopped**") and "7 of 10" in md and "1m 05s" in md and "checkpoint-000007" in md
+
+
+def test_report_markdown_uses_the_data_layer_report():
+    from pogdiff.data.validation import ValidationReport
+
+    assert ui.report_markdown(None) == ""
+    report = ValidationReport()
+    assert "Validation passed" in ui.report_markdown(report)
+    report.warning("few", "a.png", "only one image of class a", "add a second image")
+    md = ui.report_markdown(report)
+    assert "only one image of class a" in md and "add a second image" in md
+
+
+def test_upscale_and_gallery_items():
+    img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    big = ui.upscale(img, 8)
+    assert big.shape == (8, 12, 3) and big[3, 5].tolist() == img[0, 1].tolist()
+    assert ui.upscale(np.zeros((200, 200, 3), np.uint8), 96).shape == (200, 200, 3)
+    items = ui.gallery_items(np.zeros((2, 32, 32, 3), np.uint8), ["a", "b"])
+    assert [c for _, c in items] == ["a", "b"] and items[0][0].shape == (96, 96, 3)
+
+
+def test_class_counts_table_and_summary():
+    subjects = ["a"] * 25 + ["b"] * 6 + ["c"] * 2 + ["d"]
+    table = ui.class_counts_table(subjects, CFG)
+    assert table.to_dict("list") == {"subject": ["a", "b", "c", "d"], "count": [25, 6, 2, 1],
+                                     "shot": ["many", "medium", "few", "few"]}
+    md = ui.summary_markdown(table, len(subjects), {"single_image_classes": ["d"], "n_many": 1})
+    assert "34 images · 4 classes · imbalance ratio 25:1" in md
+    assert "**few**: 2 classes / 3 images" in md and "single image (d)" in md
+
+
+def test_runs_frame(tmp_path):
+    run = RunInfo(name="r", run_dir=tmp_path, checkpoint=tmp_path / "checkpoint-000010", state="finished",
+                  method="pogdiff", steps_done=10, max_steps=10, stopped=False, finished_at=1.0, model_cfg={},
+                  train_cfg={"batch_size": 8, "learning_rate": 1e-4, "psi": {"psi_max": 2.0}},
+                  dataset={"num_samples": 30})
+    frame = ui.runs_frame([run])
+    assert frame.iloc[0].to_dict() == {"run": "r", "method": "pogdiff", "state": "finished", "steps": "10/10",
+                                       "batch": 8, "lr": 1e-4, "psi_max": 2.0, "images": 30,
+                                       "checkpoint": "checkpoint-000010"}
+    assert list(ui.runs_frame([]).columns)[0] == "run"
+
+
+def test_gpu_task_is_identity_without_spaces():
+    def f(x):
+        return x
+
+    assert ui.gpu_task(f)(3) == 3
+
+
+# ----------------------------------------------------------------------------- Studio
+@pytest.fixture
+def studio(tmp_path):
+    return ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped",
+                     jobs=JobManager(tmp_path / "runs", train_fn=FakeTrain()), device="cpu")
+
+
+def _opts(**kw):
+    values = dict(method="pogdiff", preset="tiny", pretrained="", steps=4, batch_size=2, lr=1e-4, psi_max=1.0,
+                  k=3, use_density=True, use_image_sim=True, use_text_sim=True, same_class=False, sample_every=2,
+                  seed=0)
+    values.update(kw)
+    return list(values.values())
+
+
+def test_build_configs_maps_every_option(studio):
+    model_cfg, train_cfg = studio.build_configs(*_opts(method="cbdm", psi_max=2.5, k=7, use_image_sim=False,
+                                                       same_class=True, seed=3))
+    assert model_cfg.preset == "tiny"
+    assert (train_cfg.method, train_cfg.max_steps, train_cfg.batch_size, train_cfg.seed) == ("cbdm", 4, 2, 3)
+    assert train_cfg.psi.psi_max == 2.5 and train_cfg.psi.k == 7
+    assert train_cfg.psi.use_image_sim is False and train_cfg.psi.same_class_pool is True
+    assert train_cfg.checkpoint_every >= 4  # the last step always writes a checkpoint
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(steps=0), "Steps must be a whole number >= 1"),
+    (dict(batch_size=2.5), "Batch size must be a whole number"),
+    (dict(lr=0), "Learning rate must be positive"),
+    (dict(psi_max=-1), "psi_max must be >= 0"),
+    (dict(preset="sd15", pretrained=" "), "needs a diffusers model id"),
+])
+def test_build_configs_rejects_bad_values_with_gr_error(studio, kw, message):
+    with pytest.raises(gr.Error, match=message):
+        studio.build_configs(*_opts(**kw))
+
+
+def test_sd15_on_cpu_is_refused(studio):
+    with pytest.raises(gr.Error, match="needs a GPU"):
+        studio.start_training(None, *_opts(preset="sd15", pretrained="some/model"))
+
+
+def _tiny_set(folder, counts=None):
+    counts = counts or {"Ann Lee": 6, "Bo Chan": 2}
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    rng = np.random.default_rng(0)
+    for subject, n in counts.items():
+        for i in range(n):
+            name = f"{subject.split()[0].lower()}_{i}.png"
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / name)
+            rows.append({"file_name": name, "text": f"a photo of {subject}, about {20 + 5 * i} years old",
+                         "subject": subject})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+def _noop_progress(*args, **kwargs):
+    return None
+
+
+def test_upload_loose_files_then_galleries_and_training_with_fake(studio, tmp_path):
+    folder = _tiny_set(tmp_path / "set")
+    files = [str(p) for p in sorted(folder.iterdir())]
+    key, headline, report, table, long_tail, class_dd, gallery = studio.load_upload(files, progress=_noop_progress)
+    assert key.startswith("upload-") and "8 images · 2 classes" in headline
+    assert table["subject"].tolist() == ["Ann Lee", "Bo Chan"] and long_tail["rank"].tolist() == [1, 2]
+    assert class_dd.value == "Bo Chan" and len(gallery) == 2  # few-shot class first
+    assert "8 images" in studio.dataset_banner(key)
+    studio.start_training(key, *_opts())
+    status = studio.jobs.wait(10)
+    assert status.state == "finished" and status.preview_captions[0].startswith("a photo of Bo Chan")
+    md, html, frame, preview, start, stop, runs, version = studio.poll(-1)
+    assert "Finished" in md and set(frame["term"]) == {"loss", "mse", "pog"} and len(preview) == 2
+    assert start.interactive is True and stop.interactive is False and runs.value
+    assert all(isinstance(x, dict) and x.get("__type__") == "update" for x in studio.poll(version)[:-1])
+    zip_path = studio.export_run(runs.value)
+    with zipfile.ZipFile(zip_path) as zf:
+        assert any(n.endswith("configs.json") for n in zf.namelist())
+    a, b, note = studio.compare_choices()
+    assert [c[1] for c in a.choices] == [f"run:{runs.value}"] and "not there yet" in note
+
+
+def test_upload_zip_with_errors_raises_the_data_layer_message(studio, tmp_path):
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("notes.md", "no images here")
+    with pytest.raises(gr.Error) as info:
+        studio.load_upload([str(bad)], progress=_noop_progress)
+    assert "image" in str(info.value).lower()
+    with pytest.raises(gr.Error, match="Upload a .zip"):
+        studio.load_upload(None, progress=_noop_progress)
+
+
+def test_second_start_is_refused_in_the_ui(tmp_path):
+    fake = FakeTrain(gated=True)
+    studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped",
+                       jobs=JobManager(tmp_path / "runs", train_fn=fake), device="cpu")
+    key = studio.load_upload([str(p) for p in _tiny_set(tmp_path / "set").iterdir()], progress=_noop_progress)[0]
+    studio.start_training(key, *_opts(steps=2))
+    with pytest.raises(gr.Error, match="already running"):
+        studio.start_training(key, *_opts(steps=2))
+    md, *_ = studio.stop_training()
+    assert "Stopping" in md
+    fake.step_gate.release()
+    fake.step_gate.release()
+    assert studio.jobs.wait(10).stopped
+
+
+def test_unknown_dataset_key_and_missing_checkpoint_are_clear(studio):
+    with pytest.raises(gr.Error, match="no longer in memory"):
+        studio.bundle("upload-deadbeef")
+    with pytest.raises(gr.Error, match="not available"):
+        studio.generate_pair("run:nope", "run:nope", ["a photo of x"], "", 1, 3.0, 5, progress=_noop_progress)
+    with pytest.raises(gr.Error, match="Pick at least one prompt"):
+        studio.generate_pair("run:nope", "run:nope", [], " ", 1, 3.0, 5, progress=_noop_progress)
+
+
+def test_precomputed_metrics_need_both_shipped_tables(studio, tmp_path):
+    assert all(x.get("__type__") == "update" for x in studio.precomputed_metrics("shipped:demo-baseline", None))
+    for name, acc in (("demo-baseline", 0.2), ("demo-pogdiff", 0.6)):
+        folder = studio.shipped_dir / name
+        folder.mkdir(parents=True)
+        pd.DataFrame({"subject": ["a", "b"], "train_count": [50, 3], "shot": ["many", "few"],
+                      "accuracy": [0.9, acc], "gRecall": [0.5, 0.1], "dino": [0.8, 0.4], "n_gen": [8, 8]}
+                     ).to_csv(folder / "per_class.csv", index=False)
+    table, fig, md = studio.precomputed_metrics("shipped:demo-baseline", "shipped:demo-pogdiff")
+    assert list(table.columns[:4]) == ["subject", "train_count", "shot", "accuracy · demo-baseline"]
+    assert table.loc[table.subject == "b", "accuracy · demo-pogdiff"].item() == 0.6
+    assert "| few | 0.200 | 0.600 |" in md
+    assert fig is not None
+
+
+def test_app_builds_without_loading_anything_heavy(tmp_path, monkeypatch):
+    """Building the UI must not load models, encoders or the demo set."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import app
+
+    studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
+    demo = app.build_demo(studio)
+    assert isinstance(demo, gr.Blocks)
+    assert studio._datasets == {} and studio._models == {} and studio._encoder is None
+    names = {d.api_name for d in demo.fns.values() if d.api_name}
+    assert {"load_demo", "load_upload", "neighbour_map", "neighbours", "search", "start_training",
+            "stop_training", "poll", "export_run", "compare", "metrics"} <= names
+    args = app.parse_args([])
+    assert (args.host, args.port, args.share, args.runs_dir) == ("127.0.0.1", 7860, False, "runs")
+    monkeypatch.setenv("SPACE_ID", "user/space")
+    assert app.parse_args([]).host == "0.0.0.0"
+    opts = app.launch_options(studio, 12)
+    assert opts["max_file_size"] == "12mb" and str((tmp_path / "runs").resolve()) in opts["allowed_paths"]
