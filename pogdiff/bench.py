@@ -278,7 +278,7 @@ def build_base(*, out: Path, steps: int, batch_size: int, lr: float, seed: int) 
     pre = load_image_text_set(ensure_demo() / "pretrain", DataConfig())
     cfg = TrainConfig(method="baseline", max_steps=steps, batch_size=batch_size, learning_rate=lr, seed=seed,
                       warmup_steps=100, checkpoint_every=500, log_every=100)
-    run_dir = Path(out).parent / (Path(out).name + "-run")
+    run_dir = REPO_ROOT / "runs" / f"build-{Path(out).name}"
     result = train(dataset=pre, model_cfg=model_preset("tiny"), train_cfg=cfg, run_dir=run_dir)
     out = Path(out)
     if out.exists():

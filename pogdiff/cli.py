@@ -20,13 +20,14 @@ DEMO = "demo"
 DEFAULT_BASE = Path(__file__).resolve().parent.parent / "checkpoints" / "base-tiny"
 
 
-def resolve_data(source: str, split: str = "train"):
+def resolve_data(source: str, split: str = "train", *, resolution: int = 32):
     """Load an image-text set: a folder, a .zip, or ``demo`` for the embedded demo set."""
     from pogdiff.data import ensure_demo, load_image_text_set
 
+    cfg = DataConfig(resolution=resolution)
     if source == DEMO:
-        return load_image_text_set(ensure_demo() / split, DataConfig())
-    return load_image_text_set(source, DataConfig())
+        return load_image_text_set(ensure_demo() / split, cfg)
+    return load_image_text_set(source, cfg)
 
 
 # ------------------------------------------------------------------------------------- data
@@ -114,8 +115,8 @@ def cmd_train(args) -> int:
 
     from pogdiff.training import train
 
-    ds = resolve_data(args.data)
     model_cfg, train_cfg = configs_from_args(args)
+    ds = resolve_data(args.data, resolution=model_cfg.resolution)
     bar = tqdm(total=train_cfg.max_steps, desc=f"{train_cfg.method}", unit="step")
 
     def on_step(info) -> None:

@@ -419,6 +419,12 @@ def train(
     loss curve matches an uninterrupted run with the same seed.
     """
     check_train_config(train_cfg, len(dataset))
+    size = dataset.images.shape[1]
+    if size != model_cfg.resolution:
+        raise ValueError(
+            f"images are {size}x{size} but the model expects {model_cfg.resolution}x{model_cfg.resolution}: "
+            f"load the set with DataConfig(resolution={model_cfg.resolution})"
+        )
     run_dir = Path(run_dir)
     latest = checkpoints.latest_checkpoint(run_dir) if resume else None
     start_step, history = 0, []

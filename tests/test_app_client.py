@@ -72,7 +72,6 @@ def test_data_stats_and_neighbours(client):
         client.predict("   ", 4, api_name="/search")
 
 
-@pytest.mark.slow
 def test_train_a_few_steps_export_and_compare(client, served):
     _, studio = served
     client.predict(api_name="/load_demo")
