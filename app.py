@@ -71,6 +71,10 @@ Drag the slider to compare one pair; the grids show every prompt × seed. **Comp
 generations for the demo evaluation captions with the identity classifier: accuracy per class and
 against class frequency."""
 
+NEIGHBOUR_HEADERS = ["rank", "caption", "subject", "class size", "s_txt", "s_img", "w_density", "psi",
+                     "p(draw)", "row"]
+SEARCH_HEADERS = ["rank", "similarity", "caption", "subject", "class size", "row"]
+
 OPT_INFO = {
     "method": "baseline: plain fine-tuning · pogdiff: borrow from neighbouring captions · "
               "cbdm: class-balancing regulariser · resample: class-balanced batches",
@@ -124,6 +128,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                     info="Pick a class to see its images and captions (few-shot classes first in the demo).",
                 )
                 class_gallery = gr.Gallery(label="Class samples", columns=8, height=300, object_fit="contain",
+                                           fit_columns=False,
                                            elem_classes="pixelated", allow_preview=True)
 
             # ----------------------------------------------------------------- Neighbours
@@ -135,7 +140,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                         x="x", y="y", color="shot", color_map={"many": "#2563eb", "medium": "#f59e0b",
                                                                "few": "#dc2626"},
                         title="Caption embeddings (PCA)", x_title="PC 1", y_title="PC 2", height=420,
-                        tooltip=["caption", "subject", "images in class"], scale=3,
+                        tooltip=["caption", "subject", "class size"], scale=3,
                     )
                     with gr.Column(scale=1, min_width=260):
                         colour_by = gr.Radio(["shot bucket", "class frequency"], value="shot bucket",
@@ -154,17 +159,18 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                 )
                 nb_head = gr.Markdown("")
                 nb_table = gr.Dataframe(label="Nearest captions (click a row to hop to it)", interactive=False,
-                                        max_height=300, wrap=True)
+                                        max_height=300, wrap=True, headers=NEIGHBOUR_HEADERS)
                 nb_gallery = gr.Gallery(label="The caption's image, then its neighbours", columns=6, height=240,
-                                        object_fit="contain", elem_classes="pixelated")
+                                        object_fit="contain", fit_columns=False, elem_classes="pixelated")
                 with gr.Accordion("Free-text search: which training captions are nearest to any text?", open=False):
                     with gr.Row():
                         query = gr.Textbox(label="Query", placeholder="a photo of someone smiling, wearing glasses",
                                            info="Any text; it is embedded with the same sentence encoder.", scale=4)
                         search_btn = gr.Button("Search", scale=1)
                     search_table = gr.Dataframe(label="Nearest training captions", interactive=False, max_height=260,
-                                                wrap=True)
+                                                wrap=True, headers=SEARCH_HEADERS)
                     search_gallery = gr.Gallery(label="Their images", columns=6, height=220, object_fit="contain",
+                                                fit_columns=False,
                                                 elem_classes="pixelated")
 
             # ---------------------------------------------------------------------- Train
@@ -213,14 +219,14 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                                                 x_title="step", y_title="value", height=300,
                                                 tooltip=["step", "term", "value"])
                         preview = gr.Gallery(label="Previews: prompts of the rarest classes", columns=4, height=200,
-                                             object_fit="contain", elem_classes="pixelated")
+                                             object_fit="contain", fit_columns=False, elem_classes="pixelated")
                 gr.Markdown("### Finished runs")
                 with gr.Row():
                     runs_dd = gr.Dropdown(label="Run", choices=[], scale=3, allow_custom_value=True,
                                           info="Runs of this server that hold a checkpoint, newest first.")
                     export_btn = gr.Button("Zip weights + config", scale=1)
-                    zip_file = gr.File(label="Download", scale=2, height=80, interactive=False)
-                runs_table = gr.Dataframe(label="Runs", interactive=False, max_height=240)
+                    zip_file = gr.File(label="Download", scale=2, interactive=False, visible=False)
+                runs_table = gr.Dataframe(label="Runs", interactive=False, max_height=240, value=studio.runs_table)
 
             # -------------------------------------------------------------------- Compare
             with gr.Tab("Compare", id="compare") as cmp_tab:
@@ -259,7 +265,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                 with gr.Row():
                     metrics_plot = gr.Plot(label="Accuracy vs class frequency", scale=3)
                     metrics_table = gr.Dataframe(label="Per-class metrics", interactive=False, max_height=420,
-                                                 scale=4)
+                                                 scale=4, headers=["subject", "train_count", "shot", "accuracy"])
 
         # ============================================================ events: Data
         data_outputs = [ds_key, summary_md, report_md, class_table, long_tail, class_dd, class_gallery]
@@ -302,7 +308,8 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                    api_name="poll", queue=False)
         train_tab.select(studio.dataset_banner, ds_key, train_banner, api_visibility="private")
         runs_dd.change(studio.runs_table, None, runs_table, api_visibility="private")
-        export_btn.click(studio.export_run, runs_dd, zip_file, api_name="export_run")
+        export_btn.click(studio.export_run, runs_dd, zip_file, api_name="export_run").success(
+            _show, None, zip_file, queue=False, api_visibility="private")
 
         # ========================================================= events: Compare
         choice_outputs = [run_a, run_b, cmp_note]
@@ -322,6 +329,10 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
         demo.load(studio.poll, None, poll_outputs, api_name="poll_on_load", api_visibility="private")
         demo.load(studio.compare_choices, None, choice_outputs, api_visibility="private")
     return demo
+
+
+def _show():
+    return gr.File(visible=True)
 
 
 def _busy():

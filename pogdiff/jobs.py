@@ -284,7 +284,9 @@ class JobManager:
             s.preview_captions = [str(c) for c in captions]
             s.version += 1
 
-    def _finish(self, job: Job, meta: dict[str, Any], *, result: Any = None, error: BaseException | None = None) -> None:
+    def _finish(
+        self, job: Job, meta: dict[str, Any], *, result: Any = None, error: BaseException | None = None
+    ) -> None:
         with self._lock:
             s = job._status
             s.finished_at = time.time()

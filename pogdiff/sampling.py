@@ -51,10 +51,15 @@ def make_scheduler(model: DiffusionModel, name: str):
     """
     config = model.noise_scheduler.config
     common = {"prediction_type": "epsilon", "timestep_spacing": "trailing"}
+    # In pixel space x0 lives in [-1, 1]: clip the x0 estimate. Without it the first step from
+    # t = T - 1 (alpha_bar ~ 0 on the cosine schedule) divides by ~0 and the sample blows up.
+    pixel_space = model.vae is None
     if name == "ddim":
-        return DDIMScheduler.from_config(config, clip_sample=False, **common)
+        return DDIMScheduler.from_config(config, clip_sample=pixel_space, clip_sample_range=1.0, **common)
     if name == "dpm":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", **common)
+        return DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", thresholding=pixel_space, sample_max_value=1.0, **common
+        )
     raise ValueError(f"unknown scheduler {name!r}; allowed values: {', '.join(SCHEDULERS)}")
 
 

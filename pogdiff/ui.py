@@ -91,7 +91,12 @@ def loss_frame(history: Sequence[dict[str, float]], terms: Sequence[str] | None 
                 continue
             if value is not None and math.isfinite(value):
                 rows.append((int(h["step"]), key, float(value)))
-    frame = pd.DataFrame(rows, columns=["step", "term", "value"])
+    # Typed columns even when empty: the plot keeps the axis types of its first frame.
+    frame = pd.DataFrame({
+        "step": pd.Series([r[0] for r in rows], dtype="int64"),
+        "term": pd.Series([r[1] for r in rows], dtype=object),
+        "value": pd.Series([r[2] for r in rows], dtype="float64"),
+    })
     order = {t: i for i, t in enumerate(TERM_ORDER)}
     return frame.sort_values(["term", "step"], key=lambda s: s.map(order) if s.name == "term" else s,
                              kind="stable").reset_index(drop=True)
@@ -140,13 +145,13 @@ def report_markdown(report: Any) -> str:
         return ""
     issues = list(getattr(report, "issues", []) or [])
     if not issues:
-        return "✅ **Validation passed**: no errors, no warnings."
+        return "**Validation passed**: no errors, no warnings."
     to_md = getattr(report, "to_markdown", None)
     if callable(to_md):
         return to_md()
     lines = []
     for issue in issues:
-        icon = "❌" if issue.level == "error" else "⚠️"
+        icon = "**error**" if issue.level == "error" else "*warning*"
         fix = f" — *fix:* {issue.fix}" if getattr(issue, "fix", "") else ""
         lines.append(f"- {icon} `{issue.where}` {issue.message}{fix}")
     return "\n".join(lines)
@@ -175,7 +180,8 @@ def summary_markdown(table: pd.DataFrame, n_images: int, extra: dict[str, Any] |
     parts = []
     for shot in SHOTS:
         if by_shot is not None and shot in by_shot.index:
-            parts.append(f"**{shot}**: {int(by_shot.loc[shot, 'size'])} classes / {int(by_shot.loc[shot, 'sum'])} images")
+            n_cls, n_img = int(by_shot.loc[shot, "size"]), int(by_shot.loc[shot, "sum"])
+            parts.append(f"**{shot}**: {n_cls} classes / {n_img} images")
         else:
             parts.append(f"**{shot}**: 0 classes")
     ratio = (table["count"].max() / max(1, table["count"].min())) if n_classes else float("nan")
@@ -184,7 +190,7 @@ def summary_markdown(table: pd.DataFrame, n_images: int, extra: dict[str, Any] |
     single = list((extra or {}).get("single_image_classes") or [])
     if single:
         names = ", ".join(single[:8]) + (" …" if len(single) > 8 else "")
-        text += (f"\n\n⚠️ {len(single)} class(es) with a single image ({names}): they cannot borrow from a "
+        text += (f"\n\n**Note:** {len(single)} class(es) with a single image ({names}): they cannot borrow from a "
                  "same-subject neighbour (s_img needs two images of a class).")
     if extra:
         skip = {"n_images", "n_classes", "images", "classes", "imbalance_ratio", "n_many", "n_medium", "n_few"}
@@ -193,6 +199,14 @@ def summary_markdown(table: pd.DataFrame, n_images: int, extra: dict[str, Any] |
         if items:
             text += "\n\n<small>" + " · ".join(items) + "</small>"
     return text
+
+
+def short_prompt(prompt: str) -> str:
+    """``'a photo of Mira Okafor, smiling' -> 'Mira Okafor, smiling'`` for grid labels."""
+    for prefix in ("a photo of ", "a picture of ", "an image of "):
+        if prompt.lower().startswith(prefix):
+            return prompt[len(prefix):]
+    return prompt
 
 
 def _fmt(value: Any) -> str:
@@ -221,7 +235,9 @@ def runs_frame(runs: Sequence[RunInfo]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def gallery_items(images: np.ndarray, captions: Sequence[str], *, min_px: int = THUMB_PX) -> list[tuple[np.ndarray, str]]:
+def gallery_items(
+    images: np.ndarray, captions: Sequence[str], *, min_px: int = THUMB_PX
+) -> list[tuple[np.ndarray, str]]:
     """``[(upscaled image, caption), ...]`` for a ``gr.Gallery``."""
     return [(upscale(np.asarray(img), min_px), str(cap)) for img, cap in zip(images, captions)]
 
@@ -416,7 +432,7 @@ class Studio:
             raise _missing("The data loader", exc) from exc
         digest = hashlib.sha256()
         for p in sorted(paths, key=lambda p: p.name):
-            digest.update(p.name.encode())
+            digest.update(str(p).encode())  # gradio's upload paths already carry a content hash
             digest.update(str(p.stat().st_size).encode())
         key = f"upload-{digest.hexdigest()[:12]}"
         progress(0.1, desc="Reading and validating…")
@@ -445,8 +461,10 @@ class Studio:
         subjects = list(bundle.table["subject"])
         first_few = bundle.few_shot_subjects()
         chosen = first_few[0] if first_few else (subjects[0] if subjects else None)
-        headline = f"**Loaded:** {bundle.name}\n\n" + summary_markdown(bundle.table, len(bundle.captions), bundle.summary)
-        choices = [(f"{s} ({c} · {sh})", s) for s, c, sh in bundle.table[["subject", "count", "shot"]].itertuples(index=False)]
+        headline = (f"**Loaded:** {bundle.name}\n\n"
+                    + summary_markdown(bundle.table, len(bundle.captions), bundle.summary))
+        rows = bundle.table[["subject", "count", "shot"]].itertuples(index=False)
+        choices = [(f"{s} ({c} · {sh})", s) for s, c, sh in rows]
         return (
             bundle.key,
             headline,
@@ -537,19 +555,21 @@ class Studio:
     @staticmethod
     def _scatter(frame: pd.DataFrame, colour_by: str):
         if colour_by == "class frequency":
-            return gr.ScatterPlot(value=frame, color="images in class", color_map=None)
+            return gr.ScatterPlot(value=frame, color="class size", color_map=None)
         return gr.ScatterPlot(value=frame, color="shot", color_map=SHOT_COLOURS)
 
     @staticmethod
     def map_frame(bundle: DatasetBundle) -> pd.DataFrame:
         counts = bundle.count_of()
         shots = dict(zip(bundle.table["subject"], bundle.table["shot"]))
-        return pd.DataFrame({
+        frame = pd.DataFrame({
             "x": bundle.coords[:, 0], "y": bundle.coords[:, 1],
             "shot": [shots[s] for s in bundle.subjects],
-            "images in class": [counts[s] for s in bundle.subjects],
+            "class size": [counts[s] for s in bundle.subjects],
             "subject": bundle.subjects, "caption": bundle.captions,
         })
+        # many, medium, few: the legend lists the buckets in the order they first appear
+        return frame.sort_values("shot", key=lambda s: s.map(SHOTS.index), kind="stable").reset_index(drop=True)
 
     @staticmethod
     def caption_choices(bundle: DatasetBundle) -> list[tuple[str, int]]:
@@ -578,12 +598,12 @@ class Studio:
                 continue
             rows.append({
                 "rank": j + 1, "caption": bundle.captions[nb], "subject": bundle.subjects[nb],
-                "images in class": counts[bundle.subjects[nb]],
+                "class size": counts[bundle.subjects[nb]],
                 "s_txt": round(float(table.s_txt[row, j]), 3), "s_img": round(float(table.s_img[row, j]), 3),
                 "w_density": round(w, 3), "psi": round(float(table.psi[row, j]), 3),
                 "p(draw)": round(float(table.probs[row, j]), 3), "row": nb,
             })
-        frame = pd.DataFrame(rows, columns=["rank", "caption", "subject", "images in class", "s_txt",
+        frame = pd.DataFrame(rows, columns=["rank", "caption", "subject", "class size", "s_txt",
                                             "s_img", "w_density", "psi", "p(draw)", "row"])
         images = [bundle.ds.images[row]] + [bundle.ds.images[r] for r in frame["row"]]
         labels = [f"query · {bundle.captions[row]}"] + [
@@ -619,9 +639,9 @@ class Studio:
         sims, idx = knn(bundle.pooled, k, exclude_self=False, queries=q.astype(np.float32))
         counts = bundle.count_of()
         rows = [{"rank": j + 1, "similarity": round(float(sims[0, j]), 3), "caption": bundle.captions[int(i)],
-                 "subject": bundle.subjects[int(i)], "images in class": counts[bundle.subjects[int(i)]], "row": int(i)}
+                 "subject": bundle.subjects[int(i)], "class size": counts[bundle.subjects[int(i)]], "row": int(i)}
                 for j, i in enumerate(idx[0]) if int(i) >= 0]
-        frame = pd.DataFrame(rows, columns=["rank", "similarity", "caption", "subject", "images in class", "row"])
+        frame = pd.DataFrame(rows, columns=["rank", "similarity", "caption", "subject", "class size", "row"])
         items = gallery_items(bundle.ds.images[list(frame["row"])],
                               [f"{r.similarity:.2f} · {r.caption}" for r in frame.itertuples()])
         return frame, items
@@ -736,10 +756,11 @@ class Studio:
         preview = (gallery_items(s.preview_images, [f"step {s.preview_step} · {c}" for c in s.preview_captions],
                                  min_px=128)
                    if s.preview_images is not None else [])
+        loss = loss_frame(s.history)
         return (
             status_markdown(s),
             progress_html(s),
-            loss_frame(s.history),
+            loss if len(loss) else None,  # an empty frame would freeze the plot's colour scale
             preview,
             gr.Button(interactive=not s.busy),
             gr.Button(interactive=s.state == "running"),
@@ -756,6 +777,7 @@ class Studio:
         return runs_frame(self.jobs.list_runs())
 
     def export_run(self, name: str | None) -> str:
+        """Path of a zip of the run's last checkpoint (weights + configs) and its run.json."""
         if not name:
             raise gr.Error("Pick a finished run first.")
         try:
@@ -795,7 +817,8 @@ class Studio:
         if not missing:
             return ("Defaults: the shipped **demo-baseline** and **demo-pogdiff** checkpoints, fine-tuned from the "
                     "same base on the demo set with the same steps and seeds.")
-        return ("⚠️ The shipped comparison checkpoints (`checkpoints/demo-baseline`, `checkpoints/demo-pogdiff`) "
+        return ("**Not there yet:** the shipped comparison checkpoints "
+                "(`checkpoints/demo-baseline`, `checkpoints/demo-pogdiff`) "
                 "are not there yet. Make them with `python -m pogdiff bench quality --ship checkpoints`, "
                 "or train two runs in the **Train** tab (method *baseline*, then *pogdiff*, same steps) and pick "
                 "them here.")
@@ -805,8 +828,9 @@ class Studio:
         sources = self.sources()
         choices = [(s.label, s.key) for s in sources]
         keys = [s.key for s in sources]
-        a = "shipped:demo-baseline" if "shipped:demo-baseline" in keys else (keys[1] if len(keys) > 1 else (keys[0] if keys else None))
-        b = "shipped:demo-pogdiff" if "shipped:demo-pogdiff" in keys else (keys[0] if keys else None)
+        newest = keys[0] if keys else None
+        a = "shipped:demo-baseline" if "shipped:demo-baseline" in keys else (keys[1] if len(keys) > 1 else newest)
+        b = "shipped:demo-pogdiff" if "shipped:demo-pogdiff" in keys else newest
         return (gr.Dropdown(choices=choices, value=a), gr.Dropdown(choices=choices, value=b), self.shipped_note())
 
     def prompt_choices(self, key: str | None) -> Any:
@@ -854,8 +878,9 @@ class Studio:
         a, b = self._source(key_a), self._source(key_b)
         n_seeds = max(1, int(n_seeds or 1))
         seeds = list(range(n_seeds))
-        all_caps = [c for c in captions for _ in seeds]
-        all_seeds = [s for _ in captions for s in seeds]
+        # Grid: one column per prompt, one row per seed.
+        all_caps = [c for _ in seeds for c in captions]
+        all_seeds = [s for s in seeds for _ in captions]
         cfg = SampleConfig(steps=int(sample_steps), guidance_scale=float(guidance))
         from pogdiff.sampling import generate, image_grid
 
@@ -868,9 +893,9 @@ class Studio:
                 progress(0.5 * i + 0.5 * done / max(1, total), desc=f"Sampling {src.label}")
 
             outs.append(generate(model, all_caps, all_seeds, cfg, callback=cb))
-        labels = [f"{c} · seed {s}" for c, s in zip(all_caps, all_seeds)]
+        labels = [f"{short_prompt(c)} · seed {s}" for c, s in zip(all_caps, all_seeds)]
         grid_scale = max(1, 96 // outs[0].shape[1])
-        grids = [image_grid(o, ncols=n_seeds, labels=labels, scale=grid_scale) for o in outs]
+        grids = [image_grid(o, ncols=len(captions), labels=labels, scale=grid_scale) for o in outs]
         pair = (upscale(outs[0][0], SLIDER_PX), upscale(outs[1][0], SLIDER_PX))
         note = (f"Left / first grid: **{a.label}**. Right / second grid: **{b.label}**. "
                 f"{len(captions)} prompt(s) × seeds {seeds}; the slider shows *{captions[0]}*, seed 0.")

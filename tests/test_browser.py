@@ -24,8 +24,8 @@ SCREENSHOTS = Path(__file__).resolve().parent.parent / "assets" / "screenshots"
 VIEWPORT = {"width": 1440, "height": 1000}
 LOAD_MS = 120_000  # first use builds the demo set and loads the sentence encoder
 TRAIN_MS = 300_000
-TRAIN_STEPS = 40
-PREVIEW_EVERY = 10
+TRAIN_STEPS = 24
+PREVIEW_EVERY = 8
 
 
 def _browser_or_skip():
@@ -96,8 +96,8 @@ def _open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
 
 
-def _set_number(page, label: str, value: float) -> None:
-    box = page.get_by_label(label, exact=True).first
+def _set_number(page, label: str, value: float, *, slider: bool = False) -> None:
+    box = page.get_by_label(f"number input for {label}" if slider else label, exact=True).first
     box.fill(str(value))
     box.press("Tab")
 
@@ -114,7 +114,7 @@ def test_data_tab(page, tmp_path):
 
 def test_neighbours_tab(page, tmp_path):
     _open_tab(page, "Neighbours")
-    page.get_by_text("psi = psi_max × w_density").first.wait_for(timeout=LOAD_MS)
+    page.get_by_text("mean psi over its").first.wait_for(timeout=LOAD_MS)
     body = page.inner_text("body")
     assert "w_density" in body and "s_img" in body and "s_txt" in body
     _shot(page, "neighbours", tmp_path)
@@ -127,8 +127,7 @@ def test_train_tab(page, tmp_path):
     _set_number(page, "Batch size", 16)
     _set_number(page, "Preview every (steps)", PREVIEW_EVERY)
     page.get_by_role("button", name="Start training").click()
-    page.get_by_text("Training").first.wait_for()
-    page.get_by_text("Finished").first.wait_for(timeout=TRAIN_MS)
+    page.get_by_text(f"after {TRAIN_STEPS} of {TRAIN_STEPS} steps").first.wait_for(timeout=TRAIN_MS)
     body = page.inner_text("body")
     assert f"step {TRAIN_STEPS} / {TRAIN_STEPS}" in body
     assert "Loss terms" in body and "Finished runs" in body
@@ -138,8 +137,8 @@ def test_train_tab(page, tmp_path):
 def test_compare_tab(page, tmp_path):
     _open_tab(page, "Compare")
     page.get_by_text("Same prompts and the same seeds", exact=False).first.wait_for()
-    _set_number(page, "Seeds per prompt", 2)
-    _set_number(page, "Sampling steps", 10)
+    _set_number(page, "Seeds per prompt", 2, slider=True)
+    _set_number(page, "Sampling steps", 10, slider=True)
     page.get_by_role("button", name="Generate A and B").click()
     page.get_by_text("the slider shows").first.wait_for(timeout=TRAIN_MS)
     body = page.inner_text("body")

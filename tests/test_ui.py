@@ -48,7 +48,10 @@ def test_loss_frame_is_long_and_skips_non_loss_columns():
     assert list(frame.columns) == ["step", "term", "value"]
     assert list(frame["term"]) == ["loss", "loss", "mse", "mse", "pog"]  # TERM_ORDER, NaN dropped
     assert frame.loc[frame.term == "mse", "value"].tolist() == [0.8, 0.7]
-    assert ui.loss_frame([]).empty
+    empty = ui.loss_frame([])
+    assert empty.empty and str(empty["step"].dtype) == "int64" and str(empty["value"].dtype) == "float64"
+    plot = gr.LinePlot(x="step", y="value", color="term")
+    assert plot.postprocess(empty).datatypes == {"step": "quantitative", "term": "nominal", "value": "quantitative"}
 
 
 def test_status_markdown_and_progress_for_each_state():
@@ -108,6 +111,11 @@ def test_runs_frame(tmp_path):
                                        "batch": 8, "lr": 1e-4, "psi_max": 2.0, "images": 30,
                                        "checkpoint": "checkpoint-000010"}
     assert list(ui.runs_frame([]).columns)[0] == "run"
+
+
+def test_short_prompt():
+    assert ui.short_prompt("a photo of Mira Okafor, smiling") == "Mira Okafor, smiling"
+    assert ui.short_prompt("portrait of X") == "portrait of X"
 
 
 def test_gpu_task_is_identity_without_spaces():
@@ -198,6 +206,9 @@ def test_upload_loose_files_then_galleries_and_training_with_fake(studio, tmp_pa
         assert any(n.endswith("configs.json") for n in zf.namelist())
     a, b, note = studio.compare_choices()
     assert [c[1] for c in a.choices] == [f"run:{runs.value}"] and "not there yet" in note
+    assert a.value == b.value == f"run:{runs.value}"
+    with pytest.raises(gr.Error, match="evaluator"):
+        studio.compute_metrics(a.value, b.value, progress=_noop_progress)
 
 
 def test_upload_zip_with_errors_raises_the_data_layer_message(studio, tmp_path):
