@@ -138,7 +138,10 @@ def evaluate_model(model, eval_set, evaluator, train_counts: dict[str, int], *, 
         real_subjects=eval_set.subjects, real_feats=real_feats, train_counts=train_counts,
         attr_pred=pred["attrs"], attr_target=_attr_targets(eval_set),
     )
-    summary = metrics.summarise(table, gen_feats_all=pred["features"], real_feats_all=real_feats)
+    summary = metrics.summarise(
+        table, gen_feats_all=pred["features"], real_feats_all=real_feats,
+        gen_subjects_all=eval_set.subjects, real_subjects_all=eval_set.subjects,
+    ).reset_index()
     return table, summary, images
 
 
@@ -225,7 +228,7 @@ def _subset(ds, rows):
 
 def aggregate(long: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds of every metric, per method and bucket."""
-    metric_cols = [c for c in long.columns if c not in ("method", "seed", "bucket", "n_classes")]
+    metric_cols = [c for c in long.columns if c not in ("method", "seed", "bucket", "n_classes", "n_gen")]
     grouped = long.groupby(["method", "bucket"], sort=False)[metric_cols]
     mean, std = grouped.mean(), grouped.std(ddof=1).fillna(0.0)
     res = mean.add_suffix("_mean").join(std.add_suffix("_std")).reset_index()

@@ -118,17 +118,20 @@ class Evaluator(nn.Module):
         return next(self.parameters()).device
 
     @torch.no_grad()
-    def _run(self, images: np.ndarray, batch_size: int = INFER_BATCH) -> dict[str, torch.Tensor]:
+    def _forward_batched(self, x: torch.Tensor, batch_size: int = INFER_BATCH) -> dict[str, torch.Tensor]:
+        """Eval-mode forward of ``x [N, 3, H, W]`` in batches; outputs on the CPU, training mode restored."""
         was_training = self.training
         self.eval()
         try:
-            x = _images_to_tensor(images, self.resolution)
             outs = [self(x[i:i + batch_size].to(self.device)) for i in range(0, len(x), batch_size)]
+            if not outs:
+                outs = [self(x.to(self.device))]
         finally:
             self.train(was_training)
-        if not outs:
-            outs = [self(torch.zeros(0, 3, self.resolution, self.resolution, device=self.device))]
         return {k: torch.cat([o[k] for o in outs]).float().cpu() for k in outs[0]}
+
+    def _run(self, images: np.ndarray, batch_size: int = INFER_BATCH) -> dict[str, torch.Tensor]:
+        return self._forward_batched(_images_to_tensor(images, self.resolution), batch_size)
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``[N, H, W, 3]`` -> float32 ``[N, feature_dim]``, each row L2-normalised.
@@ -244,15 +247,10 @@ def measure(model: Evaluator, rendered, *, augmented: torch.Generator | None = N
     With ``augmented`` (a generator), the images first go through :func:`augment`.
     """
     labels = _labels(rendered, model.subjects, model.attribute_heads)
-    if augmented is None:
-        out = model._run(rendered.images)
-    else:
-        x = augment(_images_to_tensor(rendered.images, model.resolution), augmented)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            out = {k: v.cpu() for k, v in model(x.to(model.device)).items()}
-        model.train(was_training)
+    x = _images_to_tensor(rendered.images, model.resolution)
+    if augmented is not None:
+        x = augment(x, augmented)
+    out = model._forward_batched(x)
     return {name: float((out[name].argmax(1) == labels[name]).float().mean()) for name in labels}
 
 

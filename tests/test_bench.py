@@ -1,0 +1,55 @@
+"""Benchmarks: the quality pipeline runs end to end at its quick size; aggregation is exact."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from pogdiff import bench
+from pogdiff.config import TrainConfig
+
+needs_shipped = pytest.mark.skipif(
+    not (bench.EVALUATOR_DIR / "evaluator.json").exists(), reason="checkpoints/evaluator is not built"
+)
+
+
+def test_aggregate_gives_mean_and_sample_std_over_seeds():
+    long = pd.DataFrame({
+        "method": ["a", "a", "a", "b"], "bucket": ["few"] * 4, "seed": [0, 1, 2, 0],
+        "accuracy": [0.2, 0.4, 0.6, 1.0],
+    })
+    res = bench.aggregate(long).set_index("method")
+    assert res.loc["a", "accuracy_mean"] == pytest.approx(0.4)
+    assert res.loc["a", "accuracy_std"] == pytest.approx(0.2)
+    assert res.loc["b", "accuracy_std"] == 0.0
+    assert res.loc["a", "n_seeds"] == 3
+
+
+def test_overrides_are_typed_after_the_field_and_unknown_fields_are_refused():
+    cfg = bench._apply_overrides(TrainConfig(), ["psi.psi_max=2.5", "psi.same_class_pool=true", "batch_size=8"])
+    assert cfg.psi.psi_max == 2.5 and cfg.psi.same_class_pool is True and cfg.batch_size == 8
+    with pytest.raises(ValueError, match="unknown field 'psi.nope'"):
+        bench._apply_overrides(TrainConfig(), ["psi.nope=1"])
+
+
+@needs_shipped
+def test_quality_benchmark_runs_end_to_end_at_quick_size(tmp_path):
+    report = bench.quality(out=tmp_path, methods=["baseline", "pogdiff"], seeds=[0], quick=True)
+    assert set(report["method"]) == {"baseline", "pogdiff"}
+    acc = report["accuracy_mean"].dropna()  # buckets without classes in the quick subset are NaN
+    assert len(acc) >= 2 and ((acc >= 0) & (acc <= 1)).all()
+    for name in ("results.md", "results.csv", "results.json", "accuracy_vs_frequency.png", "summary_all_seeds.csv"):
+        assert (tmp_path / name).exists(), name
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {r["bucket"] for r in rows} >= {"all"}
+    assert "| baseline |" in (tmp_path / "results.md").read_text()
+
+
+def test_speed_benchmark_reports_every_configuration_relative_to_baseline():
+    table = bench.speed(steps=1, warmup=0, batch_size=4, repeats=1)
+    assert len(table) == 5
+    assert table.loc[0, "ratio_to_baseline"] == 1.0
+    naive = table[table["configuration"].str.startswith("pogdiff naive")]
+    assert float(naive["rows_with_neighbour_pass"].iloc[0]) == 1.0
