@@ -39,6 +39,7 @@ from pogdiff.config import (  # noqa: E402
     model_preset,
     train_preset,
 )
+from pogdiff.data.stats import shot_bucket  # noqa: E402
 from pogdiff.jobs import JobBusyError, JobManager, JobStatus, RunInfo  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -70,15 +71,6 @@ def format_seconds(seconds: float | None) -> str:
     if m:
         return f"{m}m {s:02d}s"
     return f"{s}s"
-
-
-def shot_of(count: int, config: DataConfig) -> str:
-    """many if count > many_shot_above, few if count < few_shot_below, else medium."""
-    if count > config.many_shot_above:
-        return "many"
-    if count < config.few_shot_below:
-        return "few"
-    return "medium"
 
 
 def loss_frame(history: Sequence[dict[str, float]], terms: Sequence[str] | None = None) -> pd.DataFrame:
@@ -169,7 +161,7 @@ def class_counts_table(subjects: Sequence[str], config: DataConfig) -> pd.DataFr
     """``subject, count, shot`` sorted by count (descending) then name."""
     counts = pd.Series(list(subjects), dtype=object).value_counts()
     table = pd.DataFrame({"subject": counts.index.astype(str), "count": counts.values.astype(int)})
-    table["shot"] = [shot_of(int(c), config) for c in table["count"]]
+    table["shot"] = [shot_bucket(int(c), config) for c in table["count"]]
     return table.sort_values(["count", "subject"], ascending=[False, True]).reset_index(drop=True)
 
 
@@ -611,7 +603,7 @@ class Studio:
         ]
         mean_psi = float(frame["psi"].mean()) if len(frame) else 0.0
         head = (f"**{bundle.captions[row]}** — subject *{subj}* with {counts[subj]} training images "
-                f"({shot_of(counts[subj], self.data_config)}-shot). w_density = **{w:.3f}**, "
+                f"({shot_bucket(counts[subj], self.data_config)}-shot). w_density = **{w:.3f}**, "
                 f"mean psi over its {len(frame)} neighbours = **{mean_psi:.3f}**. "
                 "psi = psi_max × w_density × s_img × s_txt: how much this sample borrows from each neighbour.")
         return head, frame, gallery_items(np.stack(images), labels)

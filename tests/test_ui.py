@@ -33,10 +33,9 @@ def test_format_seconds():
 
 
 @pytest.mark.parametrize("count,shot", [(1, "few"), (4, "few"), (5, "medium"), (20, "medium"), (21, "many")])
-def test_shot_of_matches_the_data_layer(count, shot):
-    from pogdiff.data.stats import shot_bucket
-
-    assert ui.shot_of(count, CFG) == shot == shot_bucket(count, CFG)
+def test_class_table_buckets_follow_the_data_layer(count, shot):
+    table = ui.class_counts_table(["a"] * count, CFG)
+    assert table["shot"].tolist() == [shot]
 
 
 def test_loss_frame_is_long_and_skips_non_loss_columns():
