@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from pogdiff import checkpoints
-from pogdiff.config import DataConfig, PsiConfig, SampleConfig, TrainConfig, model_preset
+from pogdiff.config import DataConfig, PsiConfig, SampleConfig, TrainConfig, model_preset, to_dict
 from pogdiff.training import Trainer, prepare_data, train
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ SHIPPED = REPO_ROOT / "checkpoints"
 BASE_DIR = SHIPPED / "base-tiny"
 EVALUATOR_DIR = SHIPPED / "evaluator"
 EVAL_SAMPLE = SampleConfig(scheduler="ddim", steps=25, guidance_scale=3.0)
-QUALITY_STEPS = 400
+QUALITY_STEPS = 300
 QUICK_STEPS = 2
 
 
@@ -185,19 +185,12 @@ def quality(*, out: Path, methods, seeds, steps: int | None = None, quick: bool 
             cfg = TrainConfig(method=method, max_steps=steps, seed=seed, checkpoint_every=0, log_every=50)
             cfg = _apply_overrides(cfg, overrides or [])
             run_dir = out / "runs" / f"{method}-seed{seed}"
-            t0 = time.perf_counter()
-            result = train(dataset=train_set, model_cfg=model_cfg, train_cfg=cfg, run_dir=run_dir,
-                           base_checkpoint=base, resume=True)
-            train_s = time.perf_counter() - t0
-            model = checkpoints.load_model(result.last_checkpoint)
-            table, summary, images = evaluate_model(model, eval_set, evaluator, counts, sample_cfg=sample_cfg)
-            summary = summary.assign(method=method, seed=seed, train_seconds=round(train_s, 1))
-            summaries.append(summary)
-            table.assign(method=method, seed=seed).to_csv(run_dir / "per_class.csv", index=False)
+            table, summary, images = _evaluated_run(run_dir, cfg, train_set, eval_set, evaluator, counts,
+                                                    model_cfg=model_cfg, base=base, sample_cfg=sample_cfg)
+            summaries.append(summary.assign(method=method, seed=seed))
             if seed == seeds[0]:
                 tables[method] = table
                 grids[method] = images
-            logger.info("%s seed %d done in %.0fs", method, seed, train_s)
     long = pd.concat(summaries, ignore_index=True)
     long.to_csv(out / "summary_all_seeds.csv", index=False)
     report = aggregate(long)
@@ -209,6 +202,35 @@ def quality(*, out: Path, methods, seeds, steps: int | None = None, quick: bool 
     if ship:
         _ship_demo_runs(out, Path(ship), seeds[0], tables)
     return report
+
+
+def _evaluated_run(run_dir: Path, cfg: TrainConfig, train_set, eval_set, evaluator, counts, *, model_cfg, base,
+                   sample_cfg: SampleConfig):
+    """Train (or resume) one run and evaluate it; a finished, evaluated run is read back from disk.
+
+    The cache (``summary.csv``, ``per_class.csv``, ``generated.npy``) is keyed by the run's train
+    config and the evaluation captions, so changing either recomputes it.
+    """
+    key = json.dumps({"train": to_dict(cfg), "captions": list(eval_set.captions), "sample": to_dict(sample_cfg)},
+                     sort_keys=True)
+    stamp = run_dir / "evaluated.json"
+    if stamp.exists() and stamp.read_text() == key:
+        logger.info("%s: using the stored evaluation", run_dir.name)
+        return (pd.read_csv(run_dir / "per_class.csv"), pd.read_csv(run_dir / "summary.csv"),
+                np.load(run_dir / "generated.npy", allow_pickle=False))
+    t0 = time.perf_counter()
+    result = train(dataset=train_set, model_cfg=model_cfg, train_cfg=cfg, run_dir=run_dir,
+                   base_checkpoint=base, resume=True)
+    train_s = time.perf_counter() - t0
+    model = checkpoints.load_model(result.last_checkpoint)
+    table, summary, images = evaluate_model(model, eval_set, evaluator, counts, sample_cfg=sample_cfg)
+    summary = summary.assign(train_seconds=round(train_s, 1))
+    table.to_csv(run_dir / "per_class.csv", index=False)
+    summary.to_csv(run_dir / "summary.csv", index=False)
+    np.save(run_dir / "generated.npy", images, allow_pickle=False)
+    stamp.write_text(key)
+    logger.info("%s done: trained in %.0fs", run_dir.name, train_s)
+    return table, summary, images
 
 
 def _quick_rows(eval_set) -> list[int]:

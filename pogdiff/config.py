@@ -51,7 +51,9 @@ class PsiConfig:
     same_class_pool: bool = False
     sampling: str = "similarity"  # "similarity": draw one of k by similarity; "nearest": always the top-1
     hnsw_above: int = 100_000
-    psi_threshold: float = 1e-3  # rows with psi below this skip the neighbour forward pass
+    # Rows whose psi is at most this skip the neighbour forward pass (their target would move by
+    # less than psi / (1 + psi) towards the neighbour); this is what keeps PoGDiff cheap.
+    psi_threshold: float = 0.05
 
 
 @dataclass

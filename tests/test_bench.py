@@ -45,6 +45,9 @@ def test_quality_benchmark_runs_end_to_end_at_quick_size(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())
     assert {r["bucket"] for r in rows} >= {"all"}
     assert "| baseline |" in (tmp_path / "results.md").read_text()
+    # A second call reads the finished runs back instead of training and sampling again.
+    again = bench.quality(out=tmp_path, methods=["baseline", "pogdiff"], seeds=[0], quick=True)
+    pd.testing.assert_frame_equal(report, again, check_dtype=False, rtol=1e-6)
 
 
 def test_speed_benchmark_reports_every_configuration_relative_to_baseline():
