@@ -289,7 +289,8 @@ def _ship_demo_runs(out: Path, ship: Path, seed: int, tables: dict[str, pd.DataF
         dst = ship / f"demo-{method}"
         if dst.exists():
             shutil.rmtree(dst)
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("trainer_state.safetensors"))
+        shutil.copytree(src, dst)
+        checkpoints.store_half_precision(dst)
         if method in tables:
             tables[method].to_csv(dst / "per_class.csv", index=False)
 
@@ -308,7 +309,8 @@ def build_base(*, out: Path, steps: int, batch_size: int, lr: float, seed: int) 
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(result.last_checkpoint, out, ignore=shutil.ignore_patterns("trainer_state.safetensors"))
+    shutil.copytree(result.last_checkpoint, out)
+    checkpoints.store_half_precision(out)
     model = checkpoints.load_model(out)
     subjects = sorted(set(pre.subjects))[:8]
     captions = [f"a photo of {s}" for s in subjects for _ in range(4)]

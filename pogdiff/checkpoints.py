@@ -270,18 +270,34 @@ def load_model(ckpt_dir: str | Path, *, device: torch.device | str = "cpu", text
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist" + (" (saved without EMA)" if use_ema else ""))
     if cfg.preset != "sd15":
-        unet = UNet2DConditionModel.from_pretrained(folder)
+        unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32)
         if text_encoder is None:
             text_encoder = default_text_encoder(cfg)
         model = from_parts(cfg, unet=unet, scheduler=make_noise_scheduler(cfg), text_encoder=text_encoder)
     elif cfg.full_finetune:
-        model = load_stable_diffusion(cfg, device=device, unet=UNet2DConditionModel.from_pretrained(folder))
+        unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32)
+        model = load_stable_diffusion(cfg, device=device, unet=unet)
     else:
         model = load_stable_diffusion(cfg, device=device)
         _load_lora(model.unet, folder)
     if text_encoder is not None:
         model.text_encoder = text_encoder
     return model.to(device)
+
+
+def store_half_precision(ckpt_dir: str | Path) -> None:
+    """Rewrite the UNet weights of a checkpoint in float16, halving what the repository ships.
+
+    :func:`load_model` always loads them back as float32; the rounding changes sampled pixels by
+    at most a few levels. Optimizer state is not kept (shipped checkpoints are for fine-tuning
+    from and sampling, not for resuming).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    for weights in (ckpt_dir / UNET_DIR).glob("*.safetensors"):
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(weights).items()}
+        save_file(tensors, weights, metadata={"format": "pt"})
+    for name in (STATE_TENSORS,):
+        (ckpt_dir / name).unlink(missing_ok=True)
 
 
 def load_trainer_state(ckpt_dir: str | Path, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:

@@ -183,3 +183,18 @@ def test_export_loads_in_one_line_with_identical_outputs(tmp_path):
     readme = (out / "README.md").read_text()
     assert 'UNet2DConditionModel.from_pretrained("export")' in readme
     assert (out / "configs.json").is_file()
+
+
+def test_half_precision_storage_loads_back_as_float32_with_small_error(tmp_path):
+    from pogdiff.checkpoints import store_half_precision
+
+    model = build_tiny(SMALL, seed=0, text_encoder=HashEncoder())
+    ckpt = save_checkpoint(tmp_path, 1, model, train_cfg=TRAIN)
+    size_before = sum(f.stat().st_size for f in (ckpt / "unet").glob("*.safetensors"))
+    store_half_precision(ckpt)
+    size_after = sum(f.stat().st_size for f in (ckpt / "unet").glob("*.safetensors"))
+    assert size_after < 0.6 * size_before
+    loaded = load_model(latest_checkpoint(tmp_path), text_encoder=HashEncoder())
+    for (name, a), (_, b) in zip(model.unet.state_dict().items(), loaded.unet.state_dict().items()):
+        assert b.dtype == torch.float32, name
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
