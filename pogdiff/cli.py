@@ -80,6 +80,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="PoGDiff: draw one of k neighbours by similarity, or always the nearest")
     p.add_argument("--cbdm-tau", type=float, default=None, help="CBDM regulariser weight")
     p.add_argument("--no-resume", action="store_true", help="start over even if run-dir has checkpoints")
+    p.add_argument("--cache-dir", default=None,
+                   help="where caption embeddings and VAE latents are cached (default: $POGDIFF_CACHE or ~/.cache/pogdiff)")
 
 
 def configs_from_args(args):
@@ -100,6 +102,13 @@ def configs_from_args(args):
     train_cfg = dataclasses.replace(train_cfg, psi=psi)
     model_over = {"pretrained": args.pretrained} if args.pretrained else {}
     return model_preset(args.preset, **model_over), train_cfg
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    root = os.environ.get("POGDIFF_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "pogdiff") / "embeddings"
 
 
 def default_base(preset: str, base: str | None) -> str | None:
@@ -126,7 +135,7 @@ def cmd_train(args) -> int:
 
     result = train(dataset=ds, model_cfg=model_cfg, train_cfg=train_cfg, run_dir=args.run_dir,
                    base_checkpoint=default_base(args.preset, args.base), resume=not args.no_resume,
-                   callback=on_step)
+                   callback=on_step, cache_dir=args.cache_dir or default_cache_dir())
     bar.close()
     print(f"{'stopped' if result.stopped else 'finished'} at step {result.steps_done}; "
           f"checkpoint: {result.last_checkpoint}")

@@ -12,8 +12,11 @@ step ``s`` therefore reproduces the uninterrupted run exactly, without saving RN
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from pogdiff import checkpoints, losses
 from pogdiff.config import METHODS, ModelConfig, SampleConfig, TrainConfig
@@ -91,13 +95,32 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_dataset_images(model, images: np.ndarray, *, batch_size: int = 64) -> torch.Tensor:
-    """Map uint8 images to the model's diffusion space once (VAE latents for SD), on CPU."""
+def encode_dataset_images(model, images: np.ndarray, *, batch_size: int = 64,
+                          cache_dir: str | Path | None = None) -> torch.Tensor:
+    """Map uint8 images to the model's diffusion space once (VAE latents for SD), on CPU.
+
+    For latent models with a ``cache_dir``, the latents are stored as safetensors keyed by a hash
+    of the pixels and the VAE's weights, so a second run on the same set skips the VAE.
+    """
+    path = None
+    if cache_dir is not None and model.vae is not None:
+        digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+        digest.update(json.dumps(dict(model.vae.config), sort_keys=True, default=str).encode())
+        digest.update(str(sum(float(p.float().sum()) for p in model.vae.parameters())).encode())
+        path = Path(cache_dir) / f"latents-{digest.hexdigest()[:24]}.safetensors"
+        if path.exists():
+            return load_file(path)["x0"]
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = images_to_tensor(images[start : start + batch_size]).to(model.device)
         chunks.append(model.encode_images(batch).float().cpu())
-    return torch.cat(chunks)
+    x0 = torch.cat(chunks)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"x0": x0.contiguous()}, tmp)
+        os.replace(tmp, path)
+    return x0
 
 
 def prepare_data(
@@ -113,7 +136,7 @@ def prepare_data(
         raise ValueError("the dataset is empty: load at least two images with captions before training")
     encoder = CachedEncoder(model.text_encoder, cache_dir) if cache_dir else model.text_encoder
     text = encoder.encode(captions).to("cpu")
-    x0 = encode_dataset_images(model, dataset.images)
+    x0 = encode_dataset_images(model, dataset.images, cache_dir=cache_dir)
     classes = sorted(set(subjects))
     index = {c: i for i, c in enumerate(classes)}
     class_ids = torch.tensor([index[s] for s in subjects], dtype=torch.long)
@@ -212,12 +235,8 @@ class Trainer:
         """Train until ``cfg.max_steps`` or until ``stop_event`` is set; checkpoint on the way out."""
         last_ckpt = None
         t_start, steps_timed = time.perf_counter(), 0
-        stopped = False
         try:
-            while self.step < self.cfg.max_steps:
-                if self.stop_event.is_set():
-                    stopped = True
-                    break
+            while self.step < self.cfg.max_steps and not self.stop_event.is_set():
                 terms, psi_stats = self.run_step()
                 self.step += 1
                 steps_timed += 1
@@ -236,10 +255,9 @@ class Trainer:
                     self._preview()
                 if self._due(self.cfg.checkpoint_every) and self.step < self.cfg.max_steps:
                     last_ckpt = self.save()
-            if self.step >= self.cfg.max_steps or stopped or self.stop_event.is_set():
-                stopped = stopped or (self.step < self.cfg.max_steps)
-                if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:06d}"):
-                    last_ckpt = self.save()
+            stopped = self.step < self.cfg.max_steps
+            if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:06d}"):
+                last_ckpt = self.save()
         finally:
             self.model.unet = self._raw_unet
         return TrainResult(self.run_dir, last_ckpt, self.step, stopped, self.history)

@@ -6,6 +6,7 @@ A tiny UNet / VAE / CLIP pipeline is saved as a local diffusers folder and loade
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -163,3 +164,34 @@ def test_generate_two_steps(model):
     assert images.shape == (2, 32, 32, 3) and images.dtype.name == "uint8"
     again = generate(model, CAPTIONS[1:], [1], SampleConfig(steps=2, guidance_scale=2.0))
     assert (images[1] == again[0]).all()
+
+
+def test_vae_latents_are_cached_on_disk_and_reused(tmp_path, model):
+    from pogdiff.training import encode_dataset_images
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    first = encode_dataset_images(model, images, cache_dir=tmp_path)
+    files = list(tmp_path.glob("latents-*.safetensors"))
+    assert len(files) == 1
+    again = encode_dataset_images(model, images, cache_dir=tmp_path)
+    torch.testing.assert_close(again, first)
+    other = encode_dataset_images(model, images[::-1].copy(), cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("latents-*.safetensors"))) == 2
+    assert not torch.equal(other, first)
+
+
+@pytest.mark.parametrize("method", ["pogdiff", "cbdm"])
+def test_trainer_fine_tunes_lora_on_the_stable_diffusion_path(method, cfg, small_demo, tmp_path):
+    from pogdiff.config import DataConfig
+    from pogdiff.data import load_image_text_set
+    from pogdiff.training import train
+
+    ds = load_image_text_set(small_demo / "train", DataConfig(resolution=32))
+    train_cfg = TrainConfig(method=method, max_steps=2, batch_size=2, checkpoint_every=0, log_every=0)
+    result = train(dataset=ds, model_cfg=cfg, train_cfg=train_cfg, run_dir=tmp_path / "run", cache_dir=tmp_path)
+    assert result.steps_done == 2
+    assert list(tmp_path.glob("latents-*.safetensors")), "VAE latents were not cached"
+    reloaded = load_model(result.last_checkpoint)
+    assert reloaded.is_lora
+    images = generate(reloaded, [ds.captions[0]], [0], SampleConfig(steps=2))
+    assert images.shape == (1, 32, 32, 3)
