@@ -105,3 +105,14 @@ def test_image_size_must_match_the_model(dataset, tmp_path):
     cfg = dataclasses.replace(SMALL_MODEL, resolution=16)
     with pytest.raises(ValueError, match="images are 32x32 but the model expects 16x16"):
         train(dataset=dataset, model_cfg=cfg, train_cfg=FAST, run_dir=tmp_path)
+
+
+def test_ema_weights_are_saved_and_differ_from_the_raw_weights(dataset, tmp_path):
+    import torch
+
+    cfg = dataclasses.replace(FAST, max_steps=3, ema_decay=0.5)
+    result = train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=cfg, run_dir=tmp_path)
+    raw = checkpoints.load_model(result.last_checkpoint)
+    ema = checkpoints.load_model(result.last_checkpoint, use_ema=True)
+    diffs = [not torch.equal(a, b) for a, b in zip(raw.unet.parameters(), ema.unet.parameters())]
+    assert any(diffs)
