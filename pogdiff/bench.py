@@ -299,7 +299,6 @@ def _ship_demo_runs(out: Path, ship: Path, seed: int, tables: dict[str, pd.DataF
 def build_base(*, out: Path, steps: int, batch_size: int, lr: float, seed: int) -> Path:
     """Pretrain the tiny base UNet on the balanced, disjoint pretraining identities."""
     from pogdiff.data import ensure_demo, load_image_text_set
-    from pogdiff.sampling import generate, image_grid
 
     pre = load_image_text_set(ensure_demo() / "pretrain", DataConfig())
     cfg = TrainConfig(method="baseline", max_steps=steps, batch_size=batch_size, learning_rate=lr, seed=seed,
@@ -311,14 +310,26 @@ def build_base(*, out: Path, steps: int, batch_size: int, lr: float, seed: int) 
         shutil.rmtree(out)
     shutil.copytree(result.last_checkpoint, out)
     checkpoints.store_half_precision(out)
+    base_samples(out, pre)
+    return out
+
+
+def base_samples(out: Path, pre) -> Path:
+    """A grid of the base model's samples for 8 pretraining identities (4 seeds each), with the
+    real pretraining images of the same identities beside it for comparison."""
+    from pogdiff.sampling import generate, image_grid
+
     model = checkpoints.load_model(out)
     subjects = sorted(set(pre.subjects))[:8]
-    captions = [f"a photo of {s}" for s in subjects for _ in range(4)]
-    images = generate(model, captions, [i % 4 for i in range(len(captions))], EVAL_SAMPLE)
-    image_grid(images, ncols=4, labels=[c.removeprefix("a photo of ") for c in captions], scale=2).save(
-        out / "samples.png")
-    (out / "history.json").write_text(json.dumps([h.terms for h in result.history][:: max(1, steps // 200)]))
-    return out
+    captions = [next(c for c, s in zip(pre.captions, pre.subjects) if s == subj) for subj in subjects]
+    prompts = [c for c in captions for _ in range(4)]
+    images = generate(model, prompts, [i % 4 for i in range(len(prompts))], EVAL_SAMPLE)
+    real = [pre.images[[i for i, s in enumerate(pre.subjects) if s == subj][:2]] for subj in subjects]
+    rows = [np.concatenate([images[4 * k: 4 * k + 4], real[k]]) for k in range(len(subjects))]
+    labels = [f"{subj} (seed {j})" if j < 4 else f"{subj} (real)" for subj in subjects for j in range(6)]
+    image_grid(np.concatenate(rows), ncols=6, labels=labels, scale=3).save(Path(out) / "samples.png")
+    (Path(out) / "samples.json").write_text(json.dumps({"prompts": captions, "seeds": [0, 1, 2, 3]}, indent=2))
+    return Path(out) / "samples.png"
 
 
 def build(args) -> int:
