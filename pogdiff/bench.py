@@ -211,7 +211,7 @@ def _evaluated_run(run_dir: Path, cfg: TrainConfig, train_set, eval_set, evaluat
     The cache (``summary.csv``, ``per_class.csv``, ``generated.npy``) is keyed by the run's train
     config and the evaluation captions, so changing either recomputes it.
     """
-    key = json.dumps({"train": to_dict(cfg), "captions": list(eval_set.captions), "sample": to_dict(sample_cfg)},
+    key = json.dumps({"train": _train_key(cfg), "captions": list(eval_set.captions), "sample": to_dict(sample_cfg)},
                      sort_keys=True)
     stamp = run_dir / "evaluated.json"
     if stamp.exists() and stamp.read_text() == key:
@@ -231,6 +231,14 @@ def _evaluated_run(run_dir: Path, cfg: TrainConfig, train_set, eval_set, evaluat
     stamp.write_text(key)
     logger.info("%s done: trained in %.0fs", run_dir.name, train_s)
     return table, summary, images
+
+
+def _train_key(cfg: TrainConfig) -> dict:
+    """The parts of a TrainConfig a run depends on (psi options only matter to PoGDiff)."""
+    key = to_dict(cfg)
+    if cfg.method != "pogdiff":
+        key.pop("psi")
+    return key
 
 
 def _quick_rows(eval_set) -> list[int]:

@@ -75,7 +75,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-density", action="store_true", help="PoGDiff: drop the density factor of psi")
     p.add_argument("--no-image-sim", action="store_true", help="PoGDiff: drop the image-similarity factor")
     p.add_argument("--no-text-sim", action="store_true", help="PoGDiff: drop the text-similarity factor")
-    p.add_argument("--same-class", action="store_true", help="PoGDiff: neighbours only from the same class")
+    p.add_argument("--same-class", action=argparse.BooleanOptionalAction, default=None,
+                   help="PoGDiff: neighbours only from the caption's own class (default: on; --no-same-class: any caption)")
     p.add_argument("--neighbour-sampling", choices=("similarity", "nearest"), default=None,
                    help="PoGDiff: draw one of k neighbours by similarity, or always the nearest")
     p.add_argument("--cbdm-tau", type=float, default=None, help="CBDM regulariser weight")
@@ -93,11 +94,12 @@ def configs_from_args(args):
     train_cfg = train_preset(args.preset, method=args.method, seed=args.seed,
                              **{k: v for k, v in overrides.items() if v is not None})
     psi = train_cfg.psi
-    psi_over = {"psi_max": args.psi_max, "k": args.k, "sampling": args.neighbour_sampling}
+    psi_over = {"psi_max": args.psi_max, "k": args.k, "sampling": args.neighbour_sampling,
+                "same_class_pool": args.same_class}
     psi = dataclasses.replace(
         psi, **{k: v for k, v in psi_over.items() if v is not None},
         use_density=not args.no_density, use_image_sim=not args.no_image_sim,
-        use_text_sim=not args.no_text_sim, same_class_pool=args.same_class,
+        use_text_sim=not args.no_text_sim,
     )
     train_cfg = dataclasses.replace(train_cfg, psi=psi)
     model_over = {"pretrained": args.pretrained} if args.pretrained else {}

@@ -48,7 +48,8 @@ class PsiConfig:
     use_text_sim: bool = True
     density_gamma: float = 1.0
     kde_bandwidth: float = 0.2
-    same_class_pool: bool = False
+    # Neighbours only from the caption's own class: chosen by the quality benchmark (BENCHMARKS.md).
+    same_class_pool: bool = True
     sampling: str = "similarity"  # "similarity": draw one of k by similarity; "nearest": always the top-1
     hnsw_above: int = 100_000
     # Rows whose psi is at most this skip the neighbour forward pass (their target would move by

@@ -68,3 +68,14 @@ def test_train_then_sample_with_fixed_seeds_is_reproducible(small_demo, tmp_path
 
     unet = UNet2DConditionModel.from_pretrained(export)
     assert unet.config.sample_size == 32
+
+
+def test_psi_options_map_onto_the_config():
+    from pogdiff.cli import configs_from_args
+
+    _, default = configs_from_args(build_parser().parse_args(["train", "--run-dir", "r"]))
+    assert default.psi.same_class_pool is True and default.method == "pogdiff"
+    _, cfg = configs_from_args(build_parser().parse_args(
+        ["train", "--run-dir", "r", "--no-same-class", "--psi-max", "2", "--k", "7", "--no-image-sim"]))
+    assert cfg.psi.same_class_pool is False and cfg.psi.psi_max == 2.0 and cfg.psi.k == 7
+    assert cfg.psi.use_image_sim is False and cfg.psi.use_density is True

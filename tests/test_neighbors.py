@@ -142,7 +142,7 @@ def _toy_set(seed: int = 8):
 
 def test_table_psi_is_the_product_of_its_factors():
     pooled, feats, classes = _toy_set()
-    cfg = PsiConfig(k=3, psi_max=2.0)
+    cfg = PsiConfig(same_class_pool=False, k=3, psi_max=2.0)
     table = build_neighbour_table(pooled, feats, cfg, classes=classes)
     n = len(classes)
     assert table.indices.shape == table.psi.shape == table.probs.shape == (n, 3)
@@ -163,7 +163,7 @@ def test_table_psi_is_the_product_of_its_factors():
 
 def test_psi_is_monotone_in_each_factor_and_off_means_one():
     pooled, feats, classes = _toy_set()
-    base_cfg = PsiConfig(k=3, psi_max=1.0)
+    base_cfg = PsiConfig(same_class_pool=False, k=3, psi_max=1.0)
     base = build_neighbour_table(pooled, feats, base_cfg, classes=classes)
     assert base.psi.max() > 0
     # raising psi_max never lowers psi
@@ -213,7 +213,7 @@ def test_same_class_pool_never_crosses_classes():
 
 def test_draw_is_deterministic_and_matches_probs():
     pooled, feats, classes = _toy_set()
-    table = build_neighbour_table(pooled, feats, PsiConfig(k=3), classes=classes)
+    table = build_neighbour_table(pooled, feats, PsiConfig(same_class_pool=False, k=3), classes=classes)
     rows = np.array([0, 4, 7])
     a = table.draw(rows, torch.Generator().manual_seed(123))
     b = table.draw(rows, torch.Generator().manual_seed(123))
@@ -227,14 +227,14 @@ def test_draw_is_deterministic_and_matches_probs():
         np.testing.assert_allclose(freq, table.probs[r], atol=0.015)
         lookup = dict(zip(table.indices[r], table.psi[r]))
         np.testing.assert_array_equal(psi[many == r], [lookup[j] for j in picked])
-    nearest = build_neighbour_table(pooled, feats, PsiConfig(k=3, sampling="nearest"), classes=classes)
+    nearest = build_neighbour_table(pooled, feats, PsiConfig(same_class_pool=False, k=3, sampling="nearest"), classes=classes)
     ids, _ = nearest.draw(np.arange(10), torch.Generator().manual_seed(0))
     np.testing.assert_array_equal(ids, nearest.indices[:, 0])
 
 
 def test_table_save_load_round_trip(tmp_path):
     pooled, feats, classes = _toy_set()
-    cfg = PsiConfig(k=2, psi_max=0.7, density_gamma=0.5, sampling="nearest")
+    cfg = PsiConfig(same_class_pool=False, k=2, psi_max=0.7, density_gamma=0.5, sampling="nearest")
     table = build_neighbour_table(pooled, feats, cfg, classes=classes)
     path = tmp_path / "neighbours.safetensors"
     table.save(path)
@@ -252,13 +252,13 @@ def test_table_save_load_round_trip(tmp_path):
 def test_table_config_errors():
     pooled, feats, classes = _toy_set()
     with pytest.raises(ValueError, match="unknown PsiConfig.sampling 'random'"):
-        build_neighbour_table(pooled, feats, PsiConfig(sampling="random"))
+        build_neighbour_table(pooled, feats, PsiConfig(same_class_pool=False, sampling="random"))
     with pytest.raises(ValueError, match="image_feats is None"):
-        build_neighbour_table(pooled, None, PsiConfig())
-    table = build_neighbour_table(pooled, None, PsiConfig(use_image_sim=False))
+        build_neighbour_table(pooled, None, PsiConfig(same_class_pool=False))
+    table = build_neighbour_table(pooled, None, PsiConfig(same_class_pool=False, use_image_sim=False))
     assert np.all(table.s_img == 1)
     with pytest.raises(ValueError, match="got 3 classes for 10"):
-        build_neighbour_table(pooled, feats, PsiConfig(), classes=classes[:3])
+        build_neighbour_table(pooled, feats, PsiConfig(same_class_pool=False), classes=classes[:3])
 
 
 def test_image_features_uint8_and_latents():
