@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from pogdiff import checkpoints
 from pogdiff.config import DataConfig, PsiConfig, SampleConfig, TrainConfig, model_preset, to_dict

@@ -445,7 +445,6 @@ def train(
         )
     run_dir = Path(run_dir)
     latest = checkpoints.latest_checkpoint(run_dir) if resume else None
-    start_step, history = 0, []
     if latest is not None:
         model = checkpoints.load_model(latest)
         state_ckpt = latest

@@ -19,7 +19,6 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field

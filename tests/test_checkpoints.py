@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -23,45 +21,16 @@ from pogdiff.checkpoints import (
 )
 from pogdiff.config import ModelConfig, TrainConfig
 from pogdiff.models import DiffusionModel, build_tiny
+from tests.fakes import TOKEN_DIM, HashEncoder
 
-TOKEN_DIM = 16
 SMALL = ModelConfig(block_out_channels=(8, 16, 32), resolution=16, cross_attention_dim=TOKEN_DIM)
 TRAIN = TrainConfig(max_steps=7, batch_size=2, learning_rate=1e-3, seed=5)
 
 
-@dataclass
-class Emb:
-    pooled: torch.Tensor
-    tokens: torch.Tensor
-    mask: torch.Tensor
 
 
-class HashEncoder:
-    """Deterministic stand-in caption encoder: one seeded random vector per word, padded to L."""
-
-    name = "hash"
-    pooled_dim = TOKEN_DIM
-    token_dim = TOKEN_DIM
-    max_tokens = 6
-
-    def encode(self, captions):
-        n, L = len(captions), self.max_tokens
-        tokens, mask = torch.zeros(n, L, TOKEN_DIM), torch.zeros(n, L, dtype=torch.bool)
-        for i, caption in enumerate(captions):
-            for j, word in enumerate((["<s>"] + caption.split())[:L]):
-                seed = int(hashlib.sha256(word.encode()).hexdigest()[:8], 16)
-                tokens[i, j] = torch.randn(TOKEN_DIM, generator=torch.Generator().manual_seed(seed))
-                mask[i, j] = True
-        return Emb(torch.nn.functional.normalize(tokens.sum(1), dim=-1), tokens, mask)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions are far faster single-threaded on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(seed: int = 0) -> DiffusionModel:

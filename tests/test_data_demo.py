@@ -1,5 +1,4 @@
 import json
-import os
 from collections import Counter
 
 import numpy as np

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -21,49 +19,16 @@ from pogdiff.models import (
     make_noise_scheduler,
     tiny_unet,
 )
+from tests.fakes import TOKEN_DIM, HashEncoder
 
 logger = logging.getLogger(__name__)
-TOKEN_DIM = 16
 SMALL = ModelConfig(block_out_channels=(8, 16, 32), resolution=16, cross_attention_dim=TOKEN_DIM)
 
 
-@dataclass
-class Emb:
-    pooled: torch.Tensor
-    tokens: torch.Tensor
-    mask: torch.Tensor
 
 
-class HashEncoder:
-    """Deterministic stand-in caption encoder: one seeded random vector per word, padded to L."""
-
-    name = "hash"
-    pooled_dim = TOKEN_DIM
-    token_dim = TOKEN_DIM
-    max_tokens = 6
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def encode(self, captions):
-        self.calls += 1
-        n, L = len(captions), self.max_tokens
-        tokens, mask = torch.zeros(n, L, TOKEN_DIM), torch.zeros(n, L, dtype=torch.bool)
-        for i, caption in enumerate(captions):
-            for j, word in enumerate((["<s>"] + caption.split())[:L]):
-                seed = int(hashlib.sha256(word.encode()).hexdigest()[:8], 16)
-                tokens[i, j] = torch.randn(TOKEN_DIM, generator=torch.Generator().manual_seed(seed))
-                mask[i, j] = True
-        return Emb(torch.nn.functional.normalize(tokens.sum(1), dim=-1), tokens, mask)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions are far faster single-threaded on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _small(seed: int = 0) -> DiffusionModel:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -14,47 +12,18 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from pogdiff.config import ModelConfig, SampleConfig
 from pogdiff.models import build_tiny
 from pogdiff.sampling import GenerationStopped, generate, image_grid, initial_noise, make_scheduler, to_uint8
+from tests.fakes import TOKEN_DIM, HashEncoder
 
-TOKEN_DIM = 16
 SMALL = ModelConfig(block_out_channels=(8, 16, 32), resolution=16, cross_attention_dim=TOKEN_DIM)
 CAPTIONS = ["a red cat", "two dogs on grass", "a blue car", "a red cat"]
 SEEDS = [11, 12, 13, 14]
 FAST = SampleConfig(steps=2, guidance_scale=3.0)
 
 
-@dataclass
-class Emb:
-    pooled: torch.Tensor
-    tokens: torch.Tensor
-    mask: torch.Tensor
 
 
-class HashEncoder:
-    """Deterministic stand-in caption encoder: one seeded random vector per word, padded to L."""
-
-    name = "hash"
-    pooled_dim = TOKEN_DIM
-    token_dim = TOKEN_DIM
-    max_tokens = 6
-
-    def encode(self, captions):
-        n, L = len(captions), self.max_tokens
-        tokens, mask = torch.zeros(n, L, TOKEN_DIM), torch.zeros(n, L, dtype=torch.bool)
-        for i, caption in enumerate(captions):
-            for j, word in enumerate((["<s>"] + caption.split())[:L]):
-                seed = int(hashlib.sha256(word.encode()).hexdigest()[:8], 16)
-                tokens[i, j] = torch.randn(TOKEN_DIM, generator=torch.Generator().manual_seed(seed))
-                mask[i, j] = True
-        return Emb(torch.nn.functional.normalize(tokens.sum(1), dim=-1), tokens, mask)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions are far faster single-threaded on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,6 @@ RANK = 4
 CAPTIONS = ["a photo of a cat", "a photo of a dog"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions are far faster single-threaded on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tiny_pipeline(folder) -> StableDiffusionPipeline:
