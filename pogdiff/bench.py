@@ -57,14 +57,9 @@ def _base_or_fresh():
 class _ReencodeTrainer(Trainer):
     """The naive loop: encodes the batch's captions with the text encoder at every step."""
 
-    def context(self, rows, drop=None):
-        captions = [self.data.captions[i] for i in rows.tolist()]
-        emb = self.model.text_encoder.encode(captions)
-        tokens, mask = emb.tokens.clone(), emb.mask.clone()
-        if drop is not None and bool(drop.any()):
-            tokens[drop] = self.null_tokens.to(tokens.dtype)
-            mask[drop] = self.null_mask
-        return tokens.to(self.device), mask.to(self.device)
+    def caption_states(self, rows):
+        emb = self.model.text_encoder.encode([self.data.captions[i] for i in rows.tolist()])
+        return emb.tokens.clone(), emb.mask.clone()
 
 
 def speed(*, steps: int = 20, warmup: int = 3, batch_size: int = 32, repeats: int = 3) -> pd.DataFrame:

@@ -308,10 +308,14 @@ class Trainer:
             [self.data.class_rows[c][int(p * len(self.data.class_rows[c]))] for c, p in zip(classes.tolist(), picks)]
         )
 
+    def caption_states(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached token states [B x L x C] and mask [B x L] of caption rows (fresh copies)."""
+        emb = self.data.text.index(rows)
+        return emb.tokens.clone(), emb.mask.clone()
+
     def context(self, rows: torch.Tensor, drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states and mask of caption rows, with dropped rows replaced by the empty caption."""
-        emb = self.data.text.index(rows)
-        tokens, mask = emb.tokens.clone(), emb.mask.clone()
+        tokens, mask = self.caption_states(rows)
         if drop is not None and bool(drop.any()):
             tokens[drop] = self.null_tokens.to(tokens.dtype)
             mask[drop] = self.null_mask
