@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -38,3 +39,10 @@ class HashEncoder:
                 tokens[i, j] = torch.randn(TOKEN_DIM, generator=torch.Generator().manual_seed(seed))
                 mask[i, j] = True
         return Emb(torch.nn.functional.normalize(tokens.sum(1), dim=-1), tokens, mask)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

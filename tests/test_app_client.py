@@ -6,7 +6,6 @@ Flow: demo set -> stats -> neighbours -> a few training steps (tiny config) -> e
 from __future__ import annotations
 
 import os
-import socket
 import zipfile
 
 import pytest
@@ -17,14 +16,9 @@ from gradio_client import Client  # noqa: E402
 
 import app  # noqa: E402
 from pogdiff.ui import Studio  # noqa: E402
+from tests.fakes import free_port
 
 TRAIN_TIMEOUT = 420.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ unless ``POGDIFF_REQUIRE_BROWSER=1`` (then it fails).
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+from tests.fakes import free_port
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -43,12 +43,6 @@ def _browser_or_skip():
     return sync_playwright
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     _browser_or_skip()
@@ -58,7 +52,7 @@ def app_url(tmp_path_factory):
     studio = Studio(tmp_path_factory.mktemp("browser") / "runs", device="cpu")
     demo = app.build_demo(studio)
     demo.queue(default_concurrency_limit=2)
-    port = _free_port()
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 **app.launch_options(studio, 50))
     try:
