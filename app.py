@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 
 from pogdiff.config import METHODS, PRESETS, PsiConfig, TrainConfig  # noqa: E402
+from pogdiff.neighbors import POOLS  # noqa: E402
 from pogdiff.ui import Studio, gpu_task  # noqa: E402
 
 TITLE = "PoGDiff Studio"
@@ -150,8 +151,8 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                                          info="How many nearest captions each caption can borrow from.")
                         nb_psi_max = gr.Slider(0.0, 5.0, value=psi.psi_max, step=0.1, label="psi_max",
                                                info="Upper bound of psi (the neighbour's relative precision).")
-                        nb_same = gr.Checkbox(value=psi.same_class_pool, label="Same-class pool",
-                                              info="Only look for neighbours inside the caption's own class.")
+                        nb_same = gr.Dropdown(choices=list(POOLS), value=psi.pool, label="Neighbour pool",
+                                              info="same_class: the caption's own class; other_class: other subjects only; all: any caption.")
                         map_btn = gr.Button("Build / refresh the map", variant="secondary")
                 caption_dd = gr.Dropdown(
                     label="Caption", choices=[], filterable=True,
@@ -207,8 +208,8 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                                                         info="Only borrow from neighbours whose image looks alike.")
                             use_text_sim = gr.Checkbox(value=psi.use_text_sim, label="s_txt",
                                                        info="Scale by caption similarity.")
-                            same_class = gr.Checkbox(value=psi.same_class_pool, label="Same-class pool",
-                                                     info="Neighbours only from the caption's own class.")
+                            same_class = gr.Dropdown(choices=list(POOLS), value=psi.pool, label="Neighbour pool",
+                                                     info="Where neighbours come from (README 'The method').")
                         with gr.Row():
                             start_btn = gr.Button("Start training", variant="primary")
                             stop_btn = gr.Button("Stop", variant="stop", interactive=False)

@@ -31,15 +31,27 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = REPO_ROOT / "checkpoints"
 BASE_DIR = SHIPPED / "base-tiny"
 EVALUATOR_DIR = SHIPPED / "evaluator"
+# The embedded benchmark sets (README "Results"): the demo spec kind and the evaluator that names them.
+DATASETS = {"demo": ("identities", EVALUATOR_DIR), "families": ("families", SHIPPED / "evaluator-families")}
 EVAL_SAMPLE = SampleConfig(scheduler="ddim", steps=25, guidance_scale=3.0)
 QUALITY_STEPS = 300
+QUALITY_BATCH = 16
+QUALITY_EVAL_PER_CLASS = 4  # evaluation captions per class (of the 8 held out)
 QUICK_STEPS = 2
+# Buckets and metrics copied per seed into summary.json (name -> (bucket, summary column)).
+SUMMARY_METRICS = {
+    "few_acc": ("few", "accuracy"), "medium_acc": ("medium", "accuracy"), "many_acc": ("many", "accuracy"),
+    "all_acc": ("all", "accuracy"), "few_grecall": ("few", "gRecall"), "medium_grecall": ("medium", "gRecall"),
+    "few_fd": ("few", "FD"), "medium_fd": ("medium", "FD"), "many_fd": ("many", "FD"), "all_fd": ("all", "FD"),
+}
 
 
-def _demo_splits():
-    from pogdiff.data import ensure_demo, load_image_text_set
+def _demo_splits(data: str = "demo"):
+    from pogdiff.data import DemoSpec, ensure_demo, load_image_text_set
 
-    root = ensure_demo()
+    if data not in DATASETS:
+        raise ValueError(f"unknown benchmark set {data!r}; choose one of {', '.join(DATASETS)}")
+    root = ensure_demo(DemoSpec(kind=DATASETS[data][0]))
     cfg = DataConfig()
     return root, load_image_text_set(root / "train", cfg), load_image_text_set(root / "eval", cfg)
 
@@ -156,46 +168,132 @@ def _apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
 
 
 def quality(*, out: Path, methods, seeds, steps: int | None = None, quick: bool = False,
-            overrides: list[str] | None = None, ship: Path | None = None) -> pd.DataFrame:
-    """Fine-tune each method from the same base for each seed, evaluate, and write the report."""
+            overrides: list[str] | None = None, ship: Path | None = None, data: str = "demo",
+            batch_size: int = QUALITY_BATCH, eval_per_class: int = QUALITY_EVAL_PER_CLASS) -> pd.DataFrame:
+    """Fine-tune each method from the same base for each seed, evaluate, and write the report.
+
+    Runs are paired: every method sees the same seeds, hence the same timesteps, noise and (except
+    ``resample``) batch rows, and generates from the same captions with the same sampling seeds.
+    Writes ``out/<data>/`` (runs, tables, plots, grids) and merges ``out/summary.json``.
+    """
     from pogdiff import metrics
     from pogdiff.evaluator import load_evaluator
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _, train_set, eval_set = _demo_splits()
-    if quick:
-        keep = _quick_rows(eval_set)
-        eval_set = _subset(eval_set, keep)
-    evaluator = load_evaluator(EVALUATOR_DIR)
+    folder = out / data
+    folder.mkdir(parents=True, exist_ok=True)
+    _, train_set, eval_set = _demo_splits(data)
+    eval_set = _subset(eval_set, _quick_rows(eval_set) if quick else _per_class_rows(eval_set, eval_per_class))
+    evaluator = load_evaluator(DATASETS[data][1])
     _, base = _base_or_fresh()
     model_cfg = checkpoints.load_configs(base)[0] if base else model_preset("tiny")
     counts = pd.Series(train_set.subjects).value_counts().to_dict()
     steps = steps or (QUICK_STEPS if quick else QUALITY_STEPS)
     sample_cfg = dataclasses.replace(EVAL_SAMPLE, steps=2) if quick else EVAL_SAMPLE
-    summaries, tables, grids = [], {}, {}
+    summaries, tables, grids, per_class = [], {}, {}, []
     for seed in seeds:
         for method in methods:
-            cfg = TrainConfig(method=method, max_steps=steps, seed=seed, checkpoint_every=0, log_every=50)
+            cfg = TrainConfig(method=method, max_steps=steps, seed=seed, batch_size=batch_size,
+                              checkpoint_every=0, log_every=50)
             cfg = _apply_overrides(cfg, overrides or [])
-            run_dir = out / "runs" / f"{method}-seed{seed}"
+            run_dir = folder / "runs" / f"{method}-seed{seed}"
             table, summary, images = _evaluated_run(run_dir, cfg, train_set, eval_set, evaluator, counts,
                                                     model_cfg=model_cfg, base=base, sample_cfg=sample_cfg)
             summaries.append(summary.assign(method=method, seed=seed))
+            per_class.append(table.assign(method=method, seed=seed))
             if seed == seeds[0]:
                 tables[method] = table
                 grids[method] = images
     long = pd.concat(summaries, ignore_index=True)
-    long.to_csv(out / "summary_all_seeds.csv", index=False)
+    long.to_csv(folder / "summary_all_seeds.csv", index=False)
+    classes = pd.concat(per_class, ignore_index=True)
+    classes.to_csv(folder / "per_class_all_seeds.csv", index=False)
     report = aggregate(long)
-    report.to_csv(out / "results.csv", index=False)
-    (out / "results.json").write_text(report.to_json(orient="records", indent=2))
-    (out / "results.md").write_text(to_markdown(report, steps=steps, seeds=seeds))
-    metrics.accuracy_vs_frequency_figure(tables, path=out / "accuracy_vs_frequency.png")
-    _few_shot_grids(out, eval_set, grids, counts)
+    report.to_csv(folder / "results.csv", index=False)
+    (folder / "results.json").write_text(report.to_json(orient="records", indent=2))
+    (folder / "results.md").write_text(to_markdown(report, steps=steps, seeds=seeds))
+    metrics.accuracy_vs_frequency_figure(tables, path=folder / "accuracy_vs_frequency.png")
+    _few_shot_grids(folder, eval_set, grids, counts)
+    entry = summary_entry(long, classes, steps=steps, seeds=list(seeds), batch_size=batch_size,
+                          n_eval=len(eval_set), overrides=overrides or [])
+    _merge_summary(out / "summary.json", data, entry)
     if ship:
-        _ship_demo_runs(out, Path(ship), seeds[0], tables)
+        _ship_demo_runs(folder, Path(ship), seeds[0], tables, prefix="demo" if data == "demo" else data)
     return report
+
+
+def summary_entry(long: pd.DataFrame, classes: pd.DataFrame, *, steps: int, seeds: list[int], batch_size: int,
+                  n_eval: int, overrides: list[str]) -> dict:
+    """One benchmark set's block of ``summary.json``: per-seed bucket metrics of every method and
+    the paired comparisons of PoGDiff against each other method (README "Results")."""
+    methods = list(dict.fromkeys(long["method"]))
+    block: dict = {"steps": steps, "seeds": seeds, "batch_size": batch_size, "n_eval_captions": n_eval,
+                   "overrides": overrides, "methods": {}, "comparisons": {}}
+    for method in methods:
+        rows = long[long["method"] == method]
+        block["methods"][method] = {
+            name: [_clean(_bucket_value(rows, seed, bucket, col)) for seed in seeds]
+            for name, (bucket, col) in SUMMARY_METRICS.items()
+        }
+    if "pogdiff" in methods:
+        for other in methods:
+            if other != "pogdiff":
+                block["comparisons"][f"pogdiff_vs_{other}"] = _compare(block["methods"], classes, "pogdiff", other)
+    return block
+
+
+def _compare(per_method: dict, classes: pd.DataFrame, a: str, b: str) -> dict:
+    from pogdiff import metrics
+
+    out = {}
+    for bucket in ("few", "medium", "many"):
+        key = f"{bucket}_acc"
+        va, vb = (_nan(per_method[m][key]) for m in (a, b))
+        ratios = metrics.paired_ratios(va, vb)
+        part = classes[classes["shot"] == bucket]
+        by_class = part.groupby(["method", "subject"])["accuracy"].mean().unstack(0)
+        entry = {"paired_ratio": [_clean(r) for r in ratios],
+                 "every_seed_above_1": bool(all(r > 1 for r in ratios)),
+                 "mean_difference": _clean(float(np.mean(va) - np.mean(vb)))}
+        if a in by_class and b in by_class and len(by_class):
+            ratio, low, high = metrics.bootstrap_ratio_ci(by_class[a].values, by_class[b].values)
+            entry.update(ratio_of_means=_clean(ratio), bootstrap_ci95=[_clean(low), _clean(high)],
+                         n_classes=int(len(by_class)))
+        out[bucket] = entry
+    return out
+
+
+def _nan(values: list) -> list[float]:
+    return [float("nan") if v is None else float(v) for v in values]
+
+
+def _bucket_value(rows: pd.DataFrame, seed: int, bucket: str, col: str) -> float:
+    hit = rows[(rows["seed"] == seed) & (rows["bucket"] == bucket)]
+    return float(hit[col].iloc[0]) if len(hit) and col in hit else float("nan")
+
+
+def _clean(x: float) -> float | None:
+    """JSON-safe float: NaN and infinities become None."""
+    return None if x is None or not np.isfinite(x) else round(float(x), 6)
+
+
+def _merge_summary(path: Path, data: str, entry: dict) -> None:
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary[data] = entry
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _per_class_rows(eval_set, n: int) -> list[int]:
+    """The first ``n`` evaluation captions of every class, in file order."""
+    seen: dict[str, int] = {}
+    rows = []
+    for i, s in enumerate(eval_set.subjects):
+        if seen.get(s, 0) < n:
+            seen[s] = seen.get(s, 0) + 1
+            rows.append(i)
+    return rows
 
 
 def _evaluated_run(run_dir: Path, cfg: TrainConfig, train_set, eval_set, evaluator, counts, *, model_cfg, base,
@@ -282,13 +380,14 @@ def _few_shot_grids(out: Path, eval_set, grids: dict[str, np.ndarray], counts: d
         image_grid(images[rows], ncols=8, labels=labels, scale=2).save(out / f"few_shot_{method}.png")
 
 
-def _ship_demo_runs(out: Path, ship: Path, seed: int, tables: dict[str, pd.DataFrame]) -> None:
-    """Copy the seed's baseline and pogdiff checkpoints where the app finds them."""
-    for method in ("baseline", "pogdiff"):
+def _ship_demo_runs(out: Path, ship: Path, seed: int, tables: dict[str, pd.DataFrame], *,
+                    prefix: str = "demo") -> None:
+    """Copy the seed's checkpoints of every method where the app finds them (``<prefix>-<method>``)."""
+    for method in tables:
         src = checkpoints.latest_checkpoint(out / "runs" / f"{method}-seed{seed}")
         if src is None:
             continue
-        dst = ship / f"demo-{method}"
+        dst = ship / f"{prefix}-{method}"
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(src, dst)
@@ -345,7 +444,7 @@ def build(args) -> int:
     cfg = EvaluatorConfig(seed=args.seed)
     if args.steps:
         cfg = dataclasses.replace(cfg, steps=args.steps)
-    res = train_evaluator(DemoSpec(), cfg, Path(args.out))
+    res = train_evaluator(DemoSpec(kind=args.kind), cfg, Path(args.out))
     print(json.dumps(res, indent=2, default=str))
     return 0
 
@@ -358,7 +457,8 @@ def main(args) -> int:
             Path(args.out).write_text(table.to_json(orient="records", indent=2))
         return 0
     report = quality(out=Path(args.out), methods=args.methods, seeds=args.seeds, steps=args.steps,
-                     quick=args.quick, overrides=args.set, ship=Path(args.ship) if args.ship else None)
+                     quick=args.quick, overrides=args.set, ship=Path(args.ship) if args.ship else None,
+                     data=args.data, batch_size=args.batch_size, eval_per_class=args.eval_per_class)
     print(to_markdown(report, steps=args.steps or QUALITY_STEPS, seeds=args.seeds))
     return 0
 

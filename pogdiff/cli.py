@@ -17,16 +17,21 @@ from pogdiff.config import METHODS, PRESETS, DataConfig, SampleConfig, model_pre
 logger = logging.getLogger("pogdiff")
 
 DEMO = "demo"
+FAMILIES = "families"
+DEMO_KINDS = ("identities", FAMILIES)
 DEFAULT_BASE = Path(__file__).resolve().parent.parent / "checkpoints" / "base-tiny"
 
 
 def resolve_data(source: str, split: str = "train", *, resolution: int = 32):
-    """Load an image-text set: a folder, a .zip, or ``demo`` for the embedded demo set."""
-    from pogdiff.data import ensure_demo, load_image_text_set
+    """Load an image-text set: a folder, a .zip, ``demo`` (the embedded identity set) or
+    ``families`` (the embedded look-alike families set)."""
+    from pogdiff.data import DemoSpec, ensure_demo, load_image_text_set
 
     cfg = DataConfig(resolution=resolution)
     if source == DEMO:
         return load_image_text_set(ensure_demo() / split, cfg)
+    if source == FAMILIES:
+        return load_image_text_set(ensure_demo(DemoSpec(kind=FAMILIES)) / split, cfg)
     return load_image_text_set(source, cfg)
 
 
@@ -75,8 +80,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-density", action="store_true", help="PoGDiff: drop the density factor of psi")
     p.add_argument("--no-image-sim", action="store_true", help="PoGDiff: drop the image-similarity factor")
     p.add_argument("--no-text-sim", action="store_true", help="PoGDiff: drop the text-similarity factor")
-    p.add_argument("--same-class", action=argparse.BooleanOptionalAction, default=None,
-                   help="PoGDiff: neighbours only from the caption's own class (default: on; --no-same-class: any caption)")
+    p.add_argument("--neighbour-pool", choices=("same_class", "all", "other_class"), default=None,
+                   help="PoGDiff: where neighbours come from (README 'The method')")
+    p.add_argument("--psi-schedule", choices=("constant", "gaussian"), default=None,
+                   help="PoGDiff: psi constant over timesteps, or the Gaussian timestep-dependent psi")
+    p.add_argument("--balanced-sampling", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw batches class-balanced (always on for --method resample)")
     p.add_argument("--neighbour-sampling", choices=("similarity", "nearest"), default=None,
                    help="PoGDiff: draw one of k neighbours by similarity, or always the nearest")
     p.add_argument("--cbdm-tau", type=float, default=None, help="CBDM regulariser weight")
@@ -90,12 +99,14 @@ def configs_from_args(args):
         "max_steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,
         "mixed_precision": args.mixed_precision, "ema_decay": args.ema_decay,
         "checkpoint_every": args.checkpoint_every, "cbdm_tau": args.cbdm_tau,
+        "balanced_sampling": args.balanced_sampling,
     }
     train_cfg = train_preset(args.preset, method=args.method, seed=args.seed,
                              **{k: v for k, v in overrides.items() if v is not None})
     psi = train_cfg.psi
     psi_over = {"psi_max": args.psi_max, "k": args.k, "sampling": args.neighbour_sampling,
-                "same_class_pool": args.same_class}
+                "pool": args.neighbour_pool,
+                "schedule": args.psi_schedule}
     psi = dataclasses.replace(
         psi, **{k: v for k, v in psi_over.items() if v is not None},
         use_density=not args.no_density, use_image_sim=not args.no_image_sim,
@@ -132,13 +143,19 @@ def cmd_train(args) -> int:
 
     def on_step(info) -> None:
         bar.n = info.step
-        bar.set_postfix(loss=f"{info.terms['loss']:.4f}", psi=f"{info.psi_mean:.3f}")
+        post = {"loss": f"{info.terms['loss']:.4f}"}
+        if train_cfg.method == "pogdiff":
+            post.update(psi=f"{info.psi_mean:.3f}", active=f"{100 * info.psi_active:.0f}%",
+                        pog=f"{100 * info.pog_share:.2f}%")
+        bar.set_postfix(**post)
         bar.refresh()
 
     result = train(dataset=ds, model_cfg=model_cfg, train_cfg=train_cfg, run_dir=args.run_dir,
                    base_checkpoint=default_base(args.preset, args.base), resume=not args.no_resume,
                    callback=on_step, cache_dir=args.cache_dir or default_cache_dir())
     bar.close()
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{'stopped' if result.stopped else 'finished'} at step {result.steps_done}; "
           f"checkpoint: {result.last_checkpoint}")
     return 0
@@ -238,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="checkpoints/evaluator", help="output folder")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: EvaluatorConfig)")
     p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--kind", choices=DEMO_KINDS, default="identities",
+                   help="which embedded set's identities it names (identities or families)")
     p.set_defaults(fn=cmd_build)
 
     bench = sub.add_parser("bench", help="speed and quality benchmarks").add_subparsers(dest="bench_cmd", required=True)
@@ -248,9 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median reported)")
     p.add_argument("--out", default=None, help="write the table as JSON here")
     p.set_defaults(fn=cmd_bench)
-    p = bench.add_parser("quality", help="baseline vs pogdiff vs cbdm on the demo set, over several seeds")
-    p.add_argument("--out", default="results/quality", help="output folder (tables, plots, grids)")
-    p.add_argument("--methods", nargs="+", default=["baseline", "pogdiff", "cbdm"], choices=METHODS)
+    p = bench.add_parser("quality", help="baseline / pogdiff / cbdm / resample on an embedded set, paired over seeds")
+    p.add_argument("--out", default="results/quality",
+                   help="output folder: <out>/<data>/ (runs, tables, plots, grids) and <out>/summary.json")
+    p.add_argument("--data", choices=("demo", "families"), default="demo", help="embedded benchmark set")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--batch-size", type=int, default=16, help="fine-tuning batch size")
+    p.add_argument("--eval-per-class", type=int, default=4, help="evaluation captions per class (at most 8)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run")
     p.add_argument("--quick", action="store_true", help="tiny size for tests")

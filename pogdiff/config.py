@@ -48,9 +48,15 @@ class PsiConfig:
     use_text_sim: bool = True
     density_gamma: float = 1.0
     kde_bandwidth: float = 0.2
-    # Neighbours only from the caption's own class: chosen by the quality benchmark (BENCHMARKS.md).
-    same_class_pool: bool = True
+    # Where neighbours come from (README "The method"): "same_class" (the caption's own class),
+    # "all" (every other caption) or "other_class" (captions of other classes only: a same-class
+    # neighbour that is a rewording of the caption predicts what the caption predicts).
+    pool: str = "same_class"
     sampling: str = "similarity"  # "similarity": draw one of k by similarity; "nearest": always the top-1
+    # "constant": psi is the table's value at every timestep. "gaussian": times
+    # beta_tilde_t / (beta_tilde_t + coef1_t^2 * delta^2), delta^2 the pair's mean squared
+    # difference of clean images (README "The method", timestep-dependent psi).
+    schedule: str = "constant"
     hnsw_above: int = 100_000
     # Rows whose psi is at most this skip the neighbour forward pass (their target would move by
     # less than psi / (1 + psi) towards the neighbour); this is what keeps PoGDiff cheap.
@@ -96,6 +102,9 @@ class TrainConfig:
     seed: int = 0
     caption_dropout: float = 0.1
     ema_decay: float = 0.0  # 0 disables EMA
+    # Draw batch rows class-balanced (a class uniformly, then one of its rows). Always on for the
+    # "resample" method; with "pogdiff" it puts the PoG target on top of class-balanced sampling.
+    balanced_sampling: bool = False
     mixed_precision: str = "no"  # "no", "fp16", "bf16"
     checkpoint_every: int = 250
     log_every: int = 10
@@ -145,9 +154,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+# Fields renamed since configs were first saved: old key -> (new key, value mapping).
+_RENAMED = {"same_class_pool": ("pool", lambda v: "same_class" if v else "all")}
+
+
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Plain dict -> dataclass, recursing into nested dataclasses; unknown keys are an error."""
     names = {f.name: f for f in dataclasses.fields(cls)}
+    data = dict(data)
+    for old, (new, convert) in _RENAMED.items():
+        if old in data and old not in names and new in names:
+            data.setdefault(new, convert(data.pop(old)))
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(names)}")

@@ -390,3 +390,61 @@ def accuracy_vs_frequency_figure(
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+# ---------------------------------------------------------------------------------- statistics
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_LEVEL = 0.95
+
+
+def paired_ratios(treated: Sequence[float], control: Sequence[float]) -> list[float]:
+    """Per-seed ratios ``treated[s] / control[s]`` of a paired comparison (same seeds, data order
+    and sampling noise); ``inf`` where the control is 0 and the treated run is not, NaN for 0 / 0
+    and where either value is missing (NaN)."""
+    if len(treated) != len(control):
+        raise ValueError(f"paired ratios need as many treated as control values, got {len(treated)} and {len(control)}")
+    out = []
+    for a, b in zip(treated, control):
+        if not (np.isfinite(a) and np.isfinite(b)):
+            out.append(math.nan)
+        elif b == 0:
+            out.append(math.nan if a == 0 else math.inf)
+        else:
+            out.append(float(a) / float(b))
+    return out
+
+
+def bootstrap_ratio_ci(
+    treated: Sequence[float],
+    control: Sequence[float],
+    *,
+    n_boot: int = BOOTSTRAP_SAMPLES,
+    level: float = BOOTSTRAP_LEVEL,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Ratio of class means and its percentile bootstrap interval over classes.
+
+    ``treated[c]`` and ``control[c]`` are one class's metric under two methods (already averaged
+    over seeds). Classes are resampled with replacement, both methods together (paired), and the
+    ratio ``mean(treated) / mean(control)`` is recomputed for each resample.
+
+    :return: ``(ratio, low, high)``; NaN where the control mean is 0 in the data (resamples whose
+        control mean is 0 are dropped).
+    """
+    a = np.asarray(treated, dtype=np.float64)
+    b = np.asarray(control, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"need two equal-length, non-empty per-class vectors, got shapes {a.shape} and {b.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    ratio = a.mean() / b.mean() if b.mean() > 0 else math.nan
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, a.size, size=(n_boot, a.size))
+    num, den = a[picks].mean(axis=1), b[picks].mean(axis=1)
+    ok = den > 0
+    if not ok.any():
+        return float(ratio), math.nan, math.nan
+    ratios = num[ok] / den[ok]
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return float(ratio), float(low), float(high)

@@ -9,7 +9,7 @@ becomes the per-pair relative precision
 that :func:`pogdiff.losses.pogdiff_loss` consumes. During training :meth:`NeighbourTable.draw`
 picks one of the k neighbours per sample.
 
-Missing neighbours (k larger than the pool, or a class of one under ``same_class_pool``) are
+Missing neighbours (k larger than the pool, or a class of one under the ``same_class`` pool) are
 marked with index ``-1``; they have psi 0 and probability 0, so they never contribute.
 """
 
@@ -33,6 +33,11 @@ from pogdiff.config import PsiConfig, from_dict, to_dict
 logger = logging.getLogger(__name__)
 
 SAMPLING_MODES = ("similarity", "nearest")
+POOLS = ("same_class", "all", "other_class")
+SCHEDULES = ("constant", "gaussian")
+# The other_class pool searches this many extra candidates per query (at most) before dropping
+# the caption's own class, so a query from a large class still finds k other-class neighbours.
+OTHER_CLASS_EXTRA = 256
 MISSING = -1  # neighbour id of an empty slot
 HNSW_M = 32  # graph degree of the HNSW index
 HNSW_EF_CONSTRUCTION = 80
@@ -247,6 +252,11 @@ class NeighbourTable:
     psi: np.ndarray
     probs: np.ndarray
     config: PsiConfig
+    delta2: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.delta2 is None:
+            self.delta2 = np.zeros(self.indices.shape, np.float32)
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -259,11 +269,28 @@ class NeighbourTable:
         :return: ``(neighbour ids [B] int64, psi [B] float32)``; id -1 only where psi is 0.
         """
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if rows.size == 0:
-            return np.empty(0, np.int64), np.empty(0, np.float32)
-        probs = torch.from_numpy(np.ascontiguousarray(self.probs[rows], dtype=np.float64))
-        col = torch.multinomial(probs, 1, generator=generator).squeeze(1).numpy()
+        col = self.draw_slots(rows, generator)
         return self.indices[rows, col].copy(), self.psi[rows, col].astype(np.float32)
+
+    def draw_slots(self, rows: np.ndarray, generator: torch.Generator) -> np.ndarray:
+        """The neighbour slot (column of the [N, k] arrays) drawn for each of ``rows`` [B]: int64 [B]."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size == 0:
+            return np.empty(0, np.int64)
+        probs = torch.from_numpy(np.ascontiguousarray(self.probs[rows], dtype=np.float64))
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1).numpy()
+
+    def informative(self, classes: Sequence[str], threshold: float) -> np.ndarray:
+        """Per row: does it have a neighbour that can change its target? bool [N].
+
+        A neighbour counts when its psi exceeds ``threshold`` and it shows another subject:
+        a neighbour of the row's own subject is usually a rewording whose prediction equals the
+        row's own (README "The method", what measurement taught us).
+        """
+        labels = np.asarray([str(c) for c in classes], dtype=object)
+        safe = np.where(self.indices >= 0, self.indices, 0)
+        other = (self.indices >= 0) & (labels[safe] != labels[:, None])
+        return ((self.psi > threshold) & other).any(axis=1)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write one safetensors file; the PsiConfig is stored as JSON in its metadata."""
@@ -290,7 +317,7 @@ class NeighbourTable:
         return cls(**arrays, config=config)
 
 
-_TABLE_ARRAYS = ("indices", "s_txt", "s_img", "w_density", "psi", "probs")
+_TABLE_ARRAYS = ("indices", "s_txt", "s_img", "w_density", "psi", "probs", "delta2")
 
 
 def _check_config(cfg: PsiConfig) -> None:
@@ -300,18 +327,24 @@ def _check_config(cfg: PsiConfig) -> None:
         raise ValueError(f"PsiConfig.psi_max must be >= 0, got {cfg.psi_max}")
     if cfg.sampling not in SAMPLING_MODES:
         raise ValueError(f"unknown PsiConfig.sampling {cfg.sampling!r}; choose one of {', '.join(SAMPLING_MODES)}")
+    if cfg.pool not in POOLS:
+        raise ValueError(f"unknown PsiConfig.pool {cfg.pool!r}; choose one of {', '.join(POOLS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"unknown PsiConfig.schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
 def _search(pooled: np.ndarray, cfg: PsiConfig, classes: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Caption kNN: [N, k] sims and ids, over the whole set or within each class."""
-    if not cfg.same_class_pool:
+    """Caption kNN: [N, k] sims and ids from the pool ``cfg.pool`` (see :class:`PsiConfig`)."""
+    if cfg.pool == "all":
         return knn(pooled, cfg.k, hnsw_above=cfg.hnsw_above)
     if classes is None:
-        raise ValueError("PsiConfig.same_class_pool needs class labels (classes=...)")
+        raise ValueError(f"PsiConfig.pool={cfg.pool!r} needs class labels (classes=...); use pool='all' without them")
+    labels = np.asarray(classes, dtype=object)
+    if cfg.pool == "other_class":
+        return _other_class_search(pooled, cfg, labels)
     n = pooled.shape[0]
     sims = np.full((n, cfg.k), -np.inf, np.float32)
     idx = np.full((n, cfg.k), MISSING, np.int64)
-    labels = np.asarray(classes, dtype=object)
     for label in dict.fromkeys(classes):
         members = np.flatnonzero(labels == label)
         if members.size < 2:
@@ -320,6 +353,23 @@ def _search(pooled: np.ndarray, cfg: PsiConfig, classes: list[str] | None) -> tu
         sims[members] = s
         idx[members] = np.where(i >= 0, members[np.maximum(i, 0)], MISSING)
     return sims, idx
+
+
+def _other_class_search(pooled: np.ndarray, cfg: PsiConfig, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest captions of *other* classes: one search for k + (largest class, capped)
+    candidates, then the query's own class is dropped, order kept."""
+    n = pooled.shape[0]
+    largest = max(Counter(labels.tolist()).values())
+    k_search = min(n - 1, cfg.k + min(largest, OTHER_CLASS_EXTRA))
+    sims, idx = knn(pooled, max(1, k_search), hnsw_above=cfg.hnsw_above)
+    valid = idx >= 0
+    other = valid & (labels[np.where(valid, idx, 0)] != labels[:, None])
+    # Stable sort moves the other-class hits to the front, keeping their similarity order.
+    order = np.argsort(~other, axis=1, kind="stable")[:, : cfg.k]
+    keep = np.take_along_axis(other, order, axis=1)
+    out_sims = np.where(keep, np.take_along_axis(sims, order, axis=1), -np.inf).astype(np.float32)
+    out_idx = np.where(keep, np.take_along_axis(idx, order, axis=1), MISSING)
+    return _pad(out_sims, out_idx, cfg.k)
 
 
 def _sampling_probs(s_txt: np.ndarray, valid: np.ndarray, sampling: str) -> np.ndarray:
@@ -343,15 +393,18 @@ def build_neighbour_table(
     cfg: PsiConfig,
     *,
     classes: Sequence[str] | None = None,
+    clean: np.ndarray | torch.Tensor | None = None,
 ) -> NeighbourTable:
-    """Build the psi table: one FAISS search over the captions (per class if ``same_class_pool``).
+    """Build the psi table: one FAISS search over the captions, from the pool ``cfg.pool``.
 
     :param pooled: [N x D] L2-normalised caption vectors (``TextEmbeddings.pooled``).
     :param image_feats: [N x F] image features (:func:`image_features`); may be None when
         ``cfg.use_image_sim`` is off.
     :param cfg: the PsiConfig.
-    :param classes: optional N class labels: class-count density weights, the same-class pool,
+    :param classes: optional N class labels: class-count density weights, the class pools,
         and psi 0 for samples whose class has a single sample (nothing to borrow from).
+    :param clean: [N x ...] clean images in diffusion space (pixels in [-1, 1] or latents); gives
+        ``delta2``, the pair's mean squared difference, needed by ``cfg.schedule == "gaussian"``.
     :return: the :class:`NeighbourTable`.
     """
     _check_config(cfg)
@@ -381,9 +434,12 @@ def build_neighbour_table(
         counts = Counter(labels)
         psi[np.array([counts[c] == 1 for c in labels])] = 0.0
     probs = _sampling_probs(s_txt, valid, cfg.sampling)
+    if clean is None and cfg.schedule == "gaussian":
+        raise ValueError("PsiConfig.schedule='gaussian' needs the clean images (clean=...) to measure delta^2")
+    delta2 = pair_delta2(clean, idx) if clean is not None else None
     table = NeighbourTable(
         indices=idx, s_txt=s_txt, s_img=s_img, w_density=w.astype(np.float32),
-        psi=psi.astype(np.float32), probs=probs.astype(np.float32), config=cfg,
+        psi=psi.astype(np.float32), probs=probs.astype(np.float32), config=cfg, delta2=delta2,
     )
     logger.info(
         "neighbour table: %d samples, k=%d, mean psi %.4f, %.1f%% of rows above threshold %.3g",
@@ -391,6 +447,53 @@ def build_neighbour_table(
         cfg.psi_threshold,
     )
     return table
+
+
+def pair_delta2(clean: np.ndarray | torch.Tensor, idx: np.ndarray) -> np.ndarray:
+    """Mean squared difference per dimension between each row's clean image and its neighbours'.
+
+    :param clean: [N x ...] clean images in diffusion space.
+    :param idx: [N x k] neighbour ids (-1 = empty slot, which gets 0).
+    :return: float32 [N x k].
+    """
+    x = torch.as_tensor(clean).float().reshape(len(clean), -1)
+    if idx.shape[0] != x.shape[0]:
+        raise ValueError(f"clean has {x.shape[0]} rows but the neighbour ids have {idx.shape[0]}")
+    ids = torch.from_numpy(np.where(idx >= 0, idx, 0))
+    out = torch.empty(ids.shape, dtype=torch.float32)
+    for start in range(0, len(x), IMAGE_FEATURE_CHUNK):
+        rows = slice(start, start + IMAGE_FEATURE_CHUNK)
+        diff = x[rows, None, :] - x[ids[rows]]  # [B, k, D]
+        out[rows] = diff.pow(2).mean(dim=2)
+    return np.where(idx >= 0, out.numpy(), 0.0).astype(np.float32)
+
+
+def gaussian_psi_factor(t: torch.Tensor, delta2: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+    """``beta_tilde_t / (beta_tilde_t + coef1_t^2 * delta2)`` (README "The method").
+
+    A neighbour whose clean image differs from x0 by ``delta2`` (mean squared, per dimension)
+    has a posterior mean off by ``coef1_t * delta``, ``coef1_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t)``;
+    as an estimate of x_{t-1} its variance is ``sigma'^2 = beta_tilde_t + coef1_t^2 delta2`` and
+    its precision relative to the ground truth is this factor: near 1 at high noise, near 0 at
+    low noise (where ``beta_tilde_t -> 0``). Computed in float64.
+
+    :param t: [B] integer timesteps (0-based, as the schedulers index them).
+    :param delta2: [B] mean squared differences, >= 0.
+    :param betas: [T] the noise schedule's betas (``scheduler.betas``); abar is their float64
+        cumulative product.
+    :return: float32 [B] in [0, 1].
+    """
+    beta = betas.double().cpu()
+    abar = torch.cumprod(1.0 - beta, dim=0)
+    t = t.long().cpu()
+    abar_t = abar[t]
+    abar_prev = torch.where(t > 0, abar[(t - 1).clamp(min=0)], torch.ones_like(abar_t))
+    beta_t = beta[t]
+    beta_tilde = beta_t * (1.0 - abar_prev) / (1.0 - abar_t)
+    coef1 = abar_prev.sqrt() * beta_t / (1.0 - abar_t)
+    denom = beta_tilde + coef1**2 * delta2.double().cpu()
+    factor = torch.where(denom > 0, beta_tilde / denom.clamp(min=1e-300), torch.ones_like(denom))
+    return factor.float()
 
 
 def _image_similarity(

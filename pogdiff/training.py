@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from pogdiff import checkpoints, losses
 from pogdiff.config import METHODS, ModelConfig, SampleConfig, TrainConfig
-from pogdiff.neighbors import NeighbourTable, build_neighbour_table, image_features
+from pogdiff.neighbors import NeighbourTable, build_neighbour_table, gaussian_psi_factor, image_features
 from pogdiff.text import CachedEncoder, TextEmbeddings
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ class StepInfo:
     psi_active: float  # share of batch rows that ran the neighbour forward pass
     seconds_per_step: float
     eta_seconds: float
+    # PoGDiff only: the PoG term's share of the loss, mean(pog) / mean(loss) over the batch.
+    pog_share: float = 0.0
 
 
 @dataclass
@@ -59,6 +61,7 @@ class TrainResult:
     steps_done: int
     stopped: bool
     history: list[StepInfo] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. PoGDiff inactive on this data
 
 
 @dataclass
@@ -145,7 +148,7 @@ def prepare_data(
         feats = image_features(dataset.images if model.vae is None else x0)
         k = min(psi_cfg.k, len(captions) - 1)
         table = build_neighbour_table(
-            text.pooled.numpy(), feats, dataclasses.replace(psi_cfg, k=k), classes=subjects
+            text.pooled.numpy(), feats, dataclasses.replace(psi_cfg, k=k), classes=subjects, clean=x0
         )
     return TrainData(x0=x0, text=text, captions=captions, subjects=subjects, class_ids=class_ids, table=table)
 
@@ -215,6 +218,8 @@ class Trainer:
         self.stop_event = stop_event or threading.Event()
         self.step = start_step
         self.history: list[StepInfo] = list(history or [])
+        self.warnings: list[str] = []
+        self._warned_inactive = False
         self.accelerator = _make_accelerator(cfg.mixed_precision)
         self.device = self.accelerator.device
         model.to(self.device)
@@ -244,11 +249,12 @@ class Trainer:
                 info = StepInfo(
                     step=self.step, max_steps=self.cfg.max_steps, terms=terms, lr=self._lr(self.step - 1),
                     psi_mean=psi_stats[0], psi_active=psi_stats[1], seconds_per_step=sec,
-                    eta_seconds=sec * (self.cfg.max_steps - self.step),
+                    eta_seconds=sec * (self.cfg.max_steps - self.step), pog_share=pog_share(terms),
                 )
                 self.history.append(info)
+                self._check_pogdiff_active()
                 if self.cfg.log_every and self.step % self.cfg.log_every == 0:
-                    logger.info("step %d/%d loss %.4f (%.3fs/step)", self.step, self.cfg.max_steps, terms["loss"], sec)
+                    self._log(info)
                 if self.callback:
                     self.callback(info)
                 if self._due(self.cfg.sample_every) and self.preview_callback and self.preview_captions:
@@ -260,7 +266,7 @@ class Trainer:
                 last_ckpt = self.save()
         finally:
             self.model.unet = self._raw_unet
-        return TrainResult(self.run_dir, last_ckpt, self.step, stopped, self.history)
+        return TrainResult(self.run_dir, last_ckpt, self.step, stopped, self.history, self.warnings)
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
@@ -288,7 +294,7 @@ class Trainer:
     def sample_batch(self, g: torch.Generator) -> dict[str, torch.Tensor]:
         """Draw rows, timesteps, noise and caption dropout for one step from ``g``."""
         n, b = len(self.data), self.cfg.batch_size
-        if self.cfg.method == "resample":
+        if self.cfg.method == "resample" or self.cfg.balanced_sampling:
             rows = self._balanced_rows(b, g)
         elif b <= n:
             rows = torch.randperm(n, generator=g)[:b]
@@ -344,8 +350,14 @@ class Trainer:
 
     def _pogdiff_terms(self, batch, x_t, t, eps_pred, eps, g):
         """PoGDiff: the neighbour forward pass runs under no_grad, only for rows with psi above threshold."""
-        nb, psi = self.data.table.draw(batch["rows"].numpy(), g)
-        psi = torch.as_tensor(psi, dtype=torch.float32)
+        table = self.data.table
+        rows = batch["rows"].numpy()
+        slots = table.draw_slots(rows, g)
+        nb = table.indices[rows, slots]
+        psi = torch.as_tensor(table.psi[rows, slots], dtype=torch.float32)
+        if self.cfg.psi.schedule == "gaussian":
+            delta2 = torch.as_tensor(table.delta2[rows, slots], dtype=torch.float32)
+            psi = psi * gaussian_psi_factor(t, delta2, self.model.noise_scheduler.betas)
         psi[batch["drop"]] = 0.0  # an unconditional row has no caption to borrow through
         active = psi > self.cfg.psi.psi_threshold
         psi = torch.where(active, psi, torch.zeros_like(psi))
@@ -357,6 +369,25 @@ class Trainer:
                 eps_nb[idx] = self.model.predict_eps(x_t[idx], t[idx], tokens_nb, mask_nb).to(eps_nb.dtype)
         terms = losses.pogdiff_loss(eps_pred, eps, eps_nb, psi.to(self.device))
         return terms, (float(psi.mean()), float(active.float().mean()))
+
+    def _check_pogdiff_active(self) -> None:
+        """Warn once, in the log and in ``self.warnings``, when the PoG term stays negligible."""
+        if self.cfg.method != "pogdiff" or self._warned_inactive:
+            return
+        message = pogdiff_inactive_warning(self.history[-max(INACTIVE_MIN_STEPS, 50):])
+        if message:
+            self._warned_inactive = True
+            self.warnings.append(message)
+            logger.warning(message)
+
+    def _log(self, info: StepInfo) -> None:
+        if self.cfg.method == "pogdiff":
+            logger.info("step %d/%d loss %.4f psi %.3f active %.0f%% PoG share %.2f%% (%.3fs/step)",
+                        info.step, info.max_steps, info.terms["loss"], info.psi_mean, 100 * info.psi_active,
+                        100 * info.pog_share, info.seconds_per_step)
+        else:
+            logger.info("step %d/%d loss %.4f (%.3fs/step)", info.step, info.max_steps, info.terms["loss"],
+                        info.seconds_per_step)
 
     def optimize(self) -> None:
         if self.cfg.grad_clip > 0:
@@ -468,6 +499,39 @@ def train(
     if trainer.step >= train_cfg.max_steps:
         return TrainResult(run_dir, latest, trainer.step, False, trainer.history)
     return trainer.run_loop()
+
+
+# PoGDiff counts as inactive when the PoG term stays below this share of the loss.
+INACTIVE_POG_SHARE = 0.01
+INACTIVE_MIN_STEPS = 10  # judged over at least this many steps
+
+
+def pog_share(terms: dict[str, float]) -> float:
+    """The PoG term's share of the loss, ``pog / loss`` (0 without a PoG term)."""
+    loss = terms.get("loss", 0.0)
+    return float(terms.get("pog", 0.0) / loss) if loss > 0 else 0.0
+
+
+def pogdiff_inactive_warning(history: Sequence[StepInfo]) -> str | None:
+    """A plain-words warning when PoGDiff behaves like plain fine-tuning, else None.
+
+    Judged on the mean PoG share of the loss over the run so far (at least
+    ``INACTIVE_MIN_STEPS`` steps): below ``INACTIVE_POG_SHARE`` the neighbour term changes the
+    target too little to matter (README "Is PoGDiff doing anything?").
+    """
+    if len(history) < INACTIVE_MIN_STEPS:
+        return None
+    share = float(np.mean([h.pog_share for h in history]))
+    if share >= INACTIVE_POG_SHARE:
+        return None
+    psi = float(np.mean([h.psi_mean for h in history]))
+    return (
+        f"PoGDiff is doing almost nothing on this data: the PoG term is {100 * share:.2f}% of the loss "
+        f"(mean psi {psi:.3f}). The captions' neighbours predict what the captions themselves predict, so "
+        "PoGDiff behaves like plain fine-tuning. Try neighbours from other classes (psi pool 'other_class'), "
+        "a larger psi_max, or check that rare classes have at least 2 images; see README "
+        "\"Is PoGDiff doing anything?\"."
+    )
 
 
 def loss_curve(history: Sequence[StepInfo], term: str = "loss") -> np.ndarray:

@@ -568,7 +568,7 @@ class Studio:
         return [(f"{c}  [{counts[s]} img]", i) for i, (c, s) in enumerate(zip(bundle.captions, bundle.subjects))]
 
     def neighbours_of(
-        self, key: str | None, row: int | None, k: int, psi_max: float, same_class: bool,
+        self, key: str | None, row: int | None, k: int, psi_max: float, pool: str,
     ) -> tuple[str, pd.DataFrame, list]:
         """The k nearest captions of one caption, with similarity, psi and its factors."""
         if row is None or row == "":
@@ -577,7 +577,7 @@ class Studio:
         row = int(row)
         if not 0 <= row < len(bundle.captions):
             raise gr.Error(f"caption index {row} is out of range (0..{len(bundle.captions) - 1}).")
-        psi_cfg = PsiConfig(k=int(k), psi_max=float(psi_max), same_class_pool=bool(same_class))
+        psi_cfg = PsiConfig(k=int(k), psi_max=float(psi_max), pool=str(pool))
         table = self._psi_table(bundle, psi_cfg)
         counts = bundle.count_of()
         subj = bundle.subjects[row]
@@ -651,7 +651,7 @@ class Studio:
     def build_configs(
         self, method: str, preset: str, pretrained: str, steps: float, batch_size: float, lr: float,
         psi_max: float, k: float, use_density: bool, use_image_sim: bool, use_text_sim: bool,
-        same_class: bool, sample_every: float, seed: float,
+        pool: str, sample_every: float, seed: float,
     ):
         """UI values -> (ModelConfig, TrainConfig); gr.Error naming any bad value."""
         def whole(name: str, value: Any, lo: int) -> int:
@@ -677,7 +677,7 @@ class Studio:
             model_cfg = model_preset(preset, **overrides)
             psi = PsiConfig(k=k_i, psi_max=float(psi_max), use_density=bool(use_density),
                             use_image_sim=bool(use_image_sim), use_text_sim=bool(use_text_sim),
-                            same_class_pool=bool(same_class))
+                            pool=str(pool))
             train_cfg = train_preset(
                 preset, method=method, max_steps=steps_i, batch_size=batch_i, learning_rate=float(lr),
                 sample_every=every, seed=seed_i, psi=psi,

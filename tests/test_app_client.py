@@ -70,7 +70,7 @@ def test_train_a_few_steps_export_and_compare(client, served):
     _, studio = served
     client.predict(api_name="/load_demo")
     options = dict(method="pogdiff", preset="tiny", pretrained="", steps=3, batch=4, lr=2e-4, psi_max=1.0,
-                   k=5, use_density=True, use_image_sim=True, use_text_sim=True, same_class=False,
+                   k=5, use_density=True, use_image_sim=True, use_text_sim=True, pool="all",
                    sample_every=2, seed=0)
     out = client.predict(*options.values(), api_name="/start_training")
     assert "Training" in out[0] or "Finished" in out[0]

@@ -28,26 +28,55 @@ def test_aggregate_gives_mean_and_sample_std_over_seeds():
 
 
 def test_overrides_are_typed_after_the_field_and_unknown_fields_are_refused():
-    cfg = bench._apply_overrides(TrainConfig(), ["psi.psi_max=2.5", "psi.same_class_pool=true", "batch_size=8"])
-    assert cfg.psi.psi_max == 2.5 and cfg.psi.same_class_pool is True and cfg.batch_size == 8
+    cfg = bench._apply_overrides(TrainConfig(), ["psi.psi_max=2.5", "psi.pool=all", "batch_size=8"])
+    assert cfg.psi.psi_max == 2.5 and cfg.psi.pool == "all" and cfg.batch_size == 8
     with pytest.raises(ValueError, match="unknown field 'psi.nope'"):
         bench._apply_overrides(TrainConfig(), ["psi.nope=1"])
 
 
 @needs_shipped
 def test_quality_benchmark_runs_end_to_end_at_quick_size(tmp_path):
-    report = bench.quality(out=tmp_path, methods=["baseline", "pogdiff"], seeds=[0], quick=True)
+    report = bench.quality(out=tmp_path, methods=["baseline", "pogdiff"], seeds=[0], quick=True, batch_size=4)
     assert set(report["method"]) == {"baseline", "pogdiff"}
     acc = report["accuracy_mean"].dropna()  # buckets without classes in the quick subset are NaN
     assert len(acc) >= 2 and ((acc >= 0) & (acc <= 1)).all()
-    for name in ("results.md", "results.csv", "results.json", "accuracy_vs_frequency.png", "summary_all_seeds.csv"):
-        assert (tmp_path / name).exists(), name
-    rows = json.loads((tmp_path / "results.json").read_text())
+    folder = tmp_path / "demo"
+    for name in ("results.md", "results.csv", "results.json", "accuracy_vs_frequency.png", "summary_all_seeds.csv",
+                 "per_class_all_seeds.csv"):
+        assert (folder / name).exists(), name
+    rows = json.loads((folder / "results.json").read_text())
     assert {r["bucket"] for r in rows} >= {"all"}
-    assert "| baseline |" in (tmp_path / "results.md").read_text()
+    assert "| baseline |" in (folder / "results.md").read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())["demo"]
+    assert summary["steps"] == bench.QUICK_STEPS and summary["seeds"] == [0]
+    assert set(summary["methods"]) == {"baseline", "pogdiff"}
+    for name in ("few_acc", "medium_acc", "many_acc", "few_grecall"):
+        assert len(summary["methods"]["pogdiff"][name]) == 1
+    assert set(summary["comparisons"]["pogdiff_vs_baseline"]) == {"few", "medium", "many"}
     # A second call reads the finished runs back instead of training and sampling again.
-    again = bench.quality(out=tmp_path, methods=["baseline", "pogdiff"], seeds=[0], quick=True)
+    again = bench.quality(out=tmp_path, methods=["baseline", "pogdiff"], seeds=[0], quick=True, batch_size=4)
     pd.testing.assert_frame_equal(report, again, check_dtype=False, rtol=1e-6)
+
+
+def test_summary_entry_holds_per_seed_values_and_paired_comparisons():
+    long = pd.DataFrame([
+        {"method": m, "seed": s, "bucket": b, "accuracy": acc, "gRecall": 0.5, "FD": 0.1}
+        for m, accs in {"baseline": [0.2, 0.4], "pogdiff": [0.3, 0.5]}.items()
+        for s, acc in zip([0, 1], accs) for b in ("all", "many", "medium", "few")
+    ])
+    classes = pd.DataFrame([
+        {"method": m, "seed": s, "subject": c, "shot": "few", "accuracy": acc}
+        for m, table in {"baseline": {"x": 0.2, "y": 0.4}, "pogdiff": {"x": 0.3, "y": 0.5}}.items()
+        for s in (0, 1) for c, acc in table.items()
+    ])
+    entry = bench.summary_entry(long, classes, steps=10, seeds=[0, 1], batch_size=4, n_eval=8, overrides=[])
+    assert entry["methods"]["pogdiff"]["few_acc"] == [0.3, 0.5]
+    few = entry["comparisons"]["pogdiff_vs_baseline"]["few"]
+    assert few["paired_ratio"] == [pytest.approx(1.5), pytest.approx(1.25)]
+    assert few["every_seed_above_1"] is True and few["mean_difference"] == pytest.approx(0.1)
+    assert few["ratio_of_means"] == pytest.approx(0.8 / 0.6) and few["n_classes"] == 2
+    low, high = few["bootstrap_ci95"]
+    assert 1.25 - 1e-9 <= low <= few["ratio_of_means"] <= high <= 1.5 + 1e-9
 
 
 def test_speed_benchmark_reports_every_configuration_relative_to_baseline():

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pogdiff.cli import build_parser, main
+from pogdiff.config import PsiConfig
 from tests.conftest import SMALL_SPEC
 
 COMMANDS = [
@@ -74,8 +75,10 @@ def test_psi_options_map_onto_the_config():
     from pogdiff.cli import configs_from_args
 
     _, default = configs_from_args(build_parser().parse_args(["train", "--run-dir", "r"]))
-    assert default.psi.same_class_pool is True and default.method == "pogdiff"
+    assert default.psi == PsiConfig() and default.method == "pogdiff" and default.balanced_sampling is False
     _, cfg = configs_from_args(build_parser().parse_args(
-        ["train", "--run-dir", "r", "--no-same-class", "--psi-max", "2", "--k", "7", "--no-image-sim"]))
-    assert cfg.psi.same_class_pool is False and cfg.psi.psi_max == 2.0 and cfg.psi.k == 7
+        ["train", "--run-dir", "r", "--neighbour-pool", "other_class", "--psi-schedule", "gaussian",
+         "--psi-max", "2", "--k", "7", "--no-image-sim", "--balanced-sampling"]))
+    assert cfg.psi.pool == "other_class" and cfg.psi.schedule == "gaussian"
+    assert cfg.psi.psi_max == 2.0 and cfg.psi.k == 7 and cfg.balanced_sampling is True
     assert cfg.psi.use_image_sim is False and cfg.psi.use_density is True

@@ -177,3 +177,36 @@ def test_identities_are_separable_at_32px():
     centroid_acc, ridge_acc = (centroid_pred == y_test).mean(), (ridge_pred == y_test).mean()
     assert centroid_acc >= 0.9, centroid_acc
     assert ridge_acc >= 0.97, ridge_acc
+
+
+def test_families_set_pairs_each_rare_relative_with_a_frequent_look_alike():
+    from pogdiff.data.demo import family_counts, family_of
+    from pogdiff.data.identities import BIG_TRAITS
+
+    spec = DemoSpec(kind="families")
+    idents = demo_identities(spec)
+    counts = long_tail_counts(spec)
+    assert spec.n_identities == len(idents) == len(counts) == 24
+    assert counts == family_counts(spec)
+    assert counts[::3] == [100, 49, 33, 24, 19, 16, 14, 12]  # heads
+    assert all(c in (2, 3, 4) for k, c in enumerate(counts) if k % 3)  # relatives are few-shot
+    heads = family_of(spec)
+    by_name = {i.name: i for i in idents}
+    for name, head in heads.items():
+        if name == head:
+            continue
+        a, b = by_name[name], by_name[head]
+        assert a.name.split()[1] == b.name.split()[1]  # shared surname
+        changed = [f for f in ("hair_colour_name", "hair_style", "skin_tone_name", "shirt_colour_name",
+                               "face_shape", "facial_hair", "eye_colour_name", "nose", "mouth", "eyebrows")
+                   if getattr(a, f) != getattr(b, f)]
+        assert len(changed) == 2 and "hair_colour_name" in changed
+    assert len({i.name for i in idents}) == 24
+    pre = {i.name for i in pretrain_identities(spec)}
+    assert not pre & set(heads) and pre == {i.name for i in pretrain_identities(DemoSpec())}
+    assert len(BIG_TRAITS) == 6
+
+
+def test_unknown_demo_kind_is_refused():
+    with pytest.raises(ValueError, match="unknown demo kind 'twins'"):
+        DemoSpec(kind="twins")

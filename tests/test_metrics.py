@@ -223,3 +223,27 @@ def test_accuracy_vs_frequency_figure(tmp_path):
     np.testing.assert_allclose(ax.lines[0].get_xdata(), [2, 10, 30])
     np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.5, 0.75, 1.0])
     assert (tmp_path / "acc.png").stat().st_size > 0
+
+
+def test_paired_ratios_by_hand():
+    from pogdiff.metrics import paired_ratios
+
+    assert paired_ratios([0.3, 0.2, 0.0, 0.1], [0.2, 0.4, 0.0, 0.0]) == [pytest.approx(1.5), 0.5, pytest.approx(float("nan"), nan_ok=True), float("inf")]
+    with pytest.raises(ValueError, match="as many treated as control"):
+        paired_ratios([1.0], [1.0, 2.0])
+
+
+def test_bootstrap_ratio_ci_matches_the_exact_resampling_distribution():
+    """Two classes: the 4 equally likely resamples give ratios 1.5 (x,x), 1.25 (y,y) and 8/6 (x,y twice)."""
+    from pogdiff.metrics import bootstrap_ratio_ci
+
+    ratio, low, high = bootstrap_ratio_ci([0.3, 0.5], [0.2, 0.4], n_boot=20_000, level=0.9, seed=1)
+    assert ratio == pytest.approx(0.8 / 0.6)
+    # exact distribution: P(1.25) = P(1.5) = 1/4, P(4/3) = 1/2 -> 5% and 95% quantiles are 1.25 and 1.5
+    assert low == pytest.approx(1.25) and high == pytest.approx(1.5)
+    same = bootstrap_ratio_ci([0.2, 0.2, 0.2], [0.1, 0.1, 0.1])
+    assert same == (pytest.approx(2.0), pytest.approx(2.0), pytest.approx(2.0))
+    nan_ratio, lo, hi = bootstrap_ratio_ci([0.1, 0.2], [0.0, 0.0])
+    assert np.isnan(nan_ratio) and np.isnan(lo) and np.isnan(hi)
+    with pytest.raises(ValueError, match="equal-length"):
+        bootstrap_ratio_ci([0.1], [0.1, 0.2])

@@ -10,6 +10,8 @@ import torch
 
 from pogdiff.config import PsiConfig
 from pogdiff.neighbors import (
+    gaussian_psi_factor,
+    pair_delta2,
     NeighbourTable,
     build_neighbour_table,
     density_weights,
@@ -142,7 +144,7 @@ def _toy_set(seed: int = 8):
 
 def test_table_psi_is_the_product_of_its_factors():
     pooled, feats, classes = _toy_set()
-    cfg = PsiConfig(same_class_pool=False, k=3, psi_max=2.0)
+    cfg = PsiConfig(pool="all", k=3, psi_max=2.0)
     table = build_neighbour_table(pooled, feats, cfg, classes=classes)
     n = len(classes)
     assert table.indices.shape == table.psi.shape == table.probs.shape == (n, 3)
@@ -163,7 +165,7 @@ def test_table_psi_is_the_product_of_its_factors():
 
 def test_psi_is_monotone_in_each_factor_and_off_means_one():
     pooled, feats, classes = _toy_set()
-    base_cfg = PsiConfig(same_class_pool=False, k=3, psi_max=1.0)
+    base_cfg = PsiConfig(pool="all", k=3, psi_max=1.0)
     base = build_neighbour_table(pooled, feats, base_cfg, classes=classes)
     assert base.psi.max() > 0
     # raising psi_max never lowers psi
@@ -191,7 +193,7 @@ def test_psi_is_monotone_in_each_factor_and_off_means_one():
 
 def test_same_class_pool_never_crosses_classes():
     pooled, feats, classes = _toy_set()
-    table = build_neighbour_table(pooled, feats, PsiConfig(k=4, same_class_pool=True), classes=classes)
+    table = build_neighbour_table(pooled, feats, PsiConfig(k=4, pool="same_class"), classes=classes)
     labels = np.array(classes)
     for i in range(len(classes)):
         valid = table.indices[i] >= 0
@@ -207,13 +209,13 @@ def test_same_class_pool_never_crosses_classes():
     ok = ids >= 0
     assert np.all(labels[ids[ok]] == src[ok])
     assert np.all(psi[~ok] == 0) and np.all(src[~ok] == "one")
-    with pytest.raises(ValueError, match="same_class_pool needs class labels"):
-        build_neighbour_table(pooled, feats, PsiConfig(same_class_pool=True))
+    with pytest.raises(ValueError, match="needs class labels"):
+        build_neighbour_table(pooled, feats, PsiConfig(pool="same_class"))
 
 
 def test_draw_is_deterministic_and_matches_probs():
     pooled, feats, classes = _toy_set()
-    table = build_neighbour_table(pooled, feats, PsiConfig(same_class_pool=False, k=3), classes=classes)
+    table = build_neighbour_table(pooled, feats, PsiConfig(pool="all", k=3), classes=classes)
     rows = np.array([0, 4, 7])
     a = table.draw(rows, torch.Generator().manual_seed(123))
     b = table.draw(rows, torch.Generator().manual_seed(123))
@@ -227,14 +229,14 @@ def test_draw_is_deterministic_and_matches_probs():
         np.testing.assert_allclose(freq, table.probs[r], atol=0.015)
         lookup = dict(zip(table.indices[r], table.psi[r]))
         np.testing.assert_array_equal(psi[many == r], [lookup[j] for j in picked])
-    nearest = build_neighbour_table(pooled, feats, PsiConfig(same_class_pool=False, k=3, sampling="nearest"), classes=classes)
+    nearest = build_neighbour_table(pooled, feats, PsiConfig(pool="all", k=3, sampling="nearest"), classes=classes)
     ids, _ = nearest.draw(np.arange(10), torch.Generator().manual_seed(0))
     np.testing.assert_array_equal(ids, nearest.indices[:, 0])
 
 
 def test_table_save_load_round_trip(tmp_path):
     pooled, feats, classes = _toy_set()
-    cfg = PsiConfig(same_class_pool=False, k=2, psi_max=0.7, density_gamma=0.5, sampling="nearest")
+    cfg = PsiConfig(pool="all", k=2, psi_max=0.7, density_gamma=0.5, sampling="nearest")
     table = build_neighbour_table(pooled, feats, cfg, classes=classes)
     path = tmp_path / "neighbours.safetensors"
     table.save(path)
@@ -252,13 +254,13 @@ def test_table_save_load_round_trip(tmp_path):
 def test_table_config_errors():
     pooled, feats, classes = _toy_set()
     with pytest.raises(ValueError, match="unknown PsiConfig.sampling 'random'"):
-        build_neighbour_table(pooled, feats, PsiConfig(same_class_pool=False, sampling="random"))
+        build_neighbour_table(pooled, feats, PsiConfig(pool="all", sampling="random"))
     with pytest.raises(ValueError, match="image_feats is None"):
-        build_neighbour_table(pooled, None, PsiConfig(same_class_pool=False))
-    table = build_neighbour_table(pooled, None, PsiConfig(same_class_pool=False, use_image_sim=False))
+        build_neighbour_table(pooled, None, PsiConfig(pool="all"))
+    table = build_neighbour_table(pooled, None, PsiConfig(pool="all", use_image_sim=False))
     assert np.all(table.s_img == 1)
     with pytest.raises(ValueError, match="got 3 classes for 10"):
-        build_neighbour_table(pooled, feats, PsiConfig(same_class_pool=False), classes=classes[:3])
+        build_neighbour_table(pooled, feats, PsiConfig(pool="all"), classes=classes[:3])
 
 
 def test_image_features_uint8_and_latents():
@@ -298,3 +300,67 @@ def test_pca_2d_matches_covariance_eigenvectors_and_is_deterministic():
     # the sign convention follows the data: negated data gives the negated map
     np.testing.assert_allclose(pca_2d(-x), -p, atol=1e-4)
     assert pca_2d(x[:1]).shape == (1, 2)
+
+
+def test_other_class_pool_takes_the_nearest_captions_of_other_classes():
+    pooled, feats, classes = _toy_set()
+    labels = np.array(classes)
+    table = build_neighbour_table(pooled, feats, PsiConfig(k=3, pool="other_class"), classes=classes)
+    sims = pooled @ pooled.T
+    for i in range(len(classes)):
+        others = np.flatnonzero(labels != labels[i])
+        want = others[np.argsort(-sims[i, others], kind="stable")[:3]]
+        assert set(table.indices[i].tolist()) == set(want.tolist())
+        np.testing.assert_allclose(table.s_txt[i], np.maximum(0, np.sort(sims[i, want])[::-1]), atol=1e-5)
+    # every neighbour shows another subject, so every row with psi > 0 is informative
+    informative = table.informative(classes, threshold=0.0)
+    assert np.array_equal(informative, (table.psi > 0).any(axis=1))
+    same = build_neighbour_table(pooled, feats, PsiConfig(k=3, pool="same_class"), classes=classes)
+    assert not same.informative(classes, threshold=0.0).any()  # only rewordings of its own class
+    with pytest.raises(ValueError, match="unknown PsiConfig.pool 'near'"):
+        build_neighbour_table(pooled, feats, PsiConfig(pool="near"), classes=classes)
+
+
+def test_pair_delta2_matches_brute_force_and_table_keeps_it():
+    pooled, feats, classes = _toy_set()
+    clean = np.random.default_rng(3).standard_normal((len(classes), 3, 4, 4)).astype(np.float32)
+    table = build_neighbour_table(pooled, feats, PsiConfig(k=3, pool="all", schedule="gaussian"),
+                                  classes=classes, clean=clean)
+    for i in range(len(classes)):
+        for s, j in enumerate(table.indices[i]):
+            want = 0.0 if j < 0 else float(((clean[i] - clean[j]) ** 2).mean())
+            assert table.delta2[i, s] == pytest.approx(want, rel=1e-5, abs=1e-7)
+    ids = np.array([[1, -1], [0, 2], [0, 1]])
+    assert pair_delta2(clean[:3], ids)[0, 1] == 0.0
+    with pytest.raises(ValueError, match="needs the clean images"):
+        build_neighbour_table(pooled, feats, PsiConfig(pool="all", schedule="gaussian"), classes=classes)
+
+
+def _gaussian_reference(t: int, delta2: float, betas: np.ndarray) -> float:
+    """beta_tilde_t / (beta_tilde_t + coef1_t^2 delta2), written from the betas in float64."""
+    alphas = 1.0 - betas.astype(np.float64)
+    abar = np.cumprod(alphas)
+    abar_prev = 1.0 if t == 0 else abar[t - 1]
+    beta_tilde = betas[t] * (1.0 - abar_prev) / (1.0 - abar[t])
+    coef1 = np.sqrt(abar_prev) * betas[t] / (1.0 - abar[t])
+    return beta_tilde / (beta_tilde + coef1**2 * delta2) if beta_tilde + coef1**2 * delta2 > 0 else 1.0
+
+
+@pytest.mark.parametrize("schedule", ["squaredcos_cap_v2", "scaled_linear"])
+def test_gaussian_psi_factor_matches_a_float64_reference(schedule):
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule=schedule)
+    betas = sched.betas.double().numpy()
+    t = torch.tensor([0, 1, 5, 50, 200, 500, 800, 999, 999, 10])
+    delta2 = torch.tensor([0.3, 0.3, 0.1, 0.2, 0.5, 0.05, 1.0, 0.0, 2.0, 0.0])
+    got = gaussian_psi_factor(t, delta2, sched.betas).numpy()
+    want = [_gaussian_reference(int(a), float(b), betas) for a, b in zip(t, delta2)]
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+    assert got[0] == 0.0  # t = 0: beta_tilde = 0, the sample's own image decides
+    assert got[7] == pytest.approx(1.0) and got[9] == pytest.approx(1.0)  # identical images: full precision
+    # more different neighbours and less noise both lower psi
+    hi_noise = gaussian_psi_factor(torch.tensor([800, 800]), torch.tensor([0.1, 0.5]), sched.betas)
+    assert hi_noise[0] > hi_noise[1]
+    lo_hi = gaussian_psi_factor(torch.tensor([5, 500]), torch.tensor([0.2, 0.2]), sched.betas)
+    assert lo_hi[0] < lo_hi[1]

@@ -133,7 +133,7 @@ def studio(tmp_path):
 
 def _opts(**kw):
     values = dict(method="pogdiff", preset="tiny", pretrained="", steps=4, batch_size=2, lr=1e-4, psi_max=1.0,
-                  k=3, use_density=True, use_image_sim=True, use_text_sim=True, same_class=False, sample_every=2,
+                  k=3, use_density=True, use_image_sim=True, use_text_sim=True, pool="all", sample_every=2,
                   seed=0)
     values.update(kw)
     return list(values.values())
@@ -141,11 +141,11 @@ def _opts(**kw):
 
 def test_build_configs_maps_every_option(studio):
     model_cfg, train_cfg = studio.build_configs(*_opts(method="cbdm", psi_max=2.5, k=7, use_image_sim=False,
-                                                       same_class=True, seed=3))
+                                                       pool="other_class", seed=3))
     assert model_cfg.preset == "tiny"
     assert (train_cfg.method, train_cfg.max_steps, train_cfg.batch_size, train_cfg.seed) == ("cbdm", 4, 2, 3)
     assert train_cfg.psi.psi_max == 2.5 and train_cfg.psi.k == 7
-    assert train_cfg.psi.use_image_sim is False and train_cfg.psi.same_class_pool is True
+    assert train_cfg.psi.use_image_sim is False and train_cfg.psi.pool == "other_class"
     assert train_cfg.checkpoint_every >= 4  # the last step always writes a checkpoint
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .identities import Attributes, Identity, caption, make_identities, render, sample_attributes
+from .identities import Attributes, Identity, caption, make_families, make_identities, render, sample_attributes
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ SPEC_FILE = "demo_spec.json"
 SPLITS = ("train", "eval", "pretrain")
 _SPLIT_IDS = {"train": 1, "eval": 2, "pretrain": 3}
 CACHE_ENV = "POGDIFF_CACHE"
+DEMO_KINDS = ("identities", "families")
+FAMILY_RELATIVE_COUNTS = (2, 3, 4)  # train images of the rare relatives, in turn
+FAMILY_HEAD_MIN = 12  # train images of the least frequent family head
 SHEET_TRAIN_COLUMNS = 8
 SHEET_EVAL_COLUMNS = 2
 SHEET_ZOOM = 3
@@ -55,6 +58,17 @@ class DemoSpec:
     n_pretrain_identities: int = 40  # disjoint, balanced set of other identities
     n_pretrain_per_identity: int = 40
     resolution: int = 32
+    # "identities": independent, well-separated people. "families": ``n_families`` frequent heads,
+    # each with ``relatives`` rare look-alikes (same surname, two traits changed; README "Data").
+    kind: str = "identities"
+    n_families: int = 8
+    relatives: int = 2
+
+    def __post_init__(self) -> None:
+        if self.kind not in DEMO_KINDS:
+            raise ValueError(f"unknown demo kind {self.kind!r}; choose one of {', '.join(DEMO_KINDS)}")
+        if self.kind == "families":
+            self.n_identities = self.n_families * (1 + self.relatives)
 
     def to_json(self) -> dict:
         return {"format_version": DEMO_FORMAT_VERSION, **dataclasses.asdict(self)}
@@ -91,6 +105,8 @@ def long_tail_counts(spec: DemoSpec) -> list[int]:
     (287 images): 3 many-shot (> 20), 9 medium-shot (5..20) and 12 few-shot (< 5) identities,
     imbalance ratio 50.
     """
+    if spec.kind == "families":
+        return family_counts(spec)
     if spec.n_identities < 1:
         raise ValueError(f"n_identities must be >= 1, got {spec.n_identities}")
     if not 1 <= spec.min_count <= spec.max_count:
@@ -102,20 +118,59 @@ def long_tail_counts(spec: DemoSpec) -> list[int]:
     ]
 
 
-def _all_identities(spec: DemoSpec) -> list[Identity]:
+def family_counts(spec: DemoSpec) -> list[int]:
+    """Train images per identity of the families set, in :func:`demo_identities` order.
+
+    Heads follow a Zipf-like tail from ``max_count`` down to ``FAMILY_HEAD_MIN`` (defaults:
+    ``[100, 49, 33, 24, 19, 16, 14, 12]``); relatives cycle through ``FAMILY_RELATIVE_COUNTS``.
+    """
+    n = spec.n_families
+    alpha = math.log(spec.max_count / FAMILY_HEAD_MIN) / math.log(n) if n > 1 else 0.0
+    counts, r = [], 0
+    for i in range(n):
+        counts.append(max(FAMILY_HEAD_MIN, math.floor(spec.max_count * (i + 1) ** -alpha + 0.5)))
+        for _ in range(spec.relatives):
+            counts.append(FAMILY_RELATIVE_COUNTS[r % len(FAMILY_RELATIVE_COUNTS)])
+            r += 1
+    return counts
+
+
+def _identity_pool(spec: DemoSpec) -> list[Identity]:
+    """The identities demo: fine-tuning identities first, then the pretraining ones."""
     # One call for both sets: names are unique and big traits spread across both, and since
     # make_identities is prefix-stable the fine-tuning identities do not depend on the pretrain count.
-    return make_identities(spec.n_identities + spec.n_pretrain_identities, spec.seed)
+    return make_identities(_n_identities_demo(spec) + spec.n_pretrain_identities, spec.seed)
+
+
+def _n_identities_demo(spec: DemoSpec) -> int:
+    return spec.n_identities if spec.kind == "identities" else DemoSpec().n_identities
 
 
 def demo_identities(spec: DemoSpec) -> list[Identity]:
-    """Fine-tuning identities; list order = class order = :func:`long_tail_counts` order."""
+    """Fine-tuning identities; list order = class order = :func:`long_tail_counts` order.
+
+    For ``kind="families"``: each family's head, then its relatives; no name is shared with the
+    pretraining identities (the same ones as the identities demo, so one base model serves both).
+    """
+    if spec.kind == "families":
+        taken = [ident.name for ident in _identity_pool(spec)]
+        families = make_families(spec.n_families, spec.relatives, spec.seed, exclude=taken)
+        return [member for family in families for member in family]
     return make_identities(spec.n_identities, spec.seed)
+
+
+def family_of(spec: DemoSpec) -> dict[str, str]:
+    """Subject -> head of its family (families kind; every subject is its own head otherwise)."""
+    idents = demo_identities(spec)
+    if spec.kind != "families":
+        return {i.name: i.name for i in idents}
+    size = 1 + spec.relatives
+    return {ident.name: idents[(k // size) * size].name for k, ident in enumerate(idents)}
 
 
 def pretrain_identities(spec: DemoSpec) -> list[Identity]:
     """Pretraining identities, none of which shares a name with :func:`demo_identities`."""
-    return _all_identities(spec)[spec.n_identities:]
+    return _identity_pool(spec)[_n_identities_demo(spec):]
 
 
 def split_seed(seed: int, split: str) -> int:

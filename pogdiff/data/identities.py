@@ -36,6 +36,7 @@ a scale jitter and a background colour index.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable
@@ -237,6 +238,57 @@ def make_identities(n: int, seed: int, *, exclude: Iterable[str] = ()) -> list[I
         used_names.add(name)
         identities.append(_identity_from_indices(name, big, small))
     return identities
+
+
+# Traits in which a rare relative differs from the frequent head of its family.
+FAMILY_TRAITS = ("hair_colour", "facial_hair", "eye_colour")
+
+
+def make_families(
+    n_families: int, relatives: int, seed: int, *, exclude: Iterable[str] = ()
+) -> list[list[Identity]]:
+    """Families of look-alikes: a head plus ``relatives`` who share its surname and all traits but two.
+
+    Heads are spread apart as in :func:`make_identities`. Relative ``r`` of a family changes the
+    hair colour and one more trait of :data:`FAMILY_TRAITS` (facial hair or eye colour, in turn),
+    so the relative's nearest caption (the head's, by surname) shows almost the same face and the
+    evaluator can still tell them apart. First names are never reused within the call, and no
+    full name of ``exclude`` is produced.
+
+    :return: ``n_families`` lists, head first.
+    """
+    if n_families < 1 or relatives < 1:
+        raise ValueError(f"need n_families >= 1 and relatives >= 1, got {n_families} and {relatives}")
+    heads = make_identities(n_families, seed, exclude=exclude)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xFA]))
+    taken = set(exclude) | {h.name for h in heads}
+    used_first = {h.name.split(" ", 1)[0] for h in heads}
+    families = []
+    for head in heads:
+        surname = head.name.split(" ", 1)[1]
+        members = [head]
+        hair_pool = [c for c in HAIR_COLOURS if c != head.hair_colour_name]
+        rng.shuffle(hair_pool)
+        for r in range(relatives):
+            first = _fresh_first_name(rng, used_first, surname, taken)
+            used_first.add(first)
+            changes = {"name": f"{first} {surname}", "hair_colour_name": hair_pool[r % len(hair_pool)]}
+            if r % 2 == 0:
+                options = [f for f in FACIAL_HAIR if f != head.facial_hair]
+                changes["facial_hair"] = options[int(rng.integers(len(options)))]
+            else:
+                options = [e for e in EYE_COLOURS if e != head.eye_colour_name]
+                changes["eye_colour_name"] = options[int(rng.integers(len(options)))]
+            members.append(dataclasses.replace(head, **changes))
+        families.append(members)
+    return families
+
+
+def _fresh_first_name(rng: np.random.Generator, used: set[str], surname: str, taken: set[str]) -> str:
+    fresh = [f for f in FIRST_NAMES if f not in used and f"{f} {surname}" not in taken]
+    if not fresh:
+        raise ValueError("ran out of first names for family members: use fewer families or relatives")
+    return fresh[int(rng.integers(len(fresh)))]
 
 
 def _pick_far_candidate(rng: np.random.Generator, chosen: list[tuple[int, ...]]) -> tuple[int, ...]:

@@ -1,0 +1,79 @@
+"""Is PoGDiff doing anything? The PoG share of the loss, the warning, and template captions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pogdiff.config import DataConfig, PsiConfig, TrainConfig, model_preset
+from pogdiff.data import load_image_text_set
+from pogdiff.data.demo import RenderedSet, write_image_folder
+from pogdiff.data.identities import make_identities, render, sample_attributes
+from pogdiff.training import INACTIVE_POG_SHARE, StepInfo, pog_share, pogdiff_inactive_warning, train
+
+BASE = Path(__file__).resolve().parent.parent / "checkpoints" / "base-tiny"
+
+TEMPLATES = ("a photo of a {}", "a product photo of a {}", "a close-up photo of a {}",
+             "a picture of a {}", "an image of a {}")
+
+
+def _info(share: float, psi: float = 0.2) -> StepInfo:
+    return StepInfo(step=1, max_steps=10, terms={"loss": 1.0}, lr=1e-4, psi_mean=psi, psi_active=0.5,
+                    seconds_per_step=0.1, eta_seconds=1.0, pog_share=share)
+
+
+def test_pog_share_is_the_pog_term_over_the_loss():
+    assert pog_share({"loss": 2.0, "mse": 1.5, "pog": 0.5}) == pytest.approx(0.25)
+    assert pog_share({"loss": 2.0, "mse": 2.0}) == 0.0
+    assert pog_share({"loss": 0.0, "pog": 0.0}) == 0.0
+
+
+def test_warning_only_when_the_pog_share_stays_below_one_percent():
+    assert pogdiff_inactive_warning([_info(0.0)] * 3) is None  # too early to judge
+    quiet = pogdiff_inactive_warning([_info(0.002)] * 20)
+    assert quiet is not None and "behaves like plain fine-tuning" in quiet and "0.20% of the loss" in quiet
+    assert "other_class" in quiet  # says what to change
+    assert pogdiff_inactive_warning([_info(INACTIVE_POG_SHARE * 2)] * 20) is None
+
+
+@pytest.fixture(scope="module")
+def template_set(tmp_path_factory):
+    """Three subjects, four images each, captions that are template wordings of the subject's name."""
+    people = make_identities(3, seed=11)
+    labels = ("red fox", "snowy owl", "tabby cat")
+    rng = np.random.default_rng(0)
+    images, captions, subjects, attrs = [], [], [], []
+    for person, label in zip(people, labels):
+        for j in range(4):
+            a = sample_attributes(rng)
+            images.append(np.asarray(render(person, a, 32)))
+            captions.append(TEMPLATES[j % len(TEMPLATES)].format(label))
+            subjects.append(label)
+            attrs.append(a)
+    folder = tmp_path_factory.mktemp("templates") / "set"
+    write_image_folder(folder, RenderedSet(np.stack(images), captions, subjects, attrs))
+    return load_image_text_set(folder, DataConfig())
+
+
+def _twenty_steps(dataset, tmp_path, psi: PsiConfig):
+    cfg = TrainConfig(method="pogdiff", batch_size=6, max_steps=20, checkpoint_every=0, log_every=0,
+                      warmup_steps=1, psi=psi)
+    # The shipped base model conditions on captions; a random one predicts the same for any caption.
+    return train(dataset=dataset, model_cfg=model_preset("tiny"), train_cfg=cfg, run_dir=tmp_path,
+                 base_checkpoint=BASE)
+
+
+def test_template_captions_with_the_same_class_pool_get_the_warning(template_set, tmp_path):
+    result = _twenty_steps(template_set, tmp_path, PsiConfig(pool="same_class"))
+    shares = [h.pog_share for h in result.history]
+    assert np.mean(shares) < INACTIVE_POG_SHARE
+    assert len(result.warnings) == 1 and "behaves like plain fine-tuning" in result.warnings[0]
+
+
+def test_template_captions_with_the_other_class_pool_borrow_across_subjects(template_set, tmp_path):
+    result = _twenty_steps(template_set, tmp_path, PsiConfig(pool="other_class"))
+    shares = [h.pog_share for h in result.history]
+    assert np.mean(shares) > INACTIVE_POG_SHARE
+    assert result.warnings == []
