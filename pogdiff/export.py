@@ -78,16 +78,20 @@ def is_local_path(name: str) -> bool:
 
 
 def strip_local_names(folder: Path) -> list[Path]:
-    """Remove ``_name_or_path`` (diffusers/transformers write where a model was loaded from) from
-    every ``config.json`` / ``*_config.json`` under ``folder``; returns the files changed."""
+    """Remove where a model was loaded from (``_name_or_path``, and a local ``name_or_path``),
+    which diffusers and transformers write into their JSON configs, from every ``*.json`` under
+    ``folder``; returns the files changed."""
     changed = []
     for path in sorted(folder.rglob("*.json")):
-        if path.name != "config.json" and not path.name.endswith("_config.json"):
-            continue
         data = json.loads(path.read_text())
-        if isinstance(data, dict) and "_name_or_path" in data:
-            del data["_name_or_path"]
-            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        if not isinstance(data, dict):
+            continue
+        drop = [k for k in ("_name_or_path", "name_or_path")
+                if k in data and (k == "_name_or_path" or is_local_path(str(data[k])))]
+        if drop:
+            for key in drop:
+                del data[key]
+            path.write_text(json.dumps(data, indent=2) + "\n")
             changed.append(path)
     return changed
 
@@ -276,6 +280,11 @@ def export_tiny(ckpt_dir: Path, out_dir: Path, *, use_ema: bool = False) -> None
         raise FileNotFoundError(f"{src} does not exist" + (" (saved without EMA)" if use_ema else ""))
     encoder_dir = _caption_encoder_dir(model_cfg)
     unet = UNet2DConditionModel.from_pretrained(src, torch_dtype=torch.float32)
+    hidden = json.loads((encoder_dir / "config.json").read_text())["hidden_size"]
+    if unet.config.cross_attention_dim != hidden:
+        raise ValueError(f"the UNet of {ckpt_dir} attends to {unet.config.cross_attention_dim}-d token states but the "
+                         f"caption encoder gives {hidden}-d ones; it was trained with another text encoder and "
+                         "cannot be exported as a pipeline")
     unet.save_pretrained(out_dir / "unet", safe_serialization=True)
     make_scheduler(_noise_schedule_only(model_cfg), "ddim").save_pretrained(out_dir / "scheduler")
     _copy_files(encoder_dir, TEXT_ENCODER_FILES, out_dir / "text_encoder")
