@@ -31,6 +31,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from PIL import Image
 
 OUTPUT_TYPES = ("pil", "np")
+ENCODE_BATCH = 256  # captions per text-encoder pass, as pogdiff.text.MiniLMEncoder
 
 
 class PoGDiffPipeline(DiffusionPipeline):
@@ -49,7 +50,12 @@ class PoGDiffPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Captions -> token states ``[N, max_caption_tokens, C]`` (zero on padding) and a bool mask."""
+        """Captions -> token states ``[N, max_caption_tokens, C]`` (zero on padding) and a bool mask,
+        encoded ``ENCODE_BATCH`` captions at a time (padding depends on the batch, as in training)."""
+        parts = [self._encode_batch(prompts[i:i + ENCODE_BATCH]) for i in range(0, len(prompts), ENCODE_BATCH)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _encode_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.config.max_seq_length,
                                return_tensors="pt").to(self.text_encoder.device)
         states = self.text_encoder(**batch).last_hidden_state.float()  # [B, T, C]

@@ -166,16 +166,24 @@ def test_export_errors_say_what_is_wrong(tmp_path):
 
 
 def test_push_to_hub_uploads_the_export_folder(exported, tmp_path, monkeypatch, capsys):
+    import inspect
+
     from huggingface_hub import HfApi
 
     calls = []
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
+    real_create, real_upload = inspect.signature(HfApi.create_repo), inspect.signature(HfApi.upload_folder)
+
+    def create_repo(self, repo_id, **kw):
+        real_create.bind(self, repo_id, **kw)  # the real method accepts these arguments
+        calls.append(("create", repo_id, kw))
 
     def upload_folder(self, **kw):
+        real_upload.bind(self, **kw)
         calls.append(("upload", kw["repo_id"], kw))
         assert (Path(kw["folder_path"]) / "model_index.json").is_file()
         return "https://huggingface.co/me/pogdiff-demo/commit/abc"
 
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     out = tmp_path / "card-only"
     shutil.copytree(exported, out, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -256,3 +264,26 @@ def test_sd15_local_base_is_named_by_folder_not_path(sd_checkpoint, tmp_path):
     assert json.loads((out / "configs.json").read_text())["model"]["pretrained"] == "pipe"
     assert str(root) not in (out / "README.md").read_text()
     assert export.is_local_path(str(root / "pipe")) and not export.is_local_path("runwayml/stable-diffusion-v1-5")
+
+
+def test_sd15_full_finetune_exports_a_whole_pipeline(sd_checkpoint, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    _, lora_model, root = sd_checkpoint
+    cfg = ModelConfig(**{**lora_model.config.__dict__, "full_finetune": True})
+    model = load_stable_diffusion(cfg)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    ckpt = save_checkpoint(tmp_path / "run", 2, model, train_cfg=TrainConfig(max_steps=2))
+    out = export_diffusers(ckpt, tmp_path / "full")
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    x_t = torch.randn(1, *model.latent_shape, generator=g)
+    t = torch.tensor([500])
+    tokens, _ = model.encode_captions(["a photo of a cat"])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x_t, t, encoder_hidden_states=tokens).sample,
+                                   model.predict_eps(x_t, t, tokens), rtol=1e-5, atol=1e-5)
+    meta = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+    assert "lora" not in meta["tags"] and 'StableDiffusionPipeline.from_pretrained("full")' in (out / "README.md").read_text()
