@@ -21,7 +21,7 @@ import gradio as gr  # noqa: E402
 
 from pogdiff.config import METHODS, PRESETS, PsiConfig, TrainConfig  # noqa: E402
 from pogdiff.neighbors import POOLS  # noqa: E402
-from pogdiff.ui import Studio, gpu_task  # noqa: E402
+from pogdiff.ui import Studio  # noqa: E402
 
 TITLE = "PoGDiff Studio"
 POLL_SECONDS = 1.0
@@ -30,6 +30,10 @@ DEFAULT_PREVIEW_EVERY = 50
 DEFAULT_MAX_UPLOAD_MB = 500
 DEFAULT_CONCURRENCY = 2
 QUEUE_SIZE = 64
+# ZeroGPU: the events that run models share one queue and ask for the GPU this long (seconds).
+GPU_QUEUE = "gpu"
+COMPARE_GPU_SECONDS = 120
+METRICS_GPU_SECONDS = 300
 
 CSS = """
 .pg-progress {margin: 4px 0 8px 0;}
@@ -321,10 +325,12 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
              .then(studio.precomputed_metrics, [run_a, run_b], metric_outputs, api_visibility="private"))
         gen_inputs = [run_a, run_b, prompts, custom, n_seeds, guidance, sample_steps]
         (gen_btn.click(_busy1, None, gen_btn, queue=False, api_visibility="private")
-         .then(gpu_task(studio.generate_pair), gen_inputs, [slider, grid_a, grid_b, pair_md], api_name="compare")
+         .then(zero_gpu(studio.generate_pair, COMPARE_GPU_SECONDS), gen_inputs, [slider, grid_a, grid_b, pair_md],
+               api_name="compare", concurrency_id=GPU_QUEUE)
          .then(_idle1, None, gen_btn, queue=False, api_visibility="private"))
         (metrics_btn.click(_busy1, None, metrics_btn, queue=False, api_visibility="private")
-         .then(gpu_task(studio.compute_metrics), [run_a, run_b], metric_outputs, api_name="metrics")
+         .then(zero_gpu(studio.compute_metrics, METRICS_GPU_SECONDS), [run_a, run_b], metric_outputs,
+               api_name="metrics", concurrency_id=GPU_QUEUE)
          .then(_idle1, None, metrics_btn, queue=False, api_visibility="private"))
 
         demo.load(studio.poll, None, poll_outputs, api_name="poll_on_load", api_visibility="private")
@@ -352,6 +358,30 @@ def _idle1():
     return gr.Button(interactive=True)
 
 
+def zero_gpu(fn, duration: int):
+    """``fn`` wrapped in ``spaces.GPU(duration=duration)`` when the ``spaces`` package is present
+    (Hugging Face ZeroGPU Spaces), else ``fn`` itself."""
+    try:
+        import spaces  # type: ignore[import-not-found]
+    except ImportError:
+        return fn
+    return spaces.GPU(duration=duration)(fn)
+
+
+def server_address(environ=os.environ) -> tuple[str, int]:
+    """Default host and port: ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` when set, else
+    0.0.0.0 on a Hugging Face Space (``SPACE_ID`` set) or 127.0.0.1, and port 7860."""
+    host = environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if environ.get("SPACE_ID") else "127.0.0.1")
+    raw = environ.get("GRADIO_SERVER_PORT") or "7860"
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ValueError(f"GRADIO_SERVER_PORT={raw!r} is not a port number; set it to e.g. 7860 or unset it") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"GRADIO_SERVER_PORT={port} is out of range; use 1-65535")
+    return host, port
+
+
 def launch_options(studio: Studio, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> dict:
     """Keyword arguments of ``Blocks.launch`` shared by ``__main__`` and the tests."""
     return dict(
@@ -365,11 +395,12 @@ def launch_options(studio: Studio, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    on_space = bool(os.environ.get("SPACE_ID"))
+    host, port = server_address()
     p = argparse.ArgumentParser(description=TITLE)
-    p.add_argument("--host", default="0.0.0.0" if on_space else "127.0.0.1",
-                   help="interface to listen on (0.0.0.0 on a Hugging Face Space, else 127.0.0.1)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="port")
+    p.add_argument("--host", default=host,
+                   help="interface to listen on (default: $GRADIO_SERVER_NAME, else 0.0.0.0 on a Hugging Face "
+                        "Space, else 127.0.0.1)")
+    p.add_argument("--port", type=int, default=port, help="port (default: $GRADIO_SERVER_PORT, else 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
     p.add_argument("--runs-dir", default=os.environ.get("POGDIFF_RUNS_DIR", "runs"),
                    help="where training runs and their checkpoints are written")

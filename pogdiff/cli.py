@@ -187,10 +187,15 @@ def cmd_sample(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pogdiff import checkpoints
+    from pogdiff import export
 
-    out = checkpoints.export_diffusers(args.checkpoint, args.out)
+    card = export.CardInfo(license=args.license, base_model=args.base_model, prompts=tuple(args.prompt or ()),
+                           metrics_csv=args.metrics)
+    out = export.export_diffusers(args.checkpoint, args.out, use_ema=args.ema, merge=args.merge, card=card)
     print(f"exported to {out}")
+    if args.push_to_hub:
+        url = export.push_to_hub(out, args.push_to_hub, private=args.private)
+        print(f"pushed to {args.push_to_hub}: {url}")
     return 0
 
 
@@ -238,9 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG")
     p.set_defaults(fn=cmd_sample)
 
-    p = sub.add_parser("export", help="export weights for diffusers (from_pretrained / load_lora_weights)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder")
-    p.add_argument("--out", required=True, help="output folder")
+    p = sub.add_parser("export", help="export a diffusers folder with a model card (from_pretrained / load_lora_weights)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (latest is used)")
+    p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument("--merge", action="store_true", help="sd15 LoRA: also write the pipeline with the LoRA fused, in merged/")
+    p.add_argument("--base-model", default=None, help="Hub id of the base model for the card (sd15 from a local folder)")
+    p.add_argument("--license", default=None, help="license in the model card (default: mit for tiny, other for sd15)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="widget prompt of the model card; repeat for several (default: the rarest classes)")
+    p.add_argument("--metrics", default=None, help="per-class metrics CSV (default: per_class.csv beside the checkpoint)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the folder to this Hub model repository")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository as private")
     p.set_defaults(fn=cmd_export)
 
     build = sub.add_parser("build", help="reproduce the shipped artefacts").add_subparsers(dest="build_cmd", required=True)

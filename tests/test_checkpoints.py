@@ -12,7 +12,6 @@ from diffusers.training_utils import EMAModel
 
 import pogdiff.checkpoints as ckpt
 from pogdiff.checkpoints import (
-    export_diffusers,
     latest_checkpoint,
     load_configs,
     load_model,
@@ -140,18 +139,6 @@ def test_ema_module_and_ema_model_round_trip(tmp_path):
     plain = save_checkpoint(tmp_path, 3, model, train_cfg=TRAIN)
     with pytest.raises(FileNotFoundError, match="saved without EMA"):
         load_model(plain, use_ema=True, text_encoder=HashEncoder())
-
-
-def test_export_loads_in_one_line_with_identical_outputs(tmp_path):
-    model = _model(seed=2)
-    path = save_checkpoint(tmp_path / "run", 5, model, train_cfg=TRAIN)
-    out = export_diffusers(path, tmp_path / "export")
-    unet = UNet2DConditionModel.from_pretrained(out)
-    exported = DiffusionModel(SMALL, unet=unet, noise_scheduler=model.noise_scheduler, text_encoder=HashEncoder())
-    torch.testing.assert_close(_eps(exported), _eps(model), rtol=0, atol=0)
-    readme = (out / "README.md").read_text()
-    assert 'UNet2DConditionModel.from_pretrained("export")' in readme
-    assert (out / "configs.json").is_file()
 
 
 def test_half_precision_storage_loads_back_as_float32_with_small_error(tmp_path):

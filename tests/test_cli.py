@@ -67,7 +67,7 @@ def test_train_then_sample_with_fixed_seeds_is_reproducible(small_demo, tmp_path
     assert main(["export", "--checkpoint", str(next(run.glob("checkpoint-*"))), "--out", str(export)]) == 0
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(export)
+    unet = UNet2DConditionModel.from_pretrained(export / "unet")
     assert unet.config.sample_size == 32
 
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-from pogdiff.checkpoints import export_diffusers, load_model, save_checkpoint
+from pogdiff.checkpoints import load_model, save_checkpoint
 from pogdiff.config import ModelConfig, SampleConfig, TrainConfig
+from pogdiff.export import export_diffusers
 from pogdiff.models import LORA_TARGET_MODULES, load_stable_diffusion
 from pogdiff.sampling import generate
 from pogdiff.text import CLIPCaptionEncoder, tiny_clip_parts
