@@ -374,7 +374,8 @@ class Trainer:
         """Warn once, in the log and in ``self.warnings``, when the PoG term stays negligible."""
         if self.cfg.method != "pogdiff" or self._warned_inactive:
             return
-        message = pogdiff_inactive_warning(self.history[-max(INACTIVE_MIN_STEPS, 50):])
+        recent = self.history[-max(INACTIVE_MIN_STEPS, 50):]
+        message = pogdiff_inactive_warning([h.pog_share for h in recent], [h.psi_mean for h in recent])
         if message:
             self._warned_inactive = True
             self.warnings.append(message)
@@ -512,19 +513,22 @@ def pog_share(terms: dict[str, float]) -> float:
     return float(terms.get("pog", 0.0) / loss) if loss > 0 else 0.0
 
 
-def pogdiff_inactive_warning(history: Sequence[StepInfo]) -> str | None:
+def pogdiff_inactive_warning(pog_shares: Sequence[float], psi_means: Sequence[float]) -> str | None:
     """A plain-words warning when PoGDiff behaves like plain fine-tuning, else None.
 
-    Judged on the mean PoG share of the loss over the run so far (at least
-    ``INACTIVE_MIN_STEPS`` steps): below ``INACTIVE_POG_SHARE`` the neighbour term changes the
-    target too little to matter (README "Is PoGDiff doing anything?").
+    Judged on the mean PoG share of the loss over the given steps (at least
+    ``INACTIVE_MIN_STEPS``): below ``INACTIVE_POG_SHARE`` the neighbour term changes the target
+    too little to matter (README "Is PoGDiff doing anything?").
+
+    :param pog_shares: per-step ``StepInfo.pog_share``.
+    :param psi_means: per-step ``StepInfo.psi_mean``.
     """
-    if len(history) < INACTIVE_MIN_STEPS:
+    if len(pog_shares) < INACTIVE_MIN_STEPS:
         return None
-    share = float(np.mean([h.pog_share for h in history]))
+    share = float(np.mean(pog_shares))
     if share >= INACTIVE_POG_SHARE:
         return None
-    psi = float(np.mean([h.psi_mean for h in history]))
+    psi = float(np.mean(psi_means))
     return (
         f"PoGDiff is doing almost nothing on this data: the PoG term is {100 * share:.2f}% of the loss "
         f"(mean psi {psi:.3f}). The captions' neighbours predict what the captions themselves predict, so "

@@ -12,6 +12,7 @@ data, so they are tested without a browser.
 from __future__ import annotations
 
 import dataclasses
+from html import escape as html_escape
 import hashlib
 import logging
 import math
@@ -108,8 +109,29 @@ def progress_html(status: JobStatus) -> str:
     return (
         '<div class="pg-progress"><div class="pg-progress-track">'
         f'<div class="pg-progress-fill" style="width:{pct:.1f}%;background:{colour}"></div></div>'
-        f'<div class="pg-progress-label">{label}</div></div>'
+        f'<div class="pg-progress-label">{label}</div>{pogdiff_activity_html(status.history)}</div>'
     )
+
+
+def pogdiff_activity_html(history: Sequence[dict[str, float]]) -> str:
+    """PoGDiff's activity in the latest steps (mean psi, rows with a neighbour pass, PoG share of
+    the loss) and the plain-words warning when it behaves like plain fine-tuning; '' otherwise."""
+    from pogdiff.training import INACTIVE_MIN_STEPS, pogdiff_inactive_warning
+
+    rows = [h for h in history if "pog_share" in h and "pog" in h]
+    if not rows:
+        return ""
+    recent = rows[-max(INACTIVE_MIN_STEPS, 50):]
+    share = float(np.mean([h["pog_share"] for h in recent]))
+    psi = float(np.mean([h.get("psi_mean", 0.0) for h in recent]))
+    active = float(np.mean([h.get("psi_active", 0.0) for h in recent]))
+    line = (f"PoGDiff, last {len(recent)} steps: mean psi {psi:.3f} · neighbour pass on {100 * active:.0f}% "
+            f"of rows · PoG term {100 * share:.2f}% of the loss")
+    warning = pogdiff_inactive_warning([h["pog_share"] for h in recent], [h.get("psi_mean", 0.0) for h in recent])
+    html = f'<div class="pg-progress-label">{line}</div>'
+    if warning:
+        html += f'<div class="pg-warning" style="color:#b45309;font-weight:600">⚠ {html_escape(warning)}</div>'
+    return html
 
 
 def status_markdown(status: JobStatus) -> str:
@@ -592,10 +614,12 @@ class Studio:
                 "class size": counts[bundle.subjects[nb]],
                 "s_txt": round(float(table.s_txt[row, j]), 3), "s_img": round(float(table.s_img[row, j]), 3),
                 "w_density": round(w, 3), "psi": round(float(table.psi[row, j]), 3),
-                "p(draw)": round(float(table.probs[row, j]), 3), "row": nb,
+                "p(draw)": round(float(table.probs[row, j]), 3),
+                "informative": bool(table.psi[row, j] > psi_cfg.psi_threshold and bundle.subjects[nb] != subj),
+                "row": nb,
             })
         frame = pd.DataFrame(rows, columns=["rank", "caption", "subject", "class size", "s_txt",
-                                            "s_img", "w_density", "psi", "p(draw)", "row"])
+                                            "s_img", "w_density", "psi", "p(draw)", "informative", "row"])
         images = [bundle.ds.images[row]] + [bundle.ds.images[r] for r in frame["row"]]
         labels = [f"query · {bundle.captions[row]}"] + [
             f"#{r.rank} psi={r.psi:.2f} · {r.caption}" for r in frame.itertuples()
@@ -604,7 +628,13 @@ class Studio:
         head = (f"**{bundle.captions[row]}** — subject *{subj}* with {counts[subj]} training images "
                 f"({shot_bucket(counts[subj], self.data_config)}-shot). w_density = **{w:.3f}**, "
                 f"mean psi over its {len(frame)} neighbours = **{mean_psi:.3f}**. "
-                "psi = psi_max × w_density × s_img × s_txt: how much this sample borrows from each neighbour.")
+                "psi = psi_max × w_density × s_img × s_txt: how much this sample borrows from each neighbour. "
+                + ("**Its neighbours are informative**: at least one shows another subject with psi above "
+                   f"{psi_cfg.psi_threshold:g}." if frame["informative"].any() else
+                   "**No informative neighbour**: every neighbour either is a rewording of the same subject "
+                   "(it predicts what this caption predicts) or has psi below "
+                   f"{psi_cfg.psi_threshold:g}, so PoGDiff leaves this caption's target as it is. "
+                   "Try the 'other_class' pool."))
         return head, frame, gallery_items(np.stack(images), labels)
 
     def hop(self, key: str | None, frame: pd.DataFrame, evt: gr.SelectData):

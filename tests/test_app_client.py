@@ -54,10 +54,17 @@ def test_data_stats_and_neighbours(client):
     scatter, caption_dd, banner = client.predict("shot bucket", api_name="/neighbour_map")
     assert "built-in demo set" in banner
     row = 0
-    head, nb_table, nb_gallery = client.predict(row, 5, 1.0, False, api_name="/neighbours")
+    head, nb_table, nb_gallery = client.predict(row, 5, 1.0, "same_class", api_name="/neighbours")
     assert "w_density" in head and "psi" in head
-    assert {"s_txt", "s_img", "w_density", "psi"} <= set(nb_table["headers"])
+    assert {"s_txt", "s_img", "w_density", "psi", "informative"} <= set(nb_table["headers"])
     assert len(nb_table["data"]) == 5 and len(nb_gallery) == 6  # the query + its 5 neighbours
+    # same-class neighbours are rewordings of the same person: never informative
+    col = nb_table["headers"].index("informative")
+    assert not any(r[col] for r in nb_table["data"]) and "No informative neighbour" in head
+    head, nb_table, _ = client.predict(row, 5, 1.0, "other_class", api_name="/neighbours")
+    query_subject = head.split("subject *", 1)[1].split("*", 1)[0]
+    subj_col = nb_table["headers"].index("subject")
+    assert len(nb_table["data"]) == 5 and all(r[subj_col] != query_subject for r in nb_table["data"])
 
     results, images = client.predict("a photo of someone smiling, wearing glasses", 4, api_name="/search")
     assert len(results["data"]) == 4 and "similarity" in results["headers"]

@@ -31,11 +31,11 @@ def test_pog_share_is_the_pog_term_over_the_loss():
 
 
 def test_warning_only_when_the_pog_share_stays_below_one_percent():
-    assert pogdiff_inactive_warning([_info(0.0)] * 3) is None  # too early to judge
-    quiet = pogdiff_inactive_warning([_info(0.002)] * 20)
+    assert pogdiff_inactive_warning([0.0] * 3, [0.2] * 3) is None  # too early to judge
+    quiet = pogdiff_inactive_warning([0.002] * 20, [0.2] * 20)
     assert quiet is not None and "behaves like plain fine-tuning" in quiet and "0.20% of the loss" in quiet
     assert "other_class" in quiet  # says what to change
-    assert pogdiff_inactive_warning([_info(INACTIVE_POG_SHARE * 2)] * 20) is None
+    assert pogdiff_inactive_warning([INACTIVE_POG_SHARE * 2] * 20, [0.2] * 20) is None
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,16 @@ def test_template_captions_with_the_other_class_pool_borrow_across_subjects(temp
     shares = [h.pog_share for h in result.history]
     assert np.mean(shares) > INACTIVE_POG_SHARE
     assert result.warnings == []
+
+
+def test_train_tab_shows_pogdiff_activity_and_the_warning():
+    from pogdiff.ui import pogdiff_activity_html
+
+    assert pogdiff_activity_html([{"step": 1, "loss": 0.5, "mse": 0.5}]) == ""  # not a PoGDiff run
+    busy = [{"step": s, "loss": 1.0, "mse": 0.9, "pog": 0.1, "pog_share": 0.1, "psi_mean": 0.3,
+             "psi_active": 0.4} for s in range(20)]
+    html = pogdiff_activity_html(busy)
+    assert "mean psi 0.300" in html and "40% of rows" in html and "10.00% of the loss" in html
+    assert "plain fine-tuning" not in html
+    quiet = [dict(h, pog=0.001, pog_share=0.001) for h in busy]
+    assert "behaves like plain fine-tuning" in pogdiff_activity_html(quiet)
