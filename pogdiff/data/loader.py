@@ -10,21 +10,15 @@ Layouts (they can be mixed; per image the first that applies gives the caption):
 3. Class sub-folders (``cats/x.png``): the caption is ``config.caption_template`` with the folder
    name as ``{subject}`` (underscores and dashes read as spaces).
 
-Classes (``ImageTextSet.class_source``):
+Classes come from ``config.class_source`` ("auto", "column", "folder", "first_tag", "template",
+"cluster"; see :mod:`pogdiff.data.classes`); the source used is ``ImageTextSet.class_source``.
 
-- ``"column"``: the ``subject`` / ``class`` column of the metadata;
-- ``"folder"``: without that column, when every image sits in a sub-folder and either there
-  are at least two sub-folders or the captions came from the folder names;
-- ``"derived"``: otherwise, from the captions. When every caption reads
-  ``"a photo of X, ..."`` (also ``an``, ``picture``, ``image``, ``portrait``), the class is ``X``:
-  the text after ``"a photo of"`` up to the first comma. Otherwise the captions are clustered
-  (TF-IDF bag of words, k-means with a fixed seed; ``config.derive_clusters`` clusters, or
-  ``round(sqrt(n / 2))`` clipped to 2..50) and each class is named by its cluster's top words.
-
-A zip is never extracted to disk: members are read into memory with :mod:`zipfile` after the
-archive size, the number of files, the uncompressed total, per-member compression ratios and
-member paths (``../``, absolute paths, links) have been checked against :class:`DataConfig`.
-A zip whose content sits in one top folder is read as if that folder were the root.
+A zip is never extracted to disk: members are streamed from :mod:`zipfile` after the archive
+size, the number of files, the uncompressed total, per-member compression ratios and member paths
+(``../``, absolute paths, links) have been checked against :class:`DataConfig`. Each file is read
+in chunks up to :func:`file_byte_limit`, an image only after its header (first 64 KiB) showed it
+within ``max_image_pixels``; a damaged member is reported and skipped (README "Data loading: bad
+input"). A zip whose content sits in one top folder is read as if that folder were the root.
 """
 
 from __future__ import annotations
@@ -33,7 +27,6 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 import re
 import stat
@@ -51,7 +44,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..config import DataConfig
+from .classes import ClassItem, assign_classes, check_class_source, cluster_captions, subject_from_caption
 from .validation import DatasetError, ValidationReport
+
+__all__ = ["ImageTextSet", "Sample", "cluster_captions", "load_image_text_set", "subject_from_caption"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +64,6 @@ IGNORED_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 IGNORED_DIRS = frozenset({"__MACOSX"})
 # Compression ratios are only checked for members this large (small files compress well).
 RATIO_CHECK_MIN_BYTES = 1 << 20
-TEMPLATE_RE = re.compile(r"^\s*an?\s+(?:photo|picture|image|portrait)\s+of\s+([^,]+)", re.IGNORECASE)
-MAX_AUTO_CLUSTERS = 50
 # Per-file byte limit: 8 bytes per allowed pixel (16-bit RGBA, uncompressed) but at least 1 MiB.
 BYTES_PER_PIXEL_BOUND = 8
 MIN_FILE_LIMIT = 1 << 20
@@ -85,7 +79,6 @@ ZERO_WIDTH_RE = re.compile("[\u00ad\u180e\u200b\u2060\ufeff]")
 INVISIBLE_RE = re.compile("[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 # Large downscales first shrink by an integer factor (box filter) to within 3x of the target.
 REDUCING_GAP = 3.0
-KMEANS_ITERS = 50
 
 
 @dataclass
@@ -106,7 +99,10 @@ class ImageTextSet:
     samples: list[Sample]
     images: np.ndarray
     report: ValidationReport
-    class_source: str  # "column" | "folder" | "derived"
+    # The class source used ("column" | "folder" | "first_tag" | "template" | "cluster") and the one
+    # asked for in DataConfig.class_source ("auto" or one of those); see pogdiff/data/classes.py.
+    class_source: str
+    class_source_requested: str = "auto"
 
     @property
     def subjects(self) -> list[str]:
@@ -626,71 +622,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 # --- classes ---------------------------------------------------------------------------------
 
 
-def subject_from_caption(text: str) -> str | None:
-    """``"a photo of Mira Okafor, smiling"`` -> ``"Mira Okafor"``; None when the template does not match."""
-    m = TEMPLATE_RE.match(text)
-    if not m:
-        return None
-    subject = m.group(1).strip().rstrip(".").strip()
-    return subject or None
-
-
-def _folder_subject(path: str) -> str:
-    return str(PurePosixPath(path).parent)
-
-
 def _folder_caption_subject(path: str) -> str:
     return re.sub(r"[_\-]+", " ", PurePosixPath(path).parent.name).strip()
-
-
-def cluster_captions(texts: list[str], n_clusters: int = 0, seed: int = 0) -> list[str]:
-    """Class names for free-text captions: TF-IDF bag of words + k-means (k-means++ init).
-
-    ``n_clusters = 0`` picks ``round(sqrt(n / 2))`` clipped to ``2..50``. Each class is named
-    ``"cluster NN: word, word"`` after the two heaviest words of its centroid.
-    """
-    n = len(texts)
-    k = n_clusters or int(np.clip(round(math.sqrt(n / 2)), 2, MAX_AUTO_CLUSTERS))
-    k = max(1, min(k, n))
-    docs = [re.findall(r"[a-z0-9]+", t.lower()) for t in texts]
-    vocab = sorted({w for d in docs for w in d if len(w) > 2})
-    if not vocab:
-        return ["cluster 00"] * n
-    index = {w: i for i, w in enumerate(vocab)}
-    tf = np.zeros((n, len(vocab)))
-    for r, d in enumerate(docs):
-        for w in d:
-            if w in index:
-                tf[r, index[w]] += 1
-    idf = np.log((1 + n) / (1 + (tf > 0).sum(0))) + 1
-    x = tf * idf
-    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
-    labels = _kmeans(x, k, np.random.default_rng(seed))
-    names = {}
-    for c in range(k):
-        members = x[labels == c]
-        top = np.argsort(-members.mean(0))[:2] if len(members) else []
-        names[c] = f"cluster {c:02d}: " + ", ".join(vocab[i] for i in top)
-    return [names[c] for c in labels]
-
-
-def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    centres = [x[rng.integers(len(x))]]
-    for _ in range(1, k):  # k-means++
-        d2 = np.min([((x - c) ** 2).sum(1) for c in centres], axis=0)
-        p = d2 / d2.sum() if d2.sum() > 0 else np.full(len(x), 1 / len(x))
-        centres.append(x[rng.choice(len(x), p=p)])
-    c = np.stack(centres)
-    labels = np.zeros(len(x), dtype=int)
-    for it in range(KMEANS_ITERS):
-        labels_new = ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
-        if it > 0 and np.array_equal(labels_new, labels):
-            break
-        labels = labels_new
-        for j in range(k):
-            if (labels == j).any():
-                c[j] = x[labels == j].mean(0)
-    return labels
 
 
 # --- the loader ------------------------------------------------------------------------------
@@ -705,12 +638,16 @@ class _Pending:
     caption_from: str  # "metadata" | "sidecar" | "folder"
 
 
-def load_image_text_set(source: str | Path, config: DataConfig = DataConfig()) -> ImageTextSet:
+def load_image_text_set(source: str | Path, config: DataConfig = DataConfig(), *,
+                        encoder: Any = None) -> ImageTextSet:
     """Read, validate and normalise a folder or ``.zip`` image-text set.
 
     Good images load even when others are bad; every problem is in ``result.report``.
     Raises :class:`DatasetError` (with the report) only when no usable image is left.
+    Classes come from ``config.class_source`` (:mod:`pogdiff.data.classes`); ``encoder`` embeds
+    the captions when they are clustered (default: the shared MiniLM).
     """
+    check_class_source(config.class_source)
     report = ValidationReport()
     src = _open(Path(source), config, report)
     prefix = _strip_single_top_folder(src)
@@ -724,17 +661,29 @@ def load_image_text_set(source: str | Path, config: DataConfig = DataConfig()) -
         if array is not None:
             samples.append(Sample(item.path, item.text, item.subject or "", item.extra))
             images.append(array)
-    report.n_images_loaded = len(samples)
-    if not samples:
-        what = "no images found" if report.n_images_found == 0 else "none of the images could be used"
-        if report.n_images_found == 0:
-            report.error("empty_set", "", "The set contains no images (png, jpg, jpeg, webp, bmp, gif, tif).",
-                         "Upload a folder or .zip with images and captions (see the accepted layouts).")
-        raise DatasetError(f"Cannot load '{Path(source).name}': {what}.", report)
-    class_source = _assign_classes(samples, pending, config, report)
+    _raise_if_empty(source, samples, report)
+    caption_from = {p.path: p.caption_from for p in pending}
+    items = [ClassItem(s.file_name, s.text, s.subject or None, caption_from[s.file_name]) for s in samples]
+    subjects, class_source = assign_classes(items, config, report, encoder)
+    kept = [i for i, subject in enumerate(subjects) if subject is not None]
+    for i in kept:
+        samples[i].subject = subjects[i]
+    samples, images = [samples[i] for i in kept], [images[i] for i in kept]
+    _raise_if_empty(source, samples, report)
     _warn_small_classes(samples, report)
-    logger.info("loaded %s: %s", Path(source).name, report.summary())
-    return ImageTextSet(str(source), samples, np.stack(images), report, class_source)
+    logger.info("loaded %s: %s; classes from %s", Path(source).name, report.summary(), class_source)
+    return ImageTextSet(str(source), samples, np.stack(images), report, class_source, config.class_source)
+
+
+def _raise_if_empty(source: str | Path, samples: list[Sample], report: ValidationReport) -> None:
+    report.n_images_loaded = len(samples)
+    if samples:
+        return
+    what = "no images found" if report.n_images_found == 0 else "none of the images could be used"
+    if report.n_images_found == 0:
+        report.error("empty_set", "", "The set contains no images (png, jpg, jpeg, webp, bmp, gif, tif).",
+                     "Upload a folder or .zip with images and captions (see the accepted layouts).")
+    raise DatasetError(f"Cannot load '{Path(source).name}': {what}.", report)
 
 
 def _open(path: Path, config: DataConfig, report: ValidationReport) -> _Source:
@@ -833,35 +782,6 @@ def _check_case_duplicates(images: list[str], report: ValidationReport) -> None:
                            "on Windows and macOS.", "Rename one of the two files.")
         else:
             seen[key] = path
-
-
-def _assign_classes(samples: list[Sample], pending: list[_Pending], config: DataConfig,
-                    report: ValidationReport) -> str:
-    by_path = {p.path: p for p in pending}
-    if any(s.subject for s in samples):  # a subject / class column
-        missing = [s for s in samples if not s.subject]
-        for s in missing:
-            s.subject = subject_from_caption(s.text) or s.text
-        return "column"
-    folders = {_folder_subject(s.file_name) for s in samples}
-    in_folders = all("/" in s.file_name for s in samples)
-    from_folders = any(by_path[s.file_name].caption_from == "folder" for s in samples)
-    if in_folders and (len(folders) >= 2 or from_folders):
-        for s in samples:
-            s.subject = _folder_subject(s.file_name)
-        return "folder"
-    derived = [subject_from_caption(s.text) for s in samples]
-    if all(derived):
-        for s, d in zip(samples, derived):
-            s.subject = d
-        return "derived"
-    names = cluster_captions([s.text for s in samples], config.derive_clusters)
-    for s, name in zip(samples, names):
-        s.subject = name
-    report.warning("classes_clustered", "", f"Classes were derived by clustering the captions into {len(set(names))} groups.",
-                   "For exact classes add a 'subject' column to metadata.jsonl, or start every caption with "
-                   "'a photo of <subject>,'.")
-    return "derived"
 
 
 def _warn_small_classes(samples: list[Sample], report: ValidationReport) -> None:
