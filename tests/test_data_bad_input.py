@@ -181,9 +181,9 @@ def test_csv_unterminated_quote_does_not_swallow_later_rows(tmp_path):
 
 
 def test_csv_quoted_multiline_caption_still_loads(tmp_path):
-    csv_text = 'file_name,text\na.png,"a photo of A,\nsmiling"\nb.png,a photo of A\n'
+    csv_text = 'file_name,text\r\na.png,"a photo of A,\nsmiling"\r\nb.png,a photo of A\u2028B\r\n'
     ds = load_image_text_set(write_folder(tmp_path, {"metadata.csv": csv_text, "a.png": png(), "b.png": png()}), CFG)
-    assert ds.captions == ["a photo of A,\nsmiling", "a photo of A"] and ds.report.ok
+    assert ds.captions == ["a photo of A,\nsmiling", "a photo of A\u2028B"] and ds.report.ok
 
 
 @pytest.mark.parametrize("value,kind", [(3, "int"), (["a", "b"], "list"), ({"t": "x"}, "dict"), (True, "bool")])

@@ -385,7 +385,7 @@ def _parse_records(name: str, data: bytes, report: ValidationReport) -> tuple[li
 def _parse_csv(name: str, text: str, report: ValidationReport) -> tuple[list[str], list[tuple[int, dict]]]:
     """Rows of a CSV; a row that breaks the quoting (e.g. a quote never closed, which would swallow
     every later row into one caption) is reported and skipped, and reading goes on at the next line."""
-    lines = text.splitlines(keepends=True)
+    lines = io.StringIO(text, newline="").readlines()  # only \n, \r, \r\n end a line, as for csv
     if not lines:
         return [], []
     fieldnames = next(csv.reader(lines[:1]), [])
