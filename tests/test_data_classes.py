@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from fakes import HashEncoder
+from tests.fakes import HashEncoder
 from pogdiff.config import DataConfig
 from pogdiff.data.classes import (
     CLASS_SOURCE_HELP,
@@ -16,7 +16,7 @@ from pogdiff.data.classes import (
 )
 from pogdiff.data.loader import load_image_text_set
 from pogdiff.data.validation import DatasetError
-from test_data_loader import jsonl, png, write_folder
+from tests.test_data_loader import jsonl, png, write_folder
 
 CFG = DataConfig(resolution=16)
 

@@ -13,7 +13,7 @@ from PIL import Image
 from pogdiff.config import DataConfig
 from pogdiff.data.loader import cluster_captions, load_image_text_set, subject_from_caption
 from pogdiff.data.validation import DatasetError, Issue, ValidationReport
-from fakes import HashEncoder
+from tests.fakes import HashEncoder
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 CFG = DataConfig(resolution=16)
