@@ -35,6 +35,9 @@ class DataConfig:
     few_shot_below: int = 5
     # Number of clusters when classes must be derived from captions (0 = automatic).
     derive_clusters: int = 0
+    # Where classes come from: "auto" (subject column, else class folders, else the caption template,
+    # else clustering), "column", "folder", "first_tag", "template" or "cluster" (pogdiff/data/classes.py).
+    class_source: str = "auto"
 
 
 @dataclass

@@ -13,6 +13,7 @@ from PIL import Image
 from pogdiff.config import DataConfig
 from pogdiff.data.loader import cluster_captions, load_image_text_set, subject_from_caption
 from pogdiff.data.validation import DatasetError, Issue, ValidationReport
+from tests.fakes import HashEncoder
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 CFG = DataConfig(resolution=16)
@@ -99,7 +100,7 @@ def test_metadata_in_a_subfolder_is_relative_to_it(tmp_path):
     })
     ds = load_image_text_set(tmp_path, CFG)
     assert [s.file_name for s in ds.samples] == ["a.png", "b.png"]  # single top folder read as the root
-    assert ds.class_source == "derived" and ds.classes == ["Ann"]
+    assert ds.class_source == "template" and ds.classes == ["Ann"]
 
 
 def test_sidecar_captions_derive_classes_from_the_template(tmp_path):
@@ -109,7 +110,7 @@ def test_sidecar_captions_derive_classes_from_the_template(tmp_path):
         "3.png": png(), "3.txt": "an image of Jo Lee, wearing glasses",
     })
     ds = load_image_text_set(tmp_path, CFG)
-    assert ds.class_source == "derived"
+    assert ds.class_source == "template" and ds.class_source_requested == "auto"
     assert ds.subjects == ["Mira Okafor", "Mira Okafor", "Jo Lee"]
     assert ds.captions[0] == "a photo of Mira Okafor, about 60 years old, smiling"
     assert issue(ds, "single_image_class").where == "3.png"
@@ -137,8 +138,9 @@ def test_free_text_captions_are_clustered(tmp_path):
     files = {}
     for i, t in enumerate(texts):
         files[f"{i}.png"], files[f"{i}.txt"] = png(), t
+    # The default encoder (the shared MiniLM): clusters follow meaning, not only shared words.
     ds = load_image_text_set(write_folder(tmp_path, files), dataclasses.replace(CFG, derive_clusters=2))
-    assert ds.class_source == "derived"
+    assert ds.class_source == "cluster"
     assert len(set(ds.subjects[:3])) == 1 and len(set(ds.subjects[3:])) == 1 and ds.subjects[0] != ds.subjects[3]
     assert "cat" in ds.subjects[0] and "car" in ds.subjects[3]
     assert "add a 'subject' column" in issue(ds, "classes_clustered").fix
@@ -146,8 +148,9 @@ def test_free_text_captions_are_clustered(tmp_path):
 
 def test_cluster_captions_is_deterministic():
     texts = [f"{w} number {i}" for w in ("apple", "train", "cloud") for i in range(5)]
-    assert cluster_captions(texts, 3) == cluster_captions(texts, 3)
-    assert len(set(cluster_captions(texts, 3))) == 3
+    names = cluster_captions(texts, 3, encoder=HashEncoder())
+    assert names == cluster_captions(texts, 3, encoder=HashEncoder())
+    assert len(set(names)) == 3 and [len(set(names[i:i + 5])) for i in (0, 5, 10)] == [1, 1, 1]
 
 
 @pytest.mark.parametrize("text,subject", [

@@ -1,5 +1,6 @@
 """Data: the procedural identity set, user image-text sets, validation and class statistics."""
 
+from .classes import CLASS_SOURCE_HELP, CLASS_SOURCES, DEFAULT_CLASS_SOURCE, cluster_captions
 from .demo import (
     DemoSpec,
     RenderedSet,
@@ -28,6 +29,9 @@ from .validation import DatasetError, Issue, ValidationReport
 __all__ = [
     "ATTRIBUTE_HEADS",
     "Attributes",
+    "CLASS_SOURCES",
+    "CLASS_SOURCE_HELP",
+    "DEFAULT_CLASS_SOURCE",
     "DatasetError",
     "DemoSpec",
     "Identity",
@@ -40,6 +44,7 @@ __all__ = [
     "build_demo",
     "caption",
     "class_table",
+    "cluster_captions",
     "default_demo_dir",
     "demo_identities",
     "ensure_demo",

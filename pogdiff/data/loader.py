@@ -10,21 +10,15 @@ Layouts (they can be mixed; per image the first that applies gives the caption):
 3. Class sub-folders (``cats/x.png``): the caption is ``config.caption_template`` with the folder
    name as ``{subject}`` (underscores and dashes read as spaces).
 
-Classes (``ImageTextSet.class_source``):
+Classes come from ``config.class_source`` ("auto", "column", "folder", "first_tag", "template",
+"cluster"; see :mod:`pogdiff.data.classes`); the source used is ``ImageTextSet.class_source``.
 
-- ``"column"``: the ``subject`` / ``class`` column of the metadata;
-- ``"folder"``: without that column, when every image sits in a sub-folder and either there
-  are at least two sub-folders or the captions came from the folder names;
-- ``"derived"``: otherwise, from the captions. When every caption reads
-  ``"a photo of X, ..."`` (also ``an``, ``picture``, ``image``, ``portrait``), the class is ``X``:
-  the text after ``"a photo of"`` up to the first comma. Otherwise the captions are clustered
-  (TF-IDF bag of words, k-means with a fixed seed; ``config.derive_clusters`` clusters, or
-  ``round(sqrt(n / 2))`` clipped to 2..50) and each class is named by its cluster's top words.
-
-A zip is never extracted to disk: members are read into memory with :mod:`zipfile` after the
-archive size, the number of files, the uncompressed total, per-member compression ratios and
-member paths (``../``, absolute paths, links) have been checked against :class:`DataConfig`.
-A zip whose content sits in one top folder is read as if that folder were the root.
+A zip is never extracted to disk: members are streamed from :mod:`zipfile` after the archive
+size, the number of files, the uncompressed total, per-member compression ratios and member paths
+(``../``, absolute paths, links) have been checked against :class:`DataConfig`. Each file is read
+in chunks up to :func:`file_byte_limit`, an image only after its header (first 64 KiB) showed it
+within ``max_image_pixels``; a damaged member is reported and skipped (README "Data loading: bad
+input"). A zip whose content sits in one top folder is read as if that folder were the root.
 """
 
 from __future__ import annotations
@@ -33,24 +27,27 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 import re
 import stat
 import unicodedata
 import warnings
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..config import DataConfig
+from .classes import ClassItem, assign_classes, check_class_source, cluster_captions, subject_from_caption
 from .validation import DatasetError, ValidationReport
+
+__all__ = ["ImageTextSet", "Sample", "cluster_captions", "load_image_text_set", "subject_from_caption"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +64,21 @@ IGNORED_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 IGNORED_DIRS = frozenset({"__MACOSX"})
 # Compression ratios are only checked for members this large (small files compress well).
 RATIO_CHECK_MIN_BYTES = 1 << 20
-TEMPLATE_RE = re.compile(r"^\s*an?\s+(?:photo|picture|image|portrait)\s+of\s+([^,]+)", re.IGNORECASE)
-MAX_AUTO_CLUSTERS = 50
+# Per-file byte limit: 8 bytes per allowed pixel (16-bit RGBA, uncompressed) but at least 1 MiB.
+BYTES_PER_PIXEL_BOUND = 8
+MIN_FILE_LIMIT = 1 << 20
+READ_CHUNK = 1 << 20
+# An image's header is looked for in its first bytes, so that its size is known before the rest is read.
+HEADER_BYTES = 64 << 10
+# Errors that reading a damaged member raises (bad CRC, broken or truncated deflate stream).
+READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError)
+# Characters that print as nothing. Zero-width spaces, word joiners, BOMs and soft hyphens are removed
+# from captions; joiners and direction marks (meaningful in some scripts) are kept, but a caption of
+# nothing else counts as blank.
+ZERO_WIDTH_RE = re.compile("[\u00ad\u180e\u200b\u2060\ufeff]")
+INVISIBLE_RE = re.compile("[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 # Large downscales first shrink by an integer factor (box filter) to within 3x of the target.
 REDUCING_GAP = 3.0
-KMEANS_ITERS = 50
 
 
 @dataclass
@@ -92,7 +99,10 @@ class ImageTextSet:
     samples: list[Sample]
     images: np.ndarray
     report: ValidationReport
-    class_source: str  # "column" | "folder" | "derived"
+    # The class source used ("column" | "folder" | "first_tag" | "template" | "cluster") and the one
+    # asked for in DataConfig.class_source ("auto" or one of those); see pogdiff/data/classes.py.
+    class_source: str
+    class_source_requested: str = "auto"
 
     @property
     def subjects(self) -> list[str]:
@@ -114,13 +124,93 @@ class ImageTextSet:
 
 
 class _Source:
-    """Files of a set as ``{relative posix path: reader}``, with the safety checks done."""
+    """Files of a set as ``{relative posix path: opener}``, with the safety checks done.
 
-    def __init__(self, files: dict[str, Callable[[], bytes]]):
+    Files are streamed: :meth:`read` stops at the per-file limit and reports a damaged file
+    instead of raising, so one bad member never fails the whole set.
+    """
+
+    def __init__(self, files: dict[str, Callable[[], IO[bytes]]]):
         self.files = files
 
-    def read(self, path: str) -> bytes:
-        return self.files[path]()
+    def read(self, path: str, config: DataConfig, report: ValidationReport, head: bytes = b"",
+             stream: IO[bytes] | None = None) -> bytes | None:
+        """The bytes of ``path`` (None when damaged or too large; the report says why)."""
+        limit = file_byte_limit(config)
+        try:
+            if stream is None:
+                with self.files[path]() as fh:
+                    return _read_limited(fh, head, limit, path, report)
+            return _read_limited(stream, head, limit, path, report)
+        except READ_ERRORS as exc:
+            _report_damaged(path, exc, report)
+            return None
+
+    def read_image(self, path: str, config: DataConfig, report: ValidationReport) -> bytes | None:
+        """The bytes of an image, after its header showed it within ``config.max_image_pixels``."""
+        try:
+            with self.files[path]() as fh:
+                head = fh.read(HEADER_BYTES)
+                size = _header_size(head)
+                if size is not None and size[0] * size[1] > config.max_image_pixels:
+                    _report_too_many_pixels(path, *size, config, report)
+                    return None
+                return self.read(path, config, report, head, fh)
+        except READ_ERRORS as exc:
+            _report_damaged(path, exc, report)
+            return None
+
+
+def file_byte_limit(config: DataConfig) -> int:
+    """Largest file read from a set: ``8 * max_image_pixels`` bytes (an uncompressed 16-bit RGBA
+    image of the largest allowed size), at least 1 MiB."""
+    return max(BYTES_PER_PIXEL_BOUND * config.max_image_pixels, MIN_FILE_LIMIT)
+
+
+def _read_limited(fh: IO[bytes], head: bytes, limit: int, path: str, report: ValidationReport) -> bytes | None:
+    """Read ``fh`` to its end in chunks (after ``head``, already read), stopping past ``limit`` bytes."""
+    chunks, total = [head], len(head)
+    while total <= limit:
+        chunk = fh.read(min(READ_CHUNK, limit + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+    report.error("file_too_large", path,
+                 f"The file is larger than the per-file limit of {limit / 2**20:.1f} MiB; skipped.",
+                 "Shrink the file, or raise DataConfig.max_image_pixels (the limit is 8 bytes per allowed pixel).")
+    return None
+
+
+def _report_damaged(path: str, exc: BaseException, report: ValidationReport) -> None:
+    report.error("corrupt_file", path, f"The file is damaged and cannot be read ({type(exc).__name__}: {exc}); skipped.",
+                 "Re-create the archive from the original files (or copy the file again) and upload it again.")
+
+
+def _report_too_many_pixels(path: str, w: int, h: int, config: DataConfig, report: ValidationReport) -> None:
+    report.error("image_too_large", path,
+                 f"The image is {w}x{h} = {w * h:,} pixels; the limit is {config.max_image_pixels:,}; skipped.",
+                 "Downscale the image, or raise DataConfig.max_image_pixels.")
+
+
+def _header_size(head: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from an image's first bytes without decoding it; None when not found there."""
+    # PIL's plugins are tried as Image.open does, minus its decompression-bomb check (which raises
+    # without saying the size); only the header is parsed.
+    Image.init()
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            accepted = accept is None or accept(head[:16])
+            if not accepted or isinstance(accepted, str):  # a str is PIL's reason for refusing
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with factory(io.BytesIO(head), "") as im:
+                    return im.size
+        except Exception:  # noqa: BLE001 - not this format, or the header is cut off: try the next one
+            continue
+    return None
 
 
 def _nfc(path: str) -> str:
@@ -144,7 +234,8 @@ def _unsafe_reason(name: str) -> str | None:
 
 
 def _open_folder(root: Path, config: DataConfig, report: ValidationReport) -> _Source:
-    files: dict[str, Callable[[], bytes]] = {}
+    files: dict[str, Callable[[], IO[bytes]]] = {}
+    spelled: dict[str, str] = {}
     real_root = root.resolve()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_DIRS and not d.startswith("."))
@@ -157,7 +248,11 @@ def _open_folder(root: Path, config: DataConfig, report: ValidationReport) -> _S
                 report.error("unsafe_path", rel, "is a link to a file outside the folder; skipped.",
                              "Copy the file into the folder instead of linking to it.")
                 continue
-            files[rel] = path.read_bytes
+            raw = path.relative_to(root).as_posix()
+            if rel in files:
+                _report_normalisation_clash(raw, spelled[rel], report)
+                continue
+            files[rel], spelled[rel] = (lambda p=path: open(p, "rb")), raw
             if len(files) > config.max_files:
                 report.error("too_many_files", "", f"The folder holds more than {config.max_files} files.",
                              "Split the set, or raise DataConfig.max_files.")
@@ -191,16 +286,30 @@ def _open_zip(path: Path, config: DataConfig, report: ValidationReport) -> _Sour
                      f"{config.max_uncompressed_bytes / 2**20:.1f} MiB.",
                      "Upload a smaller set, or raise DataConfig.max_uncompressed_bytes if the data is genuine.")
         raise DatasetError("Refusing to read the archive: it unpacks to too much data.", report)
-    files: dict[str, Callable[[], bytes]] = {}
+    files: dict[str, Callable[[], IO[bytes]]] = {}
+    spelled: dict[str, str] = {}
     for member in members:
-        name = _nfc(member.filename.replace("\\", "/"))
+        raw = member.filename.replace("\\", "/")
+        name = _nfc(raw)
         if _check_member(member, name, config, report) and not _is_ignored(name):
             if name in files:
-                report.error("duplicate_file_name", name, "The archive holds this path twice; the first copy is used.",
-                             "Remove the duplicate from the archive.")
+                if raw != spelled[name]:
+                    _report_normalisation_clash(raw, spelled[name], report)
+                else:
+                    report.error("duplicate_file_name", name, "The archive holds this path twice; the first copy is used.",
+                                 "Remove the duplicate from the archive.")
                 continue
-            files[name] = _member_reader(archive, member)
+            files[name], spelled[name] = (lambda m=member: archive.open(m)), raw
     return _Source(files)
+
+
+def _report_normalisation_clash(raw: str, first: str, report: ValidationReport) -> None:
+    """Two names that are the same text in different Unicode normalisation (NFC / NFD)."""
+    report.error("duplicate_file_name", _nfc(raw),
+                 f"Two files have this name, spelled differently only in Unicode normalisation (NFC and NFD, "
+                 f"e.g. an accent stored as one or two code points: {ascii(first)} and {ascii(raw)}); "
+                 "the first is used, the other skipped.",
+                 "Rename one of the two files (they look identical, and macOS and Windows treat them as one).")
 
 
 def _check_member(member: zipfile.ZipInfo, name: str, config: DataConfig, report: ValidationReport) -> bool:
@@ -225,13 +334,6 @@ def _check_member(member: zipfile.ZipInfo, name: str, config: DataConfig, report
                      "Remove this file, or raise DataConfig.max_compression_ratio if it is genuine.")
         return False
     return True
-
-
-def _member_reader(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> Callable[[], bytes]:
-    def read() -> bytes:
-        with archive.open(member) as fh:  # zipfile stops at the declared size and checks the CRC
-            return fh.read(member.file_size)
-    return read
 
 
 def _strip_single_top_folder(source: _Source) -> str:
@@ -281,15 +383,29 @@ def _parse_records(name: str, data: bytes, report: ValidationReport) -> tuple[li
 
 
 def _parse_csv(name: str, text: str, report: ValidationReport) -> tuple[list[str], list[tuple[int, dict]]]:
-    reader = csv.DictReader(io.StringIO(text))
-    rows = []
-    try:
-        for record in reader:
-            rows.append((reader.line_num, {k: v for k, v in record.items() if k is not None}))
-    except csv.Error as exc:
-        report.error("bad_metadata", f"{name}:{reader.line_num}", f"Unreadable CSV ({exc}); the rest is skipped.",
-                     "Check the quoting of that line.")
-    return [c.strip() for c in reader.fieldnames or []], [(n, {k.strip(): v for k, v in r.items()}) for n, r in rows]
+    """Rows of a CSV; a row that breaks the quoting (e.g. a quote never closed, which would swallow
+    every later row into one caption) is reported and skipped, and reading goes on at the next line."""
+    lines = io.StringIO(text, newline="").readlines()  # only \n, \r, \r\n end a line, as for csv
+    if not lines:
+        return [], []
+    fieldnames = next(csv.reader(lines[:1]), [])
+    rows, start = [], 1  # start: index in ``lines`` of the next row to read
+    while start < len(lines):
+        reader = csv.DictReader(lines[start:], fieldnames=fieldnames, strict=True)
+        done = 0  # physical lines consumed by the rows read so far
+        try:
+            for record in reader:
+                rows.append((start + done + 1, {k: v for k, v in record.items() if k is not None}))
+                done = reader.line_num
+            break
+        except csv.Error as exc:
+            bad = start + done + 1  # 1-based line number where the broken row starts
+            report.error("bad_metadata", f"{name}:{bad}",
+                         f"Unreadable CSV row ({exc}; a quote that is never closed?); line skipped.",
+                         'Close the quote on that line, or quote the whole caption ("a, b") and double inner quotes.')
+            start = bad
+    columns = [c.strip() for c in fieldnames]
+    return columns, [(n, {k.strip(): v for k, v in r.items()}) for n, r in rows]
 
 
 def _parse_jsonl(name: str, text: str, report: ValidationReport) -> list[tuple[int, dict]]:
@@ -344,7 +460,7 @@ def _column_error(name: str, missing: str, columns: list[str], report: Validatio
                  f"Required: {', '.join(REQUIRED_COLUMNS)} (optional: {', '.join(SUBJECT_COLUMNS)}).", fix)
 
 
-def _read_metadata(source: _Source, report: ValidationReport) -> tuple[dict[str, _Row], bool]:
+def _read_metadata(source: _Source, config: DataConfig, report: ValidationReport) -> tuple[dict[str, _Row], bool]:
     """Rows by file path, and whether any metadata file was present."""
     by_dir: dict[str, str] = {}
     for path in sorted(source.files):
@@ -363,7 +479,8 @@ def _read_metadata(source: _Source, report: ValidationReport) -> tuple[dict[str,
                                "Keep a single metadata file per folder.")
     rows: dict[str, _Row] = {}
     for folder, meta in sorted(by_dir.items()):
-        parsed = _parse_records(meta, source.read(meta), report)
+        data = source.read(meta, config, report)
+        parsed = None if data is None else _parse_records(meta, data, report)
         if parsed is not None:
             _rows_from_records(meta, folder, *parsed, source, rows, report)
     return rows, bool(by_dir)
@@ -375,10 +492,14 @@ def _rows_from_records(meta, folder, columns, records, source, rows, report) -> 
             _column_error(meta, required, columns, report)
             return
     subject_col = next((c for c in SUBJECT_COLUMNS if c in columns), None)
-    first_line: dict[str, str] = {}
+    first_line: dict[str, tuple[str, str]] = {}
     for number, record in records:
         where = f"{meta}:{number}"
         raw = record.get("file_name")
+        if raw is not None and not isinstance(raw, str):
+            report.error("bad_metadata", where, f"file_name is a {type(raw).__name__}, not text; skipped.",
+                         'Write the image path as a JSON string, e.g. "file_name": "a.png".')
+            continue
         if raw is None or not str(raw).strip():
             report.error("missing_file_name", where, "The line has no file_name; skipped.",
                          "Give the image path relative to the metadata file.")
@@ -391,13 +512,13 @@ def _rows_from_records(meta, folder, columns, records, source, rows, report) -> 
             continue
         path = _nfc(str(PurePosixPath(folder, raw.removeprefix("./"))))
         if path in first_line:
-            report.error("duplicate_file_name", where,
-                         f"'{raw}' is listed again (first at {first_line[path]}); the first caption is used.",
-                         "Keep one line per image (put several captions in separate copies of the image).")
+            _report_listed_again(where, raw, *first_line[path], report)
             continue
-        first_line[path] = where
-        text = record.get("text")
-        text = "" if text is None else str(text).strip()
+        first_line[path] = (where, raw)
+        text = _row_text(record.get("text"), raw, where, report)
+        if text is None:
+            rows[path] = _Row(where, path, "", None, {})
+            continue
         if path not in source.files:
             report.error("caption_for_missing_file", where, f"'{raw}' is listed, but there is no such file in the set.",
                          "Add the image, or delete the line (check spelling and sub-folder).")
@@ -416,6 +537,33 @@ def _rows_from_records(meta, folder, columns, records, source, rows, report) -> 
                            f"Fill in the '{subject_col}' column.")
 
 
+def _report_listed_again(where: str, raw: str, first_where: str, first_raw: str, report: ValidationReport) -> None:
+    if raw != first_raw and _nfc(raw) == _nfc(first_raw):
+        message = (f"'{raw}' is the same name as '{first_raw}' (at {first_where}) in a different Unicode "
+                   f"normalisation (NFC / NFD: {ascii(first_raw)} vs {ascii(raw)}); the first caption is used.")
+    else:
+        message = f"'{raw}' is listed again (first at {first_where}); the first caption is used."
+    report.error("duplicate_file_name", where, message,
+                 "Keep one line per image (put several captions in separate copies of the image).")
+
+
+def _row_text(value: Any, raw: str, where: str, report: ValidationReport) -> str | None:
+    """The cleaned caption of a metadata row ("" when missing or blank); None (reported) when not text."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        report.error("bad_caption", where, f"The caption of '{raw}' is a {type(value).__name__}, not text; image skipped.",
+                     'Write the caption as a JSON string, e.g. "text": "a photo of ...".')
+        return None
+    return clean_caption(value)
+
+
+def clean_caption(text: str) -> str:
+    """Strip whitespace and zero-width characters; ``""`` when nothing visible is left."""
+    text = ZERO_WIDTH_RE.sub("", text).strip()
+    return text if INVISIBLE_RE.sub("", text).strip() else ""
+
+
 # --- images ----------------------------------------------------------------------------------
 
 
@@ -428,9 +576,7 @@ def _decode_image(data: bytes, where: str, config: DataConfig, report: Validatio
             im = Image.open(io.BytesIO(data))
             w, h = im.size
             if w * h > config.max_image_pixels:
-                report.error("image_too_large", where,
-                             f"The image is {w}x{h} = {w * h:,} pixels; the limit is {config.max_image_pixels:,}; skipped.",
-                             "Downscale the image, or raise DataConfig.max_image_pixels.")
+                _report_too_many_pixels(where, w, h, config, report)
                 return None
             if im.format == "JPEG":
                 im.draft("RGB", (config.resolution * 2, config.resolution * 2))
@@ -476,71 +622,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 # --- classes ---------------------------------------------------------------------------------
 
 
-def subject_from_caption(text: str) -> str | None:
-    """``"a photo of Mira Okafor, smiling"`` -> ``"Mira Okafor"``; None when the template does not match."""
-    m = TEMPLATE_RE.match(text)
-    if not m:
-        return None
-    subject = m.group(1).strip().rstrip(".").strip()
-    return subject or None
-
-
-def _folder_subject(path: str) -> str:
-    return str(PurePosixPath(path).parent)
-
-
 def _folder_caption_subject(path: str) -> str:
     return re.sub(r"[_\-]+", " ", PurePosixPath(path).parent.name).strip()
-
-
-def cluster_captions(texts: list[str], n_clusters: int = 0, seed: int = 0) -> list[str]:
-    """Class names for free-text captions: TF-IDF bag of words + k-means (k-means++ init).
-
-    ``n_clusters = 0`` picks ``round(sqrt(n / 2))`` clipped to ``2..50``. Each class is named
-    ``"cluster NN: word, word"`` after the two heaviest words of its centroid.
-    """
-    n = len(texts)
-    k = n_clusters or int(np.clip(round(math.sqrt(n / 2)), 2, MAX_AUTO_CLUSTERS))
-    k = max(1, min(k, n))
-    docs = [re.findall(r"[a-z0-9]+", t.lower()) for t in texts]
-    vocab = sorted({w for d in docs for w in d if len(w) > 2})
-    if not vocab:
-        return ["cluster 00"] * n
-    index = {w: i for i, w in enumerate(vocab)}
-    tf = np.zeros((n, len(vocab)))
-    for r, d in enumerate(docs):
-        for w in d:
-            if w in index:
-                tf[r, index[w]] += 1
-    idf = np.log((1 + n) / (1 + (tf > 0).sum(0))) + 1
-    x = tf * idf
-    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
-    labels = _kmeans(x, k, np.random.default_rng(seed))
-    names = {}
-    for c in range(k):
-        members = x[labels == c]
-        top = np.argsort(-members.mean(0))[:2] if len(members) else []
-        names[c] = f"cluster {c:02d}: " + ", ".join(vocab[i] for i in top)
-    return [names[c] for c in labels]
-
-
-def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    centres = [x[rng.integers(len(x))]]
-    for _ in range(1, k):  # k-means++
-        d2 = np.min([((x - c) ** 2).sum(1) for c in centres], axis=0)
-        p = d2 / d2.sum() if d2.sum() > 0 else np.full(len(x), 1 / len(x))
-        centres.append(x[rng.choice(len(x), p=p)])
-    c = np.stack(centres)
-    labels = np.zeros(len(x), dtype=int)
-    for it in range(KMEANS_ITERS):
-        labels_new = ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
-        if it > 0 and np.array_equal(labels_new, labels):
-            break
-        labels = labels_new
-        for j in range(k):
-            if (labels == j).any():
-                c[j] = x[labels == j].mean(0)
-    return labels
 
 
 # --- the loader ------------------------------------------------------------------------------
@@ -555,12 +638,16 @@ class _Pending:
     caption_from: str  # "metadata" | "sidecar" | "folder"
 
 
-def load_image_text_set(source: str | Path, config: DataConfig = DataConfig()) -> ImageTextSet:
+def load_image_text_set(source: str | Path, config: DataConfig = DataConfig(), *,
+                        encoder: Any = None) -> ImageTextSet:
     """Read, validate and normalise a folder or ``.zip`` image-text set.
 
     Good images load even when others are bad; every problem is in ``result.report``.
     Raises :class:`DatasetError` (with the report) only when no usable image is left.
+    Classes come from ``config.class_source`` (:mod:`pogdiff.data.classes`); ``encoder`` embeds
+    the captions when they are clustered (default: the shared MiniLM).
     """
+    check_class_source(config.class_source)
     report = ValidationReport()
     src = _open(Path(source), config, report)
     prefix = _strip_single_top_folder(src)
@@ -569,21 +656,34 @@ def load_image_text_set(source: str | Path, config: DataConfig = DataConfig()) -
     pending = _collect(src, config, report)
     samples, images = [], []
     for item in pending:
-        array = _decode_image(src.read(item.path), item.path, config, report)
+        data = src.read_image(item.path, config, report)
+        array = None if data is None else _decode_image(data, item.path, config, report)
         if array is not None:
             samples.append(Sample(item.path, item.text, item.subject or "", item.extra))
             images.append(array)
-    report.n_images_loaded = len(samples)
-    if not samples:
-        what = "no images found" if report.n_images_found == 0 else "none of the images could be used"
-        if report.n_images_found == 0:
-            report.error("empty_set", "", "The set contains no images (png, jpg, jpeg, webp, bmp, gif, tif).",
-                         "Upload a folder or .zip with images and captions (see the accepted layouts).")
-        raise DatasetError(f"Cannot load '{Path(source).name}': {what}.", report)
-    class_source = _assign_classes(samples, pending, config, report)
+    _raise_if_empty(source, samples, report)
+    caption_from = {p.path: p.caption_from for p in pending}
+    items = [ClassItem(s.file_name, s.text, s.subject or None, caption_from[s.file_name]) for s in samples]
+    subjects, class_source = assign_classes(items, config, report, encoder)
+    kept = [i for i, subject in enumerate(subjects) if subject is not None]
+    for i in kept:
+        samples[i].subject = subjects[i]
+    samples, images = [samples[i] for i in kept], [images[i] for i in kept]
+    _raise_if_empty(source, samples, report)
     _warn_small_classes(samples, report)
-    logger.info("loaded %s: %s", Path(source).name, report.summary())
-    return ImageTextSet(str(source), samples, np.stack(images), report, class_source)
+    logger.info("loaded %s: %s; classes from %s", Path(source).name, report.summary(), class_source)
+    return ImageTextSet(str(source), samples, np.stack(images), report, class_source, config.class_source)
+
+
+def _raise_if_empty(source: str | Path, samples: list[Sample], report: ValidationReport) -> None:
+    report.n_images_loaded = len(samples)
+    if samples:
+        return
+    what = "no images found" if report.n_images_found == 0 else "none of the images could be used"
+    if report.n_images_found == 0:
+        report.error("empty_set", "", "The set contains no images (png, jpg, jpeg, webp, bmp, gif, tif).",
+                     "Upload a folder or .zip with images and captions (see the accepted layouts).")
+    raise DatasetError(f"Cannot load '{Path(source).name}': {what}.", report)
 
 
 def _open(path: Path, config: DataConfig, report: ValidationReport) -> _Source:
@@ -601,7 +701,7 @@ def _open(path: Path, config: DataConfig, report: ValidationReport) -> _Source:
 
 def _collect(src: _Source, config: DataConfig, report: ValidationReport) -> list[_Pending]:
     """Match every image with its caption; report files that cannot be used."""
-    rows, has_metadata = _read_metadata(src, report)
+    rows, has_metadata = _read_metadata(src, config, report)
     metadata_broken = has_metadata and not rows and any(i.code in ("metadata_columns", "metadata_json") for i in report.errors)
     images = [p for p in sorted(src.files) if PurePosixPath(p).suffix.lower() in IMAGE_EXTENSIONS]
     image_set = set(images)
@@ -625,8 +725,11 @@ def _collect(src: _Source, config: DataConfig, report: ValidationReport) -> list
 def _caption_without_row(src, path, config, has_metadata, metadata_broken, report) -> _Pending | None:
     sidecar = str(PurePosixPath(path).with_suffix(".txt"))
     if sidecar in src.files:
+        data = src.read(sidecar, config, report)
+        if data is None:
+            return None
         try:
-            text = src.read(sidecar).decode("utf-8-sig").strip()
+            text = clean_caption(data.decode("utf-8-sig"))
         except UnicodeDecodeError:
             report.error("bad_caption", sidecar, "The caption file is not UTF-8 text; image skipped.",
                          "Save the .txt caption as UTF-8.")
@@ -679,35 +782,6 @@ def _check_case_duplicates(images: list[str], report: ValidationReport) -> None:
                            "on Windows and macOS.", "Rename one of the two files.")
         else:
             seen[key] = path
-
-
-def _assign_classes(samples: list[Sample], pending: list[_Pending], config: DataConfig,
-                    report: ValidationReport) -> str:
-    by_path = {p.path: p for p in pending}
-    if any(s.subject for s in samples):  # a subject / class column
-        missing = [s for s in samples if not s.subject]
-        for s in missing:
-            s.subject = subject_from_caption(s.text) or s.text
-        return "column"
-    folders = {_folder_subject(s.file_name) for s in samples}
-    in_folders = all("/" in s.file_name for s in samples)
-    from_folders = any(by_path[s.file_name].caption_from == "folder" for s in samples)
-    if in_folders and (len(folders) >= 2 or from_folders):
-        for s in samples:
-            s.subject = _folder_subject(s.file_name)
-        return "folder"
-    derived = [subject_from_caption(s.text) for s in samples]
-    if all(derived):
-        for s, d in zip(samples, derived):
-            s.subject = d
-        return "derived"
-    names = cluster_captions([s.text for s in samples], config.derive_clusters)
-    for s, name in zip(samples, names):
-        s.subject = name
-    report.warning("classes_clustered", "", f"Classes were derived by clustering the captions into {len(set(names))} groups.",
-                   "For exact classes add a 'subject' column to metadata.jsonl, or start every caption with "
-                   "'a photo of <subject>,'.")
-    return "derived"
 
 
 def _warn_small_classes(samples: list[Sample], report: ValidationReport) -> None:

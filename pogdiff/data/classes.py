@@ -1,0 +1,217 @@
+"""Which class each image of a user set belongs to: the class sources of ``DataConfig.class_source``.
+
+- ``"column"``: the ``subject`` / ``class`` column of the metadata (rows without it fall back to
+  the caption template, else the whole caption);
+- ``"folder"``: the image's sub-folder (images in the root are skipped and reported);
+- ``"first_tag"``: the caption up to its first comma, for tag captions as kohya-style trainers
+  write them (``"red fox, outdoors, photo"`` -> ``"red fox"``);
+- ``"template"``: the ``{subject}`` of ``DataConfig.caption_template`` (``"a photo of {subject}"``),
+  also ``a/an photo/picture/image/portrait of X``, up to the first comma; other captions are skipped;
+- ``"cluster"``: k-means (scikit-learn) on the captions' sentence embeddings (MiniLM by default),
+  ``DataConfig.derive_clusters`` clusters or ``round(sqrt(n / 2))`` clipped to 2..50; each class
+  is named after the caption nearest its centre;
+- ``"auto"`` (the default): ``column`` when the metadata has a subject column, else ``folder`` when
+  every image sits in a sub-folder and there are two or more of them (or the captions came from
+  the folder names), else ``template`` when every caption matches it, else ``cluster``.
+
+The source actually used is ``ImageTextSet.class_source`` (see README "Your own data").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from ..config import DataConfig
+from .validation import ValidationReport
+
+logger = logging.getLogger(__name__)
+
+CLASS_SOURCES = ("auto", "column", "folder", "first_tag", "template", "cluster")
+DEFAULT_CLASS_SOURCE = "auto"
+CLASS_SOURCE_HELP = {
+    "auto": "subject column, else class folders, else the caption template, else clustering",
+    "column": "the 'subject' / 'class' column of metadata.jsonl / metadata.csv",
+    "folder": "the sub-folder of each image",
+    "first_tag": "the caption's first comma-separated tag ('red fox, outdoors' -> 'red fox')",
+    "template": "X in captions that read 'a photo of X, ...' (DataConfig.caption_template)",
+    "cluster": "k-means clusters of the caption embeddings",
+}
+TEMPLATE_RE = re.compile(r"^\s*an?\s+(?:photo|picture|image|portrait)\s+of\s+([^,]+)", re.IGNORECASE)
+MAX_AUTO_CLUSTERS = 50
+CLUSTER_NAME_CHARS = 40
+
+
+@dataclass
+class ClassItem:
+    """What class derivation sees of one loaded image."""
+
+    file_name: str
+    text: str
+    column_subject: str | None  # from the metadata's subject / class column
+    caption_from: str  # "metadata" | "sidecar" | "folder"
+
+
+def check_class_source(source: str) -> str:
+    if source not in CLASS_SOURCES:
+        raise ValueError(f"DataConfig.class_source must be one of {', '.join(CLASS_SOURCES)}; got {source!r}.")
+    return source
+
+
+# --- one caption -> one class -----------------------------------------------------------------
+
+
+def _template_re(template: str) -> re.Pattern | None:
+    if template.count("{subject}") != 1:
+        return None
+    prefix, suffix = template.split("{subject}")
+
+    def literal(text: str) -> str:
+        return r"\s+".join(re.escape(word) for word in text.split(" ")) if text else ""
+
+    return re.compile(r"^\s*" + literal(prefix) + r"(?P<subject>[^,]+?)" + literal(suffix) + r"\s*(?:,|\.?\s*$)",
+                      re.IGNORECASE)
+
+
+def subject_from_caption(text: str, template: str = "") -> str | None:
+    """``"a photo of Mira Okafor, smiling"`` -> ``"Mira Okafor"``; None when the template does not match.
+
+    ``template`` (e.g. ``DataConfig.caption_template``) is tried first, then ``a/an photo/picture/
+    image/portrait of X``.
+    """
+    pattern = _template_re(template) if template else None
+    m = pattern.match(text) if pattern else None
+    if m:
+        subject = m.group("subject").strip()
+    else:
+        m = TEMPLATE_RE.match(text)
+        if not m:
+            return None
+        subject = m.group(1).strip().rstrip(".").strip()
+    return subject or None
+
+
+def first_tag(text: str) -> str | None:
+    """``"red fox, outdoors, photo"`` -> ``"red fox"``; None when the first tag is empty."""
+    tag = text.split(",", 1)[0].strip()
+    return tag or None
+
+
+def folder_subject(path: str) -> str | None:
+    """The sub-folder of ``path`` inside the set; None for a file in the root."""
+    parent = str(PurePosixPath(path).parent)
+    return None if parent == "." else parent
+
+
+# --- clustering ---------------------------------------------------------------------------------
+
+
+def auto_cluster_count(n: int) -> int:
+    return int(np.clip(round(math.sqrt(n / 2)), 2, MAX_AUTO_CLUSTERS))
+
+
+def cluster_captions(texts: list[str], n_clusters: int = 0, seed: int = 0, encoder: Any = None) -> list[str]:
+    """Class names for free-text captions: k-means (scikit-learn) on their sentence embeddings.
+
+    ``encoder``: anything with ``encode(captions).pooled`` (default: the shared MiniLM of
+    :mod:`pogdiff.text`). ``n_clusters = 0`` picks ``round(sqrt(n / 2))`` clipped to ``2..50``.
+    Clusters are numbered by size (``00`` the largest) and named after the caption nearest the
+    centre: ``"cluster 00: a cat on a sofa"``.
+    """
+    from sklearn.cluster import KMeans
+
+    n = len(texts)
+    if n == 0:
+        return []
+    k = max(1, min(n_clusters or auto_cluster_count(n), n))
+    if encoder is None:
+        from ..text import default_minilm
+
+        encoder = default_minilm()
+    x = np.asarray(encoder.encode(list(texts)).pooled, dtype=np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    k = min(k, len(np.unique(x.round(6), axis=0)))  # k-means cannot make more groups than distinct points
+    model = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(x)
+    labels = model.labels_
+    order = sorted(range(k), key=lambda c: (-(labels == c).sum(), c))
+    names = {}
+    for rank, c in enumerate(order):
+        members = np.flatnonzero(labels == c)
+        nearest = members[np.argmin(((x[members] - model.cluster_centers_[c]) ** 2).sum(1))]
+        text = " ".join(texts[nearest].split())
+        short = text if len(text) <= CLUSTER_NAME_CHARS else text[: CLUSTER_NAME_CHARS - 3].rstrip() + "..."
+        names[c] = f"cluster {rank:02d}: {short}"
+    return [names[c] for c in labels]
+
+
+# --- a whole set ----------------------------------------------------------------------------------
+
+
+def assign_classes(items: list[ClassItem], config: DataConfig, report: ValidationReport,
+                   encoder: Any = None) -> tuple[list[str | None], str]:
+    """One class per item (None: the item has none under this source and is skipped, reported),
+    and the source used (never ``"auto"``)."""
+    source = check_class_source(config.class_source)
+    if source == "auto":
+        source = _auto_source(items, config)
+    if source == "column":
+        return _by_column(items, config, report), source
+    if source == "folder":
+        return _per_item(items, lambda it: folder_subject(it.file_name), report, "not_in_class_folder",
+                         "The image is not in a class sub-folder; skipped (class_source = 'folder').",
+                         "Move it into a sub-folder named after its class, or choose another class source."), source
+    if source == "first_tag":
+        return _per_item(items, lambda it: first_tag(it.text), report, "no_class_in_caption",
+                         "The caption has no first tag (it starts with a comma); skipped (class_source = 'first_tag').",
+                         "Start the caption with its class tag, e.g. 'red fox, outdoors, photo'."), source
+    if source == "template":
+        template = config.caption_template
+        return _per_item(items, lambda it: subject_from_caption(it.text, template), report, "no_class_in_caption",
+                         f"The caption does not read '{template.format(subject='X')}, ...'; skipped "
+                         "(class_source = 'template').",
+                         f"Start the caption with '{template.format(subject='<subject>')},', or choose another "
+                         "class source."), source
+    names = cluster_captions([it.text for it in items], config.derive_clusters, encoder=encoder)
+    if config.class_source == "auto":
+        report.warning("classes_clustered", "",
+                       f"Classes were derived by clustering the captions into {len(set(names))} groups.",
+                       "For exact classes add a 'subject' column to metadata.jsonl, start every caption with "
+                       "'a photo of <subject>,', or choose a class source (DataConfig.class_source).")
+    return list(names), "cluster"
+
+
+def _auto_source(items: list[ClassItem], config: DataConfig) -> str:
+    if any(it.column_subject for it in items):
+        return "column"
+    folders = {folder_subject(it.file_name) for it in items}
+    from_folders = any(it.caption_from == "folder" for it in items)
+    if None not in folders and (len(folders) >= 2 or from_folders):
+        return "folder"
+    if all(subject_from_caption(it.text, config.caption_template) for it in items):
+        return "template"
+    return "cluster"
+
+
+def _by_column(items: list[ClassItem], config: DataConfig, report: ValidationReport) -> list[str | None]:
+    if not any(it.column_subject for it in items):
+        report.error("no_class_column", "", "class_source = 'column', but no metadata row has a 'subject' or "
+                     "'class' value.", "Add a 'subject' column to metadata.jsonl / metadata.csv, or choose "
+                     "another class source.")
+        return [None] * len(items)
+    return [it.column_subject or subject_from_caption(it.text, config.caption_template) or it.text for it in items]
+
+
+def _per_item(items, derive, report: ValidationReport, code: str, message: str, fix: str) -> list[str | None]:
+    out = []
+    for it in items:
+        subject = derive(it)
+        if subject is None:
+            report.error(code, it.file_name, message, fix)
+        out.append(subject)
+    return out
