@@ -450,6 +450,9 @@ def build(args) -> int:
 
 
 def main(args) -> int:
+    if args.bench_cmd == "report":
+        print(summary_markdown(json.loads(Path(args.summary).read_text())))
+        return 0
     if args.bench_cmd == "speed":
         table = speed(steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, repeats=args.repeats)
         print(table.to_string(index=False))
@@ -462,3 +465,43 @@ def main(args) -> int:
     print(to_markdown(report, steps=args.steps or QUALITY_STEPS, seeds=args.seeds))
     return 0
 
+
+
+# ---------------------------------------------------------------------------------- report
+TARGET_FEW_RATIO = 1.5  # the fidelity target: PoGDiff few-shot accuracy >= 1.5x plain fine-tuning
+
+
+def _mean_std(values: list) -> str:
+    v = [x for x in values if x is not None]
+    if not v:
+        return "—"
+    return f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def summary_markdown(summary: dict) -> str:
+    """Markdown tables of ``summary.json``: per set, each method's bucket metrics (mean ± sample
+    std over seeds) and PoGDiff's paired comparisons with the targets of README "Results"."""
+    lines = []
+    for data, block in summary.items():
+        lines += [f"### {data} ({block['steps']} steps, batch {block.get('batch_size', '?')}, seeds {block['seeds']})", "",
+                  "| method | few-shot acc | few-shot gRecall | medium acc | many-shot acc | FD few | FD all |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for method, m in block["methods"].items():
+            cells = [_mean_std(m.get(k, [])) for k in ("few_acc", "few_grecall", "medium_acc", "many_acc", "few_fd", "all_fd")]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        comps = block.get("comparisons", {})
+        if comps:
+            lines += ["", "| PoGDiff vs | bucket | paired ratio per seed | ratio of class means [95% bootstrap CI] | every seed > 1 |",
+                      "|---|---|---|---|---|"]
+            for name, comp in comps.items():
+                for bucket, c in comp.items():
+                    ratios = ", ".join("—" if r is None else f"{r:.2f}" for r in c["paired_ratio"])
+                    ci = c.get("bootstrap_ci95", [None, None])
+                    rom = c.get("ratio_of_means")
+                    interval = ("—" if rom is None else
+                                f"{rom:.2f} [{'—' if ci[0] is None else f'{ci[0]:.2f}'}, "
+                                f"{'—' if ci[1] is None else f'{ci[1]:.2f}'}]")
+                    lines.append(f"| {name.removeprefix('pogdiff_vs_')} | {bucket} | {ratios} | {interval} | "
+                                 f"{'yes' if c['every_seed_above_1'] else 'no'} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -281,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median reported)")
     p.add_argument("--out", default=None, help="write the table as JSON here")
     p.set_defaults(fn=cmd_bench)
+    p = bench.add_parser("report", help="print the markdown tables of a quality summary.json")
+    p.add_argument("--summary", default="results/quality/summary.json", help="summary.json of bench quality")
+    p.set_defaults(fn=cmd_bench)
     p = bench.add_parser("quality", help="baseline / pogdiff / cbdm / resample on an embedded set, paired over seeds")
     p.add_argument("--out", default="results/quality",
                    help="output folder: <out>/<data>/ (runs, tables, plots, grids) and <out>/summary.json")

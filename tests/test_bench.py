@@ -85,3 +85,14 @@ def test_speed_benchmark_reports_every_configuration_relative_to_baseline():
     assert table.loc[0, "ratio_to_baseline"] == 1.0
     naive = table[table["configuration"].str.startswith("pogdiff naive")]
     assert float(naive["rows_with_neighbour_pass"].iloc[0]) == 1.0
+
+
+def test_summary_markdown_lists_methods_and_comparisons():
+    summary = {"demo": {"steps": 10, "batch_size": 4, "seeds": [0, 1],
+                        "methods": {"baseline": {"few_acc": [0.2, 0.4]}, "pogdiff": {"few_acc": [0.3, 0.5]}},
+                        "comparisons": {"pogdiff_vs_baseline": {"few": {
+                            "paired_ratio": [1.5, 1.25], "every_seed_above_1": True, "ratio_of_means": 1.333,
+                            "bootstrap_ci95": [1.25, 1.5]}}}}}
+    text = bench.summary_markdown(summary)
+    assert "| baseline | 0.300 ± 0.141 |" in text
+    assert "| baseline | few | 1.50, 1.25 | 1.33 [1.25, 1.50] | yes |" in text
