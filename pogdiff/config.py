@@ -42,7 +42,7 @@ class DataConfig:
 
 @dataclass
 class PsiConfig:
-    """Neighbour graph and psi table: psi = psi_max * w_density * s_img * s_txt (DESIGN §1)."""
+    """Neighbour graph and psi table: psi = psi_max * w_density * s_img * s_txt (README "The method")."""
 
     k: int = 5
     psi_max: float = 1.0

@@ -1,4 +1,4 @@
-"""Frozen image classifiers that score generations (DESIGN §4).
+"""Frozen image classifiers that score generations (README "Results").
 
 - :class:`Evaluator`: a small CNN trained on renders of the procedural identity generator
   (:mod:`pogdiff.data.identities`), so its ground truth is unlimited. It names the identity in

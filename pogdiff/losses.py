@@ -1,10 +1,10 @@
 """Pure loss functions: eps-MSE, PoGDiff (two equivalent forms) and CBDM.
 
 Every function takes tensors and returns a dict of named per-sample terms, each of shape
-``[N]``; ``terms["loss"]`` is the per-sample total that the trainer averages (DESIGN §1).
+``[N]``; ``terms["loss"]`` is the per-sample total that the trainer averages (README "The method").
 Squared norms are means over the non-batch dimensions (``mean_flat``), as in DDPM's simple loss.
 
-Derivation of the PoGDiff target (DESIGN §1, "The method"). With
+Derivation of the PoGDiff target (README "The method"). With
 ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` the DDPM posterior mean and the model mean are
 both affine in an eps-prediction::
 
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 POG_FORMS = ("two_term", "mix")
-# CBDM weight of the second (balanced-branch) regulariser (DESIGN §1: 1/4).
+# CBDM weight of the second (balanced-branch) regulariser (README "The method": 1/4).
 CBDM_COMMITMENT = 0.25
 
 
@@ -77,7 +77,7 @@ def mse_loss(eps_pred: Tensor, eps: Tensor) -> dict[str, Tensor]:
 
 
 def pog_target(eps: Tensor, eps_neighbour: Tensor, psi: Tensor | float) -> Tensor:
-    """PoGDiff target ``eps* = (eps + psi * sg(eps_nb)) / (1 + psi)`` (DESIGN §1).
+    """PoGDiff target ``eps* = (eps + psi * sg(eps_nb)) / (1 + psi)`` (README "The method").
 
     :param eps: the [N x ...] noise that was added.
     :param eps_neighbour: the [N x ...] model prediction for the neighbour caption (detached here).
@@ -97,7 +97,7 @@ def pogdiff_loss(
     *,
     form: str = "two_term",
 ) -> dict[str, Tensor]:
-    """PoGDiff loss in one of two forms with identical gradients w.r.t. ``eps_pred`` (DESIGN §1).
+    """PoGDiff loss in one of two forms with identical gradients w.r.t. ``eps_pred`` (README "The method").
 
     ``"two_term"``: ``||p - eps||^2 + psi * ||p - sg(n)||^2``.
     ``"mix"``: ``(1 + psi) * ||p - eps*||^2``; it equals ``"two_term"`` minus
@@ -146,7 +146,7 @@ def cbdm_loss(
     *,
     tau: float,
 ) -> dict[str, Tensor]:
-    """Class-Balancing Diffusion loss (Qin et al., CVPR 2023) adapted to captions (DESIGN §1).
+    """Class-Balancing Diffusion loss (Qin et al., CVPR 2023) adapted to captions (README "The method").
 
     ``L = ||p - eps||^2 + tau * t/T * (||p - sg(p_b)||^2 + 1/4 * ||sg(p) - p_b||^2)``
     with ``p = eps_theta(x_t, t, y)`` and ``p_b = eps_theta(x_t, t, y_b)`` for a caption ``y_b``

@@ -1,6 +1,6 @@
 """The diffusion model bundle: UNet + training noise schedule + frozen caption encoder (+ VAE).
 
-Two presets (DESIGN §3):
+Two presets (docs/ARCHITECTURE.md):
 
 - ``tiny``: a pixel-space :class:`diffusers.UNet2DConditionModel` of a few M parameters with
   cross-attention only at the lowest resolution, conditioned on a frozen sentence encoder's

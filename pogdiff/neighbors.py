@@ -1,4 +1,4 @@
-"""Neighbour graph and psi table (DESIGN §1, §6).
+"""Neighbour graph and psi table (README "The method"; BENCHMARKS.md "Speed").
 
 Computed once per dataset: one FAISS search over the L2-normalised caption vectors gives the
 k nearest captions of every sample; with density weights and image / caption similarities it
@@ -236,7 +236,7 @@ def image_features(images: np.ndarray | torch.Tensor, *, size: int = 8) -> np.nd
 
 @dataclass
 class NeighbourTable:
-    """Per-sample neighbours and psi, computed once per dataset (DESIGN §1).
+    """Per-sample neighbours and psi, computed once per dataset (README "The method").
 
     ``indices [N, k]`` int64 neighbour rows (never the row itself; -1 = empty slot),
     ``s_txt [N, k]`` / ``s_img [N, k]`` max(0, cosine) of caption vectors / image features,

@@ -1,4 +1,4 @@
-"""Caption encoders and their on-disk cache (DESIGN §3, §6).
+"""Caption encoders and their on-disk cache (docs/ARCHITECTURE.md).
 
 An encoder maps captions to :class:`TextEmbeddings`: a pooled, L2-normalised vector per
 caption (the neighbour index of :mod:`pogdiff.neighbors`) and padded token states (the UNet's
