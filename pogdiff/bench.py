@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pogdiff import checkpoints
-from pogdiff.config import DataConfig, PsiConfig, SampleConfig, TrainConfig, model_preset, to_dict
+from pogdiff.config import DataConfig, PsiConfig, SampleConfig, TrainConfig, model_preset, to_dict, uses_balanced_sampling
 from pogdiff.training import Trainer, prepare_data, train
 
 logger = logging.getLogger(__name__)
@@ -328,6 +328,9 @@ def _evaluated_run(run_dir: Path, cfg: TrainConfig, train_set, eval_set, evaluat
 def _train_key(cfg: TrainConfig) -> dict:
     """The parts of a TrainConfig a run depends on (psi options only matter to PoGDiff)."""
     key = to_dict(cfg)
+    # The resolved setting, so an explicit flag and a method default that agree share a cache.
+    # "resample" is balanced whatever the flag says; its key keeps False, the value it always had.
+    key["balanced_sampling"] = uses_balanced_sampling(cfg) if cfg.method != "resample" else False
     if cfg.method != "pogdiff":
         key.pop("psi")
     return key

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 METHODS = ("baseline", "pogdiff", "cbdm", "resample")
+# Methods that draw class-balanced batches unless TrainConfig.balanced_sampling says otherwise.
+BALANCED_BY_DEFAULT = {"resample": True}
 PRESETS = ("tiny", "sd15")
 
 
@@ -105,15 +107,22 @@ class TrainConfig:
     seed: int = 0
     caption_dropout: float = 0.1
     ema_decay: float = 0.0  # 0 disables EMA
-    # Draw batch rows class-balanced (a class uniformly, then one of its rows). Always on for the
-    # "resample" method; with "pogdiff" it puts the PoG target on top of class-balanced sampling.
-    balanced_sampling: bool = False
+    # Draw batch rows class-balanced (a class uniformly, then one of its rows). None = the method's
+    # default (BALANCED_BY_DEFAULT); with "pogdiff" it puts the PoG target on top of balanced batches.
+    balanced_sampling: bool | None = None
     mixed_precision: str = "no"  # "no", "fp16", "bf16"
     checkpoint_every: int = 250
     log_every: int = 10
     sample_every: int = 0  # 0 disables preview samples
     cbdm_tau: float = 1.0
     psi: PsiConfig = field(default_factory=PsiConfig)
+
+
+def uses_balanced_sampling(cfg: "TrainConfig") -> bool:
+    """Whether a run draws class-balanced batches: the explicit setting, else the method's default."""
+    if cfg.balanced_sampling is not None:
+        return bool(cfg.balanced_sampling)
+    return BALANCED_BY_DEFAULT.get(cfg.method, False)
 
 
 @dataclass

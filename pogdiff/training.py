@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pogdiff import checkpoints, losses
-from pogdiff.config import METHODS, ModelConfig, SampleConfig, TrainConfig
+from pogdiff.config import METHODS, ModelConfig, SampleConfig, TrainConfig, uses_balanced_sampling
 from pogdiff.neighbors import NeighbourTable, build_neighbour_table, gaussian_psi_factor, image_features
 from pogdiff.text import CachedEncoder, TextEmbeddings
 
@@ -294,7 +294,7 @@ class Trainer:
     def sample_batch(self, g: torch.Generator) -> dict[str, torch.Tensor]:
         """Draw rows, timesteps, noise and caption dropout for one step from ``g``."""
         n, b = len(self.data), self.cfg.batch_size
-        if self.cfg.method == "resample" or self.cfg.balanced_sampling:
+        if uses_balanced_sampling(self.cfg):
             rows = self._balanced_rows(b, g)
         elif b <= n:
             rows = torch.randperm(n, generator=g)[:b]

@@ -75,7 +75,7 @@ def test_psi_options_map_onto_the_config():
     from pogdiff.cli import configs_from_args
 
     _, default = configs_from_args(build_parser().parse_args(["train", "--run-dir", "r"]))
-    assert default.psi == PsiConfig() and default.method == "pogdiff" and default.balanced_sampling is False
+    assert default.psi == PsiConfig() and default.method == "pogdiff" and default.balanced_sampling is None
     _, cfg = configs_from_args(build_parser().parse_args(
         ["train", "--run-dir", "r", "--neighbour-pool", "other_class", "--psi-schedule", "gaussian",
          "--psi-max", "2", "--k", "7", "--no-image-sim", "--balanced-sampling"]))

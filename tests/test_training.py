@@ -116,3 +116,12 @@ def test_ema_weights_are_saved_and_differ_from_the_raw_weights(dataset, tmp_path
     ema = checkpoints.load_model(result.last_checkpoint, use_ema=True)
     diffs = [not torch.equal(a, b) for a, b in zip(raw.unet.parameters(), ema.unet.parameters())]
     assert any(diffs)
+
+
+def test_balanced_sampling_follows_the_method_unless_set():
+    from pogdiff.config import uses_balanced_sampling
+
+    assert uses_balanced_sampling(TrainConfig(method="resample")) is True
+    assert uses_balanced_sampling(TrainConfig(method="baseline")) is False
+    assert uses_balanced_sampling(TrainConfig(method="baseline", balanced_sampling=True)) is True
+    assert uses_balanced_sampling(TrainConfig(method="resample", balanced_sampling=False)) is False
