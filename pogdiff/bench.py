@@ -159,7 +159,12 @@ def _apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
         if not hasattr(target, field_name):
             raise ValueError(f"--set {item!r}: unknown field {key!r}")
         old = getattr(target, field_name)
-        value = raw.lower() in ("1", "true", "yes") if isinstance(old, bool) else type(old)(raw)
+        if isinstance(old, bool) or (old is None and raw.lower() in ("true", "false", "yes", "no")):
+            value = raw.lower() in ("1", "true", "yes")
+        elif old is None:
+            value = None if raw.lower() == "none" else raw
+        else:
+            value = type(old)(raw)
         if target is cfg.psi:
             cfg = dataclasses.replace(cfg, psi=dataclasses.replace(cfg.psi, **{field_name: value}))
         else:

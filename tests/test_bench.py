@@ -28,8 +28,10 @@ def test_aggregate_gives_mean_and_sample_std_over_seeds():
 
 
 def test_overrides_are_typed_after_the_field_and_unknown_fields_are_refused():
-    cfg = bench._apply_overrides(TrainConfig(), ["psi.psi_max=2.5", "psi.pool=all", "batch_size=8"])
+    cfg = bench._apply_overrides(TrainConfig(), ["psi.psi_max=2.5", "psi.pool=all", "batch_size=8",
+                                                 "balanced_sampling=true"])
     assert cfg.psi.psi_max == 2.5 and cfg.psi.pool == "all" and cfg.batch_size == 8
+    assert cfg.balanced_sampling is True
     with pytest.raises(ValueError, match="unknown field 'psi.nope'"):
         bench._apply_overrides(TrainConfig(), ["psi.nope=1"])
 
