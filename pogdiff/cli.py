@@ -118,10 +118,9 @@ def configs_from_args(args):
 
 
 def default_cache_dir() -> Path:
-    import os
+    from pogdiff.config import cache_root
 
-    root = os.environ.get("POGDIFF_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "pogdiff") / "embeddings"
+    return cache_root() / "embeddings"
 
 
 def default_base(preset: str, base: str | None) -> str | None:

@@ -8,11 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+CACHE_ENV = "POGDIFF_CACHE"
+
+
+def cache_root() -> Path:
+    """Where generated sets, caption embeddings and latents are cached: ``$POGDIFF_CACHE``, else
+    ``~/.cache/pogdiff``."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root) if root else Path.home() / ".cache" / "pogdiff"
+
 
 METHODS = ("baseline", "pogdiff", "cbdm", "resample")
 # Methods that draw class-balanced batches unless TrainConfig.balanced_sampling says otherwise.

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests never write to the user's cache: demo sets and embeddings go to a temporary folder.
+os.environ.setdefault("POGDIFF_CACHE", tempfile.mkdtemp(prefix="pogdiff-test-cache-"))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from pogdiff.config import ModelConfig  # noqa: E402

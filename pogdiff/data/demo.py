@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pogdiff.config import CACHE_ENV, cache_root  # noqa: F401 (CACHE_ENV re-exported)
+
 from .identities import Attributes, Identity, caption, make_families, make_identities, render, sample_attributes
 
 logger = logging.getLogger(__name__)
@@ -37,7 +39,6 @@ DEMO_FORMAT_VERSION = 2
 SPEC_FILE = "demo_spec.json"
 SPLITS = ("train", "eval", "pretrain")
 _SPLIT_IDS = {"train": 1, "eval": 2, "pretrain": 3}
-CACHE_ENV = "POGDIFF_CACHE"
 DEMO_KINDS = ("identities", "families")
 FAMILY_RELATIVE_COUNTS = (2, 3, 4)  # train images of the rare relatives, in turn
 FAMILY_HEAD_MIN = 12  # train images of the least frequent family head
@@ -210,8 +211,7 @@ def spec_hash(spec: DemoSpec) -> str:
 
 def default_demo_dir(spec: DemoSpec = DemoSpec()) -> Path:
     """``$POGDIFF_CACHE/demo-<hash>``, or ``~/.cache/pogdiff/demo-<hash>`` without the variable."""
-    root = os.environ.get(CACHE_ENV)
-    base = Path(root) if root else Path.home() / ".cache" / "pogdiff"
+    base = cache_root()
     return base / f"demo-{spec_hash(spec)}"
 
 
