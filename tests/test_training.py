@@ -90,7 +90,7 @@ def test_pogdiff_runs_the_neighbour_pass_only_for_rows_above_threshold(dataset, 
     [
         ({"method": "magic"}, "unknown method 'magic'"),
         ({"max_steps": 0}, "max_steps must be >= 1"),
-        ({"learning_rate": -1.0}, "learning_rate must be > 0"),
+        ({"learning_rate": -1.0}, "learning_rate must be a finite number > 0"),
         ({"caption_dropout": 1.5}, "caption_dropout must be in [0, 1)"),
         ({"mixed_precision": "fp8"}, "mixed_precision must be"),
     ],
