@@ -310,6 +310,18 @@ def _make_accelerator(mixed_precision: str):
     return Accelerator(mixed_precision=mixed_precision, cpu=multi and not torch.cuda.is_available())
 
 
+def _own_storage(module: torch.nn.Module) -> None:
+    """Give every parameter and buffer a fresh contiguous copy of its data.
+
+    Weights loaded from safetensors may live in differently aligned memory than freshly made
+    ones, and CPU kernels may then pick another summation order (differences of ~1e-6): with
+    fresh copies a resumed run computes exactly what the uninterrupted run computed.
+    """
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            t.data = t.data.clone(memory_format=torch.contiguous_format)
+
+
 def _seed_of(*parts: int) -> int:
     """A 64-bit seed mixing any number of non-negative-or-not integers (no stride limits)."""
     entropy = [int(x) % 2**64 for x in parts]
@@ -388,6 +400,7 @@ class Trainer:
         self.is_main = self.accelerator.is_main_process
         self.num_processes = self.accelerator.num_processes
         model.to(self.device)
+        _own_storage(model.unet)
         self.params = [p for p in model.trainable_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self._raw_unet = model.unet
