@@ -350,3 +350,43 @@ def test_interrupted_runs_are_listed_until_they_finish(dataset, tmp_path):
         ("a", 2, 4, "baseline", "stopped")]
     train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=cfg, run_dir=tmp_path / "a")
     assert checkpoints.list_interrupted_runs(tmp_path) == []
+
+
+def test_gradient_accumulation_averages_the_micro_batch_gradients(dataset, tmp_path, monkeypatch):
+    import torch
+
+    from pogdiff.training import Trainer, build_model, prepare_data
+
+    model = build_model(SMALL_MODEL)
+    data = prepare_data(dataset, model, PsiConfig(), need_table=False)
+    cfg = dataclasses.replace(FAST, method="baseline", gradient_accumulation_steps=2, grad_clip=0.0)
+    acc = Trainer(model, data, cfg, run_dir=tmp_path)
+    grads = {}
+    monkeypatch.setattr(acc, "optimize", lambda: grads.update(acc=[p.grad.clone() for p in acc.params]))
+    terms, _ = acc.run_step()
+    expected, losses_ = [torch.zeros_like(p) for p in acc.params], []
+    one = Trainer(model, data, dataclasses.replace(cfg, gradient_accumulation_steps=1), run_dir=tmp_path)
+    for micro in range(2):
+        g = acc.generator(0, micro)
+        one.optimizer.zero_grad(set_to_none=True)
+        t, _ = one.forward_backward(acc.sample_batch(g), g)
+        losses_.append(float(t["loss"].mean()))
+        expected = [e + p.grad / 2 for e, p in zip(expected, one.params)]
+    assert acc.generator(0, 1).initial_seed() != acc.generator(0, 0).initial_seed()
+    for a, e in zip(grads["acc"], expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-7)
+    assert terms["loss"] == pytest.approx(sum(losses_) / 2, rel=1e-6)
+
+
+def test_mixed_precision_comes_from_accelerate_unless_the_flag_is_given(monkeypatch):
+    from pogdiff.cli import build_parser, configs_from_args
+    from pogdiff.training import accelerate_mixed_precision
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert accelerate_mixed_precision() == "bf16"
+    _, cfg = configs_from_args(build_parser().parse_args(["train", "--run-dir", "r"]))
+    assert cfg.mixed_precision == "bf16"
+    _, cfg = configs_from_args(build_parser().parse_args(["train", "--run-dir", "r", "--mixed-precision", "no"]))
+    assert cfg.mixed_precision == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")  # not something this trainer runs
+    assert accelerate_mixed_precision() is None
