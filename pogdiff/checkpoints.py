@@ -275,7 +275,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         return None
     best: tuple[int, int, Path] | None = None
     for path in run_dir.iterdir():
-        step = _checkpoint_step(path) if path.is_dir() else None
+        try:
+            step = _checkpoint_step(path) if path.is_dir() else None
+        except (OSError, ValueError, KeyError):
+            logger.warning("skipping %s: its %s is unreadable", path, STATE_JSON)
+            step = None
         if step is not None:
             key = (step, 0 if CHECKPOINT_RE.match(path.name) else 1, path)
             best = key if best is None or key[:2] > best[:2] else best

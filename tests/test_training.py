@@ -390,3 +390,17 @@ def test_mixed_precision_comes_from_accelerate_unless_the_flag_is_given(monkeypa
     assert cfg.mixed_precision == "no"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")  # not something this trainer runs
     assert accelerate_mixed_precision() is None
+
+
+def test_mixed_precision_comes_from_the_accelerate_config_file(monkeypatch, tmp_path):
+    import accelerate.commands.config.config_args as config_args
+
+    from pogdiff.training import accelerate_mixed_precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    path = tmp_path / "default_config.yaml"
+    monkeypatch.setattr(config_args, "default_config_file", str(path))
+    assert accelerate_mixed_precision() is None  # no file
+    path.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nmixed_precision: fp16\n"
+                    "num_processes: 2\n")
+    assert accelerate_mixed_precision() == "fp16"
