@@ -780,8 +780,10 @@ def build_model(model_cfg: ModelConfig, *, base_checkpoint: str | Path | None = 
     if base_checkpoint:
         return checkpoints.load_model(base_checkpoint)
     if model_cfg.preset == "sd15":
-        dtype = torch.float32
-        return models.load_stable_diffusion(model_cfg, dtype=dtype)
+        # LoRA weights start from a random draw: seeded, so the same seed gives the same run.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return models.load_stable_diffusion(model_cfg, dtype=torch.float32)
     return models.build_tiny(model_cfg, seed=seed)
 
 
