@@ -140,6 +140,10 @@ def encode_dataset_images(model, images: np.ndarray, *, batch_size: int = 64,
         batch = images_to_tensor(images[start : start + batch_size]).to(model.device)
         chunks.append(model.encode_images(batch).float().cpu())
     x0 = torch.cat(chunks)
+    if model.vae is not None:
+        # The VAE returns channels-last latents; cached ones load contiguous. One layout for both,
+        # or CPU convolutions round differently and a run reading the cache drifts by a few ulp.
+        x0 = x0.contiguous()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

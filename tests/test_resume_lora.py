@@ -35,17 +35,17 @@ def _tensors(ckpt):
 
 
 def test_lora_ema_and_optimizer_resume_bit_identically_with_v_prediction(v_cfg, small_demo, tmp_path):
-    # No embedding/latent cache here: on CPU a run that read the cache differed from one that had just
-    # computed it by a few ulp in its first gradient (measured with this pipeline; cause not found).
+    # The first run computes (and caches) the VAE latents, the later ones read them from the cache.
     ds = load_image_text_set(small_demo / "train", DataConfig(resolution=32))
     cfg = TrainConfig(method="pogdiff", max_steps=4, batch_size=2, checkpoint_every=0, checkpoint_minutes=0.0,
                       log_every=0, warmup_steps=1, ema_decay=0.9, snr_gamma=5.0)
-    full = train(dataset=ds, model_cfg=v_cfg, train_cfg=cfg, run_dir=tmp_path / "full")
+    full = train(dataset=ds, model_cfg=v_cfg, train_cfg=cfg, run_dir=tmp_path / "full", cache_dir=tmp_path)
     stop = threading.Event()
-    first = train(dataset=ds, model_cfg=v_cfg, train_cfg=cfg, run_dir=tmp_path / "split",
+    first = train(dataset=ds, model_cfg=v_cfg, train_cfg=cfg, run_dir=tmp_path / "split", cache_dir=tmp_path,
                   stop_event=stop, callback=lambda info: info.step == 2 and stop.set())
     assert first.steps_done == 2
-    second = train(dataset=ds, model_cfg=v_cfg, train_cfg=dataclasses.replace(cfg), run_dir=tmp_path / "split")
+    second = train(dataset=ds, model_cfg=v_cfg, train_cfg=dataclasses.replace(cfg), run_dir=tmp_path / "split",
+                   cache_dir=tmp_path)
     assert second.steps_done == 4
     a, b = _tensors(full.last_checkpoint), _tensors(second.last_checkpoint)
     assert any(k.startswith("ema_unet/") for k in a) and any("lora" in k for k in a)
