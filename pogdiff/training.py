@@ -19,11 +19,11 @@ skipped for the one before it; a resume with another method, preset or data is r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
-import contextlib
 import math
 import os
 import random
@@ -39,7 +39,6 @@ from safetensors.torch import load_file, save_file
 
 from pogdiff import checkpoints, losses
 from pogdiff.config import METHODS, ModelConfig, SampleConfig, TrainConfig
-from pogdiff.models import unwrap
 from pogdiff.neighbors import NeighbourTable, build_neighbour_table, image_features
 from pogdiff.text import CachedEncoder, TextEmbeddings
 
@@ -207,7 +206,8 @@ def check_train_config(cfg: TrainConfig, n_samples: int) -> None:
         raise ValueError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     from diffusers.optimization import SchedulerType
 
-    names = [t.value for t in SchedulerType]
+    # Schedules that are a function of the step alone (what resuming and fast-forwarding assume).
+    names = [t.value for t in SchedulerType if t.value not in ("reduce_lr_on_plateau", "piecewise_constant")]
     if cfg.lr_scheduler not in names:
         raise ValueError(f"unknown lr_scheduler {cfg.lr_scheduler!r}; choose one of {', '.join(names)}")
     # TrainConfig checks these when it is made; a config edited in place is checked again here.

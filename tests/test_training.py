@@ -404,3 +404,10 @@ def test_mixed_precision_comes_from_the_accelerate_config_file(monkeypatch, tmp_
     path.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nmixed_precision: fp16\n"
                     "num_processes: 2\n")
     assert accelerate_mixed_precision() == "fp16"
+
+
+def test_an_unknown_or_step_independent_lr_schedule_is_refused(dataset, tmp_path):
+    for name in ("magic", "reduce_lr_on_plateau"):
+        with pytest.raises(ValueError, match=f"unknown lr_scheduler '{name}'; choose one of linear, cosine"):
+            train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=dataclasses.replace(FAST, lr_scheduler=name),
+                  run_dir=tmp_path)
