@@ -8,18 +8,25 @@ Layout of ``run_dir/checkpoint-{step:06d}/``::
     configs.json              {"model": ModelConfig, "train": TrainConfig}
     trainer_state.safetensors optimizer state tensors, keys "state.{param_idx}.{name}"
     trainer_state.json        step, extra, optimizer param_groups and non-tensor state values
+    manifest.json             size and sha256 of every file above (checked before a resume)
+
+A run folder also holds ``training_status.json`` (running / stopped / failed / finished, the
+step, and the fingerprint of method, preset and data), which :func:`list_interrupted_runs` reads.
 
 Nothing is ever loaded with pickle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +57,14 @@ STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+MANIFEST = "manifest.json"
+RUN_STATUS = "training_status.json"
+EXTRA_PREFIX = "extra."
+REPLACED_PREFIX = "replaced-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is damaged or incomplete (the message names the file)."""
 
 
 # --- UNet weights -----------------------------------------------------------------------------
@@ -136,6 +151,8 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                          optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
+        if not key.startswith("state."):
+            continue
         _, idx, name = key.split(".", 2)
         state.setdefault(int(idx), {})[name] = value
     for idx, entry in meta["state_scalars"].items():
@@ -192,12 +209,16 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     keep: int = 2,
     name: str | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoint-{step:06d}`` (or ``run_dir/name``, e.g. "final") atomically.
 
     The folder is built under a hidden temporary name and renamed into place, so a reader never
     sees a partial checkpoint. Afterwards only the ``keep`` newest numbered checkpoints remain;
-    named ones (e.g. "final") are never pruned. ``extra`` must be JSON-serialisable.
+    named ones (e.g. "final") are never pruned. ``extra`` must be JSON-serialisable;
+    ``extra_tensors`` (e.g. RNG states) go into ``trainer_state.safetensors`` and come back from
+    :func:`read_trainer_state`. A ``manifest.json`` with each file's size and sha256 is written
+    last, so :func:`verify_checkpoint` finds a damaged file.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
@@ -213,12 +234,17 @@ def save_checkpoint(
             _save_ema(ema_unet, model, tmp / EMA_DIR)
         _write_json(tmp / CONFIGS_FILE, {"model": to_dict(model.config), "train": to_dict(train_cfg)})
         state: dict[str, Any] = {"step": int(step), "extra": extra or {}}
+        tensors: dict[str, torch.Tensor] = {}
         if optimizer is not None:
             tensors, state["optimizer"] = _flatten_optimizer(optimizer)
+        for key, value in (extra_tensors or {}).items():
+            tensors[EXTRA_PREFIX + key] = value.detach().cpu().contiguous()
+        if optimizer is not None or tensors:
             save_file(tensors, tmp / STATE_TENSORS)
         if ema_unet is not None and not isinstance(ema_unet, nn.Module):
             state["ema"] = {k: v for k, v in ema_unet.state_dict().items() if k != "shadow_params"}
         _write_json(tmp / STATE_JSON, state)
+        _write_json(tmp / MANIFEST, _manifest(tmp))
         _move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -249,7 +275,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         return None
     best: tuple[int, int, Path] | None = None
     for path in run_dir.iterdir():
-        step = _checkpoint_step(path) if path.is_dir() else None
+        try:
+            step = _checkpoint_step(path) if path.is_dir() else None
+        except (OSError, ValueError, KeyError):
+            logger.warning("skipping %s: its %s is unreadable", path, STATE_JSON)
+            step = None
         if step is not None:
             key = (step, 0 if CHECKPOINT_RE.match(path.name) else 1, path)
             best = key if best is None or key[:2] > best[:2] else best
@@ -302,12 +332,233 @@ def store_half_precision(ckpt_dir: str | Path) -> None:
 
 def load_trainer_state(ckpt_dir: str | Path, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Restore ``optimizer`` exactly (if given) and return ``{"step", "extra", "ema"}``."""
+    state = read_trainer_state(ckpt_dir)
+    if optimizer is not None:
+        apply_optimizer_state(optimizer, state)
+    return {"step": state["step"], "extra": state["extra"], "ema": state["ema"]}
+
+
+def read_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
+    """Everything of ``trainer_state.*`` read into memory without applying it:
+    ``{"step", "extra", "ema", "optimizer", "tensors", "extra_tensors", "path"}``."""
     ckpt_dir = Path(ckpt_dir)
     state = json.loads((ckpt_dir / STATE_JSON).read_text())
-    if optimizer is not None:
-        if "optimizer" not in state:
-            raise ValueError(f"{ckpt_dir} was saved without optimizer state")
-        tensors = load_file(ckpt_dir / STATE_TENSORS) if (ckpt_dir / STATE_TENSORS).is_file() else {}
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"], optimizer))
-    return {"step": state["step"], "extra": state.get("extra", {}), "ema": state.get("ema")}
+    tensors = load_file(ckpt_dir / STATE_TENSORS) if (ckpt_dir / STATE_TENSORS).is_file() else {}
+    return {
+        "step": state["step"], "extra": state.get("extra", {}), "ema": state.get("ema"),
+        "optimizer": state.get("optimizer"), "tensors": tensors, "path": ckpt_dir,
+        "extra_tensors": {k[len(EXTRA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)},
+    }
+
+
+def apply_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load the optimizer state of :func:`read_trainer_state` into ``optimizer`` (exactly)."""
+    if state.get("optimizer") is None:
+        raise ValueError(f"{state.get('path')} was saved without optimizer state")
+    optimizer.load_state_dict(_unflatten_optimizer(state["tensors"], state["optimizer"], optimizer))
+
+
+# --- integrity, fallback, housekeeping ----------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size", "sha256"}}`` of every file under ``folder``."""
+    return {
+        f.relative_to(folder).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)}
+        for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST
+    }
+
+
+def verify_checkpoint(ckpt_dir: str | Path) -> None:
+    """Raise :class:`CheckpointError` naming the first missing, truncated or altered file.
+
+    Checkpoints written before manifests existed are checked for their JSON files only.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    for name in (STATE_JSON, CONFIGS_FILE):
+        try:
+            json.loads((ckpt_dir / name).read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{ckpt_dir / name} is missing or unreadable: {exc}") from exc
+    if not (ckpt_dir / MANIFEST).is_file():
+        return
+    try:
+        expected = json.loads((ckpt_dir / MANIFEST).read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{ckpt_dir / MANIFEST} is unreadable: {exc}") from exc
+    for rel, info in expected.items():
+        path = ckpt_dir / rel
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        if path.stat().st_size != info["size"]:
+            raise CheckpointError(f"{path} has {path.stat().st_size} bytes, expected {info['size']}")
+        if _sha256(path) != info["sha256"]:
+            raise CheckpointError(f"{path} does not match its checksum (the file is damaged)")
+
+
+def resume_candidates(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of ``run_dir``, newest first (the order in which to try resuming)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for path in run_dir.iterdir():
+        try:
+            step = _checkpoint_step(path) if path.is_dir() else None
+        except (OSError, ValueError, KeyError):
+            step = -1  # unreadable state: still a candidate, verify_checkpoint will say why it fails
+        if step is not None:
+            found.append((step, 0 if CHECKPOINT_RE.match(path.name) else 1, path))
+    return [p for *_, p in sorted(found, key=lambda k: k[:2], reverse=True)]
+
+
+def clean_temporary(run_dir: str | Path) -> list[Path]:
+    """Remove ``.tmp-*`` / ``.old-*`` folders left by an interrupted write; returns them."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    removed = []
+    for path in run_dir.iterdir():
+        if path.is_dir() and path.name.startswith((TMP_PREFIX, OLD_PREFIX)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            logger.info("removed leftover temporary folder %s", path)
+    return removed
+
+
+def set_aside_checkpoints(run_dir: str | Path) -> Path | None:
+    """Move a run folder's checkpoints and status into ``replaced-<time>/`` (for a new run in
+    an old folder); returns that folder, or None when there was nothing to move."""
+    run_dir = Path(run_dir)
+    old = [p for p in resume_candidates(run_dir)] + [p for p in (run_dir / RUN_STATUS,) if p.exists()]
+    if not old:
+        return None
+    aside = run_dir / f"{REPLACED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    aside.mkdir()
+    for path in old:
+        os.replace(path, aside / path.name)
+    logger.warning("new run in %s: the previous checkpoints were moved to %s", run_dir, aside)
+    return aside
+
+
+def estimate_checkpoint_bytes(model: DiffusionModel, *, ema: bool, optimizer: bool) -> int:
+    """Bytes one checkpoint of ``model`` takes (weights, EMA copy, Adam's two moments)."""
+    trainable = sum(p.numel() * p.element_size() for p in model.trainable_parameters())
+    weights = trainable if model.is_lora else sum(p.numel() * p.element_size() for p in model.unet.parameters())
+    return weights * (2 if ema else 1) + (2 * trainable if optimizer else 0) + 64 * 1024
+
+
+def check_run_dir(run_dir: str | Path, need_bytes: int) -> None:
+    """Before step 1: the run folder can be created and written, and has room for a checkpoint."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f"{TMP_PREFIX}probe-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(
+            f"cannot write to the run folder {run_dir} ({exc.strerror or exc}); choose another "
+            "run folder or fix its permissions before training"
+        ) from exc
+    free = shutil.disk_usage(run_dir).free
+    if free < need_bytes:
+        raise OSError(
+            f"the run folder {run_dir} has {free / 2**20:.1f} MiB free but one checkpoint needs about "
+            f"{need_bytes / 2**20:.1f} MiB; free disk space or choose another run folder"
+        )
+
+
+def load_ema_shadow(ckpt_dir: str | Path, model: DiffusionModel) -> list[torch.Tensor]:
+    """The EMA weights of a checkpoint, one tensor per ``model.trainable_parameters()`` entry
+    (the shadow parameters of a diffusers ``EMAModel``), bit-exact as saved."""
+    folder = Path(ckpt_dir) / EMA_DIR
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist (the checkpoint was saved without EMA)")
+    params = model.trainable_parameters()
+    if model.is_lora:
+        saved = [p.detach().clone() for p in params]
+        try:
+            _load_lora(model.unet, folder)
+            return [p.detach().clone() for p in params]
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved, strict=True):
+                    p.copy_(s)
+    weights: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(f))
+    names = [n for n, p in model.unet.named_parameters() if p.requires_grad]
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise CheckpointError(f"{folder}: EMA weights lack {missing[:3]}")
+    return [weights[n] for n in names]
+
+
+# --- run status and interrupted runs ------------------------------------------------------------
+
+
+def write_run_status(run_dir: str | Path, **fields: Any) -> None:
+    """Merge ``fields`` into ``run_dir/training_status.json`` (atomically), stamping ``updated``."""
+    path = Path(run_dir) / RUN_STATUS
+    status = read_run_status(run_dir) or {}
+    status.update(fields, updated=time.time())
+    tmp = path.with_name(f"{TMP_PREFIX}{RUN_STATUS}-{uuid.uuid4().hex[:8]}")
+    _write_json(tmp, status)
+    os.replace(tmp, path)
+
+
+def read_run_status(run_dir: str | Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(run_dir) / RUN_STATUS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class InterruptedRun:
+    """A run folder with checkpoints whose training did not finish (killed, stopped or failed)."""
+
+    run_dir: Path
+    step: int  # step of its newest checkpoint
+    max_steps: int | None
+    method: str | None
+    status: str  # "running" (the process died), "stopped", "failed" or "unknown"
+    updated: float | None  # time.time() of the last status write
+
+
+def list_interrupted_runs(root: str | Path) -> list[InterruptedRun]:
+    """Run folders directly under ``root`` (and ``root`` itself) that hold a checkpoint but whose
+    training did not finish, newest first. A run without a status file counts as interrupted when
+    its newest checkpoint is short of its configured ``max_steps``. A training in progress in
+    another thread also shows as "running"; the caller knows which runs it has started."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for run_dir in [root, *sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))]:
+        latest = latest_checkpoint(run_dir)
+        if latest is None:
+            continue
+        status = read_run_status(run_dir) or {}
+        step = _checkpoint_step(latest) or 0
+        try:
+            train_cfg = load_configs(latest)[1]
+        except (OSError, ValueError, KeyError):
+            train_cfg = None
+        max_steps = status.get("max_steps", train_cfg.max_steps if train_cfg else None)
+        state = status.get("status", "unknown")
+        finished = state == "finished" or (state == "unknown" and max_steps is not None and step >= max_steps)
+        if not finished:
+            found.append(InterruptedRun(run_dir, step, max_steps, train_cfg.method if train_cfg else None,
+                                        state, status.get("updated")))
+    return sorted(found, key=lambda r: r.updated or 0.0, reverse=True)
 

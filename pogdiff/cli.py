@@ -72,9 +72,21 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="batch size")
     p.add_argument("--lr", type=float, default=None, help="learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of batches, noise and neighbours")
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None, help="autocast dtype")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
+                   help="autocast dtype (default: accelerate's config / launch setting, else the preset's)")
     p.add_argument("--ema-decay", type=float, default=None, help="EMA decay (0 disables)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    p.add_argument("--checkpoint-minutes", type=float, default=None,
+                   help="minutes of training between checkpoints (default 5; 0 disables)")
+    p.add_argument("--checkpoints-total-limit", type=int, default=None,
+                   help="numbered checkpoints kept in the run folder (default 2)")
+    p.add_argument("--lr-scheduler", default=None,
+                   help="diffusers lr schedule: constant_with_warmup (default), linear, cosine, constant, ...")
+    p.add_argument("--warmup-steps", type=int, default=None, help="lr warm-up steps")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=None,
+                   help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR loss weighting gamma (0 disables; 5 is usual)")
+    p.add_argument("--noise-offset", type=float, default=None, help="offset-noise strength (0 disables)")
     p.add_argument("--psi-max", type=float, default=None, help="PoGDiff: maximum neighbour precision psi")
     p.add_argument("--k", type=int, default=None, help="PoGDiff: neighbours per caption")
     p.add_argument("--no-density", action="store_true", help="PoGDiff: drop the density factor of psi")
@@ -89,7 +101,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--neighbour-sampling", choices=("similarity", "nearest"), default=None,
                    help="PoGDiff: draw one of k neighbours by similarity, or always the nearest")
     p.add_argument("--cbdm-tau", type=float, default=None, help="CBDM regulariser weight")
-    p.add_argument("--no-resume", action="store_true", help="start over even if run-dir has checkpoints")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start a new run even if run-dir has checkpoints (they are moved to run-dir/replaced-*)")
     p.add_argument("--cache-dir", default=None,
                    help="where caption embeddings and VAE latents are cached (default: $POGDIFF_CACHE or ~/.cache/pogdiff)")
 
@@ -100,7 +113,16 @@ def configs_from_args(args):
         "mixed_precision": args.mixed_precision, "ema_decay": args.ema_decay,
         "checkpoint_every": args.checkpoint_every, "cbdm_tau": args.cbdm_tau,
         "balanced_sampling": args.balanced_sampling,
+        "checkpoint_minutes": getattr(args, "checkpoint_minutes", None),
+        "checkpoints_total_limit": getattr(args, "checkpoints_total_limit", None),
+        "lr_scheduler": getattr(args, "lr_scheduler", None), "warmup_steps": getattr(args, "warmup_steps", None),
+        "gradient_accumulation_steps": getattr(args, "gradient_accumulation_steps", None),
+        "snr_gamma": getattr(args, "snr_gamma", None), "noise_offset": getattr(args, "noise_offset", None),
     }
+    if args.mixed_precision is None:
+        from pogdiff.training import accelerate_mixed_precision
+
+        overrides["mixed_precision"] = accelerate_mixed_precision()
     train_cfg = train_preset(args.preset, method=args.method, seed=args.seed,
                              **{k: v for k, v in overrides.items() if v is not None})
     psi = train_cfg.psi
@@ -132,13 +154,16 @@ def default_base(preset: str, base: str | None) -> str | None:
 
 
 def cmd_train(args) -> int:
+    import os
+
     from tqdm import tqdm
 
-    from pogdiff.training import train
+    from pogdiff.training import NonFiniteError, train
 
+    main_process = int(os.environ.get("RANK", "0") or 0) == 0  # torchrun / accelerate launch
     model_cfg, train_cfg = configs_from_args(args)
     ds = resolve_data(args.data, resolution=model_cfg.resolution)
-    bar = tqdm(total=train_cfg.max_steps, desc=f"{train_cfg.method}", unit="step")
+    bar = tqdm(total=train_cfg.max_steps, desc=f"{train_cfg.method}", unit="step", disable=not main_process)
 
     def on_step(info) -> None:
         bar.n = info.step
@@ -149,14 +174,24 @@ def cmd_train(args) -> int:
         bar.set_postfix(**post)
         bar.refresh()
 
-    result = train(dataset=ds, model_cfg=model_cfg, train_cfg=train_cfg, run_dir=args.run_dir,
-                   base_checkpoint=default_base(args.preset, args.base), resume=not args.no_resume,
-                   callback=on_step, cache_dir=args.cache_dir or default_cache_dir())
+    try:
+        result = train(dataset=ds, model_cfg=model_cfg, train_cfg=train_cfg, run_dir=args.run_dir,
+                       base_checkpoint=default_base(args.preset, args.base), resume=not args.no_resume,
+                       callback=on_step, cache_dir=args.cache_dir or default_cache_dir())
+    except NonFiniteError as exc:
+        bar.close()
+        print(f"error: training diverged: {exc}", file=sys.stderr)
+        return 3
+    except OSError as exc:  # run folder not writable / no room for a checkpoint
+        bar.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     bar.close()
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"{'stopped' if result.stopped else 'finished'} at step {result.steps_done}; "
-          f"checkpoint: {result.last_checkpoint}")
+    if main_process:
+        print(f"{'stopped' if result.stopped else 'finished'} at step {result.steps_done}; "
+              f"checkpoint: {result.last_checkpoint}")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,49 @@ class TrainConfig:
     sample_every: int = 0  # 0 disables preview samples
     cbdm_tau: float = 1.0
     psi: PsiConfig = field(default_factory=PsiConfig)
+    # Wall-clock minutes of training between checkpoints (besides checkpoint_every); 0 disables.
+    checkpoint_minutes: float = 5.0
+    # Numbered checkpoints kept in the run folder (the newest ones); a damaged latest one falls
+    # back to the one before, so 2 or more is advised.
+    checkpoints_total_limit: int = 2
+    # diffusers.optimization.get_scheduler name: "constant_with_warmup", "linear", "cosine", ...
+    lr_scheduler: str = "constant_with_warmup"
+    # Min-SNR loss weighting (Hang et al. 2023) with this gamma; 0 disables (5.0 is usual).
+    snr_gamma: float = 0.0
+    # Offset noise: eps += noise_offset * N(0, 1) per sample and channel; 0 disables.
+    noise_offset: float = 0.0
+    # Micro-batches of batch_size whose gradients are summed before one optimizer step.
+    gradient_accumulation_steps: int = 1
+
+    def __post_init__(self) -> None:
+        check_number("learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
+        check_number("cbdm_tau", self.cbdm_tau, low=0.0)
+        if isinstance(self.psi, PsiConfig):
+            check_number("psi_max", self.psi.psi_max, low=0.0)
+        check_number("weight_decay", self.weight_decay, low=0.0)
+        check_number("grad_clip", self.grad_clip, low=0.0)
+        check_number("ema_decay", self.ema_decay, low=0.0, high=1.0, high_inclusive=False)
+        check_number("checkpoint_minutes", self.checkpoint_minutes, low=0.0)
+        check_number("snr_gamma", self.snr_gamma, low=0.0)
+        check_number("noise_offset", self.noise_offset, low=0.0)
+
+
+def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_inclusive: bool = True, high_inclusive: bool = True) -> None:
+    """Refuse a config number that is not a finite real in the allowed range, naming it."""
+    allowed = " and ".join(
+        part for part in (
+            None if low is None else f"{'>=' if low_inclusive else '>'} {low:g}",
+            None if high is None else f"{'<=' if high_inclusive else '<'} {high:g}",
+        ) if part
+    )
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value >= low if low_inclusive else value > low
+    if ok and high is not None:
+        ok = value <= high if high_inclusive else value < high
+    if not ok:
+        raise ValueError(f"{name} must be a finite number{' ' + allowed if allowed else ''}, got {value!r}")
 
 
 def uses_balanced_sampling(cfg: "TrainConfig") -> bool:
@@ -154,7 +198,7 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
         cfg = ModelConfig(
             preset="sd15", resolution=512, text_encoder="clip", max_caption_tokens=77,
             cross_attention_dim=768, beta_schedule="scaled_linear",
-            pretrained="runwayml/stable-diffusion-v1-5", gradient_checkpointing=True,
+            pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", gradient_checkpointing=True,
         )
     else:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")

@@ -46,9 +46,50 @@ def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (itself if none).
+
+    ``accelerate.prepare`` wraps the UNet in DDP when several processes train; the wrapper has
+    neither ``dtype`` nor ``config`` nor ``peft_config``.
+    """
+    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        module = module.module
+    return module
+
+
 def is_lora(unet: nn.Module) -> bool:
-    """True when peft LoRA adapters were added to ``unet``."""
-    return bool(getattr(unet, "peft_config", None))
+    """True when peft LoRA adapters were added to ``unet`` (wrappers are looked through)."""
+    return bool(getattr(unwrap(unet), "peft_config", None))
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def output_to_eps(output: Tensor, x_t: Tensor, t: Tensor, scheduler: DDPMScheduler) -> Tensor:
+    """Convert a UNet output in the scheduler's ``prediction_type`` to an eps-prediction.
+
+    With ``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`` and ``v = sqrt(abar) eps - sqrt(1 - abar) x0``:
+
+    - ``epsilon``: the output is eps;
+    - ``v_prediction``: ``eps = sqrt(abar) v + sqrt(1 - abar) x_t``;
+    - ``sample``: ``eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)``.
+
+    This is the one place where prediction types meet the eps-space losses of
+    :mod:`pogdiff.losses`; ``pogdiff.training.eps_loss_weights`` gives the per-sample weight that
+    turns the eps-space squared error back into the prediction type's own squared error.
+
+    :param output: ``[N, ...]`` UNet output; ``x_t`` the same shape; ``t`` ``[N]`` integer timesteps.
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return output
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"unsupported prediction_type {kind!r}; supported: {', '.join(PREDICTION_TYPES)}")
+    abar = scheduler.alphas_cumprod.to(x_t.device)[t.to(x_t.device).long()]
+    abar = abar.to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+    if kind == "v_prediction":
+        return abar.sqrt() * output + (1 - abar).sqrt() * x_t
+    return (x_t - abar.sqrt() * output) / (1 - abar).sqrt()
 
 
 class DiffusionModel:
@@ -103,7 +144,7 @@ class DiffusionModel:
     @property
     def dtype(self) -> torch.dtype:
         """dtype of the UNet's frozen (or, for the tiny model, all) weights."""
-        return self.unet.dtype
+        return unwrap(self.unet).dtype
 
     @property
     def is_lora(self) -> bool:
@@ -189,9 +230,10 @@ class DiffusionModel:
         """eps_theta(x_t, t, y): ``x_t`` ``[N, *latent_shape]``, ``t`` ``[N]`` (or scalar) integer
         timesteps, ``context`` ``[N, L, C]``, ``mask`` ``[N, L]`` bool -> ``[N, *latent_shape]``.
 
-        A v-prediction UNet's output is converted to eps: eps = sqrt(abar) v + sqrt(1-abar) x_t.
+        A v- or sample-prediction UNet's output is converted to eps by :func:`output_to_eps`.
+        The UNet may be wrapped (DDP) when several processes train.
         """
-        dtype = self.unet.dtype
+        dtype = unwrap(self.unet).dtype
         context = _plain(context, x_t.device)
         kwargs: dict[str, Any] = {}
         if mask is not None and self.uses_attention_mask:
@@ -201,11 +243,10 @@ class DiffusionModel:
         ).sample
         assert out.shape == x_t.shape, f"UNet output {tuple(out.shape)} != input {tuple(x_t.shape)}"
         out = out.to(x_t.dtype)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            abar = self.noise_scheduler.alphas_cumprod.to(x_t.device)[t.to(x_t.device).long()]
-            abar = abar.to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
-            out = abar.sqrt() * out + (1 - abar).sqrt() * x_t
-        return out
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        return output_to_eps(out, x_t, t, self.noise_scheduler)
 
     def null_context(self, n: int) -> tuple[Tensor, Tensor]:
         """Token states ``[n, L, C]`` and mask ``[n, L]`` of the empty caption, on the model's

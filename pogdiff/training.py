@@ -5,18 +5,28 @@ optimize``. The same ``Trainer`` is driven by the CLI, by the app's background t
 tests: it takes a per-step ``callback``, a ``threading.Event`` to stop, and never prints.
 
 Randomness: step ``s`` draws batch rows, timesteps, noise, caption dropout and neighbours from a
-CPU ``torch.Generator`` seeded with ``(seed, s, process_index)``. Resuming from a checkpoint at
-step ``s`` therefore reproduces the uninterrupted run exactly, without saving RNG state.
+CPU ``torch.Generator`` seeded with ``(seed, s)`` (and the process index and micro-batch when
+there are several). With several processes the rows of a step are one shared draw of
+``processes x batch_size`` rows that each process slices (a data shard per process). A checkpoint
+also stores the optimizer, the lr scheduler, the EMA weights and the global RNG states, so a
+resumed run ends with the same weights, bit for bit on CPU, as an uninterrupted one.
+
+Faults: a non-finite loss or gradient stops the run with :class:`NonFiniteError` before the
+optimizer step (the last good checkpoint stays); checkpoints are written every
+``checkpoint_every`` steps and every ``checkpoint_minutes``; a damaged newest checkpoint is
+skipped for the one before it; a resume with another method, preset or data is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +46,20 @@ logger = logging.getLogger(__name__)
 
 PREVIEW_SAMPLE_STEPS = 10
 _SEED_STRIDE = 1_000_003
+# Fields of the run fingerprint that must match to resume (the others are only reported).
+FINGERPRINT_KEYS = ("method", "preset", "pretrained", "dataset_hash")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss term or gradient; nothing was saved from that step."""
+
+    def __init__(self, message: str, *, step: int, term: str) -> None:
+        super().__init__(message)
+        self.step, self.term = step, term
+
+
+class RunMismatchError(ValueError):
+    """The run folder holds a run with another method, preset or data."""
 
 
 @dataclass
@@ -118,6 +142,10 @@ def encode_dataset_images(model, images: np.ndarray, *, batch_size: int = 64,
         batch = images_to_tensor(images[start : start + batch_size]).to(model.device)
         chunks.append(model.encode_images(batch).float().cpu())
     x0 = torch.cat(chunks)
+    if model.vae is not None:
+        # The VAE returns channels-last latents; cached ones load contiguous. One layout for both,
+        # or CPU convolutions round differently and a run reading the cache drifts by a few ulp.
+        x0 = x0.contiguous()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -173,25 +201,176 @@ def check_train_config(cfg: TrainConfig, n_samples: int) -> None:
         raise ValueError(f"psi sampling must be 'similarity' or 'nearest', got {cfg.psi.sampling!r}")
     if cfg.method == "pogdiff" and n_samples < 2:
         raise ValueError("PoGDiff needs at least 2 training images to find neighbours")
+    if cfg.gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {cfg.gradient_accumulation_steps}")
+    if cfg.checkpoints_total_limit < 1:
+        raise ValueError(f"checkpoints_total_limit must be >= 1, got {cfg.checkpoints_total_limit}")
+    if cfg.warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    from diffusers.optimization import SchedulerType
+
+    # Schedules that are a function of the step alone (what resuming and fast-forwarding assume).
+    names = [t.value for t in SchedulerType if t.value not in ("reduce_lr_on_plateau", "piecewise_constant")]
+    if cfg.lr_scheduler not in names:
+        raise ValueError(f"unknown lr_scheduler {cfg.lr_scheduler!r}; choose one of {', '.join(names)}")
+    # TrainConfig checks these when it is made; a config edited in place is checked again here.
+    dataclasses.replace(cfg)
+
+
+def eps_loss_weights(t: torch.Tensor, scheduler, *, snr_gamma: float = 0.0) -> torch.Tensor | None:
+    """Per-sample weights ``w(t)`` [N] for the eps-space losses of :mod:`pogdiff.losses`.
+
+    The losses compare eps-predictions (the UNet output converted by
+    :func:`pogdiff.models.output_to_eps`). ``w`` turns that squared error into the squared error of
+    the model's own prediction type, ``snr = abar / (1 - abar)``:
+
+    - ``epsilon``: ``w = 1``;
+    - ``v_prediction``: ``eps_err = sqrt(abar) v_err``, so ``w = 1 / abar = (snr + 1) / snr``;
+    - ``sample``: ``eps_err = -sqrt(abar / (1 - abar)) x0_err``, so ``w = 1 / snr``.
+
+    With ``snr_gamma > 0`` the Min-SNR weight of that prediction type multiplies it (as in
+    diffusers' training scripts: ``min(snr, gamma) / snr`` for epsilon, ``/ (snr + 1)`` for v,
+    ``min(snr, gamma)`` for sample), which in eps space is ``min(snr, gamma) / snr`` for all three.
+    Returns None when every weight is 1 (epsilon without Min-SNR).
+    """
+    from diffusers.training_utils import compute_snr
+
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon" and not snr_gamma:
+        return None
+    snr = compute_snr(scheduler, t.long())
+    native = {"epsilon": torch.ones_like(snr), "v_prediction": (snr + 1) / snr, "sample": 1 / snr}
+    if kind not in native:
+        raise ValueError(f"unsupported prediction_type {kind!r}; supported: {', '.join(native)}")
+    weight = native[kind]
+    if snr_gamma:
+        clipped = torch.clamp(snr, max=snr_gamma)
+        min_snr = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}
+        weight = weight * min_snr[kind]
+    return weight.float()
+
+
+def dataset_hash(dataset) -> str:
+    """sha256 (first 16 hex digits) of a set's pixels, captions and subjects."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(dataset.images).tobytes())
+    for text in (*dataset.captions, "\x00", *dataset.subjects):
+        digest.update(text.encode() + b"\x00")
+    return digest.hexdigest()[:16]
+
+
+def run_fingerprint(dataset, model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict:
+    """What a resume must not change: method, preset, pretrained pipeline and the data's hash
+    (``data`` and ``n_images`` are kept for the message only)."""
+    return {
+        "method": train_cfg.method, "preset": model_cfg.preset, "pretrained": model_cfg.pretrained,
+        "dataset_hash": dataset_hash(dataset), "n_images": len(dataset.captions),
+        "data": str(getattr(dataset, "root", "")),
+    }
+
+
+def check_same_run(run_dir: Path, saved: dict, now: dict) -> None:
+    """Refuse to resume when a fingerprint field differs, naming each difference."""
+    diffs = [f"{k} {saved[k]!r} in the run folder, {now[k]!r} now" for k in FINGERPRINT_KEYS
+             if k in saved and saved[k] != now.get(k)]
+    if diffs:
+        hint = ""
+        if any(k.startswith("dataset") for k in FINGERPRINT_KEYS if k in saved and saved[k] != now.get(k)):
+            hint = f" (run data: {saved.get('data', '?')}, {saved.get('n_images', '?')} images; now: {now.get('data')}, {now.get('n_images')} images)"
+        raise RunMismatchError(
+            f"{run_dir} holds another run: {'; '.join(diffs)}{hint}. Resuming would mix them: start a new "
+            "run (--no-resume, or resume=False, moves the old checkpoints aside) or choose another run folder"
+        )
+
+
+def accelerate_mixed_precision() -> str | None:
+    """The mixed precision asked of ``accelerate``: ``ACCELERATE_MIXED_PRECISION`` (set by
+    ``accelerate launch``), else the default ``accelerate config`` file; None when neither says."""
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if not value:
+        try:
+            from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+
+            if Path(default_config_file).is_file():
+                value = getattr(load_config_from_file(default_config_file), "mixed_precision", None)
+        except Exception:  # noqa: BLE001 - an unreadable accelerate config is the same as none
+            logger.debug("could not read the accelerate config file", exc_info=True)
+            value = None
+    value = str(value).lower() if value else None
+    return value if value in ("no", "fp16", "bf16") else None
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def _make_accelerator(mixed_precision: str):
+    """An ``Accelerator``; under ``torchrun`` / ``accelerate launch`` without a GPU, CPU processes
+    join one gloo process group (instead of each training alone into the same run folder)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
+    multi = _world_size() > 1
     # Inside one process (app, tests) successive runs may ask for different precisions.
-    if PartialState._shared_state and PartialState().num_processes == 1:
+    if PartialState._shared_state and PartialState().num_processes == 1 and not multi:
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision=mixed_precision)
+    return Accelerator(mixed_precision=mixed_precision, cpu=multi and not torch.cuda.is_available())
+
+
+def _own_storage(module: torch.nn.Module) -> None:
+    """Give every parameter and buffer a fresh contiguous copy of its data.
+
+    Weights loaded from safetensors may live in differently aligned memory than freshly made
+    ones, and CPU kernels may then pick another summation order (differences of ~1e-6): with
+    fresh copies a resumed run computes exactly what the uninterrupted run computed.
+    """
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            t.data = t.data.clone(memory_format=torch.contiguous_format)
+
+
+def _seed_of(*parts: int) -> int:
+    """A 64-bit seed mixing any number of non-negative-or-not integers (no stride limits)."""
+    entropy = [int(x) % 2**64 for x in parts]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+
+
+def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """Global RNG states: JSON part (python, numpy scalars) and tensor part (torch, numpy key)."""
+    np_state = np.random.get_state()
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy": torch.from_numpy(np_state[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, st in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = st
+    py = random.getstate()
+    meta = {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], int(np_state[2]), int(np_state[3]),
+                                                             float(np_state[4])]}
+    return meta, tensors
+
+
+def _set_rng_state(meta: dict | None, tensors: dict[str, torch.Tensor]) -> None:
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    if meta:
+        py = meta["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        if "rng.numpy" in tensors:
+            name, pos, has_gauss, cached = meta["numpy"]
+            np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 class Trainer:
     """Fine-tunes ``model`` on ``data`` with the method in ``cfg``.
 
-    :param callback: called with a :class:`StepInfo` after every step.
+    :param callback: called with a :class:`StepInfo` after every step (main process only).
     :param preview_callback: called as ``(step, images uint8 [N x H x W x 3], captions)`` every
-        ``cfg.sample_every`` steps when ``preview_captions`` are given.
+        ``cfg.sample_every`` steps when ``preview_captions`` are given (main process only).
     :param stop_event: when set, the loop ends after the current step and writes a checkpoint.
+    :param accelerator: an ``accelerate.Accelerator`` already made for this run (else one is made).
     """
 
     def __init__(
@@ -207,10 +386,13 @@ class Trainer:
         stop_event: threading.Event | None = None,
         start_step: int = 0,
         history: list[StepInfo] | None = None,
+        accelerator=None,
     ):
         check_train_config(cfg, len(data))
         if cfg.method == "pogdiff" and data.table is None:
             raise ValueError("method 'pogdiff' needs a neighbour table: build TrainData with need_table=True")
+        from diffusers.optimization import get_scheduler
+
         self.model, self.data, self.cfg = model, data, cfg
         self.run_dir = Path(run_dir)
         self.callback, self.preview_callback = callback, preview_callback
@@ -220,13 +402,25 @@ class Trainer:
         self.history: list[StepInfo] = list(history or [])
         self.warnings: list[str] = []
         self._warned_inactive = False
-        self.accelerator = _make_accelerator(cfg.mixed_precision)
+        self.fingerprint: dict | None = None
+        self.last_checkpoint: Path | None = None
+        self.accelerator = accelerator if accelerator is not None else _make_accelerator(cfg.mixed_precision)
         self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        self.num_processes = self.accelerator.num_processes
         model.to(self.device)
+        _own_storage(model.unet)
         self.params = [p for p in model.trainable_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self._raw_unet = model.unet
         model.unet, self.optimizer = self.accelerator.prepare(model.unet, self.optimizer)
+        # Stepped once per optimizer step by optimize(), never through accelerate (which would
+        # step it once per process).
+        self.lr_scheduler = get_scheduler(
+            cfg.lr_scheduler, optimizer=getattr(self.optimizer, "optimizer", self.optimizer),
+            num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps,
+        )
+        self._fast_forward_scheduler(start_step)
         self.ema = None
         if cfg.ema_decay > 0:
             from diffusers.training_utils import EMAModel
@@ -234,77 +428,174 @@ class Trainer:
             self.ema = EMAModel(self.params, decay=cfg.ema_decay)
         self.null_tokens, self.null_mask = (x.cpu() for x in model.null_context(1))
         self.num_timesteps = model.noise_scheduler.config.num_train_timesteps
+        self._last_save_time = time.monotonic()
 
     # ----------------------------------------------------------------------------------- loop
     def run_loop(self) -> TrainResult:
-        """Train until ``cfg.max_steps`` or until ``stop_event`` is set; checkpoint on the way out."""
-        last_ckpt = None
+        """Train until ``cfg.max_steps`` or until ``stop_event`` is set; checkpoint on the way out.
+
+        A :class:`NonFiniteError` leaves the checkpoints on disk as they were and marks the run
+        "failed" in its status file.
+        """
+        last_ckpt = self.last_checkpoint
         t_start, steps_timed = time.perf_counter(), 0
+        self._raw_unet.train()  # a UNet loaded with from_pretrained comes in eval mode
+        self._last_save_time = time.monotonic()
+        self._write_status(status="running", pid=os.getpid())
+        outcome = "failed"
         try:
-            while self.step < self.cfg.max_steps and not self.stop_event.is_set():
+            while self.step < self.cfg.max_steps and not self._any(self.stop_event.is_set()):
+                lr = self.current_lr()
                 terms, psi_stats = self.run_step()
                 self.step += 1
                 steps_timed += 1
                 sec = (time.perf_counter() - t_start) / steps_timed
                 info = StepInfo(
-                    step=self.step, max_steps=self.cfg.max_steps, terms=terms, lr=self._lr(self.step - 1),
+                    step=self.step, max_steps=self.cfg.max_steps, terms=terms, lr=lr,
                     psi_mean=psi_stats[0], psi_active=psi_stats[1], seconds_per_step=sec,
                     eta_seconds=sec * (self.cfg.max_steps - self.step), pog_share=pog_share(terms),
                 )
                 self.history.append(info)
-                self._check_pogdiff_active()
-                if self.cfg.log_every and self.step % self.cfg.log_every == 0:
+                if self.is_main:
+                    self._check_pogdiff_active()
+                if self.is_main and self.cfg.log_every and self.step % self.cfg.log_every == 0:
                     self._log(info)
-                if self.callback:
+                if self.is_main and self.callback:
                     self.callback(info)
-                if self._due(self.cfg.sample_every) and self.preview_callback and self.preview_captions:
+                if self._due(self.cfg.sample_every) and self.preview_callback and self.preview_captions and self.is_main:
                     self._preview()
-                if self._due(self.cfg.checkpoint_every) and self.step < self.cfg.max_steps:
+                if self._checkpoint_due() and self.step < self.cfg.max_steps:
                     last_ckpt = self.save()
             stopped = self.step < self.cfg.max_steps
             if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:06d}"):
                 last_ckpt = self.save()
+            outcome = "stopped" if stopped else "finished"
         finally:
             self.model.unet = self._raw_unet
+            self._write_status(status=outcome, step=self.step)
         return TrainResult(self.run_dir, last_ckpt, self.step, stopped, self.history, self.warnings)
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
 
-    def _lr(self, step: int) -> float:
-        """Linear warm-up, then constant: a pure function of the step (exact resumes)."""
-        warm = max(1, self.cfg.warmup_steps)
-        return self.cfg.learning_rate * min(1.0, (step + 1) / warm)
+    def _checkpoint_due(self) -> bool:
+        """Every ``checkpoint_every`` steps, and when ``checkpoint_minutes`` of work passed since
+        the last save (all processes agree: any one's clock decides)."""
+        minutes = self.cfg.checkpoint_minutes
+        late = minutes > 0 and time.monotonic() - self._last_save_time >= minutes * 60
+        return self._due(self.cfg.checkpoint_every) or self._any(late)
 
-    def generator(self, step: int) -> torch.Generator:
-        seed = (self.cfg.seed * _SEED_STRIDE + step) * 8 + self.accelerator.process_index
+    def _any(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on any (one process never runs alone)."""
+        if self.num_processes == 1:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    def current_lr(self) -> float:
+        """The learning rate the next optimizer step uses."""
+        return float(self.lr_scheduler.get_last_lr()[0])
+
+    def _fast_forward_scheduler(self, step: int) -> None:
+        """Put the lr scheduler at ``step`` (a pure function of the step for LambdaLR schedules)."""
+        if step > 0:
+            sched = self.lr_scheduler
+            sched.last_epoch = step
+            for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+                group["lr"] = base * fn(step)
+            sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+
+    def generator(self, step: int, micro: int = 0) -> torch.Generator:
+        """The generator of (step, micro-batch) on this process. One process, first micro-batch:
+        the seed of earlier versions, so their runs and benchmarks reproduce."""
+        if self.num_processes == 1 and micro == 0:
+            seed = (self.cfg.seed * _SEED_STRIDE + step) * 8
+        else:
+            seed = _seed_of(self.cfg.seed, step, micro, self.accelerator.process_index)
         return torch.Generator().manual_seed(seed)
+
+    def rows_generator(self, step: int, micro: int = 0) -> torch.Generator:
+        """The generator shared by all processes for the rows of (step, micro-batch)."""
+        return torch.Generator().manual_seed(_seed_of(self.cfg.seed, step, micro))
 
     # ----------------------------------------------------------------------------------- step
     def run_step(self) -> tuple[dict[str, float], tuple[float, float]]:
-        g = self.generator(self.step)
-        batch = self.sample_batch(g)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self._lr(self.step)
-        with self.accelerator.autocast():
-            terms, psi_stats = self.forward_backward(batch, g)
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the
+        loss terms and psi stats averaged over micro-batches and processes."""
+        accum = self.cfg.gradient_accumulation_steps
+        multi = self.num_processes > 1
+        sums: dict[str, torch.Tensor] = {}
+        psi_sum = [0.0, 0.0]
+        for micro in range(accum):
+            g = self.generator(self.step, micro)
+            batch = self.sample_batch(g, self.rows_generator(self.step, micro) if multi else None)
+            sync = micro == accum - 1 or not multi
+            with (contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model.unet)):
+                with self.accelerator.autocast():
+                    terms, psi_stats = self.forward_backward(batch, g)
+            for k, v in terms.items():
+                mean = v.detach().float().mean()
+                sums[k] = mean if k not in sums else sums[k] + mean
+            psi_sum = [psi_sum[0] + psi_stats[0], psi_sum[1] + psi_stats[1]]
+        names = list(sums)
+        values = torch.stack([sums[k] for k in names]) / accum if accum > 1 else torch.stack([sums[k] for k in names])
+        psi = torch.tensor(psi_sum, dtype=torch.float32) / accum
+        if multi:
+            values = self.accelerator.reduce(values.to(self.device), reduction="mean")
+            psi = self.accelerator.reduce(psi.to(self.device), reduction="mean")
+        out = {k: float(v) for k, v in zip(names, values.cpu())}
+        self._check_finite(out)
         self.optimize()
-        return {k: float(v.detach().float().mean()) for k, v in terms.items()}, psi_stats
+        return out, (float(psi[0]), float(psi[1]))
 
-    def sample_batch(self, g: torch.Generator) -> dict[str, torch.Tensor]:
-        """Draw rows, timesteps, noise and caption dropout for one step from ``g``."""
+    def _check_finite(self, terms: dict[str, float]) -> None:
+        bad = [k for k, v in terms.items() if not math.isfinite(v)]
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            term = next((k for k in bad if k != "loss"), bad[0])
+            raise self._non_finite(f"the {term!r} term of the loss is {terms[term]}", term)
+
+    def _non_finite(self, what: str, term: str) -> NonFiniteError:
+        last = self.last_checkpoint or checkpoints.latest_checkpoint(self.run_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        psi = f", a smaller psi_max (now {self.cfg.psi.psi_max:g})" if self.cfg.method == "pogdiff" else ""
+        clip = f"grad_clip > 0 (now {self.cfg.grad_clip:g})" if self.cfg.grad_clip <= 0 else "a smaller grad_clip"
+        return NonFiniteError(
+            f"non-finite loss at step {self.step + 1}: {what}; training stopped before the optimizer "
+            f"step and {kept}. Try a lower learning rate (now {self.cfg.learning_rate:g}){psi}, {clip}"
+            + (f", or mixed_precision='no' (now {self.cfg.mixed_precision!r})" if self.cfg.mixed_precision != "no" else "")
+            + ".",
+            step=self.step + 1, term=term,
+        )
+
+    def sample_batch(self, g: torch.Generator, g_rows: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Draw rows, timesteps, noise and caption dropout for one micro-batch from ``g``.
+
+        With ``g_rows`` (several processes) the rows are this process's slice of one draw of
+        ``processes x batch_size`` rows from ``g_rows``, the same draw on every process.
+        """
         n, b = len(self.data), self.cfg.batch_size
-        if uses_balanced_sampling(self.cfg):
-            rows = self._balanced_rows(b, g)
-        elif b <= n:
-            rows = torch.randperm(n, generator=g)[:b]
+        if g_rows is None:
+            rows = self._draw_rows(b, g)
         else:
-            rows = torch.randint(0, n, (b,), generator=g)
+            p = self.accelerator.process_index
+            rows = self._draw_rows(b * self.num_processes, g_rows)[p * b : (p + 1) * b]
         x0 = self.data.x0[rows]
         t = torch.randint(0, self.num_timesteps, (b,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         drop = torch.rand(b, generator=g) < self.cfg.caption_dropout
+        if self.cfg.noise_offset > 0:
+            offset = torch.randn((b, x0.shape[1], *([1] * (x0.ndim - 2))), generator=g)
+            eps = eps + self.cfg.noise_offset * offset
         return {"rows": rows, "x0": x0, "t": t, "eps": eps, "drop": drop}
+
+    def _draw_rows(self, b: int, g: torch.Generator) -> torch.Tensor:
+        n = len(self.data)
+        if uses_balanced_sampling(self.cfg):
+            return self._balanced_rows(b, g)
+        if b <= n:
+            return torch.randperm(n, generator=g)[:b]
+        return torch.randint(0, n, (b,), generator=g)
 
     def _balanced_rows(self, b: int, g: torch.Generator) -> torch.Tensor:
         """Class-balanced draw: a class uniformly, then a row of that class uniformly."""
@@ -345,7 +636,13 @@ class Trainer:
             terms = losses.cbdm_loss(eps_pred, eps, eps_pred_b, t, self.num_timesteps, tau=self.cfg.cbdm_tau)
         else:
             terms = losses.mse_loss(eps_pred, eps)
-        self.accelerator.backward(terms["loss"].mean())
+        weights = eps_loss_weights(t, self.model.noise_scheduler, snr_gamma=self.cfg.snr_gamma)
+        if weights is not None:
+            terms = {k: v * weights.to(v.device) for k, v in terms.items()}
+        loss = terms["loss"].mean()
+        if self.cfg.gradient_accumulation_steps > 1:
+            loss = loss / self.cfg.gradient_accumulation_steps
+        self.accelerator.backward(loss)
         return terms, psi_stats
 
     def _pogdiff_terms(self, batch, x_t, t, eps_pred, eps, g):
@@ -391,39 +688,111 @@ class Trainer:
                         info.seconds_per_step)
 
     def optimize(self) -> None:
-        if self.cfg.grad_clip > 0:
-            self.accelerator.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        """Clip (and measure) the gradient, step the optimizer, the lr scheduler and the EMA.
+
+        A non-finite gradient norm raises :class:`NonFiniteError` before the weights change
+        (with fp16 loss scaling the scaler skips such steps itself).
+        """
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        norm = self.accelerator.clip_grad_norm_(self.params, max_norm)
+        if norm is not None and self.accelerator.scaler is None and not math.isfinite(float(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise self._non_finite(f"the gradient norm is {float(norm)}", "gradient")
         self.optimizer.step()
+        self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.params)
 
     # ------------------------------------------------------------------------------ outputs
     def save(self) -> Path:
+        """Write ``checkpoint-{step}`` (main process; the others wait) and return its path.
+
+        Refuses (:class:`NonFiniteError`) to write weights that are not finite.
+        """
+        bad = next((i for i, p in enumerate(self.params) if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise self._non_finite(f"trainable parameter {bad} holds non-finite values", "weights")
         self.accelerator.wait_for_everyone()
+        path = self.run_dir / f"checkpoint-{self.step:06d}"
+        if self.is_main:
+            unet = self.model.unet
+            self.model.unet = self._raw_unet
+            try:
+                path = self._write_checkpoint()
+            finally:
+                self.model.unet = unet
+            logger.info("saved %s", path)
+        self.accelerator.wait_for_everyone()
+        self.last_checkpoint = path
+        self._last_save_time = time.monotonic()
+        return path
+
+    def _write_checkpoint(self) -> Path:
+        rng_meta, rng_tensors = _rng_state()
+        extra = {
+            "history": [dataclasses.asdict(h) for h in self.history],
+            "fingerprint": self.fingerprint,
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "rng": rng_meta,
+            "num_processes": self.num_processes,
+        }
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            extra["grad_scaler"] = {k: (v.item() if isinstance(v, torch.Tensor) else v)
+                                    for k, v in scaler.state_dict().items()}
+        path = checkpoints.save_checkpoint(
+            self.run_dir, self.step, self.model, train_cfg=self.cfg, optimizer=self.optimizer,
+            ema_unet=self.ema, extra=extra, extra_tensors=rng_tensors, keep=self.cfg.checkpoints_total_limit,
+        )
+        self._write_status(step=self.step, checkpoint=path.name)
+        return path
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint read by :func:`pogdiff.checkpoints.read_trainer_state`:
+        step, history, optimizer, lr scheduler, EMA weights and global RNG states."""
+        self.step = int(state["step"])
+        extra = state.get("extra") or {}
+        known = {f.name for f in dataclasses.fields(StepInfo)}
+        self.history = [StepInfo(**{k: v for k, v in h.items() if k in known}) for h in extra.get("history", [])]
+        checkpoints.apply_optimizer_state(self.optimizer, state)
+        if "lr_scheduler" in extra:
+            self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
+        else:
+            self._fast_forward_scheduler(self.step)
+        scaler = self.accelerator.scaler
+        if scaler is not None and "grad_scaler" in extra:
+            scaler.load_state_dict(extra["grad_scaler"])
+        if self.ema is not None:
+            self._restore_ema(state)
+        if extra.get("num_processes", 1) != self.num_processes:
+            logger.info("resuming a %s-process checkpoint on %d process(es)", extra.get("num_processes", 1),
+                        self.num_processes)
+        _set_rng_state(extra.get("rng"), state.get("extra_tensors") or {})
+        self.last_checkpoint = state.get("path")
+
+    def _restore_ema(self, state: dict) -> None:
         unet = self.model.unet
         self.model.unet = self._raw_unet
         try:
-            ema_unet = self._ema_unet()
-            history = [dataclasses.asdict(h) for h in self.history]
-            path = checkpoints.save_checkpoint(
-                self.run_dir, self.step, self.model, train_cfg=self.cfg, optimizer=self.optimizer,
-                ema_unet=ema_unet, extra={"history": history},
-            )
+            shadow = checkpoints.load_ema_shadow(state["path"], self.model)
+        except FileNotFoundError:
+            logger.warning("%s has no EMA weights; the EMA restarts from the current weights", state["path"])
+            return
         finally:
             self.model.unet = unet
-        logger.info("saved %s", path)
-        return path
+        ema_state = dict(state.get("ema") or {})
+        ema_state["shadow_params"] = [s.to(device=p.device, dtype=p.dtype) for s, p in zip(shadow, self.params, strict=True)]
+        self.ema.load_state_dict(ema_state)
 
-    def _ema_unet(self):
-        if self.ema is None:
-            return None
-        import copy
-
-        ema_unet = copy.deepcopy(self._raw_unet)
-        params = [p for p in ema_unet.parameters() if p.requires_grad]
-        self.ema.copy_to(params)
-        return ema_unet
+    def _write_status(self, **fields) -> None:
+        if not self.is_main:
+            return
+        try:
+            checkpoints.write_run_status(self.run_dir, max_steps=self.cfg.max_steps, method=self.cfg.method,
+                                         fingerprint=self.fingerprint, **fields)
+        except OSError:
+            logger.warning("could not write the status file of %s", self.run_dir, exc_info=True)
 
     def _preview(self) -> None:
         from pogdiff.sampling import generate
@@ -448,9 +817,49 @@ def build_model(model_cfg: ModelConfig, *, base_checkpoint: str | Path | None = 
     if base_checkpoint:
         return checkpoints.load_model(base_checkpoint)
     if model_cfg.preset == "sd15":
-        dtype = torch.float32
-        return models.load_stable_diffusion(model_cfg, dtype=dtype)
+        # LoRA weights start from a random draw: seeded, so the same seed gives the same run.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return models.load_stable_diffusion(model_cfg, dtype=torch.float32)
     return models.build_tiny(model_cfg, seed=seed)
+
+
+def load_resumable(run_dir: Path, fingerprint: dict | None = None):
+    """The newest checkpoint of ``run_dir`` that passes :func:`checkpoints.verify_checkpoint` and
+    loads: ``(model, state)``, or ``(None, None)`` when the folder has none.
+
+    A damaged checkpoint is skipped with a warning for the one before it. A run with another
+    method, preset or data raises :class:`RunMismatchError`; when every checkpoint is damaged a
+    ``ValueError`` says so (nothing is silently started over).
+    """
+    candidates = checkpoints.resume_candidates(run_dir)
+    problems = []
+    for ckpt in candidates:
+        try:
+            checkpoints.verify_checkpoint(ckpt)
+            state = checkpoints.read_trainer_state(ckpt)
+            if fingerprint is not None:
+                saved = (state.get("extra") or {}).get("fingerprint")
+                if not saved:
+                    model_cfg, train_cfg = checkpoints.load_configs(ckpt)
+                    saved = {"method": train_cfg.method, "preset": model_cfg.preset}
+                check_same_run(run_dir, saved, fingerprint)
+            model = checkpoints.load_model(ckpt)
+        except RunMismatchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure to read a checkpoint means "damaged"
+            problems.append(f"{ckpt.name}: {exc}")
+            logger.warning("cannot resume from %s (%s); trying the previous checkpoint", ckpt, exc)
+            continue
+        if problems:
+            logger.warning("resuming from %s, the newest usable checkpoint", ckpt)
+        return model, state
+    if candidates:
+        raise ValueError(
+            f"none of the {len(candidates)} checkpoint(s) in {run_dir} can be resumed ({'; '.join(problems)}); "
+            "start a new run (--no-resume, or resume=False) or choose another run folder"
+        )
+    return None, None
 
 
 def train(
@@ -469,8 +878,11 @@ def train(
 ) -> TrainResult:
     """Fine-tune on ``dataset`` (an ``ImageTextSet``) and write checkpoints under ``run_dir``.
 
-    With ``resume`` and an existing checkpoint in ``run_dir``, training continues from it and the
-    loss curve matches an uninterrupted run with the same seed.
+    With ``resume`` and an existing checkpoint in ``run_dir``, training continues from it and ends
+    with the same weights as an uninterrupted run with the same seed; the run folder must hold a
+    run of the same method, preset and data. Without ``resume`` existing checkpoints are moved
+    aside (``replaced-*``) and a new run starts. Before step 1 the run folder is checked for
+    writability and room for one checkpoint, and leftover temporary folders are removed.
     """
     check_train_config(train_cfg, len(dataset))
     size = dataset.images.shape[1]
@@ -480,25 +892,32 @@ def train(
             f"load the set with DataConfig(resolution={model_cfg.resolution})"
         )
     run_dir = Path(run_dir)
-    latest = checkpoints.latest_checkpoint(run_dir) if resume else None
-    if latest is not None:
-        model = checkpoints.load_model(latest)
-        state_ckpt = latest
-    else:
+    accelerator = _make_accelerator(train_cfg.mixed_precision)
+    checkpoints.check_run_dir(run_dir, 0)
+    fingerprint = run_fingerprint(dataset, model_cfg, train_cfg)
+    if accelerator.is_main_process:
+        checkpoints.clean_temporary(run_dir)
+        if not resume:
+            checkpoints.set_aside_checkpoints(run_dir)
+    accelerator.wait_for_everyone()
+    model, state = load_resumable(run_dir, fingerprint) if resume else (None, None)
+    if model is None:
         model = build_model(model_cfg, base_checkpoint=base_checkpoint, seed=train_cfg.seed)
-        state_ckpt = None
+    else:
+        logger.info("resuming from %s at step %d", state["path"], state["step"])
+    checkpoints.check_run_dir(run_dir, checkpoints.estimate_checkpoint_bytes(
+        model, ema=train_cfg.ema_decay > 0, optimizer=True))
     data = prepare_data(dataset, model, train_cfg.psi, cache_dir=cache_dir, need_table=train_cfg.method == "pogdiff")
     trainer = Trainer(
         model, data, train_cfg, run_dir=run_dir, callback=callback, preview_callback=preview_callback,
-        preview_captions=preview_captions, stop_event=stop_event,
+        preview_captions=preview_captions, stop_event=stop_event, accelerator=accelerator,
     )
-    if state_ckpt is not None:
-        state = checkpoints.load_trainer_state(state_ckpt, trainer.optimizer)
-        trainer.step = int(state["step"])
-        trainer.history = [StepInfo(**h) for h in (state.get("extra") or {}).get("history", [])]
-        logger.info("resumed from %s at step %d", state_ckpt, trainer.step)
+    trainer.fingerprint = fingerprint
+    if state is not None:
+        trainer.restore(state)
     if trainer.step >= train_cfg.max_steps:
-        return TrainResult(run_dir, latest, trainer.step, False, trainer.history)
+        trainer.model.unet = trainer._raw_unet
+        return TrainResult(run_dir, trainer.last_checkpoint, trainer.step, False, trainer.history)
     return trainer.run_loop()
 
 

@@ -154,3 +154,48 @@ def test_half_precision_storage_loads_back_as_float32_with_small_error(tmp_path)
     for (name, a), (_, b) in zip(model.unet.state_dict().items(), loaded.unet.state_dict().items()):
         assert b.dtype == torch.float32, name
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+
+
+def test_verify_checkpoint_names_a_damaged_or_missing_file(tmp_path):
+    from pogdiff.checkpoints import CheckpointError, verify_checkpoint
+
+    model = _model()
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    _step(model, opt, 0)
+    path = save_checkpoint(tmp_path, 1, model, train_cfg=TRAIN, optimizer=opt,
+                           extra_tensors={"rng.torch": torch.get_rng_state()})
+    verify_checkpoint(path)
+    assert torch.equal(ckpt.read_trainer_state(path)["extra_tensors"]["rng.torch"], torch.get_rng_state())
+    assert load_trainer_state(path, opt)["step"] == 1  # extra tensors do not confuse the optimizer state
+    weights = path / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model.safetensors does not match its checksum"):
+        verify_checkpoint(path)
+    weights.write_bytes(bytes(data[:100]))
+    with pytest.raises(CheckpointError, match=r"has 100 bytes, expected \d+"):
+        verify_checkpoint(path)
+    (path / "trainer_state.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="trainer_state.safetensors is missing"):
+        verify_checkpoint(path)
+
+
+def test_candidates_cleanup_set_aside_and_interrupted_runs_without_status(tmp_path):
+    from pogdiff.checkpoints import clean_temporary, list_interrupted_runs, resume_candidates, set_aside_checkpoints
+
+    model = _model()
+    run = tmp_path / "run"
+    for step in (2, 4, 6):
+        save_checkpoint(run, step, model, train_cfg=TRAIN, keep=3)  # TRAIN.max_steps is 7
+    (run / ".tmp-checkpoint-000008-dead").mkdir()
+    (run / ".old-checkpoint-000002-dead").mkdir()
+    assert [p.name for p in resume_candidates(run)] == ["checkpoint-000006", "checkpoint-000004", "checkpoint-000002"]
+    assert sorted(p.name for p in clean_temporary(run)) == [".old-checkpoint-000002-dead", ".tmp-checkpoint-000008-dead"]
+    [found] = list_interrupted_runs(tmp_path)
+    assert (found.run_dir, found.step, found.max_steps, found.status) == (run, 6, 7, "unknown")
+    save_checkpoint(run, 7, model, train_cfg=TRAIN, keep=3)
+    assert list_interrupted_runs(tmp_path) == []  # reached max_steps
+    aside = set_aside_checkpoints(run)
+    assert aside is not None and resume_candidates(run) == [] and len(resume_candidates(aside)) == 3
+    assert set_aside_checkpoints(run) is None

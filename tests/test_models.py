@@ -180,3 +180,82 @@ def test_default_text_encoder_is_minilm_and_feeds_the_unet():
     eps = model.predict_eps(x_t, torch.tensor([500]), tokens, mask)
     eps.square().mean().backward()  # grad flows from encoder outputs made under inference_mode
     assert model.unet.conv_in.weight.grad is not None
+
+
+def _schedule(kind: str) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=kind,
+                         clip_sample=False)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_output_to_eps_recovers_eps_from_the_exact_target_of_each_prediction_type(kind):
+    from pogdiff.models import output_to_eps
+
+    sched = _schedule(kind)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(5, 3, 4, 4, generator=g,
+                                                                                     dtype=torch.float64)
+    t = torch.tensor([0, 10, 300, 700, 990])
+    abar = sched.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    target = {"epsilon": eps, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * x0, "sample": x0}[kind]
+    if kind == "v_prediction":  # the same v as diffusers' own definition
+        torch.testing.assert_close(target, sched.get_velocity(x0, eps, t).double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(output_to_eps(target, x_t, t, sched), eps, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_eps_loss_weights_turn_the_eps_error_into_the_native_error(kind):
+    from diffusers.training_utils import compute_snr
+
+    from pogdiff.models import output_to_eps
+    from pogdiff.training import eps_loss_weights
+
+    sched = _schedule(kind)
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(6, 3, 4, 4, generator=g,
+                                                                                     dtype=torch.float64)
+    pred = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)  # an arbitrary native-space output
+    t = torch.tensor([1, 50, 250, 500, 750, 950])
+    abar = sched.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    target = {"epsilon": eps, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * x0, "sample": x0}[kind]
+    native = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    in_eps = ((output_to_eps(pred, x_t, t, sched) - eps) ** 2).mean(dim=(1, 2, 3))
+    w = eps_loss_weights(t, sched)
+    if kind == "epsilon":
+        assert w is None
+        torch.testing.assert_close(in_eps, native)
+    else:
+        torch.testing.assert_close(in_eps * w.double(), native, rtol=1e-4, atol=0)
+    # Min-SNR (diffusers' weights on the native loss) is min(snr, gamma) / snr in eps space for every type.
+    snr = compute_snr(sched, t).double()
+    diffusers_weight = {"epsilon": torch.clamp(snr, max=5.0) / snr,
+                        "v_prediction": torch.clamp(snr, max=5.0) / (snr + 1),
+                        "sample": torch.clamp(snr, max=5.0)}[kind]
+    w5 = eps_loss_weights(t, sched, snr_gamma=5.0).double()
+    torch.testing.assert_close(in_eps * w5, native * diffusers_weight, rtol=1e-4, atol=0)
+    torch.testing.assert_close(w5, torch.clamp(snr, max=5.0) / snr, rtol=1e-5, atol=0)
+    assert bool((w5[snr < 5] == 1).all()) and bool((w5[snr > 5] < 1).all())
+
+
+def test_predict_eps_works_through_a_distributed_data_parallel_wrapper():
+    import torch.distributed as dist
+
+    from pogdiff.models import is_lora, unwrap
+    from tests.fakes import free_port
+
+    model = _small()
+    x_t, t, tokens, mask = _inputs(model)
+    with torch.no_grad():
+        expected = model.predict_eps(x_t, t, tokens, mask)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        raw = model.unet
+        model.unet = torch.nn.parallel.DistributedDataParallel(raw)
+        assert unwrap(model.unet) is raw and model.dtype == torch.float32 and not is_lora(model.unet)
+        with torch.no_grad():
+            got = model.predict_eps(x_t, t, tokens, mask)
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
