@@ -110,7 +110,7 @@ def whole_number(name: str, value: Any, lo: int, hi: int) -> int:
     return int(v)
 
 
-def real_number(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
+def real_number(name: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> float:
     """A finite float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
     v = float(_number(name, value))
     if v > hi or v < lo or (lo_open and v == lo):
