@@ -322,7 +322,8 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
         starting = start_btn.click(_busy1, None, start_btn, queue=False, api_visibility="private").then(
             studio.start_training, [ds_key, *options], poll_outputs, api_name="start_training")
         starting.then(studio.poll, None, poll_outputs, api_name="poll_after_start", api_visibility="private")
-        starting.failure(studio.poll, None, poll_outputs, api_visibility="private")  # buttons follow the job
+        starting.failure(studio.poll, None, poll_outputs, api_name="poll_after_refused_start",
+                         api_visibility="private")  # the buttons follow the job again
         stop_btn.click(studio.stop_training, None, poll_outputs, api_name="stop_training",
                        concurrency_limit=None)
         timer.tick(studio.poll, seen, poll_outputs, show_progress="hidden", concurrency_limit=None,
