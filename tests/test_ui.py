@@ -279,3 +279,23 @@ def test_app_builds_without_loading_anything_heavy(tmp_path, monkeypatch):
     assert app.parse_args([]).host == "0.0.0.0"
     opts = app.launch_options(studio, 12)
     assert opts["max_file_size"] == "12mb" and not opts.get("allowed_paths")  # the runs folder is not served
+
+
+def test_every_event_that_disables_a_button_re_enables_it_when_it_fails(tmp_path):
+    """In this gradio version ``.then`` does not run after an error; a ``.failure`` step must."""
+    import app
+
+    demo = app.build_demo(ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu"))
+    fns = dict(demo.fns)
+    busy = {i: f for i, f in fns.items() if f.fn in (app._busy, app._busy1)}
+    assert len(busy) == 5  # demo set, upload, start training, compare, metrics
+    for busy_id, step in busy.items():
+        disabled = {o._id for o in step.outputs}
+        (main_id,) = [i for i, f in fns.items() if f.trigger_after == busy_id]
+        assert fns[main_id].api_name in {"load_demo", "load_upload", "start_training", "compare", "metrics"}
+        recover = [f for f in fns.values() if f.trigger_after == main_id and f.trigger_only_on_failure]
+        assert len(recover) == 1, fns[main_id].api_name
+        values = recover[0].fn()
+        values = values if isinstance(values, tuple) else (values,)
+        updates = {o._id: v for o, v in zip(recover[0].outputs, values)}
+        assert all(getattr(updates[i], "interactive", None) is True for i in disabled), fns[main_id].api_name
