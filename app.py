@@ -25,14 +25,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 
 from pogdiff.config import LIMITS, METHODS, PRESETS, PsiConfig, TrainConfig  # noqa: E402
-from pogdiff.ui import (  # noqa: E402
-    EXPORT_TMP_PREFIX,
-    STALE_UPLOAD_SECONDS,
-    UPLOAD_TMP_PREFIX,
-    Studio,
-    clean_temp_folders,
-    gpu_task,
-)
+from pogdiff.ui import Studio, gpu_task  # noqa: E402
 
 TITLE = "PoGDiff Studio"
 POLL_SECONDS = 1.0
@@ -104,6 +97,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
     # Uploads and generated files in gradio's cache expire: swept hourly, deleted once older than max_age_s.
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(min(3600, max_age_s), max_age_s)) as demo:
         ds_key = gr.State(None)  # which loaded dataset this browser session works on
+        saved_key = gr.BrowserState(None, storage_key="pogdiff-dataset")  # ds_key, kept across page reloads
         seen = gr.State(-1)  # last job version this tab has drawn
         timer = gr.Timer(POLL_SECONDS)  # polls the server-side job: refresh-proof, shared by all tabs
         gr.Markdown(INTRO, elem_id="pg-header")
@@ -294,6 +288,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                        .then(fn, inputs, data_outputs, api_name=name))
             loading.failure(_idle2, None, [demo_btn, load_btn], queue=False, api_visibility="private")
             (loading.then(_idle2, None, [demo_btn, load_btn], queue=False, api_visibility="private")
+             .then(_same, ds_key, saved_key, queue=False, api_visibility="private")
              .then(studio.dataset_banner, ds_key, nb_banner, api_visibility="private")
              .then(studio.dataset_banner, ds_key, train_banner, api_visibility="private"))
         class_dd.change(studio.class_gallery, [ds_key, class_dd], class_gallery, api_name="class_gallery")
@@ -350,8 +345,15 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
             running.failure(_idle1, None, btn, queue=False, api_visibility="private")
 
         demo.load(studio.poll, None, poll_outputs, api_name="poll_on_load", api_visibility="private")
+        (demo.load(studio.restore_dataset, saved_key, data_outputs, api_visibility="private")
+         .then(studio.dataset_banner, ds_key, nb_banner, api_visibility="private")
+         .then(studio.dataset_banner, ds_key, train_banner, api_visibility="private"))
         demo.load(studio.compare_choices, None, choice_outputs, api_visibility="private")
     return demo
+
+
+def _same(value):
+    return value
 
 
 def _show():
@@ -418,9 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     limits = dataclasses.replace(LIMITS, max_job_minutes=args.max_job_minutes)
-    clean_temp_folders(STALE_UPLOAD_SECONDS, prefixes=(UPLOAD_TMP_PREFIX,))
-    clean_temp_folders(3600.0 * limits.upload_max_age_hours, prefixes=(EXPORT_TMP_PREFIX,))
     studio = Studio(args.runs_dir, single_user=args.single_user, limits=limits)
+    studio.clean_leftovers()
     logging.getLogger(__name__).info("single-user mode: %s; max job minutes: %g", args.single_user,
                                      args.max_job_minutes)
     demo = build_demo(studio)

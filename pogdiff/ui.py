@@ -16,6 +16,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -62,7 +63,9 @@ SHIPPED_RUNS = {"baseline": "demo-baseline", "pogdiff": "demo-pogdiff"}
 TERM_ORDER = ("loss", "mse", "pog", "cbdm")
 COLOUR_BY = ("shot bucket", "class frequency")
 MAX_KEY_CHARS = 64  # dataset keys are "demo" or "upload-<12 hex>"
-UPLOAD_TMP_PREFIX = "pogdiff-upload-"  # loose uploaded files are gathered here, removed after loading
+UPLOAD_TMP_PREFIX = ".incoming-"  # an upload being copied into the upload store
+UPLOAD_STORE = "uploads"  # under the runs folder: uploaded sets by content hash (README "Limits and safety")
+UPLOAD_KEY_RE = r"upload-[0-9a-f]{16}"
 EXPORT_TMP_PREFIX = "pogdiff-export-"  # one folder per exported zip handed to a client
 STALE_UPLOAD_SECONDS = 600  # a start-up sweep removes upload folders left older than this
 HUB_ID_RE = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
@@ -267,6 +270,18 @@ def _arg(check: Callable, *args: Any) -> Any:
         raise gr.Error(str(exc), title="Invalid input") from exc
 
 
+def upload_key(paths: Sequence[Path]) -> str:
+    """``upload-<16 hex>``: a hash of the uploaded files' names and contents (order-free)."""
+    digest = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.name):
+        digest.update(p.name.encode() + b"\0")
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return f"upload-{digest.hexdigest()[:16]}"
+
+
 def request_owner(request: gr.Request | None) -> str:
     """Who a request comes from: the logged-in user, else the browser session; ``local`` for Python calls."""
     if request is None:
@@ -277,9 +292,9 @@ def request_owner(request: gr.Request | None) -> str:
     return f"session:{getattr(request, 'session_hash', None) or 'anonymous'}"
 
 
-def clean_temp_folders(older_than_s: float, *, prefixes: Sequence[str] = (UPLOAD_TMP_PREFIX, EXPORT_TMP_PREFIX),
+def clean_temp_folders(older_than_s: float, *, prefixes: Sequence[str] = (EXPORT_TMP_PREFIX,),
                        root: str | Path | None = None) -> int:
-    """Remove the app's leftover upload / export temp folders older than ``older_than_s``."""
+    """Remove the app's leftover temp folders (exported zips handed out) older than ``older_than_s``."""
     root = Path(root or tempfile.gettempdir())
     return sum(safety.remove_old_dirs(root, prefix, older_than_s) for prefix in prefixes)
 
@@ -415,6 +430,9 @@ class Studio:
             return found
         if key == DEMO_KEY:
             return self._load_demo_bundle()
+        if re.fullmatch(UPLOAD_KEY_RE, key) and safety.is_inside(self.upload_store, key) \
+                and (self.upload_store / key).is_dir():
+            return self._load_stored(key, safety.resolve_inside(self.upload_store, key))
         raise gr.Error("That dataset is no longer in memory (the server restarted or loaded others). "
                        "Load it again in the Data tab.", title="Dataset not loaded")
 
@@ -484,28 +502,67 @@ class Studio:
         missing = [p.name for p in paths if not p.is_file()]
         if missing:
             raise gr.Error(f"Uploaded file(s) not found: {missing[:5]}. Upload them again.", title="Upload missing")
+        if len(paths) > 1 and any(p.suffix.lower() == ".zip" for p in paths):
+            zips = [p.name for p in paths if p.suffix.lower() == ".zip"]
+            raise gr.Error(f"Upload one .zip on its own, or loose files without a .zip (got {zips}).",
+                           title="Mixed upload")
+        progress(0.05, desc="Hashing the upload…")
+        key = upload_key(paths)
+        with self._lock:
+            known = self._datasets.get(key)
+        if known is not None:
+            return self._data_outputs(known)
+        store = self._store_upload(key, paths)
+        progress(0.1, desc="Reading and validating…")
+        try:
+            bundle = self._load_stored(key, store)
+        except gr.Error:
+            shutil.rmtree(store, ignore_errors=True)  # keep only sets that loaded
+            raise
+        return self._data_outputs(bundle)
+
+    # ------------------------------------------------------------------ uploads kept by content hash
+    @property
+    def upload_store(self) -> Path:
+        """Uploaded sets that loaded, one folder per content hash, so a page reload can restore them."""
+        return self.runs_dir / UPLOAD_STORE
+
+    def _store_upload(self, key: str, paths: Sequence[Path]) -> Path:
+        store = self.upload_store / key
+        if store.is_dir():
+            os.utime(store)  # in use again: it expires upload_max_age_hours from now
+            return store
+        self.upload_store.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=UPLOAD_TMP_PREFIX, dir=self.upload_store))
+        try:
+            for p in paths:
+                shutil.copyfile(p, tmp / p.name)
+            tmp.rename(store)
+        except OSError:
+            if not store.is_dir():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename, or a loser of a race
+        self.clean_leftovers()
+        return store
+
+    def clean_leftovers(self) -> int:
+        """Half-copied uploads (left by a crash), expired uploads and expired exported zips; how many went."""
+        max_age = 3600.0 * self.limits.upload_max_age_hours
+        return (safety.remove_old_dirs(self.upload_store, UPLOAD_TMP_PREFIX, STALE_UPLOAD_SECONDS)
+                + safety.remove_old_dirs(self.upload_store, "upload-", max_age)
+                + clean_temp_folders(max_age))
+
+    def _load_stored(self, key: str, store: Path) -> DatasetBundle:
         try:
             from pogdiff.data import DatasetError, load_image_text_set
         except ImportError as exc:
             raise _missing("The data loader", exc) from exc
-        digest = hashlib.sha256()
-        for p in sorted(paths, key=lambda p: p.name):
-            digest.update(str(p).encode())  # gradio's upload paths already carry a content hash
-            digest.update(str(p.stat().st_size).encode())
-        key = f"upload-{digest.hexdigest()[:12]}"
-        progress(0.1, desc="Reading and validating…")
-        tmp_source = None
-        if len(paths) == 1 and paths[0].suffix.lower() == ".zip":
-            source, name = paths[0], paths[0].name
+        files = sorted(p for p in store.iterdir() if p.is_file())
+        if len(files) == 1 and files[0].suffix.lower() == ".zip":
+            source, name = files[0], files[0].name
         else:
-            zips = [p.name for p in paths if p.suffix.lower() == ".zip"]
-            if zips:
-                raise gr.Error(f"Upload one .zip on its own, or loose files without a .zip (got {zips}).",
-                               title="Mixed upload")
-            source = tmp_source = Path(tempfile.mkdtemp(prefix=UPLOAD_TMP_PREFIX))
-            for p in paths:
-                shutil.copy2(p, source / p.name)
-            name = f"{len(paths)} uploaded files"
+            source, name = store, f"{len(files)} uploaded files"
         try:
             ds = load_image_text_set(source, self.data_config)
         except DatasetError as exc:
@@ -513,10 +570,20 @@ class Studio:
             details = report_markdown(report) if report is not None else ""
             raise gr.Error(f"{exc}\n\n{details}".strip(), title="The dataset did not validate",
                            print_exception=False) from exc
-        finally:
-            if tmp_source is not None:  # the images are in memory now
-                shutil.rmtree(tmp_source, ignore_errors=True)
-        return self._data_outputs(self._remember(self._make_bundle(key, name, ds)))
+        return self._remember(self._make_bundle(key, name, ds))
+
+    def restore_dataset(self, key: Any) -> tuple:
+        """Page load: bring back the dataset this browser loaded before (its key is kept in the browser).
+
+        Only a well-formed key is looked up, inside the upload store; anything else changes nothing.
+        """
+        if not isinstance(key, str) or not (key == DEMO_KEY or re.fullmatch(UPLOAD_KEY_RE, key)):
+            return (gr.skip(),) * 7
+        try:
+            return self._data_outputs(self.bundle(key))
+        except gr.Error:
+            logger.info("dataset %s could not be restored", key)
+            return (gr.skip(),) * 7
 
     def _data_outputs(self, bundle: DatasetBundle) -> tuple:
         """key, headline, report, class table, long-tail frame, class dropdown, class gallery."""
@@ -894,7 +961,7 @@ class Studio:
             zip_path = self.jobs.export_zip(info)
         except ValueError as exc:
             raise gr.Error(str(exc)) from exc
-        clean_temp_folders(3600.0 * self.limits.upload_max_age_hours, prefixes=(EXPORT_TMP_PREFIX,))
+        self.clean_leftovers()
         out = Path(tempfile.mkdtemp(prefix=EXPORT_TMP_PREFIX)) / zip_path.name
         shutil.copyfile(zip_path, out)
         return str(out)

@@ -276,24 +276,49 @@ def test_data_and_neighbour_inputs_are_bounded(studio, tmp_path):
     assert studio._encoder is None  # refused before any encoding
 
 
-def test_upload_reads_only_the_upload_folder_and_leaves_no_temp_folder(studio, tmp_path):
-    import tempfile
-
+def test_upload_reads_only_the_upload_folder_and_keeps_only_sets_that_loaded(studio, tmp_path):
     secret = tmp_path / "secret.jsonl"
     secret.write_text("{}\n")
     with pytest.raises(gr.Error, match="resolves outside"):
         studio.load_upload([str(secret)], A, progress=_noop_progress)
     with pytest.raises(gr.Error, match="2001 files uploaded; at most 2000"):
         studio.load_upload(["x"] * (LIMITS.max_upload_files + 1), progress=_noop_progress)
-    temp = Path(tempfile.gettempdir())
-    before = set(temp.glob(f"{ui.UPLOAD_TMP_PREFIX}*"))
-    studio.load_upload([str(p) for p in _tiny_set(tmp_path / "set").iterdir()], progress=_noop_progress)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "notes.md").write_text("no images")
     with pytest.raises(gr.Error):
         studio.load_upload([str(bad / "notes.md")], progress=_noop_progress)
-    assert set(temp.glob(f"{ui.UPLOAD_TMP_PREFIX}*")) <= before
+    assert not studio.upload_store.exists() or list(studio.upload_store.iterdir()) == []
+    key = studio.load_upload([str(p) for p in _tiny_set(tmp_path / "set").iterdir()], progress=_noop_progress)[0]
+    assert [p.name for p in studio.upload_store.iterdir()] == [key]  # no half-copied folder is left
+
+
+def test_a_reload_restores_the_dataset_by_its_content_hash(tmp_path):
+    files = [str(p) for p in _tiny_set(tmp_path / "set").iterdir()]
+    first = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
+    key = first.load_upload(files, progress=_noop_progress)[0]
+    assert key == ui.upload_key([Path(f) for f in reversed(files)])  # content, not order or temp paths
+    restarted = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")  # nothing in memory
+    out = restarted.restore_dataset(key)
+    assert out[0] == key and "8 images · 2 classes" in out[1]
+    assert restarted.bundle(key).captions == first.bundle(key).captions
+    for bad in ("../runs", "upload-../../x", "upload-" + "0" * 16, f"{key}/..", None, ["x"], "/etc/passwd"):
+        assert all(isinstance(x, dict) and x.get("__type__") == "update" for x in restarted.restore_dataset(bad))
+
+
+def test_expired_uploads_and_exports_are_removed(tmp_path):
+    import tempfile
+
+    studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
+    key = studio.load_upload([str(p) for p in _tiny_set(tmp_path / "set").iterdir()], progress=_noop_progress)[0]
+    incoming = studio.upload_store / f"{ui.UPLOAD_TMP_PREFIX}crashed"
+    incoming.mkdir()
+    export = Path(tempfile.mkdtemp(prefix=ui.EXPORT_TMP_PREFIX))
+    old = time.time() - 3600 * (LIMITS.upload_max_age_hours + 1)
+    for folder in (studio.upload_store / key, incoming, export):
+        os.utime(folder, (old, old))
+    assert studio.clean_leftovers() >= 3
+    assert not (studio.upload_store / key).exists() and not incoming.exists() and not export.exists()
 
 
 # ----------------------------------------------------------------------------- ownership and wall time
