@@ -191,7 +191,6 @@ class Limits:
     max_psi_max: float = 10.0
     max_learning_rate: float = 1.0
     max_seed: int = 2**32 - 1
-    max_resolution: int = 1024
     max_sample_steps: int = 100
     max_guidance: float = 20.0
     max_seeds: int = 16
