@@ -97,7 +97,8 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
     # Uploads and generated files in gradio's cache expire: swept hourly, deleted once older than max_age_s.
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(min(3600, max_age_s), max_age_s)) as demo:
         ds_key = gr.State(None)  # which loaded dataset this browser session works on
-        saved_key = gr.BrowserState(None, storage_key="pogdiff-dataset")  # ds_key, kept across page reloads
+        saved_key = gr.BrowserState(None, storage_key="pogdiff-dataset",  # ds_key, kept across page reloads
+                                    secret=studio.browser_secret())
         seen = gr.State(-1)  # last job version this tab has drawn
         timer = gr.Timer(POLL_SECONDS)  # polls the server-side job: refresh-proof, shared by all tabs
         gr.Markdown(INTRO, elem_id="pg-header")

@@ -546,6 +546,19 @@ class Studio:
         self.clean_leftovers()
         return store
 
+    def browser_secret(self) -> str:
+        """The key the browser's saved dataset id is encrypted with; kept in the runs folder so it survives restarts."""
+        import secrets
+
+        path = self.runs_dir / ".browser-secret"
+        try:
+            return path.read_text().strip()
+        except OSError:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_hex(32))
+            path.chmod(0o600)
+            return path.read_text().strip()
+
     def clean_leftovers(self) -> int:
         """Half-copied uploads (left by a crash), expired uploads and expired exported zips; how many went."""
         max_age = 3600.0 * self.limits.upload_max_age_hours
