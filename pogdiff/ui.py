@@ -133,12 +133,13 @@ def status_markdown(status: JobStatus) -> str:
     name = f"`{status.run_name}` ({status.method})"
     if status.state == "running":
         return f"**Training** {name}. Another browser tab sees this same job."
+    why = f" ({status.stop_reason})" if status.stop_reason and status.stop_reason != "requested" else ""
     if status.state == "stopping":
-        return f"**Stopping** {name} after the current step; the last checkpoint is kept."
+        return f"**Stopping**{why} {name} after the current step; the last checkpoint is kept."
     if status.state == "failed":
         tb = f"\n\n```text\n{status.traceback}\n```" if status.traceback else ""
         return f"**Training failed** {name} at step {status.step}.\n\n`{status.error}`{tb}"
-    how = "Stopped" if status.stopped else "Finished"
+    how = f"Stopped{why}" if status.stopped else "Finished"
     ckpt = f" Checkpoint: `{Path(status.last_checkpoint).name}`." if status.last_checkpoint else ""
     return (f"**{how}** {name} after {status.step} of {status.max_steps} steps in "
             f"{format_seconds(status.elapsed_seconds)}.{ckpt} Download it below or compare it in **Compare**.")

@@ -364,6 +364,7 @@ def test_wall_time_limit_stops_a_job(tmp_path):
     status = jobs.wait(TIMEOUT)
     assert status.state == "finished" and status.stopped and time.monotonic() - t0 < 5
     assert status.stop_reason == "wall-time limit of 0.005 min"
+    assert ui.status_markdown(status).startswith("**Stopped (wall-time limit of 0.005 min)**")
     assert "wall-time limit" in json.loads((Path(status.run_dir) / "run.json").read_text())["stop_reason"]
 
 
