@@ -35,6 +35,7 @@ RUN_FILE = "run.json"
 EXPORTS_DIR = "exports"
 HISTORY_LIMIT = 4000  # rows kept for the live loss curve; older rows are thinned, never dropped wholesale
 TRACEBACK_LINES = 12  # lines of the traceback kept for the UI
+_WARNED: set[str] = set()  # run folders already reported as unreadable or unsafe
 
 
 class JobBusyError(RuntimeError):
@@ -404,7 +405,9 @@ class JobManager:
                 owner=str(meta.get("owner") or ""),
             )
         except (OSError, ValueError, TypeError, RuntimeError) as exc:  # UnsafePathError is a ValueError
-            logger.warning("ignoring run folder %s: %s", run_dir.name, exc)
+            if str(run_dir) not in _WARNED:  # once per folder: runs are listed on every poll
+                _WARNED.add(str(run_dir))
+                logger.warning("ignoring run folder %s: %s", run_dir.name, exc)
             return None
 
     def export_zip(self, run: RunInfo | str | Path) -> Path:

@@ -508,3 +508,54 @@ def test_client_jobs_belong_to_their_session(served):
     path = owner.predict(name, api_name="/export_run")
     with zipfile.ZipFile(path) as zf:
         assert f"{name}/run.json" in zf.namelist()
+
+
+def _plain_bytes(path: Path) -> bytes:
+    """A returned file's bytes, or every member's bytes when it is a zip."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            return b"".join(zf.read(n) for n in zf.namelist())
+    return path.read_bytes()
+
+
+@pytest.mark.slow  # about 35 s: some 250 requests
+def test_every_parameter_of_every_endpoint_resists_paths_and_huge_values(served, monkeypatch):
+    """Path strings and out-of-range values in every parameter of every public endpoint, one at a time."""
+    from gradio_client import Client
+
+    def no_demo():
+        raise gr.Error("no demo set in this test")
+
+    monkeypatch.setattr(served.studio, "_load_demo_bundle", no_demo)  # nothing valid gets far: no heavy work
+    secret = served.outside / "ckpt" / "secret.txt"
+    attacks = ["../../outside/ckpt", str(served.outside), "shipped:../outside", 10**12, -(10**12),
+               "x" * 20_000, None, {"path": str(secret)}]
+    harmless = {"subject": "x", "key_a": "run:none", "key_b": "run:none", "custom": "", "name": "none", "row": 0,
+                "query": "x", "pretrained": "", "files": None}
+    client = Client(served.url, verbose=False)
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert {"/export_run", "/compare", "/metrics", "/load_upload", "/start_training", "/neighbours"} <= set(endpoints)
+    before = {p for p in served.root.rglob("*") if p.is_file()} - set((served.root / "runs").rglob("*"))
+    calls = 0
+    for name, endpoint in sorted(endpoints.items()):
+        params = endpoint["parameters"]
+        base = [p["parameter_default"] if p.get("parameter_has_default") else harmless.get(p["parameter_name"], "x")
+                for p in params]
+        cases = [base[:i] + [value] + base[i + 1:] for i in range(len(params)) for value in attacks] or [[]]
+        for args in cases:
+            t0 = time.monotonic()
+            try:
+                result = client.submit(*args, api_name=name).result(timeout=30)
+            except Exception:  # noqa: BLE001 - a refusal is the expected answer
+                result = None
+            calls += 1
+            assert time.monotonic() - t0 < 30, (name, args)
+            for item in (result if isinstance(result, (tuple, list)) else [result]):
+                if isinstance(item, str) and len(item) < 4096 and os.path.isfile(item):
+                    assert b"TOP-SECRET" not in _plain_bytes(Path(item)), (name, args)
+    assert calls > 150
+    after = {p for p in served.root.rglob("*") if p.is_file()} - set((served.root / "runs").rglob("*"))
+    assert after == before  # nothing written outside the runs folder
+    assert not (served.root / "escaped.zip").exists() and served.studio.jobs.current() is None or \
+        not served.studio.jobs.status().busy
+    assert isinstance(Client(served.url, verbose=False).predict(api_name="/poll")[0], str)  # still serving
