@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 import time
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
-import numpy as np
 import pandas as pd
 import pytest
 
