@@ -5,12 +5,17 @@ binds them. Nothing heavy happens at import time: the demo set, the text encoder
 are built on first use.
 
     python app.py                      # http://127.0.0.1:7860
-    python app.py --host 0.0.0.0 --port 7860 --runs-dir runs --max-upload-mb 500
+    python app.py --host 0.0.0.0 --port 7860 --runs-dir runs --max-upload-mb 500 --max-job-minutes 60
+
+Security model (README "Limits and safety"): every endpoint checks its inputs on the server, no
+request value is used as a path, only files a response returns are served, and a training job
+belongs to the session that started it unless the server is single-user (the default on localhost).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 # Offline-safe: no telemetry, no version check. Must be set before gradio is imported.
@@ -19,7 +24,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
-from pogdiff.config import METHODS, PRESETS, PsiConfig, TrainConfig  # noqa: E402
+from pogdiff.config import LIMITS, METHODS, PRESETS, PsiConfig, TrainConfig  # noqa: E402
 from pogdiff.neighbors import POOLS  # noqa: E402
 from pogdiff.ui import Studio  # noqa: E402
 
@@ -34,6 +39,7 @@ QUEUE_SIZE = 64
 GPU_QUEUE = "gpu"
 COMPARE_GPU_SECONDS = 120
 METRICS_GPU_SECONDS = 300
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 CSS = """
 .pg-progress {margin: 4px 0 8px 0;}
@@ -92,8 +98,12 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
     studio = studio or Studio()
     defaults = TrainConfig()
     psi = PsiConfig()
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    max_age_s = int(3600 * studio.limits.upload_max_age_hours)
+    # Uploads and generated files in gradio's cache expire: swept hourly, deleted once older than max_age_s.
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(min(3600, max_age_s), max_age_s)) as demo:
         ds_key = gr.State(None)  # which loaded dataset this browser session works on
+        saved_key = gr.BrowserState(None, storage_key="pogdiff-dataset",  # ds_key, kept across page reloads
+                                    secret=studio.browser_secret())
         seen = gr.State(-1)  # last job version this tab has drawn
         timer = gr.Timer(POLL_SECONDS)  # polls the server-side job: refresh-proof, shared by all tabs
         gr.Markdown(INTRO, elem_id="pg-header")
@@ -190,8 +200,10 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                                               info="A diffusers Stable Diffusion 1.x/2.x pipeline: hub id or path.")
                         with gr.Row():
                             steps = gr.Number(value=DEFAULT_STEPS, precision=0, minimum=1, label="Steps",
+                                              maximum=studio.limits.max_steps,
                                               info="Optimisation steps; ~300 show a difference on the demo set.")
                             batch = gr.Number(value=defaults.batch_size, precision=0, minimum=1, label="Batch size",
+                                              maximum=studio.limits.max_batch_size,
                                               info="Images per step.")
                         with gr.Row():
                             lr = gr.Number(value=defaults.learning_rate, label="Learning rate",
@@ -274,11 +286,15 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
 
         # ============================================================ events: Data
         data_outputs = [ds_key, summary_md, report_md, class_table, long_tail, class_dd, class_gallery]
+        # Every chain that disables a button re-enables it on failure too (.then runs only after success
+        # of the step before it in this gradio version; .failure runs only after an error).
         for btn, fn, inputs, name in ((demo_btn, studio.load_demo, [], "load_demo"),
                                       (load_btn, studio.load_upload, [upload], "load_upload")):
-            (btn.click(_busy, None, [demo_btn, load_btn], queue=False, api_visibility="private")
-             .then(fn, inputs, data_outputs, api_name=name)
-             .then(_idle2, None, [demo_btn, load_btn], queue=False, api_visibility="private")
+            loading = (btn.click(_busy, None, [demo_btn, load_btn], queue=False, api_visibility="private")
+                       .then(fn, inputs, data_outputs, api_name=name))
+            loading.failure(_idle2, None, [demo_btn, load_btn], queue=False, api_visibility="private")
+            (loading.then(_idle2, None, [demo_btn, load_btn], queue=False, api_visibility="private")
+             .then(_same, ds_key, saved_key, queue=False, api_visibility="private")
              .then(studio.dataset_banner, ds_key, nb_banner, api_visibility="private")
              .then(studio.dataset_banner, ds_key, train_banner, api_visibility="private"))
         class_dd.change(studio.class_gallery, [ds_key, class_dd], class_gallery, api_name="class_gallery")
@@ -304,9 +320,11 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
         options = [method, preset, model_id, steps, batch, lr, psi_max, k, use_density, use_image_sim,
                    use_text_sim, same_class, sample_every, seed]
         poll_outputs = [job_md, job_progress, loss_plot, preview, start_btn, stop_btn, runs_dd, seen]
-        start_btn.click(_busy1, None, start_btn, queue=False, api_visibility="private").then(
-            studio.start_training, [ds_key, *options], poll_outputs, api_name="start_training"
-        ).then(studio.poll, None, poll_outputs, api_name="poll_after_start", api_visibility="private")
+        starting = start_btn.click(_busy1, None, start_btn, queue=False, api_visibility="private").then(
+            studio.start_training, [ds_key, *options], poll_outputs, api_name="start_training")
+        starting.then(studio.poll, None, poll_outputs, api_name="poll_after_start", api_visibility="private")
+        starting.failure(studio.poll, None, poll_outputs, api_name="poll_after_refused_start",
+                         api_visibility="private")  # the buttons follow the job again
         stop_btn.click(studio.stop_training, None, poll_outputs, api_name="stop_training",
                        concurrency_limit=None)
         timer.tick(studio.poll, seen, poll_outputs, show_progress="hidden", concurrency_limit=None,
@@ -324,18 +342,25 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
              .then(studio.prompt_choices, ds_key, prompts, api_visibility="private")
              .then(studio.precomputed_metrics, [run_a, run_b], metric_outputs, api_visibility="private"))
         gen_inputs = [run_a, run_b, prompts, custom, n_seeds, guidance, sample_steps]
-        (gen_btn.click(_busy1, None, gen_btn, queue=False, api_visibility="private")
-         .then(zero_gpu(studio.generate_pair, COMPARE_GPU_SECONDS), gen_inputs, [slider, grid_a, grid_b, pair_md],
-               api_name="compare", concurrency_id=GPU_QUEUE)
-         .then(_idle1, None, gen_btn, queue=False, api_visibility="private"))
-        (metrics_btn.click(_busy1, None, metrics_btn, queue=False, api_visibility="private")
-         .then(zero_gpu(studio.compute_metrics, METRICS_GPU_SECONDS), [run_a, run_b], metric_outputs,
-               api_name="metrics", concurrency_id=GPU_QUEUE)
-         .then(_idle1, None, metrics_btn, queue=False, api_visibility="private"))
+        for btn, fn, seconds, inputs, outputs, name in (
+                (gen_btn, studio.generate_pair, COMPARE_GPU_SECONDS, gen_inputs, [slider, grid_a, grid_b, pair_md],
+                 "compare"),
+                (metrics_btn, studio.compute_metrics, METRICS_GPU_SECONDS, [run_a, run_b], metric_outputs, "metrics")):
+            running = (btn.click(_busy1, None, btn, queue=False, api_visibility="private")
+                       .then(zero_gpu(fn, seconds), inputs, outputs, api_name=name, concurrency_id=GPU_QUEUE))
+            running.then(_idle1, None, btn, queue=False, api_visibility="private")
+            running.failure(_idle1, None, btn, queue=False, api_visibility="private")
 
         demo.load(studio.poll, None, poll_outputs, api_name="poll_on_load", api_visibility="private")
+        (demo.load(studio.restore_dataset, saved_key, data_outputs, api_visibility="private")
+         .then(studio.dataset_banner, ds_key, nb_banner, api_visibility="private")
+         .then(studio.dataset_banner, ds_key, train_banner, api_visibility="private"))
         demo.load(studio.compare_choices, None, choice_outputs, api_visibility="private")
     return demo
+
+
+def _same(value):
+    return value
 
 
 def _show():
@@ -384,9 +409,10 @@ def server_address(environ=os.environ) -> tuple[str, int]:
 
 def launch_options(studio: Studio, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> dict:
     """Keyword arguments of ``Blocks.launch`` shared by ``__main__`` and the tests."""
+    # No allowed_paths: gradio serves only its own cache, i.e. uploads and what a response returned
+    # (an exported zip is copied to a fresh temp folder first). The runs folder is never served.
     return dict(
         max_file_size=f"{int(max_upload_mb)}mb",
-        allowed_paths=[str(studio.runs_dir.resolve())],
         css=CSS,
         theme=gr.themes.Soft(primary_hue="blue", secondary_hue="slate"),
         show_error=True,
@@ -407,7 +433,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest accepted upload")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
                    help="events of one kind that run at the same time (generation, loading)")
-    return p.parse_args(argv)
+    p.add_argument("--max-job-minutes", type=float, default=LIMITS.max_job_minutes,
+                   help="wall time of one training job; it then stops and keeps its checkpoint (0: no limit)")
+    p.add_argument("--single-user", action=argparse.BooleanOptionalAction, default=None,
+                   help="any visitor may stop and download any job (default: on for a localhost server "
+                        "without --share, off otherwise, where a job belongs to the session that started it)")
+    args = p.parse_args(argv)
+    if args.max_job_minutes < 0:
+        p.error(f"--max-job-minutes must be >= 0 (0 = no limit), got {args.max_job_minutes:g}")
+    if args.single_user is None:
+        args.single_user = args.host in LOCAL_HOSTS and not args.share and not on_space
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -415,7 +451,11 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    studio = Studio(args.runs_dir)
+    limits = dataclasses.replace(LIMITS, max_job_minutes=args.max_job_minutes)
+    studio = Studio(args.runs_dir, single_user=args.single_user, limits=limits)
+    studio.clean_leftovers()
+    logging.getLogger(__name__).info("single-user mode: %s; max job minutes: %g", args.single_user,
+                                     args.max_job_minutes)
     demo = build_demo(studio)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=QUEUE_SIZE)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,

@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pogdiff.config import METHODS, PRESETS, DataConfig, SampleConfig, model_preset, train_preset
+from pogdiff.config import LIMITS, METHODS, PRESETS, DataConfig, SampleConfig, model_preset, train_preset
 
 logger = logging.getLogger("pogdiff")
 
@@ -33,6 +33,39 @@ def resolve_data(source: str, split: str = "train", *, resolution: int = 32):
     if source == FAMILIES:
         return load_image_text_set(ensure_demo(DemoSpec(kind=FAMILIES)) / split, cfg)
     return load_image_text_set(source, cfg)
+
+
+def bounded(kind: type, lo: float, hi: float):
+    """An argparse ``type`` that refuses values outside ``[lo, hi]`` (README "Limits and safety")."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not lo <= value <= hi:  # NaN fails this too
+            raise argparse.ArgumentTypeError(f"{text} is out of range: allowed {lo:g} to {hi:g} "
+                                             "(config.Limits)")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+STEPS = bounded(int, 1, LIMITS.max_steps)
+BATCH = bounded(int, 1, LIMITS.max_batch_size)
+SEED = bounded(int, 0, LIMITS.max_seed)
+
+
+def check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Bounds on how many prompts and seeds one command samples, before anything is loaded."""
+    if args.command != "sample":
+        return
+    if len(args.seeds) > LIMITS.max_seeds:
+        parser.error(f"--seeds: {len(args.seeds)} seeds given, at most {LIMITS.max_seeds} (config.Limits)")
+    if len(args.prompt) > LIMITS.max_prompts:
+        parser.error(f"--prompt: {len(args.prompt)} prompts given, at most {LIMITS.max_prompts} (config.Limits)")
 
 
 # ------------------------------------------------------------------------------------- data
@@ -68,14 +101,14 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None,
                    help="base checkpoint to fine-tune (tiny default: checkpoints/base-tiny; 'none' = random init)")
     p.add_argument("--run-dir", required=True, help="where checkpoints are written (resumes if present)")
-    p.add_argument("--steps", type=int, default=None, help="optimisation steps")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size")
-    p.add_argument("--lr", type=float, default=None, help="learning rate")
-    p.add_argument("--seed", type=int, default=0, help="seed of batches, noise and neighbours")
+    p.add_argument("--steps", type=STEPS, default=None, help=f"optimisation steps (1..{LIMITS.max_steps})")
+    p.add_argument("--batch-size", type=BATCH, default=None, help=f"batch size (1..{LIMITS.max_batch_size})")
+    p.add_argument("--lr", type=bounded(float, 1e-12, LIMITS.max_learning_rate), default=None, help="learning rate")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of batches, noise and neighbours")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
                    help="autocast dtype (default: accelerate's config / launch setting, else the preset's)")
     p.add_argument("--ema-decay", type=float, default=None, help="EMA decay (0 disables)")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    p.add_argument("--checkpoint-every", type=STEPS, default=None, help="steps between checkpoints")
     p.add_argument("--checkpoint-minutes", type=float, default=None,
                    help="minutes of training between checkpoints (default 5; 0 disables)")
     p.add_argument("--checkpoints-total-limit", type=int, default=None,
@@ -87,8 +120,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="micro-batches per optimizer step (default 1)")
     p.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR loss weighting gamma (0 disables; 5 is usual)")
     p.add_argument("--noise-offset", type=float, default=None, help="offset-noise strength (0 disables)")
-    p.add_argument("--psi-max", type=float, default=None, help="PoGDiff: maximum neighbour precision psi")
-    p.add_argument("--k", type=int, default=None, help="PoGDiff: neighbours per caption")
+    p.add_argument("--psi-max", type=bounded(float, 0.0, LIMITS.max_psi_max), default=None,
+                   help="PoGDiff: maximum neighbour precision psi")
+    p.add_argument("--k", type=bounded(int, 1, LIMITS.max_k), default=None,
+                   help=f"PoGDiff: neighbours per caption (1..{LIMITS.max_k})")
     p.add_argument("--no-density", action="store_true", help="PoGDiff: drop the density factor of psi")
     p.add_argument("--no-image-sim", action="store_true", help="PoGDiff: drop the image-similarity factor")
     p.add_argument("--no-text-sim", action="store_true", help="PoGDiff: drop the text-similarity factor")
@@ -269,11 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate a grid for prompts x seeds (same seed, same image)")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (latest is used)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="one image per seed")
+    p.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2, 3],
+                   help=f"one image per seed (at most {LIMITS.max_seeds})")
     p.add_argument("--scheduler", choices=("ddim", "dpm"), default="ddim", help="sampler")
-    p.add_argument("--sample-steps", type=int, default=25, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    p.add_argument("--scale", type=int, default=2, help="upscale factor of the grid tiles")
+    p.add_argument("--sample-steps", type=bounded(int, 1, LIMITS.max_sample_steps), default=25,
+                   help=f"denoising steps (1..{LIMITS.max_sample_steps})")
+    p.add_argument("--guidance", type=bounded(float, 0.0, LIMITS.max_guidance), default=3.0,
+                   help="classifier-free guidance scale")
+    p.add_argument("--scale", type=bounded(int, 1, 16), default=2, help="upscale factor of the grid tiles")
     p.add_argument("--out", required=True, help="output PNG")
     p.set_defaults(fn=cmd_sample)
 
@@ -294,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="reproduce the shipped artefacts").add_subparsers(dest="build_cmd", required=True)
     p = build.add_parser("base", help="pretrain the tiny base checkpoint on the balanced pretraining identities")
     p.add_argument("--out", default="checkpoints/base-tiny", help="output folder")
-    p.add_argument("--steps", type=int, default=3000, help="pretraining steps")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size")
+    p.add_argument("--steps", type=STEPS, default=3000, help="pretraining steps")
+    p.add_argument("--batch-size", type=BATCH, default=64, help="batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.set_defaults(fn=cmd_build)
@@ -309,9 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="speed and quality benchmarks").add_subparsers(dest="bench_cmd", required=True)
     p = bench.add_parser("speed", help="PoGDiff vs plain step time, cached vs re-encoded captions")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size")
+    p.add_argument("--steps", type=STEPS, default=20, help="timed steps per configuration")
+    p.add_argument("--warmup", type=bounded(int, 0, LIMITS.max_steps), default=3, help="untimed steps first")
+    p.add_argument("--batch-size", type=BATCH, default=32, help="batch size")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median reported)")
     p.add_argument("--out", default=None, help="write the table as JSON here")
     p.set_defaults(fn=cmd_bench)
@@ -336,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_counts(parser, args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

@@ -259,3 +259,31 @@ def save_json(cfg: Any, path: str | Path) -> None:
 
 def load_json(cls: type[T], path: str | Path) -> T:
     return from_dict(cls, json.loads(Path(path).read_text()))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-side bounds on every request value (README "Limits and safety").
+
+    The app and the command line refuse a value outside these bounds with a message naming the
+    bound, before any data is loaded or any model is built.
+    """
+
+    max_steps: int = 20_000
+    max_batch_size: int = 256
+    max_k: int = 50
+    max_psi_max: float = 10.0
+    max_learning_rate: float = 1.0
+    max_seed: int = 2**32 - 1
+    max_sample_steps: int = 100
+    max_guidance: float = 20.0
+    max_seeds: int = 16
+    max_prompts: int = 16
+    max_images: int = 64  # prompts x seeds per Compare request (per checkpoint)
+    max_text_chars: int = 500  # one prompt, query or caption
+    max_upload_files: int = 2000
+    max_job_minutes: float = 120.0  # wall time of one training job; 0 = no limit
+    upload_max_age_hours: float = 24.0  # uploads and exported zips older than this are deleted
+
+
+LIMITS = Limits()

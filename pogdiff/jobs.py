@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from pogdiff.safety import UnsafePathError, check_run_name, owner_digest, resolve_inside
+
 logger = logging.getLogger(__name__)
 
 STATES = ("idle", "running", "stopping", "finished", "failed")
@@ -33,6 +35,7 @@ RUN_FILE = "run.json"
 EXPORTS_DIR = "exports"
 HISTORY_LIMIT = 4000  # rows kept for the live loss curve; older rows are thinned, never dropped wholesale
 TRACEBACK_LINES = 12  # lines of the traceback kept for the UI
+_WARNED: set[str] = set()  # run folders already reported as unreadable or unsafe
 
 
 class JobBusyError(RuntimeError):
@@ -66,6 +69,8 @@ class JobStatus:
     last_checkpoint: str = ""
     started_at: float | None = None
     finished_at: float | None = None
+    owner: str = ""  # owner_digest() of whoever started the job ("" = nobody in particular)
+    stop_reason: str = ""  # why a stopped job stopped ("requested", "wall-time limit ...")
     version: int = 0  # bumped on every change, so pollers can skip unchanged frames
 
     @property
@@ -99,6 +104,7 @@ class RunInfo:
     model_cfg: dict[str, Any]
     train_cfg: dict[str, Any]
     dataset: dict[str, Any]
+    owner: str = ""  # owner_digest() of whoever started it; "" for runs made outside the app
 
 
 class Job:
@@ -144,11 +150,18 @@ class JobManager:
             beside the checkpoints that ``train_fn`` writes.
         train_fn: the training function, called with the keyword arguments of
             :func:`pogdiff.training.train`. Defaults to it (imported on first use).
+        max_seconds: wall time of one job; past it the job is asked to stop (like **Stop**) and
+            keeps its checkpoint. None or 0: no limit.
+
+    Every path that comes from a caller or from a ``run.json`` is resolved (symlinks followed) and
+    used only when it lies inside ``runs_dir`` (README "Limits and safety").
     """
 
-    def __init__(self, runs_dir: str | Path, *, train_fn: Callable[..., Any] | None = None) -> None:
+    def __init__(self, runs_dir: str | Path, *, train_fn: Callable[..., Any] | None = None,
+                 max_seconds: float | None = None) -> None:
         self.runs_dir = Path(runs_dir)
         self._train_fn = train_fn
+        self.max_seconds = max_seconds
         self._lock = threading.Lock()
         self._job: Job | None = None
 
@@ -163,8 +176,11 @@ class JobManager:
         preview_captions: Sequence[str] | None = None,
         cache_dir: str | Path | None = None,
         name: str | None = None,
+        owner: str | None = None,
     ) -> Job:
         """Start training in a daemon thread and return at once.
+
+        ``owner`` (a session or user id) is stored only as :func:`~pogdiff.safety.owner_digest`.
 
         Raises:
             JobBusyError: a job is already running on this server.
@@ -183,14 +199,14 @@ class JobManager:
             status = JobStatus(
                 state="running", run_name=run_name, run_dir=str(run_dir), method=method,
                 max_steps=int(getattr(train_cfg, "max_steps", 0) or 0), started_at=time.time(),
-                version=1,
+                owner=owner_digest(owner), version=1,
             )
             job = Job(run_name, run_dir, status)
             self._job = job
         meta = {
             "name": run_name, "method": method, "state": "running",
             "started_at": status.started_at, "max_steps": status.max_steps,
-            "base_checkpoint": str(base_checkpoint) if base_checkpoint else "",
+            "base_checkpoint": str(base_checkpoint) if base_checkpoint else "", "owner": status.owner,
             "dataset": _describe_dataset(dataset),
             "model_cfg": _to_dict(model_cfg), "train_cfg": _to_dict(train_cfg),
         }
@@ -206,20 +222,29 @@ class JobManager:
             target=self._run, args=(job, meta, kwargs), name=f"train-{run_name}", daemon=True
         )
         job.thread.start()
+        if self.max_seconds:
+            timer = threading.Timer(self.max_seconds, self._time_up, args=(job,))
+            timer.daemon = True
+            timer.start()
         logger.info("started training job %s in %s", run_name, run_dir)
         return job
 
-    def stop(self) -> bool:
+    def stop(self, reason: str = "requested") -> bool:
         """Ask the running job to stop after its current step; True if there was one."""
         with self._lock:
             job = self._job
             if job is None or job._status.state != "running":
                 return False
             job._status.state = "stopping"
+            job._status.stop_reason = reason
             job._status.version += 1
             job.stop_event.set()
-        logger.info("stop requested for %s", job.name)
+        logger.info("stop requested for %s (%s)", job.name, reason)
         return True
+
+    def _time_up(self, job: Job) -> None:
+        if self.current() is job and not job.done.is_set():
+            self.stop(f"wall-time limit of {self.max_seconds / 60:g} min")
 
     def current(self) -> Job | None:
         """The latest job of this server (running or not), or None."""
@@ -304,7 +329,7 @@ class JobManager:
             s.version += 1
             meta.update(
                 state=s.state, stopped=s.stopped, steps_done=s.step, finished_at=s.finished_at,
-                error=s.error, last_checkpoint=s.last_checkpoint,
+                error=s.error, last_checkpoint=s.last_checkpoint, stop_reason=s.stop_reason,
             )
         try:
             _write_json(job.run_dir / RUN_FILE, meta)
@@ -338,42 +363,69 @@ class JobManager:
         return runs
 
     def get_run(self, run: RunInfo | str | Path) -> RunInfo:
-        """Resolve a run by RunInfo, folder name or path; ValueError when it has no checkpoint."""
+        """Resolve a run by RunInfo or folder name; ValueError when it has no checkpoint.
+
+        A name is a plain folder name (:func:`~pogdiff.safety.check_run_name`); a ``Path`` must
+        resolve inside ``runs_dir``. Absolute paths, ``..`` and symlinks out are refused.
+        """
         if isinstance(run, RunInfo):
             return run
-        path = Path(run)
-        run_dir = path if path.is_absolute() or path.exists() else self.runs_dir / str(run)
-        info = self._read_run(run_dir)
+        if isinstance(run, Path):
+            run_dir = resolve_inside(self.runs_dir, run.absolute())
+            name = run_dir.name
+        else:
+            name = check_run_name(run)
+            run_dir = self.runs_dir / name
+        info = self._read_run(run_dir) if name != EXPORTS_DIR else None
         if info is None:
-            raise ValueError(f"no finished run with a checkpoint at {run_dir}")
+            raise ValueError(f"no finished run with a checkpoint named {name!r}")
         return info
 
     def _read_run(self, run_dir: Path) -> RunInfo | None:
+        """The run in ``run_dir``, or None; nothing outside ``runs_dir`` is read or returned."""
         try:
-            meta = json.loads((run_dir / RUN_FILE).read_text())
-        except (OSError, ValueError):
+            real_dir = resolve_inside(self.runs_dir, Path(run_dir).absolute())
+            check_run_name(run_dir.name)
+            meta_path = resolve_inside(real_dir, RUN_FILE)
+            meta = json.loads(meta_path.read_text())
+            if not isinstance(meta, dict):
+                return None
+            checkpoint = _find_checkpoint(real_dir, str(meta.get("last_checkpoint") or ""))
+            if checkpoint is None:
+                return None
+            state = str(meta.get("state", "finished"))
+            if state == "running":  # left over from a server that went away mid-run
+                state = "interrupted"
+            return RunInfo(
+                name=run_dir.name, run_dir=real_dir, checkpoint=checkpoint, state=state,
+                method=str(meta.get("method", "")), steps_done=int(meta.get("steps_done", 0) or 0),
+                max_steps=int(meta.get("max_steps", 0) or 0), stopped=bool(meta.get("stopped", False)),
+                finished_at=_maybe_float(meta.get("finished_at")), model_cfg=_dict(meta.get("model_cfg")),
+                train_cfg=_dict(meta.get("train_cfg")), dataset=_dict(meta.get("dataset")),
+                owner=str(meta.get("owner") or ""),
+            )
+        except (OSError, ValueError, TypeError, RuntimeError) as exc:  # UnsafePathError is a ValueError
+            if str(run_dir) not in _WARNED:  # once per folder: runs are listed on every poll
+                _WARNED.add(str(run_dir))
+                logger.warning("ignoring run folder %s: %s", run_dir.name, exc)
             return None
-        checkpoint = _find_checkpoint(run_dir, meta.get("last_checkpoint") or "")
-        if checkpoint is None:
-            return None
-        state = meta.get("state", "finished")
-        if state == "running":  # left over from a server that went away mid-run
-            state = "interrupted"
-        return RunInfo(
-            name=meta.get("name", run_dir.name), run_dir=run_dir, checkpoint=checkpoint, state=state,
-            method=meta.get("method", ""), steps_done=int(meta.get("steps_done", 0) or 0),
-            max_steps=int(meta.get("max_steps", 0) or 0), stopped=bool(meta.get("stopped", False)),
-            finished_at=meta.get("finished_at"), model_cfg=meta.get("model_cfg", {}),
-            train_cfg=meta.get("train_cfg", {}), dataset=meta.get("dataset", {}),
-        )
 
     def export_zip(self, run: RunInfo | str | Path) -> Path:
         """Zip a run's last checkpoint (weights + configs) and its ``run.json``; return the zip path."""
         info = self.get_run(run)
+        name = check_run_name(info.name)
+        run_dir = resolve_inside(self.runs_dir, info.run_dir)
         out_dir = self.runs_dir / EXPORTS_DIR
         out_dir.mkdir(parents=True, exist_ok=True)
-        out = out_dir / f"{info.name}.zip"
-        files = sorted(p for p in info.checkpoint.rglob("*") if p.is_file())
+        out = resolve_inside(self.runs_dir, (out_dir / f"{name}.zip").absolute())
+        checkpoint = resolve_inside(run_dir, info.checkpoint)
+        files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+        for path in [*files, run_dir / RUN_FILE]:
+            try:
+                resolve_inside(run_dir, path)
+            except UnsafePathError as exc:
+                raise ValueError(f"run {name!r} is not exported: {path.name} links outside its run folder.") from exc
+        info = dataclasses.replace(info, name=name, run_dir=run_dir, checkpoint=checkpoint)
         newest = max([p.stat().st_mtime for p in files] + [(info.run_dir / RUN_FILE).stat().st_mtime])
         if out.exists() and out.stat().st_mtime >= newest:
             return out
@@ -387,20 +439,43 @@ class JobManager:
 
 
 def _find_checkpoint(run_dir: Path, recorded: str) -> Path | None:
-    if recorded and Path(recorded).is_dir():
-        return Path(recorded)
+    """The run's checkpoint folder, resolved inside ``run_dir`` (``run_dir`` itself resolved).
+
+    Only the last component of the recorded ``last_checkpoint`` is used, looked up in ``run_dir``:
+    a ``run.json`` cannot point anywhere else.
+    """
+    if recorded:
+        candidate = run_dir / Path(recorded).name
+        if Path(recorded).name not in ("", ".", "..") and candidate.is_dir():
+            try:
+                return resolve_inside(run_dir, candidate)
+            except UnsafePathError:
+                logger.warning("checkpoint %s links outside %s; ignored", candidate.name, run_dir.name)
     try:
         from pogdiff.checkpoints import latest_checkpoint
 
         found = latest_checkpoint(run_dir)
-        if found:
-            return Path(found)
+        if found and _inside(run_dir, found):
+            return Path(found).resolve()
     except Exception:  # noqa: BLE001 - fall back to a plain folder search below
         logger.debug("latest_checkpoint unavailable for %s", run_dir, exc_info=True)
     candidates = sorted(
-        (p.parent for p in run_dir.rglob("configs.json")), key=lambda p: p.stat().st_mtime
+        (p.parent.resolve() for p in run_dir.rglob("configs.json") if _inside(run_dir, p)),
+        key=lambda p: p.stat().st_mtime,
     )
     return candidates[-1] if candidates else None
+
+
+def _inside(root: Path, path: str | Path) -> bool:
+    try:
+        resolve_inside(root, path)
+    except (UnsafePathError, OSError, RuntimeError):
+        return False
+    return True
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _describe_dataset(dataset: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -32,14 +33,20 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from pogdiff import safety  # noqa: E402
 from pogdiff.config import (  # noqa: E402
+    LIMITS,
+    METHODS,
+    PRESETS,
     DataConfig,
+    Limits,
     PsiConfig,
     SampleConfig,
     model_preset,
     train_preset,
 )
 from pogdiff.data.stats import shot_bucket  # noqa: E402
+from pogdiff.neighbors import POOLS  # noqa: E402
 from pogdiff.jobs import JobBusyError, JobManager, JobStatus, RunInfo  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -56,6 +63,14 @@ MAX_CACHED_MODELS = 2
 MAX_GALLERY = 48
 SHIPPED_RUNS = {"baseline": "demo-baseline", "pogdiff": "demo-pogdiff"}
 TERM_ORDER = ("loss", "mse", "pog", "cbdm")
+COLOUR_BY = ("shot bucket", "class frequency")
+MAX_KEY_CHARS = 64  # dataset keys are "demo" or "upload-<12 hex>"
+UPLOAD_TMP_PREFIX = ".incoming-"  # an upload being copied into the upload store
+UPLOAD_STORE = "uploads"  # under the runs folder: uploaded sets by content hash (README "Limits and safety")
+UPLOAD_KEY_RE = r"upload-[0-9a-f]{16}"
+EXPORT_TMP_PREFIX = "pogdiff-export-"  # one folder per exported zip handed to a client
+STALE_UPLOAD_SECONDS = 600  # a start-up sweep removes upload folders left older than this
+HUB_ID_RE = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
 # ================================================================================ pure helpers
@@ -141,12 +156,13 @@ def status_markdown(status: JobStatus) -> str:
     name = f"`{status.run_name}` ({status.method})"
     if status.state == "running":
         return f"**Training** {name}. Another browser tab sees this same job."
+    why = f" ({status.stop_reason})" if status.stop_reason and status.stop_reason != "requested" else ""
     if status.state == "stopping":
-        return f"**Stopping** {name} after the current step; the last checkpoint is kept."
+        return f"**Stopping**{why} {name} after the current step; the last checkpoint is kept."
     if status.state == "failed":
         tb = f"\n\n```text\n{status.traceback}\n```" if status.traceback else ""
         return f"**Training failed** {name} at step {status.step}.\n\n`{status.error}`{tb}"
-    how = "Stopped" if status.stopped else "Finished"
+    how = f"Stopped{why}" if status.stopped else "Finished"
     ckpt = f" Checkpoint: `{Path(status.last_checkpoint).name}`." if status.last_checkpoint else ""
     return (f"**{how}** {name} after {status.step} of {status.max_steps} steps in "
             f"{format_seconds(status.elapsed_seconds)}.{ckpt} Download it below or compare it in **Compare**.")
@@ -270,6 +286,43 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _arg(check: Callable, *args: Any) -> Any:
+    """Run one :mod:`pogdiff.safety` check; its ValueError becomes a ``gr.Error`` for the client."""
+    try:
+        return check(*args)
+    except ValueError as exc:
+        raise gr.Error(str(exc), title="Invalid input") from exc
+
+
+def upload_key(paths: Sequence[Path]) -> str:
+    """``upload-<16 hex>``: a hash of the uploaded files' names and contents (order-free)."""
+    digest = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.name):
+        digest.update(p.name.encode() + b"\0")
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return f"upload-{digest.hexdigest()[:16]}"
+
+
+def request_owner(request: gr.Request | None) -> str:
+    """Who a request comes from: the logged-in user, else the browser session; ``local`` for Python calls."""
+    if request is None:
+        return "local"
+    username = getattr(request, "username", None)
+    if username:
+        return f"user:{username}"
+    return f"session:{getattr(request, 'session_hash', None) or 'anonymous'}"
+
+
+def clean_temp_folders(older_than_s: float, *, prefixes: Sequence[str] = (EXPORT_TMP_PREFIX,),
+                       root: str | Path | None = None) -> int:
+    """Remove the app's leftover temp folders (exported zips handed out) older than ``older_than_s``."""
+    root = Path(root or tempfile.gettempdir())
+    return sum(safety.remove_old_dirs(root, prefix, older_than_s) for prefix in prefixes)
+
+
 def _missing(part: str, exc: Exception) -> gr.Error:
     logger.warning("%s unavailable: %s", part, exc)
     return gr.Error(f"{part} is not available in this installation yet ({exc}).", title="Not available")
@@ -313,6 +366,7 @@ class Source:
     key: str
     label: str
     checkpoint: Path
+    metrics_csv: Path | None = None  # per_class.csv shipped beside a demo checkpoint
 
 
 class Studio:
@@ -324,6 +378,9 @@ class Studio:
             ``demo-baseline``, ``demo-pogdiff``).
         jobs: a JobManager to use (tests inject one with a fake train function).
         device: ``"cuda"`` / ``"cpu"``; default: CUDA when available.
+        single_user: every visitor may stop and export every job (one person on localhost).
+            Off: a job belongs to the session (or logged-in user) that started it; others watch.
+        limits: server-side bounds on every request value (README "Limits and safety").
     """
 
     def __init__(
@@ -335,10 +392,14 @@ class Studio:
         data_config: DataConfig | None = None,
         device: str | None = None,
         demo_root: str | Path | None = None,
+        single_user: bool = False,
+        limits: Limits = LIMITS,
     ) -> None:
         self.runs_dir = Path(runs_dir)
         self.shipped_dir = Path(shipped_dir)
-        self.jobs = jobs or JobManager(self.runs_dir)
+        self.limits = limits
+        self.single_user = single_user
+        self.jobs = jobs or JobManager(self.runs_dir, max_seconds=60.0 * limits.max_job_minutes or None)
         self.data_config = data_config or DataConfig()
         self._device = device
         self._demo_root = demo_root
@@ -380,15 +441,22 @@ class Studio:
                 self._datasets.popitem(last=False)
         return bundle
 
+    def may_control(self, owner: str, request: gr.Request | None) -> bool:
+        """May this request stop or export a job/run whose ``owner`` digest is given?"""
+        return self.single_user or not owner or safety.owner_digest(request_owner(request)) == owner
+
     def bundle(self, key: str | None) -> DatasetBundle:
         """The dataset of this browser session; the demo set when none was loaded."""
-        key = key or DEMO_KEY
+        key = _arg(safety.text, "dataset key", key, MAX_KEY_CHARS) or DEMO_KEY
         with self._lock:
             found = self._datasets.get(key)
         if found is not None:
             return found
         if key == DEMO_KEY:
             return self._load_demo_bundle()
+        if re.fullmatch(UPLOAD_KEY_RE, key) and safety.is_inside(self.upload_store, key) \
+                and (self.upload_store / key).is_dir():
+            return self._load_stored(key, safety.resolve_inside(self.upload_store, key))
         raise gr.Error("That dataset is no longer in memory (the server restarted or loaded others). "
                        "Load it again in the Data tab.", title="Dataset not loaded")
 
@@ -433,33 +501,105 @@ class Studio:
         bundle = self._load_demo_bundle()
         return self._data_outputs(bundle)
 
-    def load_upload(self, files: Sequence[str] | str | None, progress: gr.Progress = gr.Progress()) -> tuple:
-        """Validate and load an uploaded .zip, or several files (images + metadata / captions)."""
+    def load_upload(self, files: Sequence[str] | str | None, request: gr.Request = None,
+                    progress: gr.Progress = gr.Progress()) -> tuple:
+        """Validate and load an uploaded .zip, or several files (images + metadata / captions).
+
+        Through the app (``request`` set) only files inside gradio's upload folder are read.
+        """
         if not files:
             raise gr.Error("Upload a .zip, or several images with a metadata.jsonl / metadata.csv or "
                            ".txt captions, first.", title="Nothing uploaded")
-        paths = [Path(files)] if isinstance(files, (str, Path)) else [Path(f) for f in files]
+        names = [files] if isinstance(files, (str, Path)) else files
+        if not isinstance(names, (list, tuple)):
+            raise gr.Error(f"Expected uploaded files, got {type(files).__name__}.", title="Invalid input")
+        if len(names) > self.limits.max_upload_files:
+            raise gr.Error(f"{len(names)} files uploaded; at most {self.limits.max_upload_files} are accepted. "
+                           "Put them in one .zip.", title="Too many files")
+        paths = [Path(_arg(safety.text, "uploaded file", str(f) if isinstance(f, Path) else f, 4096)) for f in names]
+        if request is not None:
+            from gradio.utils import get_upload_folder
+
+            upload_root = get_upload_folder()
+            paths = [_arg(safety.resolve_inside, upload_root, p if p.is_absolute() else Path("/") / p)
+                     for p in paths]
+        missing = [p.name for p in paths if not p.is_file()]
+        if missing:
+            raise gr.Error(f"Uploaded file(s) not found: {missing[:5]}. Upload them again.", title="Upload missing")
+        if len(paths) > 1 and any(p.suffix.lower() == ".zip" for p in paths):
+            zips = [p.name for p in paths if p.suffix.lower() == ".zip"]
+            raise gr.Error(f"Upload one .zip on its own, or loose files without a .zip (got {zips}).",
+                           title="Mixed upload")
+        progress(0.05, desc="Hashing the upload…")
+        key = upload_key(paths)
+        with self._lock:
+            known = self._datasets.get(key)
+        if known is not None:
+            return self._data_outputs(known)
+        store = self._store_upload(key, paths)
+        progress(0.1, desc="Reading and validating…")
+        try:
+            bundle = self._load_stored(key, store)
+        except gr.Error:
+            shutil.rmtree(store, ignore_errors=True)  # keep only sets that loaded
+            raise
+        return self._data_outputs(bundle)
+
+    # ------------------------------------------------------------------ uploads kept by content hash
+    @property
+    def upload_store(self) -> Path:
+        """Uploaded sets that loaded, one folder per content hash, so a page reload can restore them."""
+        return self.runs_dir / UPLOAD_STORE
+
+    def _store_upload(self, key: str, paths: Sequence[Path]) -> Path:
+        store = self.upload_store / key
+        if store.is_dir():
+            os.utime(store)  # in use again: it expires upload_max_age_hours from now
+            return store
+        self.upload_store.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=UPLOAD_TMP_PREFIX, dir=self.upload_store))
+        try:
+            for p in paths:
+                shutil.copyfile(p, tmp / p.name)
+            tmp.rename(store)
+        except OSError:
+            if not store.is_dir():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename, or a loser of a race
+        self.clean_leftovers()
+        return store
+
+    def browser_secret(self) -> str:
+        """The key the browser's saved dataset id is encrypted with; kept in the runs folder so it survives restarts."""
+        import secrets
+
+        path = self.runs_dir / ".browser-secret"
+        try:
+            return path.read_text().strip()
+        except OSError:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_hex(32))
+            path.chmod(0o600)
+            return path.read_text().strip()
+
+    def clean_leftovers(self) -> int:
+        """Half-copied uploads (left by a crash), expired uploads and expired exported zips; how many went."""
+        max_age = 3600.0 * self.limits.upload_max_age_hours
+        return (safety.remove_old_dirs(self.upload_store, UPLOAD_TMP_PREFIX, STALE_UPLOAD_SECONDS)
+                + safety.remove_old_dirs(self.upload_store, "upload-", max_age)
+                + clean_temp_folders(max_age))
+
+    def _load_stored(self, key: str, store: Path) -> DatasetBundle:
         try:
             from pogdiff.data import DatasetError, load_image_text_set
         except ImportError as exc:
             raise _missing("The data loader", exc) from exc
-        digest = hashlib.sha256()
-        for p in sorted(paths, key=lambda p: p.name):
-            digest.update(str(p).encode())  # gradio's upload paths already carry a content hash
-            digest.update(str(p.stat().st_size).encode())
-        key = f"upload-{digest.hexdigest()[:12]}"
-        progress(0.1, desc="Reading and validating…")
-        if len(paths) == 1 and paths[0].suffix.lower() == ".zip":
-            source, name = paths[0], paths[0].name
+        files = sorted(p for p in store.iterdir() if p.is_file())
+        if len(files) == 1 and files[0].suffix.lower() == ".zip":
+            source, name = files[0], files[0].name
         else:
-            zips = [p.name for p in paths if p.suffix.lower() == ".zip"]
-            if zips:
-                raise gr.Error(f"Upload one .zip on its own, or loose files without a .zip (got {zips}).",
-                               title="Mixed upload")
-            source = Path(tempfile.mkdtemp(prefix="pogdiff-upload-"))
-            for p in paths:
-                shutil.copy2(p, source / p.name)
-            name = f"{len(paths)} uploaded files"
+            source, name = store, f"{len(files)} uploaded files"
         try:
             ds = load_image_text_set(source, self.data_config)
         except DatasetError as exc:
@@ -467,7 +607,20 @@ class Studio:
             details = report_markdown(report) if report is not None else ""
             raise gr.Error(f"{exc}\n\n{details}".strip(), title="The dataset did not validate",
                            print_exception=False) from exc
-        return self._data_outputs(self._remember(self._make_bundle(key, name, ds)))
+        return self._remember(self._make_bundle(key, name, ds))
+
+    def restore_dataset(self, key: Any) -> tuple:
+        """Page load: bring back the dataset this browser loaded before (its key is kept in the browser).
+
+        Only a well-formed key is looked up, inside the upload store; anything else changes nothing.
+        """
+        if not isinstance(key, str) or not (key == DEMO_KEY or re.fullmatch(UPLOAD_KEY_RE, key)):
+            return (gr.skip(),) * 7
+        try:
+            return self._data_outputs(self.bundle(key))
+        except gr.Error:
+            logger.info("dataset %s could not be restored", key)
+            return (gr.skip(),) * 7
 
     def _data_outputs(self, bundle: DatasetBundle) -> tuple:
         """key, headline, report, class table, long-tail frame, class dropdown, class gallery."""
@@ -497,6 +650,7 @@ class Studio:
 
     def class_gallery(self, key: str | None, subject: str | None) -> list[tuple[np.ndarray, str]]:
         """Every image of one class (up to MAX_GALLERY) with its caption."""
+        subject = _arg(safety.text, "class", subject, self.limits.max_text_chars)
         if not subject:
             return []
         bundle = self.bundle(key)
@@ -505,6 +659,7 @@ class Studio:
 
     def dataset_banner(self, key: str | None) -> str:
         """One line naming the dataset the session works on (for the Neighbours / Train tabs)."""
+        key = _arg(safety.text, "dataset key", key, MAX_KEY_CHARS)
         with self._lock:
             bundle = self._datasets.get(key or DEMO_KEY)
         if bundle is None:
@@ -544,6 +699,7 @@ class Studio:
 
     def neighbour_map(self, key: str | None, colour_by: str, progress: gr.Progress = gr.Progress()) -> tuple:
         """2-D PCA map of caption embeddings + the caption chooser."""
+        colour_by = _arg(safety.choice, "Colour by", colour_by, COLOUR_BY)
         bundle = self.bundle(key)
         if len(bundle.captions) < 2:
             raise gr.Error("The neighbour map needs at least two captions.")
@@ -560,6 +716,7 @@ class Studio:
         )
 
     def recolour(self, key: str | None, colour_by: str):
+        colour_by = _arg(safety.choice, "Colour by", colour_by, COLOUR_BY)
         bundle = self.bundle(key)
         if bundle.coords is None:
             return gr.skip()
@@ -596,10 +753,11 @@ class Studio:
         if row is None or row == "":
             return "Pick a caption above.", pd.DataFrame(), []
         bundle = self.bundle(key)
-        row = int(row)
-        if not 0 <= row < len(bundle.captions):
-            raise gr.Error(f"caption index {row} is out of range (0..{len(bundle.captions) - 1}).")
-        psi_cfg = PsiConfig(k=int(k), psi_max=float(psi_max), pool=str(pool))
+        row = _arg(safety.whole_number, "caption index", row, 0, len(bundle.captions) - 1)
+        L = self.limits
+        psi_cfg = PsiConfig(k=_arg(safety.whole_number, "k (neighbours)", k, 1, L.max_k),
+                            psi_max=_arg(safety.real_number, "psi_max", psi_max, 0.0, L.max_psi_max),
+                            pool=_arg(safety.choice, "Neighbour pool", pool, POOLS))
         table = self._psi_table(bundle, psi_cfg)
         counts = bundle.count_of()
         subj = bundle.subjects[row]
@@ -647,7 +805,8 @@ class Studio:
 
     def search(self, key: str | None, query: str, k: int) -> tuple[pd.DataFrame, list]:
         """Nearest training captions of a free-text query (cosine of MiniLM embeddings)."""
-        query = (query or "").strip()
+        query = _arg(safety.text, "Query", query, self.limits.max_text_chars).strip()
+        k = _arg(safety.whole_number, "k (neighbours)", k, 1, self.limits.max_k)
         if not query:
             raise gr.Error("Type a caption to search for, e.g. 'a photo of someone smiling, wearing glasses'.")
         bundle = self.bundle(key)
@@ -670,6 +829,7 @@ class Studio:
     # ============================================================================ Train tab
     def preset_defaults(self, preset: str) -> tuple:
         """Batch size, learning rate and model-id visibility for a preset."""
+        preset = _arg(safety.choice, "Model preset", preset, PRESETS)
         cfg = train_preset(preset)
         model = model_preset(preset)
         return (
@@ -683,26 +843,35 @@ class Studio:
         psi_max: float, k: float, use_density: bool, use_image_sim: bool, use_text_sim: bool,
         pool: str, sample_every: float, seed: float,
     ):
-        """UI values -> (ModelConfig, TrainConfig); gr.Error naming any bad value."""
-        def whole(name: str, value: Any, lo: int) -> int:
-            if value is None or float(value) != int(value) or int(value) < lo:
-                raise gr.Error(f"{name} must be a whole number >= {lo}, got {value!r}.")
-            return int(value)
+        """UI values -> (ModelConfig, TrainConfig); gr.Error naming any bad value.
 
-        steps_i = whole("Steps", steps, 1)
-        batch_i = whole("Batch size", batch_size, 1)
-        k_i = whole("k (neighbours)", k, 1)
-        every = whole("Preview every", sample_every or 0, 0)
-        seed_i = whole("Seed", seed or 0, 0)
-        if lr is None or not float(lr) > 0:
-            raise gr.Error(f"Learning rate must be positive, got {lr!r}.")
-        if psi_max is None or float(psi_max) < 0:
-            raise gr.Error(f"psi_max must be >= 0, got {psi_max!r}.")
+        Every value is checked on the server against :attr:`limits` (README "Limits and safety").
+        """
+        L = self.limits
+        method = _arg(safety.choice, "Method", method, METHODS)
+        preset = _arg(safety.choice, "Model preset", preset, PRESETS)
+        pretrained = _arg(safety.text, "Model id", pretrained, L.max_text_chars)
+        steps_i = _arg(safety.whole_number, "Steps", steps, 1, L.max_steps)
+        batch_i = _arg(safety.whole_number, "Batch size", batch_size, 1, L.max_batch_size)
+        k_i = _arg(safety.whole_number, "k (neighbours)", k, 1, L.max_k)
+        every = _arg(safety.whole_number, "Preview every", sample_every or 0, 0, L.max_steps)
+        seed_i = _arg(safety.whole_number, "Seed", seed or 0, 0, L.max_seed)
+        if lr is not None and not isinstance(lr, bool) and isinstance(lr, (int, float)) and lr <= 0:
+            raise gr.Error(f"Learning rate must be positive, got {lr!r}.", title="Invalid input")
+        lr = _arg(safety.real_number, "Learning rate", lr, 0.0, L.max_learning_rate, True)
+        if psi_max is not None and not isinstance(psi_max, bool) and isinstance(psi_max, (int, float)) \
+                and psi_max < 0:
+            raise gr.Error(f"psi_max must be >= 0, got {psi_max!r}.", title="Invalid input")
+        psi_max = _arg(safety.real_number, "psi_max", psi_max, 0.0, L.max_psi_max)
+        flags = [_arg(safety.flag, n, v) for n, v in (("w_density", use_density), ("s_img", use_image_sim),
+                                                      ("s_txt", use_text_sim))]
+        use_density, use_image_sim, use_text_sim = flags
+        pool = _arg(safety.choice, "Neighbour pool", pool, POOLS)
         overrides = {}
         if preset == "sd15":
             if not (pretrained or "").strip():
                 raise gr.Error("The sd15 preset needs a diffusers model id or a local folder.")
-            overrides["pretrained"] = pretrained.strip()
+            overrides["pretrained"] = self._pretrained(pretrained.strip())
         try:
             model_cfg = model_preset(preset, **overrides)
             psi = PsiConfig(k=k_i, psi_max=float(psi_max), use_density=bool(use_density),
@@ -718,6 +887,16 @@ class Studio:
             raise gr.Error(str(exc)) from exc
         return model_cfg, train_cfg
 
+    def _pretrained(self, value: str) -> str:
+        """A hub id (``org/name``); a local folder only in single-user mode."""
+        import re
+
+        if self.single_user or re.fullmatch(HUB_ID_RE, value) and not Path(value).exists():
+            return value
+        raise gr.Error(f"{value!r} is not a Hugging Face model id (org/name). Local folders are accepted only "
+                       "when the server runs in single-user mode (python app.py --single-user).",
+                       title="Invalid input")
+
     def base_checkpoint(self, preset: str) -> Path | None:
         base = self.shipped_dir / "base-tiny"
         return base if preset == "tiny" and (base / "configs.json").exists() else None
@@ -730,9 +909,15 @@ class Studio:
             first.setdefault(s, cap)
         return [first[s] for s in rare]
 
-    def start_training(self, key: str | None, *options: Any) -> tuple:
-        """Start a background training job; the Timer picks up its progress."""
-        model_cfg, train_cfg = self.build_configs(*options)
+    def start_training(
+        self, key: str | None, method: str, preset: str, pretrained: str, steps: float, batch_size: float,
+        lr: float, psi_max: float, k: float, use_density: bool, use_image_sim: bool, use_text_sim: bool,
+        pool: str, sample_every: float, seed: float, request: gr.Request = None,
+    ) -> tuple:
+        """Start a background training job owned by the requesting session; the Timer shows its progress."""
+        model_cfg, train_cfg = self.build_configs(method, preset, pretrained, steps, batch_size, lr, psi_max, k,
+                                                  use_density, use_image_sim, use_text_sim, pool,
+                                                  sample_every, seed)
         if train_cfg.method == "pogdiff" and not (train_cfg.psi.use_density or train_cfg.psi.use_image_sim
                                                    or train_cfg.psi.use_text_sim) and train_cfg.psi.psi_max > 0:
             gr.Warning("All psi factors are off: every sample borrows psi_max from its neighbour.")
@@ -752,25 +937,32 @@ class Studio:
             self.jobs.start(
                 bundle.ds, model_cfg, train_cfg, base_checkpoint=base,
                 preview_captions=self.preview_captions(bundle) if train_cfg.sample_every else None,
-                cache_dir=self.runs_dir / "cache",
+                cache_dir=self.runs_dir / "cache", owner=request_owner(request),
             )
         except JobBusyError as exc:
             raise gr.Error(str(exc), title="Busy") from exc
         if base is None and model_cfg.preset == "tiny":
             gr.Info("No shipped base checkpoint (checkpoints/base-tiny) yet: training starts from a random UNet.")
-        return self.poll(-1)
+        return self.poll(-1, request)
 
-    def stop_training(self) -> tuple:
+    def stop_training(self, request: gr.Request = None) -> tuple:
+        """Stop the running job: only its owner may, unless the server is single-user."""
+        status = self.jobs.status()
+        if status.busy and not self.may_control(status.owner, request):
+            raise gr.Error("This training job was started by another visitor: you can watch it but not stop it.",
+                           title="Not your job")
         if not self.jobs.stop():
             gr.Info("No training job is running.")
-        return self.poll(-1)
+        return self.poll(-1, request)
 
-    def poll(self, seen_version: int | None = None) -> tuple:
+    def poll(self, seen_version: int | None = None, request: gr.Request = None) -> tuple:
         """Timer tick: status, progress, loss curve, previews, button states, runs (when changed).
 
         Returns ``gr.skip()`` for every output when nothing changed since ``seen_version``.
         """
         s = self.jobs.status()
+        if not isinstance(seen_version, int) or isinstance(seen_version, bool):
+            seen_version = -1
         if seen_version is not None and seen_version >= 0 and s.version == seen_version:
             return (gr.skip(),) * 8
         runs_changed = seen_version is None or seen_version < 0 or (not s.busy and s.version != seen_version)
@@ -784,7 +976,7 @@ class Studio:
             loss if len(loss) else None,  # an empty frame would freeze the plot's colour scale
             preview,
             gr.Button(interactive=not s.busy),
-            gr.Button(interactive=s.state == "running"),
+            gr.Button(interactive=s.state == "running" and self.may_control(s.owner, request)),
             self.runs_update() if runs_changed else gr.skip(),
             s.version,
         )
@@ -797,14 +989,28 @@ class Studio:
     def runs_table(self) -> pd.DataFrame:
         return runs_frame(self.jobs.list_runs())
 
-    def export_run(self, name: str | None) -> str:
-        """Path of a zip of the run's last checkpoint (weights + configs) and its run.json."""
+    def export_run(self, name: str | None, request: gr.Request = None) -> str:
+        """Path of a zip of the run's last checkpoint (weights + configs) and its run.json.
+
+        ``name`` is a run folder name, nothing else; runs started by another visitor are not
+        exported unless the server is single-user. The zip handed back is a copy in a fresh temp
+        folder, so the runs folder itself is never served.
+        """
         if not name:
             raise gr.Error("Pick a finished run first.")
+        name = _arg(safety.check_run_name, name)
         try:
-            return str(self.jobs.export_zip(name))
+            info = self.jobs.get_run(name)
+            if not self.may_control(info.owner, request):
+                raise gr.Error(f"Run {name!r} was started by another visitor; only they can download it.",
+                               title="Not your run")
+            zip_path = self.jobs.export_zip(info)
         except ValueError as exc:
             raise gr.Error(str(exc)) from exc
+        self.clean_leftovers()
+        out = Path(tempfile.mkdtemp(prefix=EXPORT_TMP_PREFIX)) / zip_path.name
+        shutil.copyfile(zip_path, out)
+        return str(out)
 
     # ========================================================================== Compare tab
     def sources(self) -> list[Source]:
@@ -813,7 +1019,9 @@ class Studio:
         for method, folder in SHIPPED_RUNS.items():
             ckpt = self._checkpoint_in(self.shipped_dir / folder)
             if ckpt is not None:
-                found.append(Source(f"shipped:{folder}", f"shipped · {folder} ({method}, demo set)", ckpt))
+                csv = self.shipped_dir / folder / "per_class.csv"
+                found.append(Source(f"shipped:{folder}", f"shipped · {folder} ({method}, demo set)", ckpt,
+                                    metrics_csv=csv if csv.is_file() else None))
         for run in self.jobs.list_runs():
             found.append(Source(f"run:{run.name}", f"run · {run.name} ({run.method}, {run.steps_done} steps)",
                                 run.checkpoint))
@@ -865,8 +1073,9 @@ class Studio:
 
     def _source(self, key: str | None) -> Source:
         for s in self.sources():
-            if s.key == key:
+            if isinstance(key, str) and s.key == key:
                 return s
+        key = key[:80] if isinstance(key, str) else key
         raise gr.Error(f"Checkpoint {key!r} is not available. {self.shipped_note() if not key else ''}".strip(),
                        title="Pick two checkpoints")
 
@@ -893,11 +1102,21 @@ class Studio:
         guidance: float, sample_steps: float, progress: gr.Progress = gr.Progress(),
     ) -> tuple:
         """Same prompts, same seeds, two checkpoints: a slider for the first pair and two grids."""
-        captions = [p for p in (prompts or [])] + [c.strip() for c in (custom or "").split("\n") if c.strip()]
+        L = self.limits
+        prompts = _arg(safety.text_list, "Prompts", prompts, L.max_prompts, L.max_text_chars)
+        custom = _arg(safety.text, "Typed prompts", custom, L.max_prompts * (L.max_text_chars + 1))
+        typed = [_arg(safety.text, "Typed prompt", c.strip(), L.max_text_chars) for c in custom.split("\n")]
+        captions = [p for p in prompts if p.strip()] + [c for c in typed if c]
         if not captions:
             raise gr.Error("Pick at least one prompt, or type one.")
+        n_seeds = _arg(safety.whole_number, "Seeds per prompt", n_seeds, 1, L.max_seeds)
+        guidance = _arg(safety.real_number, "Guidance scale", guidance, 0.0, L.max_guidance)
+        sample_steps = _arg(safety.whole_number, "Sampling steps", sample_steps, 1, L.max_sample_steps)
+        if len(captions) > L.max_prompts or len(captions) * n_seeds > L.max_images:
+            raise gr.Error(f"{len(captions)} prompt(s) × {n_seeds} seed(s) = {len(captions) * n_seeds} images per "
+                           f"checkpoint; the limit is {L.max_prompts} prompts and {L.max_images} images.",
+                           title="Too many images")
         a, b = self._source(key_a), self._source(key_b)
-        n_seeds = max(1, int(n_seeds or 1))
         seeds = list(range(n_seeds))
         # Grid: one column per prompt, one row per seed.
         all_caps = [c for _ in seeds for c in captions]
@@ -942,12 +1161,11 @@ class Studio:
     def precomputed_metrics(self, key_a: str | None, key_b: str | None) -> tuple:
         """Per-class tables shipped beside the demo checkpoints (``per_class.csv``), if any."""
         tables = {}
+        shipped = {s.key: s for s in self.sources() if s.metrics_csv is not None}  # looked up by id, never a path
         for key in (key_a, key_b):
-            if not key or not key.startswith("shipped:"):
-                continue
-            path = self.shipped_dir / key.split(":", 1)[1] / "per_class.csv"
-            if path.exists():
-                tables[key.split(":", 1)[1]] = pd.read_csv(path)
+            source = shipped.get(key) if isinstance(key, str) else None
+            if source is not None:
+                tables[_short(source)] = pd.read_csv(source.metrics_csv)
         if len(tables) < 2:
             return gr.skip(), gr.skip(), gr.skip()
         return self._metric_outputs(tables, note="Precomputed at build time on the demo evaluation split "

@@ -150,7 +150,7 @@ def test_build_configs_maps_every_option(studio):
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(steps=0), "Steps must be a whole number >= 1"),
+    (dict(steps=0), "Steps must be a whole number from 1 to 20000"),
     (dict(batch_size=2.5), "Batch size must be a whole number"),
     (dict(lr=0), "Learning rate must be positive"),
     (dict(psi_max=-1), "psi_max must be >= 0"),
@@ -250,6 +250,7 @@ def test_precomputed_metrics_need_both_shipped_tables(studio, tmp_path):
     for name, acc in (("demo-baseline", 0.2), ("demo-pogdiff", 0.6)):
         folder = studio.shipped_dir / name
         folder.mkdir(parents=True)
+        (folder / "configs.json").write_text("{}")  # a checkpoint: the key is in the server's own list
         pd.DataFrame({"subject": ["a", "b"], "train_count": [50, 3], "shot": ["many", "few"],
                       "accuracy": [0.9, acc], "gRecall": [0.5, 0.1], "dino": [0.8, 0.4], "n_gen": [8, 8]}
                      ).to_csv(folder / "per_class.csv", index=False)
@@ -277,4 +278,24 @@ def test_app_builds_without_loading_anything_heavy(tmp_path, monkeypatch):
     monkeypatch.setenv("SPACE_ID", "user/space")
     assert app.parse_args([]).host == "0.0.0.0"
     opts = app.launch_options(studio, 12)
-    assert opts["max_file_size"] == "12mb" and str((tmp_path / "runs").resolve()) in opts["allowed_paths"]
+    assert opts["max_file_size"] == "12mb" and not opts.get("allowed_paths")  # the runs folder is not served
+
+
+def test_every_event_that_disables_a_button_re_enables_it_when_it_fails(tmp_path):
+    """In this gradio version ``.then`` does not run after an error; a ``.failure`` step must."""
+    import app
+
+    demo = app.build_demo(ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu"))
+    fns = dict(demo.fns)
+    busy = {i: f for i, f in fns.items() if f.fn in (app._busy, app._busy1)}
+    assert len(busy) == 5  # demo set, upload, start training, compare, metrics
+    for busy_id, step in busy.items():
+        disabled = {o._id for o in step.outputs}
+        (main_id,) = [i for i, f in fns.items() if f.trigger_after == busy_id]
+        assert fns[main_id].api_name in {"load_demo", "load_upload", "start_training", "compare", "metrics"}
+        recover = [f for f in fns.values() if f.trigger_after == main_id and f.trigger_only_on_failure]
+        assert len(recover) == 1, fns[main_id].api_name
+        values = recover[0].fn()
+        values = values if isinstance(values, tuple) else (values,)
+        updates = {o._id: v for o, v in zip(recover[0].outputs, values)}
+        assert all(getattr(updates[i], "interactive", None) is True for i in disabled), fns[main_id].api_name
