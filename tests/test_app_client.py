@@ -120,7 +120,7 @@ def test_train_a_few_steps_export_and_compare(client, served):
 
 def test_errors_reach_the_client_and_the_server_keeps_serving(client):
     with pytest.raises(Exception, match="Learning rate must be positive"):
-        client.predict("pogdiff", "tiny", "", 3, 4, 0.0, 1.0, 5, True, True, True, False, 0, 0,
+        client.predict("pogdiff", "tiny", "", 3, 4, 0.0, 1.0, 5, True, True, True, "all", 0, 0,
                        api_name="/start_training")
     with pytest.raises(Exception, match="not available|Pick two"):
         client.predict("run:nope", "run:nope", ["a photo of x"], "", 1, 3.0, 5, api_name="/compare")
