@@ -237,10 +237,12 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                                                 tooltip=["step", "term", "value"])
                         preview = gr.Gallery(label="Previews: prompts of the rarest classes", columns=4, height=200,
                                              object_fit="contain", fit_columns=False, elem_classes="pixelated")
-                gr.Markdown("### Finished runs")
+                gr.Markdown("### Runs (finished, stopped, interrupted)")
                 with gr.Row():
                     runs_dd = gr.Dropdown(label="Run", choices=[], scale=3, allow_custom_value=True,
-                                          info="Runs of this server that hold a checkpoint, newest first.")
+                                          info="Runs of this server that hold a checkpoint, newest first; "
+                                               "an interrupted or stopped one can be resumed.")
+                    resume_btn = gr.Button("Resume", scale=1)
                     export_btn = gr.Button("Zip weights + config", scale=1)
                     zip_file = gr.File(label="Download", scale=2, interactive=False, visible=False)
                 runs_table = gr.Dataframe(label="Runs", interactive=False, max_height=240, value=studio.runs_table)
@@ -327,6 +329,9 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                          api_visibility="private")  # the buttons follow the job again
         stop_btn.click(studio.stop_training, None, poll_outputs, api_name="stop_training",
                        concurrency_limit=None)
+        resuming = resume_btn.click(studio.resume_training, [ds_key, runs_dd], poll_outputs, api_name="resume_training")
+        resuming.failure(studio.poll, None, poll_outputs, api_name="poll_after_refused_resume",
+                         api_visibility="private")
         timer.tick(studio.poll, seen, poll_outputs, show_progress="hidden", concurrency_limit=None,
                    api_name="poll", queue=False)
         train_tab.select(studio.dataset_banner, ds_key, train_banner, api_visibility="private")

@@ -186,30 +186,71 @@ class JobManager:
             JobBusyError: a job is already running on this server.
         """
         with self._lock:
-            if self._job is not None and self._job._status.busy:
-                current = self._job._status
-                raise JobBusyError(
-                    f"A training job is already running ({current.run_name}, step {current.step} of "
-                    f"{current.max_steps}). One job runs per server: stop it or wait for it to finish."
-                )
+            self._refuse_if_busy()
             method = getattr(train_cfg, "method", "run")
             run_name = self._new_run_name(name or method)
             run_dir = self.runs_dir / run_name
             run_dir.mkdir(parents=True, exist_ok=False)
-            status = JobStatus(
-                state="running", run_name=run_name, run_dir=str(run_dir), method=method,
-                max_steps=int(getattr(train_cfg, "max_steps", 0) or 0), started_at=time.time(),
-                owner=owner_digest(owner), version=1,
-            )
-            job = Job(run_name, run_dir, status)
-            self._job = job
+            job = self._new_job(run_name, run_dir, method, train_cfg, owner)
         meta = {
             "name": run_name, "method": method, "state": "running",
-            "started_at": status.started_at, "max_steps": status.max_steps,
-            "base_checkpoint": str(base_checkpoint) if base_checkpoint else "", "owner": status.owner,
+            "started_at": job._status.started_at, "max_steps": job._status.max_steps,
+            "base_checkpoint": str(base_checkpoint) if base_checkpoint else "", "owner": job._status.owner,
             "dataset": _describe_dataset(dataset),
             "model_cfg": _to_dict(model_cfg), "train_cfg": _to_dict(train_cfg),
         }
+        return self._launch(job, meta, dataset, model_cfg, train_cfg, base_checkpoint=base_checkpoint,
+                            preview_captions=preview_captions, cache_dir=cache_dir)
+
+    def resume(self, run: RunInfo | str, dataset: Any, *, owner: str | None = None,
+               cache_dir: str | Path | None = None) -> Job:
+        """Continue an interrupted or stopped run from its latest checkpoint, in its own folder.
+
+        The run's saved configs are used; the trainer refuses data that differ from the run's
+        (dataset hash), naming what differs.
+
+        Raises:
+            JobBusyError: a job is already running on this server.
+            ValueError: the run has no checkpoint, or it already finished all its steps.
+        """
+        from pogdiff.config import ModelConfig, TrainConfig, from_dict
+
+        info = self.get_run(run)
+        if info.steps_done >= info.max_steps > 0 and info.state == "finished":
+            raise ValueError(f"run {info.name!r} already finished all {info.max_steps} steps; nothing to resume")
+        model_cfg = from_dict(ModelConfig, info.model_cfg)
+        train_cfg = from_dict(TrainConfig, info.train_cfg)
+        meta = json.loads(resolve_inside(info.run_dir, RUN_FILE).read_text())
+        with self._lock:
+            self._refuse_if_busy()
+            job = self._new_job(info.name, info.run_dir, train_cfg.method, train_cfg, owner)
+        meta.update(state="running", started_at=job._status.started_at, owner=job._status.owner)
+        base = meta.get("base_checkpoint") or None
+        return self._launch(job, meta, dataset, model_cfg, train_cfg, base_checkpoint=base, cache_dir=cache_dir)
+
+    def _refuse_if_busy(self) -> None:
+        if self._job is not None and self._job._status.busy:
+            current = self._job._status
+            raise JobBusyError(
+                f"A training job is already running ({current.run_name}, step {current.step} of "
+                f"{current.max_steps}). One job runs per server: stop it or wait for it to finish."
+            )
+
+    def _new_job(self, run_name: str, run_dir: Path, method: str, train_cfg: Any, owner: str | None) -> Job:
+        """The job record of a new or resumed run (call with the lock held)."""
+        status = JobStatus(
+            state="running", run_name=run_name, run_dir=str(run_dir), method=method,
+            max_steps=int(getattr(train_cfg, "max_steps", 0) or 0), started_at=time.time(),
+            owner=owner_digest(owner), version=1,
+        )
+        job = Job(run_name, run_dir, status)
+        self._job = job
+        return job
+
+    def _launch(self, job: Job, meta: dict[str, Any], dataset: Any, model_cfg: Any, train_cfg: Any, *,
+                base_checkpoint: str | Path | None = None, preview_captions: Sequence[str] | None = None,
+                cache_dir: str | Path | None = None) -> Job:
+        run_name, run_dir = job.name, job.run_dir
         _write_json(run_dir / RUN_FILE, meta)
         kwargs = dict(
             dataset=dataset, model_cfg=model_cfg, train_cfg=train_cfg, run_dir=run_dir,

@@ -945,6 +945,26 @@ class Studio:
             gr.Info("No shipped base checkpoint (checkpoints/base-tiny) yet: training starts from a random UNet.")
         return self.poll(-1, request)
 
+    def resume_training(self, key: str | None, name: str | None, request: gr.Request = None) -> tuple:
+        """Continue an interrupted or stopped run of this server on the loaded dataset."""
+        if not name:
+            raise gr.Error("Pick an interrupted or stopped run in the list first.", title="No run")
+        try:
+            info = self.jobs.get_run(name)
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="No such run") from exc
+        if not self.may_control(info.owner, request):
+            raise gr.Error("This run was started by another visitor: you can compare it but not resume it.",
+                           title="Not your run")
+        bundle = self.bundle(key)
+        try:
+            self.jobs.resume(info, bundle.ds, owner=request_owner(request), cache_dir=self.runs_dir / "cache")
+        except JobBusyError as exc:
+            raise gr.Error(str(exc), title="Busy") from exc
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="Cannot resume") from exc
+        return self.poll(-1, request)
+
     def stop_training(self, request: gr.Request = None) -> tuple:
         """Stop the running job: only its owner may, unless the server is single-user."""
         status = self.jobs.status()

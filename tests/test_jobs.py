@@ -50,7 +50,8 @@ class FakeTrain:
 
     def __call__(self, *, dataset, model_cfg, train_cfg, run_dir, base_checkpoint=None, callback=None,
                  preview_callback=None, preview_captions=None, stop_event=None, cache_dir=None):
-        self.kwargs = dict(dataset=dataset, base_checkpoint=base_checkpoint, preview_captions=preview_captions)
+        self.kwargs = dict(dataset=dataset, base_checkpoint=base_checkpoint, preview_captions=preview_captions,
+                           run_dir=Path(run_dir), train_cfg=train_cfg)
         self.started.set()
         steps_done, stopped = 0, False
         for step in range(1, train_cfg.max_steps + 1):
@@ -66,7 +67,7 @@ class FakeTrain:
             if preview_callback is not None and step % 2 == 0:
                 preview_callback(step, np.full((2, 8, 8, 3), step, np.uint8), list(preview_captions or ["a", "b"]))
         ckpt = Path(run_dir) / f"checkpoint-{steps_done:06d}"
-        (ckpt / "unet").mkdir(parents=True)
+        (ckpt / "unet").mkdir(parents=True, exist_ok=True)
         (ckpt / "configs.json").write_text(json.dumps({"model": {}, "train": {"method": train_cfg.method}}))
         (ckpt / "unet" / "weights.safetensors").write_bytes(b"\0" * 16)
         return FakeResult(Path(run_dir), ckpt, steps_done, stopped, [])
@@ -212,3 +213,27 @@ def test_interrupted_run_on_disk_is_listed(tmp_path):
     assert [(r.name, r.state, r.checkpoint.name) for r in runs] == [
         (run_dir.name, "interrupted", "checkpoint-000010")
     ]
+
+
+def test_an_interrupted_run_is_listed_and_resumes_in_its_own_folder(tmp_path):
+    fake = FakeTrain()
+    jobs = JobManager(tmp_path, train_fn=fake)
+    jobs.start(FakeDataset(), *_cfgs(4), base_checkpoint="base")
+    jobs.wait(TIMEOUT)
+    run = jobs.list_runs()[0]
+    meta = json.loads((run.run_dir / "run.json").read_text())
+    meta["state"] = "running"  # what a server killed mid-run leaves behind
+    (run.run_dir / "run.json").write_text(json.dumps(meta))
+    restarted = JobManager(tmp_path, train_fn=fake)
+    listed = restarted.list_runs()
+    assert [(r.name, r.state) for r in listed] == [(run.name, "interrupted")]
+    restarted.resume(run.name, FakeDataset())
+    status = restarted.wait(TIMEOUT)
+    assert status.state == "finished" and status.run_name == run.name
+    assert fake.kwargs["run_dir"] == run.run_dir and fake.kwargs["base_checkpoint"] == "base"
+    assert fake.kwargs["train_cfg"] == _cfgs(4)[1]
+    assert [r.name for r in restarted.list_runs()] == [run.name]  # no new folder
+    with pytest.raises(ValueError, match="already finished all 4 steps"):
+        restarted.resume(run.name, FakeDataset())
+    with pytest.raises(ValueError):
+        restarted.resume("../elsewhere", FakeDataset())
