@@ -523,6 +523,7 @@ def add_parsers(bench) -> None:
     p = bench.add_parser("sampling", help="images/s vs a stock diffusers loop; DPM++ 20 vs DDIM 50; Compare default")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="batch sizes swept")
     p.add_argument("--images", type=int, default=32, help="images per sweep point")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps of the sweep")
     p.add_argument("--quality-images", type=int, default=8, help="images compared with the reference")
     p.add_argument("--reference-steps", type=int, default=250, help="DDIM steps of the reference")
     p.add_argument("--compare-seeds", type=int, default=4, help="seeds per prompt of the Compare default")
@@ -548,7 +549,7 @@ def main(args) -> int:
                                           nprobe=args.nprobe, ef_search=args.ef_search, clusters=args.clusters,
                                           recall_queries=args.recall_queries))
     elif cmd == "sampling":
-        result = bench_sampling(batch_sizes=tuple(args.batch_sizes), images=args.images,
+        result = bench_sampling(batch_sizes=tuple(args.batch_sizes), images=args.images, steps=args.steps,
                                 quality_images=args.quality_images, reference_steps=args.reference_steps,
                                 compare_seeds=args.compare_seeds)
     elif cmd == "data":

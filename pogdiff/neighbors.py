@@ -42,6 +42,8 @@ NORM_TOLERANCE = 1e-3  # allowed deviation of ||v|| from 1 for "L2-normalised" i
 DENSITY_EXACT_MAX = 20_000
 DENSITY_KNN = 256
 DENSITY_BLOCK = 2048
+DENSITY_QUERY_BLOCK = 16_384  # queries per search of the kNN-truncated density
+KNN_APPROX_ABOVE = 100_000  # knn's default size threshold for the approximate index
 IMAGE_FEATURE_CHUNK = 256
 TABLE_FORMAT = "pogdiff.neighbour_table/1"
 
@@ -124,7 +126,7 @@ def knn(
     k: int,
     *,
     exclude_self: bool = True,
-    hnsw_above: int = 100_000,
+    hnsw_above: int = KNN_APPROX_ABOVE,
     queries: np.ndarray | None = None,
     approx: str = "hnsw",
     nprobe: int | None = None,
@@ -277,9 +279,18 @@ def _kernel_density(vectors: np.ndarray, bandwidth: float) -> np.ndarray:
     """``rho_i = sum_j exp(-(1 - cos_ij)^2 / (2 h^2))``: [N, D] -> float64 [N]."""
     n = vectors.shape[0]
     if n > DENSITY_EXACT_MAX:
-        sims, idx = knn(vectors, min(DENSITY_KNN, n), exclude_self=False)
-        dist = 1.0 - np.where(idx >= 0, sims, -1.0).astype(np.float64)
-        return np.where(idx >= 0, np.exp(-(dist**2) / (2 * bandwidth**2)), 0.0).sum(axis=1)
+        # One index, queried in blocks: memory O(block * DENSITY_KNN), not O(N * DENSITY_KNN).
+        index = _build_index(vectors, KNN_APPROX_ABOVE)
+        k = min(DENSITY_KNN, n)
+        if isinstance(index, faiss.IndexHNSWFlat):
+            index.hnsw.efSearch = max(HNSW_EF_SEARCH_MIN, 2 * k)
+        rho = np.empty(n, dtype=np.float64)
+        for start in range(0, n, DENSITY_QUERY_BLOCK):
+            sims, idx = index.search(vectors[start : start + DENSITY_QUERY_BLOCK], k)
+            dist = 1.0 - np.where(idx >= 0, sims, -1.0).astype(np.float64)
+            rho[start : start + DENSITY_QUERY_BLOCK] = np.where(
+                idx >= 0, np.exp(-(dist**2) / (2 * bandwidth**2)), 0.0).sum(axis=1)
+        return rho
     rho = np.empty(n, dtype=np.float64)
     for start in range(0, n, DENSITY_BLOCK):
         cos = vectors[start : start + DENSITY_BLOCK].astype(np.float64) @ vectors.T.astype(np.float64)

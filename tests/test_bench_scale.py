@@ -95,3 +95,41 @@ def test_load_prepared_hits_the_cache_and_returns_equal_arrays(tmp_path):
     assert first[0].shape == (6, 16, 16, 3) and first[1:3] == second[1:3]
     (root / "img_000001.jpg").write_bytes(bench_scale.synth_image(np.random.default_rng(9), 1)[0])
     assert bench_scale.load_prepared(root, tmp_path / "cache", resolution=16)[3] is False  # content changed
+
+
+@pytest.mark.slow  # 3 model loads and ~100 tiny UNet steps: about a minute on a busy 2-core machine
+def test_bench_sampling_cli_tiny(tmp_path, capsys):
+    out = tmp_path / "sampling.json"
+    rc = main(["bench", "sampling", "--batch-sizes", "1", "2", "--images", "2", "--steps", "2",
+               "--quality-images", "1", "--reference-steps", "4", "--compare-seeds", "1", "--out", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert [p["batch_size"] for p in r["sweep"]] == [1, 2]
+    # the same UNet, noise and DDIM schedule: our sampler and the stock loop give the same pictures
+    assert all(p["max_abs_pixel_diff"] <= 2 for p in r["sweep"])
+    assert set(r["solvers"]) == {"dpm++ 20", "ddim 50", "ddim 2"}
+    assert r["compare_default"]["images"] == 2 * r["compare_default"]["prompts"]
+
+
+@pytest.mark.slow  # two fresh Python processes that each load torch and MiniLM
+def test_bench_data_cli_tiny_second_pass_hits_cache(tmp_path):
+    out = tmp_path / "data.json"
+    assert main(["bench", "data", "--n", "6", "--work-dir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["n"] == 6 and r["first"]["images"] == 6
+    assert (r["first"]["cache_hit"], r["second"]["cache_hit"]) == (False, True)
+    assert r["first"]["peak_rss_mib"] > 0
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["bench", "knn", "--n", "10", "--approx", "hnsw"], {"n": 10, "approx": "hnsw", "out": "results/knn.json"}),
+    (["bench", "sampling", "--batch-sizes", "1", "4"], {"batch_sizes": [1, 4], "out": "results/sampling.json"}),
+    (["bench", "data", "--n", "20"], {"n": 20, "out": "results/data_scale.json"}),
+    (["bench", "gpu"], {"batch_size": 8, "out": "results/gpu.json"}),
+])
+def test_scale_benches_are_registered(argv, expected):
+    from pogdiff.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert args.fn is bench_scale.main and args.bench_cmd == argv[1]
+    assert {k: getattr(args, k) for k in expected} == expected
