@@ -281,6 +281,13 @@ def cmd_build(args) -> int:
     return bench.build(args)
 
 
+def add_scale_benches(bench) -> None:
+    """``bench knn | sampling | data | gpu`` (pogdiff/bench_scale.py), imported only when run."""
+    from pogdiff import bench_scale
+
+    bench_scale.add_parsers(bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pogdiff", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -370,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig/PsiConfig field for every run, e.g. psi.psi_max=2")
     p.set_defaults(fn=cmd_bench)
+    add_scale_benches(bench)
     return parser
 
 

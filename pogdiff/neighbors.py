@@ -47,6 +47,8 @@ NORM_TOLERANCE = 1e-3  # allowed deviation of ||v|| from 1 for "L2-normalised" i
 DENSITY_EXACT_MAX = 20_000
 DENSITY_KNN = 256
 DENSITY_BLOCK = 2048
+DENSITY_QUERY_BLOCK = 16_384  # queries per search of the kNN-truncated density
+KNN_APPROX_ABOVE = 100_000  # knn's default size threshold for the approximate index
 IMAGE_FEATURE_CHUNK = 256
 TABLE_FORMAT = "pogdiff.neighbour_table/1"
 
@@ -69,13 +71,52 @@ def _as_normalised(name: str, vectors: np.ndarray) -> np.ndarray:
     return v
 
 
-def _build_index(vectors: np.ndarray, hnsw_above: int) -> faiss.Index:
-    """Flat inner-product index (on GPU when faiss has one), HNSW beyond ``hnsw_above`` rows."""
+APPROX_INDEXES = ("hnsw", "ivf")  # approximate index kinds used beyond the size threshold
+IVF_POINTS_PER_LIST = 39  # k-means needs about this many training points per list
+IVF_TRAIN_MAX = 65_536  # k-means trains on at most this many (random) rows
+IVF_NPROBE_FRACTION = 0.125  # default share of the lists visited per query
+
+
+def choose_index(n: int, approx_above: int, approx: str = "hnsw") -> str:
+    """Which index :func:`knn` builds for ``n`` database rows: ``"flat"`` (exact) up to
+    ``approx_above`` rows, the approximate ``approx`` (``"hnsw"`` or ``"ivf"``) beyond."""
+    if approx not in APPROX_INDEXES:
+        raise ValueError(f"unknown approximate index {approx!r}; choose one of {', '.join(APPROX_INDEXES)}")
+    if n < 1:
+        raise ValueError(f"need at least one database row, got n={n}")
+    return "flat" if n <= approx_above else approx
+
+
+def ivf_nlist(n: int) -> int:
+    """Inverted lists for ``n`` rows: about ``4 sqrt(n)``, at most ``n / IVF_POINTS_PER_LIST``."""
+    return int(max(1, min(round(4 * np.sqrt(n)), n // IVF_POINTS_PER_LIST)))
+
+
+def _build_index(
+    vectors: np.ndarray,
+    hnsw_above: int,
+    *,
+    approx: str = "hnsw",
+    nlist: int | None = None,
+    seed: int = 0,
+) -> faiss.Index:
+    """Flat inner-product index (on GPU when faiss has one) up to ``hnsw_above`` rows; beyond it
+    the approximate ``approx`` index: HNSW, or IVF-Flat with ``nlist`` lists (:func:`ivf_nlist`)
+    trained by k-means on at most ``IVF_TRAIN_MAX`` rows drawn with ``seed``."""
     n, d = vectors.shape
-    if n > hnsw_above:
+    kind = choose_index(n, hnsw_above, approx)
+    if kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         logger.info("kNN: HNSW index over %d vectors (dim %d)", n, d)
+    elif kind == "ivf":
+        lists = ivf_nlist(n) if nlist is None else int(nlist)
+        if not 1 <= lists <= n:
+            raise ValueError(f"IVF nlist must be in [1, {n}], got {lists}")
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, lists, faiss.METRIC_INNER_PRODUCT)
+        train_rows = np.random.default_rng(seed).choice(n, size=min(n, IVF_TRAIN_MAX), replace=False)
+        index.train(vectors[np.sort(train_rows)])
+        logger.info("kNN: IVF-Flat index over %d vectors (dim %d, %d lists)", n, d, lists)
     else:
         index = faiss.IndexFlatIP(d)
         if faiss.get_num_gpus() > 0 and hasattr(faiss, "StandardGpuResources"):
@@ -90,8 +131,12 @@ def knn(
     k: int,
     *,
     exclude_self: bool = True,
-    hnsw_above: int = 100_000,
+    hnsw_above: int = KNN_APPROX_ABOVE,
     queries: np.ndarray | None = None,
+    approx: str = "hnsw",
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    nlist: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k inner-product (cosine) neighbours with FAISS.
 
@@ -99,8 +144,13 @@ def knn(
     :param k: neighbours per query, ``k >= 1``.
     :param exclude_self: when ``queries`` is None (each row queries itself), drop the query's
         own row from its result (k + 1 are searched). Ignored when ``queries`` is given.
-    :param hnsw_above: use an approximate HNSW index when N exceeds this, else an exact flat one.
+    :param hnsw_above: use the approximate ``approx`` index when N exceeds this, else an exact
+        flat one (see :func:`choose_index`).
     :param queries: optional [Q x D] L2-normalised query vectors; defaults to ``vectors``.
+    :param approx: ``"hnsw"`` (default) or ``"ivf"``.
+    :param nprobe: IVF lists visited per query (default ``IVF_NPROBE_FRACTION`` of the lists).
+    :param ef_search: HNSW search breadth (default ``max(HNSW_EF_SEARCH_MIN, 2 k)``).
+    :param nlist: IVF lists (default :func:`ivf_nlist`).
     :return: ``(sims, idx)``: float32 [Q x k] similarities in descending order and int64
         [Q x k] row ids. When fewer than k candidates exist (k >= N), the missing slots are
         padded with id ``-1`` and similarity ``-inf``.
@@ -115,15 +165,55 @@ def knn(
     drop_self = exclude_self and self_query
     n = base.shape[0]
     k_search = min(k + int(drop_self), n)
-    index = _build_index(base, hnsw_above)
+    index = _build_index(base, hnsw_above, approx=approx, nlist=nlist)
     if isinstance(index, faiss.IndexHNSWFlat):
-        index.hnsw.efSearch = max(HNSW_EF_SEARCH_MIN, 2 * k_search)
+        index.hnsw.efSearch = max(HNSW_EF_SEARCH_MIN, 2 * k_search) if ef_search is None else int(ef_search)
+    if isinstance(index, faiss.IndexIVFFlat):
+        probes = max(1, round(IVF_NPROBE_FRACTION * index.nlist)) if nprobe is None else int(nprobe)
+        index.nprobe = min(max(1, probes), index.nlist)
     sims, idx = index.search(q, k_search)
     sims, idx = sims.astype(np.float32), idx.astype(np.int64)
     if drop_self:
         sims, idx = _drop_self(sims, idx)
     sims[idx < 0] = -np.inf
     return _pad(sims, idx, k)
+
+
+def exact_knn_rows(
+    vectors: np.ndarray, rows: np.ndarray, k: int, *, exclude_self: bool = True, block: int = 1024
+) -> np.ndarray:
+    """Brute-force numpy top-k neighbour ids of the database rows ``rows``: int64 [len(rows), k].
+
+    The reference for :func:`recall_at_k`; ties are broken by the lower row id.
+    """
+    v = np.asarray(vectors, dtype=np.float32)
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if k < 1 or k + int(exclude_self) > v.shape[0]:
+        raise ValueError(f"k must be in [1, {v.shape[0] - int(exclude_self)}], got {k}")
+    out = np.empty((rows.size, k), np.int64)
+    for start in range(0, rows.size, block):
+        r = rows[start : start + block]
+        sims = v[r] @ v.T  # [b, N]
+        if exclude_self:
+            sims[np.arange(r.size), r] = -np.inf
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.lexsort((part, -np.take_along_axis(sims, part, axis=1)), axis=1)
+        out[start : start + block] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray, k: int) -> float:
+    """Mean share of each row's exact top-k ids that ``found``'s first k columns contain.
+
+    :param found: int [Q x >=k] ids from an (approximate) search; ``-1`` never matches.
+    :param exact: int [Q x >=k] exact ids (e.g. :func:`exact_knn_rows`).
+    """
+    found, exact = np.asarray(found), np.asarray(exact)
+    if found.shape[0] != exact.shape[0] or min(found.shape[1], exact.shape[1]) < k or k < 1:
+        raise ValueError(f"need two [Q, >={k}] id arrays with the same Q, got {found.shape} and {exact.shape}")
+    f, e = found[:, :k], exact[:, :k]
+    hits = ((f[:, :, None] == e[:, None, :]) & (f[:, :, None] >= 0)).any(axis=1)  # [Q, k]
+    return float(hits.mean())
 
 
 def _drop_self(sims: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -194,9 +284,18 @@ def _kernel_density(vectors: np.ndarray, bandwidth: float) -> np.ndarray:
     """``rho_i = sum_j exp(-(1 - cos_ij)^2 / (2 h^2))``: [N, D] -> float64 [N]."""
     n = vectors.shape[0]
     if n > DENSITY_EXACT_MAX:
-        sims, idx = knn(vectors, min(DENSITY_KNN, n), exclude_self=False)
-        dist = 1.0 - np.where(idx >= 0, sims, -1.0).astype(np.float64)
-        return np.where(idx >= 0, np.exp(-(dist**2) / (2 * bandwidth**2)), 0.0).sum(axis=1)
+        # One index, queried in blocks: memory O(block * DENSITY_KNN), not O(N * DENSITY_KNN).
+        index = _build_index(vectors, KNN_APPROX_ABOVE)
+        k = min(DENSITY_KNN, n)
+        if isinstance(index, faiss.IndexHNSWFlat):
+            index.hnsw.efSearch = max(HNSW_EF_SEARCH_MIN, 2 * k)
+        rho = np.empty(n, dtype=np.float64)
+        for start in range(0, n, DENSITY_QUERY_BLOCK):
+            sims, idx = index.search(vectors[start : start + DENSITY_QUERY_BLOCK], k)
+            dist = 1.0 - np.where(idx >= 0, sims, -1.0).astype(np.float64)
+            rho[start : start + DENSITY_QUERY_BLOCK] = np.where(
+                idx >= 0, np.exp(-(dist**2) / (2 * bandwidth**2)), 0.0).sum(axis=1)
+        return rho
     rho = np.empty(n, dtype=np.float64)
     for start in range(0, n, DENSITY_BLOCK):
         cos = vectors[start : start + DENSITY_BLOCK].astype(np.float64) @ vectors.T.astype(np.float64)

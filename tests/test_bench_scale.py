@@ -1,0 +1,135 @@
+"""Scale benchmarks: CLI wiring with tiny sizes, the gpu bench's CPU exit, the data cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pogdiff import bench_scale
+from pogdiff.cli import main
+
+TINY_UNET = {
+    "block_out_channels": [8, 16], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 8, "attention_head_dim": 2,
+    "layers_per_block": 1, "norm_num_groups": 4, "in_channels": 4, "out_channels": 4, "sample_size": 8,
+}
+
+
+def test_bench_knn_cli_writes_json_with_recall(tmp_path, capsys):
+    out = tmp_path / "knn.json"
+    rc = main(["bench", "knn", "--n", "600", "--approx-above", "100", "--nprobe", "1000",
+               "--recall-queries", "50", "--out", str(out)])
+    assert rc == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    saved = json.loads(out.read_text())
+    assert line == saved
+    assert line["n"] == 600 and line["index"] == "ivf" and line["recall_queries"] == 50
+    # nprobe >= nlist visits every list: IVF-Flat is exact, so recall is 1.
+    assert line["recall_at_5"] == pytest.approx(1.0)
+    assert line["seconds"] > 0
+
+
+def test_bench_knn_flat_below_threshold_is_exact():
+    r = bench_scale.bench_knn(bench_scale.KnnBenchConfig(n=400, dim=16, approx_above=10_000, recall_queries=40))
+    assert r["index"] == "flat" and r["recall_at_5"] == pytest.approx(1.0) and r["nlist"] is None
+
+
+def test_random_captions_are_unit_and_seeded():
+    a = bench_scale.random_captions(50, 12, seed=3, clusters=4)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(a, bench_scale.random_captions(50, 12, seed=3, clusters=4))
+    with pytest.raises(ValueError, match="n >= 2"):
+        bench_scale.random_captions(1)
+
+
+def test_bench_gpu_on_cpu_exits_cleanly(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "gpu.json"
+    assert main(["bench", "gpu", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "no CUDA device" in captured.err
+    assert json.loads(out.read_text())["skipped"] == "no CUDA"
+
+
+@pytest.mark.parametrize("mode", ["diffusers example", "plain", "pogdiff"])
+def test_gpu_step_modes_run_on_a_tiny_unet_on_cpu(mode):
+    unet = bench_scale.lora_unet(TINY_UNET, mode, rank=2, device="cpu")
+    before = [p.detach().clone() for p in unet.parameters() if p.requires_grad]
+    r = bench_scale._gpu_steps(unet, mode, batch=2, steps=1, warmup=1, device="cpu", latent=8, tokens=4)
+    after = [p.detach() for p in unet.parameters() if p.requires_grad]
+    assert r["it_per_s"] > 0 and r["tflop_per_step"] >= 0 and r["peak_memory_gib"] is None
+    assert any(not np.allclose(a.numpy(), b.float().numpy()) for a, b in zip(before, after))  # LoRA moved
+
+
+def test_bf16_peak_by_name():
+    assert bench_scale.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench_scale.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench_scale.bf16_peak_tflops("Some Other Card") is None
+
+
+def test_synthetic_images_cover_modes_and_sizes():
+    rng = np.random.default_rng(0)
+    import io
+
+    modes, rotated = set(), 0
+    for i in range(1, 23):
+        data, suffix = bench_scale.synth_image(rng, i)
+        im = Image.open(io.BytesIO(data))
+        modes.add(im.mode)
+        rotated += im.getexif().get(0x0112) == 6
+        assert 256 <= min(im.size) and max(im.size) <= 1024
+    assert {"RGB", "CMYK", "RGBA"} <= modes and rotated >= 1
+
+
+def test_load_prepared_hits_the_cache_and_returns_equal_arrays(tmp_path):
+    root = bench_scale.write_synthetic_set(tmp_path / "set", 6, classes=2)
+    first = bench_scale.load_prepared(root, tmp_path / "cache", resolution=16)
+    second = bench_scale.load_prepared(root, tmp_path / "cache", resolution=16)
+    assert (first[3], second[3]) == (False, True)
+    np.testing.assert_array_equal(first[0], second[0])
+    assert first[0].shape == (6, 16, 16, 3) and first[1:3] == second[1:3]
+    (root / "img_000001.jpg").write_bytes(bench_scale.synth_image(np.random.default_rng(9), 1)[0])
+    assert bench_scale.load_prepared(root, tmp_path / "cache", resolution=16)[3] is False  # content changed
+
+
+@pytest.mark.slow  # 3 model loads and ~100 tiny UNet steps: about a minute on a busy 2-core machine
+def test_bench_sampling_cli_tiny(tmp_path, capsys):
+    out = tmp_path / "sampling.json"
+    rc = main(["bench", "sampling", "--batch-sizes", "1", "2", "--images", "2", "--steps", "2",
+               "--quality-images", "1", "--reference-steps", "4", "--compare-seeds", "1", "--out", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert [p["batch_size"] for p in r["sweep"]] == [1, 2]
+    # the same UNet, noise and DDIM schedule: our sampler and the stock loop give the same pictures
+    assert all(p["max_abs_pixel_diff"] <= 2 for p in r["sweep"])
+    assert set(r["solvers"]) == {"dpm++ 20", "ddim 50", "ddim 2"}
+    assert r["compare_default"]["images"] == 2 * r["compare_default"]["prompts"]
+
+
+@pytest.mark.slow  # two fresh Python processes that each load torch and MiniLM
+def test_bench_data_cli_tiny_second_pass_hits_cache(tmp_path):
+    out = tmp_path / "data.json"
+    assert main(["bench", "data", "--n", "6", "--work-dir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["n"] == 6 and r["first"]["images"] == 6
+    assert (r["first"]["cache_hit"], r["second"]["cache_hit"]) == (False, True)
+    assert r["first"]["peak_rss_mib"] > 0
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["bench", "knn", "--n", "10", "--approx", "hnsw"], {"n": 10, "approx": "hnsw", "out": "results/knn.json"}),
+    (["bench", "sampling", "--batch-sizes", "1", "4"], {"batch_sizes": [1, 4], "out": "results/sampling.json"}),
+    (["bench", "data", "--n", "20"], {"n": 20, "out": "results/data_scale.json"}),
+    (["bench", "gpu"], {"batch_size": 8, "out": "results/gpu.json"}),
+])
+def test_scale_benches_are_registered(argv, expected):
+    from pogdiff.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert args.fn is bench_scale.main and args.bench_cmd == argv[1]
+    assert {k: getattr(args, k) for k in expected} == expected
