@@ -86,7 +86,7 @@ class KnnBenchConfig:
 
 
 def bench_knn(cfg: KnnBenchConfig) -> dict[str, Any]:
-    """Graph + psi table (``build_neighbour_table``, ``same_class_pool=False``, random image
+    """Graph + psi table (``build_neighbour_table``, ``pool="all"``, random image
     features) timed end to end; the graph alone timed separately; recall@k of the graph on
     ``recall_queries`` random rows against brute force."""
     from unittest import mock
@@ -98,7 +98,7 @@ def bench_knn(cfg: KnnBenchConfig) -> dict[str, Any]:
         raise ValueError(f"recall_queries must be >= 1, got {cfg.recall_queries}")
     pooled = random_captions(cfg.n, cfg.dim, seed=cfg.seed, clusters=cfg.clusters)
     feats = np.random.default_rng(cfg.seed + 1).standard_normal((cfg.n, 3 * 8 * 8), dtype=np.float32)
-    psi_cfg = PsiConfig(k=cfg.k, same_class_pool=False, hnsw_above=cfg.approx_above)
+    psi_cfg = PsiConfig(k=cfg.k, pool="all", hnsw_above=cfg.approx_above)
     kind = neighbors.choose_index(cfg.n, cfg.approx_above, cfg.approx)
     search_opts = {"approx": cfg.approx, "nprobe": cfg.nprobe, "ef_search": cfg.ef_search}
     original = neighbors.knn

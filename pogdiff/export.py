@@ -146,7 +146,7 @@ def _settings_rows(model_cfg: ModelConfig, train_cfg: TrainConfig, step: int, ba
     if train_cfg.method == "pogdiff":
         psi = train_cfg.psi
         rows += [("psi_max", psi.psi_max), ("k neighbours", psi.k), ("neighbour sampling", psi.sampling),
-                 ("same-class pool", psi.same_class_pool), ("w_density / s_img / s_txt",
+                 ("neighbour pool", psi.pool), ("psi schedule", psi.schedule), ("w_density / s_img / s_txt",
                                                              f"{psi.use_density} / {psi.use_image_sim} / {psi.use_text_sim}")]
     if train_cfg.method == "cbdm":
         rows.append(("CBDM tau", train_cfg.cbdm_tau))
