@@ -466,6 +466,8 @@ class Trainer:
                     self._preview()
                 if self._checkpoint_due() and self.step < self.cfg.max_steps:
                     last_ckpt = self.save()
+            if self.is_main:
+                self._check_pogdiff_active(final=True)
             stopped = self.step < self.cfg.max_steps
             if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:06d}"):
                 last_ckpt = self.save()
@@ -667,12 +669,19 @@ class Trainer:
         terms = losses.pogdiff_loss(eps_pred, eps, eps_nb, psi.to(self.device))
         return terms, (float(psi.mean()), float(active.float().mean()))
 
-    def _check_pogdiff_active(self) -> None:
-        """Warn once, in the log and in ``self.warnings``, when the PoG term stays negligible."""
+    def _check_pogdiff_active(self, *, final: bool = False) -> None:
+        """Warn once, in the log and in ``self.warnings``, when the PoG term stays negligible.
+
+        During training the last ``INACTIVE_WINDOW`` steps are judged once that many have run (the
+        share grows as the model learns the captions); at the end of a shorter run, all of it.
+        """
         if self.cfg.method != "pogdiff" or self._warned_inactive:
             return
-        recent = self.history[-max(INACTIVE_MIN_STEPS, 50):]
-        message = pogdiff_inactive_warning([h.pog_share for h in recent], [h.psi_mean for h in recent])
+        if len(self.history) < INACTIVE_WINDOW and not final:
+            return
+        recent = self.history[-INACTIVE_WINDOW:]
+        message = pogdiff_inactive_warning([h.pog_share for h in recent], [h.psi_mean for h in recent],
+                                           pool=self.cfg.psi.pool)
         if message:
             self._warned_inactive = True
             self.warnings.append(message)
@@ -924,6 +933,7 @@ def train(
 # PoGDiff counts as inactive when the PoG term stays below this share of the loss.
 INACTIVE_POG_SHARE = 0.01
 INACTIVE_MIN_STEPS = 10  # judged over at least this many steps
+INACTIVE_WINDOW = 50  # steps judged during training (the latest ones)
 
 
 def pog_share(terms: dict[str, float]) -> float:
@@ -932,7 +942,8 @@ def pog_share(terms: dict[str, float]) -> float:
     return float(terms.get("pog", 0.0) / loss) if loss > 0 else 0.0
 
 
-def pogdiff_inactive_warning(pog_shares: Sequence[float], psi_means: Sequence[float]) -> str | None:
+def pogdiff_inactive_warning(pog_shares: Sequence[float], psi_means: Sequence[float], *,
+                             pool: str | None = None) -> str | None:
     """A plain-words warning when PoGDiff behaves like plain fine-tuning, else None.
 
     Judged on the mean PoG share of the loss over the given steps (at least
@@ -941,6 +952,7 @@ def pogdiff_inactive_warning(pog_shares: Sequence[float], psi_means: Sequence[fl
 
     :param pog_shares: per-step ``StepInfo.pog_share``.
     :param psi_means: per-step ``StepInfo.psi_mean``.
+    :param pool: the run's neighbour pool; the advice does not suggest the pool already in use.
     """
     if len(pog_shares) < INACTIVE_MIN_STEPS:
         return None
@@ -951,8 +963,9 @@ def pogdiff_inactive_warning(pog_shares: Sequence[float], psi_means: Sequence[fl
     return (
         f"PoGDiff is doing almost nothing on this data: the PoG term is {100 * share:.2f}% of the loss "
         f"(mean psi {psi:.3f}). The captions' neighbours predict what the captions themselves predict, so "
-        "PoGDiff behaves like plain fine-tuning. Try neighbours from other classes (psi pool 'other_class'), "
-        "a larger psi_max, or check that rare classes have at least 2 images; see README "
+        "PoGDiff behaves like plain fine-tuning. Try "
+        + ("" if pool == "other_class" else "neighbours from other classes (psi pool 'other_class'), ")
+        + "a larger psi_max, or check that rare classes have at least 2 images; see README "
         "\"Is PoGDiff doing anything?\"."
     )
 

@@ -131,12 +131,12 @@ def progress_html(status: JobStatus) -> str:
 def pogdiff_activity_html(history: Sequence[dict[str, float]]) -> str:
     """PoGDiff's activity in the latest steps (mean psi, rows with a neighbour pass, PoG share of
     the loss) and the plain-words warning when it behaves like plain fine-tuning; '' otherwise."""
-    from pogdiff.training import INACTIVE_MIN_STEPS, pogdiff_inactive_warning
+    from pogdiff.training import INACTIVE_WINDOW, pogdiff_inactive_warning
 
     rows = [h for h in history if "pog_share" in h and "pog" in h]
     if not rows:
         return ""
-    recent = rows[-max(INACTIVE_MIN_STEPS, 50):]
+    recent = rows[-INACTIVE_WINDOW:]
     share = float(np.mean([h["pog_share"] for h in recent]))
     psi = float(np.mean([h.get("psi_mean", 0.0) for h in recent]))
     active = float(np.mean([h.get("psi_active", 0.0) for h in recent]))

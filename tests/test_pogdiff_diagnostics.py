@@ -35,6 +35,8 @@ def test_warning_only_when_the_pog_share_stays_below_one_percent():
     quiet = pogdiff_inactive_warning([0.002] * 20, [0.2] * 20)
     assert quiet is not None and "behaves like plain fine-tuning" in quiet and "0.20% of the loss" in quiet
     assert "other_class" in quiet  # says what to change
+    already = pogdiff_inactive_warning([0.002] * 20, [0.2] * 20, pool="other_class")
+    assert "psi pool 'other_class'" not in already and "a larger psi_max" in already
     assert pogdiff_inactive_warning([INACTIVE_POG_SHARE * 2] * 20, [0.2] * 20) is None
 
 
