@@ -326,8 +326,11 @@ def store_half_precision(ckpt_dir: str | Path) -> None:
     for weights in (ckpt_dir / UNET_DIR).glob("*.safetensors"):
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(weights).items()}
         save_file(tensors, weights, metadata={"format": "pt"})
-    for name in (STATE_TENSORS,):
+    for name in (STATE_TENSORS, MANIFEST):  # the manifest's sums no longer match the rewritten weights
         (ckpt_dir / name).unlink(missing_ok=True)
+    from pogdiff.export import strip_local_names
+
+    strip_local_names(ckpt_dir)  # no path of the machine that built it
 
 
 def load_trainer_state(ckpt_dir: str | Path, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
