@@ -27,7 +27,7 @@ def cache_root() -> Path:
 
 METHODS = ("baseline", "pogdiff", "cbdm", "resample")
 # Methods that draw class-balanced batches unless TrainConfig.balanced_sampling says otherwise.
-BALANCED_BY_DEFAULT = {"resample": True}
+BALANCED_BY_DEFAULT = {"resample": True, "pogdiff": True}
 PRESETS = ("tiny", "sd15")
 
 
@@ -67,12 +67,12 @@ class PsiConfig:
     # Where neighbours come from (README "The method"): "same_class" (the caption's own class),
     # "all" (every other caption) or "other_class" (captions of other classes only: a same-class
     # neighbour that is a rewording of the caption predicts what the caption predicts).
-    pool: str = "same_class"
+    pool: str = "other_class"
     sampling: str = "similarity"  # "similarity": draw one of k by similarity; "nearest": always the top-1
     # "constant": psi is the table's value at every timestep. "gaussian": times
     # beta_tilde_t / (beta_tilde_t + coef1_t^2 * delta^2), delta^2 the pair's mean squared
     # difference of clean images (README "The method", timestep-dependent psi).
-    schedule: str = "constant"
+    schedule: str = "gaussian"
     hnsw_above: int = 100_000
     # Rows whose psi is at most this skip the neighbour forward pass (their target would move by
     # less than psi / (1 + psi) towards the neighbour); this is what keeps PoGDiff cheap.
