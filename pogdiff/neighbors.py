@@ -351,11 +351,7 @@ class NeighbourTable:
     psi: np.ndarray
     probs: np.ndarray
     config: PsiConfig
-    delta2: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if self.delta2 is None:
-            self.delta2 = np.zeros(self.indices.shape, np.float32)
+    delta2: np.ndarray | None = None  # [N, k] mean squared image differences; None when not measured
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -396,7 +392,8 @@ class NeighbourTable:
         from safetensors.numpy import save_file
 
         path = Path(path)
-        tensors = {name: np.ascontiguousarray(getattr(self, name)) for name in _TABLE_ARRAYS}
+        tensors = {name: np.ascontiguousarray(getattr(self, name)) for name in _TABLE_ARRAYS
+                   if getattr(self, name) is not None}
         metadata = {"format": TABLE_FORMAT, "psi_config": json.dumps(to_dict(self.config), sort_keys=True)}
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=metadata)
@@ -411,7 +408,7 @@ class NeighbourTable:
             metadata = f.metadata() or {}
             if metadata.get("format") != TABLE_FORMAT:
                 raise ValueError(f"{path} is not a neighbour table (format {metadata.get('format')!r})")
-            arrays = {name: f.get_tensor(name) for name in _TABLE_ARRAYS}
+            arrays = {name: f.get_tensor(name) for name in _TABLE_ARRAYS if name in f.keys()}
         config = from_dict(PsiConfig, json.loads(metadata["psi_config"]))
         return cls(**arrays, config=config)
 
@@ -533,8 +530,6 @@ def build_neighbour_table(
         counts = Counter(labels)
         psi[np.array([counts[c] == 1 for c in labels])] = 0.0
     probs = _sampling_probs(s_txt, valid, cfg.sampling)
-    if clean is None and cfg.schedule == "gaussian":
-        raise ValueError("PsiConfig.schedule='gaussian' needs the clean images (clean=...) to measure delta^2")
     delta2 = pair_delta2(clean, idx) if clean is not None else None
     table = NeighbourTable(
         indices=idx, s_txt=s_txt, s_img=s_img, w_density=w.astype(np.float32),

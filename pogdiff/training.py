@@ -655,6 +655,9 @@ class Trainer:
         nb = table.indices[rows, slots]
         psi = torch.as_tensor(table.psi[rows, slots], dtype=torch.float32)
         if self.cfg.psi.schedule == "gaussian":
+            if table.delta2 is None:
+                raise ValueError("psi schedule 'gaussian' needs the pairs' image differences: build the neighbour "
+                                 "table with clean=<the clean images> (prepare_data does)")
             delta2 = torch.as_tensor(table.delta2[rows, slots], dtype=torch.float32)
             psi = psi * gaussian_psi_factor(t, delta2, self.model.noise_scheduler.betas)
         psi[batch["drop"]] = 0.0  # an unconditional row has no caption to borrow through
