@@ -427,6 +427,7 @@ def launch_options(studio: Studio, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     host, port = server_address()
+    on_space = bool(os.environ.get("SPACE_ID"))
     p = argparse.ArgumentParser(description=TITLE)
     p.add_argument("--host", default=host,
                    help="interface to listen on (default: $GRADIO_SERVER_NAME, else 0.0.0.0 on a Hugging Face "

@@ -103,7 +103,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="where checkpoints are written (resumes if present)")
     p.add_argument("--steps", type=STEPS, default=None, help=f"optimisation steps (1..{LIMITS.max_steps})")
     p.add_argument("--batch-size", type=BATCH, default=None, help=f"batch size (1..{LIMITS.max_batch_size})")
-    p.add_argument("--lr", type=bounded(float, 1e-12, LIMITS.max_learning_rate), default=None, help="learning rate")
+    # No upper bound on the command line: a diverging learning rate is stopped by the trainer, which
+    # names the non-finite loss (the app's server caps it at Limits.max_learning_rate).
+    p.add_argument("--lr", type=bounded(float, 1e-12, float("inf")), default=None, help="learning rate (> 0)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of batches, noise and neighbours")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
                    help="autocast dtype (default: accelerate's config / launch setting, else the preset's)")

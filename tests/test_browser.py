@@ -124,7 +124,7 @@ def test_train_tab(page, tmp_path):
     page.get_by_text(f"after {TRAIN_STEPS} of {TRAIN_STEPS} steps").first.wait_for(timeout=TRAIN_MS)
     body = page.inner_text("body")
     assert f"step {TRAIN_STEPS} / {TRAIN_STEPS}" in body
-    assert "Loss terms" in body and "Finished runs" in body
+    assert "Loss terms" in body and "Runs (finished, stopped, interrupted)" in body
     _shot(page, "train", tmp_path)
 
 

@@ -72,7 +72,8 @@ def test_stop_event_is_honoured_within_one_step(dataset, tmp_path):
 def test_pogdiff_with_every_row_gated_off_equals_the_plain_loss(dataset, tmp_path):
     base = train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=dataclasses.replace(FAST, method="baseline"),
                  run_dir=tmp_path / "b")
-    gated = dataclasses.replace(FAST, method="pogdiff", psi=PsiConfig(psi_threshold=1e9))
+    # same batches as the baseline (no class-balanced draw), every row below the threshold
+    gated = dataclasses.replace(FAST, method="pogdiff", balanced_sampling=False, psi=PsiConfig(psi_threshold=1e9))
     pog = train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=gated, run_dir=tmp_path / "p")
     assert all(h.psi_active == 0.0 for h in pog.history)
     np.testing.assert_array_equal(loss_curve(pog.history), loss_curve(base.history))
