@@ -453,8 +453,9 @@ def _gpu_steps(unet, mode: str, *, batch: int, steps: int, warmup: int, lr: floa
 
 def lora_unet(config: dict[str, Any], mode: str, *, rank: int, device: str, seed: int = 0):
     """A randomly initialised UNet with frozen weights and LoRA adapters, set up as ``mode`` does:
-    the diffusers example keeps frozen weights in bf16 and LoRA in fp32; ours keeps fp32 weights
-    under bf16 autocast with gradient checkpointing (the sd15 preset)."""
+    the diffusers example keeps frozen weights in bf16 and LoRA in fp32 without autocast; ours does
+    the same under bf16 autocast with gradient checkpointing (the sd15 preset, as the trainer sets
+    it up: ``training.frozen_weight_dtype``)."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -469,9 +470,12 @@ def lora_unet(config: dict[str, Any], mode: str, *, rank: int, device: str, seed
         for p in unet.parameters():  # the example's cast_training_params: LoRA in fp32
             if p.requires_grad:
                 p.data = p.data.float()
-    else:
-        unet.to(device)
+    else:  # the trainer under bf16 mixed precision: frozen weights in bf16, LoRA in fp32, checkpointing
+        unet.to(device, dtype=torch.bfloat16)
         add_lora(unet, rank)
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
         unet.enable_gradient_checkpointing()
     return unet.train()
 

@@ -189,3 +189,25 @@ def test_trainer_fine_tunes_lora_on_the_stable_diffusion_path(method, cfg, small
     assert reloaded.is_lora
     images = generate(reloaded, [ds.captions[0]], [0], SampleConfig(steps=2))
     assert images.shape == (1, 32, 32, 3)
+
+
+def test_mixed_precision_keeps_frozen_weights_in_half_and_lora_in_float32(cfg, small_demo, tmp_path):
+    from pogdiff.config import DataConfig, PsiConfig
+    from pogdiff.data import load_image_text_set
+    from pogdiff.training import Trainer, prepare_data
+
+    model = load_stable_diffusion(cfg)
+    ds = load_image_text_set(small_demo / "train", DataConfig(resolution=32))
+    data = prepare_data(ds, model, PsiConfig(), cache_dir=tmp_path)
+    train_cfg = TrainConfig(method="pogdiff", max_steps=2, batch_size=2, checkpoint_every=0, log_every=0,
+                            mixed_precision="bf16")
+    trainer = Trainer(model, data, train_cfg, run_dir=tmp_path / "run")
+    frozen = [p for p in trainer._raw_unet.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert trainer.params and all(p.dtype == torch.float32 for p in trainer.params)
+    before = [p.detach().clone() for p in trainer.params]
+    for _ in range(2):  # the warm-up gives the first step a learning rate of 0
+        trainer.run_step()
+        trainer.step += 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params))
+    assert all(p.dtype == torch.bfloat16 for p in frozen)
