@@ -106,6 +106,16 @@ def bench_knn(cfg: KnnBenchConfig) -> dict[str, Any]:
     def configured_knn(*args, **kwargs):
         return original(*args, **{**search_opts, **kwargs})
 
+    fallbacks: list[str] = []
+
+    class _Fallback(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "computed exactly instead" in record.getMessage():
+                fallbacks.append(record.getMessage())
+
+    watcher = _Fallback(level=logging.WARNING)
+    logging.getLogger("pogdiff.neighbors").addHandler(watcher)
+    load_before = os.getloadavg()[0]
     with mock.patch.object(neighbors, "knn", configured_knn):
         t0 = time.perf_counter()
         _, idx = neighbors.knn(pooled, cfg.k, hnsw_above=cfg.approx_above)
@@ -113,6 +123,7 @@ def bench_knn(cfg: KnnBenchConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         table = neighbors.build_neighbour_table(pooled, feats, psi_cfg)
         table_s = time.perf_counter() - t0
+    logging.getLogger("pogdiff.neighbors").removeHandler(watcher)
     rows = np.sort(np.random.default_rng(cfg.seed + 2).choice(cfg.n, min(cfg.recall_queries, cfg.n), replace=False))
     exact = neighbors.exact_knn_rows(pooled, rows, cfg.k)
     recall = neighbors.recall_at_k(table.indices[rows], exact, cfg.k)
@@ -120,8 +131,11 @@ def bench_knn(cfg: KnnBenchConfig) -> dict[str, Any]:
     return {
         "n": cfg.n, "seconds": round(table_s, 3), f"recall_at_{cfg.k}": round(recall, 4),
         "graph_seconds": round(graph_s, 3), f"graph_recall_at_{cfg.k}": round(graph_recall, 4),
-        "index": kind, "approx_above": cfg.approx_above, "nlist": neighbors.ivf_nlist(cfg.n) if kind == "ivf" else None,
-        "nprobe": cfg.nprobe, "ef_search": cfg.ef_search, "dim": cfg.dim, "k": cfg.k,
+        "index": "ivf self-join" if kind == "ivf" else kind, "approx_above": cfg.approx_above,
+        "nlist": neighbors.join_nlist(cfg.n) if kind == "ivf" else None,
+        "nprobe": (cfg.nprobe or neighbors.JOIN_NPROBE) if kind == "ivf" else None, "ef_search": cfg.ef_search,
+        "recall_guard_fell_back_to_exact": bool(fallbacks), "dim": cfg.dim, "k": cfg.k,
+        "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
         "data": f"{cfg.clusters} gaussian clusters" if cfg.clusters else "isotropic gaussian",
         "recall_queries": int(rows.size), "vectors_mib": round(pooled.nbytes / 2**20, 1), **_machine(),
     }

@@ -74,7 +74,7 @@ class PsiConfig:
     # beta_tilde_t / (beta_tilde_t + coef1_t^2 * delta^2), delta^2 the pair's mean squared
     # difference of clean images (README "The method", timestep-dependent psi).
     schedule: str = "gaussian"
-    hnsw_above: int = 100_000
+    hnsw_above: int = 50_000  # exact caption graph up to this many captions, IVF self-join beyond
     # Rows whose psi is at most this skip the neighbour forward pass (their target would move by
     # less than psi / (1 + psi) towards the neighbour); this is what keeps PoGDiff cheap.
     psi_threshold: float = 0.05

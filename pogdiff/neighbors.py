@@ -47,8 +47,15 @@ NORM_TOLERANCE = 1e-3  # allowed deviation of ||v|| from 1 for "L2-normalised" i
 DENSITY_EXACT_MAX = 20_000
 DENSITY_KNN = 256
 DENSITY_BLOCK = 2048
-DENSITY_QUERY_BLOCK = 16_384  # queries per search of the kNN-truncated density
-KNN_APPROX_ABOVE = 100_000  # knn's default size threshold for the approximate index
+KNN_APPROX_ABOVE = 50_000  # knn's default size threshold for the approximate index
+# IVF self-join (the caption graph, every row querying the set): lists probed per list, rows whose
+# exact neighbours are checked, and the recall below which the join falls back to exact search.
+JOIN_NPROBE = 8
+JOIN_CHECK_ROWS = 256
+JOIN_MIN_RECALL = 0.95
+JOIN_RECALL_K = 10  # the guard checks the nearest this many (the graph uses k <= 10; the density's
+# longer tail only enters a kernel sum, where a missed far neighbour changes little)
+JOIN_KMEANS_ITERS = 10
 IMAGE_FEATURE_CHUNK = 256
 TABLE_FORMAT = "pogdiff.neighbour_table/1"
 
@@ -77,7 +84,7 @@ IVF_TRAIN_MAX = 65_536  # k-means trains on at most this many (random) rows
 IVF_NPROBE_FRACTION = 0.125  # default share of the lists visited per query
 
 
-def choose_index(n: int, approx_above: int, approx: str = "hnsw") -> str:
+def choose_index(n: int, approx_above: int, approx: str = "ivf") -> str:
     """Which index :func:`knn` builds for ``n`` database rows: ``"flat"`` (exact) up to
     ``approx_above`` rows, the approximate ``approx`` (``"hnsw"`` or ``"ivf"``) beyond."""
     if approx not in APPROX_INDEXES:
@@ -90,6 +97,101 @@ def choose_index(n: int, approx_above: int, approx: str = "hnsw") -> str:
 def ivf_nlist(n: int) -> int:
     """Inverted lists for ``n`` rows: about ``4 sqrt(n)``, at most ``n / IVF_POINTS_PER_LIST``."""
     return int(max(1, min(round(4 * np.sqrt(n)), n // IVF_POINTS_PER_LIST)))
+
+
+def join_nlist(n: int) -> int:
+    """Inverted lists of the IVF self-join for ``n`` rows: about ``2 sqrt(n)`` (lists of about
+    ``sqrt(n) / 2`` rows, so each list's query block times its candidates is one mid-sized matrix
+    product), at most ``n / IVF_POINTS_PER_LIST``."""
+    return int(max(1, min(round(2 * np.sqrt(n)), n // IVF_POINTS_PER_LIST)))
+
+
+def ivf_self_join(
+    vectors: np.ndarray,
+    k: int,
+    *,
+    exclude_self: bool = True,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    seed: int = 0,
+    min_recall: float = JOIN_MIN_RECALL,
+    check_rows: int = JOIN_CHECK_ROWS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k neighbours of every row among all rows, IVF-style but batched by list.
+
+    k-means (FAISS, spherical) splits the rows into ``nlist`` lists. The rows of one list are
+    queried together against the rows of the ``nprobe`` lists whose centroids are nearest to
+    that list's centroid (its own first): one float32 matrix product per list instead of one
+    scan per query, which is what makes the approximate graph cheap on a CPU (BENCHMARKS.md
+    "Scale"). Probing by the list's centroid rather than by each query is the approximation.
+
+    Recall guard: with ``nprobe=None`` (automatic), the exact nearest ``min(k, JOIN_RECALL_K)``
+    neighbours of ``check_rows`` random rows are computed by brute force; when the join's recall
+    of them is below ``min_recall``
+    (data without cluster structure, such as isotropic random vectors, where no index can prune),
+    the whole graph is recomputed exactly and a warning says so. With an explicit ``nprobe`` the
+    caller gets exactly what they asked for.
+
+    :return: ``(sims, idx)`` as :func:`knn`: float32 / int64 [N x k], descending, ``-1`` padding.
+    """
+    v = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    n, d = v.shape
+    lists = join_nlist(n) if nlist is None else int(nlist)
+    if not 1 <= lists <= n:
+        raise ValueError(f"IVF nlist must be in [1, {n}], got {lists}")
+    probes_per_list = min(lists, JOIN_NPROBE if nprobe is None else max(1, int(nprobe)))
+    train_rows = np.random.default_rng(seed).choice(n, size=min(n, IVF_POINTS_PER_LIST * lists), replace=False)
+    kmeans = faiss.Kmeans(d, lists, niter=JOIN_KMEANS_ITERS, seed=seed, spherical=True,
+                          max_points_per_centroid=IVF_POINTS_PER_LIST, verbose=False)
+    kmeans.train(np.ascontiguousarray(vectors[np.sort(train_rows)], dtype=np.float32))
+    centroids = torch.from_numpy(kmeans.centroids)
+    assign = (v @ centroids.T).argmax(dim=1)
+    order = torch.argsort(assign, stable=True)
+    counts = torch.bincount(assign, minlength=lists)
+    starts = torch.cumsum(counts, 0) - counts
+    closeness = centroids @ centroids.T
+    closeness.fill_diagonal_(float("inf"))  # a list always probes itself first
+    probes = torch.topk(closeness, probes_per_list, dim=1).indices
+    members = [order[starts[c]:starts[c] + counts[c]] for c in range(lists)]
+
+    sims = torch.full((n, k), -float("inf"))
+    idx = torch.full((n, k), MISSING, dtype=torch.long)
+    for c in range(lists):
+        rows = members[c]
+        if rows.numel() == 0:
+            continue
+        cand = torch.cat([members[p] for p in probes[c].tolist()])
+        scores = v[rows] @ v[cand].T
+        if exclude_self:
+            scores.masked_fill_(rows[:, None] == cand[None, :], -float("inf"))
+        top = min(k, cand.numel() - int(exclude_self))
+        if top < 1:
+            continue
+        s, i = torch.topk(scores, top, dim=1)
+        sims[rows, :top] = s
+        idx[rows, :top] = torch.where(torch.isfinite(s), cand[i], MISSING)
+    sims_np, idx_np = sims.numpy(), idx.numpy()
+    if nprobe is None and probes_per_list < lists:
+        k_check = min(k, JOIN_RECALL_K, n - int(exclude_self))
+        check = np.sort(np.random.default_rng(seed + 1).choice(n, size=min(n, check_rows), replace=False))
+        exact = exact_knn_rows(vectors, check, k_check, exclude_self=exclude_self)
+        recall = recall_at_k(idx_np[check], exact, k_check)
+        logger.info("kNN: IVF self-join over %d vectors (%d lists, %d probed), recall@%d %.3f on %d rows",
+                    n, lists, probes_per_list, k_check, recall, check.size)
+        if recall < min_recall:
+            logger.warning(
+                "kNN: the approximate caption graph found only %.0f%% of the exact neighbours of %d sampled "
+                "captions (target %.0f%%): these embeddings have little cluster structure, so the graph is "
+                "computed exactly instead (slower).", 100 * recall, check.size, 100 * min_recall)
+            index = _build_index(np.ascontiguousarray(vectors, dtype=np.float32), n)
+            k_search = min(k + int(exclude_self), n)
+            s, i = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k_search)
+            s, i = s.astype(np.float32), i.astype(np.int64)
+            if exclude_self:
+                s, i = _drop_self(s, i)
+            s[i < 0] = -np.inf
+            return _pad(s, i, k)
+    return sims_np.astype(np.float32), idx_np.astype(np.int64)
 
 
 def _build_index(
@@ -133,7 +235,7 @@ def knn(
     exclude_self: bool = True,
     hnsw_above: int = KNN_APPROX_ABOVE,
     queries: np.ndarray | None = None,
-    approx: str = "hnsw",
+    approx: str = "ivf",
     nprobe: int | None = None,
     ef_search: int | None = None,
     nlist: int | None = None,
@@ -147,8 +249,10 @@ def knn(
     :param hnsw_above: use the approximate ``approx`` index when N exceeds this, else an exact
         flat one (see :func:`choose_index`).
     :param queries: optional [Q x D] L2-normalised query vectors; defaults to ``vectors``.
-    :param approx: ``"hnsw"`` (default) or ``"ivf"``.
-    :param nprobe: IVF lists visited per query (default ``IVF_NPROBE_FRACTION`` of the lists).
+    :param approx: ``"ivf"`` (default) or ``"hnsw"``. With ``"ivf"`` and ``queries=None`` (the
+        caption graph) the search is :func:`ivf_self_join`, with its recall guard.
+    :param nprobe: IVF lists visited per query (default ``IVF_NPROBE_FRACTION`` of the lists;
+        for the self-join ``JOIN_NPROBE`` and the recall guard).
     :param ef_search: HNSW search breadth (default ``max(HNSW_EF_SEARCH_MIN, 2 k)``).
     :param nlist: IVF lists (default :func:`ivf_nlist`).
     :return: ``(sims, idx)``: float32 [Q x k] similarities in descending order and int64
@@ -164,6 +268,8 @@ def knn(
         raise ValueError(f"queries have dim {q.shape[1]} but vectors have dim {base.shape[1]}")
     drop_self = exclude_self and self_query
     n = base.shape[0]
+    if self_query and choose_index(n, hnsw_above, approx) == "ivf":
+        return ivf_self_join(base, k, exclude_self=drop_self, nlist=nlist, nprobe=nprobe)
     k_search = min(k + int(drop_self), n)
     index = _build_index(base, hnsw_above, approx=approx, nlist=nlist)
     if isinstance(index, faiss.IndexHNSWFlat):
@@ -246,6 +352,7 @@ def density_weights(
     pooled: np.ndarray | None,
     gamma: float,
     bandwidth: float,
+    neighbours: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Per-sample weight in [0, 1]: 1 for the rarest samples, small for the most frequent.
 
@@ -259,6 +366,8 @@ def density_weights(
     :param pooled: [N x D] L2-normalised caption vectors (needed when ``classes`` is None).
     :param gamma: exponent >= 0 (0 gives all ones).
     :param bandwidth: kernel bandwidth h > 0 in cosine distance.
+    :param neighbours: optional ``(sims, idx)`` of a self-excluding caption search with at least
+        ``DENSITY_KNN - 1`` columns, reused for the truncated sum instead of a second search.
     :return: float32 [N].
     """
     if gamma < 0:
@@ -275,27 +384,28 @@ def density_weights(
             raise ValueError("density_weights needs classes or pooled caption vectors")
         if bandwidth <= 0:
             raise ValueError(f"kde bandwidth must be > 0, got {bandwidth}")
-        rho = _kernel_density(_as_normalised("pooled", pooled), bandwidth)
+        rho = _kernel_density(_as_normalised("pooled", pooled), bandwidth, neighbours)
         ratio = rho.min() / rho
     return (ratio**gamma).astype(np.float32)
 
 
-def _kernel_density(vectors: np.ndarray, bandwidth: float) -> np.ndarray:
-    """``rho_i = sum_j exp(-(1 - cos_ij)^2 / (2 h^2))``: [N, D] -> float64 [N]."""
+def _kernel_density(vectors: np.ndarray, bandwidth: float,
+                    neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """``rho_i = sum_j exp(-(1 - cos_ij)^2 / (2 h^2))``: [N, D] -> float64 [N].
+
+    Beyond ``DENSITY_EXACT_MAX`` rows the sum runs over the row itself (kernel 1) and its
+    ``DENSITY_KNN - 1`` nearest other rows, from ``neighbours`` (``(sims, idx)`` of a
+    self-excluding search with at least that many columns) or from a :func:`knn` search.
+    """
     n = vectors.shape[0]
     if n > DENSITY_EXACT_MAX:
-        # One index, queried in blocks: memory O(block * DENSITY_KNN), not O(N * DENSITY_KNN).
-        index = _build_index(vectors, KNN_APPROX_ABOVE)
-        k = min(DENSITY_KNN, n)
-        if isinstance(index, faiss.IndexHNSWFlat):
-            index.hnsw.efSearch = max(HNSW_EF_SEARCH_MIN, 2 * k)
-        rho = np.empty(n, dtype=np.float64)
-        for start in range(0, n, DENSITY_QUERY_BLOCK):
-            sims, idx = index.search(vectors[start : start + DENSITY_QUERY_BLOCK], k)
-            dist = 1.0 - np.where(idx >= 0, sims, -1.0).astype(np.float64)
-            rho[start : start + DENSITY_QUERY_BLOCK] = np.where(
-                idx >= 0, np.exp(-(dist**2) / (2 * bandwidth**2)), 0.0).sum(axis=1)
-        return rho
+        k = min(DENSITY_KNN, n) - 1
+        if neighbours is None or neighbours[1].shape[1] < k:
+            neighbours = knn(vectors, k)
+        sims, idx = neighbours[0][:, :k], neighbours[1][:, :k]
+        dist = 1.0 - np.where(idx >= 0, sims, -1.0).astype(np.float64)
+        kernel = np.where(idx >= 0, np.exp(-(dist**2) / (2 * bandwidth**2)), 0.0)
+        return 1.0 + kernel.sum(axis=1)
     rho = np.empty(n, dtype=np.float64)
     for start in range(0, n, DENSITY_BLOCK):
         cos = vectors[start : start + DENSITY_BLOCK].astype(np.float64) @ vectors.T.astype(np.float64)
@@ -510,13 +620,20 @@ def build_neighbour_table(
     if labels is not None and len(labels) != n:
         raise ValueError(f"got {len(labels)} classes for {n} caption vectors")
 
-    sims, idx = _search(pooled, cfg, labels)
+    shared = None
+    if cfg.pool == "all" and labels is None and cfg.use_density and n > DENSITY_EXACT_MAX:
+        # One search serves the graph (its first k columns) and the truncated kernel density.
+        shared = knn(pooled, max(cfg.k, min(DENSITY_KNN, n) - 1), hnsw_above=cfg.hnsw_above)
+        sims, idx = shared[0][:, : cfg.k], shared[1][:, : cfg.k]
+    else:
+        sims, idx = _search(pooled, cfg, labels)
     valid = idx >= 0
     safe_idx = np.where(valid, idx, 0)
     s_txt = np.where(valid, np.maximum(sims, 0.0), 0.0).astype(np.float32)
     s_img = _image_similarity(image_feats, safe_idx, valid, n, required=cfg.use_image_sim)
     if cfg.use_density:
-        w = density_weights(classes=labels, pooled=pooled, gamma=cfg.density_gamma, bandwidth=cfg.kde_bandwidth)
+        w = density_weights(classes=labels, pooled=pooled, gamma=cfg.density_gamma, bandwidth=cfg.kde_bandwidth,
+                            neighbours=shared)
     else:
         w = np.ones(n, np.float32)
 

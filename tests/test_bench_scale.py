@@ -26,8 +26,8 @@ def test_bench_knn_cli_writes_json_with_recall(tmp_path, capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     saved = json.loads(out.read_text())
     assert line == saved
-    assert line["n"] == 600 and line["index"] == "ivf" and line["recall_queries"] == 50
-    # nprobe >= nlist visits every list: IVF-Flat is exact, so recall is 1.
+    assert line["n"] == 600 and line["index"] == "ivf self-join" and line["recall_queries"] == 50
+    # nprobe >= nlist visits every list: the self-join is exact, so recall is 1.
     assert line["recall_at_5"] == pytest.approx(1.0)
     assert line["seconds"] > 0
 

@@ -11,6 +11,7 @@ from pogdiff.neighbors import (
     choose_index,
     exact_knn_rows,
     ivf_nlist,
+    ivf_self_join,
     knn,
     recall_at_k,
 )
@@ -23,8 +24,8 @@ def _unit(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 def test_choose_index_by_threshold():
     assert choose_index(100, 100) == "flat"
-    assert choose_index(101, 100) == "hnsw"
-    assert choose_index(101, 100, "ivf") == "ivf"
+    assert choose_index(101, 100) == "ivf"
+    assert choose_index(101, 100, "hnsw") == "hnsw"
     with pytest.raises(ValueError, match="unknown approximate index 'lsh'"):
         choose_index(10, 5, "lsh")
 
@@ -78,17 +79,80 @@ def test_recall_at_k_counts_overlap_in_any_order_and_ignores_missing():
         recall_at_k(found[:1], exact, 3)
 
 
-def test_truncated_kernel_density_in_query_blocks_equals_one_knn_search(monkeypatch):
+def test_truncated_kernel_density_equals_the_top_k_sum(monkeypatch):
     from pogdiff import neighbors
 
     v = _unit(300, 8, seed=5)
     monkeypatch.setattr(neighbors, "DENSITY_EXACT_MAX", 100)
     monkeypatch.setattr(neighbors, "DENSITY_KNN", 20)
-    monkeypatch.setattr(neighbors, "DENSITY_QUERY_BLOCK", 64)
     rho = neighbors._kernel_density(v, 0.3)
-    sims, idx = knn(v, 20, exclude_self=False)
+    sims, idx = knn(v, 20, exclude_self=False)  # the row itself (kernel 1) and its 19 nearest
     expected = np.exp(-((1.0 - sims.astype(np.float64)) ** 2) / (2 * 0.3**2)).sum(axis=1)
-    np.testing.assert_allclose(rho, expected, rtol=1e-6)
+    np.testing.assert_allclose(rho, expected, rtol=1e-5)
     # the truncated sum is a lower bound of the exact all-pairs sum
     exact = np.exp(-((1.0 - v.astype(np.float64) @ v.T.astype(np.float64)) ** 2) / (2 * 0.3**2)).sum(axis=1)
     assert np.all(rho <= exact + 1e-9) and np.all(rho >= 1.0 - 1e-6)
+    # a search passed in is reused, not repeated
+    shared = knn(v, 25)
+    np.testing.assert_allclose(neighbors._kernel_density(v, 0.3, shared), expected, rtol=1e-5)
+
+
+def _clustered(n: int, d: int, clusters: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + 0.3 * rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_ivf_self_join_probing_every_list_is_exact():
+    v = _unit(900, 12, seed=7)
+    sims, idx = ivf_self_join(v, 4, nlist=9, nprobe=9)
+    exact = exact_knn_rows(v, np.arange(900), 4)
+    np.testing.assert_array_equal(idx, exact)
+    np.testing.assert_allclose(sims, np.take_along_axis(v @ v.T, exact, axis=1), atol=1e-5)
+    assert not np.any(idx == np.arange(900)[:, None])  # never the row itself
+
+
+def test_ivf_self_join_recall_guard_falls_back_to_exact_on_unstructured_data(caplog):
+    v = _unit(2000, 32, seed=8)  # isotropic: a few probed lists miss most neighbours
+    exact = exact_knn_rows(v, np.arange(2000), 5)
+    _, fixed = ivf_self_join(v, 5, nlist=40, nprobe=2)  # explicit nprobe: no guard
+    assert recall_at_k(fixed, exact, 5) < 0.5
+    with caplog.at_level("WARNING", logger="pogdiff.neighbors"):
+        _, guarded = ivf_self_join(v, 5, nlist=40)  # automatic nprobe: guard on
+    assert recall_at_k(guarded, exact, 5) == 1.0
+    assert "computed exactly instead" in caplog.text
+
+
+def test_ivf_self_join_keeps_the_fast_graph_on_clustered_data(caplog):
+    v = _clustered(3000, 32, clusters=30, seed=9)
+    with caplog.at_level("WARNING", logger="pogdiff.neighbors"):
+        _, idx = ivf_self_join(v, 5, nlist=60)
+    assert "computed exactly" not in caplog.text
+    rows = np.arange(0, 3000, 5)
+    assert recall_at_k(idx[rows], exact_knn_rows(v, rows, 5), 5) >= 0.95
+
+
+def test_knn_self_query_above_the_threshold_is_the_self_join():
+    v = _clustered(1500, 16, clusters=12, seed=10)
+    np.testing.assert_array_equal(knn(v, 3, hnsw_above=100, nlist=20, nprobe=3)[1],
+                                  ivf_self_join(v, 3, nlist=20, nprobe=3)[1])
+
+
+def test_psi_table_shares_one_search_between_graph_and_density(monkeypatch):
+    from pogdiff import neighbors
+    from pogdiff.config import PsiConfig
+
+    v = _clustered(400, 16, clusters=8, seed=11)
+    monkeypatch.setattr(neighbors, "DENSITY_EXACT_MAX", 100)
+    monkeypatch.setattr(neighbors, "DENSITY_KNN", 30)
+    calls = []
+    real = neighbors.knn
+    monkeypatch.setattr(neighbors, "knn", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+    cfg = PsiConfig(k=4, pool="all", use_image_sim=False)
+    table = neighbors.build_neighbour_table(v, None, cfg)
+    assert calls == [29]  # one search: 29 others + the row itself make the density's 30
+    np.testing.assert_array_equal(table.indices, real(v, 4)[1])
+    expected_w = neighbors.density_weights(classes=None, pooled=v, gamma=cfg.density_gamma,
+                                           bandwidth=cfg.kde_bandwidth, neighbours=real(v, 29))
+    np.testing.assert_allclose(table.w_density, expected_w, rtol=1e-6)
