@@ -186,18 +186,23 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, value
 
 
-def compare_default_prompts(template: str = "a photo of {subject}", limit: int = 6) -> list[str]:
-    """The prompts the Compare tab pre-selects: the few-shot classes of the demo set, rarest first."""
+def compare_default_subjects(limit: int = 6) -> list[str]:
+    """The subjects the Compare tab pre-selects: the few-shot classes of the demo set, rarest first."""
     from pogdiff.data import ensure_demo, load_image_text_set, stats
     from pogdiff.config import DataConfig
 
     ds = load_image_text_set(ensure_demo() / "train", DataConfig())
     table = stats.class_table(ds).sort_values(["count", "subject"])
-    return [template.format(subject=s) for s in table.loc[table["shot"] == "few", "subject"]][:limit]
+    return list(table.loc[table["shot"] == "few", "subject"])[:limit]
+
+
+def compare_default_prompts(template: str = "a photo of {subject}", limit: int = 6) -> list[str]:
+    """The prompts the Compare tab pre-selects (:func:`compare_default_subjects`)."""
+    return [template.format(subject=s) for s in compare_default_subjects(limit)]
 
 
 def bench_sampling(*, batch_sizes: tuple[int, ...] = (1, 8, 32), images: int = 32, steps: int = 25,
-                   quality_images: int = 8, reference_steps: int = 250, compare_seeds: int = 4,
+                   quality_images: int = 24, reference_steps: int = 250, compare_seeds: int = 4,
                    checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
     """See the module docstring. ``images`` per batch-size point; all timings in one process."""
     import torch
@@ -206,9 +211,13 @@ def bench_sampling(*, batch_sizes: tuple[int, ...] = (1, 8, 32), images: int = 3
     from pogdiff.config import SampleConfig
     from pogdiff.sampling import generate
 
+    from pogdiff.evaluator import load_evaluator
+
     ckpt = Path(checkpoint) if checkpoint else SHIPPED / "demo-pogdiff"
     model = checkpoints.load_model(ckpt)
+    subjects = compare_default_subjects()
     prompts = compare_default_prompts()
+    judge = load_evaluator(SHIPPED / "evaluator")
     caps = [prompts[i % len(prompts)] for i in range(images)]
     seeds = list(range(images))
     cfg = SampleConfig(scheduler="ddim", steps=steps, guidance_scale=3.0)
@@ -221,29 +230,42 @@ def bench_sampling(*, batch_sizes: tuple[int, ...] = (1, 8, 32), images: int = 3
                       "diffusers_loop_images_per_s": round(images / t_ref, 3),
                       "ratio": round(t_ref / t_ours, 3),
                       "max_abs_pixel_diff": int(np.abs(a.astype(int) - b.astype(int)).max())})
-    # quality: distance to a long DDIM run from the same noise
-    qcaps, qseeds = caps[:quality_images], seeds[:quality_images]
+    # quality: distance to a long DDIM run from the same noise, and the shipped evaluator's
+    # identity accuracy on the few-shot prompts (each prompt names its subject)
+    qcaps = [prompts[i % len(prompts)] for i in range(quality_images)]
+    qseeds = list(range(quality_images))
+    qsubjects = [subjects[i % len(subjects)] for i in range(quality_images)]
     ref = generate(model, qcaps, qseeds, dataclasses.replace(cfg, steps=reference_steps)).astype(np.float64)
-    solvers = {}
+
+    def accuracy(images: np.ndarray) -> float:
+        return float(np.mean([p == s for p, s in zip(judge.predict(images)["subject"], qsubjects)]))
+
+    solvers = {f"ddim {reference_steps} (reference)": {"identity_accuracy": round(accuracy(ref.astype(np.uint8)), 3)}}
     for name, sc in {"dpm++ 20": dataclasses.replace(cfg, scheduler="dpm", steps=20),
                      "ddim 50": dataclasses.replace(cfg, steps=50),
-                     f"ddim {steps}": cfg}.items():
+                     f"ddim {steps}": cfg,
+                     f"ddim {steps} bf16": dataclasses.replace(cfg, precision="bf16"),
+                     "dpm++ 20 bf16": dataclasses.replace(cfg, scheduler="dpm", steps=20, precision="bf16")}.items():
         t, imgs = _timed(lambda sc=sc: generate(model, qcaps, qseeds, sc))
         solvers[name] = {"seconds": round(t, 3), "images_per_s": round(quality_images / t, 3),
-                         "mean_abs_diff_to_ddim_ref": round(float(np.abs(imgs - ref).mean()), 3)}
+                         "mean_abs_diff_to_ddim_ref": round(float(np.abs(imgs - ref).mean()), 3),
+                         "identity_accuracy": round(accuracy(imgs), 3)}
     # the Compare tab's default: two shipped models, few-shot prompts x seeds 0..3, DDIM 25, guidance 3
     cmp_caps = [c for _ in range(compare_seeds) for c in prompts]
     cmp_seeds = [s for s in range(compare_seeds) for _ in prompts]
-    t0 = time.perf_counter()
-    for name in ("demo-baseline", "demo-pogdiff"):
-        generate(checkpoints.load_model(SHIPPED / name), cmp_caps, cmp_seeds, SampleConfig())
-    compare_s = time.perf_counter() - t0
+    compare_s = {}
+    for precision in ("fp32", "bf16"):
+        t0 = time.perf_counter()
+        for name in ("demo-baseline", "demo-pogdiff"):
+            generate(checkpoints.load_model(SHIPPED / name), cmp_caps, cmp_seeds, SampleConfig(precision=precision))
+        compare_s[precision] = round(time.perf_counter() - t0, 3)
     return {"checkpoint": ckpt.name, "steps": steps, "guidance": cfg.guidance_scale, "images": images,
             "sweep": sweep, "solvers": solvers, "reference": f"ddim {reference_steps} steps, same noise",
             "pixel_scale": "uint8 0-255",
             "compare_default": {"images": 2 * len(cmp_caps), "prompts": len(prompts), "seeds": compare_seeds,
                                 "sampler": f"{SampleConfig().scheduler} {SampleConfig().steps}",
-                                "seconds_incl_loading": round(compare_s, 3)},
+                                "seconds_incl_loading": compare_s},
+            "quality_images": quality_images, "load_average_after": round(os.getloadavg()[0], 2),
             **_machine()}
 
 
@@ -542,7 +564,7 @@ def add_parsers(bench) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="batch sizes swept")
     p.add_argument("--images", type=int, default=32, help="images per sweep point")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps of the sweep")
-    p.add_argument("--quality-images", type=int, default=8, help="images compared with the reference")
+    p.add_argument("--quality-images", type=int, default=24, help="images compared with the reference")
     p.add_argument("--reference-steps", type=int, default=250, help="DDIM steps of the reference")
     p.add_argument("--compare-seeds", type=int, default=4, help="seeds per prompt of the Compare default")
     p.add_argument("--out", default="results/sampling.json", help="JSON output")

@@ -27,6 +27,7 @@ from pogdiff.models import DiffusionModel
 logger = logging.getLogger(__name__)
 
 SCHEDULERS = ("ddim", "dpm")
+PRECISIONS = ("fp32", "bf16")
 LABEL_FONT_SIZE = 10
 LABEL_LINE_HEIGHT = 12
 LABEL_MAX_LINES = 3
@@ -86,6 +87,8 @@ def _check_inputs(captions: Sequence[str], seeds: Sequence[int], cfg: SampleConf
         raise ValueError(f"guidance_scale must be >= 0, got {cfg.guidance_scale}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {cfg.precision!r}; allowed values: {', '.join(PRECISIONS)}")
 
 
 def _pad_tokens(tokens: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
@@ -105,7 +108,7 @@ def _guided_eps(model: DiffusionModel, x: Tensor, t: Tensor, cond: tuple[Tensor,
         return model.predict_eps(x, t.expand(len(x)), *cond)
     both = torch.cat([x, x])
     ctx, mask = torch.cat([null[0], cond[0]]), torch.cat([null[1], cond[1]])
-    eps_null, eps_cond = model.predict_eps(both, t.expand(len(both)), ctx, mask).chunk(2)
+    eps_null, eps_cond = model.predict_eps(both, t.expand(len(both)), ctx, mask).float().chunk(2)
     return eps_null + scale * (eps_cond - eps_null)
 
 
@@ -116,10 +119,12 @@ def _sample_batch(model: DiffusionModel, noise: Tensor, cond: tuple[Tensor, Tens
     scheduler = make_scheduler(model, cfg.scheduler)  # multistep solvers keep per-run state
     scheduler.set_timesteps(cfg.steps, device=model.device)
     x = noise.to(model.device) * scheduler.init_noise_sigma
+    device_type = torch.device(model.device).type
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
-        eps = _guided_eps(model, x_in, t, cond, null, cfg.guidance_scale)
-        x = scheduler.step(eps, t, x).prev_sample
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            eps = _guided_eps(model, x_in, t, cond, null, cfg.guidance_scale)
+        x = scheduler.step(eps.float(), t, x).prev_sample
         on_step()
     return x
 

@@ -107,7 +107,8 @@ def test_bench_sampling_cli_tiny(tmp_path, capsys):
     assert [p["batch_size"] for p in r["sweep"]] == [1, 2]
     # the same UNet, noise and DDIM schedule: our sampler and the stock loop give the same pictures
     assert all(p["max_abs_pixel_diff"] <= 2 for p in r["sweep"])
-    assert set(r["solvers"]) == {"dpm++ 20", "ddim 50", "ddim 2"}
+    assert set(r["solvers"]) == {"ddim 4 (reference)", "dpm++ 20", "ddim 50", "ddim 2", "ddim 2 bf16", "dpm++ 20 bf16"}
+    assert all(0 <= v["identity_accuracy"] <= 1 for v in r["solvers"].values())
     assert r["compare_default"]["images"] == 2 * r["compare_default"]["prompts"]
 
 

@@ -143,3 +143,15 @@ def test_image_grid_layout_and_labels():
         image_grid(images, 2, labels=["x"])
     with pytest.raises(ValueError, match="images must be uint8"):
         image_grid(images.astype(np.float32), 2)
+
+
+def test_bf16_precision_is_close_to_fp32_and_checked(model):
+    import dataclasses
+
+    full = generate(model, CAPTIONS, SEEDS, FAST).astype(int)
+    half = generate(model, CAPTIONS, SEEDS, dataclasses.replace(FAST, precision="bf16")).astype(int)
+    assert half.shape == full.shape
+    diff = np.abs(full - half)
+    assert 0 < diff.mean() < 4  # bfloat16 rounding moves pixels a little, never the picture
+    with pytest.raises(ValueError, match="unknown precision 'fp8'; allowed values: fp32, bf16"):
+        generate(model, ["a"], [1], SampleConfig(precision="fp8"))
