@@ -372,8 +372,10 @@ def data_pass(root: str, cache_dir: str) -> dict[str, Any]:
 def _pass_in_subprocess(root: Path, cache_dir: Path) -> dict[str, Any]:
     code = ("import json,sys; from pogdiff.bench_scale import data_pass; "
             "print('RESULT ' + json.dumps(data_pass(sys.argv[1], sys.argv[2])))")
+    # The caption-embedding cache lives under cache_dir too, so the first pass is cold for it as well.
+    env = {**os.environ, "POGDIFF_CACHE": str(cache_dir / "pogdiff-cache")}
     proc = subprocess.run([sys.executable, "-c", code, str(root), str(cache_dir)], capture_output=True,
-                          text=True, cwd=REPO_ROOT, check=False)
+                          text=True, cwd=REPO_ROOT, check=False, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"data pass failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
