@@ -30,6 +30,8 @@ METHODS = ("baseline", "pogdiff", "cbdm", "resample")
 # Methods that draw class-balanced batches unless TrainConfig.balanced_sampling says otherwise.
 BALANCED_BY_DEFAULT = {"resample": True, "pogdiff": True}
 PRESETS = ("tiny", "sd15")
+OPTIMIZERS = ("adamw", "adamw8bit")
+TRACKERS = ("none", "tensorboard")
 
 
 @dataclass
@@ -141,6 +143,10 @@ class TrainConfig:
     noise_offset: float = 0.0
     # Micro-batches of batch_size whose gradients are summed before one optimizer step.
     gradient_accumulation_steps: int = 1
+    # "adamw" (torch.optim.AdamW) or "adamw8bit" (bitsandbytes' 8-bit AdamW: CUDA and bitsandbytes needed).
+    optimizer: str = "adamw"
+    # Experiment tracker: "none", or "tensorboard" (event files in <run>/logs; tensorboard needed).
+    report_to: str = "none"
 
     def __post_init__(self) -> None:
         check_number("learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
