@@ -39,7 +39,6 @@ from safetensors.torch import load_file, save_file
 
 from pogdiff import checkpoints, losses
 from pogdiff.config import (
-    METHODS,
     OPTIMIZERS,
     TRACKERS,
     ModelConfig,
@@ -205,39 +204,23 @@ def frozen_weight_dtype(model, mixed_precision: str) -> torch.dtype | None:
 
 
 def check_train_config(cfg: TrainConfig, n_samples: int) -> None:
-    """Validate a TrainConfig once, with messages that name the bad value and what is allowed."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    if cfg.max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1, got {cfg.max_steps}")
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    if not cfg.learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {cfg.learning_rate}")
-    if not 0.0 <= cfg.caption_dropout < 1.0:
-        raise ValueError(f"caption_dropout must be in [0, 1), got {cfg.caption_dropout}")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {cfg.mixed_precision!r}")
-    if cfg.psi.psi_max < 0:
-        raise ValueError(f"psi_max must be >= 0, got {cfg.psi.psi_max}")
+    """Validate a TrainConfig once, with messages that name the bad value and what is allowed.
+
+    The numbers and choices are checked by ``TrainConfig`` itself (again here, for a config edited
+    in place); this adds what depends on the data, the lr schedules diffusers knows and what the
+    optimizer and tracker need installed.
+    """
+    dataclasses.replace(cfg)
     if cfg.psi.sampling not in ("similarity", "nearest"):
         raise ValueError(f"psi sampling must be 'similarity' or 'nearest', got {cfg.psi.sampling!r}")
     if cfg.method == "pogdiff" and n_samples < 2:
         raise ValueError("PoGDiff needs at least 2 training images to find neighbours")
-    if cfg.gradient_accumulation_steps < 1:
-        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {cfg.gradient_accumulation_steps}")
-    if cfg.checkpoints_total_limit < 1:
-        raise ValueError(f"checkpoints_total_limit must be >= 1, got {cfg.checkpoints_total_limit}")
-    if cfg.warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     from diffusers.optimization import SchedulerType
 
     # Schedules that are a function of the step alone (what resuming and fast-forwarding assume).
     names = [t.value for t in SchedulerType if t.value not in ("reduce_lr_on_plateau", "piecewise_constant")]
     if cfg.lr_scheduler not in names:
         raise ValueError(f"unknown lr_scheduler {cfg.lr_scheduler!r}; choose one of {', '.join(names)}")
-    # TrainConfig checks these when it is made; a config edited in place is checked again here.
-    dataclasses.replace(cfg)
     check_optimizer_available(cfg.optimizer)
     check_tracker_available(cfg.report_to)
 
