@@ -367,14 +367,6 @@ def _has_defaults(cls: type) -> bool:
     )
 
 
-def save_json(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
-
-
-def load_json(cls: type[T], path: str | Path) -> T:
-    return from_dict(cls, json.loads(Path(path).read_text()))
-
-
 @dataclass(frozen=True)
 class Limits:
     """Server-side bounds on every request value (README "Limits and safety").

@@ -159,3 +159,20 @@ def test_a_history_line_cut_short_is_skipped_with_a_warning(tmp_path, caplog):
     assert checkpoints.read_history(tmp_path) == [{"step": 1, "terms": {"loss": 0.5}}]
     assert "line 2 is not JSON" in caplog.text
     assert checkpoints.read_history(tmp_path / "nothing-here") == []
+
+
+# ------------------------------------------------------------------------ runtime checks
+def test_runtime_shape_checks_say_what_is_wrong():
+    from pogdiff.models import build_tiny
+    from pogdiff.text import TextEmbeddings
+    from pogdiff.training import TrainData
+
+    model = build_tiny(SMALL_MODEL, seed=0)
+    with pytest.raises(ValueError, match=r"expects RGB images \[N, 3, H, W\], got shape \(2, 32, 32, 3\)"):
+        model.encode_images(torch.zeros(2, 32, 32, 3))
+    text = TextEmbeddings(torch.zeros(2, 4), torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"x0 has 3 rows but \{'text': 2, 'captions': 2\} differ"):
+        TrainData(torch.zeros(3, 3, 32, 32), text, ["a", "b"], ["a", "b", "c"], torch.zeros(3, dtype=torch.long),
+                  None)
+    with pytest.raises(ValueError, match=r"copy the EMA weights into the module"):
+        checkpoints._save_unet(model.unet, "unused", state_dict={})
