@@ -284,7 +284,8 @@ def configs_from_options(
     limits: Limits | None = None,
 ) -> tuple[ModelConfig, TrainConfig]:
     """Training options (the ``train`` command's flags, the app's training tab) -> ``(ModelConfig,
-    TrainConfig)``, validated once: a bad value raises ``ValueError`` naming the option.
+    TrainConfig)``, validated once: a bad value raises ``ValueError`` naming the option (``lr`` and
+    the other values checked by ``TrainConfig`` itself by their field name, README "Training options").
 
     ``None`` keeps the preset's default. Counts are also bounded by ``limits`` (README "Limits and
     safety"); every option is listed in README "Training options".
@@ -298,8 +299,6 @@ def configs_from_options(
             check_whole(name, value, low=0 if name == "seed" else 1, high=high)
     if psi_max is not None:
         check_number("psi_max", psi_max, low=0.0, high=lim.max_psi_max)
-    if lr is not None:
-        check_number("lr", lr, low=0.0, low_inclusive=False)
     for name, value, choices in (("neighbour_pool", neighbour_pool, ("same_class", "all", "other_class")),
                                  ("psi_schedule", psi_schedule, ("constant", "gaussian")),
                                  ("neighbour_sampling", neighbour_sampling, ("similarity", "nearest"))):
@@ -317,7 +316,7 @@ def configs_from_options(
     psi = dataclasses.replace(PsiConfig(), **{key: v for key, v in psi_over.items() if v is not None},
                               use_density=use_density, use_image_sim=use_image_sim, use_text_sim=use_text_sim)
     train_over = {
-        "max_steps": steps, "batch_size": batch_size, "learning_rate": None if lr is None else float(lr),
+        "max_steps": steps, "batch_size": batch_size, "learning_rate": lr,
         "mixed_precision": mixed_precision, "ema_decay": ema_decay, "checkpoint_every": checkpoint_every,
         "checkpoint_minutes": checkpoint_minutes, "checkpoints_total_limit": checkpoints_total_limit,
         "lr_scheduler": lr_scheduler, "warmup_steps": warmup_steps,

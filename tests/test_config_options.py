@@ -17,7 +17,7 @@ from pogdiff.config import Limits, PsiConfig, TrainConfig, configs_from_options
     (dict(psi_max=-1.0), r"psi_max must be a finite number >= 0 and <= 10, got -1.0"),
     (dict(psi_max=11), r"psi_max must be a finite number >= 0 and <= 10, got 11"),
     (dict(psi_max=float("nan")), r"psi_max must be a finite number"),
-    (dict(lr=0.0), r"lr must be a finite number > 0, got 0.0"),
+    (dict(lr=0.0), r"learning_rate must be a finite number > 0, got 0.0"),  # TrainConfig's name of --lr
     (dict(method="magic"), r"unknown method 'magic'; choose one of baseline, pogdiff, cbdm, resample"),
     (dict(preset="xl"), r"preset must be one of 'tiny', 'sd15', got 'xl'"),
     (dict(neighbour_pool="any"), r"neighbour_pool must be one of 'same_class', 'all', 'other_class'"),
