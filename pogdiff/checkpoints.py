@@ -86,7 +86,9 @@ def _save_unet(unet: nn.Module, folder: Path, *, state_dict: dict[str, torch.Ten
         lora = {k: v.detach().cpu().contiguous() for k, v in _lora_state_dict(unet, state_dict).items()}
         StableDiffusionLoraLoaderMixin.save_lora_weights(folder, unet_lora_layers=lora, safe_serialization=True)
     else:
-        assert state_dict is None, "full-weight EMA must be copied into the module before saving"
+        if state_dict is not None:
+            raise ValueError("a full-weight UNet is saved from the module itself: copy the EMA weights into the "
+                             "module (EMAModel.copy_to) before saving instead of passing state_dict")
         unet.save_pretrained(folder, safe_serialization=True)
 
 
@@ -441,7 +443,8 @@ def set_aside_checkpoints(run_dir: str | Path) -> Path | None:
     """Move a run folder's checkpoints and status into ``replaced-<time>/`` (for a new run in
     an old folder); returns that folder, or None when there was nothing to move."""
     run_dir = Path(run_dir)
-    old = [p for p in resume_candidates(run_dir)] + [p for p in (run_dir / RUN_STATUS,) if p.exists()]
+    old = [p for p in resume_candidates(run_dir)] + [p for p in (run_dir / RUN_STATUS, run_dir / HISTORY_FILE)
+                                                     if p.exists()]
     if not old:
         return None
     aside = run_dir / f"{REPLACED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
@@ -565,3 +568,57 @@ def list_interrupted_runs(root: str | Path) -> list[InterruptedRun]:
                                         state, status.get("updated")))
     return sorted(found, key=lambda r: r.updated or 0.0, reverse=True)
 
+
+
+# --- training history ---------------------------------------------------------------------------
+
+HISTORY_FILE = "history.jsonl"  # one JSON object per training step, in the run folder
+
+
+def _history_line(row: dict[str, Any]) -> str:
+    return json.dumps(row, sort_keys=True, default=_json_default) + "\n"
+
+
+def append_history(run_dir: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Append ``rows`` (one dict per step, with a ``step`` key) to ``run_dir/history.jsonl``."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(run_dir) / HISTORY_FILE, "a", encoding="utf-8") as f:
+        f.writelines(_history_line(r) for r in rows)
+
+
+def write_history(run_dir: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Replace ``run_dir/history.jsonl`` with ``rows`` (atomically)."""
+    path = Path(run_dir) / HISTORY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{HISTORY_FILE}-{uuid.uuid4().hex[:8]}")
+    tmp.write_text("".join(_history_line(r) for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_history(path: str | Path, *, upto: int | None = None) -> list[dict[str, Any]]:
+    """The training history of a run folder (or of the run of a checkpoint folder): one dict per
+    step, oldest first, steps after ``upto`` left out (a checkpoint folder sets ``upto`` to its
+    step). Read from ``history.jsonl``; runs written before the history had its own file keep it
+    in ``trainer_state.json``, which is read instead. A line cut short by a killed process is
+    skipped with a warning."""
+    path = Path(path)
+    run_dir = path
+    if (path / STATE_JSON).is_file():
+        run_dir = path.parent
+        step = int(json.loads((path / STATE_JSON).read_text())["step"])
+        upto = step if upto is None else min(upto, step)
+    rows: list[dict[str, Any]] = []
+    file = run_dir / HISTORY_FILE
+    if file.is_file():
+        for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                logger.warning("%s line %d is not JSON (cut short?); skipped", file, n)
+    else:
+        ckpt = path if (path / STATE_JSON).is_file() else latest_checkpoint(run_dir)
+        if ckpt is not None:
+            rows = list(json.loads((ckpt / STATE_JSON).read_text()).get("extra", {}).get("history", []))
+    return [r for r in rows if upto is None or int(r["step"]) <= upto]

@@ -6,13 +6,21 @@ Heavy modules are imported inside the handlers so that ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 
-from pogdiff.config import LIMITS, METHODS, PRESETS, DataConfig, SampleConfig, model_preset, train_preset
+from pogdiff.config import (
+    LIMITS,
+    METHODS,
+    OPTIMIZERS,
+    PRESETS,
+    TRACKERS,
+    DataConfig,
+    SampleConfig,
+    configs_from_options,
+)
 
 logger = logging.getLogger("pogdiff")
 
@@ -70,9 +78,9 @@ def check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 # ------------------------------------------------------------------------------------- data
 def cmd_data_demo(args) -> int:
-    from pogdiff.data.demo import DemoSpec, build_demo
+    from pogdiff.data.demo import DemoSpec, make_demo_set
 
-    out = build_demo(Path(args.out), DemoSpec(seed=args.seed, resolution=args.resolution))
+    out = make_demo_set(Path(args.out), DemoSpec(seed=args.seed, resolution=args.resolution))
     print(f"demo set written to {out} (contact sheet: {out / 'contact_sheet.png'})")
     return 0
 
@@ -122,8 +130,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="micro-batches per optimizer step (default 1)")
     p.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR loss weighting gamma (0 disables; 5 is usual)")
     p.add_argument("--noise-offset", type=float, default=None, help="offset-noise strength (0 disables)")
-    p.add_argument("--psi-max", type=bounded(float, 0.0, LIMITS.max_psi_max), default=None,
-                   help="PoGDiff: maximum neighbour precision psi")
+    p.add_argument("--psi-max", type=float, default=None,
+                   help=f"PoGDiff: maximum neighbour precision psi (0..{LIMITS.max_psi_max:g})")
     p.add_argument("--k", type=bounded(int, 1, LIMITS.max_k), default=None,
                    help=f"PoGDiff: neighbours per caption (1..{LIMITS.max_k})")
     p.add_argument("--no-density", action="store_true", help="PoGDiff: drop the density factor of psi")
@@ -138,6 +146,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--neighbour-sampling", choices=("similarity", "nearest"), default=None,
                    help="PoGDiff: draw one of k neighbours by similarity, or always the nearest")
     p.add_argument("--cbdm-tau", type=float, default=None, help="CBDM regulariser weight")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help="adamw (default) or adamw8bit (bitsandbytes' 8-bit AdamW; needs bitsandbytes and CUDA)")
+    p.add_argument("--report-to", choices=TRACKERS, default=None,
+                   help="experiment tracker: none (default) or tensorboard (event files in RUN_DIR/logs)")
     p.add_argument("--no-resume", action="store_true",
                    help="start a new run even if run-dir has checkpoints (they are moved to run-dir/replaced-*)")
     p.add_argument("--cache-dir", default=None,
@@ -145,35 +157,25 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def configs_from_args(args):
-    overrides = {
-        "max_steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,
-        "mixed_precision": args.mixed_precision, "ema_decay": args.ema_decay,
-        "checkpoint_every": args.checkpoint_every, "cbdm_tau": args.cbdm_tau,
-        "balanced_sampling": args.balanced_sampling,
-        "checkpoint_minutes": getattr(args, "checkpoint_minutes", None),
-        "checkpoints_total_limit": getattr(args, "checkpoints_total_limit", None),
-        "lr_scheduler": getattr(args, "lr_scheduler", None), "warmup_steps": getattr(args, "warmup_steps", None),
-        "gradient_accumulation_steps": getattr(args, "gradient_accumulation_steps", None),
-        "snr_gamma": getattr(args, "snr_gamma", None), "noise_offset": getattr(args, "noise_offset", None),
-    }
-    if args.mixed_precision is None:
+    """``train`` flags -> ``(ModelConfig, TrainConfig)`` through :func:`pogdiff.config.configs_from_options`."""
+    mixed_precision = args.mixed_precision
+    if mixed_precision is None:
         from pogdiff.training import accelerate_mixed_precision
 
-        overrides["mixed_precision"] = accelerate_mixed_precision()
-    train_cfg = train_preset(args.preset, method=args.method, seed=args.seed,
-                             **{k: v for k, v in overrides.items() if v is not None})
-    psi = train_cfg.psi
-    psi_over = {"psi_max": args.psi_max, "k": args.k, "sampling": args.neighbour_sampling,
-                "pool": args.neighbour_pool,
-                "schedule": args.psi_schedule}
-    psi = dataclasses.replace(
-        psi, **{k: v for k, v in psi_over.items() if v is not None},
-        use_density=not args.no_density, use_image_sim=not args.no_image_sim,
-        use_text_sim=not args.no_text_sim,
+        mixed_precision = accelerate_mixed_precision()
+    return configs_from_options(
+        method=args.method, preset=args.preset, pretrained=args.pretrained, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, mixed_precision=mixed_precision,
+        ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=args.checkpoint_minutes, checkpoints_total_limit=args.checkpoints_total_limit,
+        lr_scheduler=args.lr_scheduler, warmup_steps=args.warmup_steps,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, snr_gamma=args.snr_gamma,
+        noise_offset=args.noise_offset, optimizer=args.optimizer, report_to=args.report_to,
+        cbdm_tau=args.cbdm_tau, balanced_sampling=args.balanced_sampling, psi_max=args.psi_max, k=args.k,
+        use_density=not args.no_density, use_image_sim=not args.no_image_sim, use_text_sim=not args.no_text_sim,
+        neighbour_pool=args.neighbour_pool, psi_schedule=args.psi_schedule,
+        neighbour_sampling=args.neighbour_sampling,
     )
-    train_cfg = dataclasses.replace(train_cfg, psi=psi)
-    model_over = {"pretrained": args.pretrained} if args.pretrained else {}
-    return model_preset(args.preset, **model_over), train_cfg
 
 
 def default_cache_dir() -> Path:

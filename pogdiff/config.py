@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ METHODS = ("baseline", "pogdiff", "cbdm", "resample")
 # Methods that draw class-balanced batches unless TrainConfig.balanced_sampling says otherwise.
 BALANCED_BY_DEFAULT = {"resample": True, "pogdiff": True}
 PRESETS = ("tiny", "sd15")
+OPTIMIZERS = ("adamw", "adamw8bit")
+TRACKERS = ("none", "tensorboard")
 
 
 @dataclass
@@ -141,8 +144,22 @@ class TrainConfig:
     noise_offset: float = 0.0
     # Micro-batches of batch_size whose gradients are summed before one optimizer step.
     gradient_accumulation_steps: int = 1
+    # "adamw" (torch.optim.AdamW) or "adamw8bit" (bitsandbytes' 8-bit AdamW: CUDA and bitsandbytes needed).
+    optimizer: str = "adamw"
+    # Experiment tracker: "none", or "tensorboard" (event files in <run>/logs; tensorboard needed).
+    report_to: str = "none"
 
     def __post_init__(self) -> None:
+        check_choice("method", self.method, METHODS, article="unknown method")
+        check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        check_choice("optimizer", self.optimizer, OPTIMIZERS, article="unknown optimizer")
+        check_choice("report_to", self.report_to, TRACKERS, article="unknown report_to")
+        for name, low in (("max_steps", 1), ("batch_size", 1), ("gradient_accumulation_steps", 1),
+                          ("checkpoints_total_limit", 1), ("warmup_steps", 0), ("checkpoint_every", 0),
+                          ("log_every", 0), ("sample_every", 0), ("seed", 0)):
+            check_whole(name, getattr(self, name), low=low)
+        if not (isinstance(self.caption_dropout, (int, float)) and 0.0 <= self.caption_dropout < 1.0):
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
         check_number("learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
         check_number("cbdm_tau", self.cbdm_tau, low=0.0)
         if isinstance(self.psi, PsiConfig):
@@ -171,6 +188,22 @@ def check_number(name: str, value: Any, *, low: float | None = None, high: float
         ok = value <= high if high_inclusive else value < high
     if not ok:
         raise ValueError(f"{name} must be a finite number{' ' + allowed if allowed else ''}, got {value!r}")
+
+
+def check_whole(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> None:
+    """Refuse a config count that is not a whole number in the allowed range, naming it."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or (low is not None and value < low) or (high is not None and value > high):
+        allowed = " and ".join(p for p in (None if low is None else f">= {low}", None if high is None else f"<= {high}")
+                               if p)
+        raise ValueError(f"{name} must be {allowed + ', ' if allowed else ''}a whole number; got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...], *, article: str | None = None) -> None:
+    """Refuse a config value that is not one of ``choices``, naming it and listing the choices."""
+    if value not in choices:
+        lead = f"{article} {value!r}" if article else f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
+        raise ValueError(f"{lead}; choose one of {', '.join(choices)}" if article else lead)
 
 
 def uses_balanced_sampling(cfg: "TrainConfig") -> bool:
@@ -220,6 +253,86 @@ def train_preset(name: str, **overrides: Any) -> TrainConfig:
     return dataclasses.replace(cfg, **overrides)
 
 
+def configs_from_options(
+    *,
+    method: str = "pogdiff",
+    preset: str = "tiny",
+    pretrained: str | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    mixed_precision: str | None = None,
+    ema_decay: float | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_minutes: float | None = None,
+    checkpoints_total_limit: int | None = None,
+    lr_scheduler: str | None = None,
+    warmup_steps: int | None = None,
+    gradient_accumulation_steps: int | None = None,
+    snr_gamma: float | None = None,
+    noise_offset: float | None = None,
+    optimizer: str | None = None,
+    report_to: str | None = None,
+    sample_every: int | None = None,
+    cbdm_tau: float | None = None,
+    balanced_sampling: bool | None = None,
+    psi_max: float | None = None,
+    k: int | None = None,
+    use_density: bool = True,
+    use_image_sim: bool = True,
+    use_text_sim: bool = True,
+    neighbour_pool: str | None = None,
+    psi_schedule: str | None = None,
+    neighbour_sampling: str | None = None,
+    limits: Limits | None = None,
+) -> tuple[ModelConfig, TrainConfig]:
+    """Training options (the ``train`` command's flags, the app's training tab) -> ``(ModelConfig,
+    TrainConfig)``, validated once: a bad value raises ``ValueError`` naming the option (``lr`` and
+    the other values checked by ``TrainConfig`` itself by their field name, README "Training options").
+
+    ``None`` keeps the preset's default. Counts are also bounded by ``limits`` (README "Limits and
+    safety"); every option is listed in README "Training options".
+    """
+    lim = limits or LIMITS
+    check_choice("preset", preset, PRESETS)
+    check_choice("method", method, METHODS, article="unknown method")
+    for name, value, high in (("steps", steps, lim.max_steps), ("batch_size", batch_size, lim.max_batch_size),
+                              ("k", k, lim.max_k), ("seed", seed, lim.max_seed)):
+        if value is not None:
+            check_whole(name, value, low=0 if name == "seed" else 1, high=high)
+    if psi_max is not None:
+        check_number("psi_max", psi_max, low=0.0, high=lim.max_psi_max)
+    for name, value, choices in (("neighbour_pool", neighbour_pool, ("same_class", "all", "other_class")),
+                                 ("psi_schedule", psi_schedule, ("constant", "gaussian")),
+                                 ("neighbour_sampling", neighbour_sampling, ("similarity", "nearest"))):
+        if value is not None:
+            check_choice(name, value, choices)
+    if balanced_sampling is not None and not isinstance(balanced_sampling, bool):
+        raise ValueError(f"balanced_sampling must be true, false or unset, got {balanced_sampling!r}")
+    for name, value in (("use_density", use_density), ("use_image_sim", use_image_sim),
+                        ("use_text_sim", use_text_sim)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+    model_over = {"pretrained": pretrained} if pretrained else {}
+    psi_over = {"psi_max": None if psi_max is None else float(psi_max), "k": k, "pool": neighbour_pool,
+                "schedule": psi_schedule, "sampling": neighbour_sampling}
+    psi = dataclasses.replace(PsiConfig(), **{key: v for key, v in psi_over.items() if v is not None},
+                              use_density=use_density, use_image_sim=use_image_sim, use_text_sim=use_text_sim)
+    train_over = {
+        "max_steps": steps, "batch_size": batch_size, "learning_rate": lr,
+        "mixed_precision": mixed_precision, "ema_decay": ema_decay, "checkpoint_every": checkpoint_every,
+        "checkpoint_minutes": checkpoint_minutes, "checkpoints_total_limit": checkpoints_total_limit,
+        "lr_scheduler": lr_scheduler, "warmup_steps": warmup_steps,
+        "gradient_accumulation_steps": gradient_accumulation_steps, "snr_gamma": snr_gamma,
+        "noise_offset": noise_offset, "optimizer": optimizer, "report_to": report_to,
+        "sample_every": sample_every, "cbdm_tau": cbdm_tau,
+    }
+    train_cfg = train_preset(preset, method=method, seed=seed, balanced_sampling=balanced_sampling, psi=psi,
+                             **{key: v for key, v in train_over.items() if v is not None})
+    return model_preset(preset, **model_over), train_cfg
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Dataclass -> plain JSON-able dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
@@ -255,14 +368,6 @@ def _has_defaults(cls: type) -> bool:
         f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         for f in dataclasses.fields(cls)
     )
-
-
-def save_json(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
-
-
-def load_json(cls: type[T], path: str | Path) -> T:
-    return from_dict(cls, json.loads(Path(path).read_text()))
 
 
 @dataclass(frozen=True)

@@ -193,7 +193,9 @@ class DiffusionModel:
         ``generator`` when given) times ``scaling_factor``, computed in chunks; returned on the
         input's device in float32.
         """
-        assert images.ndim == 4 and images.shape[1] == 3, f"expected [N,3,H,W], got {tuple(images.shape)}"
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"encode_images expects RGB images [N, 3, H, W], got shape {tuple(images.shape)}: "
+                             "convert uint8 [N, H, W, 3] arrays with training.images_to_tensor")
         if self.vae is None:
             return images.float()
         out = []
@@ -202,7 +204,10 @@ class DiffusionModel:
             z = dist.mode() if generator is None else dist.sample(generator=generator)
             out.append(z.float() * self.vae.config.scaling_factor)
         x0 = torch.cat(out).to(images.device)
-        assert tuple(x0.shape[1:]) == self.latent_shape, (tuple(x0.shape), self.latent_shape)
+        if tuple(x0.shape[1:]) != self.latent_shape:
+            raise ValueError(f"the VAE encoded {tuple(images.shape)} images to latents {tuple(x0.shape[1:])}, but the "
+                             f"model expects {self.latent_shape}: resize the images to {self.config.resolution}x"
+                             f"{self.config.resolution} (DataConfig.resolution = ModelConfig.resolution)")
         return x0
 
     @torch.no_grad()
@@ -241,7 +246,9 @@ class DiffusionModel:
         out = self.unet(
             x_t.to(dtype), t, encoder_hidden_states=context.to(dtype), **kwargs
         ).sample
-        assert out.shape == x_t.shape, f"UNet output {tuple(out.shape)} != input {tuple(x_t.shape)}"
+        if out.shape != x_t.shape:
+            raise ValueError(f"the UNet returned {tuple(out.shape)} for input {tuple(x_t.shape)}: its in/out channels "
+                             "must match the diffusion space (an image-to-image or upscaling UNet cannot be used here)")
         out = out.to(x_t.dtype)
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:

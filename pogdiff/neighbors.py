@@ -15,12 +15,9 @@ marked with index ``-1``; they have psi 0 and probability 0, so they never contr
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import faiss
@@ -28,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pogdiff.config import PsiConfig, from_dict, to_dict
+from pogdiff.config import PsiConfig
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +54,6 @@ JOIN_RECALL_K = 10  # the guard checks the nearest this many (the graph uses k <
 # longer tail only enters a kernel sum, where a missed far neighbour changes little)
 JOIN_KMEANS_ITERS = 10
 IMAGE_FEATURE_CHUNK = 256
-TABLE_FORMAT = "pogdiff.neighbour_table/1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,35 +492,6 @@ class NeighbourTable:
         safe = np.where(self.indices >= 0, self.indices, 0)
         other = (self.indices >= 0) & (labels[safe] != labels[:, None])
         return ((self.psi > threshold) & other).any(axis=1)
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write one safetensors file; the PsiConfig is stored as JSON in its metadata."""
-        from safetensors.numpy import save_file
-
-        path = Path(path)
-        tensors = {name: np.ascontiguousarray(getattr(self, name)) for name in _TABLE_ARRAYS
-                   if getattr(self, name) is not None}
-        metadata = {"format": TABLE_FORMAT, "psi_config": json.dumps(to_dict(self.config), sort_keys=True)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "NeighbourTable":
-        """Read a table written by :meth:`save` (no pickle)."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="np") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != TABLE_FORMAT:
-                raise ValueError(f"{path} is not a neighbour table (format {metadata.get('format')!r})")
-            arrays = {name: f.get_tensor(name) for name in _TABLE_ARRAYS if name in f.keys()}
-        config = from_dict(PsiConfig, json.loads(metadata["psi_config"]))
-        return cls(**arrays, config=config)
-
-
-_TABLE_ARRAYS = ("indices", "s_txt", "s_img", "w_density", "psi", "probs", "delta2")
-
 
 def _check_config(cfg: PsiConfig) -> None:
     if cfg.k < 1:

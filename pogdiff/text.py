@@ -264,61 +264,6 @@ class CLIPCaptionEncoder:
         )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte-level alphabet: each byte maps to a printable character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars)))
-
-
-# A handful of merges so that common caption words become single tokens.
-_TINY_MERGES = (
-    "o f</w>", "p h", "o t", "ph ot", "phot o</w>", "t h", "th e</w>", "a n", "an d</w>",
-    "i n", "in g</w>", "t h</w>", "w i", "wi th</w>", "y e", "a r", "ye ar", "year s</w>", "o l", "ol d</w>",
-)
-
-
-def tiny_clip_parts(tmp_dir: str | os.PathLike, *, hidden_size: int = 32, seed: int = 0) -> tuple[Any, Any]:
-    """A tiny CLIP tokenizer and randomly initialised CLIPTextModel, for tests and offline demos.
-
-    Writes ``vocab.json`` and ``merges.txt`` (byte-level alphabet, each byte also with the
-    ``</w>`` end-of-word suffix, a few merges, start / end tokens) into ``tmp_dir`` and builds
-    from them; nothing is downloaded. The model has 2 layers, ``hidden_size`` dims and 77
-    positions; its weights depend only on ``seed`` (the global RNG is left untouched).
-
-    :return: ``(tokenizer, text_model)``.
-    """
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    folder = Path(tmp_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    alphabet = list(_bytes_to_unicode().values())
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m.split()) for m in _TINY_MERGES]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(_TINY_MERGES) + "\n", encoding="utf-8")
-    tokenizer = CLIPTokenizer.from_pretrained(folder)
-
-    heads = next(h for h in (4, 2, 1) if hidden_size % h == 0)
-    config = CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=2, num_attention_heads=heads, max_position_embeddings=77,
-        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPTextModel(config).eval()
-    return tokenizer, model
-
-
 # --------------------------------------------------------------------------------------------
 # cache and factory
 

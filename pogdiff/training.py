@@ -38,7 +38,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pogdiff import checkpoints, losses
-from pogdiff.config import METHODS, ModelConfig, SampleConfig, TrainConfig, uses_balanced_sampling
+from pogdiff.config import (
+    OPTIMIZERS,
+    TRACKERS,
+    ModelConfig,
+    SampleConfig,
+    TrainConfig,
+    uses_balanced_sampling,
+)
 from pogdiff.neighbors import NeighbourTable, build_neighbour_table, gaussian_psi_factor, image_features
 from pogdiff.text import CachedEncoder, TextEmbeddings
 
@@ -107,7 +114,10 @@ class TrainData:
 
     def __post_init__(self) -> None:
         n = self.x0.shape[0]
-        assert len(self.text) == n and len(self.captions) == n and len(self.subjects) == n
+        sizes = {"text": len(self.text), "captions": len(self.captions), "subjects": len(self.subjects)}
+        wrong = {k: v for k, v in sizes.items() if v != n}
+        if wrong:
+            raise ValueError(f"TrainData: x0 has {n} rows but {wrong} differ; every field needs one entry per row")
         self.class_rows = [
             torch.nonzero(self.class_ids == c).flatten() for c in range(int(self.class_ids.max()) + 1)
         ]
@@ -194,39 +204,102 @@ def frozen_weight_dtype(model, mixed_precision: str) -> torch.dtype | None:
 
 
 def check_train_config(cfg: TrainConfig, n_samples: int) -> None:
-    """Validate a TrainConfig once, with messages that name the bad value and what is allowed."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    if cfg.max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1, got {cfg.max_steps}")
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    if not cfg.learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {cfg.learning_rate}")
-    if not 0.0 <= cfg.caption_dropout < 1.0:
-        raise ValueError(f"caption_dropout must be in [0, 1), got {cfg.caption_dropout}")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {cfg.mixed_precision!r}")
-    if cfg.psi.psi_max < 0:
-        raise ValueError(f"psi_max must be >= 0, got {cfg.psi.psi_max}")
+    """Validate a TrainConfig once, with messages that name the bad value and what is allowed.
+
+    The numbers and choices are checked by ``TrainConfig`` itself (again here, for a config edited
+    in place); this adds what depends on the data, the lr schedules diffusers knows and what the
+    optimizer and tracker need installed.
+    """
+    dataclasses.replace(cfg)
     if cfg.psi.sampling not in ("similarity", "nearest"):
         raise ValueError(f"psi sampling must be 'similarity' or 'nearest', got {cfg.psi.sampling!r}")
     if cfg.method == "pogdiff" and n_samples < 2:
         raise ValueError("PoGDiff needs at least 2 training images to find neighbours")
-    if cfg.gradient_accumulation_steps < 1:
-        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {cfg.gradient_accumulation_steps}")
-    if cfg.checkpoints_total_limit < 1:
-        raise ValueError(f"checkpoints_total_limit must be >= 1, got {cfg.checkpoints_total_limit}")
-    if cfg.warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     from diffusers.optimization import SchedulerType
 
     # Schedules that are a function of the step alone (what resuming and fast-forwarding assume).
     names = [t.value for t in SchedulerType if t.value not in ("reduce_lr_on_plateau", "piecewise_constant")]
     if cfg.lr_scheduler not in names:
         raise ValueError(f"unknown lr_scheduler {cfg.lr_scheduler!r}; choose one of {', '.join(names)}")
-    # TrainConfig checks these when it is made; a config edited in place is checked again here.
-    dataclasses.replace(cfg)
+    check_optimizer_available(cfg.optimizer)
+    check_tracker_available(cfg.report_to)
+
+
+# ------------------------------------------------------------------------- optimizer, trackers
+def adamw8bit_missing() -> list[str]:
+    """What ``optimizer="adamw8bit"`` lacks on this machine (empty when it can run)."""
+    missing = []
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        missing.append("bitsandbytes is not installed")
+    if not torch.cuda.is_available():
+        missing.append("CUDA is not available")
+    return missing
+
+
+def _adamw8bit_error(missing: Sequence[str]) -> ValueError:
+    return ValueError(
+        f"optimizer 'adamw8bit' needs bitsandbytes and a CUDA GPU, but {' and '.join(missing)}: install "
+        "bitsandbytes (pip install bitsandbytes) on a CUDA machine, or use optimizer 'adamw' (--optimizer adamw)"
+    )
+
+
+def check_optimizer_available(name: str) -> None:
+    """Refuse an unknown optimizer, or 8-bit AdamW where it cannot run, before any work is done."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if name == "adamw8bit":
+        missing = adamw8bit_missing()
+        if missing:
+            raise _adamw8bit_error(missing)
+
+
+def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig,
+                    device: torch.device | str) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW``, or ``bitsandbytes.optim.AdamW8bit`` for ``optimizer="adamw8bit"``
+    (README "Training options"); the 8-bit one needs the parameters on a CUDA device."""
+    check_optimizer_available(cfg.optimizer)
+    if cfg.optimizer == "adamw8bit":
+        if torch.device(device).type != "cuda":
+            raise _adamw8bit_error([f"the model is on {device}, not on a CUDA device"])
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def _tensorboard_available() -> bool:
+    from accelerate.utils import is_tensorboard_available
+
+    return bool(is_tensorboard_available())
+
+
+def check_tracker_available(report_to: str) -> None:
+    """Refuse an unknown tracker, or tensorboard when it is not installed, before any work is done."""
+    if report_to not in TRACKERS:
+        raise ValueError(f"unknown report_to {report_to!r}; choose one of {', '.join(TRACKERS)}")
+    if report_to == "tensorboard" and not _tensorboard_available():
+        raise ValueError("report_to 'tensorboard' needs the tensorboard package, which is not installed: "
+                         "pip install tensorboard (pinned in requirements-dev.txt), or use report_to 'none'")
+
+
+TRACKER_PROJECT = "pogdiff"  # tensorboard event files go to <run>/logs/<TRACKER_PROJECT>/
+
+
+def tracker_options(cfg: TrainConfig, run_dir: str | Path) -> dict:
+    """``Accelerator`` keyword arguments for ``cfg.report_to`` (empty for "none")."""
+    if cfg.report_to == "none":
+        return {}
+    return {"log_with": cfg.report_to, "project_dir": str(Path(run_dir) / "logs")}
+
+
+def tracker_values(info: StepInfo) -> dict[str, float]:
+    """The scalars sent to the tracker for one step: every loss term, lr and the psi statistics."""
+    values = {k: float(v) for k, v in info.terms.items()}
+    values.update(lr=float(info.lr), psi_mean=float(info.psi_mean), psi_active=float(info.psi_active),
+                  pog_share=float(info.pog_share))
+    return values
 
 
 def eps_loss_weights(t: torch.Tensor, scheduler, *, snr_gamma: float = 0.0) -> torch.Tensor | None:
@@ -316,9 +389,10 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def _make_accelerator(mixed_precision: str):
+def _make_accelerator(mixed_precision: str, **options):
     """An ``Accelerator``; under ``torchrun`` / ``accelerate launch`` without a GPU, CPU processes
-    join one gloo process group (instead of each training alone into the same run folder)."""
+    join one gloo process group (instead of each training alone into the same run folder).
+    ``options`` go to ``Accelerator`` (the tracker's ``log_with`` / ``project_dir``)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
@@ -326,7 +400,7 @@ def _make_accelerator(mixed_precision: str):
     # Inside one process (app, tests) successive runs may ask for different precisions.
     if PartialState._shared_state and PartialState().num_processes == 1 and not multi:
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision=mixed_precision, cpu=multi and not torch.cuda.is_available())
+    return Accelerator(mixed_precision=mixed_precision, cpu=multi and not torch.cuda.is_available(), **options)
 
 
 def _own_storage(module: torch.nn.Module) -> None:
@@ -412,18 +486,20 @@ class Trainer:
         self.stop_event = stop_event or threading.Event()
         self.step = start_step
         self.history: list[StepInfo] = list(history or [])
+        self._history_written = 0  # rows of self.history already in history.jsonl
         self.warnings: list[str] = []
         self._warned_inactive = False
         self.fingerprint: dict | None = None
         self.last_checkpoint: Path | None = None
-        self.accelerator = accelerator if accelerator is not None else _make_accelerator(cfg.mixed_precision)
+        self.accelerator = (accelerator if accelerator is not None
+                            else _make_accelerator(cfg.mixed_precision, **tracker_options(cfg, self.run_dir)))
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.num_processes = self.accelerator.num_processes
         model.to(self.device, dtype=frozen_weight_dtype(model, self.accelerator.mixed_precision))
         _own_storage(model.unet)
         self.params = [p for p in model.trainable_parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.optimizer = build_optimizer(self.params, cfg, self.device)
         self._raw_unet = model.unet
         model.unet, self.optimizer = self.accelerator.prepare(model.unet, self.optimizer)
         # Stepped once per optimizer step by optimize(), never through accelerate (which would
@@ -454,6 +530,9 @@ class Trainer:
         self._raw_unet.train()  # a UNet loaded with from_pretrained comes in eval mode
         self._last_save_time = time.monotonic()
         self._write_status(status="running", pid=os.getpid())
+        self._start_history()
+        if self.cfg.report_to != "none":
+            self.accelerator.init_trackers(TRACKER_PROJECT)
         outcome = "failed"
         try:
             while self.step < self.cfg.max_steps and not self._any(self.stop_event.is_set()):
@@ -470,8 +549,12 @@ class Trainer:
                 self.history.append(info)
                 if self.is_main:
                     self._check_pogdiff_active()
-                if self.is_main and self.cfg.log_every and self.step % self.cfg.log_every == 0:
-                    self._log(info)
+                if self._due(self.cfg.log_every):
+                    self._flush_history()
+                    if self.cfg.report_to != "none":
+                        self.accelerator.log(tracker_values(info), step=self.step)
+                    if self.is_main:
+                        self._log(info)
                 if self.is_main and self.callback:
                     self.callback(info)
                 if self._due(self.cfg.sample_every) and self.preview_callback and self.preview_captions and self.is_main:
@@ -486,6 +569,9 @@ class Trainer:
             outcome = "stopped" if stopped else "finished"
         finally:
             self.model.unet = self._raw_unet
+            self._flush_history()
+            if self.cfg.report_to != "none":
+                self.accelerator.end_training()
             self._write_status(status=outcome, step=self.step)
         return TrainResult(self.run_dir, last_ckpt, self.step, stopped, self.history, self.warnings)
 
@@ -739,6 +825,7 @@ class Trainer:
             raise self._non_finite(f"trainable parameter {bad} holds non-finite values", "weights")
         self.accelerator.wait_for_everyone()
         path = self.run_dir / f"checkpoint-{self.step:06d}"
+        self._flush_history()  # before the checkpoint: a checkpoint's steps are always in the history file
         if self.is_main:
             unet = self.model.unet
             self.model.unet = self._raw_unet
@@ -755,7 +842,6 @@ class Trainer:
     def _write_checkpoint(self) -> Path:
         rng_meta, rng_tensors = _rng_state()
         extra = {
-            "history": [dataclasses.asdict(h) for h in self.history],
             "fingerprint": self.fingerprint,
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "rng": rng_meta,
@@ -774,11 +860,17 @@ class Trainer:
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint read by :func:`pogdiff.checkpoints.read_trainer_state`:
-        step, history, optimizer, lr scheduler, EMA weights and global RNG states."""
+        step, history, optimizer, lr scheduler, EMA weights and global RNG states.
+
+        The history comes from the run's ``history.jsonl`` up to the checkpoint's step (rows
+        written after it are dropped when the loop starts), else from a checkpoint written before
+        the history had its own file."""
         self.step = int(state["step"])
         extra = state.get("extra") or {}
-        known = {f.name for f in dataclasses.fields(StepInfo)}
-        self.history = [StepInfo(**{k: v for k, v in h.items() if k in known}) for h in extra.get("history", [])]
+        rows = checkpoints.read_history(self.run_dir, upto=self.step)
+        if len(rows) != self.step and "history" in extra:
+            rows = [h for h in extra["history"] if int(h["step"]) <= self.step]
+        self.history = history_from_rows(rows)
         checkpoints.apply_optimizer_state(self.optimizer, state)
         if "lr_scheduler" in extra:
             self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
@@ -794,6 +886,20 @@ class Trainer:
                         self.num_processes)
         _set_rng_state(extra.get("rng"), state.get("extra_tensors") or {})
         self.last_checkpoint = state.get("path")
+
+    def _start_history(self) -> None:
+        """Make ``history.jsonl`` hold exactly ``self.history`` (drops rows of steps past a resumed
+        checkpoint; converts a run whose history was kept in its checkpoints)."""
+        if self.is_main:
+            checkpoints.write_history(self.run_dir, [dataclasses.asdict(h) for h in self.history])
+        self._history_written = len(self.history)
+
+    def _flush_history(self) -> None:
+        """Append the steps not yet written to ``history.jsonl`` (main process only)."""
+        new = self.history[self._history_written:]
+        if self.is_main and new:
+            checkpoints.append_history(self.run_dir, [dataclasses.asdict(h) for h in new])
+        self._history_written = len(self.history)
 
     def _restore_ema(self, state: dict) -> None:
         unet = self.model.unet
@@ -916,7 +1022,7 @@ def train(
             f"load the set with DataConfig(resolution={model_cfg.resolution})"
         )
     run_dir = Path(run_dir)
-    accelerator = _make_accelerator(train_cfg.mixed_precision)
+    accelerator = _make_accelerator(train_cfg.mixed_precision, **tracker_options(train_cfg, run_dir))
     checkpoints.check_run_dir(run_dir, 0)
     fingerprint = run_fingerprint(dataset, model_cfg, train_cfg)
     if accelerator.is_main_process:
@@ -983,6 +1089,12 @@ def pogdiff_inactive_warning(pog_shares: Sequence[float], psi_means: Sequence[fl
         + "a larger psi_max, or check that rare classes have at least 2 images; see README "
         "\"Is PoGDiff doing anything?\"."
     )
+
+
+def history_from_rows(rows: Sequence[dict]) -> list[StepInfo]:
+    """``StepInfo`` of each row of :func:`pogdiff.checkpoints.read_history` (unknown keys ignored)."""
+    known = {f.name for f in dataclasses.fields(StepInfo)}
+    return [StepInfo(**{k: v for k, v in h.items() if k in known}) for h in rows]
 
 
 def loss_curve(history: Sequence[StepInfo], term: str = "loss") -> np.ndarray:

@@ -42,6 +42,7 @@ from pogdiff.config import (  # noqa: E402
     Limits,
     PsiConfig,
     SampleConfig,
+    configs_from_options,
     model_preset,
     train_preset,
 )
@@ -859,10 +860,6 @@ class Studio:
         if lr is not None and not isinstance(lr, bool) and isinstance(lr, (int, float)) and lr <= 0:
             raise gr.Error(f"Learning rate must be positive, got {lr!r}.", title="Invalid input")
         lr = _arg(safety.real_number, "Learning rate", lr, 0.0, L.max_learning_rate, True)
-        if psi_max is not None and not isinstance(psi_max, bool) and isinstance(psi_max, (int, float)) \
-                and psi_max < 0:
-            raise gr.Error(f"psi_max must be >= 0, got {psi_max!r}.", title="Invalid input")
-        psi_max = _arg(safety.real_number, "psi_max", psi_max, 0.0, L.max_psi_max)
         flags = [_arg(safety.flag, n, v) for n, v in (("w_density", use_density), ("s_img", use_image_sim),
                                                       ("s_txt", use_text_sim))]
         use_density, use_image_sim, use_text_sim = flags
@@ -872,20 +869,18 @@ class Studio:
             if not (pretrained or "").strip():
                 raise gr.Error("The sd15 preset needs a diffusers model id or a local folder.")
             overrides["pretrained"] = self._pretrained(pretrained.strip())
-        try:
-            model_cfg = model_preset(preset, **overrides)
-            psi = PsiConfig(k=k_i, psi_max=float(psi_max), use_density=bool(use_density),
-                            use_image_sim=bool(use_image_sim), use_text_sim=bool(use_text_sim),
-                            pool=str(pool))
-            train_cfg = train_preset(
-                preset, method=method, max_steps=steps_i, batch_size=batch_i, learning_rate=float(lr),
-                sample_every=every, seed=seed_i, psi=psi,
+        try:  # psi_max and every other value: checked once, by configs_from_options
+            return configs_from_options(
+                method=method, preset=preset, pretrained=overrides.get("pretrained"), steps=steps_i,
+                batch_size=batch_i, lr=float(lr), seed=seed_i, sample_every=every,
+                psi_max=psi_max,
+                k=k_i, use_density=bool(use_density), use_image_sim=bool(use_image_sim),
+                use_text_sim=bool(use_text_sim), neighbour_pool=str(pool),
                 checkpoint_every=max(train_preset(preset).checkpoint_every, steps_i),
-                warmup_steps=min(train_preset(preset).warmup_steps, max(0, steps_i // 10)),
+                warmup_steps=min(train_preset(preset).warmup_steps, max(0, steps_i // 10)), limits=L,
             )
         except ValueError as exc:
-            raise gr.Error(str(exc)) from exc
-        return model_cfg, train_cfg
+            raise gr.Error(str(exc), title="Invalid input") from exc
 
     def _pretrained(self, value: str) -> str:
         """A hub id (``org/name``); a local folder only in single-user mode."""

@@ -14,7 +14,7 @@ os.environ.setdefault("POGDIFF_CACHE", tempfile.mkdtemp(prefix="pogdiff-test-cac
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from pogdiff.config import ModelConfig  # noqa: E402
-from pogdiff.data.demo import DemoSpec, build_demo  # noqa: E402
+from pogdiff.data.demo import DemoSpec, make_demo_set  # noqa: E402
 
 SMALL_SPEC = DemoSpec(
     seed=3, n_identities=5, max_count=8, min_count=2, n_eval_per_identity=2,
@@ -35,4 +35,4 @@ def one_thread():
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory):
     """A 5-identity long-tailed demo set on disk (train / eval / pretrain folders)."""
-    return build_demo(tmp_path_factory.mktemp("demo") / "set", SMALL_SPEC)
+    return make_demo_set(tmp_path_factory.mktemp("demo") / "set", SMALL_SPEC)

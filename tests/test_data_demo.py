@@ -8,11 +8,11 @@ from PIL import Image
 from pogdiff.data import demo as demo_mod
 from pogdiff.data.demo import (
     DemoSpec,
-    build_demo,
     default_demo_dir,
     demo_identities,
     ensure_demo,
     long_tail_counts,
+    make_demo_set,
     pretrain_identities,
     render_set,
     spec_hash,
@@ -78,10 +78,10 @@ def test_split_seeds_differ():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "set"
-    return build_demo(out, DemoSpec())
+    return make_demo_set(out, DemoSpec())
 
 
-def test_build_demo_layout_and_metadata(built):
+def test_make_demo_set_layout_and_metadata(built):
     assert sorted(p.name for p in built.iterdir()) == ["contact_sheet.png", "demo_spec.json", "eval", "pretrain", "train"]
     rows = [json.loads(line) for line in (built / "train" / "metadata.jsonl").read_text().splitlines()]
     assert len(rows) == 287
@@ -114,17 +114,17 @@ def test_demo_splits_load_with_the_user_loader(built):
     assert set(pre.classes).isdisjoint(train.classes)
 
 
-def test_build_demo_is_idempotent_and_rebuilds_on_change(tmp_path, monkeypatch):
+def test_make_demo_set_is_idempotent_and_rebuilds_on_change(tmp_path, monkeypatch):
     out = tmp_path / "d"
-    build_demo(out, SMALL)
+    make_demo_set(out, SMALL)
     stamp = (out / "train" / "metadata.jsonl").stat().st_mtime_ns
     calls = []
     monkeypatch.setattr(demo_mod, "_write_demo", lambda *a: calls.append(a))
-    assert build_demo(out, SMALL) == out
+    assert make_demo_set(out, SMALL) == out
     assert calls == [] and (out / "train" / "metadata.jsonl").stat().st_mtime_ns == stamp
     monkeypatch.undo()
     other = DemoSpec(**{**SMALL.__dict__, "seed": 1})
-    build_demo(out, other)
+    make_demo_set(out, other)
     assert json.loads((out / "demo_spec.json").read_text())["seed"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["d"]  # no temporary folders left behind
 
@@ -135,7 +135,7 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
         raise RuntimeError("disk full")
     monkeypatch.setattr(demo_mod, "_write_demo", boom)
     with pytest.raises(RuntimeError, match="disk full"):
-        build_demo(tmp_path / "d", SMALL)
+        make_demo_set(tmp_path / "d", SMALL)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -234,23 +234,6 @@ def test_draw_is_deterministic_and_matches_probs():
     np.testing.assert_array_equal(ids, nearest.indices[:, 0])
 
 
-def test_table_save_load_round_trip(tmp_path):
-    pooled, feats, classes = _toy_set()
-    cfg = PsiConfig(pool="all", k=2, psi_max=0.7, density_gamma=0.5, sampling="nearest")
-    table = build_neighbour_table(pooled, feats, cfg, classes=classes)
-    path = tmp_path / "neighbours.safetensors"
-    table.save(path)
-    loaded = NeighbourTable.load(path)
-    assert loaded.config == cfg
-    for name in ("indices", "s_txt", "s_img", "w_density", "psi", "probs"):
-        got, want = getattr(loaded, name), getattr(table, name)
-        assert got.dtype == want.dtype
-        np.testing.assert_array_equal(got, want)
-    (tmp_path / "other.safetensors").write_bytes(path.read_bytes()[:10])
-    with pytest.raises(Exception):
-        NeighbourTable.load(tmp_path / "other.safetensors")
-
-
 def test_table_config_errors():
     pooled, feats, classes = _toy_set()
     with pytest.raises(ValueError, match="unknown PsiConfig.sampling 'random'"):

@@ -155,3 +155,42 @@ def test_bf16_precision_is_close_to_fp32_and_checked(model):
     assert 0 < diff.mean() < 4  # bfloat16 rounding moves pixels a little, never the picture
     with pytest.raises(ValueError, match="unknown precision 'fp8'; allowed values: fp32, bf16"):
         generate(model, ["a"], [1], SampleConfig(precision="fp8"))
+
+
+# Pixel values (float, before uint8) of the shipped base at fixed seeds: (image, channel, row, column).
+GOLDEN_PIXELS = [(0, 0, 5, 7), (0, 1, 16, 16), (0, 2, 30, 2), (1, 0, 10, 20), (1, 1, 3, 28), (1, 2, 25, 25)]
+GOLDEN = {
+    "ddim": ([0.3398390, -0.4356032, 0.1500911, 0.5726107, 0.7163197, 0.1650238], 0.2716600),
+    "dpm": ([0.6798030, -0.4036503, 0.1645653, 0.4795724, 0.7528180, 0.1372245], 0.2867022),
+}
+
+
+@pytest.mark.parametrize("scheduler", sorted(GOLDEN))
+def test_shipped_base_samples_today_s_pixels(scheduler, monkeypatch):
+    """Golden values: they pin today's sampler (scheduler set-up, guidance, noise per seed, decode)
+    on the shipped tiny base, so an unintended change to sampling is caught.
+
+    Recorded once, on CPU with one thread, from the code of the commit that added them. Sampling
+    amplifies summation-order differences: two threads instead of one moved these values by up to
+    4e-4 (measured), hence the tolerance of 1e-3; a different scheduler, guidance or seed handling
+    moves them by far more (ddim and dpm differ by 0.34 on the first pixel). If a change to the
+    sampler is intended, record the new values and say so in the commit.
+    """
+    from pathlib import Path
+
+    from pogdiff import checkpoints, sampling
+
+    base = Path(__file__).resolve().parent.parent / "checkpoints" / "base-tiny"
+    model = checkpoints.load_model(base)
+    floats = []
+    real = sampling.to_uint8
+    monkeypatch.setattr(sampling, "to_uint8", lambda x: (floats.append(x.clone()), real(x))[1])
+    torch.set_num_threads(1)
+    images = generate(model, ["a photo of amara iyer", "a photo of a person with red hair"], [0, 7],
+                      SampleConfig(scheduler=scheduler, steps=4, guidance_scale=3.0))
+    x = torch.cat(floats)
+    assert x.shape == (2, 3, 32, 32) and images.shape == (2, 32, 32, 3)
+    values, mean = GOLDEN[scheduler]
+    np.testing.assert_allclose([float(x[i]) for i in GOLDEN_PIXELS], values, rtol=0, atol=1e-3)
+    assert float(x.mean()) == pytest.approx(mean, abs=1e-3)
+    np.testing.assert_array_equal(images, real(x))

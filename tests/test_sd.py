@@ -16,7 +16,8 @@ from pogdiff.config import ModelConfig, SampleConfig, TrainConfig
 from pogdiff.export import export_diffusers
 from pogdiff.models import LORA_TARGET_MODULES, load_stable_diffusion
 from pogdiff.sampling import generate
-from pogdiff.text import CLIPCaptionEncoder, tiny_clip_parts
+from pogdiff.text import CLIPCaptionEncoder
+from tests.fakes import tiny_clip_parts
 
 HIDDEN = 32
 RANK = 4

@@ -211,7 +211,7 @@ def studio(tmp_path):
     (dict(steps="abc"), "Steps must be a number"),
     (dict(k=10**6), "k \\(neighbours\\) must be a whole number from 1 to 50"),
     (dict(lr=float("inf")), "Learning rate must be a finite number"),
-    (dict(psi_max=1e9), "psi_max must be from 0 to 10"),
+    (dict(psi_max=1e9), "psi_max must be a finite number >= 0 and <= 10"),
     (dict(seed=-1), "Seed must be a whole number from 0"),
     (dict(sample_every=10**9), "Preview every must be a whole number"),
     (dict(method="../../etc/passwd"), "Method must be one of"),

@@ -18,8 +18,8 @@ from pogdiff.text import (
     build_text_encoder,
     default_minilm,
     minilm_model_dir,
-    tiny_clip_parts,
 )
+from tests.fakes import tiny_clip_parts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only, never the hub
 

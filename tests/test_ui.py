@@ -153,7 +153,7 @@ def test_build_configs_maps_every_option(studio):
     (dict(steps=0), "Steps must be a whole number from 1 to 20000"),
     (dict(batch_size=2.5), "Batch size must be a whole number"),
     (dict(lr=0), "Learning rate must be positive"),
-    (dict(psi_max=-1), "psi_max must be >= 0"),
+    (dict(psi_max=-1), "psi_max must be a finite number >= 0 and <= 10, got -1"),
     (dict(preset="sd15", pretrained=" "), "needs a diffusers model id"),
 ])
 def test_build_configs_rejects_bad_values_with_gr_error(studio, kw, message):

@@ -4,11 +4,11 @@ from .classes import CLASS_SOURCE_HELP, CLASS_SOURCES, DEFAULT_CLASS_SOURCE, clu
 from .demo import (
     DemoSpec,
     RenderedSet,
-    build_demo,
     default_demo_dir,
     demo_identities,
     ensure_demo,
     long_tail_counts,
+    make_demo_set,
     pretrain_identities,
     render_set,
 )
@@ -41,7 +41,6 @@ __all__ = [
     "Sample",
     "ValidationReport",
     "attribute_labels",
-    "build_demo",
     "caption",
     "class_table",
     "cluster_captions",
@@ -51,6 +50,7 @@ __all__ = [
     "load_image_text_set",
     "long_tail_counts",
     "long_tail_figure",
+    "make_demo_set",
     "make_identities",
     "pretrain_identities",
     "render",

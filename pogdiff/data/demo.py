@@ -218,7 +218,7 @@ def default_demo_dir(spec: DemoSpec = DemoSpec()) -> Path:
 def ensure_demo(spec: DemoSpec = DemoSpec(), root: str | Path | None = None) -> Path:
     """Build the demo set once (cached) and return its folder; ``root`` overrides the cache root."""
     out = Path(root) / f"demo-{spec_hash(spec)}" if root is not None else default_demo_dir(spec)
-    return build_demo(out, spec)
+    return make_demo_set(out, spec)
 
 
 def _is_built(out_dir: Path, spec: DemoSpec) -> bool:
@@ -228,7 +228,7 @@ def _is_built(out_dir: Path, spec: DemoSpec) -> bool:
         return False
 
 
-def build_demo(out_dir: str | Path, spec: DemoSpec = DemoSpec()) -> Path:
+def make_demo_set(out_dir: str | Path, spec: DemoSpec = DemoSpec()) -> Path:
     """Write ``train/``, ``eval/``, ``pretrain/``, ``contact_sheet.png`` and ``demo_spec.json``.
 
     Idempotent: returns at once when ``out_dir/demo_spec.json`` matches ``spec``. Written to a
