@@ -316,12 +316,13 @@ def points_in_band(frame: pd.DataFrame, x_range: Any) -> pd.DataFrame:
 
 
 def thumbnail_markdown(image: np.ndarray, px: int = THUMB_MARKDOWN_PX) -> str:
-    """A markdown image (PNG data URI, nearest-upscaled to ``px``) for a table cell."""
+    """A markdown image for a table cell: PNG data URI of ``image`` upscaled (nearest, whole factor)
+    until its short side is at least ``px``."""
     from PIL import Image
 
-    img = Image.fromarray(np.asarray(image, dtype=np.uint8))
-    if img.width < px:
-        img = img.resize((px, round(px * img.height / img.width)), Image.Resampling.NEAREST)
+    img = np.asarray(image, dtype=np.uint8)
+    factor = max(1, -(-px // max(1, min(img.shape[:2]))))
+    img = np.repeat(np.repeat(img, factor, axis=0), factor, axis=1)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    Image.fromarray(img).save(buf, format="PNG")
     return f"![thumbnail](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode('ascii')})"

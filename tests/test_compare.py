@@ -156,3 +156,191 @@ def test_points_in_band_and_thumbnail():
 
     img = Image.open(io.BytesIO(base64.b64decode(md.split(",", 1)[1].rstrip(")"))))
     assert img.size == (16, 16)
+
+
+# ================================================================================= Studio
+@pytest.fixture
+def studio(tmp_path):
+    import gradio as gr  # noqa: F401
+
+    from pogdiff import ui
+    from pogdiff.jobs import JobManager
+    from tests.fakes import HashEncoder
+    from tests.test_jobs import FakeTrain
+
+    s = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped",
+                  jobs=JobManager(tmp_path / "runs", train_fn=FakeTrain()), device="cpu")
+    s._encoder = HashEncoder()
+    return s
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+@pytest.fixture
+def key(studio, tmp_path):
+    from tests.test_ui import _tiny_set
+
+    folder = _tiny_set(tmp_path / "set", {"Ann Lee": 6, "Bo Chan": 2, "Cy Dee": 1})
+    return studio.load_upload([str(p) for p in sorted(folder.iterdir())], progress=_noop)[0]
+
+
+@pytest.fixture
+def fake_runs(studio, tmp_path, monkeypatch):
+    """Two runs whose 'sampler' paints every image 0 (run A) or 40 (run B); records its calls."""
+    from pogdiff import ui
+
+    sources = [ui.Source("run:a", "run · a", tmp_path / "a"), ui.Source("run:b", "run · b", tmp_path / "b")]
+    monkeypatch.setattr(studio, "sources", lambda: sources)
+    monkeypatch.setattr(studio, "_model", lambda src: src.key)
+    calls = []
+
+    def generate(model, captions, seeds, cfg, **kwargs):
+        calls.append((model, list(captions), list(seeds), cfg.steps))
+        return np.full((len(captions), 8, 8, 3), 0 if model == "run:a" else 40, np.uint8)
+
+    monkeypatch.setattr("pogdiff.sampling.generate", generate)
+    return calls
+
+
+def test_typed_prompts_reach_the_sampler_and_are_validated(studio, fake_runs):
+    import gradio as gr
+
+    pair, grid_a, grid_b, note = studio.generate_pair(
+        "run:a", "run:b", ["a photo of Bo Chan"], " red  fox, snow\n\n a cat ", 2, 3.0, 5, progress=_noop)
+    assert [c[0] for c in fake_runs] == ["run:a", "run:b"]
+    assert fake_runs[0][1] == ["a photo of Bo Chan", "red fox, snow", "a cat"] * 2
+    assert fake_runs[0][2] == [0, 0, 0, 1, 1, 1] and fake_runs[0][3] == 5
+    assert "3 prompt(s)" in note
+    long = "x" * (studio.limits.max_text_chars + 1)
+    with pytest.raises(gr.Error, match="Typed prompt 1 is .* characters long"):
+        studio.generate_pair("run:a", "run:b", [], long, 1, 3.0, 5, progress=_noop)
+
+
+def test_real_images_and_difference_beside_a_and_b(studio, key, fake_runs):
+    from pogdiff import ui
+
+    studio.generate_pair("run:a", "run:b", ["a photo of Bo Chan", "a photo of Ann Lee"], "a photo of nobody", 1,
+                         3.0, 5, progress=_noop)
+    gallery, real_md, diff, diff_md, state = studio.pair_views("run:a", "run:b", key, None)
+    bundle = studio.bundle(key)
+    bo = [i for i, s in enumerate(bundle.subjects) if s == "Bo Chan"]
+    ann = [i for i, s in enumerate(bundle.subjects) if s == "Ann Lee"]
+    expected = [bundle.ds.images[i] for i in bo + ann[:cv.MAX_REAL_IMAGES]]
+    assert len(gallery) == len(expected)
+    for (img, label), want in zip(gallery, expected):
+        assert np.array_equal(img, ui.upscale(want))
+    assert gallery[0][1].startswith("Bo Chan · 1 of 2")
+    assert "**Bo Chan**: 2 training images (few-shot)" in real_md
+    assert "**Ann Lee**: 6 training images" in real_md
+    assert "*a photo of nobody*: no training class matches" in real_md
+    assert "Mean |A − B| = **40.00** of 255" in diff_md
+    pixel = np.asarray(diff)[0, 0]
+    assert (pixel == cv.heat_colours(np.array(40 * cv.DIFF_GAIN / 255))).all()
+    assert cv.CompareState.from_browser(state, max_prompts=99, max_chars=999).token
+
+
+def test_shipped_pair_shows_the_demo_set_images(studio, key, monkeypatch):
+    from pogdiff import ui
+
+    monkeypatch.setattr(studio, "sources", lambda: [ui.Source("shipped:demo-baseline", "s", studio.shipped_dir)])
+    monkeypatch.setattr(studio, "_load_demo_bundle", lambda: "the demo bundle")
+    assert studio.training_bundle("shipped:demo-baseline", "shipped:demo-baseline", key) == "the demo bundle"
+    assert studio.training_bundle("shipped:demo-baseline", "run:x", key).key == key
+
+
+def test_compare_state_survives_tab_switches_and_reloads(studio, key, fake_runs):
+    a, b, _ = studio.compare_choices("run:b", "run:a")  # a tab switch keeps the choice
+    assert (a.value, b.value) == ("run:b", "run:a")
+    a, b, _ = studio.compare_choices("run:gone", None)
+    assert (a.value, b.value) == ("run:b", "run:a") or a.value in ("run:a", "run:b")
+    prompts = studio.prompt_choices(key, ["a photo of Ann Lee", "typed by hand"])
+    assert prompts.value == ["a photo of Ann Lee", "typed by hand"]
+    assert studio.prompt_choices(key).value == ["a photo of Cy Dee", "a photo of Bo Chan"]  # few-shot default
+
+    state = studio.remember_compare("run:a", "run:b", ["a photo of Bo Chan"], "a cat", 1, 2.5, 7, None)
+    pair, *_ = studio.generate_pair("run:a", "run:b", ["a photo of Bo Chan"], "a cat", 1, 2.5, 7, progress=_noop)
+    *_, state = studio.pair_views("run:a", "run:b", key, state)
+    state = json.loads(json.dumps(state))  # what the browser keeps
+    restored = studio.restore_compare(state)
+    names = studio.RESTORE_OUTPUTS
+    values = dict(zip(names, restored))
+    assert values["run_a"].value == "run:a" and values["run_b"].value == "run:b"
+    assert values["prompts"].value == ["a photo of Bo Chan"] and values["custom"] == "a cat"
+    assert (values["n_seeds"], values["guidance"], values["sample_steps"]) == (1, 2.5, 7)
+    assert np.array_equal(values["slider"][0], pair[0]) and np.array_equal(values["slider"][1], pair[1])
+    assert "Mean |A − B| = **40.00**" in values["diff_md"]
+    # a browser without a state, or with junk, changes nothing
+    assert all(isinstance(v, dict) and v.get("__type__") == "update" for v in studio.restore_compare({"x": 1}))
+
+
+def _ship(studio, name, acc):
+    folder = studio.shipped_dir / name
+    folder.mkdir(parents=True)
+    (folder / "configs.json").write_text("{}")
+    table = A_TABLE if acc == "a" else B_TABLE
+    table.to_csv(folder / "per_class.csv", index=False)
+
+
+def test_metric_table_is_the_delta_of_the_two_runs_and_is_kept(studio):
+    _ship(studio, "demo-baseline", "a")
+    _ship(studio, "demo-pogdiff", "b")
+    table, fig, md = studio.precomputed_metrics("shipped:demo-baseline", "shipped:demo-pogdiff")
+    want = cv.delta_table(A_TABLE, B_TABLE, "demo-baseline", "demo-pogdiff")
+    assert table["subject"].tolist() == ["b", "c", "a"]
+    assert table["accuracy · B−A"].tolist() == pytest.approx(want["accuracy · B−A"].tolist())
+    assert table["accuracy · B−A"].tolist() == pytest.approx([0.3, 0.05, -0.1])
+    assert len(fig.axes) == 2  # both runs, and B − A per class
+    state = studio.keep_metrics("shipped:demo-baseline", "shipped:demo-pogdiff", None)
+    values = dict(zip(studio.RESTORE_OUTPUTS, studio.restore_compare(state)))
+    assert values["metrics_table"]["accuracy · B−A"].tolist() == pytest.approx([0.3, 0.05, -0.1])
+    assert values["metrics_md"] == md
+
+
+# ============================================================================ Studio: Neighbours
+def test_map_frame_rounds_and_bins_and_keeps_rare_points_on_top(studio, key):
+    scatter, dd, banner = studio.neighbour_map(key, "class frequency", progress=_noop)
+    assert scatter.color == "class size bin" and list(scatter.color_map)[0] == "1 img"
+    frame = studio.map_frame(studio.bundle(key))
+    assert frame["class size"].tolist() == sorted(frame["class size"], reverse=True)  # the rarest drawn last
+    bundle = studio.bundle(key)
+    for r in frame.itertuples():
+        assert r.x == cv.round_sig(bundle.coords[r.row, 0]) and r.y == cv.round_sig(bundle.coords[r.row, 1])
+        assert r.caption == bundle.captions[r.row]
+    assert frame["class size bin"].tolist() == [cv.size_bin(n) for n in frame["class size"]]
+    assert set(frame["class size bin"]) == {"1 img", "2–3 img", "4–7 img"}
+
+
+def test_points_table_and_brushed_band_pick_a_caption(studio, key):
+    import gradio as gr
+
+    studio.neighbour_map(key, "shot bucket", progress=_noop)
+    points = studio.map_points(key)
+    assert points["subject"].tolist()[0] == "Cy Dee" and points["class size"].is_monotonic_increasing
+    second = points.iloc[2]
+    evt = gr.SelectData(None, {"index": [2, 1], "value": second["caption"], "selected": True})
+    assert studio.hop(key, points, evt) == int(second["row"])  # a click on a row picks its caption
+    frame = studio.map_frame(studio.bundle(key))
+    x = float(frame.loc[frame["subject"] == "Bo Chan", "x"].iloc[0])
+    band, row = studio.map_band(key, gr.SelectData(None, {"index": [x - 1e-9, x + 1e-9], "value": None}))
+    assert "Bo Chan" in band["subject"].tolist() and row == int(band.iloc[0]["row"])
+    assert studio.map_band(key, gr.SelectData(None, {"index": "junk", "value": None}))[1].get("__type__") == "update"
+
+
+def test_neighbour_list_shows_each_neighbours_image(studio, key):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from pogdiff import ui
+
+    head, frame, gallery = studio.neighbours_of(key, 0, 3, 1.0, "all")
+    assert frame.columns[0] == "image" and len(frame) == 3
+    bundle = studio.bundle(key)
+    for r in frame.itertuples():
+        png = base64.b64decode(r.image.split(",", 1)[1].rstrip(")"))
+        img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        assert np.array_equal(img, ui.upscale(bundle.ds.images[r.row], cv.THUMB_MARKDOWN_PX))
+    assert all(isinstance(v, float) for v in frame["psi"])
