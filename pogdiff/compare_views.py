@@ -131,7 +131,7 @@ def delta_table(table_a: pd.DataFrame, table_b: pd.DataFrame, name_a: str = "A",
 
     Both tables are per-class tables (``subject``, ``train_count``, ``shot`` and metric columns, as
     :func:`pogdiff.metrics.per_class_table` writes them). Classes missing from one side get NaN.
-    The ``few`` column marks few-shot rows with ``★ few``.
+    The last column, ``few``, marks few-shot rows with ``★ few``.
     """
     keys = ["subject", "train_count", "shot"]
     for name, table in ((name_a, table_a), (name_b, table_b)):
@@ -144,11 +144,11 @@ def delta_table(table_a: pd.DataFrame, table_b: pd.DataFrame, name_a: str = "A",
                          f"A has {list(table_a.columns)}, B has {list(table_b.columns)}")
     merged = table_a[keys + cols].merge(table_b[keys + cols], on=keys, how="outer", suffixes=(" · A", " · B"))
     out = merged[keys].copy()
-    out.insert(3, "few", np.where(out["shot"] == "few", FEW_MARK, ""))
     for m in cols:
         out[f"{m} · {name_a}"] = merged[f"{m} · A"]
         out[f"{m} · {name_b}"] = merged[f"{m} · B"]
         out[f"{m} · B−A"] = merged[f"{m} · B"] - merged[f"{m} · A"]
+    out["few"] = np.where(out["shot"] == "few", FEW_MARK, "")
     return out.sort_values(["train_count", "subject"], kind="stable").reset_index(drop=True)
 
 

@@ -254,7 +254,7 @@ def test_compare_state_survives_tab_switches_and_reloads(studio, key, fake_runs)
     a, b, _ = studio.compare_choices("run:b", "run:a")  # a tab switch keeps the choice
     assert (a.value, b.value) == ("run:b", "run:a")
     a, b, _ = studio.compare_choices("run:gone", None)
-    assert (a.value, b.value) == ("run:b", "run:a") or a.value in ("run:a", "run:b")
+    assert (a.value, b.value) == ("run:b", "run:a")  # the defaults: the older run as A, the newest as B
     prompts = studio.prompt_choices(key, ["a photo of Ann Lee", "typed by hand"])
     assert prompts.value == ["a photo of Ann Lee", "typed by hand"]
     assert studio.prompt_choices(key).value == ["a photo of Cy Dee", "a photo of Bo Chan"]  # few-shot default
