@@ -407,10 +407,11 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                                grid_b=grid_b, pair_md=pair_md, real_gallery=real_gallery, real_md=real_md,
                                diff=diff_img, diff_md=diff_md, metrics_table=metrics_table,
                                metrics_plot=metrics_plot, metrics_md=metrics_md)
-        (demo.load(studio.compare_choices, None, choice_outputs, api_visibility="private")
-         .then(studio.precomputed_metrics, [run_a, run_b], metric_outputs, api_visibility="private")
-         .then(studio.restore_compare, cmp_state, [restore_outputs[n] for n in Studio.RESTORE_OUTPUTS],
-               api_visibility="private"))
+        # Restore first: the choices it sets trigger remember_compare, which rewrites the kept state.
+        (demo.load(studio.restore_compare, cmp_state, [restore_outputs[n] for n in Studio.RESTORE_OUTPUTS],
+                   api_visibility="private")
+         .then(studio.compare_choices, [run_a, run_b], choice_outputs, api_visibility="private")
+         .then(studio.load_metrics, [run_a, run_b, cmp_state], metric_outputs, api_visibility="private"))
     return demo
 
 

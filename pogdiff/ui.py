@@ -1312,31 +1312,43 @@ class Studio:
     def _stash_key(self, request: gr.Request | None) -> str:
         return getattr(request, "session_hash", None) or "local"
 
-    def training_bundle(self, key_a: str | None, key_b: str | None, ds_key: str | None) -> DatasetBundle:
-        """The training data behind A and B: the demo set when both are shipped demo runs, else the
-        dataset this browser session loaded (the demo set when none)."""
-        shipped = [isinstance(k, str) and k.startswith("shipped:") for k in (key_a, key_b)]
-        return self._load_demo_bundle() if all(shipped) else self.bundle(ds_key)
+    def training_bundles(self, key_a: str | None, key_b: str | None, ds_key: str | None) -> list[DatasetBundle]:
+        """Where the real images of a prompted subject are looked up, in order: the dataset this
+        browser session loaded, then the demo set when A or B is a shipped demo run (or when the
+        session loaded nothing)."""
+        shipped = any(isinstance(k, str) and k.startswith("shipped:") for k in (key_a, key_b))
+        own = self.bundle(ds_key) if ds_key else None
+        found = [own] if own is not None else []
+        if (shipped or own is None) and (own is None or own.key != DEMO_KEY):
+            found.append(self._load_demo_bundle())
+        return found
 
-    def real_panel(self, bundle: DatasetBundle, captions: Sequence[str]) -> tuple[list, str]:
-        """Training images of each prompt's subject (gallery items) and their counts (markdown)."""
+    def real_panel(self, bundles: Sequence[DatasetBundle], captions: Sequence[str]) -> tuple[list, str]:
+        """Training images of each prompt's subject (gallery items) and their counts (markdown).
+
+        A prompt's subject is looked up in ``bundles`` in order; the first that has it is used.
+        """
         from pogdiff.compare_views import MAX_REAL_IMAGES, real_examples, subject_for_prompt
 
-        counts, items, lines, seen = bundle.count_of(), [], [], set()
+        items, lines, seen = [], [], set()
+        template = self.data_config.caption_template
         for caption in captions:
-            subject = subject_for_prompt(caption, bundle.subjects, self.data_config.caption_template)
-            if subject is None:
+            match = next(((b, s) for b in bundles for s in [subject_for_prompt(caption, b.subjects, template)]
+                          if s is not None), None)
+            if match is None:
                 lines.append(f"- *{caption}*: no training class matches this prompt.")
                 continue
-            if subject in seen:
+            bundle, subject = match
+            if (bundle.key, subject) in seen:
                 continue
-            seen.add(subject)
+            seen.add((bundle.key, subject))
             images, n = real_examples(bundle.ds.images, bundle.subjects, subject, MAX_REAL_IMAGES)
-            shot = shot_bucket(counts.get(subject, n), self.data_config)
-            lines.append(f"- **{subject}**: {n} training image{'s' if n != 1 else ''} ({shot}-shot)")
+            shot = shot_bucket(n, self.data_config)
+            where = f" in *{bundle.name}*" if len(bundles) > 1 else ""
+            lines.append(f"- **{subject}**: {n} training image{'s' if n != 1 else ''} ({shot}-shot){where}")
             items += gallery_items(images, [f"{subject} · {i + 1} of {n}" for i in range(len(images))])
-        head = f"**Real training images** ({bundle.name}), per prompted subject:\n\n"
-        return items, head + "\n".join(lines)
+        names = " / ".join(b.name for b in bundles)
+        return items, f"**Real training images** ({names}), per prompted subject:\n\n" + "\n".join(lines)
 
     def pair_views(self, key_a: str | None, key_b: str | None, ds_key: str | None, state: Any,
                    request: gr.Request = None) -> tuple:
@@ -1348,9 +1360,9 @@ class Studio:
             last = self._pair_stash.get(self._stash_key(request))
         if last is None:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        real, real_md = self.real_panel(self.training_bundle(key_a, key_b, ds_key), last["captions"])
+        real, real_md = self.real_panel(self.training_bundles(key_a, key_b, ds_key), last["captions"])
         view = difference_view(last["a"], last["b"])
-        labels = [f"|A−B| {m:.1f}" for m in view.mean_abs]
+        labels = [f"|A-B| {m:.1f}" for m in view.mean_abs]  # the grid's label font has no U+2212
         diff = image_grid(view.heatmaps, ncols=len(last["captions"]), labels=labels, scale=last["scale"])
         kept = self._state(state)
         kept.token = kept.token or ResultCache.new_token()
@@ -1389,6 +1401,12 @@ class Studio:
         kept.token = kept.token or ResultCache.new_token()
         self._results.put(kept.token, metrics=outputs)
         return kept.to_browser()
+
+    def load_metrics(self, key_a: str | None, key_b: str | None, state: Any) -> tuple:
+        """Page load: the shipped metrics of A and B, unless this browser's kept results have metrics."""
+        if "metrics" in self._results.get(self._state(state).token):
+            return gr.skip(), gr.skip(), gr.skip()
+        return self.precomputed_metrics(key_a, key_b)
 
     def restore_compare(self, state: Any) -> tuple:
         """Page load: the Compare tab as this browser left it (choices, images, metrics)."""

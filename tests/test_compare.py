@@ -241,13 +241,18 @@ def test_real_images_and_difference_beside_a_and_b(studio, key, fake_runs):
     assert cv.CompareState.from_browser(state, max_prompts=99, max_chars=999).token
 
 
-def test_shipped_pair_shows_the_demo_set_images(studio, key, monkeypatch):
+def test_real_images_come_from_the_session_data_then_the_demo_set(studio, key, monkeypatch):
     from pogdiff import ui
 
-    monkeypatch.setattr(studio, "sources", lambda: [ui.Source("shipped:demo-baseline", "s", studio.shipped_dir)])
-    monkeypatch.setattr(studio, "_load_demo_bundle", lambda: "the demo bundle")
-    assert studio.training_bundle("shipped:demo-baseline", "shipped:demo-baseline", key) == "the demo bundle"
-    assert studio.training_bundle("shipped:demo-baseline", "run:x", key).key == key
+    demo = ui.DatasetBundle(key="demo", name="demo set", ds=None, table=pd.DataFrame(), summary={})
+    monkeypatch.setattr(studio, "_load_demo_bundle", lambda: demo)
+    own = studio.bundle(key)
+    assert studio.training_bundles("shipped:demo-baseline", "shipped:demo-pogdiff", None) == [demo]
+    assert studio.training_bundles("shipped:demo-baseline", "run:x", key) == [own, demo]
+    assert studio.training_bundles("run:y", "run:x", key) == [own]
+    # a subject found in the session's data is shown from there, with the dataset named
+    items, md = studio.real_panel([own, own], ["a photo of Cy Dee"])
+    assert len(items) == 1 and f"**Cy Dee**: 1 training image (few-shot) in *{own.name}*" in md
 
 
 def test_compare_state_survives_tab_switches_and_reloads(studio, key, fake_runs):
@@ -296,6 +301,10 @@ def test_metric_table_is_the_delta_of_the_two_runs_and_is_kept(studio):
     values = dict(zip(studio.RESTORE_OUTPUTS, studio.restore_compare(state)))
     assert values["metrics_table"]["accuracy · B−A"].tolist() == pytest.approx([0.3, 0.05, -0.1])
     assert values["metrics_md"] == md
+    # on a page load the kept metrics win over the shipped ones
+    assert all(v.get("__type__") == "update" for v in studio.load_metrics("shipped:demo-baseline",
+                                                                          "shipped:demo-pogdiff", state))
+    assert studio.load_metrics("shipped:demo-baseline", "shipped:demo-pogdiff", None)[2] == md
 
 
 # ============================================================================ Studio: Neighbours
