@@ -34,6 +34,21 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pogdiff import safety  # noqa: E402
+from pogdiff.compare_views import (  # noqa: E402
+    MAX_REAL_IMAGES,
+    CompareState,
+    ResultCache,
+    delta_table,
+    difference_view,
+    parse_typed_prompts,
+    points_in_band,
+    real_examples,
+    round_sig,
+    size_bin,
+    size_colour_map,
+    subject_for_prompt,
+    thumbnail_markdown,
+)
 from pogdiff.config import (  # noqa: E402
     LIMITS,
     METHODS,
@@ -408,8 +423,6 @@ class Studio:
         self._models: OrderedDict[str, Any] = OrderedDict()
         self._encoder = None
         self._evaluator = None
-        from pogdiff.compare_views import ResultCache
-
         self._results = ResultCache()  # Compare results kept for page reloads, by a token the browser holds
         self._pair_stash: OrderedDict[str, dict] = OrderedDict()  # last generated pair per browser session
         self._metric_stash: OrderedDict[tuple, tuple] = OrderedDict()  # last metric outputs per run pair
@@ -730,8 +743,6 @@ class Studio:
     @staticmethod
     def _scatter(frame: pd.DataFrame, colour_by: str):
         if colour_by == "class frequency":
-            from pogdiff.compare_views import size_colour_map
-
             # binned class sizes with dark colours: a one-image class is never near-white
             return gr.ScatterPlot(value=frame, color="class size bin", color_map=size_colour_map())
         return gr.ScatterPlot(value=frame, color="shot", color_map=SHOT_COLOURS)
@@ -740,8 +751,6 @@ class Studio:
     def map_frame(bundle: DatasetBundle) -> pd.DataFrame:
         """One row per caption: rounded coordinates (3 significant digits, as the tooltips show them),
         shot bucket, class size and its bin; the largest classes first so the rarest are drawn on top."""
-        from pogdiff.compare_views import round_sig, size_bin
-
         counts = bundle.count_of()
         shots = dict(zip(bundle.table["subject"], bundle.table["shot"]))
         frame = pd.DataFrame({
@@ -766,8 +775,6 @@ class Studio:
     def map_band(self, key: str | None, evt: gr.SelectData) -> tuple:
         """A band brushed on the map (the plot reports its x interval, not a point): its points,
         rarest first, and the rarest one picked."""
-        from pogdiff.compare_views import points_in_band
-
         bundle = self.bundle(key)
         if bundle.coords is None:
             return gr.skip(), gr.skip()
@@ -791,8 +798,6 @@ class Studio:
         """The k nearest captions of one caption, with similarity, psi and its factors."""
         if row is None or row == "":
             return "Pick a caption above.", pd.DataFrame(), []
-        from pogdiff.compare_views import thumbnail_markdown
-
         bundle = self.bundle(key)
         row = _arg(safety.whole_number, "caption index", row, 0, len(bundle.captions) - 1)
         L = self.limits
@@ -818,8 +823,6 @@ class Studio:
                 "informative": bool(table.psi[row, j] > psi_cfg.psi_threshold and bundle.subjects[nb] != subj),
                 "row": nb,
             })
-        from pogdiff.compare_views import round_sig
-
         for r in rows:  # 3 significant digits, as the tooltips
             for col in ("s_txt", "s_img", "w_density", "psi", "p(draw)"):
                 r[col] = round_sig(r[col])
@@ -1146,6 +1149,8 @@ class Studio:
             kept = safety.text_list("Prompts", current, L.max_prompts, L.max_text_chars)
         except ValueError:
             kept = []
+        if not any(p in choices for p in kept):  # another dataset was loaded since: its defaults
+            kept = []
         return gr.Dropdown(choices=choices, value=kept or selected or choices[:4], multiselect=True,
                            allow_custom_value=True)
 
@@ -1186,8 +1191,6 @@ class Studio:
         L = self.limits
         prompts = _arg(safety.text_list, "Prompts", prompts, L.max_prompts, L.max_text_chars)
         custom = _arg(safety.text, "Typed prompts", custom, L.max_prompts * (L.max_text_chars + 1))
-        from pogdiff.compare_views import parse_typed_prompts
-
         typed = _arg(parse_typed_prompts, custom, L.max_prompts, L.max_text_chars)
         captions = [p for p in prompts if p.strip()] + typed
         if not captions:
@@ -1281,7 +1284,6 @@ class Studio:
     def _metric_outputs(self, tables: dict[str, pd.DataFrame], *, note: str) -> tuple:
         """Per-class delta table (A, B, B − A; rarest first), the two-run figure and the bucket means."""
         from pogdiff import metrics
-        from pogdiff.compare_views import delta_table
 
         names = list(tables)
         name_a, name_b = (names * 2)[:2]  # A and B may be the same checkpoint
@@ -1328,8 +1330,6 @@ class Studio:
 
         A prompt's subject is looked up in ``bundles`` in order; the first that has it is used.
         """
-        from pogdiff.compare_views import MAX_REAL_IMAGES, real_examples, subject_for_prompt
-
         items, lines, seen = [], [], set()
         template = self.data_config.caption_template
         for caption in captions:
@@ -1353,7 +1353,6 @@ class Studio:
     def pair_views(self, key_a: str | None, key_b: str | None, ds_key: str | None, state: Any,
                    request: gr.Request = None) -> tuple:
         """After Generate: real training images, the |A - B| heatmap and its numbers, the kept state."""
-        from pogdiff.compare_views import CompareState, ResultCache, difference_view
         from pogdiff.sampling import image_grid
 
         with self._lock:
@@ -1370,8 +1369,6 @@ class Studio:
         return real, real_md, diff, view.summary(), kept.to_browser()
 
     def _state(self, raw: Any):
-        from pogdiff.compare_views import CompareState
-
         L = self.limits
         return CompareState.from_browser(raw, max_prompts=L.max_prompts, max_chars=L.max_text_chars) \
             or CompareState()
@@ -1379,8 +1376,6 @@ class Studio:
     def remember_compare(self, key_a: Any, key_b: Any, prompts: Any, custom: Any, n_seeds: Any, guidance: Any,
                          sample_steps: Any, state: Any) -> Any:
         """The Compare choices as the browser keeps them (the results' token is carried over)."""
-        from pogdiff.compare_views import CompareState
-
         L = self.limits
         raw = {**self._state(state).to_browser(), "run_a": key_a, "run_b": key_b,
                "prompts": list(prompts) if isinstance(prompts, (list, tuple)) else [],
@@ -1390,8 +1385,6 @@ class Studio:
 
     def keep_metrics(self, key_a: str | None, key_b: str | None, state: Any) -> Any:
         """After the metrics are shown: keep them with this browser's Compare state."""
-        from pogdiff.compare_views import ResultCache
-
         names = tuple(_short(self._source(k)) for k in (key_a, key_b))
         with self._lock:
             outputs = self._metric_stash.get(names)
@@ -1410,8 +1403,6 @@ class Studio:
 
     def restore_compare(self, state: Any) -> tuple:
         """Page load: the Compare tab as this browser left it (choices, images, metrics)."""
-        from pogdiff.compare_views import CompareState
-
         L = self.limits
         kept = CompareState.from_browser(state, max_prompts=L.max_prompts, max_chars=L.max_text_chars)
         if kept is None:
