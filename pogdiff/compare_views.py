@@ -21,6 +21,7 @@ import logging
 import math
 import re
 import secrets
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -246,6 +247,7 @@ class ResultCache:
     def __init__(self, max_items: int = 16) -> None:
         self.max_items = max_items
         self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()  # callbacks of several browsers run in parallel threads
 
     @staticmethod
     def new_token() -> str:
@@ -253,17 +255,19 @@ class ResultCache:
 
     def put(self, token: str, **values: Any) -> None:
         """Store (or add to) the results under ``token``."""
-        entry = self._items.pop(token, {})
-        entry.update(values)
-        self._items[token] = entry
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
+        with self._lock:
+            entry = self._items.pop(token, {})
+            entry.update(values)
+            self._items[token] = entry
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
 
     def get(self, token: str | None) -> dict[str, Any]:
-        if token is None or token not in self._items:
-            return {}
-        self._items.move_to_end(token)
-        return dict(self._items[token])
+        with self._lock:
+            if token is None or token not in self._items:
+                return {}
+            self._items.move_to_end(token)
+            return dict(self._items[token])
 
 
 # ============================================================================= Neighbours
