@@ -184,7 +184,7 @@ def test_neighbours_tab(page, tmp_path):
     assert "w_density" in body and "s_img" in body and "s_txt" in body
     assert "sea otter" in page.locator("#pg-map-points").inner_text()
     # the neighbour list shows each neighbour's image
-    page.locator("#pg-nb-table img[src^='data:image/png']").first.wait_for()
+    page.locator("#pg-nb-table [role=gridcell] img[src^='data:image/png']").first.wait_for()
     # a click on a row of the map's points table picks that caption
     cell = (page.locator("#pg-map-points [role=row]").filter(has_text="grey wolf").first
             .locator("[role=gridcell]").filter(has_text="grey wolf").first)
