@@ -762,7 +762,7 @@ class Studio:
         })
         return frame.sort_values(["class size", "row"], ascending=[False, True], kind="stable").reset_index(drop=True)
 
-    POINT_COLUMNS = ["caption", "subject", "class size", "x", "y", "row"]
+    POINT_COLUMNS = ["subject", "class size", "caption", "x", "y", "row"]
 
     def map_points(self, key: str | None) -> pd.DataFrame:
         """Every point of the map as a table row, rarest class first (a click on a row picks it)."""
