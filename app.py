@@ -68,7 +68,8 @@ caption borrow from one of its **k nearest captions**: its target becomes a prec
 of the true noise and the model's prediction for the neighbour, with weight
 **psi = psi_max × w_density × s_img × s_txt**. Rare captions (high *w_density*) whose neighbours
 look alike (*s_img*) and read alike (*s_txt*) borrow the most; frequent ones borrow almost nothing.
-Click a row of the neighbour table to hop to that caption."""
+Pick a caption by clicking its row in the **points table** beside the map (rarest classes first), or drag
+across the map to list only the points of that band. Click a row of the neighbour table to hop to that caption."""
 
 TRAIN_HELP = """Fine-tune from the shipped base model with one objective: **baseline** (plain ε-MSE),
 **pogdiff**, **cbdm** (class-balancing regulariser) or **resample** (class-balanced batches). Training
@@ -78,12 +79,15 @@ keeps its checkpoint. One job runs per server at a time."""
 
 COMPARE_HELP = """Two checkpoints, the **same prompts and the same seeds**: any difference comes from the
 fine-tuning. Prompts of few-shot subjects are pre-selected because that is where PoGDiff should help.
-Drag the slider to compare one pair; the grids show every prompt × seed. **Compute metrics** scores
+Drag the slider to compare one pair; the grids show every prompt × seed, beside the real training images
+of each prompted subject, and the heatmap below shows where A and B differ. **Compute metrics** scores
 generations for the demo evaluation captions with the identity classifier: accuracy per class and
-against class frequency."""
+against class frequency, and B − A per class. The tab keeps your choices and results over a page reload."""
 
-NEIGHBOUR_HEADERS = ["rank", "caption", "subject", "class size", "s_txt", "s_img", "w_density", "psi",
-                     "p(draw)", "row"]
+NEIGHBOUR_HEADERS = ["image", "rank", "caption", "subject", "class size", "s_txt", "s_img", "w_density", "psi",
+                     "p(draw)", "informative", "row"]
+NEIGHBOUR_TYPES = ["markdown", "number", "str", "str", "number", "number", "number", "number", "number", "number",
+                   "bool", "number"]
 SEARCH_HEADERS = ["rank", "similarity", "caption", "subject", "class size", "row"]
 
 OPT_INFO = {
@@ -105,6 +109,8 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
         saved_key = gr.BrowserState(None, storage_key="pogdiff-dataset",  # ds_key, kept across page reloads
                                     secret=studio.browser_secret())
         seen = gr.State(-1)  # last job version this tab has drawn
+        cmp_state = gr.BrowserState(None, storage_key="pogdiff-compare",  # Compare choices + results token
+                                    secret=studio.browser_secret())
         timer = gr.Timer(POLL_SECONDS)  # polls the server-side job: refresh-proof, shared by all tabs
         gr.Markdown(INTRO, elem_id="pg-header")
         with gr.Tabs():
@@ -155,8 +161,12 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                         x="x", y="y", color="shot", color_map={"many": "#2563eb", "medium": "#f59e0b",
                                                                "few": "#dc2626"},
                         title="Caption embeddings (PCA)", x_title="PC 1", y_title="PC 2", height=420,
-                        tooltip=["caption", "subject", "class size"], scale=3,
+                        tooltip=["caption", "subject", "class size", "x", "y"], scale=3,
                     )
+                    map_points = gr.Dataframe(
+                        label="Points on the map, rarest class first: click a row to pick its caption",
+                        interactive=False, max_height=420, wrap=True, scale=2, elem_id="pg-map-points",
+                        headers=list(Studio.POINT_COLUMNS))
                     with gr.Column(scale=1, min_width=260):
                         colour_by = gr.Radio(["shot bucket", "class frequency"], value="shot bucket",
                                              label="Colour by",
@@ -174,7 +184,8 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                 )
                 nb_head = gr.Markdown("")
                 nb_table = gr.Dataframe(label="Nearest captions (click a row to hop to it)", interactive=False,
-                                        max_height=300, wrap=True, headers=NEIGHBOUR_HEADERS)
+                                        max_height=420, wrap=True, headers=NEIGHBOUR_HEADERS,
+                                        datatype=NEIGHBOUR_TYPES, elem_id="pg-nb-table")
                 nb_gallery = gr.Gallery(label="The caption's image, then its neighbours", columns=6, height=240,
                                         object_fit="contain", fit_columns=False, elem_classes="pixelated")
                 with gr.Accordion("Free-text search: which training captions are nearest to any text?", open=False):
@@ -264,7 +275,9 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                     with gr.Column(scale=2, min_width=280):
                         custom = gr.Textbox(label="Or type prompts", lines=2,
                                             placeholder="a photo of Mira Okafor, about 60 years old, smiling",
-                                            info="One prompt per line, added to the ticked ones.")
+                                            max_length=studio.limits.max_prompts * (studio.limits.max_text_chars + 1),
+                                            info=f"One prompt per line (at most {studio.limits.max_text_chars} "
+                                                 "characters each), added to the ticked ones.")
                         n_seeds = gr.Slider(1, 8, value=4, step=1, label="Seeds per prompt",
                                             info="Seeds 0..n-1, identical for A and B.")
                         guidance = gr.Slider(1.0, 8.0, value=3.0, step=0.5, label="Guidance scale",
@@ -276,15 +289,25 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                 slider = gr.ImageSlider(label="A ◀ drag ▶ B (first prompt, seed 0)", type="numpy", max_height=320,
                                         elem_classes="pixelated", interactive=False)
                 with gr.Row():
-                    grid_a = gr.Image(label="A", type="pil", interactive=False, elem_classes="pixelated")
-                    grid_b = gr.Image(label="B", type="pil", interactive=False, elem_classes="pixelated")
+                    with gr.Column(scale=2, min_width=240):
+                        real_gallery = gr.Gallery(label="Real training images of the prompted subjects", columns=4,
+                                                  height=260, object_fit="contain", fit_columns=False,
+                                                  elem_classes="pixelated", elem_id="pg-real-images")
+                        real_md = gr.Markdown("", elem_id="pg-real-md")
+                    grid_a = gr.Image(label="A", type="pil", interactive=False, elem_classes="pixelated", scale=3)
+                    grid_b = gr.Image(label="B", type="pil", interactive=False, elem_classes="pixelated", scale=3)
+                with gr.Row():
+                    diff_img = gr.Image(label="|A − B| per image, amplified (black: identical)", type="pil",
+                                        interactive=False, elem_classes="pixelated", scale=3, elem_id="pg-diff")
+                    diff_md = gr.Markdown("", elem_id="pg-diff-md")
                 gr.Markdown("### Per-class metrics")
                 metrics_btn = gr.Button("Compute metrics (generates every evaluation caption with A and B)")
                 metrics_md = gr.Markdown("")
                 with gr.Row():
-                    metrics_plot = gr.Plot(label="Accuracy vs class frequency", scale=3)
-                    metrics_table = gr.Dataframe(label="Per-class metrics", interactive=False, max_height=420,
-                                                 scale=4, headers=["subject", "train_count", "shot", "accuracy"])
+                    metrics_plot = gr.Plot(label="Accuracy vs class frequency: A, B and B − A", scale=3)
+                    metrics_table = gr.Dataframe(label="Per-class metrics: A, B and B − A (rarest first; ★ few-shot)",
+                                                 interactive=False, max_height=420, scale=4,
+                                                 headers=["subject", "train_count", "shot", "accuracy"])
 
         # ============================================================ events: Data
         data_outputs = [ds_key, summary_md, report_md, class_table, long_tail, class_dd, class_gallery]
@@ -303,9 +326,13 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
 
         # ====================================================== events: Neighbours
         map_outputs = [scatter, caption_dd, nb_banner]
-        map_btn.click(studio.neighbour_map, [ds_key, colour_by], map_outputs, api_name="neighbour_map")
+        map_btn.click(studio.neighbour_map, [ds_key, colour_by], map_outputs, api_name="neighbour_map").then(
+            studio.map_points, ds_key, map_points, api_visibility="private")
         nb_tab.select(studio.neighbour_map, [ds_key, colour_by], map_outputs, api_name="neighbour_map_on_tab",
-                      api_visibility="private")
+                      api_visibility="private").then(studio.map_points, ds_key, map_points, api_visibility="private")
+        # The scatter plot reports a brushed x band, not a clicked point: the band's points go to the table.
+        scatter.select(studio.map_band, ds_key, [map_points, caption_dd], api_visibility="private")
+        map_points.select(studio.hop, [ds_key, map_points], caption_dd, api_visibility="private")
         colour_by.change(studio.recolour, [ds_key, colour_by], scatter, api_visibility="private")
         nb_inputs = [ds_key, caption_dd, nb_k, nb_psi_max, nb_same]
         nb_outputs = [nb_head, nb_table, nb_gallery]
@@ -342,10 +369,20 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
         # ========================================================= events: Compare
         choice_outputs = [run_a, run_b, cmp_note]
         metric_outputs = [metrics_table, metrics_plot, metrics_md]
-        for trigger in (cmp_tab.select, refresh_btn.click):
-            (trigger(studio.compare_choices, None, choice_outputs, api_visibility="private")
-             .then(studio.prompt_choices, ds_key, prompts, api_visibility="private")
-             .then(studio.precomputed_metrics, [run_a, run_b], metric_outputs, api_visibility="private"))
+        # A tab switch keeps A, B and the prompts; Refresh also reloads the shipped metrics.
+        (cmp_tab.select(studio.compare_choices, [run_a, run_b], choice_outputs, api_visibility="private")
+         .then(studio.prompt_choices, [ds_key, prompts], prompts, api_visibility="private"))
+        (refresh_btn.click(studio.compare_choices, [run_a, run_b], choice_outputs, api_visibility="private")
+         .then(studio.prompt_choices, [ds_key, prompts], prompts, api_visibility="private")
+         .then(studio.precomputed_metrics, [run_a, run_b], metric_outputs, api_visibility="private")
+         .then(studio.keep_metrics, [run_a, run_b, cmp_state], cmp_state, api_visibility="private"))
+        for dd in (run_a, run_b):
+            (dd.input(studio.precomputed_metrics, [run_a, run_b], metric_outputs, api_visibility="private")
+             .then(studio.keep_metrics, [run_a, run_b, cmp_state], cmp_state, api_visibility="private"))
+        kept_inputs = [run_a, run_b, prompts, custom, n_seeds, guidance, sample_steps]
+        for comp in kept_inputs:
+            comp.change(studio.remember_compare, [*kept_inputs, cmp_state], cmp_state, queue=False,
+                        api_visibility="private")
         gen_inputs = [run_a, run_b, prompts, custom, n_seeds, guidance, sample_steps]
         for btn, fn, seconds, inputs, outputs, name in (
                 (gen_btn, studio.generate_pair, COMPARE_GPU_SECONDS, gen_inputs, [slider, grid_a, grid_b, pair_md],
@@ -355,12 +392,26 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                        .then(zero_gpu(fn, seconds), inputs, outputs, api_name=name, concurrency_id=GPU_QUEUE))
             running.then(_idle1, None, btn, queue=False, api_visibility="private")
             running.failure(_idle1, None, btn, queue=False, api_visibility="private")
+            if btn is gen_btn:
+                running.then(studio.pair_views, [run_a, run_b, ds_key, cmp_state],
+                             [real_gallery, real_md, diff_img, diff_md, cmp_state], api_visibility="private")
+            else:
+                running.then(studio.keep_metrics, [run_a, run_b, cmp_state], cmp_state, api_visibility="private")
 
         demo.load(studio.poll, None, poll_outputs, api_name="poll_on_load", api_visibility="private")
         (demo.load(studio.restore_dataset, saved_key, data_outputs, api_visibility="private")
          .then(studio.dataset_banner, ds_key, nb_banner, api_visibility="private")
          .then(studio.dataset_banner, ds_key, train_banner, api_visibility="private"))
-        demo.load(studio.compare_choices, None, choice_outputs, api_visibility="private")
+        restore_outputs = dict(run_a=run_a, run_b=run_b, prompts=prompts, custom=custom, n_seeds=n_seeds,
+                               guidance=guidance, sample_steps=sample_steps, slider=slider, grid_a=grid_a,
+                               grid_b=grid_b, pair_md=pair_md, real_gallery=real_gallery, real_md=real_md,
+                               diff=diff_img, diff_md=diff_md, metrics_table=metrics_table,
+                               metrics_plot=metrics_plot, metrics_md=metrics_md)
+        # Restore first: the choices it sets trigger remember_compare, which rewrites the kept state.
+        (demo.load(studio.restore_compare, cmp_state, [restore_outputs[n] for n in Studio.RESTORE_OUTPUTS],
+                   api_visibility="private")
+         .then(studio.compare_choices, [run_a, run_b], choice_outputs, api_visibility="private")
+         .then(studio.load_metrics, [run_a, run_b, cmp_state], metric_outputs, api_visibility="private"))
     return demo
 
 

@@ -392,6 +392,69 @@ def accuracy_vs_frequency_figure(
     return fig
 
 
+def paired_frequency_figure(
+    table_a: pd.DataFrame,
+    table_b: pd.DataFrame,
+    names: tuple[str, str] = ("A", "B"),
+    path: str | Path | None = None,
+    *,
+    config: DataConfig = DataConfig(),
+    metric: str = "accuracy",
+):
+    """Two runs' per-class ``metric`` against training count, with their difference highlighted.
+
+    Top: both runs (markers per class, a line through the per-count means) and the area between
+    the two mean lines, green where B is above A and red where it is below. Bottom: one bar per
+    class at its training count, height ``B - A`` (same colours). Classes present in only one table
+    are left out of the bars.
+
+    :param table_a: per-class table of run A (``subject``, ``train_count``, ``metric``).
+    :param table_b: the same for run B.
+    :param names: legend names of A and B.
+    :return: a :class:`matplotlib.figure.Figure` with two axes (Agg canvas; no pyplot state).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    for name, table in zip(names, (table_a, table_b)):
+        missing = [c for c in ("subject", "train_count", metric) if c not in table.columns]
+        if missing:
+            raise ValueError(f"table for {name!r} lacks column(s) {missing}; columns: {list(table.columns)}")
+    fig = Figure(figsize=(6.0, 5.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    means = []
+    for name, table, colour in zip(names, (table_a, table_b), ("#6b7280", "#2563eb")):
+        per_count = table.groupby("train_count")[metric].mean()
+        means.append(per_count)
+        top.plot(per_count.index, per_count.values, color=colour, label=name, alpha=0.9)
+        top.scatter(table["train_count"], table[metric], color=colour, s=14)
+    joined = pd.concat(means, axis=1, keys=["a", "b"]).dropna().sort_index()
+    x, ya, yb = joined.index.to_numpy(float), joined["a"].to_numpy(float), joined["b"].to_numpy(float)
+    top.fill_between(x, ya, yb, where=yb >= ya, color="#16a34a", alpha=0.25, interpolate=True, label="B above A")
+    top.fill_between(x, ya, yb, where=yb < ya, color="#dc2626", alpha=0.25, interpolate=True, label="B below A")
+    paired = table_a[["subject", "train_count", metric]].merge(
+        table_b[["subject", metric]], on="subject", suffixes=("_a", "_b")).sort_values("train_count")
+    delta = (paired[f"{metric}_b"] - paired[f"{metric}_a"]).to_numpy(float)
+    counts = paired["train_count"].to_numpy(float)
+    bottom.bar(counts, delta, width=counts * 0.12, color=np.where(delta >= 0, "#16a34a", "#dc2626"))
+    bottom.axhline(0.0, color="black", linewidth=0.8)
+    for ax in (top, bottom):
+        ax.axvline(config.few_shot_below - 0.5, color="grey", linestyle=":", linewidth=1)
+        ax.axvline(config.many_shot_above + 0.5, color="grey", linestyle=":", linewidth=1)
+    bottom.set_xscale("log")
+    bottom.set_xlabel("training images of the class (log scale)")
+    top.set_ylabel(metric)
+    bottom.set_ylabel(f"{metric}: B − A")
+    if metric in ("accuracy", "gRecall") or metric.startswith("attr_"):
+        top.set_ylim(-0.03, 1.03)
+    top.legend(loc="lower right", fontsize="small")
+    top.set_title(f"{metric} vs class frequency: {names[0]} and {names[1]}")
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
 # ---------------------------------------------------------------------------------- statistics
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_LEVEL = 0.95

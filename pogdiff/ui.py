@@ -34,6 +34,21 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pogdiff import safety  # noqa: E402
+from pogdiff.compare_views import (  # noqa: E402
+    MAX_REAL_IMAGES,
+    CompareState,
+    ResultCache,
+    delta_table,
+    difference_view,
+    parse_typed_prompts,
+    points_in_band,
+    real_examples,
+    round_sig,
+    size_bin,
+    size_colour_map,
+    subject_for_prompt,
+    thumbnail_markdown,
+)
 from pogdiff.config import (  # noqa: E402
     LIMITS,
     METHODS,
@@ -409,6 +424,9 @@ class Studio:
         self._models: OrderedDict[str, Any] = OrderedDict()
         self._encoder = None
         self._evaluator = None
+        self._results = ResultCache()  # Compare results kept for page reloads, by a token the browser holds
+        self._pair_stash: OrderedDict[str, dict] = OrderedDict()  # last generated pair per browser session
+        self._metric_stash: OrderedDict[tuple, tuple] = OrderedDict()  # last metric outputs per run pair
 
     # ------------------------------------------------------------------ shared lazies
     @property
@@ -726,21 +744,49 @@ class Studio:
     @staticmethod
     def _scatter(frame: pd.DataFrame, colour_by: str):
         if colour_by == "class frequency":
-            return gr.ScatterPlot(value=frame, color="class size", color_map=None)
+            # binned class sizes with dark colours: a one-image class is never near-white
+            return gr.ScatterPlot(value=frame, color="class size bin", color_map=size_colour_map())
         return gr.ScatterPlot(value=frame, color="shot", color_map=SHOT_COLOURS)
 
     @staticmethod
     def map_frame(bundle: DatasetBundle) -> pd.DataFrame:
+        """One row per caption: rounded coordinates (3 significant digits, as the tooltips show them),
+        shot bucket, class size and its bin; the largest classes first so the rarest are drawn on top."""
         counts = bundle.count_of()
         shots = dict(zip(bundle.table["subject"], bundle.table["shot"]))
         frame = pd.DataFrame({
-            "x": bundle.coords[:, 0], "y": bundle.coords[:, 1],
+            "x": [round_sig(v) for v in bundle.coords[:, 0]], "y": [round_sig(v) for v in bundle.coords[:, 1]],
             "shot": [shots[s] for s in bundle.subjects],
             "class size": [counts[s] for s in bundle.subjects],
-            "subject": bundle.subjects, "caption": bundle.captions,
+            "class size bin": [size_bin(counts[s]) for s in bundle.subjects],
+            "subject": bundle.subjects, "caption": bundle.captions, "row": np.arange(len(bundle.subjects)),
         })
-        # many, medium, few: the legend lists the buckets in the order they first appear
-        return frame.sort_values("shot", key=lambda s: s.map(SHOTS.index), kind="stable").reset_index(drop=True)
+        return frame.sort_values(["class size", "row"], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+    POINT_COLUMNS = ["subject", "class size", "caption", "x", "y", "row"]
+
+    def map_points(self, key: str | None) -> pd.DataFrame:
+        """Every point of the map as a table row, rarest class first (a click on a row picks it)."""
+        bundle = self.bundle(key)
+        if bundle.coords is None:
+            return pd.DataFrame(columns=self.POINT_COLUMNS)
+        frame = self.map_frame(bundle)
+        return frame.sort_values(["class size", "row"], kind="stable")[self.POINT_COLUMNS].reset_index(drop=True)
+
+    def map_band(self, key: str | None, evt: gr.SelectData) -> tuple:
+        """A band brushed on the map (the plot reports its x interval, not a point): its points,
+        rarest first, and the rarest one picked."""
+        bundle = self.bundle(key)
+        if bundle.coords is None:
+            return gr.skip(), gr.skip()
+        try:
+            band = points_in_band(self.map_frame(bundle), evt.index)
+        except ValueError as exc:
+            logger.info("ignored a map selection: %s", exc)
+            return gr.skip(), gr.skip()
+        if band.empty:
+            return band[self.POINT_COLUMNS], gr.skip()
+        return band[self.POINT_COLUMNS], int(band.iloc[0]["row"])
 
     @staticmethod
     def caption_choices(bundle: DatasetBundle) -> list[tuple[str, int]]:
@@ -769,15 +815,19 @@ class Studio:
             if nb < 0:
                 continue
             rows.append({
+                "image": thumbnail_markdown(bundle.ds.images[nb]),
                 "rank": j + 1, "caption": bundle.captions[nb], "subject": bundle.subjects[nb],
                 "class size": counts[bundle.subjects[nb]],
-                "s_txt": round(float(table.s_txt[row, j]), 3), "s_img": round(float(table.s_img[row, j]), 3),
-                "w_density": round(w, 3), "psi": round(float(table.psi[row, j]), 3),
-                "p(draw)": round(float(table.probs[row, j]), 3),
+                "s_txt": float(table.s_txt[row, j]), "s_img": float(table.s_img[row, j]),
+                "w_density": w, "psi": float(table.psi[row, j]),
+                "p(draw)": float(table.probs[row, j]),
                 "informative": bool(table.psi[row, j] > psi_cfg.psi_threshold and bundle.subjects[nb] != subj),
                 "row": nb,
             })
-        frame = pd.DataFrame(rows, columns=["rank", "caption", "subject", "class size", "s_txt",
+        for r in rows:  # 3 significant digits, as the tooltips
+            for col in ("s_txt", "s_img", "w_density", "psi", "p(draw)"):
+                r[col] = round_sig(r[col])
+        frame = pd.DataFrame(rows, columns=["image", "rank", "caption", "subject", "class size", "s_txt",
                                             "s_img", "w_density", "psi", "p(draw)", "informative", "row"])
         images = [bundle.ds.images[row]] + [bundle.ds.images[r] for r in frame["row"]]
         labels = [f"query · {bundle.captions[row]}"] + [
@@ -1067,24 +1117,37 @@ class Studio:
                 "or train two runs in the **Train** tab (method *baseline*, then *pogdiff*, same steps) and pick "
                 "them here.")
 
-    def compare_choices(self) -> tuple:
-        """Dropdown A, dropdown B (defaults: shipped baseline vs pogdiff) and the note."""
+    def compare_choices(self, current_a: Any = None, current_b: Any = None) -> tuple:
+        """Dropdown A, dropdown B (defaults: shipped baseline vs pogdiff) and the note.
+
+        A current choice that is still in the list is kept (a tab switch or refresh keeps A and B).
+        """
         sources = self.sources()
         choices = [(s.label, s.key) for s in sources]
         keys = [s.key for s in sources]
         newest = keys[0] if keys else None
         a = "shipped:demo-baseline" if "shipped:demo-baseline" in keys else (keys[1] if len(keys) > 1 else newest)
         b = "shipped:demo-pogdiff" if "shipped:demo-pogdiff" in keys else newest
+        a = current_a if isinstance(current_a, str) and current_a in keys else a
+        b = current_b if isinstance(current_b, str) and current_b in keys else b
         return (gr.Dropdown(choices=choices, value=a), gr.Dropdown(choices=choices, value=b), self.shipped_note())
 
-    def prompt_choices(self, key: str | None) -> Any:
-        """One prompt per class (rarest first); few-shot ones pre-selected."""
+    def prompt_choices(self, key: str | None, current: Any = None) -> Any:
+        """One prompt per class (rarest first); few-shot ones pre-selected, or the current selection kept."""
         bundle = self.bundle(key)
         template = self.data_config.caption_template
         table = bundle.table.sort_values(["count", "subject"])
         choices = [template.format(subject=s) for s in table["subject"]]
         selected = [template.format(subject=s) for s in table.loc[table["shot"] == "few", "subject"]][:6]
-        return gr.Dropdown(choices=choices, value=selected or choices[:4])
+        L = self.limits
+        try:
+            kept = safety.text_list("Prompts", current, L.max_prompts, L.max_text_chars)
+        except ValueError:
+            kept = []
+        if not any(p in choices for p in kept):  # another dataset was loaded since: its defaults
+            kept = []
+        return gr.Dropdown(choices=choices, value=kept or selected or choices[:4], multiselect=True,
+                           allow_custom_value=True)
 
     def _source(self, key: str | None) -> Source:
         for s in self.sources():
@@ -1114,14 +1177,17 @@ class Studio:
 
     def generate_pair(
         self, key_a: str, key_b: str, prompts: Sequence[str] | None, custom: str, n_seeds: float,
-        guidance: float, sample_steps: float, progress: gr.Progress = gr.Progress(),
+        guidance: float, sample_steps: float, progress: gr.Progress = gr.Progress(), request: gr.Request = None,
     ) -> tuple:
-        """Same prompts, same seeds, two checkpoints: a slider for the first pair and two grids."""
+        """Same prompts, same seeds, two checkpoints: a slider for the first pair and two grids.
+
+        The images are also kept for :meth:`pair_views` (real images, difference) of the same session.
+        """
         L = self.limits
         prompts = _arg(safety.text_list, "Prompts", prompts, L.max_prompts, L.max_text_chars)
         custom = _arg(safety.text, "Typed prompts", custom, L.max_prompts * (L.max_text_chars + 1))
-        typed = [_arg(safety.text, "Typed prompt", c.strip(), L.max_text_chars) for c in custom.split("\n")]
-        captions = [p for p in prompts if p.strip()] + [c for c in typed if c]
+        typed = _arg(parse_typed_prompts, custom, L.max_prompts, L.max_text_chars)
+        captions = [p for p in prompts if p.strip()] + typed
         if not captions:
             raise gr.Error("Pick at least one prompt, or type one.")
         n_seeds = _arg(safety.whole_number, "Seeds per prompt", n_seeds, 1, L.max_seeds)
@@ -1154,6 +1220,11 @@ class Studio:
         pair = (upscale(outs[0][0], SLIDER_PX), upscale(outs[1][0], SLIDER_PX))
         note = (f"Left / first grid: **{a.label}**. Right / second grid: **{b.label}**. "
                 f"{len(captions)} prompt(s) × seeds {seeds}; the slider shows *{captions[0]}*, seed 0.")
+        with self._lock:
+            self._pair_stash[self._stash_key(request)] = dict(
+                a=outs[0], b=outs[1], captions=captions, scale=grid_scale, outputs=(pair, grids[0], grids[1], note))
+            while len(self._pair_stash) > MAX_CACHED_DATASETS * 4:
+                self._pair_stash.popitem(last=False)
         return pair, grids[0], grids[1], note
 
     def _evaluator_or_error(self):
@@ -1206,16 +1277,14 @@ class Studio:
                                                  "with fixed seeds.")
 
     def _metric_outputs(self, tables: dict[str, pd.DataFrame], *, note: str) -> tuple:
+        """Per-class delta table (A, B, B − A; rarest first), the two-run figure and the bucket means."""
         from pogdiff import metrics
 
         names = list(tables)
-        fig = metrics.accuracy_vs_frequency_figure(tables, config=self.data_config)
-        merged = None
-        for name, table in tables.items():
-            cols = [c for c in ("accuracy", "gRecall", "dino") if c in table.columns]
-            part = table[["subject", "train_count", "shot", *cols]].rename(columns={c: f"{c} · {name}" for c in cols})
-            merged = part if merged is None else merged.merge(part, on=["subject", "train_count", "shot"], how="outer")
-        merged = merged.sort_values("train_count", ascending=False).reset_index(drop=True).round(3)
+        name_a, name_b = (names * 2)[:2]  # A and B may be the same checkpoint
+        table_a, table_b = tables[name_a], tables[name_b]
+        fig = metrics.paired_frequency_figure(table_a, table_b, (name_a, name_b), config=self.data_config)
+        merged = delta_table(table_a, table_b, name_a, name_b).round(3)
         lines = [note, "", "| bucket | " + " | ".join(f"accuracy · {n}" for n in names) + " |",
                  "|---|" + "---|" * len(names)]
         for bucket in ("all", *SHOTS):
@@ -1225,7 +1294,122 @@ class Studio:
                 part = t if bucket == "all" else t[t["shot"] == bucket]
                 cells.append(f"{part['accuracy'].mean():.3f}" if len(part) else "—")
             lines.append(f"| {bucket} | " + " | ".join(cells) + " |")
-        return merged, fig, "\n".join(lines)
+        outputs = (merged, fig, "\n".join(lines))
+        with self._lock:
+            self._metric_stash[(name_a, name_b)] = outputs
+            while len(self._metric_stash) > MAX_CACHED_MODELS * 4:
+                self._metric_stash.popitem(last=False)
+        return outputs
+
+    # ------------------------------------------------------------ Compare: beside A and B, kept state
+    RESTORE_OUTPUTS = ("run_a", "run_b", "prompts", "custom", "n_seeds", "guidance", "sample_steps",
+                       "slider", "grid_a", "grid_b", "pair_md", "real_gallery", "real_md", "diff", "diff_md",
+                       "metrics_table", "metrics_plot", "metrics_md")
+
+    def _stash_key(self, request: gr.Request | None) -> str:
+        return getattr(request, "session_hash", None) or "local"
+
+    def training_bundles(self, key_a: str | None, key_b: str | None, ds_key: str | None) -> list[DatasetBundle]:
+        """Where the real images of a prompted subject are looked up, in order: the dataset this
+        browser session loaded, then the demo set when A or B is a shipped demo run (or when the
+        session loaded nothing)."""
+        shipped = any(isinstance(k, str) and k.startswith("shipped:") for k in (key_a, key_b))
+        own = self.bundle(ds_key) if ds_key else None
+        found = [own] if own is not None else []
+        if (shipped or own is None) and (own is None or own.key != DEMO_KEY):
+            found.append(self._load_demo_bundle())
+        return found
+
+    def real_panel(self, bundles: Sequence[DatasetBundle], captions: Sequence[str]) -> tuple[list, str]:
+        """Training images of each prompt's subject (gallery items) and their counts (markdown).
+
+        A prompt's subject is looked up in ``bundles`` in order; the first that has it is used.
+        """
+        items, lines, seen = [], [], set()
+        template = self.data_config.caption_template
+        for caption in captions:
+            match = next(((b, s) for b in bundles for s in [subject_for_prompt(caption, b.subjects, template)]
+                          if s is not None), None)
+            if match is None:
+                lines.append(f"- *{caption}*: no training class matches this prompt.")
+                continue
+            bundle, subject = match
+            if (bundle.key, subject) in seen:
+                continue
+            seen.add((bundle.key, subject))
+            images, n = real_examples(bundle.ds.images, bundle.subjects, subject, MAX_REAL_IMAGES)
+            shot = shot_bucket(n, self.data_config)
+            where = f" in *{bundle.name}*" if len(bundles) > 1 else ""
+            lines.append(f"- **{subject}**: {n} training image{'s' if n != 1 else ''} ({shot}-shot){where}")
+            items += gallery_items(images, [f"{subject} · {i + 1} of {n}" for i in range(len(images))])
+        names = " / ".join(b.name for b in bundles)
+        return items, f"**Real training images** ({names}), per prompted subject:\n\n" + "\n".join(lines)
+
+    def pair_views(self, key_a: str | None, key_b: str | None, ds_key: str | None, state: Any,
+                   request: gr.Request = None) -> tuple:
+        """After Generate: real training images, the |A - B| heatmap and its numbers, the kept state."""
+        from pogdiff.sampling import image_grid
+
+        with self._lock:
+            last = self._pair_stash.get(self._stash_key(request))
+        if last is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        real, real_md = self.real_panel(self.training_bundles(key_a, key_b, ds_key), last["captions"])
+        view = difference_view(last["a"], last["b"])
+        labels = [f"|A-B| {m:.1f}" for m in view.mean_abs]  # the grid's label font has no U+2212
+        diff = image_grid(view.heatmaps, ncols=len(last["captions"]), labels=labels, scale=last["scale"])
+        kept = self._state(state)
+        kept.token = kept.token or ResultCache.new_token()
+        self._results.put(kept.token, pair=last["outputs"], real=(real, real_md), diff=(diff, view.summary()))
+        return real, real_md, diff, view.summary(), kept.to_browser()
+
+    def _state(self, raw: Any):
+        L = self.limits
+        return CompareState.from_browser(raw, max_prompts=L.max_prompts, max_chars=L.max_text_chars) \
+            or CompareState()
+
+    def remember_compare(self, key_a: Any, key_b: Any, prompts: Any, custom: Any, n_seeds: Any, guidance: Any,
+                         sample_steps: Any, state: Any) -> Any:
+        """The Compare choices as the browser keeps them (the results' token is carried over)."""
+        L = self.limits
+        raw = {**self._state(state).to_browser(), "run_a": key_a, "run_b": key_b,
+               "prompts": list(prompts) if isinstance(prompts, (list, tuple)) else [],
+               "custom": custom or "", "n_seeds": n_seeds, "guidance": guidance, "sample_steps": sample_steps}
+        kept = CompareState.from_browser(raw, max_prompts=L.max_prompts, max_chars=L.max_text_chars)
+        return kept.to_browser() if kept is not None else gr.skip()
+
+    def keep_metrics(self, key_a: str | None, key_b: str | None, state: Any) -> Any:
+        """After the metrics are shown: keep them with this browser's Compare state."""
+        names = tuple(_short(self._source(k)) for k in (key_a, key_b))
+        with self._lock:
+            outputs = self._metric_stash.get(names)
+        if outputs is None:
+            return gr.skip()
+        kept = self._state(state)
+        kept.token = kept.token or ResultCache.new_token()
+        self._results.put(kept.token, metrics=outputs)
+        return kept.to_browser()
+
+    def load_metrics(self, key_a: str | None, key_b: str | None, state: Any) -> tuple:
+        """Page load: the shipped metrics of A and B, unless this browser's kept results have metrics."""
+        if "metrics" in self._results.get(self._state(state).token):
+            return gr.skip(), gr.skip(), gr.skip()
+        return self.precomputed_metrics(key_a, key_b)
+
+    def restore_compare(self, state: Any) -> tuple:
+        """Page load: the Compare tab as this browser left it (choices, images, metrics)."""
+        L = self.limits
+        kept = CompareState.from_browser(state, max_prompts=L.max_prompts, max_chars=L.max_text_chars)
+        if kept is None:
+            return (gr.skip(),) * len(self.RESTORE_OUTPUTS)
+        found = self._results.get(kept.token)
+        pair = found.get("pair", (gr.skip(),) * 4)
+        real = found.get("real", (gr.skip(),) * 2)
+        diff = found.get("diff", (gr.skip(),) * 2)
+        metrics = found.get("metrics", (gr.skip(),) * 3)
+        return (gr.Dropdown(value=kept.run_a, allow_custom_value=True), gr.Dropdown(value=kept.run_b, allow_custom_value=True),
+                gr.Dropdown(value=kept.prompts, multiselect=True, allow_custom_value=True),
+                kept.custom, kept.n_seeds, kept.guidance, kept.sample_steps, *pair, *real, *diff, *metrics)
 
 
 def _short(src: Source) -> str:

@@ -1,0 +1,332 @@
+"""Pure pieces of the Compare and Neighbours tabs: what is drawn, computed from plain data.
+
+Everything here takes arrays, tables and strings and returns arrays, tables and strings, so it is
+tested without a browser or a model (README "What you see", items 2 and 4):
+
+- the **real training images** of the subject a prompt names, and how many the class had;
+- the **difference view**: per-image ``|A - B|`` amplified into a heatmap, with its mean in numbers;
+- the **per-class delta table**: A, B and B - A for each metric, rarest classes first;
+- **typed prompts**: one per line, validated and length-limited;
+- the **Compare state** a browser keeps across page reloads (a JSON-able dict, validated on the way back);
+- the **neighbour map**: class-size bins with colours that stay visible for the rarest classes,
+  coordinates rounded to 3 significant digits for the tooltips, the points of a brushed band,
+  and small thumbnails for the neighbour table.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import math
+import re
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+DIFF_GAIN = 4.0  # |A - B| is multiplied by this before the colour map (small differences become visible)
+MAX_REAL_IMAGES = 8  # real training images shown per subject
+METRICS = ("accuracy", "gRecall", "dino")
+FEW_MARK = "★ few"  # marks few-shot rows of the delta table
+STATE_VERSION = 1
+TOKEN_RE = r"[0-9a-f]{32}"
+# Neighbour map: class-size bins (images in the caption's class), rarest first, and their colours.
+# Every colour keeps a relative luminance below 0.5, so even a one-image class is a strong dot on white.
+SIZE_BINS = ((1, 1), (2, 3), (4, 7), (8, 15), (16, 31), (32, None))
+SIZE_COLOURS = ("#b91c1c", "#ea580c", "#a16207", "#15803d", "#0e7490", "#1e3a8a")
+THUMB_MARKDOWN_PX = 48
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+# ================================================================================ Compare
+def subject_for_prompt(prompt: str, subjects: Sequence[str], template: str = "a photo of {subject}") -> str | None:
+    """Which training subject a prompt is about, or ``None``.
+
+    A prompt that starts like the caption template filled with a subject (``a photo of Mira Okafor,
+    smiling``) names that subject; otherwise the longest subject name found in the prompt (case
+    insensitive, whole words) wins, so free text such as ``red fox in snow`` finds ``red fox``.
+    """
+    text = " ".join(str(prompt).split()).lower()
+    names = sorted({str(s) for s in subjects}, key=len, reverse=True)
+    for name in names:
+        if text.startswith(template.format(subject=name).lower()):
+            return name
+    for name in names:
+        if name and re.search(rf"(?<!\w){re.escape(name.lower())}(?!\w)", text):
+            return name
+    return None
+
+
+def real_examples(images: np.ndarray, subjects: Sequence[str], subject: str | None,
+                  limit: int = MAX_REAL_IMAGES) -> tuple[np.ndarray, int]:
+    """Up to ``limit`` training images of ``subject`` (in data order) and how many it has in all."""
+    rows = [i for i, s in enumerate(subjects) if subject is not None and s == subject]
+    images = np.asarray(images)
+    picked = images[rows[:limit]] if rows else images[:0]
+    return picked, len(rows)
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (any shape) -> uint8 RGB through matplotlib's ``inferno`` colour map."""
+    from matplotlib import colormaps
+
+    lut = (colormaps["inferno"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+    idx = np.clip(np.rint(np.asarray(values, dtype=np.float64) * 255), 0, 255).astype(np.intp)
+    return lut[idx]
+
+
+@dataclass
+class DifferenceView:
+    """``|A - B|`` of paired images: heatmaps and numbers.
+
+    ``heatmaps``: uint8 ``[N, H, W, 3]``, the per-pixel mean over RGB of ``|A - B| / 255`` times
+    ``gain``, clipped to 1 and coloured with ``inferno`` (black = identical).
+    ``mean_abs``: per image, the mean of ``|A - B|`` over pixels and channels in 0..255 units.
+    """
+
+    heatmaps: np.ndarray
+    mean_abs: np.ndarray
+    gain: float
+
+    @property
+    def overall(self) -> float:
+        return float(self.mean_abs.mean()) if self.mean_abs.size else 0.0
+
+    def summary(self) -> str:
+        """One sentence with the numbers."""
+        if not self.mean_abs.size:
+            return "No images to compare."
+        return (f"Mean |A − B| = **{self.overall:.2f}** of 255 (**{100 * self.overall / 255:.2f}%**) over "
+                f"{self.mean_abs.size} image pair(s); per image from {self.mean_abs.min():.2f} to "
+                f"{self.mean_abs.max():.2f}. The heatmap shows |A − B| × {self.gain:g} (black: identical).")
+
+
+def difference_view(a: np.ndarray, b: np.ndarray, gain: float = DIFF_GAIN) -> DifferenceView:
+    """Per-image ``|A - B|`` of two uint8 image stacks ``[N, H, W, 3]`` (or single ``[H, W, 3]``)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim == 3:
+        a = a[None]
+    if b.ndim == 3:
+        b = b[None]
+    if a.shape != b.shape or a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(f"A and B must be image stacks of the same shape [N, H, W, 3]; got {a.shape} and {b.shape}")
+    if not gain > 0:
+        raise ValueError(f"gain must be > 0, got {gain}")
+    diff = np.abs(a.astype(np.float32) - b.astype(np.float32))  # 0..255
+    per_image = diff.reshape(len(diff), -1).mean(axis=1).astype(np.float64)
+    heat = np.clip(diff.mean(axis=-1) / 255.0 * gain, 0.0, 1.0)
+    return DifferenceView(heatmaps=heat_colours(heat), mean_abs=per_image, gain=float(gain))
+
+
+def delta_table(table_a: pd.DataFrame, table_b: pd.DataFrame, name_a: str = "A", name_b: str = "B",
+                metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+    """Per-class ``A``, ``B`` and ``B − A`` of each metric both tables have, rarest classes first.
+
+    Both tables are per-class tables (``subject``, ``train_count``, ``shot`` and metric columns, as
+    :func:`pogdiff.metrics.per_class_table` writes them). Classes missing from one side get NaN.
+    The last column, ``few``, marks few-shot rows with ``★ few``.
+    """
+    keys = ["subject", "train_count", "shot"]
+    for name, table in ((name_a, table_a), (name_b, table_b)):
+        missing = [k for k in keys if k not in table.columns]
+        if missing:
+            raise ValueError(f"per-class table {name!r} lacks column(s) {missing}; it needs {keys} and metric columns")
+    cols = [m for m in metrics if m in table_a.columns and m in table_b.columns]
+    if not cols:
+        raise ValueError(f"the two tables share none of the metrics {list(metrics)}; "
+                         f"A has {list(table_a.columns)}, B has {list(table_b.columns)}")
+    merged = table_a[keys + cols].merge(table_b[keys + cols], on=keys, how="outer", suffixes=(" · A", " · B"))
+    out = merged[keys].copy()
+    for m in cols:
+        out[f"{m} · {name_a}"] = merged[f"{m} · A"]
+        out[f"{m} · {name_b}"] = merged[f"{m} · B"]
+        out[f"{m} · B−A"] = merged[f"{m} · B"] - merged[f"{m} · A"]
+    out["few"] = np.where(out["shot"] == "few", FEW_MARK, "")
+    return out.sort_values(["train_count", "subject"], kind="stable").reset_index(drop=True)
+
+
+def parse_typed_prompts(text: Any, max_prompts: int, max_chars: int) -> list[str]:
+    """Typed prompts: one per line, blank lines dropped, each at most ``max_chars`` characters."""
+    if text is None:
+        return []
+    if not isinstance(text, str):
+        raise ValueError(f"Typed prompts must be text, got {type(text).__name__}.")
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    prompts = [line for line in lines if line]
+    for i, p in enumerate(prompts, 1):
+        if CONTROL_CHARS.search(p):
+            raise ValueError(f"Typed prompt {i} contains control characters; type plain text.")
+        if len(p) > max_chars:
+            raise ValueError(f"Typed prompt {i} is {len(p)} characters long; the limit is {max_chars}. Shorten it.")
+    if len(prompts) > max_prompts:
+        raise ValueError(f"{len(prompts)} typed prompts; at most {max_prompts} are accepted. Remove some lines.")
+    return prompts
+
+
+# ------------------------------------------------------------------------ state across reloads
+@dataclass
+class CompareState:
+    """What the Compare tab of one browser shows, kept in the browser (``gr.BrowserState``).
+
+    The choices travel as values; generated images and computed metrics stay on the server under
+    ``token`` (an unguessable key, see :class:`ResultCache`).
+    """
+
+    run_a: str | None = None
+    run_b: str | None = None
+    prompts: list[str] = field(default_factory=list)
+    custom: str = ""
+    n_seeds: int = 4
+    guidance: float = 3.0
+    sample_steps: int = 25
+    token: str | None = None
+
+    def to_browser(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_browser(cls, raw: Any, *, max_prompts: int, max_chars: int) -> CompareState | None:
+        """The state a browser sent back, or ``None`` when it is missing or malformed (never raises)."""
+        if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION:
+            return None
+        try:
+            state = cls(
+                run_a=_opt_text(raw.get("run_a"), 200), run_b=_opt_text(raw.get("run_b"), 200),
+                prompts=[_text(p, max_chars) for p in _list(raw.get("prompts"), max_prompts)],
+                custom=_text(raw.get("custom") or "", max_prompts * (max_chars + 1)),
+                n_seeds=_whole(raw.get("n_seeds")), guidance=_real(raw.get("guidance")),
+                sample_steps=_whole(raw.get("sample_steps")),
+                token=raw.get("token") if isinstance(raw.get("token"), str)
+                and re.fullmatch(TOKEN_RE, raw["token"]) else None,
+            )
+        except (TypeError, ValueError) as exc:
+            logger.info("ignoring a malformed Compare state from the browser: %s", exc)
+            return None
+        return state
+
+
+def _text(value: Any, max_chars: int) -> str:
+    if not isinstance(value, str) or len(value) > max_chars:
+        raise ValueError("not a short text")
+    return value
+
+
+def _opt_text(value: Any, max_chars: int) -> str | None:
+    return None if value is None else _text(value, max_chars)
+
+
+def _list(value: Any, max_items: int) -> list:
+    if not isinstance(value, list) or len(value) > max_items:
+        raise ValueError("not a short list")
+    return value
+
+
+def _whole(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ValueError("not a whole number")
+    return int(value)
+
+
+def _real(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError("not a number")
+    return float(value)
+
+
+class ResultCache:
+    """A bounded, least-recently-used map from a random token to one browser's Compare results."""
+
+    def __init__(self, max_items: int = 16) -> None:
+        self.max_items = max_items
+        self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()  # callbacks of several browsers run in parallel threads
+
+    @staticmethod
+    def new_token() -> str:
+        return secrets.token_hex(16)
+
+    def put(self, token: str, **values: Any) -> None:
+        """Store (or add to) the results under ``token``."""
+        with self._lock:
+            entry = self._items.pop(token, {})
+            entry.update(values)
+            self._items[token] = entry
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+    def get(self, token: str | None) -> dict[str, Any]:
+        with self._lock:
+            if token is None or token not in self._items:
+                return {}
+            self._items.move_to_end(token)
+            return dict(self._items[token])
+
+
+# ============================================================================= Neighbours
+def round_sig(value: float, digits: int = 3) -> float:
+    """``value`` rounded to ``digits`` significant digits (0 and non-finite values unchanged)."""
+    value = float(value)
+    if value == 0 or not math.isfinite(value):
+        return value
+    return round(value, digits - 1 - int(math.floor(math.log10(abs(value)))))
+
+
+def size_bin(count: int) -> str:
+    """The class-size bin label of a class with ``count`` images (``"1 img"``, ``"2–3 img"``, ``"32+ img"``)."""
+    for low, high in SIZE_BINS:
+        if count >= low and (high is None or count <= high):
+            return _bin_label(low, high)
+    raise ValueError(f"a class has at least one image, got count={count}")
+
+
+def _bin_label(low: int, high: int | None) -> str:
+    if high is None:
+        return f"{low}+ img"
+    return f"{low} img" if low == high else f"{low}–{high} img"
+
+
+def size_colour_map() -> dict[str, str]:
+    """Bin label -> colour, rarest bin first (the legend's order)."""
+    return {_bin_label(lo, hi): c for (lo, hi), c in zip(SIZE_BINS, SIZE_COLOURS)}
+
+
+def relative_luminance(hex_colour: str) -> float:
+    """WCAG relative luminance of ``#rrggbb`` (0 black .. 1 white)."""
+    rgb = [int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def points_in_band(frame: pd.DataFrame, x_range: Any) -> pd.DataFrame:
+    """Rows of a map frame whose ``x`` lies in a brushed ``[x0, x1]`` band, rarest class first.
+
+    The native scatter plot's select event reports the brushed x interval only (not a point), so the
+    band's points are listed for a click on one row.
+    """
+    try:
+        x0, x1 = sorted(float(v) for v in x_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"a brushed band is two numbers [x0, x1], got {x_range!r}") from None
+    inside = frame[(frame["x"] >= x0) & (frame["x"] <= x1)]
+    return inside.sort_values(["class size", "row"], kind="stable").reset_index(drop=True)
+
+
+def thumbnail_markdown(image: np.ndarray, px: int = THUMB_MARKDOWN_PX) -> str:
+    """A markdown image for a table cell: PNG data URI of ``image`` upscaled (nearest, whole factor)
+    until its short side is at least ``px``."""
+    from PIL import Image
+
+    img = np.asarray(image, dtype=np.uint8)
+    factor = max(1, -(-px // max(1, min(img.shape[:2]))))
+    img = np.repeat(np.repeat(img, factor, axis=0), factor, axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return f"![thumbnail](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode('ascii')})"
