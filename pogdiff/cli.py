@@ -150,6 +150,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="adamw (default) or adamw8bit (bitsandbytes' 8-bit AdamW; needs bitsandbytes and CUDA)")
     p.add_argument("--report-to", choices=TRACKERS, default=None,
                    help="experiment tracker: none (default) or tensorboard (event files in RUN_DIR/logs)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="training image size in pixels (default: the preset's, 32 for tiny, 512 for sd15); the "
+                        "data are loaded at it. The shipped tiny base was trained at 32 px: use --base none otherwise")
     p.add_argument("--no-resume", action="store_true",
                    help="start a new run even if run-dir has checkpoints (they are moved to run-dir/replaced-*)")
     p.add_argument("--cache-dir", default=None,
@@ -164,7 +167,8 @@ def configs_from_args(args):
 
         mixed_precision = accelerate_mixed_precision()
     return configs_from_options(
-        method=args.method, preset=args.preset, pretrained=args.pretrained, steps=args.steps,
+        method=args.method, preset=args.preset, pretrained=args.pretrained, resolution=args.resolution,
+        steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, mixed_precision=mixed_precision,
         ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes, checkpoints_total_limit=args.checkpoints_total_limit,
@@ -192,6 +196,19 @@ def default_base(preset: str, base: str | None) -> str | None:
     return str(DEFAULT_BASE) if preset == "tiny" and DEFAULT_BASE.exists() else None
 
 
+def check_base_resolution(model_cfg, base: str | None) -> None:
+    """A tiny pixel base checkpoint only fine-tunes at the size it was trained at."""
+    if base is None or model_cfg.preset != "tiny":
+        return
+    configs = Path(base) / "configs.json"
+    if not configs.is_file():
+        return  # a run folder or a damaged base: build_model says what is wrong
+    trained = json.loads(configs.read_text()).get("model", {}).get("resolution")
+    if trained is not None and int(trained) != model_cfg.resolution:
+        raise ValueError(f"the base checkpoint {base} was trained at {trained} px but --resolution is "
+                         f"{model_cfg.resolution}: use --resolution {trained}, or --base none to train from scratch")
+
+
 def cmd_train(args) -> int:
     import os
 
@@ -201,6 +218,7 @@ def cmd_train(args) -> int:
 
     main_process = int(os.environ.get("RANK", "0") or 0) == 0  # torchrun / accelerate launch
     model_cfg, train_cfg = configs_from_args(args)
+    check_base_resolution(model_cfg, default_base(args.preset, args.base))
     ds = resolve_data(args.data, resolution=model_cfg.resolution)
     bar = tqdm(total=train_cfg.max_steps, desc=f"{train_cfg.method}", unit="step", disable=not main_process)
 

@@ -258,6 +258,7 @@ def configs_from_options(
     method: str = "pogdiff",
     preset: str = "tiny",
     pretrained: str | None = None,
+    resolution: int | None = None,
     steps: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
@@ -315,6 +316,13 @@ def configs_from_options(
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {value!r}")
     model_over = {"pretrained": pretrained} if pretrained else {}
+    if resolution is not None:
+        factor = 8 if preset == "sd15" else 4  # the VAE's downsampling / the tiny UNet's two halvings
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or not 16 <= resolution <= 2048 \
+                or resolution % factor:
+            raise ValueError(f"resolution must be a whole number of pixels in [16, 2048] divisible by {factor} "
+                             f"for the {preset} preset, got {resolution!r}")
+        model_over["resolution"] = resolution
     psi_over = {"psi_max": None if psi_max is None else float(psi_max), "k": k, "pool": neighbour_pool,
                 "schedule": psi_schedule, "sampling": neighbour_sampling}
     psi = dataclasses.replace(PsiConfig(), **{key: v for key, v in psi_over.items() if v is not None},

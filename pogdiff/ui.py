@@ -359,6 +359,7 @@ class DatasetBundle:
     coords: np.ndarray | None = None  # [N, 2] PCA of pooled
     image_feats: np.ndarray | None = None  # [N, F]
     tables: dict[tuple, Any] = field(default_factory=dict)  # PsiConfig fields -> NeighbourTable
+    at_resolution: dict[int, Any] = field(default_factory=dict)  # the set reloaded at a model's size
 
     @property
     def subjects(self) -> list[str]:
@@ -627,6 +628,34 @@ class Studio:
             raise gr.Error(f"{exc}\n\n{details}".strip(), title="The dataset did not validate",
                            print_exception=False) from exc
         return self._remember(self._make_bundle(key, name, ds))
+
+    def dataset_at(self, bundle: DatasetBundle, resolution: int):
+        """The bundle's set at ``resolution`` px, for a model of that size (README "Training options").
+
+        The Data tab loads images at the tiny preset's size; a model of another size (sd15: 512 px)
+        gets the set reloaded from its files (the demo's, or the stored upload's), not upscaled
+        from the small copy. Kept per bundle (the latest size only).
+        """
+        if bundle.ds.images.shape[1] == resolution:
+            return bundle.ds
+        from pogdiff.data import load_image_text_set
+
+        with bundle.lock:
+            ds = bundle.at_resolution.get(resolution)
+            if ds is None:
+                if bundle.key == DEMO_KEY:
+                    source = self.demo_root() / "train"
+                else:
+                    store = self.upload_store / bundle.key
+                    if not store.is_dir():
+                        raise gr.Error("The uploaded files of this dataset are gone (expired); upload them again.",
+                                       title="Upload missing")
+                    files = sorted(p for p in store.iterdir() if p.is_file())
+                    source = files[0] if len(files) == 1 and files[0].suffix.lower() == ".zip" else store
+                cfg = dataclasses.replace(self.data_config, resolution=resolution)
+                ds = load_image_text_set(source, cfg)
+                bundle.at_resolution = {resolution: ds}
+        return ds
 
     def restore_dataset(self, key: Any) -> tuple:
         """Page load: bring back the dataset this browser loaded before (its key is kept in the browser).
@@ -978,9 +1007,10 @@ class Studio:
         except ValueError as exc:
             raise gr.Error(str(exc), title="Invalid training options") from exc
         base = self.base_checkpoint(model_cfg.preset)
+        dataset = self.dataset_at(bundle, model_cfg.resolution)  # sd15: the set at 512 px
         try:
             self.jobs.start(
-                bundle.ds, model_cfg, train_cfg, base_checkpoint=base,
+                dataset, model_cfg, train_cfg, base_checkpoint=base,
                 preview_captions=self.preview_captions(bundle) if train_cfg.sample_every else None,
                 cache_dir=self.runs_dir / "cache", owner=request_owner(request),
             )
@@ -1002,8 +1032,10 @@ class Studio:
             raise gr.Error("This run was started by another visitor: you can compare it but not resume it.",
                            title="Not your run")
         bundle = self.bundle(key)
+        resolution = int((info.model_cfg or {}).get("resolution") or bundle.ds.images.shape[1])
         try:
-            self.jobs.resume(info, bundle.ds, owner=request_owner(request), cache_dir=self.runs_dir / "cache")
+            self.jobs.resume(info, self.dataset_at(bundle, resolution), owner=request_owner(request),
+                             cache_dir=self.runs_dir / "cache")
         except JobBusyError as exc:
             raise gr.Error(str(exc), title="Busy") from exc
         except ValueError as exc:

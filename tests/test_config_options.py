@@ -82,3 +82,23 @@ def test_the_command_line_refuses_a_bad_psi_max_before_loading_data(monkeypatch,
     monkeypatch.setattr(cli, "resolve_data", lambda *a, **k: pytest.fail("data was loaded"))
     assert cli.main(["train", "--run-dir", str(tmp_path / "r"), "--psi-max", "11"]) == 2
     assert "psi_max must be a finite number >= 0 and <= 10, got 11.0" in capsys.readouterr().err
+
+
+def test_resolution_option_sets_the_model_size_and_is_checked():
+    from pogdiff.config import configs_from_options
+
+    assert configs_from_options(preset="sd15", resolution=256)[0].resolution == 256
+    assert configs_from_options(preset="tiny")[0].resolution == 32
+    with pytest.raises(ValueError, match="resolution must be a whole number of pixels in \\[16, 2048\\] divisible by 8"):
+        configs_from_options(preset="sd15", resolution=260)
+    with pytest.raises(ValueError, match="divisible by 4 for the tiny preset, got 30"):
+        configs_from_options(preset="tiny", resolution=30)
+
+
+def test_cli_refuses_a_tiny_base_at_another_resolution(tmp_path, capsys):
+    from pogdiff.cli import main
+
+    rc = main(["train", "--data", "demo", "--steps", "1", "--resolution", "64", "--run-dir", str(tmp_path / "r")])
+    assert rc == 2
+    assert "was trained at 32 px but --resolution is 64" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before any work

@@ -6,6 +6,9 @@ A tiny UNet / VAE / CLIP pipeline is saved as a local diffusers folder and loade
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -212,3 +215,47 @@ def test_mixed_precision_keeps_frozen_weights_in_half_and_lora_in_float32(cfg, s
         trainer.step += 1
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params))
     assert all(p.dtype == torch.bfloat16 for p in frozen)
+
+
+def test_train_tab_trains_sd15_on_data_loaded_at_the_tiny_size(tmp_path, pipe_dir, monkeypatch):
+    """The Train tab's Start on the sd15 preset, with data the Data tab loaded at 32 px.
+
+    The sd15 preset is shrunk to the tiny random SD parts of this file (64 px, their text width),
+    the GPU check is bypassed, and training runs for real: the Studio must hand the job the set
+    reloaded at the model's 64 px, and a LoRA checkpoint must come out.
+    """
+    import dataclasses
+
+    from pogdiff import config, training, ui
+    from pogdiff.jobs import JobManager
+    from tests.test_ui import _noop_progress, _opts, _tiny_set
+
+    real_preset = config.model_preset
+
+    def tiny_sd15(name, **overrides):
+        cfg = real_preset(name, **overrides)
+        if name == "sd15":
+            cfg = dataclasses.replace(cfg, resolution=64, cross_attention_dim=HIDDEN, lora_rank=RANK)
+        return cfg
+
+    monkeypatch.setattr(config, "model_preset", tiny_sd15)
+    monkeypatch.setattr(ui.Studio, "on_gpu", property(lambda self: True))
+    seen = []
+
+    def spy_train(**kwargs):
+        seen.append(kwargs["dataset"].images.shape)
+        return training.train(**kwargs)
+
+    studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", single_user=True, device="cpu",
+                       jobs=JobManager(tmp_path / "runs", train_fn=spy_train))
+    key = studio.load_upload([str(p) for p in _tiny_set(tmp_path / "set").iterdir()], progress=_noop_progress)[0]
+    assert studio.bundle(key).ds.images.shape[1] == 32  # what the Data tab loaded
+    studio.start_training(key, *_opts(method="pogdiff", preset="sd15", pretrained=str(pipe_dir), steps=2,
+                                      batch_size=2, sample_every=0))
+    status = studio.jobs.wait(600)
+    assert status.state == "finished", status.error
+    assert seen and seen[0][1:3] == (64, 64)  # the job got the set at the model's size
+    saved = json.loads((Path(status.last_checkpoint) / "configs.json").read_text())
+    assert saved["model"]["preset"] == "sd15" and saved["model"]["resolution"] == 64
+    assert (Path(status.last_checkpoint) / "unet" / "pytorch_lora_weights.safetensors").is_file()  # LoRA only
+    assert not (Path(status.last_checkpoint) / "unet" / "diffusion_pytorch_model.safetensors").exists()
