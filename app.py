@@ -301,7 +301,10 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                                         interactive=False, elem_classes="pixelated", scale=3, elem_id="pg-diff")
                     diff_md = gr.Markdown("", elem_id="pg-diff-md")
                 gr.Markdown("### Per-class metrics")
-                metrics_btn = gr.Button("Compute metrics (generates every evaluation caption with A and B)")
+                with gr.Row():
+                    metrics_btn = gr.Button("Compute metrics (generates held-out demo captions with A and B)", scale=3)
+                    metrics_full = gr.Checkbox(False, label="Full evaluation (all 8 held-out captions per class, "
+                                                            "about twice as long; default: the fast 4)", scale=2)
                 metrics_md = gr.Markdown("")
                 with gr.Row():
                     metrics_plot = gr.Plot(label="Accuracy vs class frequency: A, B and B − A", scale=3)
@@ -387,7 +390,8 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
         for btn, fn, seconds, inputs, outputs, name in (
                 (gen_btn, studio.generate_pair, COMPARE_GPU_SECONDS, gen_inputs, [slider, grid_a, grid_b, pair_md],
                  "compare"),
-                (metrics_btn, studio.compute_metrics, METRICS_GPU_SECONDS, [run_a, run_b], metric_outputs, "metrics")):
+                (metrics_btn, studio.compute_metrics, METRICS_GPU_SECONDS, [run_a, run_b, metrics_full], metric_outputs,
+                 "metrics")):
             running = (btn.click(_busy1, None, btn, queue=False, api_visibility="private")
                        .then(zero_gpu(fn, seconds), inputs, outputs, api_name=name, concurrency_id=GPU_QUEUE))
             running.then(_idle1, None, btn, queue=False, api_visibility="private")

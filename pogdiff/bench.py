@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -288,6 +289,35 @@ def _merge_summary(path: Path, data: str, entry: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
+
+
+# Metric modes of the Compare tab (README "Compare"): "fast" is the quality benchmark's protocol
+# (the first QUALITY_EVAL_PER_CLASS held-out captions of every class), so the numbers shipped with
+# the demo checkpoints come out again; "full" uses every held-out caption.
+METRIC_MODES = {"fast": QUALITY_EVAL_PER_CLASS, "full": None}
+
+
+def metric_eval_set(eval_set, mode: str):
+    """The evaluation captions of a metric mode (see ``METRIC_MODES``)."""
+    if mode not in METRIC_MODES:
+        raise ValueError(f"unknown metric mode {mode!r}; choose one of {', '.join(METRIC_MODES)}")
+    per_class = METRIC_MODES[mode]
+    return eval_set if per_class is None else _subset(eval_set, _per_class_rows(eval_set, per_class))
+
+
+def checkpoint_digest(checkpoint: str | Path) -> str:
+    """sha256 of a checkpoint's weight files (names and bytes): the key of its cached metrics."""
+    root = Path(checkpoint)
+    digest = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*.safetensors") if "trainer_state" not in p.name)
+    if not files:
+        raise FileNotFoundError(f"no weights (*.safetensors) under {root}")
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode())
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _per_class_rows(eval_set, n: int) -> list[int]:

@@ -269,6 +269,49 @@ def bench_sampling(*, batch_sizes: tuple[int, ...] = (1, 8, 32), images: int = 3
             **_machine()}
 
 
+# ------------------------------------------------------------------------------------ metrics
+def bench_metrics(*, mode: str = "fast", names: tuple[str, ...] = ("demo-baseline", "demo-pogdiff"),
+                  shipped: str | os.PathLike | None = None, write: bool = False) -> dict[str, Any]:
+    """Time the Compare tab's metrics for two shipped checkpoints (loading, generating, scoring),
+    and compare each per-class table with the one shipped beside the checkpoint; ``write``
+    replaces the shipped tables with the recomputed ones (how they are made, fast mode)."""
+    import pandas as pd
+
+    from pogdiff import bench, checkpoints
+    from pogdiff.config import DataConfig
+    from pogdiff.data import ensure_demo, load_image_text_set
+    from pogdiff.evaluator import load_evaluator
+
+    folder = Path(shipped) if shipped else SHIPPED
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    root = ensure_demo()
+    eval_set = bench.metric_eval_set(load_image_text_set(root / "eval", DataConfig()), mode)
+    counts = pd.Series(load_image_text_set(root / "train", DataConfig()).subjects).value_counts().to_dict()
+    evaluator = load_evaluator(folder / "evaluator")
+    runs = {}
+    for name in names:
+        t1 = time.perf_counter()
+        table, _, _ = bench.evaluate_model(checkpoints.load_model(folder / name), eval_set, evaluator, counts)
+        entry: dict[str, Any] = {"seconds": round(time.perf_counter() - t1, 3),
+                                 "few_shot_accuracy": round(float(table.loc[table["shot"] == "few", "accuracy"].mean()), 4)}
+        shipped_csv = folder / name / "per_class.csv"
+        if shipped_csv.is_file():
+            ref = pd.read_csv(shipped_csv).set_index("subject").sort_index()
+            got = table.set_index("subject").sort_index()
+            cols = [c for c in ref.columns if c in got.columns and pd.api.types.is_numeric_dtype(ref[c])]
+            entry["max_abs_diff_to_shipped"] = float((got.loc[ref.index, cols] - ref[cols]).abs().max().max())
+        if write:
+            if mode != "fast":
+                raise ValueError("the shipped per-class tables are the fast mode's; run with --mode fast")
+            table.to_csv(shipped_csv, index=False)
+        runs[name] = entry
+    return {"mode": mode, "images_per_model": len(eval_set.captions), "seconds": round(time.perf_counter() - t0, 3),
+            "runs": runs, "sampler": f"{bench.EVAL_SAMPLE.scheduler} {bench.EVAL_SAMPLE.steps}",
+            "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
+            **_machine()}
+
+
 # --------------------------------------------------------------------------------------- data
 def synth_image(rng: np.random.Generator, index: int) -> tuple[bytes, str]:
     """One encoded test image: RGB JPEG, CMYK JPEG (every 7th), RGBA PNG (every 5th), or a JPEG
@@ -549,7 +592,7 @@ def bench_gpu(*, batch: int = 8, steps: int = 10, warmup: int = 3, lora_rank: in
 
 # ---------------------------------------------------------------------------------------- cli
 def add_parsers(bench) -> None:
-    """Register ``knn``, ``sampling``, ``data`` and ``gpu`` under ``python -m pogdiff bench``."""
+    """Register ``knn``, ``sampling``, ``metrics``, ``data`` and ``gpu`` under ``python -m pogdiff bench``."""
     p = bench.add_parser("knn", help="caption kNN graph + psi table at scale, with recall against brute force")
     p.add_argument("--n", type=int, default=100_000, help="random captions")
     p.add_argument("--dim", type=int, default=CAPTION_DIM, help="caption dimension")
@@ -576,6 +619,14 @@ def add_parsers(bench) -> None:
     p.add_argument("--work-dir", default="results/runs/data_scale", help="where the set and cache are written")
     p.add_argument("--out", default="results/data_scale.json", help="JSON output")
     p.set_defaults(fn=main)
+    p = bench.add_parser("metrics", help="the Compare tab's metrics for two shipped checkpoints, timed")
+    p.add_argument("--mode", choices=("fast", "full"), default="fast", help="fast: 4 held-out captions per class")
+    p.add_argument("--models", nargs="+", default=["demo-baseline", "demo-pogdiff"],
+                   help="shipped checkpoints (folders of checkpoints/)")
+    p.add_argument("--write-shipped", action="store_true",
+                   help="replace each model's shipped per_class.csv with the recomputed table")
+    p.add_argument("--out", default="results/metrics.json", help="JSON output")
+    p.set_defaults(fn=main)
     p = bench.add_parser("gpu", help="SD-1.5-sized UNet LoRA step at 512 px, bf16 (CUDA only)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -596,6 +647,8 @@ def main(args) -> int:
                                 compare_seeds=args.compare_seeds)
     elif cmd == "data":
         result = bench_data(n=args.n, work_dir=args.work_dir)
+    elif cmd == "metrics":
+        result = bench_metrics(mode=args.mode, names=tuple(args.models), write=args.write_shipped)
     elif cmd == "gpu":
         result = bench_gpu(batch=args.batch_size, steps=args.steps, warmup=args.warmup)
         if "skipped" in result:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from html import escape as html_escape
 import hashlib
+import json
 import logging
 import math
 import os
@@ -1289,24 +1290,51 @@ class Studio:
         return self._metric_outputs(tables, note="Precomputed at build time on the demo evaluation split "
                                                  "(press **Compute metrics** to recompute).")
 
-    def compute_metrics(self, key_a: str, key_b: str, progress: gr.Progress = gr.Progress()) -> tuple:
-        """Generate one image per demo evaluation caption with each checkpoint and score them."""
-        a, b = self._source(key_a), self._source(key_b)
-        evaluator = self._evaluator_or_error()
+    def compute_metrics(self, key_a: str, key_b: str, full: bool = False,
+                        progress: gr.Progress = gr.Progress()) -> tuple:
+        """Generate images for the demo's held-out captions with each checkpoint and score them.
+
+        ``full=False`` (fast, the default): the quality benchmark's protocol, 4 captions per class,
+        so the shipped demo numbers come out again; ``full=True``: all 8. Results are cached per
+        checkpoint weights and mode (README "Compare").
+        """
         from pogdiff import bench
 
+        a, b = self._source(key_a), self._source(key_b)
+        mode = "full" if _arg(safety.flag, "Full evaluation", False if full is None else full) else "fast"
+        evaluator = self._evaluator_or_error()
         progress(0.02, desc="Loading the demo evaluation split…")
-        eval_set = self._eval_set()
+        eval_set = bench.metric_eval_set(self._eval_set(), mode)
         counts = self._load_demo_bundle().count_of()
-        tables = {}
+        tables, cached = {}, 0
         for i, src in enumerate((a, b)):
+            path = self._metrics_cache_path(src, mode, eval_set)
+            if path.is_file():
+                tables[_short(src)] = pd.read_csv(path)
+                cached += 1
+                continue
             progress(0.05 + 0.45 * i, desc=f"Generating and scoring {src.label} ({len(eval_set.captions)} images)…")
-            model = self._model(src)
-            table, _summary, _images = bench.evaluate_model(model, eval_set, evaluator, counts)
+            table, _summary, _images = bench.evaluate_model(self._model(src), eval_set, evaluator, counts)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            table.to_csv(tmp, index=False)
+            os.replace(tmp, path)
             tables[_short(src)] = table
         progress(1.0, desc="Done")
-        return self._metric_outputs(tables, note="Computed now on the demo evaluation split, one image per caption "
-                                                 "with fixed seeds.")
+        per_class = bench.METRIC_MODES[mode]
+        what = f"{per_class} held-out captions per class" if per_class else "every held-out caption"
+        note = (f"Computed on the demo evaluation split ({mode} mode: {what}, {len(eval_set.captions)} images "
+                f"per model, fixed seeds)" + (f"; {cached} of 2 read from the cache." if cached else "."))
+        return self._metric_outputs(tables, note=note)
+
+    def _metrics_cache_path(self, src: Source, mode: str, eval_set) -> Path:
+        from pogdiff import bench
+        from pogdiff.config import to_dict
+
+        key = hashlib.sha256(json.dumps({"weights": bench.checkpoint_digest(src.checkpoint), "mode": mode,
+                                         "captions": list(eval_set.captions),
+                                         "sample": to_dict(bench.EVAL_SAMPLE)}, sort_keys=True).encode())
+        return self.runs_dir / "cache" / "metrics" / f"{key.hexdigest()[:32]}.csv"
 
     def _metric_outputs(self, tables: dict[str, pd.DataFrame], *, note: str) -> tuple:
         """Per-class delta table (A, B, B − A; rarest first), the two-run figure and the bucket means."""

@@ -134,3 +134,44 @@ def test_scale_benches_are_registered(argv, expected):
     args = build_parser().parse_args(argv)
     assert args.fn is bench_scale.main and args.bench_cmd == argv[1]
     assert {k: getattr(args, k) for k in expected} == expected
+
+
+@pytest.mark.slow  # two shipped checkpoints x 96 images: about 1.5 minutes on 2 cores
+def test_shipped_demo_metrics_reproduce_in_fast_mode(tmp_path, capsys):
+    """The per-class numbers shipped beside the demo checkpoints are the fast mode's, recomputed
+    here through the same path the Compare tab's **Compute metrics** takes."""
+    out = tmp_path / "metrics.json"
+    assert main(["bench", "metrics", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["mode"] == "fast" and r["images_per_model"] == 96  # 24 classes x 4 held-out captions
+    for name, run in r["runs"].items():
+        assert run["max_abs_diff_to_shipped"] <= 1e-9, (name, run)
+
+
+def test_metric_modes_pick_the_first_captions_of_every_class():
+    from types import SimpleNamespace
+
+    from pogdiff import bench
+
+    subjects = ["a"] * 6 + ["b"] * 2 + ["a"] * 2
+    ds = SimpleNamespace(subjects=subjects)
+    rows = bench._per_class_rows(ds, bench.METRIC_MODES["fast"])
+    assert rows == [0, 1, 2, 3, 6, 7]
+    with pytest.raises(ValueError, match="unknown metric mode 'quick'; choose one of fast, full"):
+        bench.metric_eval_set(ds, "quick")
+    assert bench.metric_eval_set(ds, "full") is ds
+
+
+def test_checkpoint_digest_follows_the_weights(tmp_path):
+    from pogdiff import bench
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "w.safetensors").write_bytes(b"one")
+    (tmp_path / "trainer_state.safetensors").write_bytes(b"optimizer")
+    first = bench.checkpoint_digest(tmp_path)
+    (tmp_path / "trainer_state.safetensors").write_bytes(b"other optimizer state")
+    assert bench.checkpoint_digest(tmp_path) == first  # optimizer state does not change the metrics
+    (tmp_path / "unet" / "w.safetensors").write_bytes(b"two")
+    assert bench.checkpoint_digest(tmp_path) != first
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        bench.checkpoint_digest(tmp_path / "unet" / "missing")

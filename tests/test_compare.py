@@ -4,7 +4,9 @@ the Studio methods behind them, with a fake sampler instead of a model."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pandas as pd
 import pytest
@@ -353,3 +355,35 @@ def test_neighbour_list_shows_each_neighbours_image(studio, key):
         img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
         assert np.array_equal(img, ui.upscale(bundle.ds.images[r.row], cv.THUMB_MARKDOWN_PX))
     assert all(isinstance(v, float) for v in frame["psi"])
+
+
+def test_compute_metrics_fast_by_default_full_on_request_and_cached(tmp_path, monkeypatch):
+    """Fast mode scores 4 held-out captions per class, full mode all 8; a second request for the
+    same checkpoint weights and mode is read from the cache, not generated again."""
+    import pandas as pd
+
+    from pogdiff import bench, ui
+
+    shipped = Path(__file__).resolve().parent.parent / "checkpoints"
+    studio = ui.Studio(tmp_path / "runs", shipped_dir=shipped, device="cpu")
+    calls = []
+
+    def fake_evaluate(model, eval_set, evaluator, counts, **kw):
+        calls.append(len(eval_set.captions))
+        subjects = sorted(set(eval_set.subjects))
+        table = pd.DataFrame({"subject": subjects, "train_count": [counts[s] for s in subjects],
+                              "shot": ["few"] * len(subjects), "accuracy": [0.5] * len(subjects)})
+        return table, None, None
+
+    monkeypatch.setattr(bench, "evaluate_model", fake_evaluate)
+    monkeypatch.setattr(ui.Studio, "_model", lambda self, source: object())
+    a, b = "shipped:demo-baseline", "shipped:demo-pogdiff"
+    n_classes = len(set(studio._eval_set().subjects))
+    *_, md = studio.compute_metrics(a, b, progress=lambda *x, **k: None)
+    assert calls == [4 * n_classes, 4 * n_classes] and "fast mode" in md and "cache" not in md
+    *_, md = studio.compute_metrics(a, b, progress=lambda *x, **k: None)
+    assert len(calls) == 2 and "2 of 2 read from the cache" in md
+    *_, md = studio.compute_metrics(a, b, True, progress=lambda *x, **k: None)
+    assert calls[2:] == [8 * n_classes, 8 * n_classes] and "full mode" in md
+    with pytest.raises(gr.Error, match="Full evaluation"):
+        studio.compute_metrics(a, b, "yes please", progress=lambda *x, **k: None)
