@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 
 from pogdiff.config import LIMITS, METHODS, PRESETS, PsiConfig, TrainConfig  # noqa: E402
-from pogdiff.neighbors import POOLS  # noqa: E402
+from pogdiff.neighbours import POOLS  # noqa: E402
 from pogdiff.ui import Studio  # noqa: E402
 
 TITLE = "PoGDiff Studio"

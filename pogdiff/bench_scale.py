@@ -91,7 +91,7 @@ def bench_knn(cfg: KnnBenchConfig) -> dict[str, Any]:
     ``recall_queries`` random rows against brute force."""
     from unittest import mock
 
-    from pogdiff import neighbors
+    from pogdiff import neighbours
     from pogdiff.config import PsiConfig
 
     if cfg.recall_queries < 1:
@@ -99,9 +99,9 @@ def bench_knn(cfg: KnnBenchConfig) -> dict[str, Any]:
     pooled = random_captions(cfg.n, cfg.dim, seed=cfg.seed, clusters=cfg.clusters)
     feats = np.random.default_rng(cfg.seed + 1).standard_normal((cfg.n, 3 * 8 * 8), dtype=np.float32)
     psi_cfg = PsiConfig(k=cfg.k, pool="all", hnsw_above=cfg.approx_above)
-    kind = neighbors.choose_index(cfg.n, cfg.approx_above, cfg.approx)
+    kind = neighbours.choose_index(cfg.n, cfg.approx_above, cfg.approx)
     search_opts = {"approx": cfg.approx, "nprobe": cfg.nprobe, "ef_search": cfg.ef_search}
-    original = neighbors.knn
+    original = neighbours.knn
 
     def configured_knn(*args, **kwargs):
         return original(*args, **{**search_opts, **kwargs})
@@ -114,26 +114,26 @@ def bench_knn(cfg: KnnBenchConfig) -> dict[str, Any]:
                 fallbacks.append(record.getMessage())
 
     watcher = _Fallback(level=logging.WARNING)
-    logging.getLogger("pogdiff.neighbors").addHandler(watcher)
+    logging.getLogger("pogdiff.neighbours").addHandler(watcher)
     load_before = os.getloadavg()[0]
-    with mock.patch.object(neighbors, "knn", configured_knn):
+    with mock.patch.object(neighbours, "knn", configured_knn):
         t0 = time.perf_counter()
-        _, idx = neighbors.knn(pooled, cfg.k, hnsw_above=cfg.approx_above)
+        _, idx = neighbours.knn(pooled, cfg.k, hnsw_above=cfg.approx_above)
         graph_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        table = neighbors.build_neighbour_table(pooled, feats, psi_cfg)
+        table = neighbours.build_neighbour_table(pooled, feats, psi_cfg)
         table_s = time.perf_counter() - t0
-    logging.getLogger("pogdiff.neighbors").removeHandler(watcher)
+    logging.getLogger("pogdiff.neighbours").removeHandler(watcher)
     rows = np.sort(np.random.default_rng(cfg.seed + 2).choice(cfg.n, min(cfg.recall_queries, cfg.n), replace=False))
-    exact = neighbors.exact_knn_rows(pooled, rows, cfg.k)
-    recall = neighbors.recall_at_k(table.indices[rows], exact, cfg.k)
-    graph_recall = neighbors.recall_at_k(idx[rows], exact, cfg.k)
+    exact = neighbours.exact_knn_rows(pooled, rows, cfg.k)
+    recall = neighbours.recall_at_k(table.indices[rows], exact, cfg.k)
+    graph_recall = neighbours.recall_at_k(idx[rows], exact, cfg.k)
     return {
         "n": cfg.n, "seconds": round(table_s, 3), f"recall_at_{cfg.k}": round(recall, 4),
         "graph_seconds": round(graph_s, 3), f"graph_recall_at_{cfg.k}": round(graph_recall, 4),
         "index": "ivf self-join" if kind == "ivf" else kind, "approx_above": cfg.approx_above,
-        "nlist": neighbors.join_nlist(cfg.n) if kind == "ivf" else None,
-        "nprobe": (cfg.nprobe or neighbors.JOIN_NPROBE) if kind == "ivf" else None, "ef_search": cfg.ef_search,
+        "nlist": neighbours.join_nlist(cfg.n) if kind == "ivf" else None,
+        "nprobe": (cfg.nprobe or neighbours.JOIN_NPROBE) if kind == "ivf" else None, "ef_search": cfg.ef_search,
         "recall_guard_fell_back_to_exact": bool(fallbacks), "dim": cfg.dim, "k": cfg.k,
         "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
         "data": f"{cfg.clusters} gaussian clusters" if cfg.clusters else "isotropic gaussian",

@@ -46,7 +46,7 @@ from pogdiff.config import (
     TrainConfig,
     uses_balanced_sampling,
 )
-from pogdiff.neighbors import NeighbourTable, build_neighbour_table, gaussian_psi_factor, image_features
+from pogdiff.neighbours import NeighbourTable, build_neighbour_table, gaussian_psi_factor, image_features
 from pogdiff.text import CachedEncoder, TextEmbeddings
 
 logger = logging.getLogger(__name__)

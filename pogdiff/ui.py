@@ -63,7 +63,7 @@ from pogdiff.config import (  # noqa: E402
     train_preset,
 )
 from pogdiff.data.stats import shot_bucket  # noqa: E402
-from pogdiff.neighbors import POOLS  # noqa: E402
+from pogdiff.neighbours import POOLS  # noqa: E402
 from pogdiff.jobs import JobBusyError, JobManager, JobStatus, RunInfo  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -723,7 +723,7 @@ class Studio:
             if bundle.pooled is not None:
                 return
             try:
-                from pogdiff.neighbors import image_features, pca_2d
+                from pogdiff.neighbours import image_features, pca_2d
             except ImportError as exc:
                 raise _missing("The neighbour module", exc) from exc
             encoder = self._text_encoder()
@@ -740,7 +740,7 @@ class Studio:
         with bundle.lock:
             table = bundle.tables.get(cache_key)
             if table is None:
-                from pogdiff.neighbors import build_neighbour_table
+                from pogdiff.neighbours import build_neighbour_table
 
                 table = build_neighbour_table(bundle.pooled, bundle.image_feats, psi, classes=bundle.subjects)
                 bundle.tables = {cache_key: table}  # keep the latest only
@@ -892,7 +892,7 @@ class Studio:
             raise gr.Error("Type a caption to search for, e.g. 'a photo of someone smiling, wearing glasses'.")
         bundle = self.bundle(key)
         self._embed(bundle)
-        from pogdiff.neighbors import knn
+        from pogdiff.neighbours import knn
 
         q = self._text_encoder().encode([query]).pooled
         q = q.detach().cpu().numpy() if hasattr(q, "detach") else np.asarray(q)

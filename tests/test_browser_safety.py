@@ -55,6 +55,9 @@ def page(tmp_path_factory):
         demo.close()
 
 
+METRICS_BUTTON = "Compute metrics (generates held-out demo captions with A and B)"
+
+
 def _enabled_after_error(page, button: str, error_text: str) -> None:
     page.get_by_text(error_text).first.wait_for()
     btn = page.get_by_role("button", name=button)
@@ -101,7 +104,6 @@ def test_a_refused_training_re_enables_start(page):
 def test_compare_and_metrics_without_checkpoints_re_enable_their_buttons(page):
     _open_tab(page, "Compare")
     page.get_by_role("button", name="Generate A and B").click()
-    _enabled_after_error(page, "Generate A and B", "is not available")
-    page.get_by_role("button", name="Compute metrics (generates every evaluation caption with A and B)").click()
-    _enabled_after_error(page, "Compute metrics (generates every evaluation caption with A and B)",
-                         "is not available")
+    _enabled_after_error(page, "Generate A and B", "Pick at least one prompt")  # no data loaded: no prompts
+    page.get_by_role("button", name=METRICS_BUTTON).click()
+    _enabled_after_error(page, METRICS_BUTTON, "is not available")

@@ -6,7 +6,7 @@ import faiss
 import numpy as np
 import pytest
 
-from pogdiff.neighbors import (
+from pogdiff.neighbours import (
     _build_index,
     choose_index,
     exact_knn_rows,
@@ -80,12 +80,12 @@ def test_recall_at_k_counts_overlap_in_any_order_and_ignores_missing():
 
 
 def test_truncated_kernel_density_equals_the_top_k_sum(monkeypatch):
-    from pogdiff import neighbors
+    from pogdiff import neighbours
 
     v = _unit(300, 8, seed=5)
-    monkeypatch.setattr(neighbors, "DENSITY_EXACT_MAX", 100)
-    monkeypatch.setattr(neighbors, "DENSITY_KNN", 20)
-    rho = neighbors._kernel_density(v, 0.3)
+    monkeypatch.setattr(neighbours, "DENSITY_EXACT_MAX", 100)
+    monkeypatch.setattr(neighbours, "DENSITY_KNN", 20)
+    rho = neighbours._kernel_density(v, 0.3)
     sims, idx = knn(v, 20, exclude_self=False)  # the row itself (kernel 1) and its 19 nearest
     expected = np.exp(-((1.0 - sims.astype(np.float64)) ** 2) / (2 * 0.3**2)).sum(axis=1)
     np.testing.assert_allclose(rho, expected, rtol=1e-5)
@@ -94,7 +94,7 @@ def test_truncated_kernel_density_equals_the_top_k_sum(monkeypatch):
     assert np.all(rho <= exact + 1e-9) and np.all(rho >= 1.0 - 1e-6)
     # a search passed in is reused, not repeated
     shared = knn(v, 25)
-    np.testing.assert_allclose(neighbors._kernel_density(v, 0.3, shared), expected, rtol=1e-5)
+    np.testing.assert_allclose(neighbours._kernel_density(v, 0.3, shared), expected, rtol=1e-5)
 
 
 def _clustered(n: int, d: int, clusters: int, seed: int = 0) -> np.ndarray:
@@ -118,7 +118,7 @@ def test_ivf_self_join_recall_guard_falls_back_to_exact_on_unstructured_data(cap
     exact = exact_knn_rows(v, np.arange(2000), 5)
     _, fixed = ivf_self_join(v, 5, nlist=40, nprobe=2)  # explicit nprobe: no guard
     assert recall_at_k(fixed, exact, 5) < 0.5
-    with caplog.at_level("WARNING", logger="pogdiff.neighbors"):
+    with caplog.at_level("WARNING", logger="pogdiff.neighbours"):
         _, guarded = ivf_self_join(v, 5, nlist=40)  # automatic nprobe: guard on
     assert recall_at_k(guarded, exact, 5) == 1.0
     assert "computed exactly instead" in caplog.text
@@ -126,7 +126,7 @@ def test_ivf_self_join_recall_guard_falls_back_to_exact_on_unstructured_data(cap
 
 def test_ivf_self_join_keeps_the_fast_graph_on_clustered_data(caplog):
     v = _clustered(3000, 32, clusters=30, seed=9)
-    with caplog.at_level("WARNING", logger="pogdiff.neighbors"):
+    with caplog.at_level("WARNING", logger="pogdiff.neighbours"):
         _, idx = ivf_self_join(v, 5, nlist=60)
     assert "computed exactly" not in caplog.text
     rows = np.arange(0, 3000, 5)
@@ -140,19 +140,19 @@ def test_knn_self_query_above_the_threshold_is_the_self_join():
 
 
 def test_psi_table_shares_one_search_between_graph_and_density(monkeypatch):
-    from pogdiff import neighbors
+    from pogdiff import neighbours
     from pogdiff.config import PsiConfig
 
     v = _clustered(400, 16, clusters=8, seed=11)
-    monkeypatch.setattr(neighbors, "DENSITY_EXACT_MAX", 100)
-    monkeypatch.setattr(neighbors, "DENSITY_KNN", 30)
+    monkeypatch.setattr(neighbours, "DENSITY_EXACT_MAX", 100)
+    monkeypatch.setattr(neighbours, "DENSITY_KNN", 30)
     calls = []
-    real = neighbors.knn
-    monkeypatch.setattr(neighbors, "knn", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+    real = neighbours.knn
+    monkeypatch.setattr(neighbours, "knn", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
     cfg = PsiConfig(k=4, pool="all", use_image_sim=False)
-    table = neighbors.build_neighbour_table(v, None, cfg)
+    table = neighbours.build_neighbour_table(v, None, cfg)
     assert calls == [29]  # one search: 29 others + the row itself make the density's 30
     np.testing.assert_array_equal(table.indices, real(v, 4)[1])
-    expected_w = neighbors.density_weights(classes=None, pooled=v, gamma=cfg.density_gamma,
+    expected_w = neighbours.density_weights(classes=None, pooled=v, gamma=cfg.density_gamma,
                                            bandwidth=cfg.kde_bandwidth, neighbours=real(v, 29))
     np.testing.assert_allclose(table.w_density, expected_w, rtol=1e-6)

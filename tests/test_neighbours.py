@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pogdiff.config import PsiConfig
-from pogdiff.neighbors import (
+from pogdiff.neighbours import (
     gaussian_psi_factor,
     pair_delta2,
     NeighbourTable,
