@@ -126,3 +126,28 @@ def test_errors_reach_the_client_and_the_server_keeps_serving(client):
         client.predict("run:nope", "run:nope", ["a photo of x"], "", 1, 3.0, 5, api_name="/compare")
     md = client.predict(api_name="/poll")[0]
     assert isinstance(md, str)
+
+
+def test_readme_api_example_runs_against_a_live_app(tmp_path):
+    """The README's gradio_client script, run as written (only the URL changes), with the
+    shipped checkpoints, so the documented API cannot drift from the app."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = re.search(r"<!-- api-example -->\n```python\n(.*?)```", readme, re.S).group(1)
+    studio = Studio(tmp_path / "runs", device="cpu")  # the shipped checkpoints of the repository
+    demo = app.build_demo(studio)
+    demo.queue(default_concurrency_limit=2)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **app.launch_options(studio, 50))
+    try:
+        script = code.replace("http://127.0.0.1:7860/", f"http://127.0.0.1:{port}/")
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=TRAIN_TIMEOUT)
+    finally:
+        demo.close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Finished" in proc.stdout and "seed" in proc.stdout.lower()
