@@ -288,15 +288,6 @@ def gallery_items(
     return [(upscale(np.asarray(img), min_px), str(cap)) for img, cap in zip(images, captions)]
 
 
-def gpu_task(fn: Callable) -> Callable:
-    """Wrap ``fn`` with ``spaces.GPU`` on Hugging Face ZeroGPU Spaces; unchanged elsewhere."""
-    try:
-        import spaces  # type: ignore[import-not-found]
-    except ImportError:
-        return fn
-    return spaces.GPU(fn)
-
-
 def default_device() -> str:
     import torch
 
@@ -338,11 +329,6 @@ def clean_temp_folders(older_than_s: float, *, prefixes: Sequence[str] = (EXPORT
     """Remove the app's leftover temp folders (exported zips handed out) older than ``older_than_s``."""
     root = Path(root or tempfile.gettempdir())
     return sum(safety.remove_old_dirs(root, prefix, older_than_s) for prefix in prefixes)
-
-
-def _missing(part: str, exc: Exception) -> gr.Error:
-    logger.warning("%s unavailable: %s", part, exc)
-    return gr.Error(f"{part} is not available in this installation yet ({exc}).", title="Not available")
 
 
 # ================================================================================ state
@@ -503,10 +489,8 @@ class Studio:
             return class_counts_table(ds.subjects, self.data_config)
 
     def _load_demo_bundle(self) -> DatasetBundle:
-        try:
-            from pogdiff.data import load_image_text_set
-        except ImportError as exc:
-            raise _missing("The data loader", exc) from exc
+        from pogdiff.data import load_image_text_set
+
         ds = load_image_text_set(self.demo_root() / "train", self.data_config)
         return self._remember(self._make_bundle(DEMO_KEY, "built-in demo set (train split)", ds))
 
@@ -612,10 +596,8 @@ class Studio:
                 + clean_temp_folders(max_age))
 
     def _load_stored(self, key: str, store: Path) -> DatasetBundle:
-        try:
-            from pogdiff.data import DatasetError, load_image_text_set
-        except ImportError as exc:
-            raise _missing("The data loader", exc) from exc
+        from pogdiff.data import DatasetError, load_image_text_set
+
         files = sorted(p for p in store.iterdir() if p.is_file())
         if len(files) == 1 and files[0].suffix.lower() == ".zip":
             source, name = files[0], files[0].name
@@ -722,10 +704,8 @@ class Studio:
         with bundle.lock:
             if bundle.pooled is not None:
                 return
-            try:
-                from pogdiff.neighbours import image_features, pca_2d
-            except ImportError as exc:
-                raise _missing("The neighbour module", exc) from exc
+            from pogdiff.neighbours import image_features, pca_2d
+
             encoder = self._text_encoder()
             pooled = encoder.encode(bundle.captions).pooled
             pooled = pooled.detach().cpu().numpy() if hasattr(pooled, "detach") else np.asarray(pooled)
@@ -999,12 +979,10 @@ class Studio:
         if model_cfg.preset == "sd15" and not self.on_gpu:
             raise gr.Error("The sd15 preset needs a GPU; this server has none. Use the tiny preset on CPU.")
         bundle = self.bundle(key)
-        try:
-            from pogdiff.training import check_train_config
+        from pogdiff.training import check_train_config
 
+        try:
             check_train_config(train_cfg, len(bundle.captions))
-        except ImportError as exc:
-            raise _missing("The training module", exc) from exc
         except ValueError as exc:
             raise gr.Error(str(exc), title="Invalid training options") from exc
         base = self.base_checkpoint(model_cfg.preset)
@@ -1130,13 +1108,10 @@ class Studio:
         if (folder / "configs.json").exists():
             return folder
         if folder.is_dir():
-            try:
-                from pogdiff.checkpoints import latest_checkpoint
+            from pogdiff.checkpoints import latest_checkpoint
 
-                found = latest_checkpoint(folder)
-                return Path(found) if found else None
-            except ImportError:
-                return None
+            found = latest_checkpoint(folder)
+            return Path(found) if found else None
         return None
 
     def shipped_note(self) -> str:
@@ -1197,10 +1172,8 @@ class Studio:
             if model is not None:
                 self._models.move_to_end(cache_key)
                 return model
-        try:
-            from pogdiff import checkpoints
-        except ImportError as exc:
-            raise _missing("Checkpoint loading", exc) from exc
+        from pogdiff import checkpoints
+
         model = checkpoints.load_model(source.checkpoint, device=self.device)
         with self._lock:
             self._models[cache_key] = model
@@ -1265,10 +1238,8 @@ class Studio:
             if self._evaluator is not None:
                 return self._evaluator
         folder = self.shipped_dir / "evaluator"
-        try:
-            from pogdiff.evaluator import load_evaluator
-        except ImportError as exc:
-            raise _missing("The evaluator", exc) from exc
+        from pogdiff.evaluator import load_evaluator
+
         if not folder.exists():
             raise gr.Error("The identity evaluator (checkpoints/evaluator) is not there yet; make it with "
                            "`python -m pogdiff build evaluator`.", title="No evaluator")

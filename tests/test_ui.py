@@ -117,13 +117,6 @@ def test_short_prompt():
     assert ui.short_prompt("portrait of X") == "portrait of X"
 
 
-def test_gpu_task_is_identity_without_spaces():
-    def f(x):
-        return x
-
-    assert ui.gpu_task(f)(3) == 3
-
-
 # ----------------------------------------------------------------------------- Studio
 @pytest.fixture
 def studio(tmp_path):
