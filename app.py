@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 
 from pogdiff.config import LIMITS, METHODS, PRESETS, PsiConfig, TrainConfig  # noqa: E402
+from pogdiff.constants import SHOT_COLOURS  # noqa: E402
 from pogdiff.neighbours import POOLS  # noqa: E402
 from pogdiff.ui import Studio  # noqa: E402
 
@@ -138,8 +139,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                         headers=["subject", "count", "shot"],
                     )
                     long_tail = gr.BarPlot(
-                        x="subject", y="count", color="shot", color_map={"many": "#2563eb", "medium": "#f59e0b",
-                                                                         "few": "#dc2626"},
+                        x="subject", y="count", color="shot", color_map=SHOT_COLOURS,
                         sort="-y", title="Long tail: images per class", x_title="class (most to least frequent)",
                         y_title="training images", x_label_angle=-45, height=360, scale=3,
                         tooltip=["subject", "count", "shot"],
@@ -158,8 +158,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                 nb_banner = gr.Markdown(studio.dataset_banner(None))
                 with gr.Row():
                     scatter = gr.ScatterPlot(
-                        x="x", y="y", color="shot", color_map={"many": "#2563eb", "medium": "#f59e0b",
-                                                               "few": "#dc2626"},
+                        x="x", y="y", color="shot", color_map=SHOT_COLOURS,
                         title="Caption embeddings (PCA)", x_title="PC 1", y_title="PC 2", height=420,
                         tooltip=["caption", "subject", "class size", "x", "y"], scale=3,
                     )

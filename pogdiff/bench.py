@@ -23,13 +23,13 @@ import numpy as np
 import pandas as pd
 
 from pogdiff import checkpoints
+from pogdiff.constants import REPO_ROOT
+from pogdiff.constants import SHIPPED_DIR as SHIPPED
 from pogdiff.config import DataConfig, PsiConfig, SampleConfig, TrainConfig, model_preset, to_dict, uses_balanced_sampling
 from pogdiff.training import Trainer, prepare_data, train
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = REPO_ROOT / "checkpoints"
 BASE_DIR = SHIPPED / "base-tiny"
 EVALUATOR_DIR = SHIPPED / "evaluator"
 # The embedded benchmark sets (README "Results"): the demo spec kind and the evaluator that names them.

@@ -30,10 +30,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pogdiff.constants import REPO_ROOT
+from pogdiff.constants import SHIPPED_DIR as SHIPPED
+
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = REPO_ROOT / "checkpoints"
 CAPTION_DIM = 384  # MiniLM's pooled dimension
 
 

@@ -21,13 +21,13 @@ from pogdiff.config import (
     SampleConfig,
     configs_from_options,
 )
+from pogdiff.constants import DEFAULT_BASE
 
 logger = logging.getLogger("pogdiff")
 
 DEMO = "demo"
 FAMILIES = "families"
 DEMO_KINDS = ("identities", FAMILIES)
-DEFAULT_BASE = Path(__file__).resolve().parent.parent / "checkpoints" / "base-tiny"
 
 
 def resolve_data(source: str, split: str = "train", *, resolution: int = 32):

@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pogdiff import safety  # noqa: E402
+from pogdiff.constants import REPO_ROOT, SHIPPED_DIR, SHOT_COLOURS  # noqa: E402,F401
 from pogdiff.compare_views import (  # noqa: E402
     MAX_REAL_IMAGES,
     CompareState,
@@ -68,11 +69,8 @@ from pogdiff.jobs import JobBusyError, JobManager, JobStatus, RunInfo  # noqa: E
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_DIR = REPO_ROOT / "checkpoints"
 DEMO_KEY = "demo"
 SHOTS = ("many", "medium", "few")
-SHOT_COLOURS = {"many": "#2563eb", "medium": "#f59e0b", "few": "#dc2626"}
 THUMB_PX = 96  # gallery thumbnails are upscaled (nearest) to at least this many pixels
 SLIDER_PX = 256  # the before/after slider shows one pair this large
 MAX_CACHED_DATASETS = 4

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Union
 
 import pandas as pd
 
+from pogdiff.constants import SHOT_COLOURS
+
 from ..config import DataConfig
 
 if TYPE_CHECKING:
@@ -17,7 +19,6 @@ if TYPE_CHECKING:
     from .loader import ImageTextSet
 
 SHOTS = ("many", "medium", "few")
-SHOT_COLOURS = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}
 TABLE_COLUMNS = ("subject", "count", "shot")
 MAX_TICK_LABELS = 40
 
