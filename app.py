@@ -254,6 +254,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                                                "an interrupted or stopped one can be resumed.")
                     resume_btn = gr.Button("Resume", scale=1)
                     export_btn = gr.Button("Zip weights + config", scale=1)
+                    weights_btn = gr.Button("Weights only (.safetensors: fp16 UNet, or LoRA)", scale=1)
                     zip_file = gr.File(label="Download", scale=2, interactive=False, visible=False)
                 runs_table = gr.Dataframe(label="Runs", interactive=False, max_height=240, value=studio.runs_table)
 
@@ -366,6 +367,8 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
         train_tab.select(studio.dataset_banner, ds_key, train_banner, api_visibility="private")
         runs_dd.change(studio.runs_table, None, runs_table, api_visibility="private")
         export_btn.click(studio.export_run, runs_dd, zip_file, api_name="export_run").success(
+            _show, None, zip_file, queue=False, api_visibility="private")
+        weights_btn.click(studio.export_weights, runs_dd, zip_file, api_name="export_weights").success(
             _show, None, zip_file, queue=False, api_visibility="private")
 
         # ========================================================= events: Compare

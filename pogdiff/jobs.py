@@ -479,6 +479,40 @@ class JobManager:
         return out
 
 
+    def export_weights(self, run: RunInfo | str | Path) -> Path:
+        """The run's trained weights alone, without optimizer state: the LoRA file of an sd15 run
+        (``load_lora_weights``), or the tiny UNet's weights in float16 with its config in the file's
+        metadata. Returns the path of one ``.safetensors`` file under the runs folder's exports."""
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        info = self.get_run(run)
+        name = check_run_name(info.name)
+        run_dir = resolve_inside(self.runs_dir, info.run_dir)
+        checkpoint = resolve_inside(run_dir, info.checkpoint)
+        unet = resolve_inside(run_dir, checkpoint / "unet")
+        out_dir = self.runs_dir / EXPORTS_DIR
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lora = unet / "pytorch_lora_weights.safetensors"
+        full = unet / "diffusion_pytorch_model.safetensors"
+        if lora.is_file():
+            out = out_dir / f"{name}-lora.safetensors"
+            tensors, metadata = load_file(str(resolve_inside(run_dir, lora))), {"format": "pt", "kind": "lora"}
+        elif full.is_file():
+            out = out_dir / f"{name}-unet-fp16.safetensors"
+            tensors = {k: v.half() if v.is_floating_point() else v
+                       for k, v in load_file(str(resolve_inside(run_dir, full))).items()}
+            config = unet / "config.json"
+            metadata = {"format": "pt", "kind": "unet", "dtype": str(torch.float16),
+                        "config": config.read_text() if config.is_file() else "{}"}
+        else:
+            raise ValueError(f"run {name!r} has no UNet weights in its last checkpoint ({checkpoint.name})")
+        tmp = out.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        tmp.replace(out)
+        return out
+
+
 def _find_checkpoint(run_dir: Path, recorded: str) -> Path | None:
     """The run's checkpoint folder, resolved inside ``run_dir`` (``run_dir`` itself resolved).
 

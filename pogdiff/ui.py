@@ -1086,6 +1086,24 @@ class Studio:
         shutil.copyfile(zip_path, out)
         return str(out)
 
+    def export_weights(self, name: str | None, request: gr.Request = None) -> str:
+        """Path of the run's weights alone (fp16 UNet for tiny, LoRA for sd15), in a fresh temp folder."""
+        if not name:
+            raise gr.Error("Pick a finished run first.")
+        name = _arg(safety.check_run_name, name)
+        try:
+            info = self.jobs.get_run(name)
+            if not self.may_control(info.owner, request):
+                raise gr.Error(f"Run {name!r} was started by another visitor; only they can download it.",
+                               title="Not your run")
+            path = self.jobs.export_weights(info)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
+        self.clean_leftovers()
+        out = Path(tempfile.mkdtemp(prefix=EXPORT_TMP_PREFIX)) / path.name
+        shutil.copyfile(path, out)
+        return str(out)
+
     # ========================================================================== Compare tab
     def sources(self) -> list[Source]:
         """Shipped demo checkpoints first, then finished runs, newest first."""

@@ -186,6 +186,35 @@ def test_status_reattaches_from_a_fresh_reference(tmp_path):
     assert jobs.wait(TIMEOUT).state == "finished"
 
 
+def test_export_weights_is_the_fp16_unet_or_the_lora_file_alone(tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    jobs = JobManager(tmp_path / "runs", train_fn=FakeTrain())
+    jobs.start(FakeDataset(), *_cfgs(2))
+    jobs.wait(TIMEOUT)
+    run = jobs.list_runs()[0]
+    unet = run.run_dir / "checkpoint-000002" / "unet"
+    with pytest.raises(ValueError, match="has no UNet weights"):
+        jobs.export_weights(run)
+    weights = {"conv.weight": torch.randn(4, 3, dtype=torch.float32), "steps": torch.tensor([7])}
+    save_file(weights, str(unet / "diffusion_pytorch_model.safetensors"))
+    (unet / "config.json").write_text('{"sample_size": 32}')
+    path = jobs.export_weights(run)
+    assert path.name == f"{run.name}-unet-fp16.safetensors"
+    out = load_file(str(path))
+    assert out["conv.weight"].dtype == torch.float16 and out["steps"].dtype == weights["steps"].dtype
+    torch.testing.assert_close(out["conv.weight"].float(), weights["conv.weight"], atol=1e-3, rtol=1e-3)
+    with safe_open(str(path), "pt") as fh:
+        assert fh.metadata()["config"] == '{"sample_size": 32}'
+    lora = {"lora_A.weight": torch.randn(2, 4)}
+    save_file(lora, str(unet / "pytorch_lora_weights.safetensors"))
+    path = jobs.export_weights(run.name)
+    assert path.name == f"{run.name}-lora.safetensors"
+    torch.testing.assert_close(load_file(str(path))["lora_A.weight"], lora["lora_A.weight"])  # LoRA kept exact
+
+
 def test_export_zip_holds_weights_config_and_run_file(tmp_path):
     jobs = JobManager(tmp_path / "runs", train_fn=FakeTrain())
     jobs.start(FakeDataset(), *_cfgs(2))

@@ -196,6 +196,8 @@ def test_upload_loose_files_then_galleries_and_training_with_fake(studio, tmp_pa
     zip_path = studio.export_run(runs.value)
     with zipfile.ZipFile(zip_path) as zf:
         assert any(n.endswith("configs.json") for n in zf.namelist())
+    with pytest.raises(gr.Error, match="has no UNet weights"):  # the fake run wrote no real weights
+        studio.export_weights(runs.value)
     a, b, note = studio.compare_choices()
     assert [c[1] for c in a.choices] == [f"run:{runs.value}"] and "not there yet" in note
     assert a.value == b.value == f"run:{runs.value}"
