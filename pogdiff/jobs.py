@@ -177,8 +177,12 @@ class JobManager:
         cache_dir: str | Path | None = None,
         name: str | None = None,
         owner: str | None = None,
+        run_name: str | None = None,
     ) -> Job:
         """Start training in a daemon thread and return at once.
+
+        ``run_name`` names the run folder exactly (checked like any run name; a taken name is
+        refused); without it the folder is ``<date>-<time>-<name or method>``.
 
         ``owner`` (a session or user id) is stored only as :func:`~pogdiff.safety.owner_digest`.
 
@@ -188,7 +192,13 @@ class JobManager:
         with self._lock:
             self._refuse_if_busy()
             method = getattr(train_cfg, "method", "run")
-            run_name = self._new_run_name(name or method)
+            if run_name:
+                run_name = check_run_name(run_name)
+                if (self.runs_dir / run_name).exists():
+                    raise ValueError(f"a run named {run_name!r} exists already: pick another name, or leave the "
+                                     "name empty for a dated one")
+            else:
+                run_name = self._new_run_name(name or method)
             run_dir = self.runs_dir / run_name
             run_dir.mkdir(parents=True, exist_ok=False)
             job = self._new_job(run_name, run_dir, method, train_cfg, owner)

@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -272,10 +273,12 @@ def runs_frame(runs: Sequence[RunInfo]) -> pd.DataFrame:
             "batch": r.train_cfg.get("batch_size", ""),
             "lr": r.train_cfg.get("learning_rate", ""),
             "psi_max": psi.get("psi_max", ""),
+            "data": Path(str(r.dataset.get("root", ""))).name or "",
             "images": r.dataset.get("num_samples", ""),
+            "finished": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.finished_at)) if r.finished_at else "",
             "checkpoint": r.checkpoint.name,
         })
-    columns = ["run", "method", "state", "steps", "batch", "lr", "psi_max", "images", "checkpoint"]
+    columns = ["run", "method", "state", "steps", "batch", "lr", "psi_max", "data", "images", "finished", "checkpoint"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -965,9 +968,15 @@ class Studio:
     def start_training(
         self, key: str | None, method: str, preset: str, pretrained: str, steps: float, batch_size: float,
         lr: float, psi_max: float, k: float, use_density: bool, use_image_sim: bool, use_text_sim: bool,
-        pool: str, sample_every: float, seed: float, request: gr.Request = None,
+        pool: str, sample_every: float, seed: float, run_name: str = "", request: gr.Request = None,
     ) -> tuple:
-        """Start a background training job owned by the requesting session; the Timer shows its progress."""
+        """Start a background training job owned by the requesting session; the Timer shows its progress.
+
+        ``run_name`` (optional) names the run folder; empty gives a dated name.
+        """
+        run_name = _arg(safety.text, "Run name", run_name or "", self.limits.max_text_chars).strip()
+        if run_name:
+            run_name = _arg(safety.check_run_name, run_name)
         model_cfg, train_cfg = self.build_configs(method, preset, pretrained, steps, batch_size, lr, psi_max, k,
                                                   use_density, use_image_sim, use_text_sim, pool,
                                                   sample_every, seed)
@@ -989,10 +998,12 @@ class Studio:
             self.jobs.start(
                 dataset, model_cfg, train_cfg, base_checkpoint=base,
                 preview_captions=self.preview_captions(bundle) if train_cfg.sample_every else None,
-                cache_dir=self.runs_dir / "cache", owner=request_owner(request),
+                cache_dir=self.runs_dir / "cache", owner=request_owner(request), run_name=run_name or None,
             )
         except JobBusyError as exc:
             raise gr.Error(str(exc), title="Busy") from exc
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="Cannot start") from exc
         if base is None and model_cfg.preset == "tiny":
             gr.Info("No shipped base checkpoint (checkpoints/base-tiny) yet: training starts from a random UNet.")
         return self.poll(-1, request)

@@ -325,7 +325,7 @@ def test_a_job_belongs_to_the_session_that_started_it(tmp_path):
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped",
                        jobs=JobManager(tmp_path / "runs", train_fn=fake), device="cpu")
     key = studio.load_upload([str(p) for p in _tiny_set(tmp_path / "set").iterdir()], progress=_noop_progress)[0]
-    studio.start_training(key, *_opts(steps=2), A)
+    studio.start_training(key, *_opts(steps=2), request=A)
     assert studio.poll(-1, B)[5].interactive is False and studio.poll(-1, A)[5].interactive is True
     with pytest.raises(gr.Error, match="started by another visitor"):
         studio.stop_training(B)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
 import zipfile
 
 import gradio as gr
@@ -104,11 +106,12 @@ def test_runs_frame(tmp_path):
     run = RunInfo(name="r", run_dir=tmp_path, checkpoint=tmp_path / "checkpoint-000010", state="finished",
                   method="pogdiff", steps_done=10, max_steps=10, stopped=False, finished_at=1.0, model_cfg={},
                   train_cfg={"batch_size": 8, "learning_rate": 1e-4, "psi": {"psi_max": 2.0}},
-                  dataset={"num_samples": 30})
+                  dataset={"num_samples": 30, "root": "/somewhere/demo-abc/train"})
     frame = ui.runs_frame([run])
+    finished = time.strftime("%Y-%m-%d %H:%M", time.localtime(1.0))
     assert frame.iloc[0].to_dict() == {"run": "r", "method": "pogdiff", "state": "finished", "steps": "10/10",
-                                       "batch": 8, "lr": 1e-4, "psi_max": 2.0, "images": 30,
-                                       "checkpoint": "checkpoint-000010"}
+                                       "batch": 8, "lr": 1e-4, "psi_max": 2.0, "data": "train", "images": 30,
+                                       "finished": finished, "checkpoint": "checkpoint-000010"}
     assert list(ui.runs_frame([]).columns)[0] == "run"
 
 
@@ -294,3 +297,22 @@ def test_every_event_that_disables_a_button_re_enables_it_when_it_fails(tmp_path
         values = values if isinstance(values, tuple) else (values,)
         updates = {o._id: v for o, v in zip(recover[0].outputs, values)}
         assert all(getattr(updates[i], "interactive", None) is True for i in disabled), fns[main_id].api_name
+
+
+def test_runs_named_by_the_user_are_checked_and_listed(tmp_path):
+    studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped",
+                       jobs=JobManager(tmp_path / "runs", train_fn=FakeTrain()), device="cpu")
+    key = studio.load_upload([str(p) for p in _tiny_set(tmp_path / "set").iterdir()], progress=_noop_progress)[0]
+    with pytest.raises(gr.Error, match="is not a run name"):
+        studio.start_training(key, *_opts(steps=2), "../outside")
+    studio.start_training(key, *_opts(steps=2), " my-first.run ")
+    assert studio.jobs.wait(10).run_name == "my-first.run" and (tmp_path / "runs" / "my-first.run").is_dir()
+    with pytest.raises(gr.Error, match="a run named 'my-first.run' exists already"):
+        studio.start_training(key, *_opts(steps=2), "my-first.run")
+    frame = studio.runs_table()
+    row = frame[frame["run"] == "my-first.run"].iloc[0]
+    assert row["method"] == "pogdiff" and row["steps"] == "2/2" and row["images"] == 8
+    assert row["data"] == key  # the stored upload's folder
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", row["finished"])
+    studio.start_training(key, *_opts(steps=2))  # empty name: a dated one, as before
+    assert re.fullmatch(r"\d{8}-\d{6}-pogdiff", studio.jobs.wait(10).run_name)
