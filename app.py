@@ -98,6 +98,9 @@ OPT_INFO = {
 }
 
 
+BASE_NOTE = ("The tiny preset fine-tunes checkpoints/base-tiny, a face model pretrained on 40 procedural demo "
+             "identities at 32 px: on your own data it starts from faces. From scratch needs many more steps.")
+
 def build_demo(studio: Studio | None = None) -> gr.Blocks:
     """Lay out the four tabs and bind them to ``studio`` (a fresh :class:`Studio` by default)."""
     studio = studio or Studio()
@@ -225,6 +228,8 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                                                  info="Sample the rarest classes' prompts this often; 0 = never.")
                         run_name = gr.Textbox("", label="Run name (optional)", max_lines=1,
                                               info="Letters, digits, '.', '_' and '-'; empty: a dated name.")
+                        from_scratch = gr.Checkbox(False, label="Train from scratch (tiny preset: a random UNet)",
+                                                   info=BASE_NOTE)
                         with gr.Accordion("psi options (pogdiff)", open=False):
                             psi_max = gr.Slider(0.0, 5.0, value=psi.psi_max, step=0.1, label="psi_max",
                                                 info="Largest weight a sample gives to its neighbour's prediction.")
@@ -352,7 +357,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
         # =========================================================== events: Train
         preset.change(studio.preset_defaults, preset, [batch, lr, model_id], api_visibility="private")
         options = [method, preset, model_id, steps, batch, lr, psi_max, k, use_density, use_image_sim,
-                   use_text_sim, same_class, sample_every, seed, run_name]
+                   use_text_sim, same_class, sample_every, seed, run_name, from_scratch]
         poll_outputs = [job_md, job_progress, loss_plot, preview, start_btn, stop_btn, runs_dd, seen]
         starting = start_btn.click(_busy1, None, start_btn, queue=False, api_visibility="private").then(
             studio.start_training, [ds_key, *options], poll_outputs, api_name="start_training")

@@ -968,12 +968,15 @@ class Studio:
     def start_training(
         self, key: str | None, method: str, preset: str, pretrained: str, steps: float, batch_size: float,
         lr: float, psi_max: float, k: float, use_density: bool, use_image_sim: bool, use_text_sim: bool,
-        pool: str, sample_every: float, seed: float, run_name: str = "", request: gr.Request = None,
+        pool: str, sample_every: float, seed: float, run_name: str = "", from_scratch: bool = False,
+        request: gr.Request = None,
     ) -> tuple:
         """Start a background training job owned by the requesting session; the Timer shows its progress.
 
-        ``run_name`` (optional) names the run folder; empty gives a dated name.
+        ``run_name`` (optional) names the run folder; empty gives a dated name. ``from_scratch``
+        trains the tiny preset from a random UNet instead of the shipped face base.
         """
+        from_scratch = _arg(safety.flag, "Train from scratch", False if from_scratch is None else from_scratch)
         run_name = _arg(safety.text, "Run name", run_name or "", self.limits.max_text_chars).strip()
         if run_name:
             run_name = _arg(safety.check_run_name, run_name)
@@ -992,7 +995,7 @@ class Studio:
             check_train_config(train_cfg, len(bundle.captions))
         except ValueError as exc:
             raise gr.Error(str(exc), title="Invalid training options") from exc
-        base = self.base_checkpoint(model_cfg.preset)
+        base = None if from_scratch else self.base_checkpoint(model_cfg.preset)
         dataset = self.dataset_at(bundle, model_cfg.resolution)  # sd15: the set at 512 px
         try:
             self.jobs.start(
@@ -1004,7 +1007,7 @@ class Studio:
             raise gr.Error(str(exc), title="Busy") from exc
         except ValueError as exc:
             raise gr.Error(str(exc), title="Cannot start") from exc
-        if base is None and model_cfg.preset == "tiny":
+        if base is None and model_cfg.preset == "tiny" and not from_scratch:
             gr.Info("No shipped base checkpoint (checkpoints/base-tiny) yet: training starts from a random UNet.")
         return self.poll(-1, request)
 

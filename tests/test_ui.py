@@ -316,3 +316,21 @@ def test_runs_named_by_the_user_are_checked_and_listed(tmp_path):
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", row["finished"])
     studio.start_training(key, *_opts(steps=2))  # empty name: a dated one, as before
     assert re.fullmatch(r"\d{8}-\d{6}-pogdiff", studio.jobs.wait(10).run_name)
+
+
+def test_train_from_scratch_skips_the_shipped_base(tmp_path):
+    fake = FakeTrain()
+    shipped = tmp_path / "shipped"
+    (shipped / "base-tiny").mkdir(parents=True)
+    (shipped / "base-tiny" / "configs.json").write_text("{}")
+    studio = ui.Studio(tmp_path / "runs", shipped_dir=shipped, jobs=JobManager(tmp_path / "runs", train_fn=fake),
+                       device="cpu")
+    key = studio.load_upload([str(p) for p in _tiny_set(tmp_path / "set").iterdir()], progress=_noop_progress)[0]
+    studio.start_training(key, *_opts(steps=2))
+    studio.jobs.wait(10)
+    assert fake.kwargs["base_checkpoint"] == shipped / "base-tiny"  # the default: fine-tune the face base
+    studio.start_training(key, *_opts(steps=2), "", True)
+    studio.jobs.wait(10)
+    assert fake.kwargs["base_checkpoint"] is None
+    with pytest.raises(gr.Error, match="Train from scratch"):
+        studio.start_training(key, *_opts(steps=2), "", "maybe")
