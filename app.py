@@ -228,7 +228,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                                                  info="Sample the rarest classes' prompts this often; 0 = never.")
                         run_name = gr.Textbox("", label="Run name (optional)", max_lines=1,
                                               info="Letters, digits, '.', '_' and '-'; empty: a dated name.")
-                        from_scratch = gr.Checkbox(False, label="Train from scratch (tiny preset: a random UNet)",
+                        from_scratch = gr.Checkbox(False, label="Train from scratch (a random UNet)",
                                                    info=BASE_NOTE)
                         with gr.Accordion("psi options (pogdiff)", open=False):
                             psi_max = gr.Slider(0.0, 5.0, value=psi.psi_max, step=0.1, label="psi_max",

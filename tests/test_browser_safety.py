@@ -96,10 +96,10 @@ def test_an_upload_survives_a_page_reload(page):
 def test_a_refused_training_re_enables_start(page):
     _open_tab(page, "Train")
     page.get_by_text("Idle.").first.wait_for()
-    page.get_by_label("sd15").check()
+    page.get_by_role("radio", name="sd15").check()
     page.get_by_role("button", name="Start training").click()
     _enabled_after_error(page, "Start training", "needs a GPU")
-    page.get_by_label("tiny").check()
+    page.get_by_role("radio", name="tiny").check()
 
 
 def test_compare_and_metrics_without_checkpoints_re_enable_their_buttons(page):
