@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import re
+import tempfile
 import threading
 import time
 import traceback
@@ -164,6 +165,7 @@ class JobManager:
         self.max_seconds = max_seconds
         self._lock = threading.Lock()
         self._job: Job | None = None
+        self._timing = False  # a step-time trial (time_steps) holds the CPU/GPU
 
     # ------------------------------------------------------------------ control
     def start(
@@ -239,6 +241,9 @@ class JobManager:
         return self._launch(job, meta, dataset, model_cfg, train_cfg, base_checkpoint=base, cache_dir=cache_dir)
 
     def _refuse_if_busy(self) -> None:
+        if self._timing:
+            raise JobBusyError("A step-time trial is running (a few steps, to estimate a run's time); "
+                               "try again in a few seconds.")
         if self._job is not None and self._job._status.busy:
             current = self._job._status
             raise JobBusyError(
@@ -359,6 +364,10 @@ class JobManager:
             s.preview_images = images
             s.preview_captions = [str(c) for c in captions]
             s.version += 1
+        try:  # the preview history survives the page and the server (README "What you see")
+            save_preview(job.run_dir, int(step), images, captions)
+        except (OSError, ValueError):
+            logger.warning("could not save the step-%s preview of %s", step, job.name, exc_info=True)
 
     def _finish(
         self, job: Job, meta: dict[str, Any], *, result: Any = None, error: BaseException | None = None
@@ -382,6 +391,8 @@ class JobManager:
                 state=s.state, stopped=s.stopped, steps_done=s.step, finished_at=s.finished_at,
                 error=s.error, last_checkpoint=s.last_checkpoint, stop_reason=s.stop_reason,
             )
+            if s.seconds_per_step is not None and s.step >= 2:  # what the time estimate of a later run reads
+                meta.update(seconds_per_step=s.seconds_per_step, timed_steps=s.step)
         try:
             _write_json(job.run_dir / RUN_FILE, meta)
         except OSError:
@@ -521,6 +532,152 @@ class JobManager:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         tmp.replace(out)
         return out
+
+
+    # ------------------------------------------------------------------ Train tab: form, previews, time
+    def _run_dir(self, name: str | None) -> Path | None:
+        """Run ``name``'s folder (inside ``runs_dir``); without a name, this server's current (running or
+        last) job's, else the newest run on disk; None when there is none."""
+        if name:
+            return resolve_inside(self.runs_dir, (self.runs_dir / check_run_name(name)).absolute())
+        job = self.current()
+        if job is not None:
+            return job.run_dir
+        runs = self.list_runs()
+        return runs[0].run_dir if runs else None
+
+    def run_meta(self, name: str | None = None) -> dict[str, Any] | None:
+        """The ``run.json`` of run ``name`` (default: see :meth:`_run_dir`), or None when unreadable."""
+        run_dir = self._run_dir(name)
+        if run_dir is None:
+            return None
+        try:
+            meta = json.loads(resolve_inside(run_dir, RUN_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            logger.warning("cannot read the settings of run %s: %s", run_dir.name, exc)
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def previews(self, name: str | None = None) -> list[Preview]:
+        """The previews saved in run ``name``'s folder (default: see :meth:`_run_dir`), oldest first."""
+        run_dir = self._run_dir(name)
+        return read_previews(run_dir) if run_dir is not None else []
+
+    def recorded_step_time(self, *, preset: str, method: str, batch_size: int, resolution: int) -> StepTime | None:
+        """The average step time that the newest finished or stopped run with these settings recorded
+        in its ``run.json`` (previews, checkpoints and the first step included), or None."""
+        for info in self.list_runs():
+            try:
+                meta = json.loads(resolve_inside(info.run_dir, RUN_FILE).read_text())
+                spt, timed = meta.get("seconds_per_step"), int(meta.get("timed_steps") or 0)
+            except (OSError, ValueError, TypeError, AttributeError):
+                continue
+            same = (info.model_cfg.get("preset") == preset and info.method == method
+                    and info.train_cfg.get("batch_size") == batch_size and info.model_cfg.get("resolution") == resolution)
+            if same and isinstance(spt, (int, float)) and spt > 0 and timed >= 2:
+                return StepTime(float(spt), timed, f"run {info.name}", info.finished_at)
+        return None
+
+    def time_steps(self, dataset: Any, model_cfg: Any, train_cfg: Any, *, steps: int = 2,
+                   base_checkpoint: str | Path | None = None, cache_dir: str | Path | None = None,
+                   clock: Callable[[], float] = time.perf_counter) -> StepTime:
+        """Train ``steps + 1`` real steps in a scratch folder (no previews, nothing kept) and time the
+        last ``steps``: the first step also pays for warm-up. ``setup_seconds`` is the time until the
+        first step ended (model, neighbour table, first step).
+
+        Raises:
+            JobBusyError: a job or another trial is running (it would share the processor).
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        with self._lock:
+            self._refuse_if_busy()
+            self._timing = True
+        try:
+            trial_cfg = dataclasses.replace(train_cfg, max_steps=steps + 1, sample_every=0, warmup_steps=0,
+                                            checkpoint_every=steps + 1)
+            stamps: list[float] = []
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            t0 = clock()
+            with tempfile.TemporaryDirectory(prefix=".timing-", dir=self.runs_dir) as tmp:
+                (self._train_fn or _default_train_fn())(
+                    dataset=dataset, model_cfg=model_cfg, train_cfg=trial_cfg, run_dir=Path(tmp),
+                    base_checkpoint=base_checkpoint, callback=lambda info: stamps.append(clock()),
+                    preview_callback=None, preview_captions=None, stop_event=threading.Event(), cache_dir=cache_dir,
+                )
+        finally:
+            with self._lock:
+                self._timing = False
+        if len(stamps) < steps + 1:
+            raise RuntimeError(f"the trial ended after {len(stamps)} of {steps + 1} steps; no step time measured")
+        spt = (stamps[steps] - stamps[0]) / steps
+        return StepTime(spt, steps, "trial", time.time(), setup_seconds=stamps[0] - t0)
+
+
+@dataclass
+class StepTime:
+    """A measured training step time: from a trial (``source="trial"``) or a recorded run."""
+
+    seconds_per_step: float
+    steps: int  # steps the figure averages over
+    source: str  # "trial" or "run <name>"
+    measured_at: float | None = None
+    setup_seconds: float | None = None  # trial only: start until the end of the first step
+
+
+@dataclass
+class Preview:
+    """One saved preview: the images sampled at ``step`` for ``captions``."""
+
+    step: int
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    captions: list[str]
+
+
+PREVIEWS_DIR = "previews"
+
+
+def save_preview(run_dir: str | Path, step: int, images: np.ndarray, captions: Sequence[str]) -> Path:
+    """Write ``previews/step_NNNNNN.png`` (the images side by side) and ``step_NNNNNN.json``
+    (step, captions, image count) in ``run_dir``; return the PNG path."""
+    from PIL import Image
+
+    images = np.asarray(images, dtype=np.uint8)
+    if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(captions):
+        raise ValueError(f"a preview needs N images [N, H, W, 3] and N captions, got {images.shape} "
+                         f"and {len(captions)} captions")
+    folder = Path(run_dir) / PREVIEWS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"step_{int(step):06d}"
+    png = folder / f"{stem}.png"
+    Image.fromarray(np.concatenate(list(images), axis=1)).save(png)
+    _write_json(folder / f"{stem}.json", {"step": int(step), "captions": [str(c) for c in captions],
+                                          "n": int(len(images))})
+    return png
+
+
+def read_previews(run_dir: str | Path) -> list[Preview]:
+    """The previews :func:`save_preview` wrote in ``run_dir``, by step; unreadable ones are skipped."""
+    from PIL import Image
+
+    folder = Path(run_dir) / PREVIEWS_DIR
+    if not folder.is_dir():
+        return []
+    found = []
+    for meta_path in sorted(folder.glob("step_*.json")):
+        try:
+            meta = json.loads(resolve_inside(folder, meta_path).read_text())
+            png = resolve_inside(folder, meta_path.with_suffix(".png"))
+            with Image.open(png) as im:
+                strip = np.asarray(im.convert("RGB"))
+            n = int(meta["n"])
+            if n < 1 or strip.shape[1] % n:
+                raise ValueError(f"{png.name} is {strip.shape[1]} px wide, not {n} equal images")
+            images = np.stack(np.split(strip, n, axis=1))
+            found.append(Preview(int(meta["step"]), images, [str(c) for c in meta["captions"]][:n]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("skipping preview %s: %s", meta_path.name, exc)
+    return sorted(found, key=lambda p: p.step)
 
 
 def _find_checkpoint(run_dir: Path, recorded: str) -> Path | None:

@@ -266,3 +266,94 @@ def test_an_interrupted_run_is_listed_and_resumes_in_its_own_folder(tmp_path):
         restarted.resume(run.name, FakeDataset())
     with pytest.raises(ValueError):
         restarted.resume("../elsewhere", FakeDataset())
+
+
+# ----------------------------------------------------------------- previews, run settings, step time
+def test_previews_are_saved_in_the_run_folder_and_read_back(tmp_path):
+    from pogdiff.jobs import read_previews
+
+    jobs = JobManager(tmp_path, train_fn=FakeTrain())
+    jobs.start(FakeDataset(), *_cfgs(5), preview_captions=["x", "y"], run_name="named")
+    jobs.wait(TIMEOUT)
+    folder = tmp_path / "named" / "previews"
+    assert sorted(p.name for p in folder.iterdir()) == ["step_000002.json", "step_000002.png",
+                                                         "step_000004.json", "step_000004.png"]
+    previews = read_previews(tmp_path / "named")
+    assert [p.step for p in previews] == [2, 4] and [p.captions for p in previews] == [["x", "y"]] * 2
+    assert previews[1].images.shape == (2, 8, 8, 3) and previews[1].images.dtype == np.uint8
+    assert (previews[0].images == 2).all() and (previews[1].images == 4).all()  # FakeTrain fills with the step
+    assert [p.step for p in jobs.previews()] == [2, 4]  # the current job
+    assert [p.step for p in JobManager(tmp_path).previews("named")] == [2, 4]  # after a restart, by name
+    (folder / "step_000004.png").write_bytes(b"not a png")
+    assert [p.step for p in read_previews(tmp_path / "named")] == [2]  # a broken one is skipped
+    with pytest.raises(ValueError, match="is not a run name"):
+        jobs.previews("../elsewhere")
+
+
+def test_save_preview_refuses_images_and_captions_that_do_not_match(tmp_path):
+    from pogdiff.jobs import save_preview
+
+    with pytest.raises(ValueError, match=r"needs N images \[N, H, W, 3\] and N captions, got \(2, 8, 8, 3\) and 1"):
+        save_preview(tmp_path, 1, np.zeros((2, 8, 8, 3), np.uint8), ["only one"])
+
+
+def test_run_meta_of_the_current_job_or_else_the_newest_run(tmp_path):
+    jobs = JobManager(tmp_path, train_fn=FakeTrain())
+    assert jobs.run_meta() is None
+    jobs.start(FakeDataset(), *_cfgs(3, "cbdm"), run_name="first")
+    jobs.wait(TIMEOUT)
+    meta = jobs.run_meta()
+    assert meta["name"] == "first" and meta["train_cfg"]["method"] == "cbdm" and meta["state"] == "finished"
+    assert JobManager(tmp_path).run_meta()["name"] == "first"  # a restarted server: the newest run on disk
+    assert jobs.run_meta("first") == meta
+
+
+def test_a_finished_run_records_its_step_time_for_later_estimates(tmp_path):
+    jobs = JobManager(tmp_path, train_fn=FakeTrain())
+    model_cfg, train_cfg = _cfgs(3)
+    jobs.start(FakeDataset(), model_cfg, train_cfg, run_name="timed")
+    jobs.wait(TIMEOUT)
+    meta = json.loads((tmp_path / "timed" / "run.json").read_text())
+    assert meta["seconds_per_step"] == pytest.approx(0.01) and meta["timed_steps"] == 3  # FakeStep's figure
+    same = dict(preset="tiny", method="pogdiff", batch_size=2, resolution=model_cfg.resolution)
+    found = jobs.recorded_step_time(**same)
+    assert (found.seconds_per_step, found.steps, found.source) == (pytest.approx(0.01), 3, "run timed")
+    assert jobs.recorded_step_time(**{**same, "batch_size": 4}) is None
+    assert jobs.recorded_step_time(**{**same, "method": "baseline"}) is None
+
+
+def test_time_steps_times_the_steps_after_the_first_and_keeps_nothing(tmp_path):
+    ticks = iter([100.0, 103.0, 104.5, 106.0])  # start, then the end of steps 1, 2 and 3
+    fake = FakeTrain()
+    jobs = JobManager(tmp_path, train_fn=fake)
+    model_cfg, train_cfg = _cfgs(300)
+    measured = jobs.time_steps(FakeDataset(), model_cfg, train_cfg, steps=2, clock=lambda: next(ticks))
+    assert measured.seconds_per_step == pytest.approx(1.5) and measured.setup_seconds == pytest.approx(3.0)
+    assert (measured.steps, measured.source) == (2, "trial")
+    assert fake.kwargs["train_cfg"].max_steps == 3 and fake.kwargs["train_cfg"].sample_every == 0
+    assert fake.kwargs["preview_captions"] is None
+    assert list(tmp_path.iterdir()) == [] and jobs.list_runs() == []  # the scratch folder is gone
+    assert jobs.status().state == "idle"
+
+
+def test_no_job_starts_during_a_step_time_trial_and_no_trial_during_a_job(tmp_path):
+    refused = []
+
+    def train_that_tries_to_start(**kwargs):
+        try:
+            jobs.start(FakeDataset(), *_cfgs(2))
+        except JobBusyError as exc:
+            refused.append(str(exc))
+        return FakeTrain()(**kwargs)
+
+    jobs = JobManager(tmp_path, train_fn=train_that_tries_to_start)
+    jobs.time_steps(FakeDataset(), *_cfgs(5))
+    assert refused and "step-time trial is running" in refused[0]
+    gated = FakeTrain(gated=True)
+    jobs = JobManager(tmp_path / "b", train_fn=gated)
+    jobs.start(FakeDataset(), *_cfgs(1))
+    assert gated.started.wait(TIMEOUT)
+    with pytest.raises(JobBusyError, match="already running"):
+        jobs.time_steps(FakeDataset(), *_cfgs(5))
+    gated.step_gate.release()
+    assert jobs.wait(TIMEOUT).state == "finished"
