@@ -246,6 +246,10 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                         with gr.Row():
                             start_btn = gr.Button("Start training", variant="primary")
                             stop_btn = gr.Button("Stop", variant="stop", interactive=False)
+                        with gr.Row():
+                            estimate_btn = gr.Button("Estimate time (times 2 steps)", size="sm", scale=1)
+                            estimate_md = gr.Markdown("", elem_classes="explain")
+                        form_note = gr.Markdown("", elem_classes="explain")
                     with gr.Column(scale=3):
                         job_md = gr.Markdown("")
                         job_progress = gr.HTML("")
@@ -254,6 +258,16 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                                                 tooltip=["step", "term", "value"])
                         preview = gr.Gallery(label="Previews: prompts of the rarest classes", columns=4, height=200,
                                              object_fit="contain", fit_columns=False, elem_classes="pixelated")
+                        with gr.Accordion("Preview history (saved in the run folder)", open=False):
+                            with gr.Row():
+                                hist_run = gr.Dropdown(label="Previews of", choices=[("current or last job", "")],
+                                                       value="", scale=3)
+                                hist_btn = gr.Button("Refresh", size="sm", scale=1)
+                            hist_slider = gr.Slider(0, 1, value=0, step=1, label="Preview step", interactive=False)
+                            hist_gallery = gr.Gallery(label="Preview at that step", columns=4, height=200,
+                                                      object_fit="contain", fit_columns=False,
+                                                      elem_classes="pixelated")
+                            hist_md = gr.Markdown("")
                 gr.Markdown("### Runs (finished, stopped, interrupted)")
                 with gr.Row():
                     runs_dd = gr.Dropdown(label="Run", choices=[], scale=3, allow_custom_value=True,
@@ -355,7 +369,8 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                      api_visibility="private")
 
         # =========================================================== events: Train
-        preset.change(studio.preset_defaults, preset, [batch, lr, model_id], api_visibility="private")
+        # .input, not .change: restoring a run's form must not reset its batch size and learning rate
+        preset.input(studio.preset_defaults, preset, [batch, lr, model_id], api_visibility="private")
         options = [method, preset, model_id, steps, batch, lr, psi_max, k, use_density, use_image_sim,
                    use_text_sim, same_class, sample_every, seed, run_name, from_scratch]
         poll_outputs = [job_md, job_progress, loss_plot, preview, start_btn, stop_btn, runs_dd, seen]
@@ -377,6 +392,20 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
             _show, None, zip_file, queue=False, api_visibility="private")
         weights_btn.click(studio.export_weights, runs_dd, zip_file, api_name="export_weights").success(
             _show, None, zip_file, queue=False, api_visibility="private")
+        form = [method, preset, model_id, steps, batch, lr, psi_max, k, use_density, use_image_sim, use_text_sim,
+                same_class, sample_every, seed, from_scratch]  # Studio.TRAIN_FORM
+        estimate_inputs = [method, preset, steps, batch]
+        (demo.load(studio.restore_train_form, None, [*form, form_note], api_visibility="private")
+         .then(studio.recorded_estimate, estimate_inputs, estimate_md, api_visibility="private")
+         .then(studio.preview_runs, None, hist_run, api_visibility="private"))
+        for comp in estimate_inputs:
+            comp.change(studio.recorded_estimate, estimate_inputs, estimate_md, api_visibility="private")
+        estimate_btn.click(studio.estimate_time, [ds_key, *options], estimate_md, api_name="estimate_time")
+        runs_dd.change(studio.preview_runs, None, hist_run, api_visibility="private")
+        hist_outputs = [hist_slider, hist_gallery, hist_md]
+        hist_run.change(studio.preview_history, hist_run, hist_outputs, api_name="preview_history")
+        hist_btn.click(studio.preview_history, hist_run, hist_outputs, api_visibility="private")
+        hist_slider.release(studio.preview_at, [hist_run, hist_slider], [hist_gallery, hist_md], api_name="preview_at")
 
         # ========================================================= events: Compare
         choice_outputs = [run_a, run_b, cmp_note]

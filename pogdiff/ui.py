@@ -1118,6 +1118,115 @@ class Studio:
         shutil.copyfile(path, out)
         return str(out)
 
+    # ---------------------------------------------------------------- Train tab: form, previews, time
+    TRAIN_FORM = ("method", "preset", "pretrained", "steps", "batch_size", "lr", "psi_max", "k", "use_density",
+                  "use_image_sim", "use_text_sim", "pool", "sample_every", "seed", "from_scratch")
+
+    def restore_train_form(self) -> tuple:
+        """The Train form's values (:attr:`TRAIN_FORM` order) as the running or last job set them (its
+        ``run.json``), then a note naming that run; ``gr.skip()`` for all when there is no readable run."""
+        meta = self.jobs.run_meta()
+        values = form_values(meta, base_available=self.base_checkpoint("tiny") is not None) if meta else None
+        if values is None:
+            return (gr.skip(),) * (len(self.TRAIN_FORM) + 1)
+        out = [values[f] for f in self.TRAIN_FORM]
+        out[self.TRAIN_FORM.index("pretrained")] = gr.Textbox(value=values["pretrained"],
+                                                              visible=values["preset"] == "sd15")
+        state = "running" if self.jobs.status().busy and self.jobs.current() is not None else meta.get("state", "")
+        note = f"The form shows the settings of run **{meta.get('name', '?')}** ({state}); the run name is left empty."
+        return (*out, note)
+
+    def _previews(self, name: str | None):
+        name = _arg(safety.text, "Run", name or "", self.limits.max_text_chars).strip()
+        if name:
+            name = _arg(safety.check_run_name, name)
+        try:
+            return self.jobs.previews(name or None)
+        except ValueError as exc:  # a folder outside the runs folder
+            raise gr.Error(str(exc), title="No such run") from exc
+
+    def preview_runs(self):
+        """Choices of the preview history: the current (or last) job, then every run with a checkpoint."""
+        runs = self.jobs.list_runs()
+        return gr.Dropdown(choices=[("current or last job", "")] + [(r.name, r.name) for r in runs], value="")
+
+    def preview_history(self, name: str | None = None) -> tuple:
+        """Step slider over run ``name``'s saved previews (empty: the current or last job), the newest
+        preview's images, and a line saying what is shown."""
+        previews = self._previews(name)
+        if not previews:
+            return (gr.Slider(minimum=0, maximum=1, value=0, step=1, interactive=False, label="Preview step"), [],
+                    "No previews saved for this run (Preview every = 0, or no preview step reached yet).")
+        steps = [p.step for p in previews]
+        gap = min((b - a for a, b in zip(steps, steps[1:])), default=1)
+        slider = gr.Slider(minimum=steps[0], maximum=max(steps[-1], steps[0] + 1), step=gap, value=steps[-1],
+                           interactive=len(steps) > 1, label=f"Preview step ({len(steps)} saved)")
+        return slider, preview_items(previews[-1]), preview_note(steps, steps[-1])
+
+    def preview_at(self, name: str | None, step: float) -> tuple:
+        """The saved preview nearest to ``step`` (the earlier one on a tie) and its note."""
+        previews = self._previews(name)
+        if not previews:
+            return [], "No previews saved for this run."
+        step = _arg(safety.real_number, "Preview step", step if step is not None else 0, 0, float(self.limits.max_steps))
+        best = min(previews, key=lambda p: (abs(p.step - step), p.step))
+        return preview_items(best), preview_note([p.step for p in previews], best.step)
+
+    def recorded_estimate(self, method: str, preset: str, steps: float, batch_size: float) -> str:
+        """A time estimate from the step time the newest run with the same settings recorded, or a line
+        saying there is none yet."""
+        try:
+            method = safety.choice("Method", method, METHODS)
+            preset = safety.choice("Model preset", preset, PRESETS)
+            steps_i = safety.whole_number("Steps", steps, 1, self.limits.max_steps)
+            batch_i = safety.whole_number("Batch size", batch_size, 1, self.limits.max_batch_size)
+        except ValueError as exc:
+            return f"No time estimate: {exc}"
+        found = self.jobs.recorded_step_time(preset=preset, method=method, batch_size=batch_i,
+                                             resolution=model_preset(preset).resolution)
+        if found is None:
+            return (f"No run of this server with {method} / {preset} / batch {batch_i} recorded its step time yet: "
+                    "**Estimate time** measures it.")
+        return estimate_markdown(found, steps_i)
+
+    def estimate_time(
+        self, key: str | None, method: str, preset: str, pretrained: str, steps: float, batch_size: float,
+        lr: float, psi_max: float, k: float, use_density: bool, use_image_sim: bool, use_text_sim: bool,
+        pool: str, sample_every: float, seed: float, run_name: str = "", from_scratch: bool = False,
+        request: gr.Request = None,
+    ) -> str:
+        """Measure the step time on the loaded data with the form's settings (3 real steps in a scratch
+        folder, the last 2 timed) and return the estimate for the whole run. Refused while a job runs."""
+        from_scratch = _arg(safety.flag, "Train from scratch", False if from_scratch is None else from_scratch)
+        model_cfg, train_cfg = self.build_configs(method, preset, pretrained, steps, batch_size, lr, psi_max, k,
+                                                  use_density, use_image_sim, use_text_sim, pool,
+                                                  sample_every, seed)
+        if model_cfg.preset == "sd15" and not self.on_gpu:
+            raise gr.Error("The sd15 preset needs a GPU; this server has none. Use the tiny preset on CPU.")
+        bundle = self.bundle(key)
+        from pogdiff.training import check_train_config
+
+        try:
+            check_train_config(train_cfg, len(bundle.captions))
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="Invalid training options") from exc
+        base = None if from_scratch else self.base_checkpoint(model_cfg.preset)
+        try:
+            measured = self.jobs.time_steps(self.dataset_at(bundle, model_cfg.resolution), model_cfg, train_cfg,
+                                            base_checkpoint=base, cache_dir=self.runs_dir / "cache")
+        except JobBusyError as exc:
+            raise gr.Error(f"{exc} The estimate is measured with the processor to itself.", title="Busy") from exc
+        return estimate_markdown(measured, train_cfg.max_steps, where=self.where())
+
+    def where(self) -> str:
+        """The machine in words, for measured figures: device and, on CPU, cores and load average."""
+        if self.on_gpu:
+            import torch
+
+            return f"GPU {torch.cuda.get_device_name(0)}"
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        return f"{os.cpu_count()} CPU cores, load average {load:.1f} before the trial"
+
     # ========================================================================== Compare tab
     def sources(self) -> list[Source]:
         """Shipped demo checkpoints first, then finished runs, newest first."""
@@ -1475,3 +1584,55 @@ class Studio:
 
 def _short(src: Source) -> str:
     return src.key.split(":", 1)[1]
+
+
+# ======================================================================= Train tab: pure helpers
+def form_values(meta: dict[str, Any], *, base_available: bool = True) -> dict[str, Any] | None:
+    """The Train form's values (keys of :attr:`Studio.TRAIN_FORM`) from a run's ``run.json``, or None
+    when it lacks the saved configs. ``from_scratch`` is True for a tiny run without a base checkpoint
+    while one is available (without one every tiny run starts from a random UNet)."""
+    train, model = meta.get("train_cfg"), meta.get("model_cfg")
+    if not isinstance(train, dict) or not isinstance(model, dict):
+        return None
+    psi = train.get("psi") if isinstance(train.get("psi"), dict) else {}
+    defaults = PsiConfig()
+    preset = model.get("preset") if model.get("preset") in PRESETS else "tiny"
+    method = train.get("method") if train.get("method") in METHODS else meta.get("method")
+    if method not in METHODS or not isinstance(train.get("max_steps"), int):
+        return None
+    return {
+        "method": method, "preset": preset,
+        "pretrained": str(model.get("pretrained") or "") if preset == "sd15" else "",
+        "steps": train["max_steps"], "batch_size": train.get("batch_size"), "lr": train.get("learning_rate"),
+        "psi_max": psi.get("psi_max", defaults.psi_max), "k": psi.get("k", defaults.k),
+        "use_density": bool(psi.get("use_density", defaults.use_density)),
+        "use_image_sim": bool(psi.get("use_image_sim", defaults.use_image_sim)),
+        "use_text_sim": bool(psi.get("use_text_sim", defaults.use_text_sim)),
+        "pool": psi.get("pool") if psi.get("pool") in POOLS else defaults.pool,
+        "sample_every": train.get("sample_every", 0), "seed": train.get("seed", 0),
+        "from_scratch": preset == "tiny" and base_available and not meta.get("base_checkpoint"),
+    }
+
+
+def preview_items(preview: Any) -> list[tuple[np.ndarray, str]]:
+    """Gallery items of one saved preview (:class:`pogdiff.jobs.Preview`)."""
+    return gallery_items(preview.images, [f"step {preview.step} · {c}" for c in preview.captions], min_px=128)
+
+
+def preview_note(steps: Sequence[int], shown: int) -> str:
+    return f"Step **{shown}** of the saved previews at steps {', '.join(map(str, steps))}."
+
+
+def estimate_markdown(measured: Any, steps: int, *, where: str = "") -> str:
+    """The time estimate of a ``steps``-step run from a :class:`pogdiff.jobs.StepTime`, saying how it was
+    measured and what it leaves out."""
+    spt = measured.seconds_per_step
+    if measured.source == "trial":
+        setup = measured.setup_seconds or 0.0
+        return (f"About **{format_seconds(setup + spt * steps)}** for {steps} steps: {spt:.2f} s/step, measured "
+                f"just now by timing {measured.steps} real steps after a first one with these settings on this data"
+                f"{f' ({where})' if where else ''}, plus {format_seconds(setup)} of set-up (model, neighbour table, "
+                "first step). Previews and checkpoints add to it; other work on the machine slows it.")
+    return (f"About **{format_seconds(spt * steps)}** for {steps} steps: {spt:.2f} s/step, the average that "
+            f"{measured.source} recorded over {measured.steps} steps with the same method, preset and batch size "
+            "(its previews and checkpoints included). **Estimate time** measures it on the current data.")

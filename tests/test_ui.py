@@ -334,3 +334,83 @@ def test_train_from_scratch_skips_the_shipped_base(tmp_path):
     assert fake.kwargs["base_checkpoint"] is None
     with pytest.raises(gr.Error, match="Train from scratch"):
         studio.start_training(key, *_opts(steps=2), "", "maybe")
+
+
+# ------------------------------------------------------------- Train tab: form, previews, time estimate
+def _studio_with_base(tmp_path, fake=None):
+    shipped = tmp_path / "shipped"
+    (shipped / "base-tiny").mkdir(parents=True)
+    (shipped / "base-tiny" / "configs.json").write_text("{}")
+    studio = ui.Studio(tmp_path / "runs", shipped_dir=shipped,
+                       jobs=JobManager(tmp_path / "runs", train_fn=fake or FakeTrain()), device="cpu")
+    key = studio.load_upload([str(p) for p in _tiny_set(tmp_path / "set").iterdir()], progress=_noop_progress)[0]
+    return studio, key
+
+
+def test_the_form_after_a_reload_shows_the_last_jobs_settings(tmp_path):
+    studio, key = _studio_with_base(tmp_path)
+    assert all(isinstance(v, dict) and v.get("__type__") == "update" for v in studio.restore_train_form())  # no run
+    options = dict(method="cbdm", preset="tiny", pretrained="", steps=4, batch_size=3, lr=3e-4, psi_max=2.5, k=7,
+                   use_density=False, use_image_sim=False, use_text_sim=True, pool="same_class", sample_every=2,
+                   seed=3)
+    studio.start_training(key, *options.values(), "restored", True)
+    studio.jobs.wait(10)
+    *values, note = studio.restore_train_form()
+    restored = dict(zip(ui.Studio.TRAIN_FORM, values))
+    assert restored.pop("from_scratch") is True
+    pretrained = restored.pop("pretrained")
+    assert pretrained.visible is False and pretrained.value == ""
+    assert restored == {k: v for k, v in options.items() if k != "pretrained"}
+    assert "run **restored** (finished)" in note
+    studio.start_training(key, *_opts(steps=2))  # the shipped base: from_scratch comes back False
+    studio.jobs.wait(10)
+    assert dict(zip(ui.Studio.TRAIN_FORM, studio.restore_train_form()))["from_scratch"] is False
+
+
+def test_form_values_need_the_saved_configs():
+    assert ui.form_values({"name": "x"}) is None
+    assert ui.form_values({"train_cfg": {"method": "nonsense", "max_steps": 3}, "model_cfg": {}}) is None
+    values = ui.form_values({"train_cfg": {"method": "baseline", "max_steps": 3}, "model_cfg": {"preset": "sd15",
+                             "pretrained": "org/model"}, "base_checkpoint": ""})
+    assert (values["preset"], values["pretrained"], values["from_scratch"], values["pool"]) == \
+        ("sd15", "org/model", False, ui.PsiConfig().pool)
+
+
+def test_preview_history_with_a_step_slider(tmp_path):
+    studio, key = _studio_with_base(tmp_path)
+    slider, items, note = studio.preview_history("")
+    assert slider.interactive is False and items == [] and "No previews saved" in note
+    studio.start_training(key, *_opts(steps=6, sample_every=2), "with-previews")
+    studio.jobs.wait(10)
+    slider, items, note = studio.preview_history("")  # the current job
+    assert (slider.minimum, slider.maximum, slider.step, slider.value) == (2, 6, 2, 6)
+    assert [c for _, c in items] == [f"step 6 · {c}" for c in studio.preview_captions(studio.bundle(key))]
+    assert "Step **6**" in note and "steps 2, 4, 6" in note
+    items, note = studio.preview_at("with-previews", 3)  # a tie picks the earlier step
+    assert items[0][1].startswith("step 2 · ") and int(items[0][0][0, 0, 0]) == 2  # FakeTrain's pixel value
+    assert studio.preview_history("with-previews")[0].value == 6
+    choices = studio.preview_runs().choices
+    assert choices[0] == ("current or last job", "") and ("with-previews", "with-previews") in choices
+    with pytest.raises(gr.Error, match="is not a run name"):
+        studio.preview_history("../outside")
+
+
+def test_time_estimate_before_start_is_measured(tmp_path):
+    studio, key = _studio_with_base(tmp_path)
+    assert "recorded its step time yet" in studio.recorded_estimate("pogdiff", "tiny", 300, 2)
+    md = studio.estimate_time(key, *_opts(steps=300))
+    assert "for 300 steps" in md and "measured just now by timing 2 real steps" in md and "CPU cores" in md
+    assert studio.jobs.list_runs() == []  # the trial keeps nothing
+    studio.start_training(key, *_opts(steps=4))
+    studio.jobs.wait(10)
+    md = studio.recorded_estimate("pogdiff", "tiny", 300, 2)  # FakeTrain reports 0.01 s/step: 3 s for 300
+    assert md.startswith("About **3s** for 300 steps: 0.01 s/step") and "over 4 steps" in md
+    assert "recorded its step time yet" in studio.recorded_estimate("baseline", "tiny", 300, 2)
+    assert "No time estimate: Steps must be a whole number" in studio.recorded_estimate("pogdiff", "tiny", 0, 2)
+
+
+def test_estimate_markdown_adds_the_set_up_to_the_steps():
+    from pogdiff.jobs import StepTime
+
+    md = ui.estimate_markdown(StepTime(0.5, 2, "trial", 0.0, setup_seconds=10.0), 100, where="2 CPU cores")
+    assert md.startswith("About **1m 00s** for 100 steps: 0.50 s/step") and "(2 CPU cores)" in md

@@ -1,0 +1,93 @@
+"""Times the Train tab as a visitor uses it: the default run and how long **Stop** takes.
+
+``python -m pogdiff.bench_train_tab [--steps 300] [--stops 3] [--out FILE.json]``
+
+The run goes through :class:`pogdiff.ui.Studio` exactly as the Start button does (demo set, tiny
+preset, the app's default form values), so the figure includes building the neighbour table and the
+previews. Stop latency is the time from the stop request to the job's end (its last step finishes
+and the final checkpoint is written); the stops land at spread-out steps, one of them on a preview
+step, where the preview runs before the stop is seen. README "What you see" quotes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 300  # the app's default Steps value
+DEFAULT_PREVIEW_EVERY = 50  # the app's default preview cadence
+
+
+def _options(steps: int, sample_every: int) -> list:
+    from pogdiff.config import PsiConfig, train_preset
+
+    t, psi = train_preset("tiny"), PsiConfig()
+    return ["pogdiff", "tiny", "", steps, t.batch_size, t.learning_rate, psi.psi_max, psi.k, psi.use_density,
+            psi.use_image_sim, psi.use_text_sim, psi.pool, sample_every, t.seed]
+
+
+def _wait_for_step(studio, step: int, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        s = studio.jobs.status()
+        if s.step >= step or not s.busy:
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"the job did not reach step {step} in {timeout:.0f} s")
+
+
+def run(steps: int = DEFAULT_STEPS, stop_at: tuple[int, ...] = (10, DEFAULT_PREVIEW_EVERY, 120),
+        sample_every: int = DEFAULT_PREVIEW_EVERY) -> dict:
+    """The default run's wall time and one Stop latency per ``stop_at`` step (seconds)."""
+    from pogdiff.ui import DEMO_KEY, Studio
+
+    out: dict = {"steps": steps, "sample_every": sample_every, "cpu_count": os.cpu_count(),
+                 "load_before": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="pogdiff-bench-train-") as tmp:
+        studio = Studio(Path(tmp) / "runs", device="cpu")
+        studio.load_demo(progress=lambda *a, **k: None)
+        t0 = time.perf_counter()
+        studio.start_training(DEMO_KEY, *_options(steps, sample_every))
+        status = studio.jobs.wait(timeout=3 * 3600)
+        out["default_run_s"] = time.perf_counter() - t0
+        out["default_run_state"] = status.state
+        out["default_run_error"] = status.error
+        out["train_seconds_per_step"] = status.seconds_per_step
+        stops = []
+        for step in stop_at:
+            studio.start_training(DEMO_KEY, *_options(steps, sample_every))
+            _wait_for_step(studio, step, timeout=1800)
+            t_stop = time.perf_counter()
+            studio.jobs.stop()
+            status = studio.jobs.wait(timeout=600)
+            stops.append({"stop_requested_after_step": step, "latency_s": time.perf_counter() - t_stop,
+                          "steps_done": status.step, "state": status.state})
+        out["stops"] = stops
+    out["load_after"] = os.getloadavg()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--stop-at", type=int, nargs="*", default=[10, DEFAULT_PREVIEW_EVERY, 120])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    result = run(args.steps, tuple(args.stop_at))
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
