@@ -82,8 +82,9 @@ COMPARE_HELP = """Two checkpoints, the **same prompts and the same seeds**: any 
 fine-tuning. Prompts of few-shot subjects are pre-selected because that is where PoGDiff should help.
 Drag the slider to compare one pair; the grids show every prompt × seed, beside the real training images
 of each prompted subject, and the heatmap below shows where A and B differ. **Compute metrics** scores
-generations for the demo evaluation captions with the identity classifier: accuracy per class and
-against class frequency, and B − A per class. The tab keeps your choices and results over a page reload."""
+generations of each class of the loaded data: on the demo with its identity classifier; on your own data
+with a classifier fitted on your images, whose reliability per class is shown beside the scores (a class
+it cannot tell apart is marked weak). Accuracy per class and against class frequency, and B − A per class. The tab keeps your choices and results over a page reload."""
 
 NEIGHBOUR_HEADERS = ["image", "rank", "caption", "subject", "class size", "s_txt", "s_img", "w_density", "psi",
                      "p(draw)", "informative", "row"]
@@ -323,9 +324,10 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                     diff_md = gr.Markdown("", elem_id="pg-diff-md")
                 gr.Markdown("### Per-class metrics")
                 with gr.Row():
-                    metrics_btn = gr.Button("Compute metrics (generates held-out demo captions with A and B)", scale=3)
-                    metrics_full = gr.Checkbox(False, label="Full evaluation (all 8 held-out captions per class, "
-                                                            "about twice as long; default: the fast 4)", scale=2)
+                    metrics_btn = gr.Button("Compute metrics (A and B draw each class of the loaded data; judged per class)",
+                                            scale=3)
+                    metrics_full = gr.Checkbox(False, label="Full evaluation (8 captions per class, about twice as "
+                                                            "long; default: the fast 4)", scale=2)
                 metrics_md = gr.Markdown("")
                 with gr.Row():
                     metrics_plot = gr.Plot(label="Accuracy vs class frequency: A, B and B − A", scale=3)
@@ -428,7 +430,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
         for btn, fn, seconds, inputs, outputs, name in (
                 (gen_btn, studio.generate_pair, COMPARE_GPU_SECONDS, gen_inputs, [slider, grid_a, grid_b, pair_md],
                  "compare"),
-                (metrics_btn, studio.compute_metrics, METRICS_GPU_SECONDS, [run_a, run_b, metrics_full], metric_outputs,
+                (metrics_btn, studio.compute_metrics, METRICS_GPU_SECONDS, [run_a, run_b, metrics_full, ds_key], metric_outputs,
                  "metrics")):
             running = (btn.click(_busy1, None, btn, queue=False, api_visibility="private")
                        .then(zero_gpu(fn, seconds), inputs, outputs, api_name=name, concurrency_id=GPU_QUEUE))

@@ -72,6 +72,7 @@ logger = logging.getLogger(__name__)
 
 DEMO_KEY = "demo"
 SHOTS = ("many", "medium", "few")
+WEAK_MARK = "⚠ weak"  # a class the user-data judge cannot score reliably
 THUMB_PX = 96  # gallery thumbnails are upscaled (nearest) to at least this many pixels
 SLIDER_PX = 256  # the before/after slider shows one pair this large
 MAX_CACHED_DATASETS = 4
@@ -348,6 +349,7 @@ class DatasetBundle:
     image_feats: np.ndarray | None = None  # [N, F]
     tables: dict[tuple, Any] = field(default_factory=dict)  # PsiConfig fields -> NeighbourTable
     at_resolution: dict[int, Any] = field(default_factory=dict)  # the set reloaded at a model's size
+    judge: Any = None  # pogdiff.judge.UserJudge of this set's classes, fitted on first use
 
     @property
     def subjects(self) -> list[str]:
@@ -1400,18 +1402,25 @@ class Studio:
         return self._metric_outputs(tables, note="Precomputed at build time on the demo evaluation split "
                                                  "(press **Compute metrics** to recompute).")
 
-    def compute_metrics(self, key_a: str, key_b: str, full: bool = False,
+    def compute_metrics(self, key_a: str, key_b: str, full: bool = False, key: str | None = None,
                         progress: gr.Progress = gr.Progress()) -> tuple:
-        """Generate images for the demo's held-out captions with each checkpoint and score them.
+        """Generate images with each checkpoint and score them per class of the loaded data set.
 
-        ``full=False`` (fast, the default): the quality benchmark's protocol, 4 captions per class,
-        so the shipped demo numbers come out again; ``full=True``: all 8. Results are cached per
-        checkpoint weights and mode (README "Compare").
+        On the demo set (``key`` empty or the demo): the demo's held-out captions, judged by the
+        shipped evaluator. ``full=False`` (fast, the default): the quality benchmark's protocol, 4
+        captions per class, so the shipped demo numbers come out again; ``full=True``: all 8.
+        On a user's set: up to 4 (fast) or 8 (full) of each class's own captions, judged by a
+        classifier fitted on the set's images, whose held-out reliability is shown per class
+        (:mod:`pogdiff.judge`). Results are cached per checkpoint weights, data and mode
+        (README "Compare").
         """
         from pogdiff import bench
 
         a, b = self._source(key_a), self._source(key_b)
         mode = "full" if _arg(safety.flag, "Full evaluation", False if full is None else full) else "fast"
+        key = _arg(safety.text, "dataset key", key, MAX_KEY_CHARS) if key is not None else None
+        if key and key != DEMO_KEY:
+            return self._own_data_metrics(a, b, mode, self.bundle(key), progress)
         evaluator = self._evaluator_or_error()
         progress(0.02, desc="Loading the demo evaluation split…")
         eval_set = bench.metric_eval_set(self._eval_set(), mode)
@@ -1437,17 +1446,81 @@ class Studio:
                 f"per model, fixed seeds)" + (f"; {cached} of 2 read from the cache." if cached else "."))
         return self._metric_outputs(tables, note=note)
 
-    def _metrics_cache_path(self, src: Source, mode: str, eval_set) -> Path:
+    OWN_PER_CLASS = {"fast": 4, "full": 8}  # captions per class of a user's set that A and B draw
+
+    def judge_for(self, bundle: DatasetBundle, progress: Callable | None = None):
+        """The classifier of ``bundle``'s own classes (fitted once per loaded set, kept with it)."""
+        from pogdiff.judge import UserJudge
+
+        with bundle.lock:
+            if bundle.judge is None:
+                if progress is not None:
+                    progress(0.03, desc=f"Fitting a judge of the {bundle.ds.classes.__len__()} classes on "
+                                        f"{len(bundle.ds)} real images…")
+                folder = self.shipped_dir / "evaluator"
+                backbone = self._evaluator_or_error() if folder.exists() else None
+                try:
+                    bundle.judge = UserJudge(backbone=backbone).fit(bundle.ds.images, bundle.subjects)
+                except ValueError as exc:
+                    raise gr.Error(str(exc), title="Cannot judge this data set") from exc
+            return bundle.judge
+
+    def _own_data_metrics(self, a: Source, b: Source, mode: str, bundle: DatasetBundle, progress) -> tuple:
+        from pogdiff import bench, judge as judging
+
+        judge = self.judge_for(bundle, progress)
+        per_class = self.OWN_PER_CLASS[mode]
+        counts = bundle.count_of()
+        digest = judging.dataset_digest(bundle.ds.images, bundle.captions, bundle.subjects)
+        tables, cached = {}, 0
+        n_images = len(judging.prompt_rows(bundle.subjects, per_class))
+        for i, src in enumerate((a, b)):
+            path = self._metrics_cache_path(src, mode, None, data=digest)
+            if path.is_file():
+                tables[_short(src)] = pd.read_csv(path)
+                cached += 1
+                continue
+            progress(0.05 + 0.45 * i, desc=f"Generating and judging {src.label} ({n_images} images)…")
+            table = judging.score_on_own_data(self._model(src), bundle.ds, judge, counts, per_class=per_class,
+                                              sample_cfg=bench.EVAL_SAMPLE, config=self.data_config)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            table.to_csv(tmp, index=False)
+            os.replace(tmp, path)
+            tables[_short(src)] = table
+        progress(1.0, desc="Done")
+        note = own_data_note(bundle.name, judge, mode=mode, per_class=per_class, n_images=n_images,
+                             cached=cached, other_data=[s.label for s in (a, b) if not self._trained_on(s, bundle)])
+        return self._metric_outputs(tables, note=note, reliability=judge.reliability)
+
+    def _trained_on(self, src: Source, bundle: DatasetBundle) -> bool:
+        """Was ``src`` trained on a set of ``bundle``'s size and class count (the runs record no more)?"""
+        if src.key.startswith("shipped:"):
+            return bundle.key == DEMO_KEY
+        name = src.key.split(":", 1)[1]
+        meta = self.jobs.run_meta(name) or {}
+        desc = meta.get("dataset") if isinstance(meta.get("dataset"), dict) else {}
+        return (desc.get("num_samples"), desc.get("num_classes")) == (len(bundle.ds), len(bundle.ds.classes))
+
+    def _metrics_cache_path(self, src: Source, mode: str, eval_set, *, data: str = "demo") -> Path:
         from pogdiff import bench
         from pogdiff.config import to_dict
 
+        from pogdiff.judge import JUDGE_VERSION
+
+        what = {"captions": list(eval_set.captions)} if eval_set is not None else \
+            {"data": data, "judge": JUDGE_VERSION, "per_class": self.OWN_PER_CLASS[mode]}
         key = hashlib.sha256(json.dumps({"weights": bench.checkpoint_digest(src.checkpoint), "mode": mode,
-                                         "captions": list(eval_set.captions),
-                                         "sample": to_dict(bench.EVAL_SAMPLE)}, sort_keys=True).encode())
+                                         **what, "sample": to_dict(bench.EVAL_SAMPLE)}, sort_keys=True).encode())
         return self.runs_dir / "cache" / "metrics" / f"{key.hexdigest()[:32]}.csv"
 
-    def _metric_outputs(self, tables: dict[str, pd.DataFrame], *, note: str) -> tuple:
-        """Per-class delta table (A, B, B − A; rarest first), the two-run figure and the bucket means."""
+    def _metric_outputs(self, tables: dict[str, pd.DataFrame], *, note: str,
+                        reliability: pd.DataFrame | None = None) -> tuple:
+        """Per-class delta table (A, B, B − A; rarest first), the two-run figure and the bucket means.
+
+        With a judge's ``reliability`` (user data) the table gets its per-class held-out accuracy and
+        a weak mark, and the bucket means are repeated over the classes the judge can score.
+        """
         from pogdiff import metrics
 
         names = list(tables)
@@ -1455,13 +1528,20 @@ class Studio:
         table_a, table_b = tables[name_a], tables[name_b]
         fig = metrics.paired_frequency_figure(table_a, table_b, (name_a, name_b), config=self.data_config)
         merged = delta_table(table_a, table_b, name_a, name_b).round(3)
+        buckets: list[tuple[str, Callable]] = [("all", lambda t: t)]
+        buckets += [(shot, lambda t, shot=shot: t[t["shot"] == shot]) for shot in SHOTS]
+        if reliability is not None:
+            rel = reliability.set_index("subject")
+            merged["judge reliability"] = merged["subject"].map(rel["reliability"]).round(3)
+            merged["judge"] = np.where(merged["subject"].map(rel["weak"]).fillna(True).astype(bool), WEAK_MARK, "ok")
+            strong = set(reliability.loc[~reliability["weak"], "subject"])
+            buckets.append(("judge ok", lambda t: t[t["subject"].isin(strong)]))
         lines = [note, "", "| bucket | " + " | ".join(f"accuracy · {n}" for n in names) + " |",
                  "|---|" + "---|" * len(names)]
-        for bucket in ("all", *SHOTS):
+        for bucket, pick in buckets:
             cells = []
             for name in names:
-                t = tables[name]
-                part = t if bucket == "all" else t[t["shot"] == bucket]
+                part = pick(tables[name])
                 cells.append(f"{part['accuracy'].mean():.3f}" if len(part) else "—")
             lines.append(f"| {bucket} | " + " | ".join(cells) + " |")
         outputs = (merged, fig, "\n".join(lines))
@@ -1580,6 +1660,37 @@ class Studio:
         return (gr.Dropdown(value=kept.run_a, allow_custom_value=True), gr.Dropdown(value=kept.run_b, allow_custom_value=True),
                 gr.Dropdown(value=kept.prompts, multiselect=True, allow_custom_value=True),
                 kept.custom, kept.n_seeds, kept.guidance, kept.sample_steps, *pair, *real, *diff, *metrics)
+
+
+def own_data_note(name: str, judge: Any, *, mode: str, per_class: int, n_images: int, cached: int,
+                  other_data: Sequence[str] = ()) -> str:
+    """What the user-data metrics are and how far the judge behind them can be trusted."""
+    from pogdiff.judge import WEAK_BELOW
+
+    rel = judge.reliability
+    checked = rel["reliability"].notna()
+    weak = list(rel.loc[rel["weak"], "subject"])
+    acc = judge.heldout_accuracy()
+    lines = [f"Judged on **{name}**'s own {len(rel)} classes ({mode} mode: up to {per_class} of each class's "
+             f"captions, {n_images} images per model, fixed seeds)" + (f"; {cached} of 2 read from the cache."
+                                                                        if cached else "."),
+             f"The judge is a classifier fitted on this set's {int(rel['n_images'].sum())} real images "
+             f"(class-balanced). On real images it did not see, it names the class right **{acc:.0%}** of the time "
+             f"(mean over the {int(checked.sum())} classes it could check; chance {1 / len(rel):.0%}); column "
+             "*judge reliability* gives it per class."]
+    if weak:
+        shown = ", ".join(weak[:12]) + (f" and {len(weak) - 12} more" if len(weak) > 12 else "")
+        lines.append(f"**Warning — judge too weak for {len(weak)} of {len(rel)} classes** ({shown}): it names "
+                     f"fewer than {WEAK_BELOW:.0%} of their held-out real images (or they have one image, "
+                     "so it could not be checked). Their accuracy says little; row *judge ok* averages the "
+                     "other classes.")
+    if acc < WEAK_BELOW:
+        lines.append("**The judge is weak on this set as a whole: read these numbers as a rough signal only.**")
+    if other_data:
+        lines.append("Note: " + " and ".join(other_data) + (" were" if len(other_data) > 1 else " was") +
+                     " not trained on this data set (a different size or class count), so the numbers show how "
+                     "it draws classes it may never have seen.")
+    return "\n\n".join(lines)
 
 
 def _short(src: Source) -> str:

@@ -13,7 +13,6 @@ unless ``POGDIFF_REQUIRE_BROWSER=1`` (then it fails).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import zipfile
@@ -245,16 +244,18 @@ def test_compare_tab(page, tmp_path):
     assert page.get_by_label("Or type prompts").input_value() == "red fox, snow, photo"
 
 
-def test_metrics_on_own_data(page):
-    """Per-class metrics judged on the user's own classes, where the app has a judge for them."""
-    if importlib.util.find_spec("pogdiff.judge") is None:
-        pytest.skip("this version has no judge for the user's own classes (pogdiff.judge); "
-                    "Compute metrics would score the demo evaluation split instead")
+def test_metrics_on_own_data(page, tmp_path):
+    """Per-class metrics judged on the user's own classes, the judge's reliability beside them."""
     _open_tab(page, "Compare")
-    button = page.get_by_role("button", name=re.compile(r"^Compute metrics"))
-    if button.count() == 0:
-        pytest.skip("no Compute metrics button in the Compare tab")
-    button.first.click()
+    page.get_by_role("button", name=re.compile(r"^Compute metrics")).first.click()
+    page.get_by_text("Judged on animals.zip").first.wait_for(timeout=TRAIN_MS)
     table = page.locator("[role=grid]").filter(has_text="sea otter").filter(has_text="B−A").first
-    table.wait_for(timeout=TRAIN_MS)
-    assert "accuracy" in table.inner_text()
+    table.wait_for()
+    text = table.inner_text()
+    for name in OWN_CLASSES:
+        assert name in text
+    assert "accuracy" in text and "judge reliability" in text
+    assert "Hugo Haddad" not in text  # a demo identity: not among the scored classes
+    body = page.inner_text("body")
+    assert "| judge ok |" not in body and "judge ok" in body  # the summary table is rendered as a table
+    _shot(page, "metrics-own-data", tmp_path)

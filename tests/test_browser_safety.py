@@ -56,7 +56,7 @@ def page(tmp_path_factory):
         demo.close()
 
 
-METRICS_BUTTON = "Compute metrics (generates held-out demo captions with A and B)"
+METRICS_BUTTON = "Compute metrics (A and B draw each class of the loaded data; judged per class)"
 
 
 def _enabled_after_error(page, button: str, error_text: str | re.Pattern) -> None:
