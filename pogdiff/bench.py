@@ -105,7 +105,6 @@ def speed(*, steps: int = 20, warmup: int = 3, batch_size: int = 32, repeats: in
                 trainer.step += 1
                 active[name].append(psi_stats[1])
             times[name].append((time.perf_counter() - t0) / steps)
-            trainer.model.unet = trainer._raw_unet
             logger.info("repeat %d %s: %.4f s/step", rep, name, times[name][-1])
     base = statistics.median(times["baseline (plain loss)"])
     rows = []

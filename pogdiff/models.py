@@ -231,19 +231,22 @@ class DiffusionModel:
             return bool(self.config.use_attention_mask)
         return self.config.preset != "sd15"
 
-    def predict_eps(self, x_t: Tensor, t: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+    def predict_eps(self, x_t: Tensor, t: Tensor, context: Tensor, mask: Tensor | None = None, *,
+                    unet: nn.Module | None = None) -> Tensor:
         """eps_theta(x_t, t, y): ``x_t`` ``[N, *latent_shape]``, ``t`` ``[N]`` (or scalar) integer
         timesteps, ``context`` ``[N, L, C]``, ``mask`` ``[N, L]`` bool -> ``[N, *latent_shape]``.
 
         A v- or sample-prediction UNet's output is converted to eps by :func:`output_to_eps`.
-        The UNet may be wrapped (DDP) when several processes train.
+        ``unet``: the module to run instead of ``self.unet`` (the trainer passes the one accelerate
+        prepared, which is DDP-wrapped when several processes train).
         """
-        dtype = unwrap(self.unet).dtype
+        unet = self.unet if unet is None else unet
+        dtype = unwrap(unet).dtype
         context = _plain(context, x_t.device)
         kwargs: dict[str, Any] = {}
         if mask is not None and self.uses_attention_mask:
             kwargs["encoder_attention_mask"] = mask.to(x_t.device)
-        out = self.unet(
+        out = unet(
             x_t.to(dtype), t, encoder_hidden_states=context.to(dtype), **kwargs
         ).sample
         if out.shape != x_t.shape:

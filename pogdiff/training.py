@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pogdiff import checkpoints, losses
+from pogdiff import checkpoints
 from pogdiff.config import (
     OPTIMIZERS,
     TRACKERS,
@@ -46,7 +46,8 @@ from pogdiff.config import (
     TrainConfig,
     uses_balanced_sampling,
 )
-from pogdiff.neighbours import NeighbourTable, build_neighbour_table, gaussian_psi_factor, image_features
+from pogdiff.neighbours import NeighbourTable, build_neighbour_table, image_features
+from pogdiff.objectives import Step, objective_for
 from pogdiff.text import CachedEncoder, TextEmbeddings
 
 logger = logging.getLogger(__name__)
@@ -500,8 +501,10 @@ class Trainer:
         _own_storage(model.unet)
         self.params = [p for p in model.trainable_parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg, self.device)
-        self._raw_unet = model.unet
-        model.unet, self.optimizer = self.accelerator.prepare(model.unet, self.optimizer)
+        # model.unet stays the plain module (saving, previews, EMA); training steps run through
+        # self.unet, the same module as accelerate prepared it (DDP-wrapped with several processes).
+        self.unet, self.optimizer = self.accelerator.prepare(model.unet, self.optimizer)
+        self.objective = objective_for(cfg)
         # Stepped once per optimizer step by optimize(), never through accelerate (which would
         # step it once per process).
         self.lr_scheduler = get_scheduler(
@@ -527,7 +530,7 @@ class Trainer:
         """
         last_ckpt = self.last_checkpoint
         t_start, steps_timed = time.perf_counter(), 0
-        self._raw_unet.train()  # a UNet loaded with from_pretrained comes in eval mode
+        self.model.unet.train()  # a UNet loaded with from_pretrained comes in eval mode
         self._last_save_time = time.monotonic()
         self._write_status(status="running", pid=os.getpid())
         self._start_history()
@@ -568,7 +571,6 @@ class Trainer:
                 last_ckpt = self.save()
             outcome = "stopped" if stopped else "finished"
         finally:
-            self.model.unet = self._raw_unet
             self._flush_history()
             if self.cfg.report_to != "none":
                 self.accelerator.end_training()
@@ -630,7 +632,7 @@ class Trainer:
             g = self.generator(self.step, micro)
             batch = self.sample_batch(g, self.rows_generator(self.step, micro) if multi else None)
             sync = micro == accum - 1 or not multi
-            with (contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model.unet)):
+            with (contextlib.nullcontext() if sync else self.accelerator.no_sync(self.unet)):
                 with self.accelerator.autocast():
                     terms, psi_stats = self.forward_backward(batch, g)
             for k, v in terms.items():
@@ -718,24 +720,21 @@ class Trainer:
             mask[drop] = self.null_mask
         return tokens.to(self.device), mask.to(self.device)
 
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, rows: torch.Tensor,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """eps of the UNet being trained for caption ``rows`` (``drop``: empty caption instead)."""
+        tokens, mask = self.context(rows, drop)
+        return self.model.predict_eps(x_t, t, tokens, mask, unet=self.unet)
+
     def forward_backward(self, batch: dict[str, torch.Tensor], g: torch.Generator):
-        """One forward/backward pass of the configured method; returns (terms, psi stats)."""
+        """One forward/backward pass of the configured objective (:mod:`pogdiff.objectives`);
+        returns (terms, psi stats)."""
         dev = self.device
         x0, eps, t = batch["x0"].to(dev), batch["eps"].to(dev), batch["t"].to(dev)
         x_t = self.model.noise_scheduler.add_noise(x0, eps, t)
-        tokens, mask = self.context(batch["rows"], batch["drop"])
-        eps_pred = self.model.predict_eps(x_t, t, tokens, mask)
-        psi_stats = (0.0, 0.0)
-        method = self.cfg.method
-        if method == "pogdiff":
-            terms, psi_stats = self._pogdiff_terms(batch, x_t, t, eps_pred, eps, g)
-        elif method == "cbdm":
-            rows_b = self._balanced_rows(len(t), g)
-            tokens_b, mask_b = self.context(rows_b)
-            eps_pred_b = self.model.predict_eps(x_t, t, tokens_b, mask_b)
-            terms = losses.cbdm_loss(eps_pred, eps, eps_pred_b, t, self.num_timesteps, tau=self.cfg.cbdm_tau)
-        else:
-            terms = losses.mse_loss(eps_pred, eps)
+        step = Step(predict=self.predict, balanced_rows=self._balanced_rows, table=self.data.table,
+                    betas=self.model.noise_scheduler.betas, num_timesteps=self.num_timesteps)
+        terms, psi_stats = self.objective.terms(step, {**batch, "t_dev": t, "eps_dev": eps}, x_t, g)
         weights = eps_loss_weights(t, self.model.noise_scheduler, snr_gamma=self.cfg.snr_gamma)
         if weights is not None:
             terms = {k: v * weights.to(v.device) for k, v in terms.items()}
@@ -744,31 +743,6 @@ class Trainer:
             loss = loss / self.cfg.gradient_accumulation_steps
         self.accelerator.backward(loss)
         return terms, psi_stats
-
-    def _pogdiff_terms(self, batch, x_t, t, eps_pred, eps, g):
-        """PoGDiff: the neighbour forward pass runs under no_grad, only for rows with psi above threshold."""
-        table = self.data.table
-        rows = batch["rows"].numpy()
-        slots = table.draw_slots(rows, g)
-        nb = table.indices[rows, slots]
-        psi = torch.as_tensor(table.psi[rows, slots], dtype=torch.float32)
-        if self.cfg.psi.schedule == "gaussian":
-            if table.delta2 is None:
-                raise ValueError("psi schedule 'gaussian' needs the pairs' image differences: build the neighbour "
-                                 "table with clean=<the clean images> (prepare_data does)")
-            delta2 = torch.as_tensor(table.delta2[rows, slots], dtype=torch.float32)
-            psi = psi * gaussian_psi_factor(t, delta2, self.model.noise_scheduler.betas)
-        psi[batch["drop"]] = 0.0  # an unconditional row has no caption to borrow through
-        active = psi > self.cfg.psi.psi_threshold
-        psi = torch.where(active, psi, torch.zeros_like(psi))
-        eps_nb = torch.zeros_like(eps_pred)
-        if bool(active.any()):
-            idx = torch.nonzero(active).flatten().to(self.device)
-            tokens_nb, mask_nb = self.context(torch.as_tensor(nb)[active])
-            with torch.no_grad():
-                eps_nb[idx] = self.model.predict_eps(x_t[idx], t[idx], tokens_nb, mask_nb).to(eps_nb.dtype)
-        terms = losses.pogdiff_loss(eps_pred, eps, eps_nb, psi.to(self.device))
-        return terms, (float(psi.mean()), float(active.float().mean()))
 
     def _check_pogdiff_active(self, *, final: bool = False) -> None:
         """Warn once, in the log and in ``self.warnings``, when the PoG term stays negligible.
@@ -827,12 +801,7 @@ class Trainer:
         path = self.run_dir / f"checkpoint-{self.step:06d}"
         self._flush_history()  # before the checkpoint: a checkpoint's steps are always in the history file
         if self.is_main:
-            unet = self.model.unet
-            self.model.unet = self._raw_unet
-            try:
-                path = self._write_checkpoint()
-            finally:
-                self.model.unet = unet
+            path = self._write_checkpoint()
             logger.info("saved %s", path)
         self.accelerator.wait_for_everyone()
         self.last_checkpoint = path
@@ -902,15 +871,11 @@ class Trainer:
         self._history_written = len(self.history)
 
     def _restore_ema(self, state: dict) -> None:
-        unet = self.model.unet
-        self.model.unet = self._raw_unet
         try:
             shadow = checkpoints.load_ema_shadow(state["path"], self.model)
         except FileNotFoundError:
             logger.warning("%s has no EMA weights; the EMA restarts from the current weights", state["path"])
             return
-        finally:
-            self.model.unet = unet
         ema_state = dict(state.get("ema") or {})
         ema_state["shadow_params"] = [s.to(device=p.device, dtype=p.dtype) for s, p in zip(shadow, self.params, strict=True)]
         self.ema.load_state_dict(ema_state)
@@ -928,15 +893,13 @@ class Trainer:
         from pogdiff.sampling import generate
 
         unet = self.model.unet
-        self.model.unet = self._raw_unet
-        was_training = self._raw_unet.training
-        self._raw_unet.eval()
+        was_training = unet.training
+        unet.eval()
         try:
             cfg = SampleConfig(steps=PREVIEW_SAMPLE_STEPS)
             images = generate(self.model, self.preview_captions, list(range(len(self.preview_captions))), cfg)
         finally:
-            self._raw_unet.train(was_training)
-            self.model.unet = unet
+            unet.train(was_training)
         self.preview_callback(self.step, images, list(self.preview_captions))
 
 
@@ -1046,7 +1009,6 @@ def train(
     if state is not None:
         trainer.restore(state)
     if trainer.step >= train_cfg.max_steps:
-        trainer.model.unet = trainer._raw_unet
         return TrainResult(run_dir, trainer.last_checkpoint, trainer.step, False, trainer.history)
     return trainer.run_loop()
 

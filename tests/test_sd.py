@@ -206,7 +206,7 @@ def test_mixed_precision_keeps_frozen_weights_in_half_and_lora_in_float32(cfg, s
     train_cfg = TrainConfig(method="pogdiff", max_steps=2, batch_size=2, checkpoint_every=0, log_every=0,
                             mixed_precision="bf16")
     trainer = Trainer(model, data, train_cfg, run_dir=tmp_path / "run")
-    frozen = [p for p in trainer._raw_unet.parameters() if not p.requires_grad]
+    frozen = [p for p in trainer.model.unet.parameters() if not p.requires_grad]
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
     assert trainer.params and all(p.dtype == torch.float32 for p in trainer.params)
     before = [p.detach().clone() for p in trainer.params]

@@ -229,7 +229,7 @@ def test_stop_and_resume_ends_with_bit_identical_unet_ema_and_optimizer(extra, d
     run_step = Trainer.run_step
 
     def spy(self):
-        modes.append(self._raw_unet.training)
+        modes.append(self.model.unet.training)
         return run_step(self)
 
     monkeypatch.setattr(Trainer, "run_step", spy)

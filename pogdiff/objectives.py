@@ -1,0 +1,119 @@
+"""Each training objective's forward pass, in one place (README "Training methods").
+
+An objective turns one micro-batch (rows, clean inputs, noise, timesteps, caption dropout) into
+per-sample loss terms. It sees the model only through a :class:`Step`: the noised input, the
+caption context of any rows, and ``predict(x_t, t, rows)`` which runs the UNet being trained
+(wrapped for several processes or not: the objective does not care). The trainer owns the
+optimizer, accumulation, mixed precision and checkpoints (:mod:`pogdiff.training`); the loss
+formulas themselves are in :mod:`pogdiff.losses`.
+
+- ``baseline`` and ``resample``: plain eps-MSE (``resample`` draws class-balanced batches; the
+  drawing is the trainer's).
+- ``cbdm``: eps-MSE plus the class-balancing regulariser towards the prediction for the same
+  ``x_t`` under a caption of a class drawn uniformly.
+- ``pogdiff``: the Product-of-Gaussians target built from a neighbouring caption's prediction
+  for the same ``x_t`` (no gradient through it), weighted per pair by psi; the neighbour pass
+  runs only for rows whose psi is above ``psi_threshold``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pogdiff import losses
+from pogdiff.neighbours import NeighbourTable, gaussian_psi_factor
+
+Terms = dict[str, torch.Tensor]
+PsiStats = tuple[float, float]  # mean psi, share of rows with a neighbour pass
+
+
+@dataclass
+class Step:
+    """What an objective may use of the trainer for one micro-batch.
+
+    :param predict: ``(x_t, t, rows, drop) -> eps`` of the UNet being trained, for caption ``rows``
+        (``drop``: rows whose caption is replaced by the empty one), with gradients.
+    :param balanced_rows: ``(b, generator) -> rows`` drawn class-uniformly (CBDM).
+    :param table: the neighbour table (PoGDiff), else None.
+    :param betas: the noise schedule's betas (the Gaussian psi schedule).
+    """
+
+    predict: Callable[..., torch.Tensor]
+    balanced_rows: Callable[[int, torch.Generator], torch.Tensor]
+    table: NeighbourTable | None
+    betas: torch.Tensor
+    num_timesteps: int
+
+
+class Objective:
+    """``terms(step, batch, x_t, g) -> (per-sample terms with a "loss" key, psi stats)``."""
+
+    name = "baseline"
+
+    def terms(self, step: Step, batch: dict[str, torch.Tensor], x_t: torch.Tensor,
+              g: torch.Generator) -> tuple[Terms, PsiStats]:
+        eps_pred = step.predict(x_t, batch["t_dev"], batch["rows"], batch["drop"])
+        return losses.mse_loss(eps_pred, batch["eps_dev"]), (0.0, 0.0)
+
+
+class CBDM(Objective):
+    name = "cbdm"
+
+    def __init__(self, tau: float) -> None:
+        self.tau = tau
+
+    def terms(self, step, batch, x_t, g):
+        t, eps = batch["t_dev"], batch["eps_dev"]
+        eps_pred = step.predict(x_t, t, batch["rows"], batch["drop"])
+        rows_b = step.balanced_rows(len(t), g)
+        eps_pred_b = step.predict(x_t, t, rows_b, None)
+        return losses.cbdm_loss(eps_pred, eps, eps_pred_b, t, step.num_timesteps, tau=self.tau), (0.0, 0.0)
+
+
+class PoGDiff(Objective):
+    name = "pogdiff"
+
+    def __init__(self, schedule: str, psi_threshold: float) -> None:
+        self.schedule = schedule
+        self.psi_threshold = psi_threshold
+
+    def terms(self, step, batch, x_t, g):
+        table = step.table
+        if table is None:
+            raise ValueError("method 'pogdiff' needs a neighbour table: prepare the data with need_table=True")
+        t, eps = batch["t_dev"], batch["eps_dev"]
+        eps_pred = step.predict(x_t, t, batch["rows"], batch["drop"])
+        rows = batch["rows"].numpy()
+        slots = table.draw_slots(rows, g)
+        nb = table.indices[rows, slots]
+        psi = torch.as_tensor(table.psi[rows, slots], dtype=torch.float32)
+        if self.schedule == "gaussian":
+            if table.delta2 is None:
+                raise ValueError("psi schedule 'gaussian' needs the pairs' image differences: build the neighbour "
+                                 "table with clean=<the clean images> (pogdiff.prepare does)")
+            delta2 = torch.as_tensor(table.delta2[rows, slots], dtype=torch.float32)
+            psi = psi * gaussian_psi_factor(batch["t"], delta2, step.betas)
+        psi[batch["drop"]] = 0.0  # an unconditional row has no caption to borrow through
+        active = psi > self.psi_threshold
+        psi = torch.where(active, psi, torch.zeros_like(psi))
+        eps_nb = torch.zeros_like(eps_pred)
+        if bool(active.any()):
+            idx = torch.nonzero(active).flatten().to(eps_pred.device)
+            with torch.no_grad():
+                eps_nb[idx] = step.predict(x_t[idx], t[idx], torch.as_tensor(nb)[active], None).to(eps_nb.dtype)
+        terms = losses.pogdiff_loss(eps_pred, eps, eps_nb, psi.to(eps_pred.device))
+        return terms, (float(psi.mean()), float(active.float().mean()))
+
+
+def objective_for(cfg) -> Objective:
+    """The objective of a :class:`pogdiff.config.TrainConfig`."""
+    if cfg.method == "pogdiff":
+        return PoGDiff(cfg.psi.schedule, cfg.psi.psi_threshold)
+    if cfg.method == "cbdm":
+        return CBDM(cfg.cbdm_tau)
+    if cfg.method in ("baseline", "resample"):  # resample: plain loss on class-balanced batches
+        return Objective()
+    raise ValueError(f"unknown method {cfg.method!r}: use baseline, resample, cbdm or pogdiff")

@@ -1,0 +1,97 @@
+"""Each objective's forward pass (pogdiff/objectives.py) against the loss formulas by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pogdiff import losses
+from pogdiff.config import PsiConfig, TrainConfig
+from pogdiff.neighbours import NeighbourTable
+from pogdiff.objectives import CBDM, Objective, PoGDiff, Step, objective_for
+
+
+def _table(psi: np.ndarray) -> NeighbourTable:
+    n = psi.shape[0]
+    indices = (np.arange(n)[:, None] + 1 + np.arange(psi.shape[1])[None, :]) % n
+    probs = np.full(psi.shape, 1.0 / psi.shape[1])
+    ones = np.ones(psi.shape, np.float32)
+    return NeighbourTable(indices=indices.astype(np.int64), s_txt=ones, s_img=ones, w_density=np.ones(n, np.float32),
+                          psi=psi.astype(np.float32), probs=probs, config=PsiConfig())
+
+
+class _Model:
+    """eps prediction = x_t * (1 + row) + t/1000: each caption row predicts something different."""
+
+    def __init__(self):
+        self.calls: list[list[int]] = []
+
+    def __call__(self, x_t, t, rows, drop):
+        rows = torch.as_tensor(rows)
+        self.calls.append(rows.tolist())
+        scale = (1.0 + rows.float()).view(-1, 1, 1, 1)
+        if drop is not None:
+            scale = torch.where(drop.view(-1, 1, 1, 1), torch.zeros_like(scale), scale)
+        return x_t * scale + t.float().view(-1, 1, 1, 1) / 1000
+
+
+def _batch(b=4):
+    g = torch.Generator().manual_seed(0)
+    return {"rows": torch.arange(b), "t": torch.tensor([10, 200, 500, 900])[:b],
+            "t_dev": torch.tensor([10, 200, 500, 900])[:b], "eps": torch.randn(b, 3, 4, 4, generator=g),
+            "eps_dev": None, "drop": torch.tensor([False, False, False, True])[:b]}, torch.randn(b, 3, 4, 4, generator=g)
+
+
+def _step(model, table=None):
+    return Step(predict=model, balanced_rows=lambda b, g: torch.full((b,), 5), table=table,
+                betas=torch.linspace(1e-4, 0.02, 1000), num_timesteps=1000)
+
+
+def test_baseline_is_eps_mse():
+    batch, x_t = _batch()
+    batch["eps_dev"] = batch["eps"]
+    model = _Model()
+    terms, stats = Objective().terms(_step(model), batch, x_t, torch.Generator().manual_seed(1))
+    expected = losses.mse_loss(model(x_t, batch["t"], batch["rows"], batch["drop"]), batch["eps"])
+    assert torch.equal(terms["loss"], expected["loss"]) and stats == (0.0, 0.0)
+
+
+def test_cbdm_regularises_towards_a_balanced_rows_prediction():
+    batch, x_t = _batch()
+    batch["eps_dev"] = batch["eps"]
+    model = _Model()
+    terms, _ = CBDM(tau=0.5).terms(_step(model), batch, x_t, torch.Generator().manual_seed(1))
+    assert model.calls[1] == [5, 5, 5, 5]  # the balanced rows' prediction, no caption dropout
+    ref = losses.cbdm_loss(model(x_t, batch["t"], batch["rows"], batch["drop"]), batch["eps"],
+                           model(x_t, batch["t"], torch.full((4,), 5), None), batch["t"], 1000, tau=0.5)
+    assert torch.allclose(terms["loss"], ref["loss"])
+
+
+def test_pogdiff_uses_the_neighbours_prediction_only_above_the_threshold():
+    psi = np.array([[0.9], [0.05], [0.5], [0.9]], np.float32)  # one neighbour per row: row + 1
+    batch, x_t = _batch()
+    batch["eps_dev"] = batch["eps"]
+    model = _Model()
+    terms, (psi_mean, active) = PoGDiff("constant", 0.1).terms(_step(model, _table(psi)), batch, x_t,
+                                                               torch.Generator().manual_seed(1))
+    # row 1 is under the threshold and row 3 is caption-dropped: neighbours of rows 0 and 2 only
+    assert model.calls[1] == [1, 3] and active == 0.5
+    want_psi = torch.tensor([0.9, 0.0, 0.5, 0.0])
+    assert psi_mean == pytest.approx(float(want_psi.mean()))
+    eps_pred = model(x_t, batch["t"], batch["rows"], batch["drop"])
+    eps_nb = torch.zeros_like(eps_pred)
+    eps_nb[[0, 2]] = model(x_t[[0, 2]], batch["t"][[0, 2]], torch.tensor([1, 3]), None)
+    ref = losses.pogdiff_loss(eps_pred, batch["eps"], eps_nb, want_psi)
+    assert torch.allclose(terms["loss"], ref["loss"])
+
+
+def test_objective_for_each_method():
+    assert type(objective_for(TrainConfig(method="baseline"))) is Objective
+    assert type(objective_for(TrainConfig(method="resample"))) is Objective
+    assert isinstance(objective_for(TrainConfig(method="cbdm")), CBDM)
+    assert isinstance(objective_for(TrainConfig(method="pogdiff")), PoGDiff)
+    with pytest.raises(ValueError, match="needs a neighbour table"):
+        batch, x_t = _batch()
+        batch["eps_dev"] = batch["eps"]
+        PoGDiff("constant", 0.1).terms(_step(_Model()), batch, x_t, torch.Generator())
