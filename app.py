@@ -352,22 +352,22 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
 
         # ====================================================== events: Neighbours
         map_outputs = [scatter, caption_dd, nb_banner]
-        map_btn.click(studio.neighbour_map, [ds_key, colour_by], map_outputs, api_name="neighbour_map").then(
+        map_btn.click(studio.neighbour_map, [ds_key, colour_by, preset], map_outputs, api_name="neighbour_map").then(
             studio.map_points, ds_key, map_points, api_visibility="private")
-        nb_tab.select(studio.neighbour_map, [ds_key, colour_by], map_outputs, api_name="neighbour_map_on_tab",
+        nb_tab.select(studio.neighbour_map, [ds_key, colour_by, preset], map_outputs, api_name="neighbour_map_on_tab",
                       api_visibility="private").then(studio.map_points, ds_key, map_points, api_visibility="private")
         # The scatter plot reports a brushed x band, not a clicked point: the band's points go to the table.
         scatter.select(studio.map_band, ds_key, [map_points, caption_dd], api_visibility="private")
         map_points.select(studio.hop, [ds_key, map_points], caption_dd, api_visibility="private")
         colour_by.change(studio.recolour, [ds_key, colour_by], scatter, api_visibility="private")
-        nb_inputs = [ds_key, caption_dd, nb_k, nb_psi_max, nb_same]
+        nb_inputs = [ds_key, caption_dd, nb_k, nb_psi_max, nb_same, preset]
         nb_outputs = [nb_head, nb_table, nb_gallery]
         caption_dd.change(studio.neighbours_of, nb_inputs, nb_outputs, api_name="neighbours")
         for trigger in (nb_k.release, nb_psi_max.release, nb_same.change):
             trigger(studio.neighbours_of, nb_inputs, nb_outputs, api_visibility="private")
         nb_table.select(studio.hop, [ds_key, nb_table], caption_dd, api_visibility="private")
-        search_btn.click(studio.search, [ds_key, query, nb_k], [search_table, search_gallery], api_name="search")
-        query.submit(studio.search, [ds_key, query, nb_k], [search_table, search_gallery], api_name="search_submit",
+        search_btn.click(studio.search, [ds_key, query, nb_k, preset], [search_table, search_gallery], api_name="search")
+        query.submit(studio.search, [ds_key, query, nb_k, preset], [search_table, search_gallery], api_name="search_submit",
                      api_visibility="private")
 
         # =========================================================== events: Train

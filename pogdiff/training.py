@@ -46,8 +46,8 @@ from pogdiff.config import (
     TrainConfig,
     uses_balanced_sampling,
 )
-from pogdiff.neighbours import NeighbourTable, build_neighbour_table, image_features
 from pogdiff.objectives import Step, objective_for
+from pogdiff.prepare import TrainData, encode_dataset_images, images_to_tensor, prepare_data  # noqa: F401
 from pogdiff.text import CachedEncoder, TextEmbeddings
 
 logger = logging.getLogger(__name__)
@@ -94,102 +94,6 @@ class TrainResult:
     stopped: bool
     history: list[StepInfo] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # e.g. PoGDiff inactive on this data
-
-
-@dataclass
-class TrainData:
-    """Everything a step needs, computed once per dataset.
-
-    :param x0: [N x C x h x w] images in diffusion space (pixels in [-1, 1] or VAE latents).
-    :param text: caption embeddings (tokens are the UNet context, pooled the neighbour index).
-    :param class_ids: [N] int64 class index of each row.
-    :param table: neighbour table with psi per (row, neighbour), or None when not needed.
-    """
-
-    x0: torch.Tensor
-    text: TextEmbeddings
-    captions: list[str]
-    subjects: list[str]
-    class_ids: torch.Tensor
-    table: NeighbourTable | None
-
-    def __post_init__(self) -> None:
-        n = self.x0.shape[0]
-        sizes = {"text": len(self.text), "captions": len(self.captions), "subjects": len(self.subjects)}
-        wrong = {k: v for k, v in sizes.items() if v != n}
-        if wrong:
-            raise ValueError(f"TrainData: x0 has {n} rows but {wrong} differ; every field needs one entry per row")
-        self.class_rows = [
-            torch.nonzero(self.class_ids == c).flatten() for c in range(int(self.class_ids.max()) + 1)
-        ]
-
-    def __len__(self) -> int:
-        return self.x0.shape[0]
-
-
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N x H x W x 3] -> float32 [N x 3 x H x W] in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-@torch.no_grad()
-def encode_dataset_images(model, images: np.ndarray, *, batch_size: int = 64,
-                          cache_dir: str | Path | None = None) -> torch.Tensor:
-    """Map uint8 images to the model's diffusion space once (VAE latents for SD), on CPU.
-
-    For latent models with a ``cache_dir``, the latents are stored as safetensors keyed by a hash
-    of the pixels and the VAE's weights, so a second run on the same set skips the VAE.
-    """
-    path = None
-    if cache_dir is not None and model.vae is not None:
-        digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
-        digest.update(json.dumps(dict(model.vae.config), sort_keys=True, default=str).encode())
-        digest.update(str(sum(float(p.float().sum()) for p in model.vae.parameters())).encode())
-        path = Path(cache_dir) / f"latents-{digest.hexdigest()[:24]}.safetensors"
-        if path.exists():
-            return load_file(path)["x0"]
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        batch = images_to_tensor(images[start : start + batch_size]).to(model.device)
-        chunks.append(model.encode_images(batch).float().cpu())
-    x0 = torch.cat(chunks)
-    if model.vae is not None:
-        # The VAE returns channels-last latents; cached ones load contiguous. One layout for both,
-        # or CPU convolutions round differently and a run reading the cache drifts by a few ulp.
-        x0 = x0.contiguous()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"x0": x0.contiguous()}, tmp)
-        os.replace(tmp, path)
-    return x0
-
-
-def prepare_data(
-    dataset, model, psi_cfg, *, cache_dir: str | Path | None = None, need_table: bool = True
-) -> TrainData:
-    """Encode captions (cached by content hash) and images once, and build the neighbour table.
-
-    :param dataset: an ``ImageTextSet`` (``images`` uint8 [N x H x W x 3], ``captions``, ``subjects``).
-    """
-    captions = list(dataset.captions)
-    subjects = list(dataset.subjects)
-    if len(captions) == 0:
-        raise ValueError("the dataset is empty: load at least two images with captions before training")
-    encoder = CachedEncoder(model.text_encoder, cache_dir) if cache_dir else model.text_encoder
-    text = encoder.encode(captions).to("cpu")
-    x0 = encode_dataset_images(model, dataset.images, cache_dir=cache_dir)
-    classes = sorted(set(subjects))
-    index = {c: i for i, c in enumerate(classes)}
-    class_ids = torch.tensor([index[s] for s in subjects], dtype=torch.long)
-    table = None
-    if need_table and len(captions) > 1:
-        feats = image_features(dataset.images if model.vae is None else x0)
-        k = min(psi_cfg.k, len(captions) - 1)
-        table = build_neighbour_table(
-            text.pooled.numpy(), feats, dataclasses.replace(psi_cfg, k=k), classes=subjects, clean=x0
-        )
-    return TrainData(x0=x0, text=text, captions=captions, subjects=subjects, class_ids=class_ids, table=table)
 
 
 def frozen_weight_dtype(model, mixed_precision: str) -> torch.dtype | None:

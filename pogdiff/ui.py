@@ -344,9 +344,13 @@ class DatasetBundle:
     table: pd.DataFrame
     summary: dict[str, Any]
     lock: threading.Lock = field(default_factory=threading.Lock)
-    pooled: np.ndarray | None = None  # [N, D] L2-normalised caption vectors
+    # The Neighbours tab's view, prepared by pogdiff.prepare for the preset in view_preset:
+    pooled: np.ndarray | None = None  # [N, D] L2-normalised caption vectors of the preset's encoder
     coords: np.ndarray | None = None  # [N, 2] PCA of pooled
-    image_feats: np.ndarray | None = None  # [N, F]
+    image_feats: np.ndarray | None = None  # [N, F] the features behind s_img
+    x0: Any = None  # [N, ...] the images in the preset's diffusion space
+    view_preset: str | None = None
+    view_encoder: Any = None  # the preset's caption encoder (for free-text search)
     tables: dict[tuple, Any] = field(default_factory=dict)  # PsiConfig fields -> NeighbourTable
     at_resolution: dict[int, Any] = field(default_factory=dict)  # the set reloaded at a model's size
     judge: Any = None  # pogdiff.judge.UserJudge of this set's classes, fitted on first use
@@ -388,6 +392,8 @@ class Studio:
         single_user: every visitor may stop and export every job (one person on localhost).
             Off: a job belongs to the session (or logged-in user) that started it; others watch.
         limits: server-side bounds on every request value (README "Limits and safety").
+        view_encoder: a caption encoder the Neighbours tab uses instead of the preset's (tests
+            inject a cheap one).
     """
 
     def __init__(
@@ -401,6 +407,7 @@ class Studio:
         demo_root: str | Path | None = None,
         single_user: bool = False,
         limits: Limits = LIMITS,
+        view_encoder: Any = None,
     ) -> None:
         self.runs_dir = Path(runs_dir)
         self.shipped_dir = Path(shipped_dir)
@@ -413,7 +420,8 @@ class Studio:
         self._lock = threading.Lock()
         self._datasets: OrderedDict[str, DatasetBundle] = OrderedDict()
         self._models: OrderedDict[str, Any] = OrderedDict()
-        self._encoder = None
+        self._parts: dict[tuple, Any] = {}  # caption encoder (and VAE) of the Neighbours tab's preset
+        self._view_encoder = view_encoder
         self._evaluator = None
         self._results = ResultCache()  # Compare results kept for page reloads, by a token the browser holds
         self._pair_stash: OrderedDict[str, dict] = OrderedDict()  # last generated pair per browser session
@@ -429,14 +437,6 @@ class Studio:
     @property
     def on_gpu(self) -> bool:
         return self.device.startswith("cuda")
-
-    def _text_encoder(self):
-        with self._lock:
-            if self._encoder is None:
-                from pogdiff.text import default_minilm
-
-                self._encoder = default_minilm()
-            return self._encoder
 
     def demo_root(self) -> Path:
         from pogdiff.data import ensure_demo
@@ -703,48 +703,82 @@ class Studio:
                 f"{len(bundle.few_shot_subjects())} few-shot.")
 
     # ======================================================================= Neighbours tab
-    def _embed(self, bundle: DatasetBundle) -> None:
+    def view_preset(self, preset: str | None) -> str:
+        """The preset whose preparation the Neighbours tab shows: the Train tab's choice, except
+        sd15 on a server without a GPU (it cannot train there), which shows the tiny preset."""
+        preset = _arg(safety.choice, "Model preset", preset or "tiny", PRESETS)
+        return "tiny" if preset == "sd15" and not self.on_gpu else preset
+
+    def _embed(self, bundle: DatasetBundle, preset: str = "tiny") -> None:
+        """Prepare ``bundle`` for the Neighbours tab exactly as training prepares it for ``preset``
+        (:func:`pogdiff.prepare.prepare_data`: same caption encoder, same image features, same cache)."""
         with bundle.lock:
-            if bundle.pooled is not None:
+            if bundle.pooled is not None and bundle.view_preset == preset:
                 return
-            from pogdiff.neighbours import image_features, pca_2d
+            from pogdiff import prepare
+            from pogdiff.neighbours import pca_2d
 
-            encoder = self._text_encoder()
-            pooled = encoder.encode(bundle.captions).pooled
-            pooled = pooled.detach().cpu().numpy() if hasattr(pooled, "detach") else np.asarray(pooled)
-            bundle.pooled = pooled.astype(np.float32)
+            model_cfg = model_preset(preset)  # sd15: the preset's default model id (its CLIP and VAE)
+            parts = self._encoder_parts(model_cfg)
+            data = prepare.prepare_data(self.dataset_at(bundle, model_cfg.resolution), parts, PsiConfig(),
+                                        cache_dir=self.runs_dir / "cache", need_table=False)
+            bundle.pooled = data.text.pooled.numpy().astype(np.float32)
             bundle.coords = np.asarray(pca_2d(bundle.pooled), dtype=np.float32)
-            bundle.image_feats = np.asarray(image_features(bundle.ds.images), dtype=np.float32)
+            bundle.image_feats = data.image_feats
+            bundle.x0 = data.x0
+            bundle.view_preset, bundle.view_encoder = preset, parts.text_encoder
+            bundle.tables = {}
 
-    def _psi_table(self, bundle: DatasetBundle, psi: PsiConfig):
-        self._embed(bundle)
-        psi = dataclasses.replace(psi, k=max(1, min(psi.k, len(bundle.captions) - 1)))
+    def _encoder_parts(self, model_cfg):
+        from pogdiff import prepare
+
+        if self._view_encoder is not None:  # an injected encoder (tests), for pixel presets
+            return prepare.EncoderParts(text_encoder=self._view_encoder)
+
+        with self._lock:
+            key = (model_cfg.preset, model_cfg.pretrained, model_cfg.text_encoder, model_cfg.max_caption_tokens)
+            parts = self._parts.get(key)
+        if parts is None:
+            parts = prepare.encoder_parts(model_cfg, device=self.device)
+            with self._lock:
+                self._parts = {key: parts}  # keep one preset's encoders
+        return parts
+
+    def _psi_table(self, bundle: DatasetBundle, psi: PsiConfig, preset: str = "tiny"):
+        self._embed(bundle, preset)
         cache_key = tuple(sorted(dataclasses.asdict(psi).items()))
         with bundle.lock:
             table = bundle.tables.get(cache_key)
             if table is None:
-                from pogdiff.neighbours import build_neighbour_table
+                from pogdiff.prepare import neighbour_table
 
-                table = build_neighbour_table(bundle.pooled, bundle.image_feats, psi, classes=bundle.subjects)
+                table = neighbour_table(bundle.pooled, bundle.image_feats, psi, bundle.subjects, clean=bundle.x0,
+                                        cache_dir=self.runs_dir / "cache")
                 bundle.tables = {cache_key: table}  # keep the latest only
         return table
 
-    def neighbour_map(self, key: str | None, colour_by: str, progress: gr.Progress = gr.Progress()) -> tuple:
-        """2-D PCA map of caption embeddings + the caption chooser."""
+    def neighbour_map(self, key: str | None, colour_by: str, preset: str | None = "tiny",
+                      progress: gr.Progress = gr.Progress()) -> tuple:
+        """2-D PCA map of caption embeddings + the caption chooser, prepared as training prepares
+        the data for ``preset`` (the Train tab's choice)."""
         colour_by = _arg(safety.choice, "Colour by", colour_by, COLOUR_BY)
+        preset = self.view_preset(preset)
         bundle = self.bundle(key)
         if len(bundle.captions) < 2:
             raise gr.Error("The neighbour map needs at least two captions.")
-        progress(0.2, desc="Encoding captions (first time only)…")
-        self._embed(bundle)
+        progress(0.2, desc=f"Encoding captions with the {preset} preset's encoder (first time only)…")
+        self._embed(bundle, preset)
         frame = self.map_frame(bundle)
         choices = self.caption_choices(bundle)
         few = [i for i, s in enumerate(bundle.subjects) if s in set(bundle.few_shot_subjects())]
         chosen = few[0] if few else 0
+        encoder = "MiniLM caption vectors and pixel features" if preset == "tiny" else \
+            "CLIP caption vectors and VAE-latent features"
         return (
             self._scatter(frame, colour_by),
             gr.Dropdown(choices=choices, value=chosen, interactive=True),
-            self.dataset_banner(bundle.key),
+            self.dataset_banner(bundle.key) + f" Neighbours and psi as training computes them for the **{preset}** "
+            f"preset ({encoder}; the Train tab's preset chooses).",
         )
 
     def recolour(self, key: str | None, colour_by: str):
@@ -807,9 +841,11 @@ class Studio:
         return [(f"{c}  [{counts[s]} img]", i) for i, (c, s) in enumerate(zip(bundle.captions, bundle.subjects))]
 
     def neighbours_of(
-        self, key: str | None, row: int | None, k: int, psi_max: float, pool: str,
+        self, key: str | None, row: int | None, k: int, psi_max: float, pool: str, preset: str | None = "tiny",
     ) -> tuple[str, pd.DataFrame, list]:
-        """The k nearest captions of one caption, with similarity, psi and its factors."""
+        """The k nearest captions of one caption, with similarity, psi and its factors, from the
+        neighbour table training builds for ``preset`` with these settings."""
+        preset = self.view_preset(preset)
         if row is None or row == "":
             return "Pick a caption above.", pd.DataFrame(), []
         bundle = self.bundle(key)
@@ -818,7 +854,7 @@ class Studio:
         psi_cfg = PsiConfig(k=_arg(safety.whole_number, "k (neighbours)", k, 1, L.max_k),
                             psi_max=_arg(safety.real_number, "psi_max", psi_max, 0.0, L.max_psi_max),
                             pool=_arg(safety.choice, "Neighbour pool", pool, POOLS))
-        table = self._psi_table(bundle, psi_cfg)
+        table = self._psi_table(bundle, psi_cfg, preset)
         counts = bundle.count_of()
         subj = bundle.subjects[row]
         w = float(np.asarray(table.w_density).reshape(len(bundle.captions), -1)[row].mean())
@@ -867,17 +903,18 @@ class Studio:
         except (KeyError, IndexError, ValueError, TypeError):
             return gr.skip()
 
-    def search(self, key: str | None, query: str, k: int) -> tuple[pd.DataFrame, list]:
-        """Nearest training captions of a free-text query (cosine of MiniLM embeddings)."""
+    def search(self, key: str | None, query: str, k: int, preset: str | None = "tiny") -> tuple[pd.DataFrame, list]:
+        """Nearest training captions of a free-text query (cosine of the preset's caption vectors)."""
+        preset = self.view_preset(preset)
         query = _arg(safety.text, "Query", query, self.limits.max_text_chars).strip()
         k = _arg(safety.whole_number, "k (neighbours)", k, 1, self.limits.max_k)
         if not query:
             raise gr.Error("Type a caption to search for, e.g. 'a photo of someone smiling, wearing glasses'.")
         bundle = self.bundle(key)
-        self._embed(bundle)
+        self._embed(bundle, preset)
         from pogdiff.neighbours import knn
 
-        q = self._text_encoder().encode([query]).pooled
+        q = bundle.view_encoder.encode([query]).pooled
         q = q.detach().cpu().numpy() if hasattr(q, "detach") else np.asarray(q)
         k = max(1, min(int(k), len(bundle.captions)))
         sims, idx = knn(bundle.pooled, k, exclude_self=False, queries=q.astype(np.float32))

@@ -5,20 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 TOKEN_DIM = 16
-
-
-@dataclass
-class Emb:
-    pooled: torch.Tensor
-    tokens: torch.Tensor
-    mask: torch.Tensor
 
 
 class HashEncoder:
@@ -41,7 +33,9 @@ class HashEncoder:
                 seed = int(hashlib.sha256(word.encode()).hexdigest()[:8], 16)
                 tokens[i, j] = torch.randn(TOKEN_DIM, generator=torch.Generator().manual_seed(seed))
                 mask[i, j] = True
-        return Emb(torch.nn.functional.normalize(tokens.sum(1), dim=-1), tokens, mask)
+        from pogdiff.text import TextEmbeddings
+
+        return TextEmbeddings(torch.nn.functional.normalize(tokens.sum(1), dim=-1), tokens, mask)
 
 
 def free_port() -> int:

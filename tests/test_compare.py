@@ -170,10 +170,8 @@ def studio(tmp_path):
     from tests.fakes import HashEncoder
     from tests.test_jobs import FakeTrain
 
-    s = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped",
-                  jobs=JobManager(tmp_path / "runs", train_fn=FakeTrain()), device="cpu")
-    s._encoder = HashEncoder()
-    return s
+    return ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped",
+                     jobs=JobManager(tmp_path / "runs", train_fn=FakeTrain()), device="cpu", view_encoder=HashEncoder())
 
 
 def _noop(*args, **kwargs):

@@ -271,7 +271,7 @@ def test_data_and_neighbour_inputs_are_bounded(studio, tmp_path):
         studio.neighbour_map(key, "/etc/passwd", progress=_noop_progress)
     with pytest.raises(gr.Error, match="limit is 64"):
         studio.dataset_banner("k" * 1000)
-    assert studio._encoder is None  # refused before any encoding
+    assert studio._parts == {}  # refused before any encoding
 
 
 def test_upload_reads_only_the_upload_folder_and_keeps_only_sets_that_loaded(studio, tmp_path):

@@ -267,7 +267,7 @@ def test_app_builds_without_loading_anything_heavy(tmp_path, monkeypatch):
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
     demo = app.build_demo(studio)
     assert isinstance(demo, gr.Blocks)
-    assert studio._datasets == {} and studio._models == {} and studio._encoder is None
+    assert studio._datasets == {} and studio._models == {} and studio._parts == {}
     names = {d.api_name for d in demo.fns.values() if d.api_name}
     assert {"load_demo", "load_upload", "neighbour_map", "neighbours", "search", "start_training",
             "stop_training", "poll", "export_run", "compare", "metrics"} <= names
