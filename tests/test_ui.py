@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pogdiff import ui
-from pogdiff.config import DataConfig
+from pogdiff.config import DataConfig, PsiConfig
 from pogdiff.jobs import JobManager, JobStatus, RunInfo
 
 try:  # tests/ as a package or as a plain folder on sys.path
@@ -373,7 +373,7 @@ def test_form_values_need_the_saved_configs():
     values = ui.form_values({"train_cfg": {"method": "baseline", "max_steps": 3}, "model_cfg": {"preset": "sd15",
                              "pretrained": "org/model"}, "base_checkpoint": ""})
     assert (values["preset"], values["pretrained"], values["from_scratch"], values["pool"]) == \
-        ("sd15", "org/model", False, ui.PsiConfig().pool)
+        ("sd15", "org/model", False, PsiConfig().pool)
 
 
 def test_preview_history_with_a_step_slider(tmp_path):

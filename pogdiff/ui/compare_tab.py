@@ -1,0 +1,277 @@
+"""The Compare tab's callbacks (a mixin of :class:`pogdiff.ui.Studio`): checkpoints, images, kept state."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from pogdiff import safety
+from pogdiff.compare_views import (
+    MAX_REAL_IMAGES,
+    CompareState,
+    ResultCache,
+    difference_view,
+    parse_typed_prompts,
+    real_examples,
+    subject_for_prompt,
+)
+from pogdiff.config import (
+    SampleConfig,
+)
+from pogdiff.data.stats import shot_bucket
+from pogdiff.ui.state import DatasetBundle, Source
+from pogdiff.ui.views import (
+    DEMO_KEY,
+    MAX_CACHED_DATASETS,
+    MAX_CACHED_MODELS,
+    SHIPPED_RUNS,
+    SLIDER_PX,
+    _arg,
+    gallery_items,
+    short_prompt,
+    upscale,
+)
+
+
+class CompareTab:
+    """Two checkpoints, the same prompts and seeds; real images and differences beside them."""
+
+    # ========================================================================== Compare tab
+    def sources(self) -> list[Source]:
+        """Shipped demo checkpoints first, then finished runs, newest first."""
+        found = []
+        for method, folder in SHIPPED_RUNS.items():
+            ckpt = self._checkpoint_in(self.shipped_dir / folder)
+            if ckpt is not None:
+                csv = self.shipped_dir / folder / "per_class.csv"
+                found.append(Source(f"shipped:{folder}", f"shipped · {folder} ({method}, demo set)", ckpt,
+                                    metrics_csv=csv if csv.is_file() else None))
+        for run in self.jobs.list_runs():
+            found.append(Source(f"run:{run.name}", f"run · {run.name} ({run.method}, {run.steps_done} steps)",
+                                run.checkpoint))
+        return found
+
+    @staticmethod
+    def _checkpoint_in(folder: Path) -> Path | None:
+        if (folder / "configs.json").exists():
+            return folder
+        if folder.is_dir():
+            from pogdiff.checkpoints import latest_checkpoint
+
+            found = latest_checkpoint(folder)
+            return Path(found) if found else None
+        return None
+
+    def shipped_note(self) -> str:
+        missing = [f for f in SHIPPED_RUNS.values() if self._checkpoint_in(self.shipped_dir / f) is None]
+        if not missing:
+            return ("Defaults: the shipped **demo-baseline** and **demo-pogdiff** checkpoints, fine-tuned from the "
+                    "same base on the demo set with the same steps and seeds.")
+        return ("**Not there yet:** the shipped comparison checkpoints "
+                "(`checkpoints/demo-baseline`, `checkpoints/demo-pogdiff`) "
+                "are not there yet. Make them with `python -m pogdiff bench quality --ship checkpoints`, "
+                "or train two runs in the **Train** tab (method *baseline*, then *pogdiff*, same steps) and pick "
+                "them here.")
+
+    def compare_choices(self, current_a: Any = None, current_b: Any = None) -> tuple:
+        """Dropdown A, dropdown B (defaults: shipped baseline vs pogdiff) and the note.
+
+        A current choice that is still in the list is kept (a tab switch or refresh keeps A and B).
+        """
+        sources = self.sources()
+        choices = [(s.label, s.key) for s in sources]
+        keys = [s.key for s in sources]
+        newest = keys[0] if keys else None
+        a = "shipped:demo-baseline" if "shipped:demo-baseline" in keys else (keys[1] if len(keys) > 1 else newest)
+        b = "shipped:demo-pogdiff" if "shipped:demo-pogdiff" in keys else newest
+        a = current_a if isinstance(current_a, str) and current_a in keys else a
+        b = current_b if isinstance(current_b, str) and current_b in keys else b
+        return (gr.Dropdown(choices=choices, value=a), gr.Dropdown(choices=choices, value=b), self.shipped_note())
+
+    def prompt_choices(self, key: str | None, current: Any = None) -> Any:
+        """One prompt per class (rarest first); few-shot ones pre-selected, or the current selection kept."""
+        bundle = self.bundle(key)
+        template = self.data_config.caption_template
+        table = bundle.table.sort_values(["count", "subject"])
+        choices = [template.format(subject=s) for s in table["subject"]]
+        selected = [template.format(subject=s) for s in table.loc[table["shot"] == "few", "subject"]][:6]
+        L = self.limits
+        try:
+            kept = safety.text_list("Prompts", current, L.max_prompts, L.max_text_chars)
+        except ValueError:
+            kept = []
+        if not any(p in choices for p in kept):  # another dataset was loaded since: its defaults
+            kept = []
+        return gr.Dropdown(choices=choices, value=kept or selected or choices[:4], multiselect=True,
+                           allow_custom_value=True)
+
+    def _source(self, key: str | None) -> Source:
+        for s in self.sources():
+            if isinstance(key, str) and s.key == key:
+                return s
+        key = key[:80] if isinstance(key, str) else key
+        raise gr.Error(f"Checkpoint {key!r} is not available. {self.shipped_note() if not key else ''}".strip(),
+                       title="Pick two checkpoints")
+
+    def _model(self, source: Source):
+        cache_key = f"{source.checkpoint}:{source.checkpoint.stat().st_mtime if source.checkpoint.exists() else 0}"
+        with self._lock:
+            model = self._models.get(cache_key)
+            if model is not None:
+                self._models.move_to_end(cache_key)
+                return model
+        from pogdiff import checkpoints
+
+        model = checkpoints.load_model(source.checkpoint, device=self.device)
+        with self._lock:
+            self._models[cache_key] = model
+            while len(self._models) > MAX_CACHED_MODELS:
+                self._models.popitem(last=False)
+        return model
+
+    def generate_pair(
+        self, key_a: str, key_b: str, prompts: Sequence[str] | None, custom: str, n_seeds: float,
+        guidance: float, sample_steps: float, progress: gr.Progress = gr.Progress(), request: gr.Request = None,
+    ) -> tuple:
+        """Same prompts, same seeds, two checkpoints: a slider for the first pair and two grids.
+
+        The images are also kept for :meth:`pair_views` (real images, difference) of the same session.
+        """
+        L = self.limits
+        prompts = _arg(safety.text_list, "Prompts", prompts, L.max_prompts, L.max_text_chars)
+        custom = _arg(safety.text, "Typed prompts", custom, L.max_prompts * (L.max_text_chars + 1))
+        typed = _arg(parse_typed_prompts, custom, L.max_prompts, L.max_text_chars)
+        captions = [p for p in prompts if p.strip()] + typed
+        if not captions:
+            raise gr.Error("Pick at least one prompt, or type one.")
+        n_seeds = _arg(safety.whole_number, "Seeds per prompt", n_seeds, 1, L.max_seeds)
+        guidance = _arg(safety.real_number, "Guidance scale", guidance, 0.0, L.max_guidance)
+        sample_steps = _arg(safety.whole_number, "Sampling steps", sample_steps, 1, L.max_sample_steps)
+        if len(captions) > L.max_prompts or len(captions) * n_seeds > L.max_images:
+            raise gr.Error(f"{len(captions)} prompt(s) × {n_seeds} seed(s) = {len(captions) * n_seeds} images per "
+                           f"checkpoint; the limit is {L.max_prompts} prompts and {L.max_images} images.",
+                           title="Too many images")
+        a, b = self._source(key_a), self._source(key_b)
+        seeds = list(range(n_seeds))
+        # Grid: one column per prompt, one row per seed.
+        all_caps = [c for _ in seeds for c in captions]
+        all_seeds = [s for s in seeds for _ in captions]
+        cfg = SampleConfig(steps=int(sample_steps), guidance_scale=float(guidance))
+        from pogdiff.sampling import generate, image_grid
+
+        outs = []
+        for i, src in enumerate((a, b)):
+            progress(0.0 + 0.5 * i, desc=f"Loading {src.label}…")
+            model = self._model(src)
+
+            def cb(done: int, total: int, i: int = i, src: Source = src) -> None:
+                progress(0.5 * i + 0.5 * done / max(1, total), desc=f"Sampling {src.label}")
+
+            outs.append(generate(model, all_caps, all_seeds, cfg, callback=cb))
+        labels = [f"{short_prompt(c)} · seed {s}" for c, s in zip(all_caps, all_seeds)]
+        grid_scale = max(1, 96 // outs[0].shape[1])
+        grids = [image_grid(o, ncols=len(captions), labels=labels, scale=grid_scale) for o in outs]
+        pair = (upscale(outs[0][0], SLIDER_PX), upscale(outs[1][0], SLIDER_PX))
+        note = (f"Left / first grid: **{a.label}**. Right / second grid: **{b.label}**. "
+                f"{len(captions)} prompt(s) × seeds {seeds}; the slider shows *{captions[0]}*, seed 0.")
+        with self._lock:
+            self._pair_stash[self._stash_key(request)] = dict(
+                a=outs[0], b=outs[1], captions=captions, scale=grid_scale, outputs=(pair, grids[0], grids[1], note))
+            while len(self._pair_stash) > MAX_CACHED_DATASETS * 4:
+                self._pair_stash.popitem(last=False)
+        return pair, grids[0], grids[1], note
+
+    # ------------------------------------------------------------ Compare: beside A and B, kept state
+    RESTORE_OUTPUTS = ("run_a", "run_b", "prompts", "custom", "n_seeds", "guidance", "sample_steps",
+                       "slider", "grid_a", "grid_b", "pair_md", "real_gallery", "real_md", "diff", "diff_md",
+                       "metrics_table", "metrics_plot", "metrics_md")
+
+    def _stash_key(self, request: gr.Request | None) -> str:
+        return getattr(request, "session_hash", None) or "local"
+
+    def training_bundles(self, key_a: str | None, key_b: str | None, ds_key: str | None) -> list[DatasetBundle]:
+        """Where the real images of a prompted subject are looked up, in order: the dataset this
+        browser session loaded, then the demo set when A or B is a shipped demo run (or when the
+        session loaded nothing)."""
+        shipped = any(isinstance(k, str) and k.startswith("shipped:") for k in (key_a, key_b))
+        own = self.bundle(ds_key) if ds_key else None
+        found = [own] if own is not None else []
+        if (shipped or own is None) and (own is None or own.key != DEMO_KEY):
+            found.append(self._load_demo_bundle())
+        return found
+
+    def real_panel(self, bundles: Sequence[DatasetBundle], captions: Sequence[str]) -> tuple[list, str]:
+        """Training images of each prompt's subject (gallery items) and their counts (markdown).
+
+        A prompt's subject is looked up in ``bundles`` in order; the first that has it is used.
+        """
+        items, lines, seen = [], [], set()
+        template = self.data_config.caption_template
+        for caption in captions:
+            match = next(((b, s) for b in bundles for s in [subject_for_prompt(caption, b.subjects, template)]
+                          if s is not None), None)
+            if match is None:
+                lines.append(f"- *{caption}*: no training class matches this prompt.")
+                continue
+            bundle, subject = match
+            if (bundle.key, subject) in seen:
+                continue
+            seen.add((bundle.key, subject))
+            images, n = real_examples(bundle.ds.images, bundle.subjects, subject, MAX_REAL_IMAGES)
+            shot = shot_bucket(n, self.data_config)
+            where = f" in *{bundle.name}*" if len(bundles) > 1 else ""
+            lines.append(f"- **{subject}**: {n} training image{'s' if n != 1 else ''} ({shot}-shot){where}")
+            items += gallery_items(images, [f"{subject} · {i + 1} of {n}" for i in range(len(images))])
+        names = " / ".join(b.name for b in bundles)
+        return items, f"**Real training images** ({names}), per prompted subject:\n\n" + "\n".join(lines)
+
+    def pair_views(self, key_a: str | None, key_b: str | None, ds_key: str | None, state: Any,
+                   request: gr.Request = None) -> tuple:
+        """After Generate: real training images, the |A - B| heatmap and its numbers, the kept state."""
+        from pogdiff.sampling import image_grid
+
+        with self._lock:
+            last = self._pair_stash.get(self._stash_key(request))
+        if last is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        real, real_md = self.real_panel(self.training_bundles(key_a, key_b, ds_key), last["captions"])
+        view = difference_view(last["a"], last["b"])
+        labels = [f"|A-B| {m:.1f}" for m in view.mean_abs]  # the grid's label font has no U+2212
+        diff = image_grid(view.heatmaps, ncols=len(last["captions"]), labels=labels, scale=last["scale"])
+        kept = self._state(state)
+        kept.token = kept.token or ResultCache.new_token()
+        self._results.put(kept.token, pair=last["outputs"], real=(real, real_md), diff=(diff, view.summary()))
+        return real, real_md, diff, view.summary(), kept.to_browser()
+
+    def _state(self, raw: Any):
+        L = self.limits
+        return CompareState.from_browser(raw, max_prompts=L.max_prompts, max_chars=L.max_text_chars) \
+            or CompareState()
+
+    def remember_compare(self, key_a: Any, key_b: Any, prompts: Any, custom: Any, n_seeds: Any, guidance: Any,
+                         sample_steps: Any, state: Any) -> Any:
+        """The Compare choices as the browser keeps them (the results' token is carried over)."""
+        L = self.limits
+        raw = {**self._state(state).to_browser(), "run_a": key_a, "run_b": key_b,
+               "prompts": list(prompts) if isinstance(prompts, (list, tuple)) else [],
+               "custom": custom or "", "n_seeds": n_seeds, "guidance": guidance, "sample_steps": sample_steps}
+        kept = CompareState.from_browser(raw, max_prompts=L.max_prompts, max_chars=L.max_text_chars)
+        return kept.to_browser() if kept is not None else gr.skip()
+
+    def restore_compare(self, state: Any) -> tuple:
+        """Page load: the Compare tab as this browser left it (choices, images, metrics)."""
+        L = self.limits
+        kept = CompareState.from_browser(state, max_prompts=L.max_prompts, max_chars=L.max_text_chars)
+        if kept is None:
+            return (gr.skip(),) * len(self.RESTORE_OUTPUTS)
+        found = self._results.get(kept.token)
+        pair = found.get("pair", (gr.skip(),) * 4)
+        real = found.get("real", (gr.skip(),) * 2)
+        diff = found.get("diff", (gr.skip(),) * 2)
+        metrics = found.get("metrics", (gr.skip(),) * 3)
+        return (gr.Dropdown(value=kept.run_a, allow_custom_value=True), gr.Dropdown(value=kept.run_b, allow_custom_value=True),
+                gr.Dropdown(value=kept.prompts, multiselect=True, allow_custom_value=True),
+                kept.custom, kept.n_seeds, kept.guidance, kept.sample_steps, *pair, *real, *diff, *metrics)

@@ -1,0 +1,230 @@
+"""The Compare tab's per-class metrics (a mixin of :class:`pogdiff.ui.Studio`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+
+from pogdiff import safety
+from pogdiff.compare_views import (
+    ResultCache,
+    delta_table,
+)
+from pogdiff.ui.state import DatasetBundle, Source
+from pogdiff.ui.views import (
+    DEMO_KEY,
+    MAX_CACHED_MODELS,
+    MAX_KEY_CHARS,
+    SHOTS,
+    WEAK_MARK,
+    _arg,
+    _short,
+    own_data_note,
+)
+
+
+class MetricsPanel:
+    """Per-class metrics of A and B: the demo's evaluator, or a judge of the user's own classes."""
+
+    def _evaluator_or_error(self):
+        with self._lock:
+            if self._evaluator is not None:
+                return self._evaluator
+        folder = self.shipped_dir / "evaluator"
+        from pogdiff.evaluator import load_evaluator
+
+        if not folder.exists():
+            raise gr.Error("The identity evaluator (checkpoints/evaluator) is not there yet; make it with "
+                           "`python -m pogdiff build evaluator`.", title="No evaluator")
+        evaluator = load_evaluator(folder)
+        with self._lock:
+            self._evaluator = evaluator
+        return evaluator
+
+    def precomputed_metrics(self, key_a: str | None, key_b: str | None) -> tuple:
+        """Per-class tables shipped beside the demo checkpoints (``per_class.csv``), if any."""
+        tables = {}
+        shipped = {s.key: s for s in self.sources() if s.metrics_csv is not None}  # looked up by id, never a path
+        for key in (key_a, key_b):
+            source = shipped.get(key) if isinstance(key, str) else None
+            if source is not None:
+                tables[_short(source)] = pd.read_csv(source.metrics_csv)
+        if len(tables) < 2:
+            return gr.skip(), gr.skip(), gr.skip()
+        return self._metric_outputs(tables, note="Precomputed at build time on the demo evaluation split "
+                                                 "(press **Compute metrics** to recompute).")
+
+    def compute_metrics(self, key_a: str, key_b: str, full: bool = False, key: str | None = None,
+                        progress: gr.Progress = gr.Progress()) -> tuple:
+        """Generate images with each checkpoint and score them per class of the loaded data set.
+
+        On the demo set (``key`` empty or the demo): the demo's held-out captions, judged by the
+        shipped evaluator. ``full=False`` (fast, the default): the quality benchmark's protocol, 4
+        captions per class, so the shipped demo numbers come out again; ``full=True``: all 8.
+        On a user's set: up to 4 (fast) or 8 (full) of each class's own captions, judged by a
+        classifier fitted on the set's images, whose held-out reliability is shown per class
+        (:mod:`pogdiff.judge`). Results are cached per checkpoint weights, data and mode
+        (README "Compare").
+        """
+        from pogdiff import bench
+
+        a, b = self._source(key_a), self._source(key_b)
+        mode = "full" if _arg(safety.flag, "Full evaluation", False if full is None else full) else "fast"
+        key = _arg(safety.text, "dataset key", key, MAX_KEY_CHARS) if key is not None else None
+        if key and key != DEMO_KEY:
+            return self._own_data_metrics(a, b, mode, self.bundle(key), progress)
+        evaluator = self._evaluator_or_error()
+        progress(0.02, desc="Loading the demo evaluation split…")
+        eval_set = bench.metric_eval_set(self._eval_set(), mode)
+        counts = self._load_demo_bundle().count_of()
+        tables, cached = {}, 0
+        for i, src in enumerate((a, b)):
+            path = self._metrics_cache_path(src, mode, eval_set)
+            if path.is_file():
+                tables[_short(src)] = pd.read_csv(path)
+                cached += 1
+                continue
+            progress(0.05 + 0.45 * i, desc=f"Generating and scoring {src.label} ({len(eval_set.captions)} images)…")
+            table, _summary, _images = bench.evaluate_model(self._model(src), eval_set, evaluator, counts)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            table.to_csv(tmp, index=False)
+            os.replace(tmp, path)
+            tables[_short(src)] = table
+        progress(1.0, desc="Done")
+        per_class = bench.METRIC_MODES[mode]
+        what = f"{per_class} held-out captions per class" if per_class else "every held-out caption"
+        note = (f"Computed on the demo evaluation split ({mode} mode: {what}, {len(eval_set.captions)} images "
+                f"per model, fixed seeds)" + (f"; {cached} of 2 read from the cache." if cached else "."))
+        return self._metric_outputs(tables, note=note)
+
+    OWN_PER_CLASS = {"fast": 4, "full": 8}  # captions per class of a user's set that A and B draw
+
+    def judge_for(self, bundle: DatasetBundle, progress: Callable | None = None):
+        """The classifier of ``bundle``'s own classes (fitted once per loaded set, kept with it)."""
+        from pogdiff.judge import UserJudge
+
+        with bundle.lock:
+            if bundle.judge is None:
+                if progress is not None:
+                    progress(0.03, desc=f"Fitting a judge of the {bundle.ds.classes.__len__()} classes on "
+                                        f"{len(bundle.ds)} real images…")
+                folder = self.shipped_dir / "evaluator"
+                backbone = self._evaluator_or_error() if folder.exists() else None
+                try:
+                    bundle.judge = UserJudge(backbone=backbone).fit(bundle.ds.images, bundle.subjects)
+                except ValueError as exc:
+                    raise gr.Error(str(exc), title="Cannot judge this data set") from exc
+            return bundle.judge
+
+    def _own_data_metrics(self, a: Source, b: Source, mode: str, bundle: DatasetBundle, progress) -> tuple:
+        from pogdiff import bench
+        from pogdiff import judge as judging
+
+        judge = self.judge_for(bundle, progress)
+        per_class = self.OWN_PER_CLASS[mode]
+        counts = bundle.count_of()
+        digest = judging.dataset_digest(bundle.ds.images, bundle.captions, bundle.subjects)
+        tables, cached = {}, 0
+        n_images = len(judging.prompt_rows(bundle.subjects, per_class))
+        for i, src in enumerate((a, b)):
+            path = self._metrics_cache_path(src, mode, None, data=digest)
+            if path.is_file():
+                tables[_short(src)] = pd.read_csv(path)
+                cached += 1
+                continue
+            progress(0.05 + 0.45 * i, desc=f"Generating and judging {src.label} ({n_images} images)…")
+            table = judging.score_on_own_data(self._model(src), bundle.ds, judge, counts, per_class=per_class,
+                                              sample_cfg=bench.EVAL_SAMPLE, config=self.data_config)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            table.to_csv(tmp, index=False)
+            os.replace(tmp, path)
+            tables[_short(src)] = table
+        progress(1.0, desc="Done")
+        note = own_data_note(bundle.name, judge, mode=mode, per_class=per_class, n_images=n_images,
+                             cached=cached, other_data=[s.label for s in (a, b) if not self._trained_on(s, bundle)])
+        return self._metric_outputs(tables, note=note, reliability=judge.reliability)
+
+    def _trained_on(self, src: Source, bundle: DatasetBundle) -> bool:
+        """Was ``src`` trained on a set of ``bundle``'s size and class count (the runs record no more)?"""
+        if src.key.startswith("shipped:"):
+            return bundle.key == DEMO_KEY
+        name = src.key.split(":", 1)[1]
+        meta = self.jobs.run_meta(name) or {}
+        desc = meta.get("dataset") if isinstance(meta.get("dataset"), dict) else {}
+        return (desc.get("num_samples"), desc.get("num_classes")) == (len(bundle.ds), len(bundle.ds.classes))
+
+    def _metrics_cache_path(self, src: Source, mode: str, eval_set, *, data: str = "demo") -> Path:
+        from pogdiff import bench
+        from pogdiff.config import to_dict
+        from pogdiff.judge import JUDGE_VERSION
+
+        what = {"captions": list(eval_set.captions)} if eval_set is not None else \
+            {"data": data, "judge": JUDGE_VERSION, "per_class": self.OWN_PER_CLASS[mode]}
+        key = hashlib.sha256(json.dumps({"weights": bench.checkpoint_digest(src.checkpoint), "mode": mode,
+                                         **what, "sample": to_dict(bench.EVAL_SAMPLE)}, sort_keys=True).encode())
+        return self.runs_dir / "cache" / "metrics" / f"{key.hexdigest()[:32]}.csv"
+
+    def _metric_outputs(self, tables: dict[str, pd.DataFrame], *, note: str,
+                        reliability: pd.DataFrame | None = None) -> tuple:
+        """Per-class delta table (A, B, B − A; rarest first), the two-run figure and the bucket means.
+
+        With a judge's ``reliability`` (user data) the table gets its per-class held-out accuracy and
+        a weak mark, and the bucket means are repeated over the classes the judge can score.
+        """
+        from pogdiff import metrics
+
+        names = list(tables)
+        name_a, name_b = (names * 2)[:2]  # A and B may be the same checkpoint
+        table_a, table_b = tables[name_a], tables[name_b]
+        fig = metrics.paired_frequency_figure(table_a, table_b, (name_a, name_b), config=self.data_config)
+        merged = delta_table(table_a, table_b, name_a, name_b).round(3)
+        buckets: list[tuple[str, Callable]] = [("all", lambda t: t)]
+        buckets += [(shot, lambda t, shot=shot: t[t["shot"] == shot]) for shot in SHOTS]
+        if reliability is not None:
+            rel = reliability.set_index("subject")
+            merged["judge reliability"] = merged["subject"].map(rel["reliability"]).round(3)
+            merged["judge"] = np.where(merged["subject"].map(rel["weak"]).fillna(True).astype(bool), WEAK_MARK, "ok")
+            strong = set(reliability.loc[~reliability["weak"], "subject"])
+            buckets.append(("judge ok", lambda t: t[t["subject"].isin(strong)]))
+        lines = [note, "", "| bucket | " + " | ".join(f"accuracy · {n}" for n in names) + " |",
+                 "|---|" + "---|" * len(names)]
+        for bucket, pick in buckets:
+            cells = []
+            for name in names:
+                part = pick(tables[name])
+                cells.append(f"{part['accuracy'].mean():.3f}" if len(part) else "—")
+            lines.append(f"| {bucket} | " + " | ".join(cells) + " |")
+        outputs = (merged, fig, "\n".join(lines))
+        with self._lock:
+            self._metric_stash[(name_a, name_b)] = outputs
+            while len(self._metric_stash) > MAX_CACHED_MODELS * 4:
+                self._metric_stash.popitem(last=False)
+        return outputs
+
+    def keep_metrics(self, key_a: str | None, key_b: str | None, state: Any) -> Any:
+        """After the metrics are shown: keep them with this browser's Compare state."""
+        names = tuple(_short(self._source(k)) for k in (key_a, key_b))
+        with self._lock:
+            outputs = self._metric_stash.get(names)
+        if outputs is None:
+            return gr.skip()
+        kept = self._state(state)
+        kept.token = kept.token or ResultCache.new_token()
+        self._results.put(kept.token, metrics=outputs)
+        return kept.to_browser()
+
+    def load_metrics(self, key_a: str | None, key_b: str | None, state: Any) -> tuple:
+        """Page load: the shipped metrics of A and B, unless this browser's kept results have metrics."""
+        if "metrics" in self._results.get(self._state(state).token):
+            return gr.skip(), gr.skip(), gr.skip()
+        return self.precomputed_metrics(key_a, key_b)

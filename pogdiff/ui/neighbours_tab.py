@@ -1,0 +1,265 @@
+"""The Neighbours tab's callbacks (a mixin of :class:`pogdiff.ui.Studio`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+
+from pogdiff import safety
+from pogdiff.compare_views import (
+    points_in_band,
+    round_sig,
+    size_bin,
+    size_colour_map,
+    thumbnail_markdown,
+)
+from pogdiff.config import (
+    PRESETS,
+    PsiConfig,
+    model_preset,
+)
+from pogdiff.constants import SHOT_COLOURS
+from pogdiff.data.stats import shot_bucket
+from pogdiff.neighbours import POOLS
+from pogdiff.ui.state import DatasetBundle
+from pogdiff.ui.views import (
+    COLOUR_BY,
+    _arg,
+    gallery_items,
+)
+
+logger = logging.getLogger(__name__)
+
+
+
+class NeighboursTab:
+    """The caption map, each caption's neighbours with psi, and free-text search."""
+
+    # ======================================================================= Neighbours tab
+    def view_preset(self, preset: str | None) -> str:
+        """The preset whose preparation the Neighbours tab shows: the Train tab's choice, except
+        sd15 on a server without a GPU (it cannot train there), which shows the tiny preset."""
+        preset = _arg(safety.choice, "Model preset", preset or "tiny", PRESETS)
+        return "tiny" if preset == "sd15" and not self.on_gpu else preset
+
+    def _embed(self, bundle: DatasetBundle, preset: str = "tiny") -> None:
+        """Prepare ``bundle`` for the Neighbours tab exactly as training prepares it for ``preset``
+        (:func:`pogdiff.prepare.prepare_data`: same caption encoder, same image features, same cache)."""
+        with bundle.lock:
+            if bundle.pooled is not None and bundle.view_preset == preset:
+                return
+            from pogdiff import prepare
+            from pogdiff.neighbours import pca_2d
+
+            model_cfg = model_preset(preset)  # sd15: the preset's default model id (its CLIP and VAE)
+            parts = self._encoder_parts(model_cfg)
+            data = prepare.prepare_data(self.dataset_at(bundle, model_cfg.resolution), parts, PsiConfig(),
+                                        cache_dir=self.runs_dir / "cache", need_table=False)
+            bundle.pooled = data.text.pooled.numpy().astype(np.float32)
+            bundle.coords = np.asarray(pca_2d(bundle.pooled), dtype=np.float32)
+            bundle.image_feats = data.image_feats
+            bundle.x0 = data.x0
+            bundle.view_preset, bundle.view_encoder = preset, parts.text_encoder
+            bundle.tables = {}
+
+    def _encoder_parts(self, model_cfg):
+        from pogdiff import prepare
+
+        if self._view_encoder is not None:  # an injected encoder (tests), for pixel presets
+            return prepare.EncoderParts(text_encoder=self._view_encoder)
+
+        with self._lock:
+            key = (model_cfg.preset, model_cfg.pretrained, model_cfg.text_encoder, model_cfg.max_caption_tokens)
+            parts = self._parts.get(key)
+        if parts is None:
+            parts = prepare.encoder_parts(model_cfg, device=self.device)
+            with self._lock:
+                self._parts = {key: parts}  # keep one preset's encoders
+        return parts
+
+    def _psi_table(self, bundle: DatasetBundle, psi: PsiConfig, preset: str = "tiny"):
+        self._embed(bundle, preset)
+        cache_key = tuple(sorted(dataclasses.asdict(psi).items()))
+        with bundle.lock:
+            table = bundle.tables.get(cache_key)
+            if table is None:
+                from pogdiff.prepare import neighbour_table
+
+                table = neighbour_table(bundle.pooled, bundle.image_feats, psi, bundle.subjects, clean=bundle.x0,
+                                        cache_dir=self.runs_dir / "cache")
+                bundle.tables = {cache_key: table}  # keep the latest only
+        return table
+
+    def neighbour_map(self, key: str | None, colour_by: str, preset: str | None = "tiny",
+                      progress: gr.Progress = gr.Progress()) -> tuple:
+        """2-D PCA map of caption embeddings + the caption chooser, prepared as training prepares
+        the data for ``preset`` (the Train tab's choice)."""
+        colour_by = _arg(safety.choice, "Colour by", colour_by, COLOUR_BY)
+        preset = self.view_preset(preset)
+        bundle = self.bundle(key)
+        if len(bundle.captions) < 2:
+            raise gr.Error("The neighbour map needs at least two captions.")
+        progress(0.2, desc=f"Encoding captions with the {preset} preset's encoder (first time only)…")
+        self._embed(bundle, preset)
+        frame = self.map_frame(bundle)
+        choices = self.caption_choices(bundle)
+        few = [i for i, s in enumerate(bundle.subjects) if s in set(bundle.few_shot_subjects())]
+        chosen = few[0] if few else 0
+        encoder = "MiniLM caption vectors and pixel features" if preset == "tiny" else \
+            "CLIP caption vectors and VAE-latent features"
+        return (
+            self._scatter(frame, colour_by),
+            gr.Dropdown(choices=choices, value=chosen, interactive=True),
+            self.dataset_banner(bundle.key) + f" Neighbours and psi as training computes them for the **{preset}** "
+            f"preset ({encoder}; the Train tab's preset chooses).",
+        )
+
+    def recolour(self, key: str | None, colour_by: str):
+        colour_by = _arg(safety.choice, "Colour by", colour_by, COLOUR_BY)
+        bundle = self.bundle(key)
+        if bundle.coords is None:
+            return gr.skip()
+        return self._scatter(self.map_frame(bundle), colour_by)
+
+    @staticmethod
+    def _scatter(frame: pd.DataFrame, colour_by: str):
+        if colour_by == "class frequency":
+            # binned class sizes with dark colours: a one-image class is never near-white
+            return gr.ScatterPlot(value=frame, color="class size bin", color_map=size_colour_map())
+        return gr.ScatterPlot(value=frame, color="shot", color_map=SHOT_COLOURS)
+
+    @staticmethod
+    def map_frame(bundle: DatasetBundle) -> pd.DataFrame:
+        """One row per caption: rounded coordinates (3 significant digits, as the tooltips show them),
+        shot bucket, class size and its bin; the largest classes first so the rarest are drawn on top."""
+        counts = bundle.count_of()
+        shots = dict(zip(bundle.table["subject"], bundle.table["shot"]))
+        frame = pd.DataFrame({
+            "x": [round_sig(v) for v in bundle.coords[:, 0]], "y": [round_sig(v) for v in bundle.coords[:, 1]],
+            "shot": [shots[s] for s in bundle.subjects],
+            "class size": [counts[s] for s in bundle.subjects],
+            "class size bin": [size_bin(counts[s]) for s in bundle.subjects],
+            "subject": bundle.subjects, "caption": bundle.captions, "row": np.arange(len(bundle.subjects)),
+        })
+        return frame.sort_values(["class size", "row"], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+    POINT_COLUMNS = ["subject", "class size", "caption", "x", "y", "row"]
+
+    def map_points(self, key: str | None) -> pd.DataFrame:
+        """Every point of the map as a table row, rarest class first (a click on a row picks it)."""
+        bundle = self.bundle(key)
+        if bundle.coords is None:
+            return pd.DataFrame(columns=self.POINT_COLUMNS)
+        frame = self.map_frame(bundle)
+        return frame.sort_values(["class size", "row"], kind="stable")[self.POINT_COLUMNS].reset_index(drop=True)
+
+    def map_band(self, key: str | None, evt: gr.SelectData) -> tuple:
+        """A band brushed on the map (the plot reports its x interval, not a point): its points,
+        rarest first, and the rarest one picked."""
+        bundle = self.bundle(key)
+        if bundle.coords is None:
+            return gr.skip(), gr.skip()
+        try:
+            band = points_in_band(self.map_frame(bundle), evt.index)
+        except ValueError as exc:
+            logger.info("ignored a map selection: %s", exc)
+            return gr.skip(), gr.skip()
+        if band.empty:
+            return band[self.POINT_COLUMNS], gr.skip()
+        return band[self.POINT_COLUMNS], int(band.iloc[0]["row"])
+
+    @staticmethod
+    def caption_choices(bundle: DatasetBundle) -> list[tuple[str, int]]:
+        counts = bundle.count_of()
+        return [(f"{c}  [{counts[s]} img]", i) for i, (c, s) in enumerate(zip(bundle.captions, bundle.subjects))]
+
+    def neighbours_of(
+        self, key: str | None, row: int | None, k: int, psi_max: float, pool: str, preset: str | None = "tiny",
+    ) -> tuple[str, pd.DataFrame, list]:
+        """The k nearest captions of one caption, with similarity, psi and its factors, from the
+        neighbour table training builds for ``preset`` with these settings."""
+        preset = self.view_preset(preset)
+        if row is None or row == "":
+            return "Pick a caption above.", pd.DataFrame(), []
+        bundle = self.bundle(key)
+        row = _arg(safety.whole_number, "caption index", row, 0, len(bundle.captions) - 1)
+        L = self.limits
+        psi_cfg = PsiConfig(k=_arg(safety.whole_number, "k (neighbours)", k, 1, L.max_k),
+                            psi_max=_arg(safety.real_number, "psi_max", psi_max, 0.0, L.max_psi_max),
+                            pool=_arg(safety.choice, "Neighbour pool", pool, POOLS))
+        table = self._psi_table(bundle, psi_cfg, preset)
+        counts = bundle.count_of()
+        subj = bundle.subjects[row]
+        w = float(np.asarray(table.w_density).reshape(len(bundle.captions), -1)[row].mean())
+        rows = []
+        for j in range(table.indices.shape[1]):
+            nb = int(table.indices[row, j])
+            if nb < 0:
+                continue
+            rows.append({
+                "image": thumbnail_markdown(bundle.ds.images[nb]),
+                "rank": j + 1, "caption": bundle.captions[nb], "subject": bundle.subjects[nb],
+                "class size": counts[bundle.subjects[nb]],
+                "s_txt": float(table.s_txt[row, j]), "s_img": float(table.s_img[row, j]),
+                "w_density": w, "psi": float(table.psi[row, j]),
+                "p(draw)": float(table.probs[row, j]),
+                "informative": bool(table.psi[row, j] > psi_cfg.psi_threshold and bundle.subjects[nb] != subj),
+                "row": nb,
+            })
+        for r in rows:  # 3 significant digits, as the tooltips
+            for col in ("s_txt", "s_img", "w_density", "psi", "p(draw)"):
+                r[col] = round_sig(r[col])
+        frame = pd.DataFrame(rows, columns=["image", "rank", "caption", "subject", "class size", "s_txt",
+                                            "s_img", "w_density", "psi", "p(draw)", "informative", "row"])
+        images = [bundle.ds.images[row]] + [bundle.ds.images[r] for r in frame["row"]]
+        labels = [f"query · {bundle.captions[row]}"] + [
+            f"#{r.rank} psi={r.psi:.2f} · {r.caption}" for r in frame.itertuples()
+        ]
+        mean_psi = float(frame["psi"].mean()) if len(frame) else 0.0
+        head = (f"**{bundle.captions[row]}** — subject *{subj}* with {counts[subj]} training images "
+                f"({shot_bucket(counts[subj], self.data_config)}-shot). w_density = **{w:.3f}**, "
+                f"mean psi over its {len(frame)} neighbours = **{mean_psi:.3f}**. "
+                "psi = psi_max × w_density × s_img × s_txt: how much this sample borrows from each neighbour. "
+                + ("**Its neighbours are informative**: at least one shows another subject with psi above "
+                   f"{psi_cfg.psi_threshold:g}." if frame["informative"].any() else
+                   "**No informative neighbour**: every neighbour either is a rewording of the same subject "
+                   "(it predicts what this caption predicts) or has psi below "
+                   f"{psi_cfg.psi_threshold:g}, so PoGDiff leaves this caption's target as it is. "
+                   "Try the 'other_class' pool."))
+        return head, frame, gallery_items(np.stack(images), labels)
+
+    def hop(self, key: str | None, frame: pd.DataFrame, evt: gr.SelectData):
+        """Clicking a neighbour row makes it the query."""
+        try:
+            row_idx = evt.index[0] if isinstance(evt.index, (list, tuple)) else int(evt.index)
+            return int(pd.DataFrame(frame).iloc[row_idx]["row"])
+        except (KeyError, IndexError, ValueError, TypeError):
+            return gr.skip()
+
+    def search(self, key: str | None, query: str, k: int, preset: str | None = "tiny") -> tuple[pd.DataFrame, list]:
+        """Nearest training captions of a free-text query (cosine of the preset's caption vectors)."""
+        preset = self.view_preset(preset)
+        query = _arg(safety.text, "Query", query, self.limits.max_text_chars).strip()
+        k = _arg(safety.whole_number, "k (neighbours)", k, 1, self.limits.max_k)
+        if not query:
+            raise gr.Error("Type a caption to search for, e.g. 'a photo of someone smiling, wearing glasses'.")
+        bundle = self.bundle(key)
+        self._embed(bundle, preset)
+        from pogdiff.neighbours import knn
+
+        q = bundle.view_encoder.encode([query]).pooled
+        q = q.detach().cpu().numpy() if hasattr(q, "detach") else np.asarray(q)
+        k = max(1, min(int(k), len(bundle.captions)))
+        sims, idx = knn(bundle.pooled, k, exclude_self=False, queries=q.astype(np.float32))
+        counts = bundle.count_of()
+        rows = [{"rank": j + 1, "similarity": round(float(sims[0, j]), 3), "caption": bundle.captions[int(i)],
+                 "subject": bundle.subjects[int(i)], "class size": counts[bundle.subjects[int(i)]], "row": int(i)}
+                for j, i in enumerate(idx[0]) if int(i) >= 0]
+        frame = pd.DataFrame(rows, columns=["rank", "similarity", "caption", "subject", "class size", "row"])
+        items = gallery_items(bundle.ds.images[list(frame["row"])],
+                              [f"{r.similarity:.2f} · {r.caption}" for r in frame.itertuples()])
+        return frame, items

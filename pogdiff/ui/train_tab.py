@@ -1,0 +1,381 @@
+"""The Train tab's callbacks (a mixin of :class:`pogdiff.ui.Studio`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from pogdiff import safety
+from pogdiff.config import (
+    METHODS,
+    PRESETS,
+    configs_from_options,
+    model_preset,
+    train_preset,
+)
+from pogdiff.jobs import JobBusyError
+from pogdiff.neighbours import POOLS
+from pogdiff.ui.state import DatasetBundle
+from pogdiff.ui.views import (
+    EXPORT_TMP_PREFIX,
+    HUB_ID_RE,
+    _arg,
+    estimate_markdown,
+    form_values,
+    gallery_items,
+    loss_frame,
+    preview_items,
+    preview_note,
+    progress_html,
+    request_owner,
+    runs_frame,
+    status_markdown,
+)
+
+
+class TrainTab:
+    """Options to configs, start/stop/poll a job, runs, exports, form restore, previews, time estimate."""
+
+    # ============================================================================ Train tab
+    def preset_defaults(self, preset: str) -> tuple:
+        """Batch size, learning rate and model-id visibility for a preset."""
+        preset = _arg(safety.choice, "Model preset", preset, PRESETS)
+        cfg = train_preset(preset)
+        model = model_preset(preset)
+        return (
+            gr.Number(value=cfg.batch_size),
+            gr.Number(value=cfg.learning_rate),
+            gr.Textbox(visible=preset == "sd15", value=model.pretrained if preset == "sd15" else ""),
+        )
+
+    def build_configs(
+        self, method: str, preset: str, pretrained: str, steps: float, batch_size: float, lr: float,
+        psi_max: float, k: float, use_density: bool, use_image_sim: bool, use_text_sim: bool,
+        pool: str, sample_every: float, seed: float,
+    ):
+        """UI values -> (ModelConfig, TrainConfig); gr.Error naming any bad value.
+
+        Every value is checked on the server against :attr:`limits` (README "Limits and safety").
+        """
+        L = self.limits
+        method = _arg(safety.choice, "Method", method, METHODS)
+        preset = _arg(safety.choice, "Model preset", preset, PRESETS)
+        pretrained = _arg(safety.text, "Model id", pretrained, L.max_text_chars)
+        steps_i = _arg(safety.whole_number, "Steps", steps, 1, L.max_steps)
+        batch_i = _arg(safety.whole_number, "Batch size", batch_size, 1, L.max_batch_size)
+        k_i = _arg(safety.whole_number, "k (neighbours)", k, 1, L.max_k)
+        every = _arg(safety.whole_number, "Preview every", sample_every or 0, 0, L.max_steps)
+        seed_i = _arg(safety.whole_number, "Seed", seed or 0, 0, L.max_seed)
+        if lr is not None and not isinstance(lr, bool) and isinstance(lr, (int, float)) and lr <= 0:
+            raise gr.Error(f"Learning rate must be positive, got {lr!r}.", title="Invalid input")
+        lr = _arg(safety.real_number, "Learning rate", lr, 0.0, L.max_learning_rate, True)
+        flags = [_arg(safety.flag, n, v) for n, v in (("w_density", use_density), ("s_img", use_image_sim),
+                                                      ("s_txt", use_text_sim))]
+        use_density, use_image_sim, use_text_sim = flags
+        pool = _arg(safety.choice, "Neighbour pool", pool, POOLS)
+        overrides = {}
+        if preset == "sd15":
+            if not (pretrained or "").strip():
+                raise gr.Error("The sd15 preset needs a diffusers model id or a local folder.")
+            overrides["pretrained"] = self._pretrained(pretrained.strip())
+        try:  # psi_max and every other value: checked once, by configs_from_options
+            return configs_from_options(
+                method=method, preset=preset, pretrained=overrides.get("pretrained"), steps=steps_i,
+                batch_size=batch_i, lr=float(lr), seed=seed_i, sample_every=every,
+                psi_max=psi_max,
+                k=k_i, use_density=bool(use_density), use_image_sim=bool(use_image_sim),
+                use_text_sim=bool(use_text_sim), neighbour_pool=str(pool),
+                checkpoint_every=max(train_preset(preset).checkpoint_every, steps_i),
+                warmup_steps=min(train_preset(preset).warmup_steps, max(0, steps_i // 10)), limits=L,
+            )
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="Invalid input") from exc
+
+    def _pretrained(self, value: str) -> str:
+        """A hub id (``org/name``); a local folder only in single-user mode."""
+        import re
+
+        if self.single_user or re.fullmatch(HUB_ID_RE, value) and not Path(value).exists():
+            return value
+        raise gr.Error(f"{value!r} is not a Hugging Face model id (org/name). Local folders are accepted only "
+                       "when the server runs in single-user mode (python app.py --single-user).",
+                       title="Invalid input")
+
+    def base_checkpoint(self, preset: str) -> Path | None:
+        base = self.shipped_dir / "base-tiny"
+        return base if preset == "tiny" and (base / "configs.json").exists() else None
+
+    def preview_captions(self, bundle: DatasetBundle, n: int = 4) -> list[str]:
+        """One training caption for each of the ``n`` rarest classes."""
+        rare = list(bundle.table.sort_values(["count", "subject"])["subject"][:n])
+        first = {}
+        for cap, s in zip(bundle.captions, bundle.subjects):
+            first.setdefault(s, cap)
+        return [first[s] for s in rare]
+
+    def start_training(
+        self, key: str | None, method: str, preset: str, pretrained: str, steps: float, batch_size: float,
+        lr: float, psi_max: float, k: float, use_density: bool, use_image_sim: bool, use_text_sim: bool,
+        pool: str, sample_every: float, seed: float, run_name: str = "", from_scratch: bool = False,
+        request: gr.Request = None,
+    ) -> tuple:
+        """Start a background training job owned by the requesting session; the Timer shows its progress.
+
+        ``run_name`` (optional) names the run folder; empty gives a dated name. ``from_scratch``
+        trains the tiny preset from a random UNet instead of the shipped face base.
+        """
+        from_scratch = _arg(safety.flag, "Train from scratch", False if from_scratch is None else from_scratch)
+        run_name = _arg(safety.text, "Run name", run_name or "", self.limits.max_text_chars).strip()
+        if run_name:
+            run_name = _arg(safety.check_run_name, run_name)
+        model_cfg, train_cfg = self.build_configs(method, preset, pretrained, steps, batch_size, lr, psi_max, k,
+                                                  use_density, use_image_sim, use_text_sim, pool,
+                                                  sample_every, seed)
+        if train_cfg.method == "pogdiff" and not (train_cfg.psi.use_density or train_cfg.psi.use_image_sim
+                                                   or train_cfg.psi.use_text_sim) and train_cfg.psi.psi_max > 0:
+            gr.Warning("All psi factors are off: every sample borrows psi_max from its neighbour.")
+        if model_cfg.preset == "sd15" and not self.on_gpu:
+            raise gr.Error("The sd15 preset needs a GPU; this server has none. Use the tiny preset on CPU.")
+        bundle = self.bundle(key)
+        from pogdiff.training import check_train_config
+
+        try:
+            check_train_config(train_cfg, len(bundle.captions))
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="Invalid training options") from exc
+        base = None if from_scratch else self.base_checkpoint(model_cfg.preset)
+        dataset = self.dataset_at(bundle, model_cfg.resolution)  # sd15: the set at 512 px
+        try:
+            self.jobs.start(
+                dataset, model_cfg, train_cfg, base_checkpoint=base,
+                preview_captions=self.preview_captions(bundle) if train_cfg.sample_every else None,
+                cache_dir=self.runs_dir / "cache", owner=request_owner(request), run_name=run_name or None,
+            )
+        except JobBusyError as exc:
+            raise gr.Error(str(exc), title="Busy") from exc
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="Cannot start") from exc
+        if base is None and model_cfg.preset == "tiny" and not from_scratch:
+            gr.Info("No shipped base checkpoint (checkpoints/base-tiny) yet: training starts from a random UNet.")
+        return self.poll(-1, request)
+
+    def resume_training(self, key: str | None, name: str | None, request: gr.Request = None) -> tuple:
+        """Continue an interrupted or stopped run of this server on the loaded dataset."""
+        if not name:
+            raise gr.Error("Pick an interrupted or stopped run in the list first.", title="No run")
+        try:
+            info = self.jobs.get_run(name)
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="No such run") from exc
+        if not self.may_control(info.owner, request):
+            raise gr.Error("This run was started by another visitor: you can compare it but not resume it.",
+                           title="Not your run")
+        bundle = self.bundle(key)
+        resolution = int((info.model_cfg or {}).get("resolution") or bundle.ds.images.shape[1])
+        try:
+            self.jobs.resume(info, self.dataset_at(bundle, resolution), owner=request_owner(request),
+                             cache_dir=self.runs_dir / "cache")
+        except JobBusyError as exc:
+            raise gr.Error(str(exc), title="Busy") from exc
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="Cannot resume") from exc
+        return self.poll(-1, request)
+
+    def stop_training(self, request: gr.Request = None) -> tuple:
+        """Stop the running job: only its owner may, unless the server is single-user."""
+        status = self.jobs.status()
+        if status.busy and not self.may_control(status.owner, request):
+            raise gr.Error("This training job was started by another visitor: you can watch it but not stop it.",
+                           title="Not your job")
+        if not self.jobs.stop():
+            gr.Info("No training job is running.")
+        return self.poll(-1, request)
+
+    def poll(self, seen_version: int | None = None, request: gr.Request = None) -> tuple:
+        """Timer tick: status, progress, loss curve, previews, button states, runs (when changed).
+
+        Returns ``gr.skip()`` for every output when nothing changed since ``seen_version``.
+        """
+        s = self.jobs.status()
+        if not isinstance(seen_version, int) or isinstance(seen_version, bool):
+            seen_version = -1
+        if seen_version is not None and seen_version >= 0 and s.version == seen_version:
+            return (gr.skip(),) * 8
+        runs_changed = seen_version is None or seen_version < 0 or (not s.busy and s.version != seen_version)
+        preview = (gallery_items(s.preview_images, [f"step {s.preview_step} · {c}" for c in s.preview_captions],
+                                 min_px=128)
+                   if s.preview_images is not None else [])
+        loss = loss_frame(s.history)
+        return (
+            status_markdown(s),
+            progress_html(s),
+            loss if len(loss) else None,  # an empty frame would freeze the plot's colour scale
+            preview,
+            gr.Button(interactive=not s.busy),
+            gr.Button(interactive=s.state == "running" and self.may_control(s.owner, request)),
+            self.runs_update() if runs_changed else gr.skip(),
+            s.version,
+        )
+
+    def runs_update(self):
+        runs = self.jobs.list_runs()
+        return gr.Dropdown(choices=[(f"{r.name} · {r.method} · {r.steps_done} steps", r.name) for r in runs],
+                           value=runs[0].name if runs else None)
+
+    def runs_table(self) -> pd.DataFrame:
+        return runs_frame(self.jobs.list_runs())
+
+    def export_run(self, name: str | None, request: gr.Request = None) -> str:
+        """Path of a zip of the run's last checkpoint (weights + configs) and its run.json.
+
+        ``name`` is a run folder name, nothing else; runs started by another visitor are not
+        exported unless the server is single-user. The zip handed back is a copy in a fresh temp
+        folder, so the runs folder itself is never served.
+        """
+        if not name:
+            raise gr.Error("Pick a finished run first.")
+        name = _arg(safety.check_run_name, name)
+        try:
+            info = self.jobs.get_run(name)
+            if not self.may_control(info.owner, request):
+                raise gr.Error(f"Run {name!r} was started by another visitor; only they can download it.",
+                               title="Not your run")
+            zip_path = self.jobs.export_zip(info)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
+        self.clean_leftovers()
+        out = Path(tempfile.mkdtemp(prefix=EXPORT_TMP_PREFIX)) / zip_path.name
+        shutil.copyfile(zip_path, out)
+        return str(out)
+
+    def export_weights(self, name: str | None, request: gr.Request = None) -> str:
+        """Path of the run's weights alone (fp16 UNet for tiny, LoRA for sd15), in a fresh temp folder."""
+        if not name:
+            raise gr.Error("Pick a finished run first.")
+        name = _arg(safety.check_run_name, name)
+        try:
+            info = self.jobs.get_run(name)
+            if not self.may_control(info.owner, request):
+                raise gr.Error(f"Run {name!r} was started by another visitor; only they can download it.",
+                               title="Not your run")
+            path = self.jobs.export_weights(info)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
+        self.clean_leftovers()
+        out = Path(tempfile.mkdtemp(prefix=EXPORT_TMP_PREFIX)) / path.name
+        shutil.copyfile(path, out)
+        return str(out)
+
+    # ---------------------------------------------------------------- Train tab: form, previews, time
+    TRAIN_FORM = ("method", "preset", "pretrained", "steps", "batch_size", "lr", "psi_max", "k", "use_density",
+                  "use_image_sim", "use_text_sim", "pool", "sample_every", "seed", "from_scratch")
+
+    def restore_train_form(self) -> tuple:
+        """The Train form's values (:attr:`TRAIN_FORM` order) as the running or last job set them (its
+        ``run.json``), then a note naming that run; ``gr.skip()`` for all when there is no readable run."""
+        meta = self.jobs.run_meta()
+        values = form_values(meta, base_available=self.base_checkpoint("tiny") is not None) if meta else None
+        if values is None:
+            return (gr.skip(),) * (len(self.TRAIN_FORM) + 1)
+        out = [values[f] for f in self.TRAIN_FORM]
+        out[self.TRAIN_FORM.index("pretrained")] = gr.Textbox(value=values["pretrained"],
+                                                              visible=values["preset"] == "sd15")
+        state = "running" if self.jobs.status().busy and self.jobs.current() is not None else meta.get("state", "")
+        note = f"The form shows the settings of run **{meta.get('name', '?')}** ({state}); the run name is left empty."
+        return (*out, note)
+
+    def _previews(self, name: str | None):
+        name = _arg(safety.text, "Run", name or "", self.limits.max_text_chars).strip()
+        if name:
+            name = _arg(safety.check_run_name, name)
+        try:
+            return self.jobs.previews(name or None)
+        except ValueError as exc:  # a folder outside the runs folder
+            raise gr.Error(str(exc), title="No such run") from exc
+
+    def preview_runs(self):
+        """Choices of the preview history: the current (or last) job, then every run with a checkpoint."""
+        runs = self.jobs.list_runs()
+        return gr.Dropdown(choices=[("current or last job", "")] + [(r.name, r.name) for r in runs], value="")
+
+    def preview_history(self, name: str | None = None) -> tuple:
+        """Step slider over run ``name``'s saved previews (empty: the current or last job), the newest
+        preview's images, and a line saying what is shown."""
+        previews = self._previews(name)
+        if not previews:
+            return (gr.Slider(minimum=0, maximum=1, value=0, step=1, interactive=False, label="Preview step"), [],
+                    "No previews saved for this run (Preview every = 0, or no preview step reached yet).")
+        steps = [p.step for p in previews]
+        gap = min((b - a for a, b in zip(steps, steps[1:])), default=1)
+        slider = gr.Slider(minimum=steps[0], maximum=max(steps[-1], steps[0] + 1), step=gap, value=steps[-1],
+                           interactive=len(steps) > 1, label=f"Preview step ({len(steps)} saved)")
+        return slider, preview_items(previews[-1]), preview_note(steps, steps[-1])
+
+    def preview_at(self, name: str | None, step: float) -> tuple:
+        """The saved preview nearest to ``step`` (the earlier one on a tie) and its note."""
+        previews = self._previews(name)
+        if not previews:
+            return [], "No previews saved for this run."
+        step = _arg(safety.real_number, "Preview step", step if step is not None else 0, 0, float(self.limits.max_steps))
+        best = min(previews, key=lambda p: (abs(p.step - step), p.step))
+        return preview_items(best), preview_note([p.step for p in previews], best.step)
+
+    def recorded_estimate(self, method: str, preset: str, steps: float, batch_size: float) -> str:
+        """A time estimate from the step time the newest run with the same settings recorded, or a line
+        saying there is none yet."""
+        try:
+            method = safety.choice("Method", method, METHODS)
+            preset = safety.choice("Model preset", preset, PRESETS)
+            steps_i = safety.whole_number("Steps", steps, 1, self.limits.max_steps)
+            batch_i = safety.whole_number("Batch size", batch_size, 1, self.limits.max_batch_size)
+        except ValueError as exc:
+            return f"No time estimate: {exc}"
+        found = self.jobs.recorded_step_time(preset=preset, method=method, batch_size=batch_i,
+                                             resolution=model_preset(preset).resolution)
+        if found is None:
+            return (f"No run of this server with {method} / {preset} / batch {batch_i} recorded its step time yet: "
+                    "**Estimate time** measures it.")
+        return estimate_markdown(found, steps_i)
+
+    def estimate_time(
+        self, key: str | None, method: str, preset: str, pretrained: str, steps: float, batch_size: float,
+        lr: float, psi_max: float, k: float, use_density: bool, use_image_sim: bool, use_text_sim: bool,
+        pool: str, sample_every: float, seed: float, run_name: str = "", from_scratch: bool = False,
+        request: gr.Request = None,
+    ) -> str:
+        """Measure the step time on the loaded data with the form's settings (3 real steps in a scratch
+        folder, the last 2 timed) and return the estimate for the whole run. Refused while a job runs."""
+        from_scratch = _arg(safety.flag, "Train from scratch", False if from_scratch is None else from_scratch)
+        model_cfg, train_cfg = self.build_configs(method, preset, pretrained, steps, batch_size, lr, psi_max, k,
+                                                  use_density, use_image_sim, use_text_sim, pool,
+                                                  sample_every, seed)
+        if model_cfg.preset == "sd15" and not self.on_gpu:
+            raise gr.Error("The sd15 preset needs a GPU; this server has none. Use the tiny preset on CPU.")
+        bundle = self.bundle(key)
+        from pogdiff.training import check_train_config
+
+        try:
+            check_train_config(train_cfg, len(bundle.captions))
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="Invalid training options") from exc
+        base = None if from_scratch else self.base_checkpoint(model_cfg.preset)
+        try:
+            measured = self.jobs.time_steps(self.dataset_at(bundle, model_cfg.resolution), model_cfg, train_cfg,
+                                            base_checkpoint=base, cache_dir=self.runs_dir / "cache")
+        except JobBusyError as exc:
+            raise gr.Error(f"{exc} The estimate is measured with the processor to itself.", title="Busy") from exc
+        return estimate_markdown(measured, train_cfg.max_steps, where=self.where())
+
+    def where(self) -> str:
+        """The machine in words, for measured figures: device and, on CPU, cores and load average."""
+        if self.on_gpu:
+            import torch
+
+            return f"GPU {torch.cuda.get_device_name(0)}"
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        return f"{os.cpu_count()} CPU cores, load average {load:.1f} before the trial"

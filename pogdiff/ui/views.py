@@ -1,0 +1,388 @@
+"""Pure helpers of the app: formatting of plain data into tables, markdown, HTML and figures.
+
+Every function here is a function of its arguments (no server state), so it is tested without a
+browser. Constants shared by the tabs are at the top."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from html import escape as html_escape
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from pogdiff import safety  # noqa: E402
+from pogdiff.config import (  # noqa: E402
+    METHODS,
+    PRESETS,
+    DataConfig,
+    PsiConfig,
+)
+from pogdiff.data.stats import shot_bucket  # noqa: E402
+from pogdiff.jobs import JobStatus, RunInfo  # noqa: E402
+from pogdiff.neighbours import POOLS  # noqa: E402
+from pogdiff.ui.state import Source  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+DEMO_KEY = "demo"
+SHOTS = ("many", "medium", "few")
+WEAK_MARK = "⚠ weak"  # a class the user-data judge cannot score reliably
+THUMB_PX = 96  # gallery thumbnails are upscaled (nearest) to at least this many pixels
+SLIDER_PX = 256  # the before/after slider shows one pair this large
+MAX_CACHED_DATASETS = 4
+MAX_CACHED_MODELS = 2
+MAX_GALLERY = 48
+SHIPPED_RUNS = {"baseline": "demo-baseline", "pogdiff": "demo-pogdiff"}
+TERM_ORDER = ("loss", "mse", "pog", "cbdm")
+COLOUR_BY = ("shot bucket", "class frequency")
+MAX_KEY_CHARS = 64  # dataset keys are "demo" or "upload-<12 hex>"
+UPLOAD_TMP_PREFIX = ".incoming-"  # an upload being copied into the upload store
+UPLOAD_STORE = "uploads"  # under the runs folder: uploaded sets by content hash (README "Limits and safety")
+UPLOAD_KEY_RE = r"upload-[0-9a-f]{16}"
+EXPORT_TMP_PREFIX = "pogdiff-export-"  # one folder per exported zip handed to a client
+STALE_UPLOAD_SECONDS = 600  # a start-up sweep removes upload folders left older than this
+HUB_ID_RE = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
+
+
+
+# ================================================================================ pure helpers
+def format_seconds(seconds: float | None) -> str:
+    """``75.2 -> '1m 15s'``; None or NaN -> an em dash."""
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    seconds = int(round(max(0.0, seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    if h:
+        return f"{h}h {m:02d}m"
+    if m:
+        return f"{m}m {s:02d}s"
+    return f"{s}s"
+
+
+def loss_frame(history: Sequence[dict[str, float]], terms: Sequence[str] | None = None) -> pd.DataFrame:
+    """Long table ``step, term, value`` of the loss terms, for a ``gr.LinePlot(color="term")``."""
+    rows = []
+    skip = {"step", "lr", "psi_mean", "psi_active", "seconds_per_step"}
+    for h in history:
+        for key, value in h.items():
+            if key in skip or (terms is not None and key not in terms):
+                continue
+            if value is not None and math.isfinite(value):
+                rows.append((int(h["step"]), key, float(value)))
+    # Typed columns even when empty: the plot keeps the axis types of its first frame.
+    frame = pd.DataFrame({
+        "step": pd.Series([r[0] for r in rows], dtype="int64"),
+        "term": pd.Series([r[1] for r in rows], dtype=object),
+        "value": pd.Series([r[2] for r in rows], dtype="float64"),
+    })
+    order = {t: i for i, t in enumerate(TERM_ORDER)}
+    return frame.sort_values(["term", "step"], key=lambda s: s.map(order) if s.name == "term" else s,
+                             kind="stable").reset_index(drop=True)
+
+
+def progress_html(status: JobStatus) -> str:
+    """A progress bar with step counter, speed and ETA."""
+    pct = 100.0 * status.progress
+    colour = {"failed": "#dc2626", "stopping": "#f59e0b"}.get(status.state, "#2563eb")
+    if status.state == "idle":
+        label = "No training job yet."
+    else:
+        speed = f"{status.seconds_per_step:.2f} s/step" if status.seconds_per_step else "warming up"
+        label = f"step {status.step} / {status.max_steps} · {pct:.0f}% · {speed}"
+        if status.busy:
+            label += f" · ETA {format_seconds(status.eta_seconds)}"
+        label += f" · elapsed {format_seconds(status.elapsed_seconds)}"
+    return (
+        '<div class="pg-progress"><div class="pg-progress-track">'
+        f'<div class="pg-progress-fill" style="width:{pct:.1f}%;background:{colour}"></div></div>'
+        f'<div class="pg-progress-label">{label}</div>{pogdiff_activity_html(status.history)}</div>'
+    )
+
+
+def pogdiff_activity_html(history: Sequence[dict[str, float]]) -> str:
+    """PoGDiff's activity in the latest steps (mean psi, rows with a neighbour pass, PoG share of
+    the loss) and the plain-words warning when it behaves like plain fine-tuning; '' otherwise."""
+    from pogdiff.training import INACTIVE_WINDOW, pogdiff_inactive_warning
+
+    rows = [h for h in history if "pog_share" in h and "pog" in h]
+    if not rows:
+        return ""
+    recent = rows[-INACTIVE_WINDOW:]
+    share = float(np.mean([h["pog_share"] for h in recent]))
+    psi = float(np.mean([h.get("psi_mean", 0.0) for h in recent]))
+    active = float(np.mean([h.get("psi_active", 0.0) for h in recent]))
+    line = (f"PoGDiff, last {len(recent)} steps: mean psi {psi:.3f} · neighbour pass on {100 * active:.0f}% "
+            f"of rows · PoG term {100 * share:.2f}% of the loss")
+    warning = pogdiff_inactive_warning([h["pog_share"] for h in recent], [h.get("psi_mean", 0.0) for h in recent])
+    html = f'<div class="pg-progress-label">{line}</div>'
+    if warning:
+        html += f'<div class="pg-warning" style="color:#b45309;font-weight:600">⚠ {html_escape(warning)}</div>'
+    return html
+
+
+def status_markdown(status: JobStatus) -> str:
+    """One headline about the job, with the error and traceback summary when it failed."""
+    if status.state == "idle":
+        return "**Idle.** Choose the options and press **Start training**."
+    name = f"`{status.run_name}` ({status.method})"
+    if status.state == "running":
+        return f"**Training** {name}. Another browser tab sees this same job."
+    why = f" ({status.stop_reason})" if status.stop_reason and status.stop_reason != "requested" else ""
+    if status.state == "stopping":
+        return f"**Stopping**{why} {name} after the current step; the last checkpoint is kept."
+    if status.state == "failed":
+        tb = f"\n\n```text\n{status.traceback}\n```" if status.traceback else ""
+        return f"**Training failed** {name} at step {status.step}.\n\n`{status.error}`{tb}"
+    how = f"Stopped{why}" if status.stopped else "Finished"
+    ckpt = f" Checkpoint: `{Path(status.last_checkpoint).name}`." if status.last_checkpoint else ""
+    return (f"**{how}** {name} after {status.step} of {status.max_steps} steps in "
+            f"{format_seconds(status.elapsed_seconds)}.{ckpt} Download it below or compare it in **Compare**.")
+
+
+def report_markdown(report: Any) -> str:
+    """The validation report of the data layer as markdown, with a friendly 'all good' line."""
+    if report is None:
+        return ""
+    issues = list(getattr(report, "issues", []) or [])
+    if not issues:
+        return "**Validation passed**: no errors, no warnings."
+    to_md = getattr(report, "to_markdown", None)
+    if callable(to_md):
+        return to_md()
+    lines = []
+    for issue in issues:
+        icon = "**error**" if issue.level == "error" else "*warning*"
+        fix = f" — *fix:* {issue.fix}" if getattr(issue, "fix", "") else ""
+        lines.append(f"- {icon} `{issue.where}` {issue.message}{fix}")
+    return "\n".join(lines)
+
+
+def upscale(image: np.ndarray, min_px: int = THUMB_PX) -> np.ndarray:
+    """Nearest-neighbour upscale of a uint8 ``[H, W, 3]`` image so its short side is >= ``min_px``."""
+    factor = max(1, -(-min_px // max(1, min(image.shape[:2]))))
+    if factor == 1:
+        return image
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def class_counts_table(subjects: Sequence[str], config: DataConfig) -> pd.DataFrame:
+    """``subject, count, shot`` sorted by count (descending) then name."""
+    counts = pd.Series(list(subjects), dtype=object).value_counts()
+    table = pd.DataFrame({"subject": counts.index.astype(str), "count": counts.values.astype(int)})
+    table["shot"] = [shot_bucket(int(c), config) for c in table["count"]]
+    return table.sort_values(["count", "subject"], ascending=[False, True]).reset_index(drop=True)
+
+
+def summary_markdown(table: pd.DataFrame, n_images: int, extra: dict[str, Any] | None = None) -> str:
+    """Headline numbers: images, classes, the many/medium/few split and the imbalance ratio."""
+    n_classes = len(table)
+    by_shot = table.groupby("shot")["count"].agg(["size", "sum"]) if n_classes else None
+    parts = []
+    for shot in SHOTS:
+        if by_shot is not None and shot in by_shot.index:
+            n_cls, n_img = int(by_shot.loc[shot, "size"]), int(by_shot.loc[shot, "sum"])
+            parts.append(f"**{shot}**: {n_cls} classes / {n_img} images")
+        else:
+            parts.append(f"**{shot}**: 0 classes")
+    ratio = (table["count"].max() / max(1, table["count"].min())) if n_classes else float("nan")
+    text = (f"### {n_images} images · {n_classes} classes · imbalance ratio {ratio:.0f}:1\n"
+            + " · ".join(parts))
+    single = list((extra or {}).get("single_image_classes") or [])
+    if single:
+        names = ", ".join(single[:8]) + (" …" if len(single) > 8 else "")
+        text += (f"\n\n**Note:** {len(single)} class(es) with a single image ({names}): they cannot borrow from a "
+                 "same-subject neighbour (s_img needs two images of a class).")
+    if extra:
+        skip = {"n_images", "n_classes", "images", "classes", "imbalance_ratio", "n_many", "n_medium", "n_few"}
+        items = [f"{k.replace('_', ' ')}: {_fmt(v)}" for k, v in extra.items()
+                 if k not in skip and not isinstance(v, (dict, list, tuple))]
+        if items:
+            text += "\n\n<small>" + " · ".join(items) + "</small>"
+    return text
+
+
+def short_prompt(prompt: str) -> str:
+    """``'a photo of Mira Okafor, smiling' -> 'Mira Okafor, smiling'`` for grid labels."""
+    for prefix in ("a photo of ", "a picture of ", "an image of "):
+        if prompt.lower().startswith(prefix):
+            return prompt[len(prefix):]
+    return prompt
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def runs_frame(runs: Sequence[RunInfo]) -> pd.DataFrame:
+    """One row per finished run for the runs table."""
+    rows = []
+    for r in runs:
+        psi = (r.train_cfg.get("psi") or {}) if r.method == "pogdiff" else {}
+        rows.append({
+            "run": r.name,
+            "method": r.method,
+            "state": "stopped" if r.stopped else r.state,
+            "steps": f"{r.steps_done}/{r.max_steps}",
+            "batch": r.train_cfg.get("batch_size", ""),
+            "lr": r.train_cfg.get("learning_rate", ""),
+            "psi_max": psi.get("psi_max", ""),
+            "data": Path(str(r.dataset.get("root", ""))).name or "",
+            "images": r.dataset.get("num_samples", ""),
+            "finished": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.finished_at)) if r.finished_at else "",
+            "checkpoint": r.checkpoint.name,
+        })
+    columns = ["run", "method", "state", "steps", "batch", "lr", "psi_max", "data", "images", "finished", "checkpoint"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def gallery_items(
+    images: np.ndarray, captions: Sequence[str], *, min_px: int = THUMB_PX
+) -> list[tuple[np.ndarray, str]]:
+    """``[(upscaled image, caption), ...]`` for a ``gr.Gallery``."""
+    return [(upscale(np.asarray(img), min_px), str(cap)) for img, cap in zip(images, captions)]
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _arg(check: Callable, *args: Any) -> Any:
+    """Run one :mod:`pogdiff.safety` check; its ValueError becomes a ``gr.Error`` for the client."""
+    try:
+        return check(*args)
+    except ValueError as exc:
+        raise gr.Error(str(exc), title="Invalid input") from exc
+
+
+def upload_key(paths: Sequence[Path]) -> str:
+    """``upload-<16 hex>``: a hash of the uploaded files' names and contents (order-free)."""
+    digest = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.name):
+        digest.update(p.name.encode() + b"\0")
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return f"upload-{digest.hexdigest()[:16]}"
+
+
+def request_owner(request: gr.Request | None) -> str:
+    """Who a request comes from: the logged-in user, else the browser session; ``local`` for Python calls."""
+    if request is None:
+        return "local"
+    username = getattr(request, "username", None)
+    if username:
+        return f"user:{username}"
+    return f"session:{getattr(request, 'session_hash', None) or 'anonymous'}"
+
+
+def clean_temp_folders(older_than_s: float, *, prefixes: Sequence[str] = (EXPORT_TMP_PREFIX,),
+                       root: str | Path | None = None) -> int:
+    """Remove the app's leftover temp folders (exported zips handed out) older than ``older_than_s``."""
+    root = Path(root or tempfile.gettempdir())
+    return sum(safety.remove_old_dirs(root, prefix, older_than_s) for prefix in prefixes)
+
+
+# =========================================================== Compare: metrics on own data
+def own_data_note(name: str, judge: Any, *, mode: str, per_class: int, n_images: int, cached: int,
+                  other_data: Sequence[str] = ()) -> str:
+    """What the user-data metrics are and how far the judge behind them can be trusted."""
+    from pogdiff.judge import WEAK_BELOW
+
+    rel = judge.reliability
+    checked = rel["reliability"].notna()
+    weak = list(rel.loc[rel["weak"], "subject"])
+    acc = judge.heldout_accuracy()
+    lines = [f"Judged on **{name}**'s own {len(rel)} classes ({mode} mode: up to {per_class} of each class's "
+             f"captions, {n_images} images per model, fixed seeds)" + (f"; {cached} of 2 read from the cache."
+                                                                        if cached else "."),
+             f"The judge is a classifier fitted on this set's {int(rel['n_images'].sum())} real images "
+             f"(class-balanced). On real images it did not see, it names the class right **{acc:.0%}** of the time "
+             f"(mean over the {int(checked.sum())} classes it could check; chance {1 / len(rel):.0%}); column "
+             "*judge reliability* gives it per class."]
+    if weak:
+        shown = ", ".join(weak[:12]) + (f" and {len(weak) - 12} more" if len(weak) > 12 else "")
+        lines.append(f"**Warning — judge too weak for {len(weak)} of {len(rel)} classes** ({shown}): it names "
+                     f"fewer than {WEAK_BELOW:.0%} of their held-out real images (or they have one image, "
+                     "so it could not be checked). Their accuracy says little; row *judge ok* averages the "
+                     "other classes.")
+    if acc < WEAK_BELOW:
+        lines.append("**The judge is weak on this set as a whole: read these numbers as a rough signal only.**")
+    if other_data:
+        lines.append("Note: " + " and ".join(other_data) + (" were" if len(other_data) > 1 else " was") +
+                     " not trained on this data set (a different size or class count), so the numbers show how "
+                     "it draws classes it may never have seen.")
+    return "\n\n".join(lines)
+
+
+def _short(src: Source) -> str:
+    return src.key.split(":", 1)[1]
+
+
+# ======================================================================= Train tab: pure helpers
+def form_values(meta: dict[str, Any], *, base_available: bool = True) -> dict[str, Any] | None:
+    """The Train form's values (keys of :attr:`Studio.TRAIN_FORM`) from a run's ``run.json``, or None
+    when it lacks the saved configs. ``from_scratch`` is True for a tiny run without a base checkpoint
+    while one is available (without one every tiny run starts from a random UNet)."""
+    train, model = meta.get("train_cfg"), meta.get("model_cfg")
+    if not isinstance(train, dict) or not isinstance(model, dict):
+        return None
+    psi = train.get("psi") if isinstance(train.get("psi"), dict) else {}
+    defaults = PsiConfig()
+    preset = model.get("preset") if model.get("preset") in PRESETS else "tiny"
+    method = train.get("method") if train.get("method") in METHODS else meta.get("method")
+    if method not in METHODS or not isinstance(train.get("max_steps"), int):
+        return None
+    return {
+        "method": method, "preset": preset,
+        "pretrained": str(model.get("pretrained") or "") if preset == "sd15" else "",
+        "steps": train["max_steps"], "batch_size": train.get("batch_size"), "lr": train.get("learning_rate"),
+        "psi_max": psi.get("psi_max", defaults.psi_max), "k": psi.get("k", defaults.k),
+        "use_density": bool(psi.get("use_density", defaults.use_density)),
+        "use_image_sim": bool(psi.get("use_image_sim", defaults.use_image_sim)),
+        "use_text_sim": bool(psi.get("use_text_sim", defaults.use_text_sim)),
+        "pool": psi.get("pool") if psi.get("pool") in POOLS else defaults.pool,
+        "sample_every": train.get("sample_every", 0), "seed": train.get("seed", 0),
+        "from_scratch": preset == "tiny" and base_available and not meta.get("base_checkpoint"),
+    }
+
+
+def preview_items(preview: Any) -> list[tuple[np.ndarray, str]]:
+    """Gallery items of one saved preview (:class:`pogdiff.jobs.Preview`)."""
+    return gallery_items(preview.images, [f"step {preview.step} · {c}" for c in preview.captions], min_px=128)
+
+
+def preview_note(steps: Sequence[int], shown: int) -> str:
+    return f"Step **{shown}** of the saved previews at steps {', '.join(map(str, steps))}."
+
+
+def estimate_markdown(measured: Any, steps: int, *, where: str = "") -> str:
+    """The time estimate of a ``steps``-step run from a :class:`pogdiff.jobs.StepTime`, saying how it was
+    measured and what it leaves out."""
+    spt = measured.seconds_per_step
+    if measured.source == "trial":
+        setup = measured.setup_seconds or 0.0
+        return (f"About **{format_seconds(setup + spt * steps)}** for {steps} steps: {spt:.2f} s/step, measured "
+                f"just now by timing {measured.steps} real steps after a first one with these settings on this data"
+                f"{f' ({where})' if where else ''}, plus {format_seconds(setup)} of set-up (model, neighbour table, "
+                "first step). Previews and checkpoints add to it; other work on the machine slows it.")
+    return (f"About **{format_seconds(spt * steps)}** for {steps} steps: {spt:.2f} s/step, the average that "
+            f"{measured.source} recorded over {measured.steps} steps with the same method, preset and batch size "
+            "(its previews and checkpoints included). **Estimate time** measures it on the current data.")
