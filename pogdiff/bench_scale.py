@@ -206,7 +206,6 @@ def bench_sampling(*, batch_sizes: tuple[int, ...] = (1, 8, 32), images: int = 3
                    quality_images: int = 24, reference_steps: int = 250, compare_seeds: int = 4,
                    checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
     """See the module docstring. ``images`` per batch-size point; all timings in one process."""
-    import torch
 
     from pogdiff import checkpoints
     from pogdiff.config import SampleConfig

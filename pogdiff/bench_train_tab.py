@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pogdiff import checkpoints, training
+from pogdiff import checkpoints, train_setup, training
 from pogdiff.config import DataConfig, TrainConfig
 from pogdiff.data import load_image_text_set
 from pogdiff.training import build_optimizer, history_from_rows, loss_curve, train
@@ -91,7 +91,7 @@ def test_tensorboard_run_writes_the_loss_of_every_logging_step(dataset, tmp_path
 
 
 def test_missing_tensorboard_or_unknown_tracker_is_refused(monkeypatch):
-    monkeypatch.setattr(training, "_tensorboard_available", lambda: False)
+    monkeypatch.setattr(train_setup, "_tensorboard_available", lambda: False)
     with pytest.raises(ValueError, match=r"report_to 'tensorboard' needs the tensorboard package.*pip install"):
         training.check_train_config(dataclasses.replace(FAST, report_to="tensorboard"), 10)
     with pytest.raises(ValueError, match=r"unknown report_to 'wandb'; choose one of none, tensorboard"):

@@ -1,0 +1,599 @@
+"""The :class:`Trainer`: ``run_loop -> run_step -> forward_backward -> optimize``.
+
+See :mod:`pogdiff.training` for how a run is put together around it (data preparation, the
+model, resuming); each method's forward pass is in :mod:`pogdiff.objectives`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pogdiff import checkpoints
+from pogdiff.config import (
+    SampleConfig,
+    TrainConfig,
+    uses_balanced_sampling,
+)
+from pogdiff.objectives import Step, objective_for
+from pogdiff.prepare import (
+    TrainData,
+)
+from pogdiff.train_setup import (
+    _SEED_STRIDE,
+    TRACKER_PROJECT,
+    _make_accelerator,
+    _own_storage,
+    _rng_state,
+    _seed_of,
+    _set_rng_state,
+    build_optimizer,
+    check_train_config,
+    eps_loss_weights,
+    frozen_weight_dtype,
+    tracker_options,
+)
+
+logger = logging.getLogger(__name__)
+
+PREVIEW_SAMPLE_STEPS = 10
+# Fields of the run fingerprint that must match to resume (the others are only reported).
+
+
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss term or gradient; nothing was saved from that step."""
+
+    def __init__(self, message: str, *, step: int, term: str) -> None:
+        super().__init__(message)
+        self.step, self.term = step, term
+
+
+@dataclass
+class StepInfo:
+    """What the trainer reports after every optimisation step."""
+
+    step: int
+    max_steps: int
+    terms: dict[str, float]
+    lr: float
+    psi_mean: float
+    psi_active: float  # share of batch rows that ran the neighbour forward pass
+    seconds_per_step: float
+    eta_seconds: float
+    # PoGDiff only: the PoG term's share of the loss, mean(pog) / mean(loss) over the batch.
+    pog_share: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    last_checkpoint: Path | None
+    steps_done: int
+    stopped: bool
+    history: list[StepInfo] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. PoGDiff inactive on this data
+
+
+def tracker_values(info: StepInfo) -> dict[str, float]:
+    """The scalars sent to the tracker for one step: every loss term, lr and the psi statistics."""
+    values = {k: float(v) for k, v in info.terms.items()}
+    values.update(lr=float(info.lr), psi_mean=float(info.psi_mean), psi_active=float(info.psi_active),
+                  pog_share=float(info.pog_share))
+    return values
+
+
+class Trainer:
+    """Fine-tunes ``model`` on ``data`` with the method in ``cfg``.
+
+    :param callback: called with a :class:`StepInfo` after every step (main process only).
+    :param preview_callback: called as ``(step, images uint8 [N x H x W x 3], captions)`` every
+        ``cfg.sample_every`` steps when ``preview_captions`` are given (main process only).
+    :param stop_event: when set, the loop ends after the current step and writes a checkpoint.
+    :param accelerator: an ``accelerate.Accelerator`` already made for this run (else one is made).
+    """
+
+    def __init__(
+        self,
+        model,
+        data: TrainData,
+        cfg: TrainConfig,
+        *,
+        run_dir: str | Path,
+        callback: Callable[[StepInfo], None] | None = None,
+        preview_callback: Callable[[int, np.ndarray, list[str]], None] | None = None,
+        preview_captions: Sequence[str] | None = None,
+        stop_event: threading.Event | None = None,
+        start_step: int = 0,
+        history: list[StepInfo] | None = None,
+        accelerator=None,
+    ):
+        check_train_config(cfg, len(data))
+        if cfg.method == "pogdiff" and data.table is None:
+            raise ValueError("method 'pogdiff' needs a neighbour table: build TrainData with need_table=True")
+        from diffusers.optimization import get_scheduler
+
+        self.model, self.data, self.cfg = model, data, cfg
+        self.run_dir = Path(run_dir)
+        self.callback, self.preview_callback = callback, preview_callback
+        self.preview_captions = list(preview_captions or [])
+        self.stop_event = stop_event or threading.Event()
+        self.step = start_step
+        self.history: list[StepInfo] = list(history or [])
+        self._history_written = 0  # rows of self.history already in history.jsonl
+        self.warnings: list[str] = []
+        self._warned_inactive = False
+        self.fingerprint: dict | None = None
+        self.last_checkpoint: Path | None = None
+        self.accelerator = (accelerator if accelerator is not None
+                            else _make_accelerator(cfg.mixed_precision, **tracker_options(cfg, self.run_dir)))
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        self.num_processes = self.accelerator.num_processes
+        model.to(self.device, dtype=frozen_weight_dtype(model, self.accelerator.mixed_precision))
+        _own_storage(model.unet)
+        self.params = [p for p in model.trainable_parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, cfg, self.device)
+        # model.unet stays the plain module (saving, previews, EMA); training steps run through
+        # self.unet, the same module as accelerate prepared it (DDP-wrapped with several processes).
+        self.unet, self.optimizer = self.accelerator.prepare(model.unet, self.optimizer)
+        self.objective = objective_for(cfg)
+        # Stepped once per optimizer step by optimize(), never through accelerate (which would
+        # step it once per process).
+        self.lr_scheduler = get_scheduler(
+            cfg.lr_scheduler, optimizer=getattr(self.optimizer, "optimizer", self.optimizer),
+            num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps,
+        )
+        self._fast_forward_scheduler(start_step)
+        self.ema = None
+        if cfg.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=cfg.ema_decay)
+        self.null_tokens, self.null_mask = (x.cpu() for x in model.null_context(1))
+        self.num_timesteps = model.noise_scheduler.config.num_train_timesteps
+        self._last_save_time = time.monotonic()
+
+    # ----------------------------------------------------------------------------------- loop
+    def run_loop(self) -> TrainResult:
+        """Train until ``cfg.max_steps`` or until ``stop_event`` is set; checkpoint on the way out.
+
+        A :class:`NonFiniteError` leaves the checkpoints on disk as they were and marks the run
+        "failed" in its status file.
+        """
+        last_ckpt = self.last_checkpoint
+        t_start, steps_timed = time.perf_counter(), 0
+        self.model.unet.train()  # a UNet loaded with from_pretrained comes in eval mode
+        self._last_save_time = time.monotonic()
+        self._write_status(status="running", pid=os.getpid())
+        self._start_history()
+        if self.cfg.report_to != "none":
+            self.accelerator.init_trackers(TRACKER_PROJECT)
+        outcome = "failed"
+        try:
+            while self.step < self.cfg.max_steps and not self._any(self.stop_event.is_set()):
+                lr = self.current_lr()
+                terms, psi_stats = self.run_step()
+                self.step += 1
+                steps_timed += 1
+                sec = (time.perf_counter() - t_start) / steps_timed
+                info = StepInfo(
+                    step=self.step, max_steps=self.cfg.max_steps, terms=terms, lr=lr,
+                    psi_mean=psi_stats[0], psi_active=psi_stats[1], seconds_per_step=sec,
+                    eta_seconds=sec * (self.cfg.max_steps - self.step), pog_share=pog_share(terms),
+                )
+                self.history.append(info)
+                if self.is_main:
+                    self._check_pogdiff_active()
+                if self._due(self.cfg.log_every):
+                    self._flush_history()
+                    if self.cfg.report_to != "none":
+                        self.accelerator.log(tracker_values(info), step=self.step)
+                    if self.is_main:
+                        self._log(info)
+                if self.is_main and self.callback:
+                    self.callback(info)
+                if self._due(self.cfg.sample_every) and self.preview_callback and self.preview_captions and self.is_main:
+                    self._preview()
+                if self._checkpoint_due() and self.step < self.cfg.max_steps:
+                    last_ckpt = self.save()
+            if self.is_main:
+                self._check_pogdiff_active(final=True)
+            stopped = self.step < self.cfg.max_steps
+            if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:06d}"):
+                last_ckpt = self.save()
+            outcome = "stopped" if stopped else "finished"
+        finally:
+            self._flush_history()
+            if self.cfg.report_to != "none":
+                self.accelerator.end_training()
+            self._write_status(status=outcome, step=self.step)
+        return TrainResult(self.run_dir, last_ckpt, self.step, stopped, self.history, self.warnings)
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def _checkpoint_due(self) -> bool:
+        """Every ``checkpoint_every`` steps, and when ``checkpoint_minutes`` of work passed since
+        the last save (all processes agree: any one's clock decides)."""
+        minutes = self.cfg.checkpoint_minutes
+        late = minutes > 0 and time.monotonic() - self._last_save_time >= minutes * 60
+        return self._due(self.cfg.checkpoint_every) or self._any(late)
+
+    def _any(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on any (one process never runs alone)."""
+        if self.num_processes == 1:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    def current_lr(self) -> float:
+        """The learning rate the next optimizer step uses."""
+        return float(self.lr_scheduler.get_last_lr()[0])
+
+    def _fast_forward_scheduler(self, step: int) -> None:
+        """Put the lr scheduler at ``step`` (a pure function of the step for LambdaLR schedules)."""
+        if step > 0:
+            sched = self.lr_scheduler
+            sched.last_epoch = step
+            for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+                group["lr"] = base * fn(step)
+            sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+
+    def generator(self, step: int, micro: int = 0) -> torch.Generator:
+        """The generator of (step, micro-batch) on this process. One process, first micro-batch:
+        the seed of earlier versions, so their runs and benchmarks reproduce."""
+        if self.num_processes == 1 and micro == 0:
+            seed = (self.cfg.seed * _SEED_STRIDE + step) * 8
+        else:
+            seed = _seed_of(self.cfg.seed, step, micro, self.accelerator.process_index)
+        return torch.Generator().manual_seed(seed)
+
+    def rows_generator(self, step: int, micro: int = 0) -> torch.Generator:
+        """The generator shared by all processes for the rows of (step, micro-batch)."""
+        return torch.Generator().manual_seed(_seed_of(self.cfg.seed, step, micro))
+
+    # ----------------------------------------------------------------------------------- step
+    def run_step(self) -> tuple[dict[str, float], tuple[float, float]]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the
+        loss terms and psi stats averaged over micro-batches and processes."""
+        accum = self.cfg.gradient_accumulation_steps
+        multi = self.num_processes > 1
+        sums: dict[str, torch.Tensor] = {}
+        psi_sum = [0.0, 0.0]
+        for micro in range(accum):
+            g = self.generator(self.step, micro)
+            batch = self.sample_batch(g, self.rows_generator(self.step, micro) if multi else None)
+            sync = micro == accum - 1 or not multi
+            with (contextlib.nullcontext() if sync else self.accelerator.no_sync(self.unet)):
+                with self.accelerator.autocast():
+                    terms, psi_stats = self.forward_backward(batch, g)
+            for k, v in terms.items():
+                mean = v.detach().float().mean()
+                sums[k] = mean if k not in sums else sums[k] + mean
+            psi_sum = [psi_sum[0] + psi_stats[0], psi_sum[1] + psi_stats[1]]
+        names = list(sums)
+        values = torch.stack([sums[k] for k in names]) / accum if accum > 1 else torch.stack([sums[k] for k in names])
+        psi = torch.tensor(psi_sum, dtype=torch.float32) / accum
+        if multi:
+            values = self.accelerator.reduce(values.to(self.device), reduction="mean")
+            psi = self.accelerator.reduce(psi.to(self.device), reduction="mean")
+        out = {k: float(v) for k, v in zip(names, values.cpu())}
+        self._check_finite(out)
+        self.optimize()
+        return out, (float(psi[0]), float(psi[1]))
+
+    def _check_finite(self, terms: dict[str, float]) -> None:
+        bad = [k for k, v in terms.items() if not math.isfinite(v)]
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            term = next((k for k in bad if k != "loss"), bad[0])
+            raise self._non_finite(f"the {term!r} term of the loss is {terms[term]}", term)
+
+    def _non_finite(self, what: str, term: str) -> NonFiniteError:
+        last = self.last_checkpoint or checkpoints.latest_checkpoint(self.run_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        psi = f", a smaller psi_max (now {self.cfg.psi.psi_max:g})" if self.cfg.method == "pogdiff" else ""
+        clip = f"grad_clip > 0 (now {self.cfg.grad_clip:g})" if self.cfg.grad_clip <= 0 else "a smaller grad_clip"
+        return NonFiniteError(
+            f"non-finite loss at step {self.step + 1}: {what}; training stopped before the optimizer "
+            f"step and {kept}. Try a lower learning rate (now {self.cfg.learning_rate:g}){psi}, {clip}"
+            + (f", or mixed_precision='no' (now {self.cfg.mixed_precision!r})" if self.cfg.mixed_precision != "no" else "")
+            + ".",
+            step=self.step + 1, term=term,
+        )
+
+    def sample_batch(self, g: torch.Generator, g_rows: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Draw rows, timesteps, noise and caption dropout for one micro-batch from ``g``.
+
+        With ``g_rows`` (several processes) the rows are this process's slice of one draw of
+        ``processes x batch_size`` rows from ``g_rows``, the same draw on every process.
+        """
+        b = self.cfg.batch_size
+        if g_rows is None:
+            rows = self._draw_rows(b, g)
+        else:
+            p = self.accelerator.process_index
+            rows = self._draw_rows(b * self.num_processes, g_rows)[p * b : (p + 1) * b]
+        x0 = self.data.x0[rows]
+        t = torch.randint(0, self.num_timesteps, (b,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        drop = torch.rand(b, generator=g) < self.cfg.caption_dropout
+        if self.cfg.noise_offset > 0:
+            offset = torch.randn((b, x0.shape[1], *([1] * (x0.ndim - 2))), generator=g)
+            eps = eps + self.cfg.noise_offset * offset
+        return {"rows": rows, "x0": x0, "t": t, "eps": eps, "drop": drop}
+
+    def _draw_rows(self, b: int, g: torch.Generator) -> torch.Tensor:
+        n = len(self.data)
+        if uses_balanced_sampling(self.cfg):
+            return self._balanced_rows(b, g)
+        if b <= n:
+            return torch.randperm(n, generator=g)[:b]
+        return torch.randint(0, n, (b,), generator=g)
+
+    def _balanced_rows(self, b: int, g: torch.Generator) -> torch.Tensor:
+        """Class-balanced draw: a class uniformly, then a row of that class uniformly."""
+        classes = torch.randint(0, len(self.data.class_rows), (b,), generator=g)
+        picks = torch.rand(b, generator=g)
+        return torch.stack(
+            [self.data.class_rows[c][int(p * len(self.data.class_rows[c]))] for c, p in zip(classes.tolist(), picks)]
+        )
+
+    def caption_states(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached token states [B x L x C] and mask [B x L] of caption rows (fresh copies)."""
+        emb = self.data.text.index(rows)
+        return emb.tokens.clone(), emb.mask.clone()
+
+    def context(self, rows: torch.Tensor, drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states and mask of caption rows, with dropped rows replaced by the empty caption."""
+        tokens, mask = self.caption_states(rows)
+        if drop is not None and bool(drop.any()):
+            tokens[drop] = self.null_tokens.to(tokens.dtype)
+            mask[drop] = self.null_mask
+        return tokens.to(self.device), mask.to(self.device)
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, rows: torch.Tensor,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """eps of the UNet being trained for caption ``rows`` (``drop``: empty caption instead)."""
+        tokens, mask = self.context(rows, drop)
+        return self.model.predict_eps(x_t, t, tokens, mask, unet=self.unet)
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], g: torch.Generator):
+        """One forward/backward pass of the configured objective (:mod:`pogdiff.objectives`);
+        returns (terms, psi stats)."""
+        dev = self.device
+        x0, eps, t = batch["x0"].to(dev), batch["eps"].to(dev), batch["t"].to(dev)
+        x_t = self.model.noise_scheduler.add_noise(x0, eps, t)
+        step = Step(predict=self.predict, balanced_rows=self._balanced_rows, table=self.data.table,
+                    betas=self.model.noise_scheduler.betas, num_timesteps=self.num_timesteps)
+        terms, psi_stats = self.objective.terms(step, {**batch, "t_dev": t, "eps_dev": eps}, x_t, g)
+        weights = eps_loss_weights(t, self.model.noise_scheduler, snr_gamma=self.cfg.snr_gamma)
+        if weights is not None:
+            terms = {k: v * weights.to(v.device) for k, v in terms.items()}
+        loss = terms["loss"].mean()
+        if self.cfg.gradient_accumulation_steps > 1:
+            loss = loss / self.cfg.gradient_accumulation_steps
+        self.accelerator.backward(loss)
+        return terms, psi_stats
+
+    def _check_pogdiff_active(self, *, final: bool = False) -> None:
+        """Warn once, in the log and in ``self.warnings``, when the PoG term stays negligible.
+
+        During training the last ``INACTIVE_WINDOW`` steps are judged once that many have run (the
+        share grows as the model learns the captions); at the end of a shorter run, all of it.
+        """
+        if self.cfg.method != "pogdiff" or self._warned_inactive:
+            return
+        if len(self.history) < INACTIVE_WINDOW and not final:
+            return
+        recent = self.history[-INACTIVE_WINDOW:]
+        message = pogdiff_inactive_warning([h.pog_share for h in recent], [h.psi_mean for h in recent],
+                                           pool=self.cfg.psi.pool)
+        if message:
+            self._warned_inactive = True
+            self.warnings.append(message)
+            logger.warning(message)
+
+    def _log(self, info: StepInfo) -> None:
+        if self.cfg.method == "pogdiff":
+            logger.info("step %d/%d loss %.4f psi %.3f active %.0f%% PoG share %.2f%% (%.3fs/step)",
+                        info.step, info.max_steps, info.terms["loss"], info.psi_mean, 100 * info.psi_active,
+                        100 * info.pog_share, info.seconds_per_step)
+        else:
+            logger.info("step %d/%d loss %.4f (%.3fs/step)", info.step, info.max_steps, info.terms["loss"],
+                        info.seconds_per_step)
+
+    def optimize(self) -> None:
+        """Clip (and measure) the gradient, step the optimizer, the lr scheduler and the EMA.
+
+        A non-finite gradient norm raises :class:`NonFiniteError` before the weights change
+        (with fp16 loss scaling the scaler skips such steps itself).
+        """
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        norm = self.accelerator.clip_grad_norm_(self.params, max_norm)
+        if norm is not None and self.accelerator.scaler is None and not math.isfinite(float(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise self._non_finite(f"the gradient norm is {float(norm)}", "gradient")
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.params)
+
+    # ------------------------------------------------------------------------------ outputs
+    def save(self) -> Path:
+        """Write ``checkpoint-{step}`` (main process; the others wait) and return its path.
+
+        Refuses (:class:`NonFiniteError`) to write weights that are not finite.
+        """
+        bad = next((i for i, p in enumerate(self.params) if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise self._non_finite(f"trainable parameter {bad} holds non-finite values", "weights")
+        self.accelerator.wait_for_everyone()
+        path = self.run_dir / f"checkpoint-{self.step:06d}"
+        self._flush_history()  # before the checkpoint: a checkpoint's steps are always in the history file
+        if self.is_main:
+            path = self._write_checkpoint()
+            logger.info("saved %s", path)
+        self.accelerator.wait_for_everyone()
+        self.last_checkpoint = path
+        self._last_save_time = time.monotonic()
+        return path
+
+    def _write_checkpoint(self) -> Path:
+        rng_meta, rng_tensors = _rng_state()
+        extra = {
+            "fingerprint": self.fingerprint,
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "rng": rng_meta,
+            "num_processes": self.num_processes,
+        }
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            extra["grad_scaler"] = {k: (v.item() if isinstance(v, torch.Tensor) else v)
+                                    for k, v in scaler.state_dict().items()}
+        path = checkpoints.save_checkpoint(
+            self.run_dir, self.step, self.model, train_cfg=self.cfg, optimizer=self.optimizer,
+            ema_unet=self.ema, extra=extra, extra_tensors=rng_tensors, keep=self.cfg.checkpoints_total_limit,
+        )
+        self._write_status(step=self.step, checkpoint=path.name)
+        return path
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint read by :func:`pogdiff.checkpoints.read_trainer_state`:
+        step, history, optimizer, lr scheduler, EMA weights and global RNG states.
+
+        The history comes from the run's ``history.jsonl`` up to the checkpoint's step (rows
+        written after it are dropped when the loop starts), else from a checkpoint written before
+        the history had its own file."""
+        self.step = int(state["step"])
+        extra = state.get("extra") or {}
+        rows = checkpoints.read_history(self.run_dir, upto=self.step)
+        if len(rows) != self.step and "history" in extra:
+            rows = [h for h in extra["history"] if int(h["step"]) <= self.step]
+        self.history = history_from_rows(rows)
+        checkpoints.apply_optimizer_state(self.optimizer, state)
+        if "lr_scheduler" in extra:
+            self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
+        else:
+            self._fast_forward_scheduler(self.step)
+        scaler = self.accelerator.scaler
+        if scaler is not None and "grad_scaler" in extra:
+            scaler.load_state_dict(extra["grad_scaler"])
+        if self.ema is not None:
+            self._restore_ema(state)
+        if extra.get("num_processes", 1) != self.num_processes:
+            logger.info("resuming a %s-process checkpoint on %d process(es)", extra.get("num_processes", 1),
+                        self.num_processes)
+        _set_rng_state(extra.get("rng"), state.get("extra_tensors") or {})
+        self.last_checkpoint = state.get("path")
+
+    def _start_history(self) -> None:
+        """Make ``history.jsonl`` hold exactly ``self.history`` (drops rows of steps past a resumed
+        checkpoint; converts a run whose history was kept in its checkpoints)."""
+        if self.is_main:
+            checkpoints.write_history(self.run_dir, [dataclasses.asdict(h) for h in self.history])
+        self._history_written = len(self.history)
+
+    def _flush_history(self) -> None:
+        """Append the steps not yet written to ``history.jsonl`` (main process only)."""
+        new = self.history[self._history_written:]
+        if self.is_main and new:
+            checkpoints.append_history(self.run_dir, [dataclasses.asdict(h) for h in new])
+        self._history_written = len(self.history)
+
+    def _restore_ema(self, state: dict) -> None:
+        try:
+            shadow = checkpoints.load_ema_shadow(state["path"], self.model)
+        except FileNotFoundError:
+            logger.warning("%s has no EMA weights; the EMA restarts from the current weights", state["path"])
+            return
+        ema_state = dict(state.get("ema") or {})
+        ema_state["shadow_params"] = [s.to(device=p.device, dtype=p.dtype) for s, p in zip(shadow, self.params, strict=True)]
+        self.ema.load_state_dict(ema_state)
+
+    def _write_status(self, **fields) -> None:
+        if not self.is_main:
+            return
+        try:
+            checkpoints.write_run_status(self.run_dir, max_steps=self.cfg.max_steps, method=self.cfg.method,
+                                         fingerprint=self.fingerprint, **fields)
+        except OSError:
+            logger.warning("could not write the status file of %s", self.run_dir, exc_info=True)
+
+    def _preview(self) -> None:
+        from pogdiff.sampling import generate
+
+        unet = self.model.unet
+        was_training = unet.training
+        unet.eval()
+        try:
+            cfg = SampleConfig(steps=PREVIEW_SAMPLE_STEPS)
+            images = generate(self.model, self.preview_captions, list(range(len(self.preview_captions))), cfg)
+        finally:
+            unet.train(was_training)
+        self.preview_callback(self.step, images, list(self.preview_captions))
+
+
+# PoGDiff counts as inactive when the PoG term stays below this share of the loss.
+INACTIVE_POG_SHARE = 0.01
+INACTIVE_MIN_STEPS = 10  # judged over at least this many steps
+INACTIVE_WINDOW = 50  # steps judged during training (the latest ones)
+
+
+def pog_share(terms: dict[str, float]) -> float:
+    """The PoG term's share of the loss, ``pog / loss`` (0 without a PoG term)."""
+    loss = terms.get("loss", 0.0)
+    return float(terms.get("pog", 0.0) / loss) if loss > 0 else 0.0
+
+
+def pogdiff_inactive_warning(pog_shares: Sequence[float], psi_means: Sequence[float], *,
+                             pool: str | None = None) -> str | None:
+    """A plain-words warning when PoGDiff behaves like plain fine-tuning, else None.
+
+    Judged on the mean PoG share of the loss over the given steps (at least
+    ``INACTIVE_MIN_STEPS``): below ``INACTIVE_POG_SHARE`` the neighbour term changes the target
+    too little to matter (README "Is PoGDiff doing anything?").
+
+    :param pog_shares: per-step ``StepInfo.pog_share``.
+    :param psi_means: per-step ``StepInfo.psi_mean``.
+    :param pool: the run's neighbour pool; the advice does not suggest the pool already in use.
+    """
+    if len(pog_shares) < INACTIVE_MIN_STEPS:
+        return None
+    share = float(np.mean(pog_shares))
+    if share >= INACTIVE_POG_SHARE:
+        return None
+    psi = float(np.mean(psi_means))
+    return (
+        f"PoGDiff is doing almost nothing on this data: the PoG term is {100 * share:.2f}% of the loss "
+        f"(mean psi {psi:.3f}). The captions' neighbours predict what the captions themselves predict, so "
+        "PoGDiff behaves like plain fine-tuning. Try "
+        + ("" if pool == "other_class" else "neighbours from other classes (psi pool 'other_class'), ")
+        + "a larger psi_max, or check that rare classes have at least 2 images; see README "
+        "\"Is PoGDiff doing anything?\"."
+    )
+
+
+def history_from_rows(rows: Sequence[dict]) -> list[StepInfo]:
+    """``StepInfo`` of each row of :func:`pogdiff.checkpoints.read_history` (unknown keys ignored)."""
+    known = {f.name for f in dataclasses.fields(StepInfo)}
+    return [StepInfo(**{k: v for k, v in h.items() if k in known}) for h in rows]
+
+
+def loss_curve(history: Sequence[StepInfo], term: str = "loss") -> np.ndarray:
+    """[S] float array of one loss term over the steps of a run."""
+    return np.array([h.terms.get(term, math.nan) for h in history], dtype=np.float64)
