@@ -140,6 +140,9 @@ def minilm_model_dir() -> Path:
     return path
 
 
+_IMPORT_LOCK = threading.Lock()  # one thread at a time imports transformers (see MiniLMEncoder._load)
+
+
 class MiniLMEncoder:
     """Frozen all-MiniLM-L6-v2 (BERT, 6 layers, 384 dims), loaded lazily from local files.
 
@@ -170,7 +173,8 @@ class MiniLMEncoder:
         with self._lock:
             if self._model is not None:
                 return
-            from transformers import AutoModel, AutoTokenizer
+            with _IMPORT_LOCK:  # transformers' lazy modules can fail when two threads import them at once
+                from transformers import AutoModel, AutoTokenizer
 
             logger.info("loading %s from %s", self.name, self._model_dir.name)
             self._tokenizer = AutoTokenizer.from_pretrained(self._model_dir, local_files_only=True)
