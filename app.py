@@ -403,8 +403,11 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
         for comp in estimate_inputs:
             comp.change(studio.recorded_estimate, estimate_inputs, estimate_md, api_visibility="private")
         estimate_btn.click(studio.estimate_time, [ds_key, *options], estimate_md, api_name="estimate_time")
-        runs_dd.change(studio.preview_runs, None, hist_run, api_visibility="private")
         hist_outputs = [hist_slider, hist_gallery, hist_md]
+        runs_dd.change(studio.preview_runs, None, hist_run, api_visibility="private").then(
+            studio.preview_history, hist_run, hist_outputs, api_visibility="private")
+        # a finished run has recorded its step time: the estimate before the next start uses it
+        runs_dd.change(studio.recorded_estimate, estimate_inputs, estimate_md, api_visibility="private")
         hist_run.change(studio.preview_history, hist_run, hist_outputs, api_name="preview_history")
         hist_btn.click(studio.preview_history, hist_run, hist_outputs, api_visibility="private")
         hist_slider.release(studio.preview_at, [hist_run, hist_slider], [hist_gallery, hist_md], api_name="preview_at")

@@ -68,7 +68,7 @@ def run(steps: int = DEFAULT_STEPS, stop_at: tuple[int, ...] = (10, DEFAULT_PREV
             studio.jobs.stop()
             status = studio.jobs.wait(timeout=600)
             stops.append({"stop_requested_after_step": step, "latency_s": time.perf_counter() - t_stop,
-                          "steps_done": status.step, "state": status.state})
+                          "steps_done": status.step, "state": status.state, "stopped": status.stopped})
         out["stops"] = stops
     out["load_after"] = os.getloadavg()
     return out

@@ -5,8 +5,9 @@
   an image and reads the attributes of :data:`~pogdiff.data.identities.ATTRIBUTE_HEADS`; its
   L2-normalised 128-d feature layer is the feature space of the metrics in
   :mod:`pogdiff.metrics` for the embedded demo set.
-- :class:`GenericFeatures`: for user data, where no identity classifier exists: a *generic*
-  image feature space plus a nearest-class-centroid classifier fit on the user's real images.
+
+A user's own classes are judged by :mod:`pogdiff.judge` instead (a classifier fitted on their
+images, with its held-out reliability).
 
 Checkpoints are ``evaluator.safetensors`` (weights) plus ``evaluator.json`` (architecture,
 training config, demo spec, measured accuracies); nothing is loaded with pickle.
@@ -369,56 +370,3 @@ def load_evaluator(path_or_dir: str | Path, *, device: str = "cpu") -> Evaluator
     model = Evaluator(**meta["arch"])
     model.load_state_dict(load_file(str(weights_path)), strict=True)
     return model.to(device).eval()
-
-
-class GenericFeatures:
-    """A *generic* image feature space with a nearest-class-centroid classifier, for user data.
-
-    Unlike :class:`Evaluator`, nothing here was trained on the user's classes, so its
-    "accuracy" is a proxy: how close a generation is to the centroid of the prompted class's
-    real images compared with the other classes' centroids.
-
-    Features (``[N, F]`` float32, each row L2-normalised):
-
-    - with ``backbone`` (an :class:`Evaluator`, e.g. the shipped demo evaluator): its feature
-      layer, images resized to the backbone's resolution (a feature space learnt on rendered
-      portraits; generic only in the sense that its identity head is ignored);
-    - without: downsampled pixels, the image resized (antialiased) to ``size x size``,
-      scaled to [-1, 1] and flattened (``F = 3 * size**2``).
-
-    :meth:`fit` stores one centroid per class, the L2-normalised mean of the class's features;
-    :meth:`predict` returns the class of the centroid with the highest cosine similarity.
-    """
-
-    def __init__(self, *, backbone: Evaluator | None = None, size: int = 16):
-        self.backbone = backbone
-        self.size = size
-        self.subjects: list[str] = []
-        self.centroids: np.ndarray | None = None  # [C, F]
-
-    def features(self, images: np.ndarray) -> np.ndarray:
-        """uint8 ``[N, H, W, 3]`` -> float32 ``[N, F]`` L2-normalised."""
-        if self.backbone is not None:
-            return self.backbone.features(images)
-        x = _images_to_tensor(images, self.size).flatten(1)  # [N, 3 * size * size]
-        return F.normalize(x, dim=1).numpy()
-
-    def fit(self, images: np.ndarray, subjects: Sequence[str]) -> GenericFeatures:
-        """Fit class centroids on real images ``[N, H, W, 3]`` with their ``[N]`` subjects."""
-        if len(images) != len(subjects):
-            raise ValueError(f"got {len(images)} images but {len(subjects)} subjects")
-        if len(set(subjects)) < 2:
-            raise ValueError("nearest-centroid classification needs at least 2 classes")
-        feats = self.features(images)
-        labels = np.asarray(subjects, dtype=object)
-        self.subjects = list(dict.fromkeys(subjects))
-        cents = np.stack([feats[labels == s].mean(0) for s in self.subjects])
-        self.centroids = cents / np.maximum(np.linalg.norm(cents, axis=1, keepdims=True), 1e-12)
-        return self
-
-    def predict(self, images: np.ndarray) -> list[str]:
-        """Subject of the nearest (cosine) class centroid for each image ``[N, H, W, 3]``."""
-        if self.centroids is None:
-            raise RuntimeError("GenericFeatures.predict called before fit")
-        sims = self.features(images) @ self.centroids.T  # [N, C]
-        return [self.subjects[i] for i in sims.argmax(1)]

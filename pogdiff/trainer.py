@@ -26,7 +26,13 @@ from pogdiff.config import (
     TrainConfig,
     uses_balanced_sampling,
 )
-from pogdiff.objectives import Step, objective_for
+from pogdiff.objectives import (
+    INACTIVE_WINDOW,
+    Step,
+    objective_for,
+    pog_share,
+    pogdiff_inactive_warning,
+)
 from pogdiff.prepare import (
     TrainData,
 )
@@ -546,46 +552,6 @@ class Trainer:
         finally:
             unet.train(was_training)
         self.preview_callback(self.step, images, list(self.preview_captions))
-
-
-# PoGDiff counts as inactive when the PoG term stays below this share of the loss.
-INACTIVE_POG_SHARE = 0.01
-INACTIVE_MIN_STEPS = 10  # judged over at least this many steps
-INACTIVE_WINDOW = 50  # steps judged during training (the latest ones)
-
-
-def pog_share(terms: dict[str, float]) -> float:
-    """The PoG term's share of the loss, ``pog / loss`` (0 without a PoG term)."""
-    loss = terms.get("loss", 0.0)
-    return float(terms.get("pog", 0.0) / loss) if loss > 0 else 0.0
-
-
-def pogdiff_inactive_warning(pog_shares: Sequence[float], psi_means: Sequence[float], *,
-                             pool: str | None = None) -> str | None:
-    """A plain-words warning when PoGDiff behaves like plain fine-tuning, else None.
-
-    Judged on the mean PoG share of the loss over the given steps (at least
-    ``INACTIVE_MIN_STEPS``): below ``INACTIVE_POG_SHARE`` the neighbour term changes the target
-    too little to matter (README "Is PoGDiff doing anything?").
-
-    :param pog_shares: per-step ``StepInfo.pog_share``.
-    :param psi_means: per-step ``StepInfo.psi_mean``.
-    :param pool: the run's neighbour pool; the advice does not suggest the pool already in use.
-    """
-    if len(pog_shares) < INACTIVE_MIN_STEPS:
-        return None
-    share = float(np.mean(pog_shares))
-    if share >= INACTIVE_POG_SHARE:
-        return None
-    psi = float(np.mean(psi_means))
-    return (
-        f"PoGDiff is doing almost nothing on this data: the PoG term is {100 * share:.2f}% of the loss "
-        f"(mean psi {psi:.3f}). The captions' neighbours predict what the captions themselves predict, so "
-        "PoGDiff behaves like plain fine-tuning. Try "
-        + ("" if pool == "other_class" else "neighbours from other classes (psi pool 'other_class'), ")
-        + "a larger psi_max, or check that rare classes have at least 2 images; see README "
-        "\"Is PoGDiff doing anything?\"."
-    )
 
 
 def history_from_rows(rows: Sequence[dict]) -> list[StepInfo]:

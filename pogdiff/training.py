@@ -37,6 +37,12 @@ from pogdiff.config import (
 )
 
 # Re-exported: callers import the whole training API from here.
+from pogdiff.objectives import (  # noqa: F401
+    INACTIVE_POG_SHARE,
+    INACTIVE_WINDOW,
+    pog_share,
+    pogdiff_inactive_warning,
+)
 from pogdiff.prepare import (  # noqa: F401
     TrainData,
     encode_dataset_images,
@@ -56,16 +62,12 @@ from pogdiff.train_setup import (  # noqa: F401
     tracker_options,
 )
 from pogdiff.trainer import (  # noqa: F401
-    INACTIVE_POG_SHARE,
-    INACTIVE_WINDOW,
     NonFiniteError,
     StepInfo,
     Trainer,
     TrainResult,
     history_from_rows,
     loss_curve,
-    pog_share,
-    pogdiff_inactive_warning,
 )
 
 logger = logging.getLogger(__name__)

@@ -207,6 +207,10 @@ def test_train_tab(page, tmp_path):
     body = page.inner_text("body")
     assert f"step {TRAIN_STEPS} / {TRAIN_STEPS}" in body
     assert "Loss terms" in body and "Runs (finished, stopped, interrupted)" in body
+    # the finished run recorded its step time: the estimate for the next start uses it
+    page.get_by_text(re.compile(rf"About .+ for {TRAIN_STEPS} steps: [0-9.]+ s/step")).first.wait_for()
+    page.get_by_text("Preview history (saved in the run folder)").first.click()
+    page.get_by_text(re.compile(r"Step \d+ of the saved previews at steps")).first.wait_for()
     _shot(page, "train", tmp_path)
 
 

@@ -16,7 +16,6 @@ from pogdiff.evaluator import (
     WEIGHTS_FILE,
     Evaluator,
     EvaluatorConfig,
-    GenericFeatures,
     augment,
     load_evaluator,
     save_evaluator,
@@ -153,31 +152,3 @@ def test_fresh_seed_skips_reserved():
     first = ev._fresh_seed(0, 101, 7, set())
     assert ev._fresh_seed(0, 101, 7, {first}) != first
     assert ev._fresh_seed(0, 101, 7, set()) == first
-
-
-def test_generic_features_nearest_centroid_on_colours():
-    rng = np.random.default_rng(0)
-
-    def patches(colour, n):
-        base = np.broadcast_to(np.array(colour, np.float64), (n, 24, 24, 3))
-        return np.clip(base + rng.normal(0, 20, size=base.shape), 0, 255).astype(np.uint8)
-
-    train = np.concatenate([patches((200, 30, 30), 5), patches((30, 30, 200), 5), patches((30, 200, 30), 5)])
-    subjects = ["red"] * 5 + ["blue"] * 5 + ["green"] * 5
-    generic = GenericFeatures(size=8).fit(train, subjects)
-    feats = generic.features(train)
-    assert feats.shape == (15, 3 * 8 * 8)
-    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
-    test = np.concatenate([patches((30, 200, 30), 2), patches((200, 30, 30), 2)])
-    assert generic.predict(test) == ["green", "green", "red", "red"]
-    with pytest.raises(RuntimeError, match="before fit"):
-        GenericFeatures().predict(test)
-    with pytest.raises(ValueError, match="got 15 images but 14 subjects"):
-        GenericFeatures().fit(train, subjects[:-1])
-
-
-def test_generic_features_with_backbone(trained, eval_images):
-    model = load_evaluator(trained["out"])
-    generic = GenericFeatures(backbone=model).fit(eval_images.images, eval_images.subjects)
-    np.testing.assert_array_equal(generic.features(eval_images.images), model.features(eval_images.images))
-    assert generic.predict(eval_images.images) == eval_images.subjects
