@@ -290,7 +290,7 @@ def _merge_summary(path: Path, data: str, entry: dict) -> None:
     tmp.replace(path)
 
 
-# Metric modes of the Compare tab (README "Compare"): "fast" is the quality benchmark's protocol
+# Metric modes of the Compare tab (README "What you see"): "fast" is the quality benchmark's protocol
 # (the first QUALITY_EVAL_PER_CLASS held-out captions of every class), so the numbers shipped with
 # the demo checkpoints come out again; "full" uses every held-out caption.
 METRIC_MODES = {"fast": QUALITY_EVAL_PER_CLASS, "full": None}

@@ -2,7 +2,7 @@
 
 The shipped evaluator knows only the demo identities. On a user's data set the Compare tab's
 metrics need a classifier of *that* set's classes, so one is fitted here on the set's real
-images (README "Compare", "Metrics on your own data"):
+images (README "Metrics on your own data"):
 
 - **Features**: the shipped evaluator's feature layer (when it is there) and the image shrunk
   to ``pixel_size`` x ``pixel_size`` (colour and layout), each block L2-normalised, joined.

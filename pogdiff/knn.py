@@ -1,4 +1,4 @@
-"""k-nearest-neighbour search over L2-normalised vectors (BENCHMARKS.md "kNN graph").
+"""k-nearest-neighbour search over L2-normalised vectors (BENCHMARKS.md "Caption kNN graph").
 
 Exact (FAISS inner product) up to a size threshold, approximate beyond it: an IVF self-join
 batched by list for the caption graph, with a recall guard that falls back to exact search, or

@@ -1,4 +1,4 @@
-"""Each training objective's forward pass, in one place (README "Training methods").
+"""Each training objective's forward pass, in one place (README "The method").
 
 An objective turns one micro-batch (rows, clean inputs, noise, timesteps, caption dropout) into
 per-sample loss terms. It sees the model only through a :class:`Step`: the noised input, the

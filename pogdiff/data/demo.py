@@ -60,7 +60,7 @@ class DemoSpec:
     n_pretrain_per_identity: int = 40
     resolution: int = 32
     # "identities": independent, well-separated people. "families": ``n_families`` frequent heads,
-    # each with ``relatives`` rare look-alikes (same surname, two traits changed; README "Data").
+    # each with ``relatives`` rare look-alikes (same surname, two traits changed; README "The embedded demo set").
     kind: str = "identities"
     n_families: int = 8
     relatives: int = 2

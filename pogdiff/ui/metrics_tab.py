@@ -72,7 +72,7 @@ class MetricsPanel:
         On a user's set: up to 4 (fast) or 8 (full) of each class's own captions, judged by a
         classifier fitted on the set's images, whose held-out reliability is shown per class
         (:mod:`pogdiff.judge`). Results are cached per checkpoint weights, data and mode
-        (README "Compare").
+        (README "What you see", "Metrics on your own data").
         """
         from pogdiff import bench
 
