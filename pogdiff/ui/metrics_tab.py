@@ -115,7 +115,7 @@ class MetricsPanel:
         with bundle.lock:
             if bundle.judge is None:
                 if progress is not None:
-                    progress(0.03, desc=f"Fitting a judge of the {bundle.ds.classes.__len__()} classes on "
+                    progress(0.03, desc=f"Fitting a judge of the {len(bundle.ds.classes)} classes on "
                                         f"{len(bundle.ds)} real images…")
                 folder = self.shipped_dir / "evaluator"
                 backbone = self._evaluator_or_error() if folder.exists() else None
