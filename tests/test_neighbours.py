@@ -12,7 +12,6 @@ from pogdiff.config import PsiConfig
 from pogdiff.neighbours import (
     gaussian_psi_factor,
     pair_delta2,
-    NeighbourTable,
     build_neighbour_table,
     density_weights,
     image_features,
