@@ -18,7 +18,6 @@ import re
 import tempfile
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +26,12 @@ from typing import Any
 import numpy as np
 
 from pogdiff.run_files import (  # noqa: F401  (also reached through this module)
+    EXPORTS_DIR,
     PREVIEWS_DIR,
     RUN_FILE,
     TRACEBACK_LINES,
     Preview,
+    RunInfo,
     StepTime,
     _describe_dataset,
     _dict,
@@ -38,15 +39,16 @@ from pogdiff.run_files import (  # noqa: F401  (also reached through this module
     _maybe_float,
     _traceback_summary,
     _write_json,
+    export_weights,
+    export_zip,
     read_previews,
     save_preview,
 )
-from pogdiff.safety import UnsafePathError, check_run_name, owner_digest, resolve_inside
+from pogdiff.safety import check_run_name, owner_digest, resolve_inside
 
 logger = logging.getLogger(__name__)
 
 STATES = ("idle", "running", "stopping", "finished", "failed")
-EXPORTS_DIR = "exports"
 HISTORY_LIMIT = 4000  # rows kept for the live loss curve; older rows are thinned, never dropped wholesale
 _WARNED: set[str] = set()  # run folders already reported as unreadable or unsafe
 
@@ -99,25 +101,6 @@ class JobStatus:
         if self.started_at is None:
             return None
         return (self.finished_at or time.time()) - self.started_at
-
-
-@dataclass
-class RunInfo:
-    """A run folder under ``runs_dir`` that holds a checkpoint."""
-
-    name: str
-    run_dir: Path
-    checkpoint: Path
-    state: str
-    method: str
-    steps_done: int
-    max_steps: int
-    stopped: bool
-    finished_at: float | None
-    model_cfg: dict[str, Any]
-    train_cfg: dict[str, Any]
-    dataset: dict[str, Any]
-    owner: str = ""  # owner_digest() of whoever started it; "" for runs made outside the app
 
 
 class Job:
@@ -485,66 +468,13 @@ class JobManager:
             return None
 
     def export_zip(self, run: RunInfo | str | Path) -> Path:
-        """Zip a run's last checkpoint (weights + configs) and its ``run.json``; return the zip path."""
-        info = self.get_run(run)
-        name = check_run_name(info.name)
-        run_dir = resolve_inside(self.runs_dir, info.run_dir)
-        out_dir = self.runs_dir / EXPORTS_DIR
-        out_dir.mkdir(parents=True, exist_ok=True)
-        out = resolve_inside(self.runs_dir, (out_dir / f"{name}.zip").absolute())
-        checkpoint = resolve_inside(run_dir, info.checkpoint)
-        files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
-        for path in [*files, run_dir / RUN_FILE]:
-            try:
-                resolve_inside(run_dir, path)
-            except UnsafePathError as exc:
-                raise ValueError(f"run {name!r} is not exported: {path.name} links outside its run folder.") from exc
-        info = dataclasses.replace(info, name=name, run_dir=run_dir, checkpoint=checkpoint)
-        newest = max([p.stat().st_mtime for p in files] + [(info.run_dir / RUN_FILE).stat().st_mtime])
-        if out.exists() and out.stat().st_mtime >= newest:
-            return out
-        tmp = out.with_suffix(".zip.tmp")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            zf.write(info.run_dir / RUN_FILE, f"{info.name}/{RUN_FILE}")
-            for path in files:
-                zf.write(path, f"{info.name}/{info.checkpoint.name}/{path.relative_to(info.checkpoint)}")
-        tmp.replace(out)
-        return out
-
+        """Zip a run's last checkpoint (weights + configs) and its ``run.json``; return the zip path
+        (:func:`pogdiff.run_files.export_zip`)."""
+        return export_zip(self.runs_dir, self.get_run(run))
 
     def export_weights(self, run: RunInfo | str | Path) -> Path:
-        """The run's trained weights alone, without optimizer state: the LoRA file of an sd15 run
-        (``load_lora_weights``), or the tiny UNet's weights in float16 with its config in the file's
-        metadata. Returns the path of one ``.safetensors`` file under the runs folder's exports."""
-        import torch
-        from safetensors.torch import load_file, save_file
-
-        info = self.get_run(run)
-        name = check_run_name(info.name)
-        run_dir = resolve_inside(self.runs_dir, info.run_dir)
-        checkpoint = resolve_inside(run_dir, info.checkpoint)
-        unet = resolve_inside(run_dir, checkpoint / "unet")
-        out_dir = self.runs_dir / EXPORTS_DIR
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lora = unet / "pytorch_lora_weights.safetensors"
-        full = unet / "diffusion_pytorch_model.safetensors"
-        if lora.is_file():
-            out = out_dir / f"{name}-lora.safetensors"
-            tensors, metadata = load_file(str(resolve_inside(run_dir, lora))), {"format": "pt", "kind": "lora"}
-        elif full.is_file():
-            out = out_dir / f"{name}-unet-fp16.safetensors"
-            tensors = {k: v.half() if v.is_floating_point() else v
-                       for k, v in load_file(str(resolve_inside(run_dir, full))).items()}
-            config = unet / "config.json"
-            metadata = {"format": "pt", "kind": "unet", "dtype": str(torch.float16),
-                        "config": config.read_text() if config.is_file() else "{}"}
-        else:
-            raise ValueError(f"run {name!r} has no UNet weights in its last checkpoint ({checkpoint.name})")
-        tmp = out.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        tmp.replace(out)
-        return out
-
+        """The run's trained weights alone (:func:`pogdiff.run_files.export_weights`)."""
+        return export_weights(self.runs_dir, self.get_run(run))
 
     # ------------------------------------------------------------------ Train tab: form, previews, time
     def _run_dir(self, name: str | None) -> Path | None:

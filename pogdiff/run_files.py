@@ -1,12 +1,15 @@
-"""Files of a run folder the app reads and writes beside the checkpoints: ``run.json``, the
-saved previews (``previews/``), recorded step times (README "What you see").
+"""Files of a run folder beside its checkpoints: ``run.json`` (read as a :class:`RunInfo`), the
+saved previews (``previews/``), recorded step times, and the exports handed to a user (a zip of the
+last checkpoint, or its weights alone; README "What you see").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import traceback
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from pogdiff.safety import UnsafePathError, resolve_inside
+from pogdiff.safety import UnsafePathError, check_run_name, resolve_inside
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+EXPORTS_DIR = "exports"
 TRACEBACK_LINES = 12  # lines of the traceback kept for the UI
 
 
@@ -159,3 +163,83 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(path)
+
+
+@dataclass
+class RunInfo:
+    """A run folder under ``runs_dir`` that holds a checkpoint."""
+
+    name: str
+    run_dir: Path
+    checkpoint: Path
+    state: str
+    method: str
+    steps_done: int
+    max_steps: int
+    stopped: bool
+    finished_at: float | None
+    model_cfg: dict[str, Any]
+    train_cfg: dict[str, Any]
+    dataset: dict[str, Any]
+    owner: str = ""  # owner_digest() of whoever started it; "" for runs made outside the app
+
+
+# ------------------------------------------------------------------------------------- exports
+def export_zip(runs_dir: Path, info: RunInfo) -> Path:
+    """Zip a run's last checkpoint (weights + configs) and its ``run.json``; return the zip path."""
+    name = check_run_name(info.name)
+    run_dir = resolve_inside(runs_dir, info.run_dir)
+    out_dir = runs_dir / EXPORTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = resolve_inside(runs_dir, (out_dir / f"{name}.zip").absolute())
+    checkpoint = resolve_inside(run_dir, info.checkpoint)
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+    for path in [*files, run_dir / RUN_FILE]:
+        try:
+            resolve_inside(run_dir, path)
+        except UnsafePathError as exc:
+            raise ValueError(f"run {name!r} is not exported: {path.name} links outside its run folder.") from exc
+    info = dataclasses.replace(info, name=name, run_dir=run_dir, checkpoint=checkpoint)
+    newest = max([p.stat().st_mtime for p in files] + [(info.run_dir / RUN_FILE).stat().st_mtime])
+    if out.exists() and out.stat().st_mtime >= newest:
+        return out
+    tmp = out.with_suffix(".zip.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.write(info.run_dir / RUN_FILE, f"{info.name}/{RUN_FILE}")
+        for path in files:
+            zf.write(path, f"{info.name}/{info.checkpoint.name}/{path.relative_to(info.checkpoint)}")
+    tmp.replace(out)
+    return out
+
+
+def export_weights(runs_dir: Path, info: RunInfo) -> Path:
+    """The run's trained weights alone, without optimizer state: the LoRA file of an sd15 run
+    (``load_lora_weights``), or the tiny UNet's weights in float16 with its config in the file's
+    metadata. Returns the path of one ``.safetensors`` file under the runs folder's exports."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    name = check_run_name(info.name)
+    run_dir = resolve_inside(runs_dir, info.run_dir)
+    checkpoint = resolve_inside(run_dir, info.checkpoint)
+    unet = resolve_inside(run_dir, checkpoint / "unet")
+    out_dir = runs_dir / EXPORTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lora = unet / "pytorch_lora_weights.safetensors"
+    full = unet / "diffusion_pytorch_model.safetensors"
+    if lora.is_file():
+        out = out_dir / f"{name}-lora.safetensors"
+        tensors, metadata = load_file(str(resolve_inside(run_dir, lora))), {"format": "pt", "kind": "lora"}
+    elif full.is_file():
+        out = out_dir / f"{name}-unet-fp16.safetensors"
+        tensors = {k: v.half() if v.is_floating_point() else v
+                   for k, v in load_file(str(resolve_inside(run_dir, full))).items()}
+        config = unet / "config.json"
+        metadata = {"format": "pt", "kind": "unet", "dtype": str(torch.float16),
+                    "config": config.read_text() if config.is_file() else "{}"}
+    else:
+        raise ValueError(f"run {name!r} has no UNet weights in its last checkpoint ({checkpoint.name})")
+    tmp = out.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(out)
+    return out
