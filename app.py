@@ -423,7 +423,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
          .then(studio.precomputed_metrics, [run_a, run_b], metric_outputs, api_visibility="private")
          .then(studio.keep_metrics, [run_a, run_b, cmp_state], cmp_state, api_visibility="private"))
         for dd in (run_a, run_b):
-            (dd.input(studio.precomputed_metrics, [run_a, run_b], metric_outputs, api_visibility="private")
+            (dd.input(studio.metrics_on_choice, [run_a, run_b], metric_outputs, api_visibility="private")
              .then(studio.keep_metrics, [run_a, run_b, cmp_state], cmp_state, api_visibility="private"))
         kept_inputs = [run_a, run_b, prompts, custom, n_seeds, guidance, sample_steps]
         for comp in kept_inputs:

@@ -4,7 +4,8 @@ The Data tab first shows the built-in demo set; then a user's own folder takes o
 sub-folders of PNG images with kohya-style ``.txt`` tag captions ("red fox, outdoors, photo"),
 made in ``tmp_path`` with a long tail. A broken upload comes first (its error is shown), then the
 good one; the Neighbours map, a few training steps and Compare (real images beside A and B, a
-visible difference, state kept over a page reload) all run on that folder.
+visible difference, per-class metrics judged on the folder's own classes, all without a reload;
+then state kept over a page reload) all run on that folder.
 
 Screenshots go to ``tmp_path``; with ``POGDIFF_UPDATE_SCREENSHOTS=1`` they replace the ones in
 ``assets/screenshots/`` that the README shows. Without ``/usr/bin/chromium`` the test is skipped,
@@ -220,10 +221,14 @@ def _mean_difference(page) -> float:
 
 
 def test_compare_tab(page, tmp_path):
+    """Compare, then per-class metrics judged on the user's own classes, without a reload; then a
+    reload keeps all of it."""
     _open_tab(page, "Compare")
     page.get_by_text("Same prompts and the same seeds", exact=False).first.wait_for()
     page.get_by_label("B (right)").click()
     page.get_by_role("option", name=re.compile(r"^run · ")).first.click()  # B: the run just trained
+    # the demo pair's shipped metrics leave with the demo pair
+    page.get_by_text("No metrics for these two checkpoints yet").first.wait_for()
     _set_number(page, "Seeds per prompt", 2, slider=True)
     _set_number(page, "Sampling steps", 10, slider=True)
     page.get_by_label("Or type prompts").fill("red fox, snow, photo")
@@ -236,21 +241,8 @@ def test_compare_tab(page, tmp_path):
     panel = page.locator("#pg-real-md").inner_text()
     for name in ("sea otter", "snow owl", "red fox"):
         assert f"{name}" in panel and f"{OWN_CLASSES[name]} training image" in panel
-    assert "Per-class metrics" in page.inner_text("body")
     _shot(page, "compare", tmp_path)
-    # kept over a page reload: the choices and the generated images come back
-    before = _mean_difference(page)
-    page.reload()
-    page.get_by_text("PoGDiff Studio").first.wait_for()
-    _open_tab(page, "Compare")
-    page.get_by_text("Mean |A − B| =").first.wait_for()
-    assert _mean_difference(page) == before
-    assert page.get_by_label("Or type prompts").input_value() == "red fox, snow, photo"
-
-
-def test_metrics_on_own_data(page, tmp_path):
-    """Per-class metrics judged on the user's own classes, the judge's reliability beside them."""
-    _open_tab(page, "Compare")
+    # per-class metrics judged on the user's own classes, the judge's reliability beside them
     page.get_by_role("button", name=re.compile(r"^Compute metrics")).first.click()
     page.get_by_text("Judged on animals.zip").first.wait_for(timeout=TRAIN_MS)
     table = page.locator("[role=grid]").filter(has_text="sea otter").filter(has_text="B−A").first
@@ -263,3 +255,12 @@ def test_metrics_on_own_data(page, tmp_path):
     body = page.inner_text("body")
     assert "| judge ok |" not in body and "judge ok" in body  # the summary table is rendered as a table
     _shot(page, "metrics-own-data", tmp_path)
+    # kept over a page reload: the choices, the generated images and the metrics come back
+    before = _mean_difference(page)
+    page.reload()
+    page.get_by_text("PoGDiff Studio").first.wait_for()
+    _open_tab(page, "Compare")
+    page.get_by_text("Mean |A − B| =").first.wait_for()
+    assert _mean_difference(page) == before
+    assert page.get_by_label("Or type prompts").input_value() == "red fox, snow, photo"
+    page.get_by_text("Judged on animals.zip").first.wait_for()

@@ -414,3 +414,16 @@ def test_estimate_markdown_adds_the_set_up_to_the_steps():
 
     md = ui.estimate_markdown(StepTime(0.5, 2, "trial", 0.0, setup_seconds=10.0), 100, where="2 CPU cores")
     assert md.startswith("About **1m 00s** for 100 steps: 0.50 s/step") and "(2 CPU cores)" in md
+
+
+def test_changing_a_or_b_never_leaves_another_pairs_metrics_on_screen(studio, tmp_path):
+    for name in ("demo-baseline", "demo-pogdiff"):
+        folder = studio.shipped_dir / name
+        folder.mkdir(parents=True)
+        (folder / "configs.json").write_text("{}")
+        pd.DataFrame({"subject": ["a"], "train_count": [3], "shot": ["few"], "accuracy": [0.5]}
+                     ).to_csv(folder / "per_class.csv", index=False)
+    table, fig, md = studio.metrics_on_choice("shipped:demo-baseline", "shipped:demo-pogdiff")
+    assert len(table) == 1 and fig is not None and "Precomputed" in md  # a shipped pair: its own numbers
+    table, fig, md = studio.metrics_on_choice("shipped:demo-baseline", "run:not-there")
+    assert len(table) == 0 and fig is None and "press **Compute metrics**" in md  # cleared, not kept

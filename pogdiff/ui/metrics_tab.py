@@ -62,6 +62,15 @@ class MetricsPanel:
         return self._metric_outputs(tables, note="Precomputed at build time on the demo evaluation split "
                                                  "(press **Compute metrics** to recompute).")
 
+    def metrics_on_choice(self, key_a: str | None, key_b: str | None) -> tuple:
+        """A or B changed: the shipped metrics of the pair if both have them, else an empty panel
+        (metrics of another pair must not stay on screen under the new choice)."""
+        out = self.precomputed_metrics(key_a, key_b)
+        if all(isinstance(x, dict) and x.get("__type__") == "update" for x in out):
+            return (pd.DataFrame(columns=["subject", "train_count", "shot", "accuracy"]), None,
+                    "No metrics for these two checkpoints yet: press **Compute metrics**.")
+        return out
+
     def compute_metrics(self, key_a: str, key_b: str, full: bool = False, key: str | None = None,
                         progress: gr.Progress = gr.Progress()) -> tuple:
         """Generate images with each checkpoint and score them per class of the loaded data set.
