@@ -94,21 +94,10 @@ class MetricsPanel:
         progress(0.02, desc="Loading the demo evaluation split…")
         eval_set = bench.metric_eval_set(self._eval_set(), mode)
         counts = self._load_demo_bundle().count_of()
-        tables, cached = {}, 0
-        for i, src in enumerate((a, b)):
-            path = self._metrics_cache_path(src, mode, eval_set)
-            if path.is_file():
-                tables[_short(src)] = pd.read_csv(path)
-                cached += 1
-                continue
-            progress(0.05 + 0.45 * i, desc=f"Generating and scoring {src.label} ({len(eval_set.captions)} images)…")
-            table, _summary, _images = bench.evaluate_model(self._model(src), eval_set, evaluator, counts)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            table.to_csv(tmp, index=False)
-            os.replace(tmp, path)
-            tables[_short(src)] = table
-        progress(1.0, desc="Done")
+        tables, cached = self._scored_pair(
+            (a, b), lambda src: self._metrics_cache_path(src, mode, eval_set),
+            lambda src: bench.evaluate_model(self._model(src), eval_set, evaluator, counts)[0],
+            f"Generating and scoring {{}} ({len(eval_set.captions)} images)…", progress)
         per_class = bench.METRIC_MODES[mode]
         what = f"{per_class} held-out captions per class" if per_class else "every held-out caption"
         note = (f"Computed on the demo evaluation split ({mode} mode: {what}, {len(eval_set.captions)} images "
@@ -142,26 +131,37 @@ class MetricsPanel:
         per_class = self.OWN_PER_CLASS[mode]
         counts = bundle.count_of()
         digest = judging.dataset_digest(bundle.ds.images, bundle.captions, bundle.subjects)
-        tables, cached = {}, 0
         n_images = len(judging.prompt_rows(bundle.subjects, per_class))
-        for i, src in enumerate((a, b)):
-            path = self._metrics_cache_path(src, mode, None, data=digest)
+        tables, cached = self._scored_pair(
+            (a, b), lambda src: self._metrics_cache_path(src, mode, None, data=digest),
+            lambda src: judging.score_on_own_data(self._model(src), bundle.ds, judge, counts, per_class=per_class,
+                                                  sample_cfg=bench.EVAL_SAMPLE, config=self.data_config),
+            f"Generating and judging {{}} ({n_images} images)…", progress)
+        note = own_data_note(bundle.name, judge, mode=mode, per_class=per_class, n_images=n_images,
+                             cached=cached, other_data=[s.label for s in (a, b) if not self._trained_on(s, bundle)])
+        return self._metric_outputs(tables, note=note, reliability=judge.reliability)
+
+    @staticmethod
+    def _scored_pair(sources, cache_path: Callable[[Source], Path], score: Callable[[Source], pd.DataFrame],
+                     desc: str, progress) -> tuple[dict[str, pd.DataFrame], int]:
+        """Each source's per-class table, read from its cache file or scored and written there
+        (atomically); also how many came from the cache. ``desc`` has a ``{}`` for the source's label."""
+        tables, cached = {}, 0
+        for i, src in enumerate(sources):
+            path = cache_path(src)
             if path.is_file():
                 tables[_short(src)] = pd.read_csv(path)
                 cached += 1
                 continue
-            progress(0.05 + 0.45 * i, desc=f"Generating and judging {src.label} ({n_images} images)…")
-            table = judging.score_on_own_data(self._model(src), bundle.ds, judge, counts, per_class=per_class,
-                                              sample_cfg=bench.EVAL_SAMPLE, config=self.data_config)
+            progress(0.05 + 0.45 * i, desc=desc.format(src.label))
+            table = score(src)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             table.to_csv(tmp, index=False)
             os.replace(tmp, path)
             tables[_short(src)] = table
         progress(1.0, desc="Done")
-        note = own_data_note(bundle.name, judge, mode=mode, per_class=per_class, n_images=n_images,
-                             cached=cached, other_data=[s.label for s in (a, b) if not self._trained_on(s, bundle)])
-        return self._metric_outputs(tables, note=note, reliability=judge.reliability)
+        return tables, cached
 
     def _trained_on(self, src: Source, bundle: DatasetBundle) -> bool:
         """Was ``src`` trained on a set of ``bundle``'s size and class count (the runs record no more)?"""

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import pandas as pd
@@ -237,24 +239,15 @@ class TrainTab:
         exported unless the server is single-user. The zip handed back is a copy in a fresh temp
         folder, so the runs folder itself is never served.
         """
-        if not name:
-            raise gr.Error("Pick a finished run first.")
-        name = _arg(safety.check_run_name, name)
-        try:
-            info = self.jobs.get_run(name)
-            if not self.may_control(info.owner, request):
-                raise gr.Error(f"Run {name!r} was started by another visitor; only they can download it.",
-                               title="Not your run")
-            zip_path = self.jobs.export_zip(info)
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from exc
-        self.clean_leftovers()
-        out = Path(tempfile.mkdtemp(prefix=EXPORT_TMP_PREFIX)) / zip_path.name
-        shutil.copyfile(zip_path, out)
-        return str(out)
+        return self._hand_out(name, request, self.jobs.export_zip)
 
     def export_weights(self, name: str | None, request: gr.Request = None) -> str:
         """Path of the run's weights alone (fp16 UNet for tiny, LoRA for sd15), in a fresh temp folder."""
+        return self._hand_out(name, request, self.jobs.export_weights)
+
+    def _hand_out(self, name: str | None, request: gr.Request | None, export: Callable[[Any], Path]) -> str:
+        """Check the run name and who asks, export the run with ``export`` and return a copy of the
+        file in a fresh temp folder (never a path inside the runs folder)."""
         if not name:
             raise gr.Error("Pick a finished run first.")
         name = _arg(safety.check_run_name, name)
@@ -263,7 +256,7 @@ class TrainTab:
             if not self.may_control(info.owner, request):
                 raise gr.Error(f"Run {name!r} was started by another visitor; only they can download it.",
                                title="Not your run")
-            path = self.jobs.export_weights(info)
+            path = export(info)
         except ValueError as exc:
             raise gr.Error(str(exc)) from exc
         self.clean_leftovers()
