@@ -78,14 +78,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--stop-at", type=int, nargs="*", default=[10, DEFAULT_PREVIEW_EVERY, 120])
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON file; each run is appended to its \"runs\" list (runs differ with the load)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     result = run(args.steps, tuple(args.stop_at))
-    text = json.dumps(result, indent=2, default=str)
-    print(text)
+    print(json.dumps(result, indent=2, default=str))
     if args.out:
-        args.out.write_text(text + "\n")
+        append_run(args.out, result)
+
+
+def append_run(path: Path, result: dict) -> None:
+    """Add ``result`` to the ``runs`` of the JSON file at ``path`` (made when missing)."""
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    runs = kept.get("runs", []) if isinstance(kept, dict) else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"command": "python -m pogdiff.bench_train_tab --out " + str(path),
+                                "runs": [*runs, result]}, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -273,8 +273,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--agreement", action="store_true",
                         help="also generate with the shipped demo checkpoints and compare the judge's verdicts "
                              "with the shipped evaluator's (a few minutes on CPU)")
+    parser.add_argument("--out", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    print(json.dumps(demo_report(backbone=not args.pixels_only, agreement=args.agreement), indent=2))
+    text = json.dumps(demo_report(backbone=not args.pixels_only, agreement=args.agreement), indent=2)
+    print(text)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

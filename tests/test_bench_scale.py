@@ -175,3 +175,14 @@ def test_checkpoint_digest_follows_the_weights(tmp_path):
     assert bench.checkpoint_digest(tmp_path) != first
     with pytest.raises(FileNotFoundError, match="no weights"):
         bench.checkpoint_digest(tmp_path / "unet" / "missing")
+
+
+def test_train_tab_runs_append_to_one_file(tmp_path):
+    from pogdiff.bench_train_tab import append_run
+
+    out = tmp_path / "results" / "train_tab.json"
+    append_run(out, {"default_run_s": 1.0})
+    append_run(out, {"default_run_s": 2.0})
+    kept = json.loads(out.read_text())
+    assert [r["default_run_s"] for r in kept["runs"]] == [1.0, 2.0]
+    assert kept["command"].endswith(f"--out {out}")
