@@ -24,8 +24,19 @@ import pandas as pd
 
 from pogdiff import checkpoints
 from pogdiff.constants import REPO_ROOT
+from pogdiff.evaluation import EVAL_SAMPLE, evaluate_model, per_class_rows, subset
 from pogdiff.constants import SHIPPED_DIR as SHIPPED
-from pogdiff.config import DataConfig, PsiConfig, SampleConfig, TrainConfig, model_preset, to_dict, uses_balanced_sampling
+from pogdiff.config import (
+    COMPARED,
+    RECIPES,
+    DataConfig,
+    PsiConfig,
+    SampleConfig,
+    TrainConfig,
+    model_preset,
+    to_dict,
+    uses_balanced_sampling,
+)
 from pogdiff.training import Trainer, prepare_data, train
 
 logger = logging.getLogger(__name__)
@@ -34,16 +45,23 @@ BASE_DIR = SHIPPED / "base-tiny"
 EVALUATOR_DIR = SHIPPED / "evaluator"
 # The embedded benchmark sets (README "Results"): the demo spec kind and the evaluator that names them.
 DATASETS = {"demo": ("identities", EVALUATOR_DIR), "families": ("families", SHIPPED / "evaluator-families")}
-EVAL_SAMPLE = SampleConfig(scheduler="ddim", steps=25, guidance_scale=3.0)
-QUALITY_STEPS = 300
+QUALITY_STEPS = 300  # the budget summary.json reports (README "Results": chosen from the budget curve)
+QUALITY_BUDGETS = (300, 1000)  # the budget curve's points (budget.json)
 QUALITY_BATCH = 16
-QUALITY_EVAL_PER_CLASS = 4  # evaluation captions per class (of the 8 held out)
+QUALITY_EVAL_PER_CLASS = 8  # held-out captions per class (all of them)
+QUALITY_SAMPLE_SEEDS = 2  # sampling seeds per caption
+# The benchmark's sampler: the Compare tab's, with the UNet under bfloat16 autocast (BENCHMARKS
+# "Sampling": same accuracy, about twice as fast on this CPU).
+BENCH_SAMPLE = dataclasses.replace(EVAL_SAMPLE, precision="bf16")
 QUICK_STEPS = 2
 # Buckets and metrics copied per seed into summary.json (name -> (bucket, summary column)).
 SUMMARY_METRICS = {
     "few_acc": ("few", "accuracy"), "medium_acc": ("medium", "accuracy"), "many_acc": ("many", "accuracy"),
     "all_acc": ("all", "accuracy"), "few_grecall": ("few", "gRecall"), "medium_grecall": ("medium", "gRecall"),
     "few_fd": ("few", "FD"), "medium_fd": ("medium", "FD"), "many_fd": ("many", "FD"), "all_fd": ("all", "FD"),
+    "few_copy": ("few", "copy"), "medium_copy": ("medium", "copy"), "many_copy": ("many", "copy"),
+    "all_copy": ("all", "copy"), "few_coverage": ("few", "coverage"), "medium_coverage": ("medium", "coverage"),
+    "many_coverage": ("many", "coverage"), "many_grecall": ("many", "gRecall"),
 }
 
 
@@ -116,41 +134,6 @@ def speed(*, steps: int = 20, warmup: int = 3, batch_size: int = 32, repeats: in
 
 
 # ---------------------------------------------------------------------------------- quality
-def _attr_targets(eval_set) -> dict[str, np.ndarray]:
-    from pogdiff.data.identities import age_group
-
-    extra = [s.extra for s in eval_set.samples]
-    return {
-        "smiling": np.array([int(bool(e["smiling"])) for e in extra]),
-        "glasses": np.array([int(bool(e["glasses"])) for e in extra]),
-        "age_group": np.array([age_group(int(e["age"])) for e in extra]),
-    }
-
-
-def evaluate_model(model, eval_set, evaluator, train_counts: dict[str, int], *, sample_cfg: SampleConfig = EVAL_SAMPLE):
-    """Generate one image per evaluation caption (seed = row index) and score it.
-
-    :returns: (per-class table, bucket summary, generated images uint8 [N x H x W x 3]).
-    """
-    from pogdiff import metrics
-    from pogdiff.sampling import generate
-
-    captions = list(eval_set.captions)
-    images = generate(model, captions, list(range(len(captions))), sample_cfg)
-    pred = evaluator.predict(images)
-    real_feats = evaluator.features(eval_set.images)
-    table = metrics.per_class_table(
-        subjects_gen=eval_set.subjects, pred_gen=pred["subject"], gen_feats=pred["features"],
-        real_subjects=eval_set.subjects, real_feats=real_feats, train_counts=train_counts,
-        attr_pred=pred["attrs"], attr_target=_attr_targets(eval_set),
-    )
-    summary = metrics.summarise(
-        table, gen_feats_all=pred["features"], real_feats_all=real_feats,
-        gen_subjects_all=eval_set.subjects, real_subjects_all=eval_set.subjects,
-    ).reset_index()
-    return table, summary, images
-
-
 def _apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
     """``psi.psi_max=2`` style overrides, typed after the field's default."""
     for item in items:
@@ -172,14 +155,96 @@ def _apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
     return cfg
 
 
-def quality(*, out: Path, methods, seeds, steps: int | None = None, quick: bool = False,
-            overrides: list[str] | None = None, ship: Path | None = None, data: str = "demo",
-            batch_size: int = QUALITY_BATCH, eval_per_class: int = QUALITY_EVAL_PER_CLASS) -> pd.DataFrame:
-    """Fine-tune each method from the same base for each seed, evaluate, and write the report.
+def recipe_config(name: str, *, seed: int, batch_size: int, overrides: list[str] | None = None) -> TrainConfig:
+    """The TrainConfig of a benchmark recipe (``RECIPES``), with extra ``--set`` overrides."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    cfg = TrainConfig(seed=seed, batch_size=batch_size, log_every=50)
+    return _apply_overrides(cfg, RECIPES[name] + list(overrides or []))
 
-    Runs are paired: every method sees the same seeds, hence the same timesteps, noise and (except
-    ``resample``) batch rows, and generates from the same captions with the same sampling seeds.
-    Writes ``out/<data>/`` (runs, tables, plots, grids) and merges ``out/summary.json``.
+
+def _train_key(cfg: TrainConfig) -> dict:
+    """What a benchmark run's weights depend on: its TrainConfig without the step count and the
+    checkpoint bookkeeping (a run is read along the way at every budget), and without the psi
+    options where the method does not read them."""
+    key = to_dict(cfg)
+    for name in ("max_steps", "checkpoint_every", "checkpoint_minutes", "checkpoints_total_limit", "log_every",
+                 "sample_every", "report_to"):
+        key.pop(name, None)
+    key["balanced_sampling"] = uses_balanced_sampling(cfg)
+    if cfg.method != "pogdiff":
+        key.pop("psi")
+    if not key["balanced_sampling"]:
+        key.pop("balance_alpha")
+    return key
+
+
+def train_to_budgets(run_dir: Path, cfg: TrainConfig, budgets, train_set, *, model_cfg, base) -> dict[int, Path]:
+    """Train one run to each budget in turn, resuming, and keep the checkpoint of every budget.
+
+    A run resumed from its ``b``-step checkpoint ends bit for bit where an uninterrupted run ends
+    (README "Resuming"), so the budgets' checkpoints are those of one run read along the way. A run
+    folder that holds another configuration is refused rather than mixed in.
+
+    :returns: ``{budget: checkpoint folder}``.
+    """
+    run_dir = Path(run_dir)
+    budgets = sorted({int(b) for b in budgets})
+    cfg = dataclasses.replace(cfg, checkpoint_every=0, checkpoint_minutes=0.0,
+                              checkpoints_total_limit=len(budgets) + 1)
+    latest = checkpoints.latest_checkpoint(run_dir)
+    if latest is not None:
+        saved = checkpoints.load_configs(latest)[1]
+        if saved is not None and _train_key(saved) != _train_key(cfg):
+            raise ValueError(f"{run_dir} holds a run with other settings than {_train_key(cfg)}; move it aside "
+                             "or choose another --out")
+    out = {}
+    for budget in budgets:
+        ckpt = run_dir / f"checkpoint-{budget:06d}"
+        if not (ckpt / "configs.json").exists():
+            train(dataset=train_set, model_cfg=model_cfg, train_cfg=dataclasses.replace(cfg, max_steps=budget),
+                  run_dir=run_dir, base_checkpoint=base, resume=True)
+        out[budget] = ckpt
+    return out
+
+
+def evaluated_checkpoint(ckpt: Path, eval_set, evaluator, counts, *, train_set, sample_cfg: SampleConfig,
+                         sample_seeds: int):
+    """Evaluate one checkpoint (:func:`pogdiff.evaluation.evaluate_model`), cached beside it in
+    ``eval-<step>/`` and keyed by its weights, the captions, the sampler and the sampling seeds."""
+    from pogdiff.evaluation import checkpoint_digest
+
+    folder = ckpt.parent / f"eval-{ckpt.name.rsplit('-', 1)[-1]}"
+    key = json.dumps({"weights": checkpoint_digest(ckpt), "captions": list(eval_set.captions),
+                      "sample": to_dict(sample_cfg), "sample_seeds": sample_seeds}, sort_keys=True)
+    stamp = folder / "key.json"
+    if stamp.exists() and stamp.read_text() == key:
+        return (pd.read_csv(folder / "per_class.csv"), pd.read_csv(folder / "summary.csv"),
+                np.load(folder / "generated.npy", allow_pickle=False))
+    t0 = time.perf_counter()
+    model = checkpoints.load_model(ckpt)
+    table, summary, images = evaluate_model(model, eval_set, evaluator, counts, sample_cfg=sample_cfg,
+                                            sample_seeds=sample_seeds, train_set=train_set)
+    folder.mkdir(parents=True, exist_ok=True)
+    table.to_csv(folder / "per_class.csv", index=False)
+    summary.to_csv(folder / "summary.csv", index=False)
+    np.save(folder / "generated.npy", images, allow_pickle=False)
+    stamp.write_text(key)
+    logger.info("%s evaluated in %.0fs", ckpt, time.perf_counter() - t0)
+    return table, summary, images
+
+
+def quality(*, out: Path, methods, seeds, budgets=None, steps: int | None = None, quick: bool = False,
+            overrides: list[str] | None = None, ship: Path | None = None, data: str = "demo",
+            batch_size: int = QUALITY_BATCH, eval_per_class: int = QUALITY_EVAL_PER_CLASS,
+            sample_seeds: int = QUALITY_SAMPLE_SEEDS) -> pd.DataFrame:
+    """Fine-tune each recipe from the same base for each seed, read every budget, evaluate, report.
+
+    Runs are paired: every recipe sees the same seeds, hence the same timesteps, noise and (except
+    where batches are class-balanced) batch rows, and generates from the same captions with the
+    same sampling seeds. Each (recipe, seed) is one run, read at every budget of ``budgets``.
+    Writes ``out/<data>/`` (tables, plots, grids; runs under ``runs/``), merges the ``steps``
+    budget into ``out/summary.json`` and every budget into ``out/budget.json``.
     """
     from pogdiff import metrics
     from pogdiff.evaluator import load_evaluator
@@ -188,82 +253,104 @@ def quality(*, out: Path, methods, seeds, steps: int | None = None, quick: bool 
     folder = out / data
     folder.mkdir(parents=True, exist_ok=True)
     _, train_set, eval_set = _demo_splits(data)
-    eval_set = _subset(eval_set, _quick_rows(eval_set) if quick else _per_class_rows(eval_set, eval_per_class))
+    eval_set = subset(eval_set, _quick_rows(eval_set) if quick else per_class_rows(eval_set, eval_per_class))
     evaluator = load_evaluator(DATASETS[data][1])
     _, base = _base_or_fresh()
     model_cfg = checkpoints.load_configs(base)[0] if base else model_preset("tiny")
     counts = pd.Series(train_set.subjects).value_counts().to_dict()
     steps = steps or (QUICK_STEPS if quick else QUALITY_STEPS)
-    sample_cfg = dataclasses.replace(EVAL_SAMPLE, steps=2) if quick else EVAL_SAMPLE
-    summaries, tables, grids, per_class = [], {}, {}, []
+    budgets = sorted({int(b) for b in (budgets or [])} | {steps})
+    sample_cfg = dataclasses.replace(BENCH_SAMPLE, steps=2) if quick else BENCH_SAMPLE
+    sample_seeds = 1 if quick else sample_seeds
+    long, per_class, grids, tables = [], [], {}, {}
     for seed in seeds:
         for method in methods:
-            cfg = TrainConfig(method=method, max_steps=steps, seed=seed, batch_size=batch_size,
-                              checkpoint_every=0, log_every=50)
-            cfg = _apply_overrides(cfg, overrides or [])
+            cfg = recipe_config(method, seed=seed, batch_size=batch_size, overrides=overrides)
             run_dir = folder / "runs" / f"{method}-seed{seed}"
-            table, summary, images = _evaluated_run(run_dir, cfg, train_set, eval_set, evaluator, counts,
-                                                    model_cfg=model_cfg, base=base, sample_cfg=sample_cfg)
-            summaries.append(summary.assign(method=method, seed=seed))
-            per_class.append(table.assign(method=method, seed=seed))
-            if seed == seeds[0]:
-                tables[method] = table
-                grids[method] = images
-    long = pd.concat(summaries, ignore_index=True)
-    long.to_csv(folder / "summary_all_seeds.csv", index=False)
-    classes = pd.concat(per_class, ignore_index=True)
-    classes.to_csv(folder / "per_class_all_seeds.csv", index=False)
-    report = aggregate(long)
+            t0 = time.perf_counter()
+            ckpts = train_to_budgets(run_dir, cfg, budgets, train_set, model_cfg=model_cfg, base=base)
+            logger.info("%s: trained in %.0fs", run_dir.name, time.perf_counter() - t0)
+            for budget, ckpt in ckpts.items():
+                table, summary, images = evaluated_checkpoint(ckpt, eval_set, evaluator, counts, train_set=train_set,
+                                                              sample_cfg=sample_cfg, sample_seeds=sample_seeds)
+                tag = {"method": method, "seed": seed, "steps": budget}
+                long.append(summary.assign(**tag))
+                per_class.append(table.assign(**tag))
+                if seed == seeds[0] and budget == steps:
+                    tables[method], grids[method] = table, images[: len(eval_set)]
+    long_all, classes_all = pd.concat(long, ignore_index=True), pd.concat(per_class, ignore_index=True)
+    long_all.to_csv(folder / "summary_all_seeds.csv", index=False)
+    classes_all.to_csv(folder / "per_class_all_seeds.csv", index=False)
+    at = long_all[long_all["steps"] == steps].drop(columns="steps")
+    report = aggregate(at)
     report.to_csv(folder / "results.csv", index=False)
     (folder / "results.json").write_text(report.to_json(orient="records", indent=2))
     (folder / "results.md").write_text(to_markdown(report, steps=steps, seeds=seeds))
     metrics.accuracy_vs_frequency_figure(tables, path=folder / "accuracy_vs_frequency.png")
     _few_shot_grids(folder, eval_set, grids, counts)
-    entry = summary_entry(long, classes, steps=steps, seeds=list(seeds), batch_size=batch_size,
-                          n_eval=len(eval_set), overrides=overrides or [])
+    protocol = {"batch_size": batch_size, "n_eval_captions": len(eval_set), "sample_seeds": sample_seeds,
+                "sampler": to_dict(sample_cfg), "overrides": overrides or [],
+                "recipes": {m: RECIPES[m] for m in methods}}
+    entry = summary_entry(at, classes_all[classes_all["steps"] == steps], steps=steps, seeds=list(seeds), **protocol)
+    entry["budgets"] = budgets
     _merge_summary(out / "summary.json", data, entry)
+    curve = {"budgets": budgets, "seeds": list(seeds), **protocol, "by_budget": {}}
+    for budget in budgets:
+        part = long_all[long_all["steps"] == budget].drop(columns="steps")
+        curve["by_budget"][str(budget)] = summary_entry(
+            part, classes_all[classes_all["steps"] == budget], steps=budget, seeds=list(seeds), **protocol)
+    _merge_summary(out / "budget.json", data, curve)
+    budget_figure(long_all, path=folder / "budget.png", title=data)
     if ship:
-        _ship_demo_runs(folder, Path(ship), seeds[0], tables, prefix="demo" if data == "demo" else data)
+        _ship_demo_runs(folder, Path(ship), seeds[0], tables, steps=steps, prefix="demo" if data == "demo" else data)
     return report
 
 
 def summary_entry(long: pd.DataFrame, classes: pd.DataFrame, *, steps: int, seeds: list[int], batch_size: int,
-                  n_eval: int, overrides: list[str]) -> dict:
-    """One benchmark set's block of ``summary.json``: per-seed bucket metrics of every method and
-    the paired comparisons of PoGDiff against each other method (README "Results")."""
+                  n_eval_captions: int, overrides: list[str], **protocol) -> dict:
+    """One benchmark set's block of ``summary.json``: per-seed bucket metrics of every recipe and the
+    paired comparisons of the ``COMPARED`` recipes against each other recipe (README "Results")."""
     methods = list(dict.fromkeys(long["method"]))
-    block: dict = {"steps": steps, "seeds": seeds, "batch_size": batch_size, "n_eval_captions": n_eval,
-                   "overrides": overrides, "methods": {}, "comparisons": {}}
+    block: dict = {"steps": steps, "seeds": seeds, "batch_size": batch_size, "n_eval_captions": n_eval_captions,
+                   "overrides": overrides, **protocol, "methods": {}, "comparisons": {}}
     for method in methods:
         rows = long[long["method"] == method]
         block["methods"][method] = {
             name: [_clean(_bucket_value(rows, seed, bucket, col)) for seed in seeds]
             for name, (bucket, col) in SUMMARY_METRICS.items()
         }
-    if "pogdiff" in methods:
-        for other in methods:
-            if other != "pogdiff":
-                block["comparisons"][f"pogdiff_vs_{other}"] = _compare(block["methods"], classes, "pogdiff", other)
+    for a in COMPARED:
+        if a in methods:
+            for other in methods:
+                if other != a and not (a != COMPARED[0] and other in COMPARED):
+                    block["comparisons"][f"{a}_vs_{other}"] = _compare(block["methods"], classes, a, other)
     return block
 
 
 def _compare(per_method: dict, classes: pd.DataFrame, a: str, b: str) -> dict:
+    """Paired comparison of recipe ``a`` against ``b`` per bucket: per-seed accuracy ratios, the
+    ratio of class means with its bootstrap interval over classes (and its relative half-width),
+    and the difference in copy rate."""
     from pogdiff import metrics
 
     out = {}
     for bucket in ("few", "medium", "many"):
-        key = f"{bucket}_acc"
-        va, vb = (_nan(per_method[m][key]) for m in (a, b))
+        va, vb = (_nan(per_method[m][f"{bucket}_acc"]) for m in (a, b))
         ratios = metrics.paired_ratios(va, vb)
         part = classes[classes["shot"] == bucket]
         by_class = part.groupby(["method", "subject"])["accuracy"].mean().unstack(0)
         entry = {"paired_ratio": [_clean(r) for r in ratios],
                  "every_seed_above_1": bool(all(r > 1 for r in ratios)),
                  "mean_difference": _clean(float(np.mean(va) - np.mean(vb)))}
+        ca, cb = per_method[a].get(f"{bucket}_copy"), per_method[b].get(f"{bucket}_copy")
+        if ca and cb and None not in ca + cb:
+            entry["copy_difference"] = _clean(float(np.mean(ca) - np.mean(cb)))
         if a in by_class and b in by_class and len(by_class):
             ratio, low, high = metrics.bootstrap_ratio_ci(by_class[a].values, by_class[b].values)
             entry.update(ratio_of_means=_clean(ratio), bootstrap_ci95=[_clean(low), _clean(high)],
                          n_classes=int(len(by_class)))
+            if np.isfinite(ratio) and ratio > 0 and np.isfinite(low) and np.isfinite(high):
+                entry["ci_half_width_relative"] = _clean((high - low) / (2 * ratio))
         out[bucket] = entry
     return out
 
@@ -290,86 +377,6 @@ def _merge_summary(path: Path, data: str, entry: dict) -> None:
     tmp.replace(path)
 
 
-# Metric modes of the Compare tab (README "What you see"): "fast" is the quality benchmark's protocol
-# (the first QUALITY_EVAL_PER_CLASS held-out captions of every class), so the numbers shipped with
-# the demo checkpoints come out again; "full" uses every held-out caption.
-METRIC_MODES = {"fast": QUALITY_EVAL_PER_CLASS, "full": None}
-
-
-def metric_eval_set(eval_set, mode: str):
-    """The evaluation captions of a metric mode (see ``METRIC_MODES``)."""
-    if mode not in METRIC_MODES:
-        raise ValueError(f"unknown metric mode {mode!r}; choose one of {', '.join(METRIC_MODES)}")
-    per_class = METRIC_MODES[mode]
-    return eval_set if per_class is None else _subset(eval_set, _per_class_rows(eval_set, per_class))
-
-
-def checkpoint_digest(checkpoint: str | Path) -> str:
-    """sha256 of a checkpoint's weight files (names and bytes): the key of its cached metrics."""
-    root = Path(checkpoint)
-    digest = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*.safetensors") if "trainer_state" not in p.name)
-    if not files:
-        raise FileNotFoundError(f"no weights (*.safetensors) under {root}")
-    for path in files:
-        digest.update(path.relative_to(root).as_posix().encode())
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _per_class_rows(eval_set, n: int) -> list[int]:
-    """The first ``n`` evaluation captions of every class, in file order."""
-    seen: dict[str, int] = {}
-    rows = []
-    for i, s in enumerate(eval_set.subjects):
-        if seen.get(s, 0) < n:
-            seen[s] = seen.get(s, 0) + 1
-            rows.append(i)
-    return rows
-
-
-def _evaluated_run(run_dir: Path, cfg: TrainConfig, train_set, eval_set, evaluator, counts, *, model_cfg, base,
-                   sample_cfg: SampleConfig):
-    """Train (or resume) one run and evaluate it; a finished, evaluated run is read back from disk.
-
-    The cache (``summary.csv``, ``per_class.csv``, ``generated.npy``) is keyed by the run's train
-    config and the evaluation captions, so changing either recomputes it.
-    """
-    key = json.dumps({"train": _train_key(cfg), "captions": list(eval_set.captions), "sample": to_dict(sample_cfg)},
-                     sort_keys=True)
-    stamp = run_dir / "evaluated.json"
-    if stamp.exists() and stamp.read_text() == key:
-        logger.info("%s: using the stored evaluation", run_dir.name)
-        return (pd.read_csv(run_dir / "per_class.csv"), pd.read_csv(run_dir / "summary.csv"),
-                np.load(run_dir / "generated.npy", allow_pickle=False))
-    t0 = time.perf_counter()
-    result = train(dataset=train_set, model_cfg=model_cfg, train_cfg=cfg, run_dir=run_dir,
-                   base_checkpoint=base, resume=True)
-    train_s = time.perf_counter() - t0
-    model = checkpoints.load_model(result.last_checkpoint)
-    table, summary, images = evaluate_model(model, eval_set, evaluator, counts, sample_cfg=sample_cfg)
-    summary = summary.assign(train_seconds=round(train_s, 1))
-    table.to_csv(run_dir / "per_class.csv", index=False)
-    summary.to_csv(run_dir / "summary.csv", index=False)
-    np.save(run_dir / "generated.npy", images, allow_pickle=False)
-    stamp.write_text(key)
-    logger.info("%s done: trained in %.0fs", run_dir.name, train_s)
-    return table, summary, images
-
-
-def _train_key(cfg: TrainConfig) -> dict:
-    """The parts of a TrainConfig a run depends on (psi options only matter to PoGDiff)."""
-    key = to_dict(cfg)
-    # The resolved setting, so an explicit flag and a method default that agree share a cache.
-    # "resample" is balanced whatever the flag says; its key keeps False, the value it always had.
-    key["balanced_sampling"] = uses_balanced_sampling(cfg) if cfg.method != "resample" else False
-    if cfg.method != "pogdiff":
-        key.pop("psi")
-    return key
-
-
 def _quick_rows(eval_set) -> list[int]:
     """Two evaluation captions for each of the first three classes (test size)."""
     seen: dict[str, int] = {}
@@ -381,8 +388,34 @@ def _quick_rows(eval_set) -> list[int]:
     return rows
 
 
-def _subset(ds, rows):
-    return dataclasses.replace(ds, samples=[ds.samples[i] for i in rows], images=ds.images[rows])
+def budget_figure(long: pd.DataFrame, *, path: Path, title: str = "") -> Path:
+    """Accuracy per bucket (few, medium, many) against fine-tuning steps, one line per recipe,
+    mean over seeds with the seeds' min-max as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
+    for ax, bucket in zip(axes, ("few", "medium", "many")):
+        part = long[(long["bucket"] == bucket) & long["accuracy"].notna()]
+        ax.set_title(f"{title} {bucket}-shot".strip())
+        ax.set_xlabel("fine-tuning steps")
+        if part.empty:
+            ax.text(0.5, 0.5, "no classes", ha="center", va="center", transform=ax.transAxes)
+            continue
+        for method, rows in part.groupby("method", sort=False):
+            g = rows.groupby("steps")["accuracy"]
+            x = g.mean().index.values
+            ax.plot(x, g.mean().values, marker="o", label=method)
+            ax.fill_between(x, g.min().values, g.max().values, alpha=0.15)
+        ax.set_xscale("log")
+    axes[0].set_ylabel("identity accuracy")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 def aggregate(long: pd.DataFrame) -> pd.DataFrame:
@@ -417,20 +450,19 @@ def _few_shot_grids(out: Path, eval_set, grids: dict[str, np.ndarray], counts: d
         image_grid(images[rows], ncols=8, labels=labels, scale=2).save(out / f"few_shot_{method}.png")
 
 
-def _ship_demo_runs(out: Path, ship: Path, seed: int, tables: dict[str, pd.DataFrame], *,
+def _ship_demo_runs(out: Path, ship: Path, seed: int, tables: dict[str, pd.DataFrame], *, steps: int,
                     prefix: str = "demo") -> None:
-    """Copy the seed's checkpoints of every method where the app finds them (``<prefix>-<method>``)."""
+    """Copy the seed's ``steps`` checkpoint of every recipe where the app finds it (``<prefix>-<recipe>``,
+    underscores as hyphens), with its per-class table."""
     for method in tables:
-        src = checkpoints.latest_checkpoint(out / "runs" / f"{method}-seed{seed}")
-        if src is None:
+        src = out / "runs" / f"{method}-seed{seed}" / f"checkpoint-{steps:06d}"
+        if not (src / "configs.json").exists():
             continue
-        dst = ship / f"{prefix}-{method}"
+        dst = ship / f"{prefix}-{method.replace('_', '-')}"
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(src, dst)
         checkpoints.store_half_precision(dst)
-        if method in tables:
-            tables[method].to_csv(dst / "per_class.csv", index=False)
 
 
 # ------------------------------------------------------------------------------- artefacts
@@ -497,8 +529,9 @@ def main(args) -> int:
             Path(args.out).write_text(table.to_json(orient="records", indent=2))
         return 0
     report = quality(out=Path(args.out), methods=args.methods, seeds=args.seeds, steps=args.steps,
-                     quick=args.quick, overrides=args.set, ship=Path(args.ship) if args.ship else None,
-                     data=args.data, batch_size=args.batch_size, eval_per_class=args.eval_per_class)
+                     budgets=args.budgets, quick=args.quick, overrides=args.set,
+                     ship=Path(args.ship) if args.ship else None, data=args.data, batch_size=args.batch_size,
+                     eval_per_class=args.eval_per_class, sample_seeds=args.sample_seeds)
     print(to_markdown(report, steps=args.steps or QUALITY_STEPS, seeds=args.seeds))
     return 0
 
@@ -542,3 +575,4 @@ def summary_markdown(summary: dict) -> str:
                                  f"{'yes' if c['every_seed_above_1'] else 'no'} |")
         lines.append("")
     return "\n".join(lines)
+

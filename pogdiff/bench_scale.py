@@ -278,7 +278,7 @@ def bench_metrics(*, mode: str = "fast", names: tuple[str, ...] = ("demo-baselin
     replaces the shipped tables with the recomputed ones (how they are made, fast mode)."""
     import pandas as pd
 
-    from pogdiff import bench, checkpoints
+    from pogdiff import checkpoints, evaluation
     from pogdiff.config import DataConfig
     from pogdiff.data import ensure_demo, load_image_text_set
     from pogdiff.evaluator import load_evaluator
@@ -287,13 +287,13 @@ def bench_metrics(*, mode: str = "fast", names: tuple[str, ...] = ("demo-baselin
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     root = ensure_demo()
-    eval_set = bench.metric_eval_set(load_image_text_set(root / "eval", DataConfig()), mode)
+    eval_set = evaluation.metric_eval_set(load_image_text_set(root / "eval", DataConfig()), mode)
     counts = pd.Series(load_image_text_set(root / "train", DataConfig()).subjects).value_counts().to_dict()
     evaluator = load_evaluator(folder / "evaluator")
     runs = {}
     for name in names:
         t1 = time.perf_counter()
-        table, _, _ = bench.evaluate_model(checkpoints.load_model(folder / name), eval_set, evaluator, counts)
+        table, _, _ = evaluation.evaluate_model(checkpoints.load_model(folder / name), eval_set, evaluator, counts)
         entry: dict[str, Any] = {"seconds": round(time.perf_counter() - t1, 3),
                                  "few_shot_accuracy": round(float(table.loc[table["shot"] == "few", "accuracy"].mean()), 4)}
         shipped_csv = folder / name / "per_class.csv"
@@ -308,7 +308,7 @@ def bench_metrics(*, mode: str = "fast", names: tuple[str, ...] = ("demo-baselin
             table.to_csv(shipped_csv, index=False)
         runs[name] = entry
     return {"mode": mode, "images_per_model": len(eval_set.captions), "seconds": round(time.perf_counter() - t0, 3),
-            "runs": runs, "sampler": f"{bench.EVAL_SAMPLE.scheduler} {bench.EVAL_SAMPLE.steps}",
+            "runs": runs, "sampler": f"{evaluation.EVAL_SAMPLE.scheduler} {evaluation.EVAL_SAMPLE.steps}",
             "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
             **_machine()}
 

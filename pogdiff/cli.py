@@ -14,6 +14,7 @@ from pathlib import Path
 from pogdiff.config import (
     LIMITS,
     METHODS,
+    RECIPES,
     OPTIMIZERS,
     PRESETS,
     TRACKERS,
@@ -392,11 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/quality",
                    help="output folder: <out>/<data>/ (runs, tables, plots, grids) and <out>/summary.json")
     p.add_argument("--data", choices=("demo", "families"), default="demo", help="embedded benchmark set")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(RECIPES), choices=list(RECIPES),
+                   help="recipes to compare (README \"Results\")")
     p.add_argument("--batch-size", type=int, default=16, help="fine-tuning batch size")
-    p.add_argument("--eval-per-class", type=int, default=4, help="evaluation captions per class (at most 8)")
+    p.add_argument("--eval-per-class", type=int, default=8, help="evaluation captions per class (at most 8)")
+    p.add_argument("--sample-seeds", type=int, default=2, help="sampling seeds per evaluation caption")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run")
+    p.add_argument("--steps", type=int, default=None, help="the budget summary.json reports (default: the chosen one)")
+    p.add_argument("--budgets", type=int, nargs="+", default=[300, 1000],
+                   help="fine-tuning budgets read from each run (budget.json)")
     p.add_argument("--quick", action="store_true", help="tiny size for tests")
     p.add_argument("--ship", default=None, help="copy the seed-0 baseline/pogdiff checkpoints to this folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

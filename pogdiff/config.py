@@ -31,6 +31,8 @@ METHODS = ("baseline", "pogdiff", "cbdm", "resample")
 # Methods that draw class-balanced batches unless TrainConfig.balanced_sampling says otherwise.
 BALANCED_BY_DEFAULT = {"resample": True, "pogdiff": True}
 PRESETS = ("tiny", "sd15")
+# Tempering of balanced batches by default (TrainConfig.balance_alpha).
+DEFAULT_BALANCE_ALPHA = 0.0
 OPTIMIZERS = ("adamw", "adamw8bit")
 TRACKERS = ("none", "tensorboard")
 
@@ -125,6 +127,10 @@ class TrainConfig:
     # Draw batch rows class-balanced (a class uniformly, then one of its rows). None = the method's
     # default (BALANCED_BY_DEFAULT); with "pogdiff" it puts the PoG target on top of balanced batches.
     balanced_sampling: bool | None = None
+    # Tempering of balanced batches (README "Tempered class sampling"): a class is drawn with
+    # probability proportional to n_c ** balance_alpha, then one of its rows uniformly. 0 is
+    # class-uniform (fully balanced); 1 draws classes as often as plain fine-tuning does.
+    balance_alpha: float = DEFAULT_BALANCE_ALPHA
     mixed_precision: str = "no"  # "no", "fp16", "bf16"
     checkpoint_every: int = 250
     log_every: int = 10
@@ -162,6 +168,7 @@ class TrainConfig:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
         check_number("learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
         check_number("cbdm_tau", self.cbdm_tau, low=0.0)
+        check_number("balance_alpha", self.balance_alpha, low=0.0, high=1.0)
         if isinstance(self.psi, PsiConfig):
             check_number("psi_max", self.psi.psi_max, low=0.0)
         check_number("weight_decay", self.weight_decay, low=0.0)
@@ -170,6 +177,20 @@ class TrainConfig:
         check_number("checkpoint_minutes", self.checkpoint_minutes, low=0.0)
         check_number("snr_gamma", self.snr_gamma, low=0.0)
         check_number("noise_offset", self.noise_offset, low=0.0)
+
+
+# The recipes the quality benchmark compares (README "Results"), as TrainConfig overrides. "pogdiff"
+# is the shipped default recipe; "pogdiff_no_pog" draws exactly its batches (rows, timesteps, noise)
+# with the plain loss, so the pair isolates what the PoG term itself does.
+RECIPES: dict[str, list[str]] = {
+    "baseline": ["method=baseline"],
+    "resample": ["method=resample", "balance_alpha=0"],
+    "cbdm": ["method=cbdm"],
+    "pogdiff": ["method=pogdiff"],
+    "pogdiff_no_pog": ["method=resample", f"balance_alpha={DEFAULT_BALANCE_ALPHA:g}"],
+}
+# Recipes whose paired comparisons against every other recipe summary.json holds.
+COMPARED = ("pogdiff", "pogdiff_no_pog")
 
 
 def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,

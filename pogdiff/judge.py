@@ -244,17 +244,17 @@ def demo_report(*, backbone: bool = True, agreement: bool = False) -> dict[str, 
 def _agreement(judge: UserJudge, evaluator, evalset, train) -> dict[str, Any]:
     """On generations of the shipped demo checkpoints (the metrics' fast protocol): how often the
     judge names the same identity as the shipped evaluator, and both one's accuracy per checkpoint."""
-    from pogdiff import bench, checkpoints
+    from pogdiff import checkpoints, evaluation
     from pogdiff.constants import SHIPPED_DIR
     from pogdiff.sampling import generate
 
-    part = bench.metric_eval_set(evalset, "fast")
+    part = evaluation.metric_eval_set(evalset, "fast")
     truth = np.asarray(part.subjects, dtype=object)
     found = {}
     for name in ("demo-baseline", "demo-pogdiff"):
         ckpt = checkpoints.latest_checkpoint(SHIPPED_DIR / name) or SHIPPED_DIR / name
         model = checkpoints.load_model(ckpt, device="cpu")
-        images = generate(model, list(part.captions), list(range(len(part.captions))), bench.EVAL_SAMPLE)
+        images = generate(model, list(part.captions), list(range(len(part.captions))), evaluation.EVAL_SAMPLE)
         by_judge = np.asarray(judge.predict(images)["subject"], dtype=object)
         by_evaluator = np.asarray(evaluator.predict(images)["subject"], dtype=object)
         found[name] = {"images": len(images), "agree": round(float(np.mean(by_judge == by_evaluator)), 4),

@@ -283,10 +283,15 @@ def per_class_table(
     return pd.DataFrame(rows, columns=columns)
 
 
+# Per-class columns added after per_class_table when the training images are known
+# (pogdiff.evaluation.copy_and_coverage); summarise averages them like the others.
+EXTRA_COLUMNS = ("copy", "coverage")
+
+
 def metric_columns(table: pd.DataFrame) -> list[str]:
     """The columns of a :func:`per_class_table` that are averaged by :func:`summarise`."""
     attr = [c for c in table.columns if c.startswith("attr_") and c.endswith("_acc")]
-    return [c for c in METRIC_COLUMNS if c in table.columns] + attr
+    return [c for c in METRIC_COLUMNS + EXTRA_COLUMNS if c in table.columns] + attr
 
 
 def summarise(

@@ -345,14 +345,19 @@ class Trainer:
     def _draw_rows(self, b: int, g: torch.Generator) -> torch.Tensor:
         n = len(self.data)
         if uses_balanced_sampling(self.cfg):
-            return self._balanced_rows(b, g)
+            return self._balanced_rows(b, g, alpha=self.cfg.balance_alpha)
         if b <= n:
             return torch.randperm(n, generator=g)[:b]
         return torch.randint(0, n, (b,), generator=g)
 
-    def _balanced_rows(self, b: int, g: torch.Generator) -> torch.Tensor:
-        """Class-balanced draw: a class uniformly, then a row of that class uniformly."""
-        classes = torch.randint(0, len(self.data.class_rows), (b,), generator=g)
+    def _balanced_rows(self, b: int, g: torch.Generator, *, alpha: float = 0.0) -> torch.Tensor:
+        """Class-balanced draw: a class with probability proportional to ``n_c ** alpha``
+        (``alpha = 0``: uniformly), then a row of that class uniformly."""
+        if alpha == 0.0:
+            classes = torch.randint(0, len(self.data.class_rows), (b,), generator=g)
+        else:
+            classes = torch.multinomial(class_draw_weights(self.data.class_rows, alpha), b, replacement=True,
+                                        generator=g)
         picks = torch.rand(b, generator=g)
         return torch.stack(
             [self.data.class_rows[c][int(p * len(self.data.class_rows[c]))] for c, p in zip(classes.tolist(), picks)]
@@ -552,6 +557,17 @@ class Trainer:
         finally:
             unet.train(was_training)
         self.preview_callback(self.step, images, list(self.preview_captions))
+
+
+def class_draw_weights(class_rows: Sequence, alpha: float) -> torch.Tensor:
+    """Per-class draw probabilities ``n_c ** alpha / sum_k n_k ** alpha`` (float64 ``[C]``).
+
+    ``alpha = 0``: every class alike; ``alpha = 1``: as often as its share of the rows, which is
+    what drawing rows uniformly gives.
+    """
+    counts = torch.tensor([len(r) for r in class_rows], dtype=torch.float64)
+    weights = counts ** alpha
+    return weights / weights.sum()
 
 
 def history_from_rows(rows: Sequence[dict]) -> list[StepInfo]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pogdiff import bench_scale
+from pogdiff import bench_scale, evaluation
 from pogdiff.cli import main
 
 TINY_UNET = {
@@ -151,30 +151,26 @@ def test_shipped_demo_metrics_reproduce_in_fast_mode(tmp_path, capsys):
 def test_metric_modes_pick_the_first_captions_of_every_class():
     from types import SimpleNamespace
 
-    from pogdiff import bench
-
     subjects = ["a"] * 6 + ["b"] * 2 + ["a"] * 2
     ds = SimpleNamespace(subjects=subjects)
-    rows = bench._per_class_rows(ds, bench.METRIC_MODES["fast"])
+    rows = evaluation.per_class_rows(ds, evaluation.METRIC_MODES["fast"])
     assert rows == [0, 1, 2, 3, 6, 7]
     with pytest.raises(ValueError, match="unknown metric mode 'quick'; choose one of fast, full"):
-        bench.metric_eval_set(ds, "quick")
-    assert bench.metric_eval_set(ds, "full") is ds
+        evaluation.metric_eval_set(ds, "quick")
+    assert evaluation.metric_eval_set(ds, "full") is ds
 
 
 def test_checkpoint_digest_follows_the_weights(tmp_path):
-    from pogdiff import bench
-
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "w.safetensors").write_bytes(b"one")
     (tmp_path / "trainer_state.safetensors").write_bytes(b"optimizer")
-    first = bench.checkpoint_digest(tmp_path)
+    first = evaluation.checkpoint_digest(tmp_path)
     (tmp_path / "trainer_state.safetensors").write_bytes(b"other optimizer state")
-    assert bench.checkpoint_digest(tmp_path) == first  # optimizer state does not change the metrics
+    assert evaluation.checkpoint_digest(tmp_path) == first  # optimizer state does not change the metrics
     (tmp_path / "unet" / "w.safetensors").write_bytes(b"two")
-    assert bench.checkpoint_digest(tmp_path) != first
+    assert evaluation.checkpoint_digest(tmp_path) != first
     with pytest.raises(FileNotFoundError, match="no weights"):
-        bench.checkpoint_digest(tmp_path / "unet" / "missing")
+        evaluation.checkpoint_digest(tmp_path / "unet" / "missing")
 
 
 def test_train_tab_runs_append_to_one_file(tmp_path):

@@ -360,7 +360,7 @@ def test_compute_metrics_fast_by_default_full_on_request_and_cached(tmp_path, mo
     same checkpoint weights and mode is read from the cache, not generated again."""
     import pandas as pd
 
-    from pogdiff import bench, ui
+    from pogdiff import evaluation, ui
 
     shipped = Path(__file__).resolve().parent.parent / "checkpoints"
     studio = ui.Studio(tmp_path / "runs", shipped_dir=shipped, device="cpu")
@@ -373,7 +373,7 @@ def test_compute_metrics_fast_by_default_full_on_request_and_cached(tmp_path, mo
                               "shot": ["few"] * len(subjects), "accuracy": [0.5] * len(subjects)})
         return table, None, None
 
-    monkeypatch.setattr(bench, "evaluate_model", fake_evaluate)
+    monkeypatch.setattr(evaluation, "evaluate_model", fake_evaluate)
     monkeypatch.setattr(ui.Studio, "_model", lambda self, source: object())
     a, b = "shipped:demo-baseline", "shipped:demo-pogdiff"
     n_classes = len(set(studio._eval_set().subjects))

@@ -83,7 +83,7 @@ class MetricsPanel:
         (:mod:`pogdiff.judge`). Results are cached per checkpoint weights, data and mode
         (README "What you see", "Metrics on your own data").
         """
-        from pogdiff import bench
+        from pogdiff import evaluation
 
         a, b = self._source(key_a), self._source(key_b)
         mode = "full" if _arg(safety.flag, "Full evaluation", False if full is None else full) else "fast"
@@ -92,13 +92,13 @@ class MetricsPanel:
             return self._own_data_metrics(a, b, mode, self.bundle(key), progress)
         evaluator = self._evaluator_or_error()
         progress(0.02, desc="Loading the demo evaluation split…")
-        eval_set = bench.metric_eval_set(self._eval_set(), mode)
+        eval_set = evaluation.metric_eval_set(self._eval_set(), mode)
         counts = self._load_demo_bundle().count_of()
         tables, cached = self._scored_pair(
             (a, b), lambda src: self._metrics_cache_path(src, mode, eval_set),
-            lambda src: bench.evaluate_model(self._model(src), eval_set, evaluator, counts)[0],
+            lambda src: evaluation.evaluate_model(self._model(src), eval_set, evaluator, counts)[0],
             f"Generating and scoring {{}} ({len(eval_set.captions)} images)…", progress)
-        per_class = bench.METRIC_MODES[mode]
+        per_class = evaluation.METRIC_MODES[mode]
         what = f"{per_class} held-out captions per class" if per_class else "every held-out caption"
         note = (f"Computed on the demo evaluation split ({mode} mode: {what}, {len(eval_set.captions)} images "
                 f"per model, fixed seeds)" + (f"; {cached} of 2 read from the cache." if cached else "."))
@@ -124,7 +124,7 @@ class MetricsPanel:
             return bundle.judge
 
     def _own_data_metrics(self, a: Source, b: Source, mode: str, bundle: DatasetBundle, progress) -> tuple:
-        from pogdiff import bench
+        from pogdiff import evaluation
         from pogdiff import judge as judging
 
         judge = self.judge_for(bundle, progress)
@@ -135,7 +135,7 @@ class MetricsPanel:
         tables, cached = self._scored_pair(
             (a, b), lambda src: self._metrics_cache_path(src, mode, None, data=digest),
             lambda src: judging.score_on_own_data(self._model(src), bundle.ds, judge, counts, per_class=per_class,
-                                                  sample_cfg=bench.EVAL_SAMPLE, config=self.data_config),
+                                                  sample_cfg=evaluation.EVAL_SAMPLE, config=self.data_config),
             f"Generating and judging {{}} ({n_images} images)…", progress)
         note = own_data_note(bundle.name, judge, mode=mode, per_class=per_class, n_images=n_images,
                              cached=cached, other_data=[s.label for s in (a, b) if not self._trained_on(s, bundle)])
@@ -173,14 +173,14 @@ class MetricsPanel:
         return (desc.get("num_samples"), desc.get("num_classes")) == (len(bundle.ds), len(bundle.ds.classes))
 
     def _metrics_cache_path(self, src: Source, mode: str, eval_set, *, data: str = "demo") -> Path:
-        from pogdiff import bench
+        from pogdiff import evaluation
         from pogdiff.config import to_dict
         from pogdiff.judge import JUDGE_VERSION
 
         what = {"captions": list(eval_set.captions)} if eval_set is not None else \
             {"data": data, "judge": JUDGE_VERSION, "per_class": self.OWN_PER_CLASS[mode]}
-        key = hashlib.sha256(json.dumps({"weights": bench.checkpoint_digest(src.checkpoint), "mode": mode,
-                                         **what, "sample": to_dict(bench.EVAL_SAMPLE)}, sort_keys=True).encode())
+        key = hashlib.sha256(json.dumps({"weights": evaluation.checkpoint_digest(src.checkpoint), "mode": mode,
+                                         **what, "sample": to_dict(evaluation.EVAL_SAMPLE)}, sort_keys=True).encode())
         return self.runs_dir / "cache" / "metrics" / f"{key.hexdigest()[:32]}.csv"
 
     def _metric_outputs(self, tables: dict[str, pd.DataFrame], *, note: str,
