@@ -62,6 +62,8 @@ SUMMARY_METRICS = {
     "few_copy": ("few", "copy"), "medium_copy": ("medium", "copy"), "many_copy": ("many", "copy"),
     "all_copy": ("all", "copy"), "few_coverage": ("few", "coverage"), "medium_coverage": ("medium", "coverage"),
     "many_coverage": ("many", "coverage"), "many_grecall": ("many", "gRecall"),
+    "few_proximity": ("few", "proximity"), "many_proximity": ("many", "proximity"),
+    "all_coverage": ("all", "coverage"), "all_proximity": ("all", "proximity"),
 }
 
 

@@ -15,6 +15,7 @@ from pogdiff.config import (
     LIMITS,
     METHODS,
     RECIPES,
+    TEACHERS,
     OPTIMIZERS,
     PRESETS,
     TRACKERS,
@@ -144,6 +145,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="PoGDiff: psi constant over timesteps, or the Gaussian timestep-dependent psi")
     p.add_argument("--balanced-sampling", action=argparse.BooleanOptionalAction, default=None,
                    help="draw batches class-balanced (always on for --method resample)")
+    p.add_argument("--balance-alpha", type=float, default=None,
+                   help="balanced batches draw a class with probability ~ n_c ** alpha (0 class-uniform, 1 as plain)")
+    p.add_argument("--psi-teacher", choices=TEACHERS, default=None,
+                   help="PoGDiff: the neighbour's prediction from the live model or the frozen base weights")
     p.add_argument("--neighbour-sampling", choices=("similarity", "nearest"), default=None,
                    help="PoGDiff: draw one of k neighbours by similarity, or always the nearest")
     p.add_argument("--cbdm-tau", type=float, default=None, help="CBDM regulariser weight")
@@ -179,7 +184,7 @@ def configs_from_args(args):
         cbdm_tau=args.cbdm_tau, balanced_sampling=args.balanced_sampling, psi_max=args.psi_max, k=args.k,
         use_density=not args.no_density, use_image_sim=not args.no_image_sim, use_text_sim=not args.no_text_sim,
         neighbour_pool=args.neighbour_pool, psi_schedule=args.psi_schedule,
-        neighbour_sampling=args.neighbour_sampling,
+        neighbour_sampling=args.neighbour_sampling, balance_alpha=args.balance_alpha, psi_teacher=args.psi_teacher,
     )
 
 

@@ -31,6 +31,7 @@ METHODS = ("baseline", "pogdiff", "cbdm", "resample")
 # Methods that draw class-balanced batches unless TrainConfig.balanced_sampling says otherwise.
 BALANCED_BY_DEFAULT = {"resample": True, "pogdiff": True}
 PRESETS = ("tiny", "sd15")
+TEACHERS = ("live", "base")
 # Tempering of balanced batches by default (TrainConfig.balance_alpha).
 DEFAULT_BALANCE_ALPHA = 0.0
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -83,6 +84,10 @@ class PsiConfig:
     # Rows whose psi is at most this skip the neighbour forward pass (their target would move by
     # less than psi / (1 + psi) towards the neighbour); this is what keeps PoGDiff cheap.
     psi_threshold: float = 0.05
+    # Whose prediction for the neighbour's caption builds the PoG target (README "Teacher"):
+    # "live" the model being trained (the paper's form), "base" the frozen weights the run started
+    # from (prior preservation in product-of-Gaussians form).
+    teacher: str = "live"
 
 
 @dataclass
@@ -171,6 +176,7 @@ class TrainConfig:
         check_number("balance_alpha", self.balance_alpha, low=0.0, high=1.0)
         if isinstance(self.psi, PsiConfig):
             check_number("psi_max", self.psi.psi_max, low=0.0)
+            check_choice("psi.teacher", self.psi.teacher, TEACHERS)
         check_number("weight_decay", self.weight_decay, low=0.0)
         check_number("grad_clip", self.grad_clip, low=0.0)
         check_number("ema_decay", self.ema_decay, low=0.0, high=1.0, high_inclusive=False)
@@ -307,6 +313,8 @@ def configs_from_options(
     neighbour_pool: str | None = None,
     psi_schedule: str | None = None,
     neighbour_sampling: str | None = None,
+    balance_alpha: float | None = None,
+    psi_teacher: str | None = None,
     limits: Limits | None = None,
 ) -> tuple[ModelConfig, TrainConfig]:
     """Training options (the ``train`` command's flags, the app's training tab) -> ``(ModelConfig,
@@ -327,7 +335,8 @@ def configs_from_options(
         check_number("psi_max", psi_max, low=0.0, high=lim.max_psi_max)
     for name, value, choices in (("neighbour_pool", neighbour_pool, ("same_class", "all", "other_class")),
                                  ("psi_schedule", psi_schedule, ("constant", "gaussian")),
-                                 ("neighbour_sampling", neighbour_sampling, ("similarity", "nearest"))):
+                                 ("neighbour_sampling", neighbour_sampling, ("similarity", "nearest")),
+                                 ("psi_teacher", psi_teacher, TEACHERS)):
         if value is not None:
             check_choice(name, value, choices)
     if balanced_sampling is not None and not isinstance(balanced_sampling, bool):
@@ -344,8 +353,10 @@ def configs_from_options(
             raise ValueError(f"resolution must be a whole number of pixels in [16, 2048] divisible by {factor} "
                              f"for the {preset} preset, got {resolution!r}")
         model_over["resolution"] = resolution
+    if balance_alpha is not None:
+        check_number("balance_alpha", balance_alpha, low=0.0, high=1.0)
     psi_over = {"psi_max": None if psi_max is None else float(psi_max), "k": k, "pool": neighbour_pool,
-                "schedule": psi_schedule, "sampling": neighbour_sampling}
+                "schedule": psi_schedule, "sampling": neighbour_sampling, "teacher": psi_teacher}
     psi = dataclasses.replace(PsiConfig(), **{key: v for key, v in psi_over.items() if v is not None},
                               use_density=use_density, use_image_sim=use_image_sim, use_text_sim=use_text_sim)
     train_over = {
@@ -356,6 +367,7 @@ def configs_from_options(
         "gradient_accumulation_steps": gradient_accumulation_steps, "snr_gamma": snr_gamma,
         "noise_offset": noise_offset, "optimizer": optimizer, "report_to": report_to,
         "sample_every": sample_every, "cbdm_tau": cbdm_tau,
+        "balance_alpha": None if balance_alpha is None else float(balance_alpha),
     }
     train_cfg = train_preset(preset, method=method, seed=seed, balanced_sampling=balanced_sampling, psi=psi,
                              **{key: v for key, v in train_over.items() if v is not None})

@@ -8,10 +8,12 @@ quality benchmark (README "Results"):
   tab has always used and every method sees the same noise;
 - scores: the frozen evaluator's identity and attribute predictions and features, turned into the
   per-class table of :func:`pogdiff.metrics.per_class_table` and its bucket summary;
-- with the training images at hand, two more per-class columns (README "Copying and diversity"):
+- with the training images at hand, more per-class columns (README "Copying and diversity"):
   ``copy``, the share of generations that sit closer to one of their class's training images than
-  held-out real images of that class do (:func:`copy_flags`), and ``coverage``, the share of the
-  prompted attribute combinations the generations of that subject show (:func:`attribute_coverage`).
+  held-out real images of that class do (:func:`copy_flags`); ``proximity``, the median of that
+  distance ratio (:func:`proximity_ratios`: below 1 is closer than any fresh photograph); and
+  ``coverage``, the share of the prompted attribute combinations the generations of that subject
+  show (:func:`attribute_coverage`).
 """
 
 from __future__ import annotations
@@ -117,6 +119,15 @@ def nearest_distance(images: np.ndarray, references: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(sq, 0.0).min(axis=1) / a.shape[1])
 
 
+def proximity_ratios(generated: np.ndarray, train: np.ndarray, held_out: np.ndarray) -> np.ndarray:
+    """``d(g, T) / min_r d(r, T)`` for each generation of one class (see :func:`copy_flags`):
+    below 1, a generation sits closer to a training image than any held-out photograph does."""
+    if len(held_out) == 0:
+        raise ValueError("copy_flags needs held-out real images of the class as the reference")
+    reference = float(nearest_distance(held_out, train).min())
+    return nearest_distance(generated, train) / max(reference, 1e-12)
+
+
 def copy_flags(generated: np.ndarray, train: np.ndarray, held_out: np.ndarray, *,
                margin: float = COPY_MARGIN) -> np.ndarray:
     """Which generations of one class are copies of its training images: bool ``[N]``.
@@ -126,10 +137,7 @@ def copy_flags(generated: np.ndarray, train: np.ndarray, held_out: np.ndarray, *
     image of ``T``. A fresh photograph of the subject is never that close to a training image, so
     held-out reals score about 0 and exact copies 1 (README "Copying and diversity").
     """
-    if len(held_out) == 0:
-        raise ValueError("copy_flags needs held-out real images of the class as the reference")
-    reference = float(nearest_distance(held_out, train).min())
-    return nearest_distance(generated, train) < margin * reference
+    return proximity_ratios(generated, train, held_out) < margin
 
 
 def attribute_coverage(pred_subjects: Sequence[str], subject: str, prompted: dict[str, np.ndarray],
@@ -159,19 +167,22 @@ def attribute_coverage(pred_subjects: Sequence[str], subject: str, prompted: dic
 
 def copy_and_coverage(table: pd.DataFrame, *, subjects: Sequence[str], images: np.ndarray, pred: dict,
                       prompted: dict[str, np.ndarray] | None, train_set, eval_set) -> pd.DataFrame:
-    """``table`` with a ``copy`` column (and ``coverage`` where attributes are known) per class."""
+    """``table`` with ``copy`` and ``proximity`` columns (and ``coverage`` where attributes are
+    known) per class."""
     subj = np.asarray(subjects, dtype=object)
     train_subj = np.asarray(train_set.subjects, dtype=object)
     real_subj = np.asarray(eval_set.subjects, dtype=object)
-    copies, cover = [], []
+    copies, proximity, cover = [], [], []
     for c in table["subject"]:
         rows = subj == c
         train_rows, real_rows = train_subj == c, real_subj == c
         if train_rows.any() and real_rows.any():
-            copies.append(float(copy_flags(images[rows], train_set.images[train_rows],
-                                           eval_set.images[real_rows]).mean()))
+            ratios = proximity_ratios(images[rows], train_set.images[train_rows], eval_set.images[real_rows])
+            copies.append(float((ratios < COPY_MARGIN).mean()))
+            proximity.append(float(np.median(ratios)))
         else:
             copies.append(np.nan)
+            proximity.append(np.nan)
         if prompted is not None:
             cover.append(attribute_coverage(
                 np.asarray(pred["subject"], dtype=object)[rows], c,
@@ -179,6 +190,7 @@ def copy_and_coverage(table: pd.DataFrame, *, subjects: Sequence[str], images: n
                 {a: np.asarray(pred["attrs"][a])[rows] for a in prompted}))
     table = table.copy()
     table["copy"] = copies
+    table["proximity"] = proximity
     if prompted is not None:
         table["coverage"] = cover
     return table

@@ -285,7 +285,7 @@ def per_class_table(
 
 # Per-class columns added after per_class_table when the training images are known
 # (pogdiff.evaluation.copy_and_coverage); summarise averages them like the others.
-EXTRA_COLUMNS = ("copy", "coverage")
+EXTRA_COLUMNS = ("copy", "proximity", "coverage")
 
 
 def metric_columns(table: pd.DataFrame) -> list[str]:

@@ -50,6 +50,8 @@ class Step:
     table: NeighbourTable | None
     betas: torch.Tensor
     num_timesteps: int
+    # ``(x_t, t, rows) -> eps`` of the frozen teacher (PsiConfig.teacher "base"), without gradients.
+    predict_teacher: Callable[..., torch.Tensor] | None = None
 
 
 class Objective:
@@ -80,9 +82,10 @@ class CBDM(Objective):
 class PoGDiff(Objective):
     name = "pogdiff"
 
-    def __init__(self, schedule: str, psi_threshold: float) -> None:
+    def __init__(self, schedule: str, psi_threshold: float, teacher: str = "live") -> None:
         self.schedule = schedule
         self.psi_threshold = psi_threshold
+        self.teacher = teacher
 
     def terms(self, step, batch, x_t, g):
         table = step.table
@@ -106,8 +109,12 @@ class PoGDiff(Objective):
         eps_nb = torch.zeros_like(eps_pred)
         if bool(active.any()):
             idx = torch.nonzero(active).flatten().to(eps_pred.device)
+            predict = step.predict if self.teacher == "live" else step.predict_teacher
+            if predict is None:
+                raise ValueError("psi teacher 'base' needs the frozen base weights: the trainer is given them "
+                                 "by pogdiff.training.train (teacher_unet=...)")
             with torch.no_grad():
-                eps_nb[idx] = step.predict(x_t[idx], t[idx], torch.as_tensor(nb)[active], None).to(eps_nb.dtype)
+                eps_nb[idx] = predict(x_t[idx], t[idx], torch.as_tensor(nb)[active], None).to(eps_nb.dtype)
         terms = losses.pogdiff_loss(eps_pred, eps, eps_nb, psi.to(eps_pred.device))
         return terms, (float(psi.mean()), float(active.float().mean()))
 
@@ -115,7 +122,7 @@ class PoGDiff(Objective):
 def objective_for(cfg) -> Objective:
     """The objective of a :class:`pogdiff.config.TrainConfig`."""
     if cfg.method == "pogdiff":
-        return PoGDiff(cfg.psi.schedule, cfg.psi.psi_threshold)
+        return PoGDiff(cfg.psi.schedule, cfg.psi.psi_threshold, cfg.psi.teacher)
     if cfg.method == "cbdm":
         return CBDM(cfg.cbdm_tau)
     if cfg.method in ("baseline", "resample"):  # resample: plain loss on class-balanced batches

@@ -125,6 +125,7 @@ class Trainer:
         start_step: int = 0,
         history: list[StepInfo] | None = None,
         accelerator=None,
+        teacher_unet=None,
     ):
         check_train_config(cfg, len(data))
         if cfg.method == "pogdiff" and data.table is None:
@@ -156,6 +157,13 @@ class Trainer:
         # self.unet, the same module as accelerate prepared it (DDP-wrapped with several processes).
         self.unet, self.optimizer = self.accelerator.prepare(model.unet, self.optimizer)
         self.objective = objective_for(cfg)
+        self.teacher_unet = None
+        if cfg.method == "pogdiff" and cfg.psi.teacher == "base":
+            if teacher_unet is None:
+                raise ValueError("psi teacher 'base' needs the frozen weights the run started from: pass "
+                                 "teacher_unet= (pogdiff.training.train builds it from the base checkpoint)")
+            self.teacher_unet = teacher_unet.to(self.device, dtype=frozen_weight_dtype(model, self.accelerator.mixed_precision))
+            self.teacher_unet.requires_grad_(False).eval()
         # Stepped once per optimizer step by optimize(), never through accelerate (which would
         # step it once per process).
         self.lr_scheduler = get_scheduler(
@@ -382,6 +390,13 @@ class Trainer:
         tokens, mask = self.context(rows, drop)
         return self.model.predict_eps(x_t, t, tokens, mask, unet=self.unet)
 
+    def predict_teacher(self, x_t: torch.Tensor, t: torch.Tensor, rows: torch.Tensor,
+                        drop: torch.Tensor | None = None) -> torch.Tensor:
+        """eps of the frozen teacher UNet for caption ``rows`` (no gradients)."""
+        tokens, mask = self.context(rows, drop)
+        with torch.no_grad():
+            return self.model.predict_eps(x_t, t, tokens, mask, unet=self.teacher_unet)
+
     def forward_backward(self, batch: dict[str, torch.Tensor], g: torch.Generator):
         """One forward/backward pass of the configured objective (:mod:`pogdiff.objectives`);
         returns (terms, psi stats)."""
@@ -389,7 +404,8 @@ class Trainer:
         x0, eps, t = batch["x0"].to(dev), batch["eps"].to(dev), batch["t"].to(dev)
         x_t = self.model.noise_scheduler.add_noise(x0, eps, t)
         step = Step(predict=self.predict, balanced_rows=self._balanced_rows, table=self.data.table,
-                    betas=self.model.noise_scheduler.betas, num_timesteps=self.num_timesteps)
+                    betas=self.model.noise_scheduler.betas, num_timesteps=self.num_timesteps,
+                    predict_teacher=self.predict_teacher if self.teacher_unet is not None else None)
         terms, psi_stats = self.objective.terms(step, {**batch, "t_dev": t, "eps_dev": eps}, x_t, g)
         weights = eps_loss_weights(t, self.model.noise_scheduler, snr_gamma=self.cfg.snr_gamma)
         if weights is not None:

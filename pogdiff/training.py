@@ -171,9 +171,13 @@ def train(
     checkpoints.check_run_dir(run_dir, checkpoints.estimate_checkpoint_bytes(
         model, ema=train_cfg.ema_decay > 0, optimizer=True))
     data = prepare_data(dataset, model, train_cfg.psi, cache_dir=cache_dir, need_table=train_cfg.method == "pogdiff")
+    teacher = None
+    if train_cfg.method == "pogdiff" and train_cfg.psi.teacher == "base":
+        # The weights the run started from, also when it resumes: the base again, never the resumed weights.
+        teacher = build_model(model_cfg, base_checkpoint=base_checkpoint, seed=train_cfg.seed).unet
     trainer = Trainer(
         model, data, train_cfg, run_dir=run_dir, callback=callback, preview_callback=preview_callback,
-        preview_captions=preview_captions, stop_event=stop_event, accelerator=accelerator,
+        preview_captions=preview_captions, stop_event=stop_event, accelerator=accelerator, teacher_unet=teacher,
     )
     trainer.fingerprint = fingerprint
     if state is not None:

@@ -38,7 +38,8 @@ def test_overrides_are_typed_after_the_field_and_unknown_fields_are_refused():
 
 @needs_shipped
 def test_quality_benchmark_runs_end_to_end_at_quick_size(tmp_path):
-    report = bench.quality(out=tmp_path, methods=["baseline", "pogdiff"], seeds=[0], quick=True, batch_size=4)
+    report = bench.quality(out=tmp_path, methods=["baseline", "pogdiff"], seeds=[0], quick=True, batch_size=4,
+                           budgets=[1])
     assert set(report["method"]) == {"baseline", "pogdiff"}
     acc = report["accuracy_mean"].dropna()  # buckets without classes in the quick subset are NaN
     assert len(acc) >= 2 and ((acc >= 0) & (acc <= 1)).all()
@@ -52,12 +53,26 @@ def test_quality_benchmark_runs_end_to_end_at_quick_size(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())["demo"]
     assert summary["steps"] == bench.QUICK_STEPS and summary["seeds"] == [0]
     assert set(summary["methods"]) == {"baseline", "pogdiff"}
-    for name in ("few_acc", "medium_acc", "many_acc", "few_grecall"):
+    for name in ("few_acc", "medium_acc", "many_acc", "few_grecall", "few_copy", "all_copy", "all_coverage"):
         assert len(summary["methods"]["pogdiff"][name]) == 1
+    assert summary["methods"]["pogdiff"]["all_copy"][0] is not None
     assert set(summary["comparisons"]["pogdiff_vs_baseline"]) == {"few", "medium", "many"}
+    assert summary["recipes"]["pogdiff"] == bench.RECIPES["pogdiff"] and summary["budgets"] == [1, bench.QUICK_STEPS]
+    # The budget curve: both budgets of the one run per recipe, each with its own block.
+    curve = json.loads((tmp_path / "budget.json").read_text())["demo"]
+    assert curve["budgets"] == [1, 2] and set(curve["by_budget"]) == {"1", "2"}
+    assert curve["by_budget"]["2"]["methods"] == summary["methods"]
+    runs = tmp_path / "demo" / "runs" / "pogdiff-seed0"
+    assert (runs / "checkpoint-000001").is_dir() and (runs / "checkpoint-000002").is_dir()
+    assert (runs / "eval-000001" / "per_class.csv").is_file() and (folder / "budget.png").is_file()
     # A second call reads the finished runs back instead of training and sampling again.
-    again = bench.quality(out=tmp_path, methods=["baseline", "pogdiff"], seeds=[0], quick=True, batch_size=4)
+    again = bench.quality(out=tmp_path, methods=["baseline", "pogdiff"], seeds=[0], quick=True, batch_size=4,
+                          budgets=[1])
     pd.testing.assert_frame_equal(report, again, check_dtype=False, rtol=1e-6)
+    # A run folder that holds other settings is refused, not mixed in.
+    with pytest.raises(ValueError, match="holds a run with other settings"):
+        bench.quality(out=tmp_path, methods=["baseline", "pogdiff"], seeds=[0], quick=True, batch_size=4,
+                      budgets=[1], overrides=["learning_rate=0.001"])
 
 
 def test_summary_entry_holds_per_seed_values_and_paired_comparisons():
@@ -71,7 +86,7 @@ def test_summary_entry_holds_per_seed_values_and_paired_comparisons():
         for m, table in {"baseline": {"x": 0.2, "y": 0.4}, "pogdiff": {"x": 0.3, "y": 0.5}}.items()
         for s in (0, 1) for c, acc in table.items()
     ])
-    entry = bench.summary_entry(long, classes, steps=10, seeds=[0, 1], batch_size=4, n_eval=8, overrides=[])
+    entry = bench.summary_entry(long, classes, steps=10, seeds=[0, 1], batch_size=4, n_eval_captions=8, overrides=[])
     assert entry["methods"]["pogdiff"]["few_acc"] == [0.3, 0.5]
     few = entry["comparisons"]["pogdiff_vs_baseline"]["few"]
     assert few["paired_ratio"] == [pytest.approx(1.5), pytest.approx(1.25)]
@@ -79,6 +94,7 @@ def test_summary_entry_holds_per_seed_values_and_paired_comparisons():
     assert few["ratio_of_means"] == pytest.approx(0.8 / 0.6) and few["n_classes"] == 2
     low, high = few["bootstrap_ci95"]
     assert 1.25 - 1e-9 <= low <= few["ratio_of_means"] <= high <= 1.5 + 1e-9
+    assert few["ci_half_width_relative"] == pytest.approx((high - low) / (2 * few["ratio_of_means"]))
 
 
 def test_speed_benchmark_reports_every_configuration_relative_to_baseline():
