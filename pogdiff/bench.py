@@ -523,6 +523,9 @@ def build(args) -> int:
 def main(args) -> int:
     if args.bench_cmd == "report":
         print(summary_markdown(json.loads(Path(args.summary).read_text())))
+        budget = Path(args.summary).with_name("budget.json")
+        if budget.is_file():
+            print(budget_markdown(json.loads(budget.read_text())))
         return 0
     if args.bench_cmd == "speed":
         table = speed(steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, repeats=args.repeats)
@@ -550,31 +553,65 @@ def _mean_std(values: list) -> str:
     return f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
 
 
+METHOD_COLUMNS = (("few-shot acc", "few_acc"), ("medium acc", "medium_acc"), ("many-shot acc", "many_acc"),
+                  ("few copy", "few_copy"), ("few proximity", "few_proximity"), ("few coverage", "few_coverage"),
+                  ("few gRecall", "few_grecall"), ("FD all", "all_fd"))
+
+
+def _methods_table(methods: dict) -> list[str]:
+    lines = ["| recipe | " + " | ".join(h for h, _ in METHOD_COLUMNS) + " |",
+             "|---|" + "---:|" * len(METHOD_COLUMNS)]
+    for method, m in methods.items():
+        lines.append(f"| {method} | " + " | ".join(_mean_std(m.get(k, [])) for _, k in METHOD_COLUMNS) + " |")
+    return lines
+
+
+def _comparisons_table(comps: dict) -> list[str]:
+    lines = ["| comparison | bucket | paired ratio per seed | ratio of class means [95% bootstrap CI] | ± | "
+             "every seed > 1 | copy difference |", "|---|---|---|---|---:|---|---:|"]
+    for name, comp in comps.items():
+        for bucket, c in comp.items():
+            ratios = ", ".join("—" if r is None else f"{r:.2f}" for r in c["paired_ratio"])
+            ci = c.get("bootstrap_ci95", [None, None])
+            rom = c.get("ratio_of_means")
+            interval = ("—" if rom is None else
+                        f"{rom:.2f} [{'—' if ci[0] is None else f'{ci[0]:.2f}'}, "
+                        f"{'—' if ci[1] is None else f'{ci[1]:.2f}'}]")
+            half = c.get("ci_half_width_relative")
+            copy = c.get("copy_difference")
+            lines.append(f"| {name.replace('_vs_', ' vs ')} | {bucket} | {ratios} | {interval} | "
+                         f"{'—' if half is None else f'{100 * half:.0f}%'} | "
+                         f"{'yes' if c['every_seed_above_1'] else 'no'} | {'—' if copy is None else f'{copy:+.3f}'} |")
+    return lines
+
+
 def summary_markdown(summary: dict) -> str:
-    """Markdown tables of ``summary.json``: per set, each method's bucket metrics (mean ± sample
-    std over seeds) and PoGDiff's paired comparisons with the targets of README "Results"."""
+    """Markdown tables of ``summary.json``: per set, each recipe's bucket metrics (mean ± sample
+    std over seeds) and the paired comparisons (README "Results")."""
     lines = []
     for data, block in summary.items():
-        lines += [f"### {data} ({block['steps']} steps, batch {block.get('batch_size', '?')}, seeds {block['seeds']})", "",
-                  "| method | few-shot acc | few-shot gRecall | medium acc | many-shot acc | FD few | FD all |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for method, m in block["methods"].items():
-            cells = [_mean_std(m.get(k, [])) for k in ("few_acc", "few_grecall", "medium_acc", "many_acc", "few_fd", "all_fd")]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        comps = block.get("comparisons", {})
-        if comps:
-            lines += ["", "| PoGDiff vs | bucket | paired ratio per seed | ratio of class means [95% bootstrap CI] | every seed > 1 |",
-                      "|---|---|---|---|---|"]
-            for name, comp in comps.items():
-                for bucket, c in comp.items():
-                    ratios = ", ".join("—" if r is None else f"{r:.2f}" for r in c["paired_ratio"])
-                    ci = c.get("bootstrap_ci95", [None, None])
-                    rom = c.get("ratio_of_means")
-                    interval = ("—" if rom is None else
-                                f"{rom:.2f} [{'—' if ci[0] is None else f'{ci[0]:.2f}'}, "
-                                f"{'—' if ci[1] is None else f'{ci[1]:.2f}'}]")
-                    lines.append(f"| {name.removeprefix('pogdiff_vs_')} | {bucket} | {ratios} | {interval} | "
-                                 f"{'yes' if c['every_seed_above_1'] else 'no'} |")
+        lines += [f"### {data} ({block['steps']} steps, batch {block.get('batch_size', '?')}, seeds {block['seeds']}, "
+                  f"{block.get('n_eval_captions', '?')} captions x {block.get('sample_seeds', 1)} sampling seeds)", ""]
+        lines += _methods_table(block["methods"])
+        if block.get("comparisons"):
+            lines += [""] + _comparisons_table(block["comparisons"])
         lines.append("")
     return "\n".join(lines)
 
+
+def budget_markdown(curves: dict) -> str:
+    """Markdown of ``budget.json``: per set, few / medium / many-shot accuracy and few-shot copy rate
+    of every recipe at every budget (mean ± std over seeds)."""
+    lines = []
+    for data, curve in curves.items():
+        budgets = curve["budgets"]
+        lines += [f"### {data}: accuracy along the budget (seeds {curve['seeds']})", "",
+                  "| recipe | bucket | " + " | ".join(f"{b} steps" for b in budgets) + " |",
+                  "|---|---|" + "---:|" * len(budgets)]
+        methods = list(curve["by_budget"][str(budgets[0])]["methods"])
+        for method in methods:
+            for key in ("few_acc", "medium_acc", "many_acc", "few_copy"):
+                cells = [_mean_std(curve["by_budget"][str(b)]["methods"].get(method, {}).get(key, [])) for b in budgets]
+                lines.append(f"| {method} | {key} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)

@@ -301,7 +301,9 @@ def bench_metrics(*, mode: str = "fast", names: tuple[str, ...] = ("demo-baselin
             ref = pd.read_csv(shipped_csv).set_index("subject").sort_index()
             got = table.set_index("subject").sort_index()
             cols = [c for c in ref.columns if c in got.columns and pd.api.types.is_numeric_dtype(ref[c])]
-            entry["max_abs_diff_to_shipped"] = float((got.loc[ref.index, cols] - ref[cols]).abs().max().max())
+            diff = (got.loc[ref.index, cols] - ref[cols]).abs().max()
+            entry["max_abs_diff_to_shipped"] = float(diff.max())
+            entry["max_abs_diff_by_column"] = {c: float(v) for c, v in diff.items()}
         if write:
             if mode != "fast":
                 raise ValueError("the shipped per-class tables are the fast mode's; run with --mode fast")

@@ -112,5 +112,9 @@ def test_summary_markdown_lists_methods_and_comparisons():
                             "paired_ratio": [1.5, 1.25], "every_seed_above_1": True, "ratio_of_means": 1.333,
                             "bootstrap_ci95": [1.25, 1.5]}}}}}
     text = bench.summary_markdown(summary)
+    curve = {"demo": {"budgets": [10, 20], "seeds": [0, 1], "by_budget": {
+        "10": summary["demo"], "20": {"methods": {"baseline": {"few_acc": [0.4, 0.6]}}}}}}
+    table = bench.budget_markdown(curve)
+    assert "| baseline | few_acc | 0.300 ± 0.141 | 0.500 ± 0.141 |" in table
     assert "| baseline | 0.300 ± 0.141 |" in text
-    assert "| baseline | few | 1.50, 1.25 | 1.33 [1.25, 1.50] | yes |" in text
+    assert "| pogdiff vs baseline | few | 1.50, 1.25 | 1.33 [1.25, 1.50] | — | yes | — |" in text

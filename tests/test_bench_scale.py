@@ -136,6 +136,10 @@ def test_scale_benches_are_registered(argv, expected):
     assert {k: getattr(args, k) for k in expected} == expected
 
 
+CONTINUOUS_COLUMNS = {"dino"}
+CONTINUOUS_TOLERANCE = 1e-3
+
+
 @pytest.mark.slow  # two shipped checkpoints x 96 images: about 1.5 minutes on 2 cores
 def test_shipped_demo_metrics_reproduce_in_fast_mode(tmp_path, capsys):
     """The per-class numbers shipped beside the demo checkpoints are the fast mode's, recomputed
@@ -145,7 +149,12 @@ def test_shipped_demo_metrics_reproduce_in_fast_mode(tmp_path, capsys):
     r = json.loads(out.read_text())
     assert r["mode"] == "fast" and r["images_per_model"] == 96  # 24 classes x 4 held-out captions
     for name, run in r["runs"].items():
-        assert run["max_abs_diff_to_shipped"] <= 1e-9, (name, run)
+        for column, diff in run["max_abs_diff_by_column"].items():
+            # Shares of images (accuracy, attributes, gRecall) must come out the same: one image of
+            # four more or less is 0.25. The cosine score is a float32 mean whose last digits depend
+            # on the CPU's kernels and thread count (4.6e-5 seen between two CPUs), hence 1e-3.
+            tolerance = CONTINUOUS_TOLERANCE if column in CONTINUOUS_COLUMNS else 1e-9
+            assert diff <= tolerance, (name, column, diff)
 
 
 def test_metric_modes_pick_the_first_captions_of_every_class():
