@@ -211,7 +211,14 @@ class NeighbourTable:
         labels = np.asarray([str(c) for c in classes], dtype=object)
         safe = np.where(self.indices >= 0, self.indices, 0)
         other = (self.indices >= 0) & (labels[safe] != labels[:, None])
-        return ((self.psi > threshold) & other).any(axis=1)
+        return (psi_gate(self.psi, threshold) & other).any(axis=1)
+
+def psi_gate(psi: np.ndarray | torch.Tensor, threshold: float):
+    """Which rows run the neighbour pass: ``psi > threshold`` (README "The method"). A row at the
+    threshold or below keeps the plain target; its target would move by at most
+    ``threshold / (1 + threshold)`` of the way towards the neighbour's prediction."""
+    return psi > threshold
+
 
 def _check_config(cfg: PsiConfig) -> None:
     if cfg.k < 1:
@@ -341,7 +348,7 @@ def build_neighbour_table(
     )
     logger.info(
         "neighbour table: %d samples, k=%d, mean psi %.4f, %.1f%% of rows above threshold %.3g",
-        n, cfg.k, float(table.psi.mean()), 100.0 * float((table.psi.max(axis=1) >= cfg.psi_threshold).mean()),
+        n, cfg.k, float(table.psi.mean()), 100.0 * float(psi_gate(table.psi.max(axis=1), cfg.psi_threshold).mean()),
         cfg.psi_threshold,
     )
     return table

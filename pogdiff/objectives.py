@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pogdiff import losses
-from pogdiff.neighbours import NeighbourTable, gaussian_psi_factor
+from pogdiff.neighbours import NeighbourTable, gaussian_psi_factor, psi_gate
 
 Terms = dict[str, torch.Tensor]
 PsiStats = tuple[float, float]  # mean psi, share of rows with a neighbour pass
@@ -55,9 +55,30 @@ class Step:
 
 
 class Objective:
-    """``terms(step, batch, x_t, g) -> (per-sample terms with a "loss" key, psi stats)``."""
+    """``terms(step, batch, x_t, g) -> (per-sample terms with a "loss" key, psi stats)``.
+
+    Besides the terms, an objective says what it needs (``needs_table``: the neighbour table;
+    ``needs_teacher``: frozen start weights), what to add to a divergence message
+    (:meth:`divergence_hint`), what to log (:meth:`log_stats`) and, from the latest steps, whether
+    it is doing what it is for (:meth:`diagnose`). The trainer knows no method by name.
+    """
 
     name = "baseline"
+    needs_table = False
+    needs_teacher = False
+
+    def divergence_hint(self) -> str:
+        """An extra remedy for a non-finite loss (", a smaller X"), or ''."""
+        return ""
+
+    def log_stats(self, info) -> str:
+        """Method statistics of one logged step (a :class:`pogdiff.trainer.StepInfo`), or ''."""
+        return ""
+
+    def diagnose(self, history: Sequence) -> str | None:
+        """A plain-words warning from the latest steps (``StepInfo``) when the objective behaves like
+        another one, else None."""
+        return None
 
     def terms(self, step: Step, batch: dict[str, torch.Tensor], x_t: torch.Tensor,
               g: torch.Generator) -> tuple[Terms, PsiStats]:
@@ -81,11 +102,26 @@ class CBDM(Objective):
 
 class PoGDiff(Objective):
     name = "pogdiff"
+    needs_table = True
 
-    def __init__(self, schedule: str, psi_threshold: float, teacher: str = "live") -> None:
+    def __init__(self, schedule: str, psi_threshold: float, teacher: str = "live", *, pool: str | None = None,
+                 psi_max: float = 1.0) -> None:
         self.schedule = schedule
         self.psi_threshold = psi_threshold
         self.teacher = teacher
+        self.pool, self.psi_max = pool, psi_max
+        self.needs_teacher = teacher == "base"
+
+    def divergence_hint(self) -> str:
+        return f", a smaller psi_max (now {self.psi_max:g})"
+
+    def log_stats(self, info) -> str:
+        return (f"psi {info.psi_mean:.3f} active {100 * info.psi_active:.0f}% "
+                f"PoG share {100 * info.pog_share:.2f}%")
+
+    def diagnose(self, history: Sequence) -> str | None:
+        return pogdiff_inactive_warning([h.pog_share for h in history], [h.psi_mean for h in history],
+                                        pool=self.pool)
 
     def terms(self, step, batch, x_t, g):
         table = step.table
@@ -104,7 +140,7 @@ class PoGDiff(Objective):
             delta2 = torch.as_tensor(table.delta2[rows, slots], dtype=torch.float32)
             psi = psi * gaussian_psi_factor(batch["t"], delta2, step.betas)
         psi[batch["drop"]] = 0.0  # an unconditional row has no caption to borrow through
-        active = psi > self.psi_threshold
+        active = psi_gate(psi, self.psi_threshold)
         psi = torch.where(active, psi, torch.zeros_like(psi))
         eps_nb = torch.zeros_like(eps_pred)
         if bool(active.any()):
@@ -122,7 +158,8 @@ class PoGDiff(Objective):
 def objective_for(cfg) -> Objective:
     """The objective of a :class:`pogdiff.config.TrainConfig`."""
     if cfg.method == "pogdiff":
-        return PoGDiff(cfg.psi.schedule, cfg.psi.psi_threshold, cfg.psi.teacher)
+        return PoGDiff(cfg.psi.schedule, cfg.psi.psi_threshold, cfg.psi.teacher, pool=cfg.psi.pool,
+                       psi_max=cfg.psi.psi_max)
     if cfg.method == "cbdm":
         return CBDM(cfg.cbdm_tau)
     if cfg.method in ("baseline", "resample"):  # resample: plain loss on class-balanced batches

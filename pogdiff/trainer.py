@@ -31,7 +31,6 @@ from pogdiff.objectives import (
     Step,
     objective_for,
     pog_share,
-    pogdiff_inactive_warning,
 )
 from pogdiff.prepare import (
     TrainData,
@@ -128,8 +127,9 @@ class Trainer:
         teacher_unet=None,
     ):
         check_train_config(cfg, len(data))
-        if cfg.method == "pogdiff" and data.table is None:
-            raise ValueError("method 'pogdiff' needs a neighbour table: build TrainData with need_table=True")
+        objective = objective_for(cfg)
+        if objective.needs_table and data.table is None:
+            raise ValueError(f"method {cfg.method!r} needs a neighbour table: build TrainData with need_table=True")
         from diffusers.optimization import get_scheduler
 
         self.model, self.data, self.cfg = model, data, cfg
@@ -156,9 +156,9 @@ class Trainer:
         # model.unet stays the plain module (saving, previews, EMA); training steps run through
         # self.unet, the same module as accelerate prepared it (DDP-wrapped with several processes).
         self.unet, self.optimizer = self.accelerator.prepare(model.unet, self.optimizer)
-        self.objective = objective_for(cfg)
+        self.objective = objective
         self.teacher_unet = None
-        if cfg.method == "pogdiff" and cfg.psi.teacher == "base":
+        if objective.needs_teacher:
             if teacher_unet is None:
                 raise ValueError("psi teacher 'base' needs the frozen weights the run started from: pass "
                                  "teacher_unet= (pogdiff.training.train builds it from the base checkpoint)")
@@ -210,7 +210,7 @@ class Trainer:
                 )
                 self.history.append(info)
                 if self.is_main:
-                    self._check_pogdiff_active()
+                    self._diagnose()
                 if self._due(self.cfg.log_every):
                     self._flush_history()
                     if self.cfg.report_to != "none":
@@ -224,7 +224,7 @@ class Trainer:
                 if self._checkpoint_due() and self.step < self.cfg.max_steps:
                     last_ckpt = self.save()
             if self.is_main:
-                self._check_pogdiff_active(final=True)
+                self._diagnose(final=True)
             stopped = self.step < self.cfg.max_steps
             if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:06d}"):
                 last_ckpt = self.save()
@@ -319,7 +319,7 @@ class Trainer:
     def _non_finite(self, what: str, term: str) -> NonFiniteError:
         last = self.last_checkpoint or checkpoints.latest_checkpoint(self.run_dir)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
-        psi = f", a smaller psi_max (now {self.cfg.psi.psi_max:g})" if self.cfg.method == "pogdiff" else ""
+        psi = self.objective.divergence_hint()
         clip = f"grad_clip > 0 (now {self.cfg.grad_clip:g})" if self.cfg.grad_clip <= 0 else "a smaller grad_clip"
         return NonFiniteError(
             f"non-finite loss at step {self.step + 1}: {what}; training stopped before the optimizer "
@@ -416,32 +416,25 @@ class Trainer:
         self.accelerator.backward(loss)
         return terms, psi_stats
 
-    def _check_pogdiff_active(self, *, final: bool = False) -> None:
-        """Warn once, in the log and in ``self.warnings``, when the PoG term stays negligible.
+    def _diagnose(self, *, final: bool = False) -> None:
+        """Warn once, in the log and in ``self.warnings``, when the objective's own diagnosis says it
+        behaves like another method (PoGDiff: the PoG term stays negligible).
 
         During training the last ``INACTIVE_WINDOW`` steps are judged once that many have run (the
         share grows as the model learns the captions); at the end of a shorter run, all of it.
         """
-        if self.cfg.method != "pogdiff" or self._warned_inactive:
+        if self._warned_inactive or (len(self.history) < INACTIVE_WINDOW and not final):
             return
-        if len(self.history) < INACTIVE_WINDOW and not final:
-            return
-        recent = self.history[-INACTIVE_WINDOW:]
-        message = pogdiff_inactive_warning([h.pog_share for h in recent], [h.psi_mean for h in recent],
-                                           pool=self.cfg.psi.pool)
+        message = self.objective.diagnose(self.history[-INACTIVE_WINDOW:])
         if message:
             self._warned_inactive = True
             self.warnings.append(message)
             logger.warning(message)
 
     def _log(self, info: StepInfo) -> None:
-        if self.cfg.method == "pogdiff":
-            logger.info("step %d/%d loss %.4f psi %.3f active %.0f%% PoG share %.2f%% (%.3fs/step)",
-                        info.step, info.max_steps, info.terms["loss"], info.psi_mean, 100 * info.psi_active,
-                        100 * info.pog_share, info.seconds_per_step)
-        else:
-            logger.info("step %d/%d loss %.4f (%.3fs/step)", info.step, info.max_steps, info.terms["loss"],
-                        info.seconds_per_step)
+        stats = self.objective.log_stats(info)
+        logger.info("step %d/%d loss %.4f %s(%.3fs/step)", info.step, info.max_steps, info.terms["loss"],
+                    f"{stats} " if stats else "", info.seconds_per_step)
 
     def optimize(self) -> None:
         """Clip (and measure) the gradient, step the optimizer, the lr scheduler and the EMA.

@@ -40,6 +40,7 @@ from pogdiff.config import (
 from pogdiff.objectives import (  # noqa: F401
     INACTIVE_POG_SHARE,
     INACTIVE_WINDOW,
+    objective_for,
     pog_share,
     pogdiff_inactive_warning,
 )
@@ -170,9 +171,10 @@ def train(
         logger.info("resuming from %s at step %d", state["path"], state["step"])
     checkpoints.check_run_dir(run_dir, checkpoints.estimate_checkpoint_bytes(
         model, ema=train_cfg.ema_decay > 0, optimizer=True))
-    data = prepare_data(dataset, model, train_cfg.psi, cache_dir=cache_dir, need_table=train_cfg.method == "pogdiff")
+    objective = objective_for(train_cfg)
+    data = prepare_data(dataset, model, train_cfg.psi, cache_dir=cache_dir, need_table=objective.needs_table)
     teacher = None
-    if train_cfg.method == "pogdiff" and train_cfg.psi.teacher == "base":
+    if objective.needs_teacher:
         # The weights the run started from, also when it resumes: the base again, never the resumed weights.
         teacher = build_model(model_cfg, base_checkpoint=base_checkpoint, seed=train_cfg.seed).unet
     trainer = Trainer(
