@@ -28,6 +28,7 @@ from pogdiff.config import LIMITS, METHODS, PRESETS, PsiConfig, TrainConfig  # n
 from pogdiff.constants import SHOT_COLOURS  # noqa: E402
 from pogdiff.neighbours import POOLS  # noqa: E402
 from pogdiff.ui import Studio  # noqa: E402
+from pogdiff.ui.views import class_source_choices  # noqa: E402
 
 TITLE = "PoGDiff Studio"
 POLL_SECONDS = 1.0
@@ -63,6 +64,11 @@ DATA_HELP = """Load an image–text set: a **.zip** (or several loose files) wit
 images, or one sub-folder per class, or start with the **built-in demo set**: procedurally drawn
 people with a long-tailed number of photos each. The report lists every problem with how to fix it;
 the table and chart show how imbalanced the classes are (*many* > 20 images, *few* < 5)."""
+
+CLASS_SOURCE_INFO = ("Where each image's class comes from. auto: the metadata's subject column, else class "
+                     "folders, else captions that read 'a photo of X, ...', else the first tag of tag captions "
+                     "('red circle, white background' -> red circle), else clustering of the captions. "
+                     "Another choice reloads the loaded set.")
 
 NEIGHBOURS_HELP = """Each dot is one training caption, placed by a 2-D PCA of its sentence embedding. PoGDiff lets a
 caption borrow from one of its **k nearest captions**: its target becomes a precision-weighted mix
@@ -133,6 +139,8 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                         with gr.Row():
                             load_btn = gr.Button("Validate and load upload", variant="primary")
                             demo_btn = gr.Button("Use the built-in demo set", variant="secondary")
+                        class_src = gr.Radio(class_source_choices(), value="auto", label="Class source",
+                                             info=CLASS_SOURCE_INFO, elem_id="pg-class-source")
                     with gr.Column(scale=3):
                         summary_md = gr.Markdown("No dataset loaded yet. Upload one or use the demo set.")
                         with gr.Accordion("Validation report", open=True):
@@ -339,8 +347,8 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
         data_outputs = [ds_key, summary_md, report_md, class_table, long_tail, class_dd, class_gallery]
         # Every chain that disables a button re-enables it on failure too (.then runs only after success
         # of the step before it in this gradio version; .failure runs only after an error).
-        for btn, fn, inputs, name in ((demo_btn, studio.load_demo, [], "load_demo"),
-                                      (load_btn, studio.load_upload, [upload], "load_upload")):
+        for btn, fn, inputs, name in ((demo_btn, studio.load_demo, [class_src], "load_demo"),
+                                      (load_btn, studio.load_upload, [upload, class_src], "load_upload")):
             loading = (btn.click(_busy, None, [demo_btn, load_btn], queue=False, api_visibility="private")
                        .then(fn, inputs, data_outputs, api_name=name))
             loading.failure(_idle2, None, [demo_btn, load_btn], queue=False, api_visibility="private")
@@ -349,6 +357,12 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
              .then(studio.dataset_banner, ds_key, nb_banner, api_visibility="private")
              .then(studio.dataset_banner, ds_key, train_banner, api_visibility="private"))
         class_dd.change(studio.class_gallery, [ds_key, class_dd], class_gallery, api_name="class_gallery")
+        # Another class source reloads the loaded set; a refused one puts the choice back.
+        reloading = class_src.input(studio.reload_classes, [ds_key, class_src], data_outputs, api_name="class_source")
+        reloading.failure(studio.class_source_of, ds_key, class_src, api_visibility="private")
+        (reloading.then(_same, ds_key, saved_key, queue=False, api_visibility="private")
+         .then(studio.dataset_banner, ds_key, nb_banner, api_visibility="private")
+         .then(studio.dataset_banner, ds_key, train_banner, api_visibility="private"))
 
         # ====================================================== events: Neighbours
         map_outputs = [scatter, caption_dd, nb_banner]
@@ -447,6 +461,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
 
         demo.load(studio.poll, None, poll_outputs, api_name="poll_on_load", api_visibility="private")
         (demo.load(studio.restore_dataset, saved_key, data_outputs, api_visibility="private")
+         .then(studio.class_source_of, ds_key, class_src, api_visibility="private")
          .then(studio.dataset_banner, ds_key, nb_banner, api_visibility="private")
          .then(studio.dataset_banner, ds_key, train_banner, api_visibility="private"))
         restore_outputs = dict(run_a=run_a, run_b=run_b, prompts=prompts, custom=custom, n_seeds=n_seeds,

@@ -427,3 +427,56 @@ def test_changing_a_or_b_never_leaves_another_pairs_metrics_on_screen(studio, tm
     assert len(table) == 1 and fig is not None and "Precomputed" in md  # a shipped pair: its own numbers
     table, fig, md = studio.metrics_on_choice("shipped:demo-baseline", "run:not-there")
     assert len(table) == 0 and fig is None and "press **Compute metrics**" in md  # cleared, not kept
+
+
+# ------------------------------------------------------------------ Data tab: class source
+SHAPES = {"red circle": 8, "blue square": 5, "green triangle": 3, "yellow star": 2, "purple hexagon": 1}
+
+
+def _kohya_zip(path):
+    """A flat kohya-style zip: one .txt of comma-separated tags per image, the class tag first."""
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as zf:
+        i = 0
+        for shape, n in SHAPES.items():
+            for j in range(n):
+                buf = __import__("io").BytesIO()
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+                zf.writestr(f"img_{i:03d}.png", buf.getvalue())
+                zf.writestr(f"img_{i:03d}.txt", f"{shape}, {('white', 'blue')[j % 2]} background, flat colors")
+                i += 1
+    return path
+
+
+def test_a_flat_kohya_zip_loads_its_tag_classes_with_their_counts(studio, tmp_path):
+    key, headline, report, table, long_tail, class_dd, gallery = studio.load_upload(
+        str(_kohya_zip(tmp_path / "shapes.zip")), progress=_noop_progress)
+    assert dict(zip(table["subject"], table["count"])) == SHAPES  # not split by background, not clustered
+    assert "19 images · 5 classes" in headline
+    assert "**Classes from:** first tag (auto: the captions are tags (19 of 19 comma-separated; 18 of 19" in headline
+    assert "classes_clustered" not in report and "Class source" in headline
+    assert class_dd.value == "green triangle" and studio.class_source_of(key) == "auto"  # the first few-shot class
+    with pytest.raises(gr.Error, match="does not read 'a photo of X, ...'") as refused:  # another source, refused
+        studio.reload_classes(key, "template", progress=_noop_progress)
+    assert "&lt;subject&gt;" in str(refused.value) and "<subject>" not in str(refused.value)
+    assert (studio.upload_store / key).is_dir()  # the refused source keeps the upload that loaded
+    assert studio.bundle(key).ds.class_source == "first_tag"
+
+
+def test_the_class_source_choice_reloads_the_set_and_survives_a_restart(studio, tmp_path):
+    files = [str(p) for p in _tiny_set(tmp_path / "set").iterdir()]
+    key = studio.load_upload(files, progress=_noop_progress)[0]
+    assert studio.bundle(key).ds.class_source == "column"
+    tags_key, headline, _, table, *_ = studio.reload_classes(key, "first_tag", progress=_noop_progress)
+    assert tags_key == f"{key}~first_tag" and studio.class_source_of(tags_key) == "first_tag"
+    assert table["subject"].tolist() == ["a photo of Ann Lee", "a photo of Bo Chan"]
+    assert "**Classes from:** first tag (chosen: first tag)" in headline
+    assert studio.reload_classes(tags_key, "auto", progress=_noop_progress)[0] == key
+    assert studio.load_upload(files, None, "first_tag", progress=_noop_progress)[0] == tags_key
+    bundle = studio.bundle(tags_key)
+    assert studio.dataset_at(bundle, 16).subjects == bundle.subjects  # another size keeps the class source
+    restarted = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
+    assert restarted.restore_dataset(tags_key)[3]["subject"].tolist() == ["a photo of Ann Lee", "a photo of Bo Chan"]
+    assert all(isinstance(x, dict) for x in restarted.reload_classes(None, "cluster", progress=_noop_progress))
+    with pytest.raises(gr.Error, match="Class source must be one of"):
+        studio.reload_classes(key, "../tags", progress=_noop_progress)
