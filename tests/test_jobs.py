@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pogdiff.config import ModelConfig, TrainConfig
-from pogdiff.jobs import JobBusyError, JobManager, JobStatus
+from pogdiff.jobs import JobBusyError, JobManager, JobStatus, read_previews
 
 TIMEOUT = 10.0
 
@@ -288,6 +288,18 @@ def test_previews_are_saved_in_the_run_folder_and_read_back(tmp_path):
     assert [p.step for p in read_previews(tmp_path / "named")] == [2]  # a broken one is skipped
     with pytest.raises(ValueError, match="is not a run name"):
         jobs.previews("../elsewhere")
+
+
+def test_previews_of_the_current_job_are_read_with_a_relative_runs_folder(tmp_path, monkeypatch):
+    """``python app.py`` from the clone: runs_dir is the relative ``runs``."""
+    monkeypatch.chdir(tmp_path)
+    jobs = JobManager("runs", train_fn=FakeTrain())
+    jobs.start(FakeDataset(), *_cfgs(4), preview_captions=["x", "y"], run_name="rel")
+    jobs.wait(TIMEOUT)
+    assert not jobs.current().run_dir.is_absolute()
+    assert [p.step for p in jobs.previews()] == [2, 4]  # the current or last job
+    assert [p.step for p in jobs.previews("rel")] == [2, 4]  # by name
+    assert [(p.step, p.captions) for p in read_previews(Path("runs") / "rel")] == [(2, ["x", "y"]), (4, ["x", "y"])]
 
 
 def test_save_preview_refuses_images_and_captions_that_do_not_match(tmp_path):
