@@ -404,6 +404,8 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                    api_name="poll", queue=False)
         train_tab.select(studio.dataset_banner, ds_key, train_banner, api_visibility="private")
         runs_dd.change(studio.runs_table, None, runs_table, api_visibility="private")
+        # the job's headline changes when it starts, stops or ends: the form note then names the run's state
+        job_md.change(studio.train_form_note, None, form_note, api_visibility="private")
         export_btn.click(studio.export_run, runs_dd, zip_file, api_name="export_run").success(
             _show, None, zip_file, queue=False, api_visibility="private")
         weights_btn.click(studio.export_weights, runs_dd, zip_file, api_name="export_weights").success(

@@ -480,3 +480,25 @@ def test_the_class_source_choice_reloads_the_set_and_survives_a_restart(studio, 
     assert all(isinstance(x, dict) for x in restarted.reload_classes(None, "cluster", progress=_noop_progress))
     with pytest.raises(gr.Error, match="Class source must be one of"):
         studio.reload_classes(key, "../tags", progress=_noop_progress)
+
+
+def test_the_form_note_follows_the_job_when_it_ends(tmp_path):
+    fake = FakeTrain(gated=True)
+    studio, key = _studio_with_base(tmp_path, fake)
+    studio.start_training(key, *_opts(steps=2), "live")
+    *_, note = studio.restore_train_form()  # a page load while the job runs
+    assert "run **live** (running)" in note
+    fake.step_gate.release(2)
+    assert studio.jobs.wait(10).state == "finished"
+    assert "run **live** (finished)" in studio.train_form_note()  # what the page shows once the job ended
+    meta = json.loads((tmp_path / "runs" / "live" / "run.json").read_text())
+    assert "run **gone** (interrupted)" in studio._form_note({**meta, "name": "gone", "state": "running"})
+
+
+def test_the_progress_label_says_estimating_until_the_eta_is_known():
+    running = JobStatus(state="running", run_name="r", method="pogdiff", step=1, max_steps=300, started_at=0.0,
+                        seconds_per_step=0.52, eta_seconds=None)
+    assert "ETA estimating…" in ui.progress_html(running) and "0.52 s/step" in ui.progress_html(running)
+    later = JobStatus(state="running", run_name="r", method="pogdiff", step=10, max_steps=300, started_at=0.0,
+                      seconds_per_step=0.52, recent_seconds_per_step=1.3, eta_seconds=377.0, eta_untimed_previews=True)
+    assert "1.30 s/step" in ui.progress_html(later) and "ETA 6m 17s + previews" in ui.progress_html(later)

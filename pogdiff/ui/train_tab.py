@@ -278,9 +278,27 @@ class TrainTab:
         out = [values[f] for f in self.TRAIN_FORM]
         out[self.TRAIN_FORM.index("pretrained")] = gr.Textbox(value=values["pretrained"],
                                                               visible=values["preset"] == "sd15")
-        state = "running" if self.jobs.status().busy and self.jobs.current() is not None else meta.get("state", "")
-        note = f"The form shows the settings of run **{meta.get('name', '?')}** ({state}); the run name is left empty."
-        return (*out, note)
+        return (*out, self._form_note(meta))
+
+    def train_form_note(self) -> str:
+        """The note under the Train form, again: the app calls it when a job starts or ends, so the run's
+        state it names is the current one (not the "running" of a run that has ended since)."""
+        meta = self.jobs.run_meta()
+        return self._form_note(meta) if meta else ""
+
+    def _form_note(self, meta: dict[str, Any]) -> str:
+        """"The form shows the settings of run X (state)": running only while this server's job runs it."""
+        name = str(meta.get("name", "?"))
+        status, job = self.jobs.status(), self.jobs.current()
+        if job is not None and job.name == name and status.busy:
+            state = status.state
+        else:
+            state = str(meta.get("state") or "")
+            if state == "running":  # left by a server that went away mid-run
+                state = "interrupted"
+            elif meta.get("stopped"):
+                state = "stopped"
+        return f"The form shows the settings of run **{name}** ({state}); the run name is left empty."
 
     def _previews(self, name: str | None):
         name = _arg(safety.text, "Run", name or "", self.limits.max_text_chars).strip()

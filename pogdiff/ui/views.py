@@ -105,16 +105,25 @@ def progress_html(status: JobStatus) -> str:
     if status.state == "idle":
         label = "No training job yet."
     else:
-        speed = f"{status.seconds_per_step:.2f} s/step" if status.seconds_per_step else "warming up"
+        rate = status.recent_seconds_per_step or status.seconds_per_step
+        speed = f"{rate:.2f} s/step" if rate else "warming up"
         label = f"step {status.step} / {status.max_steps} · {pct:.0f}% · {speed}"
         if status.busy:
-            label += f" · ETA {format_seconds(status.eta_seconds)}"
+            label += f" · ETA {eta_text(status)}"
         label += f" · elapsed {format_seconds(status.elapsed_seconds)}"
     return (
         '<div class="pg-progress"><div class="pg-progress-track">'
         f'<div class="pg-progress-fill" style="width:{pct:.1f}%;background:{colour}"></div></div>'
         f'<div class="pg-progress-label">{label}</div>{pogdiff_activity_html(status.history)}</div>'
     )
+
+
+def eta_text(status: JobStatus) -> str:
+    """The live ETA: "estimating…" until a few steps after the first are timed (:func:`pogdiff.jobs.estimate_eta`),
+    then the time left, with "+ previews" while previews are still to come and none was timed yet."""
+    if status.eta_seconds is None:
+        return "estimating…"
+    return format_seconds(status.eta_seconds) + (" + previews" if status.eta_untimed_previews else "")
 
 
 def pogdiff_activity_html(history: Sequence[dict[str, float]]) -> str:
