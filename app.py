@@ -105,8 +105,9 @@ OPT_INFO = {
 }
 
 
-BASE_NOTE = ("The tiny preset fine-tunes checkpoints/base-tiny, a face model pretrained on 40 procedural demo "
-             "identities at 32 px: on your own data it starts from faces. From scratch needs many more steps.")
+BASE_NOTE = ("The shipped base, checkpoints/base-tiny, is a face model pretrained on 40 procedural demo identities "
+             "at 32 px: on your own data it starts from faces. From scratch (a random UNet) needs many more steps. "
+             "One of your tiny runs: a new run fine-tunes its last checkpoint on the loaded data.")
 
 def build_demo(studio: Studio | None = None) -> gr.Blocks:
     """Lay out the four tabs and bind them to ``studio`` (a fresh :class:`Studio` by default)."""
@@ -237,8 +238,10 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                                                  info="Sample the rarest classes' prompts this often; 0 = never.")
                         run_name = gr.Textbox("", label="Run name (optional)", max_lines=1,
                                               info="Letters, digits, '.', '_' and '-'; empty: a dated name.")
-                        from_scratch = gr.Checkbox(False, label="Train from scratch (a random UNet)",
-                                                   info=BASE_NOTE)
+                        base = gr.Dropdown(choices=studio.base_choices(), value=studio.base_choices()[0][1],
+                                           label="Start from (tiny preset)", info=BASE_NOTE, elem_id="pg-base")
+                        # /start_training's from_scratch, kept for API callers (the form uses Start from)
+                        from_scratch = gr.Checkbox(False, visible=False, label="Train from scratch")
                         with gr.Accordion("psi options (pogdiff)", open=False):
                             psi_max = gr.Slider(0.0, 5.0, value=psi.psi_max, step=0.1, label="psi_max",
                                                 info="Largest weight a sample gives to its neighbour's prediction.")
@@ -388,7 +391,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
         # .input, not .change: restoring a run's form must not reset its batch size and learning rate
         preset.input(studio.preset_defaults, preset, [batch, lr, model_id], api_visibility="private")
         options = [method, preset, model_id, steps, batch, lr, psi_max, k, use_density, use_image_sim,
-                   use_text_sim, same_class, sample_every, seed, run_name, from_scratch]
+                   use_text_sim, same_class, sample_every, seed, run_name, from_scratch, base]
         poll_outputs = [job_md, job_progress, loss_plot, preview, start_btn, stop_btn, runs_dd, seen]
         starting = start_btn.click(_busy1, None, start_btn, queue=False, api_visibility="private").then(
             studio.start_training, [ds_key, *options], poll_outputs, api_name="start_training")
@@ -404,6 +407,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                    api_name="poll", queue=False)
         train_tab.select(studio.dataset_banner, ds_key, train_banner, api_visibility="private")
         runs_dd.change(studio.runs_table, None, runs_table, api_visibility="private")
+        runs_dd.change(studio.base_options, base, base, api_visibility="private")  # a run that ended can be a base
         # the job's headline changes when it starts, stops or ends: the form note then names the run's state
         job_md.change(studio.train_form_note, None, form_note, api_visibility="private")
         export_btn.click(studio.export_run, runs_dd, zip_file, api_name="export_run").success(
@@ -411,9 +415,10 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
         weights_btn.click(studio.export_weights, runs_dd, zip_file, api_name="export_weights").success(
             _show, None, zip_file, queue=False, api_visibility="private")
         form = [method, preset, model_id, steps, batch, lr, psi_max, k, use_density, use_image_sim, use_text_sim,
-                same_class, sample_every, seed, from_scratch]  # Studio.TRAIN_FORM
+                same_class, sample_every, seed, base]  # Studio.TRAIN_FORM
         estimate_inputs = [method, preset, steps, batch]
         (demo.load(studio.restore_train_form, None, [*form, form_note], api_visibility="private")
+         .then(studio.base_options, base, base, api_visibility="private")  # this visitor's runs
          .then(studio.recorded_estimate, estimate_inputs, estimate_md, api_visibility="private")
          .then(studio.preview_runs, None, hist_run, api_visibility="private"))
         for comp in estimate_inputs:

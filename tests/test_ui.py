@@ -357,14 +357,14 @@ def test_the_form_after_a_reload_shows_the_last_jobs_settings(tmp_path):
     studio.jobs.wait(10)
     *values, note = studio.restore_train_form()
     restored = dict(zip(ui.Studio.TRAIN_FORM, values))
-    assert restored.pop("from_scratch") is True
+    assert restored.pop("base").value == "scratch"  # Start from: the run began from a random UNet
     pretrained = restored.pop("pretrained")
     assert pretrained.visible is False and pretrained.value == ""
     assert restored == {k: v for k, v in options.items() if k != "pretrained"}
     assert "run **restored** (finished)" in note
     studio.start_training(key, *_opts(steps=2))  # the shipped base: from_scratch comes back False
     studio.jobs.wait(10)
-    assert dict(zip(ui.Studio.TRAIN_FORM, studio.restore_train_form()))["from_scratch"] is False
+    assert dict(zip(ui.Studio.TRAIN_FORM, studio.restore_train_form()))["base"].value == "shipped"
 
 
 def test_form_values_need_the_saved_configs():
@@ -502,3 +502,49 @@ def test_the_progress_label_says_estimating_until_the_eta_is_known():
     later = JobStatus(state="running", run_name="r", method="pogdiff", step=10, max_steps=300, started_at=0.0,
                       seconds_per_step=0.52, recent_seconds_per_step=1.3, eta_seconds=377.0, eta_untimed_previews=True)
     assert "1.30 s/step" in ui.progress_html(later) and "ETA 6m 17s + previews" in ui.progress_html(later)
+
+
+def test_start_from_offers_the_shipped_base_scratch_and_own_runs_and_trains_from_the_choice(tmp_path):
+    fake = FakeTrain()
+    studio, key = _studio_with_base(tmp_path, fake)
+    assert [v for _, v in studio.base_choices()] == ["shipped", "scratch"]  # no run yet
+    studio.start_training(key, *_opts(steps=2), "first", False, "shipped")
+    studio.jobs.wait(10)
+    assert fake.kwargs["base_checkpoint"] == tmp_path / "shipped" / "base-tiny"
+    assert [v for _, v in studio.base_choices()] == ["shipped", "scratch", "run:first"]
+    first_ckpt = studio.jobs.get_run("first").checkpoint
+    studio.start_training(key, *_opts(steps=2), "second", False, "run:first")  # what the Train tab sends
+    studio.jobs.wait(10)
+    assert fake.kwargs["base_checkpoint"] == first_ckpt and first_ckpt.name == "checkpoint-000002"
+    assert json.loads((tmp_path / "runs" / "second" / "run.json").read_text())["base_checkpoint"] == str(first_ckpt)
+    assert dict(zip(ui.Studio.TRAIN_FORM, studio.restore_train_form()))["base"].value == "run:first"
+    studio.start_training(key, *_opts(steps=2), "third", False, "scratch")
+    studio.jobs.wait(10)
+    assert fake.kwargs["base_checkpoint"] is None
+    dd = studio.base_options("run:gone")  # a choice that is no longer offered falls back to the first
+    assert dd.value == "shipped" and ("run second (pogdiff, 2 steps)", "run:second") in dd.choices
+    for bad, message in (("run:nope", "no finished run with a checkpoint named 'nope'"),
+                         ("run:../x", "is not a run name"), ("elsewhere", "Start from must be 'shipped', 'scratch'"),
+                         ("run:first", "contradict")):
+        with pytest.raises(gr.Error, match=message):
+            studio.start_training(key, *_opts(steps=2), "", bad == "run:first", bad)
+
+
+def test_a_run_of_another_visitor_or_another_size_is_no_base(tmp_path):
+    from types import SimpleNamespace
+
+    A, B = SimpleNamespace(username=None, session_hash="a"), SimpleNamespace(username=None, session_hash="b")
+    fake = FakeTrain()
+    studio, key = _studio_with_base(tmp_path, fake)
+    studio.start_training(key, *_opts(steps=2), "theirs", request=A)
+    studio.jobs.wait(10)
+    assert "run:theirs" in [v for _, v in studio.base_choices(A)]
+    assert "run:theirs" not in [v for _, v in studio.base_choices(B)]
+    with pytest.raises(gr.Error, match="started by another visitor"):
+        studio.start_training(key, *_opts(steps=2), "", False, "run:theirs", request=B)
+    meta_path = tmp_path / "runs" / "theirs" / "run.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model_cfg"]["resolution"] = 64
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(gr.Error, match=r"cannot start a tiny run at 32 px"):
+        studio.start_training(key, *_opts(steps=2), "", False, "run:theirs", request=A)

@@ -59,6 +59,10 @@ DATASET_KEY_RE = (rf"(?:{DEMO_KEY}|{UPLOAD_KEY_RE})(?:{CLASS_SOURCE_SEP}(?:"
 EXPORT_TMP_PREFIX = "pogdiff-export-"  # one folder per exported zip handed to a client
 STALE_UPLOAD_SECONDS = 600  # a start-up sweep removes upload folders left older than this
 HUB_ID_RE = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
+# The Train form's "Start from" (the tiny preset's base): the shipped base, a random UNet, or a run's checkpoint.
+BASE_SHIPPED, BASE_SCRATCH, BASE_RUN_PREFIX = "shipped", "scratch", "run:"
+SHIPPED_BASE_LABEL = "shipped base (checkpoints/base-tiny: faces, 32 px)"
+SCRATCH_LABEL = "from scratch (a random UNet)"
 
 
 
