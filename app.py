@@ -28,6 +28,7 @@ from pogdiff.config import LIMITS, METHODS, PRESETS, PsiConfig, TrainConfig  # n
 from pogdiff.constants import SHOT_COLOURS  # noqa: E402
 from pogdiff.neighbours import POOLS  # noqa: E402
 from pogdiff.ui import Studio  # noqa: E402
+from pogdiff.ui.views import class_source_choices  # noqa: E402
 
 TITLE = "PoGDiff Studio"
 POLL_SECONDS = 1.0
@@ -64,6 +65,11 @@ images, or one sub-folder per class, or start with the **built-in demo set**: pr
 people with a long-tailed number of photos each. The report lists every problem with how to fix it;
 the table and chart show how imbalanced the classes are (*many* > 20 images, *few* < 5)."""
 
+CLASS_SOURCE_INFO = ("Where each image's class comes from. auto: the metadata's subject column, else class "
+                     "folders, else captions that read 'a photo of X, ...', else the first tag of tag captions "
+                     "('red circle, white background' -> red circle), else clustering of the captions. "
+                     "Another choice reloads the loaded set.")
+
 NEIGHBOURS_HELP = """Each dot is one training caption, placed by a 2-D PCA of its sentence embedding. PoGDiff lets a
 caption borrow from one of its **k nearest captions**: its target becomes a precision-weighted mix
 of the true noise and the model's prediction for the neighbour, with weight
@@ -99,8 +105,9 @@ OPT_INFO = {
 }
 
 
-BASE_NOTE = ("The tiny preset fine-tunes checkpoints/base-tiny, a face model pretrained on 40 procedural demo "
-             "identities at 32 px: on your own data it starts from faces. From scratch needs many more steps.")
+BASE_NOTE = ("The shipped base, checkpoints/base-tiny, is a face model pretrained on 40 procedural demo identities "
+             "at 32 px: on your own data it starts from faces. From scratch (a random UNet) needs many more steps. "
+             "One of your tiny runs: a new run fine-tunes its last checkpoint on the loaded data.")
 
 def build_demo(studio: Studio | None = None) -> gr.Blocks:
     """Lay out the four tabs and bind them to ``studio`` (a fresh :class:`Studio` by default)."""
@@ -133,6 +140,8 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                         with gr.Row():
                             load_btn = gr.Button("Validate and load upload", variant="primary")
                             demo_btn = gr.Button("Use the built-in demo set", variant="secondary")
+                        class_src = gr.Radio(class_source_choices(), value="auto", label="Class source",
+                                             info=CLASS_SOURCE_INFO, elem_id="pg-class-source")
                     with gr.Column(scale=3):
                         summary_md = gr.Markdown("No dataset loaded yet. Upload one or use the demo set.")
                         with gr.Accordion("Validation report", open=True):
@@ -229,8 +238,10 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                                                  info="Sample the rarest classes' prompts this often; 0 = never.")
                         run_name = gr.Textbox("", label="Run name (optional)", max_lines=1,
                                               info="Letters, digits, '.', '_' and '-'; empty: a dated name.")
-                        from_scratch = gr.Checkbox(False, label="Train from scratch (a random UNet)",
-                                                   info=BASE_NOTE)
+                        base = gr.Dropdown(choices=studio.base_choices(), value=studio.base_choices()[0][1],
+                                           label="Start from (tiny preset)", info=BASE_NOTE, elem_id="pg-base")
+                        # /start_training's from_scratch, kept for API callers (the form uses Start from)
+                        from_scratch = gr.Checkbox(False, visible=False, label="Train from scratch")
                         with gr.Accordion("psi options (pogdiff)", open=False):
                             psi_max = gr.Slider(0.0, 5.0, value=psi.psi_max, step=0.1, label="psi_max",
                                                 info="Largest weight a sample gives to its neighbour's prediction.")
@@ -339,8 +350,8 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
         data_outputs = [ds_key, summary_md, report_md, class_table, long_tail, class_dd, class_gallery]
         # Every chain that disables a button re-enables it on failure too (.then runs only after success
         # of the step before it in this gradio version; .failure runs only after an error).
-        for btn, fn, inputs, name in ((demo_btn, studio.load_demo, [], "load_demo"),
-                                      (load_btn, studio.load_upload, [upload], "load_upload")):
+        for btn, fn, inputs, name in ((demo_btn, studio.load_demo, [class_src], "load_demo"),
+                                      (load_btn, studio.load_upload, [upload, class_src], "load_upload")):
             loading = (btn.click(_busy, None, [demo_btn, load_btn], queue=False, api_visibility="private")
                        .then(fn, inputs, data_outputs, api_name=name))
             loading.failure(_idle2, None, [demo_btn, load_btn], queue=False, api_visibility="private")
@@ -349,6 +360,12 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
              .then(studio.dataset_banner, ds_key, nb_banner, api_visibility="private")
              .then(studio.dataset_banner, ds_key, train_banner, api_visibility="private"))
         class_dd.change(studio.class_gallery, [ds_key, class_dd], class_gallery, api_name="class_gallery")
+        # Another class source reloads the loaded set; a refused one puts the choice back.
+        reloading = class_src.input(studio.reload_classes, [ds_key, class_src], data_outputs, api_name="class_source")
+        reloading.failure(studio.class_source_of, ds_key, class_src, api_visibility="private")
+        (reloading.then(_same, ds_key, saved_key, queue=False, api_visibility="private")
+         .then(studio.dataset_banner, ds_key, nb_banner, api_visibility="private")
+         .then(studio.dataset_banner, ds_key, train_banner, api_visibility="private"))
 
         # ====================================================== events: Neighbours
         map_outputs = [scatter, caption_dd, nb_banner]
@@ -374,7 +391,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
         # .input, not .change: restoring a run's form must not reset its batch size and learning rate
         preset.input(studio.preset_defaults, preset, [batch, lr, model_id], api_visibility="private")
         options = [method, preset, model_id, steps, batch, lr, psi_max, k, use_density, use_image_sim,
-                   use_text_sim, same_class, sample_every, seed, run_name, from_scratch]
+                   use_text_sim, same_class, sample_every, seed, run_name, from_scratch, base]
         poll_outputs = [job_md, job_progress, loss_plot, preview, start_btn, stop_btn, runs_dd, seen]
         starting = start_btn.click(_busy1, None, start_btn, queue=False, api_visibility="private").then(
             studio.start_training, [ds_key, *options], poll_outputs, api_name="start_training")
@@ -390,14 +407,18 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                    api_name="poll", queue=False)
         train_tab.select(studio.dataset_banner, ds_key, train_banner, api_visibility="private")
         runs_dd.change(studio.runs_table, None, runs_table, api_visibility="private")
+        runs_dd.change(studio.base_options, base, base, api_visibility="private")  # a run that ended can be a base
+        # the job's headline changes when it starts, stops or ends: the form note then names the run's state
+        job_md.change(studio.train_form_note, None, form_note, api_visibility="private")
         export_btn.click(studio.export_run, runs_dd, zip_file, api_name="export_run").success(
             _show, None, zip_file, queue=False, api_visibility="private")
         weights_btn.click(studio.export_weights, runs_dd, zip_file, api_name="export_weights").success(
             _show, None, zip_file, queue=False, api_visibility="private")
         form = [method, preset, model_id, steps, batch, lr, psi_max, k, use_density, use_image_sim, use_text_sim,
-                same_class, sample_every, seed, from_scratch]  # Studio.TRAIN_FORM
+                same_class, sample_every, seed, base]  # Studio.TRAIN_FORM
         estimate_inputs = [method, preset, steps, batch]
         (demo.load(studio.restore_train_form, None, [*form, form_note], api_visibility="private")
+         .then(studio.base_options, base, base, api_visibility="private")  # this visitor's runs
          .then(studio.recorded_estimate, estimate_inputs, estimate_md, api_visibility="private")
          .then(studio.preview_runs, None, hist_run, api_visibility="private"))
         for comp in estimate_inputs:
@@ -447,6 +468,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
 
         demo.load(studio.poll, None, poll_outputs, api_name="poll_on_load", api_visibility="private")
         (demo.load(studio.restore_dataset, saved_key, data_outputs, api_visibility="private")
+         .then(studio.class_source_of, ds_key, class_src, api_visibility="private")
          .then(studio.dataset_banner, ds_key, nb_banner, api_visibility="private")
          .then(studio.dataset_banner, ds_key, train_banner, api_visibility="private"))
         restore_outputs = dict(run_a=run_a, run_b=run_b, prompts=prompts, custom=custom, n_seeds=n_seeds,

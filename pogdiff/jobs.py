@@ -50,7 +50,45 @@ logger = logging.getLogger(__name__)
 
 STATES = ("idle", "running", "stopping", "finished", "failed")
 HISTORY_LIMIT = 4000  # rows kept for the live loss curve; older rows are thinned, never dropped wholesale
+# The live ETA (estimate_eta): the rate of the latest ETA_WINDOW steps; none until ETA_MIN_STEPS steps after
+# the first one are timed (the first step pays for warm-up and is never used).
+ETA_WINDOW = 20
+ETA_MIN_STEPS = 3
 _WARNED: set[str] = set()  # run folders already reported as unreadable or unsafe
+
+
+def estimate_eta(step_ends: Sequence[tuple[int, float]], max_steps: int, *,
+                 previews: Sequence[tuple[int, float]] = (), preview_every: int = 0,
+                 window: int = ETA_WINDOW, min_steps: int = ETA_MIN_STEPS) -> tuple[float | None, float | None, bool]:
+    """``(seconds left, seconds per step, previews_untimed)`` of a run from the clock times at which its
+    steps ended: ``step_ends`` = ``[(step, time), ...]`` in order, the first entry the end of the run's
+    first step (its set-up and warm-up come before it and are never extrapolated).
+
+    The step time is the mean over the latest ``window`` steps, without the time ``previews`` (``[(step,
+    seconds sampling after that step), ...]``) took; the previews still to come (every ``preview_every``
+    steps up to ``max_steps``) are added at their mean measured time. ``(None, None, False)`` until
+    ``min_steps`` steps after the first are timed; ``previews_untimed`` is True when previews are still to
+    come but none was timed yet (the estimate leaves them out).
+    """
+    if len(step_ends) < 2:
+        return None, None, False
+    spent = dict(previews)
+    steps, seconds = 0, 0.0
+    for (s0, t0), (s1, t1) in reversed(list(zip(step_ends[:-1], step_ends[1:]))):
+        if steps >= window:
+            break
+        steps += s1 - s0
+        seconds += (t1 - t0) - sum(v for k, v in spent.items() if s0 <= k < s1)
+    if steps < min_steps:
+        return None, None, False
+    rate = max(seconds, 0.0) / steps
+    last = step_ends[-1][0]
+    left = rate * max(0, max_steps - last)
+    to_come = max(0, max_steps // preview_every - last // preview_every) if preview_every > 0 else 0
+    untimed = bool(to_come) and not spent
+    if to_come and spent:
+        left += to_come * sum(spent.values()) / len(spent)
+    return left, rate, untimed
 
 
 class JobBusyError(RuntimeError):
@@ -72,8 +110,10 @@ class JobStatus:
     method: str = ""
     step: int = 0
     max_steps: int = 0
-    eta_seconds: float | None = None
-    seconds_per_step: float | None = None
+    eta_seconds: float | None = None  # None while the ETA is being estimated (estimate_eta)
+    eta_untimed_previews: bool = False  # previews are still to come, none timed yet: not in eta_seconds
+    seconds_per_step: float | None = None  # the trainer's mean since the first step (what run.json records)
+    recent_seconds_per_step: float | None = None  # the latest steps' rate behind eta_seconds
     history: list[dict[str, float]] = field(default_factory=list)
     preview_step: int | None = None
     preview_images: np.ndarray | None = None
@@ -113,6 +153,9 @@ class Job:
         self.done = threading.Event()
         self.thread: threading.Thread | None = None
         self._status = status
+        self.preview_every = 0  # steps between previews (0: none), for the ETA
+        self.step_ends: list[tuple[int, float]] = []  # (step, monotonic time), the latest ETA_WINDOW + 1
+        self.preview_seconds: list[tuple[int, float]] = []  # (step, seconds its preview took)
 
     def __repr__(self) -> str:
         return f"Job({self.name!r}, state={self._status.state!r}, step={self._status.step})"
@@ -269,6 +312,7 @@ class JobManager:
             preview_captions=list(preview_captions) if preview_captions else None,
             stop_event=job.stop_event, cache_dir=cache_dir,
         )
+        job.preview_every = int(getattr(train_cfg, "sample_every", 0) or 0) if preview_captions else 0
         job.thread = threading.Thread(
             target=self._run, args=(job, meta, kwargs), name=f"train-{run_name}", daemon=True
         )
@@ -340,11 +384,14 @@ class JobManager:
             value = getattr(info, key, None)
             if value is not None:
                 row[key] = float(value)
+        now = time.monotonic()
         with self._lock:
             s = job._status
             s.step = row["step"]
             s.max_steps = int(getattr(info, "max_steps", 0) or s.max_steps)
-            s.eta_seconds = _maybe_float(getattr(info, "eta_seconds", None))
+            job.step_ends = [*job.step_ends[-ETA_WINDOW:], (s.step, now)]
+            s.eta_seconds, s.recent_seconds_per_step, s.eta_untimed_previews = estimate_eta(
+                job.step_ends, s.max_steps, previews=job.preview_seconds, preview_every=job.preview_every)
             s.seconds_per_step = _maybe_float(getattr(info, "seconds_per_step", None))
             s.history.append(row)
             if len(s.history) > HISTORY_LIMIT:
@@ -353,7 +400,10 @@ class JobManager:
 
     def _on_preview(self, job: Job, step: int, images: np.ndarray, captions: Sequence[str]) -> None:
         images = np.asarray(images, dtype=np.uint8).copy()
+        now = time.monotonic()
         with self._lock:
+            if job.step_ends and job.step_ends[-1][0] == int(step):  # sampled right after that step ended
+                job.preview_seconds.append((int(step), now - job.step_ends[-1][1]))
             s = job._status
             s.preview_step = int(step)
             s.preview_images = images

@@ -77,9 +77,9 @@ def read_previews(run_dir: str | Path) -> list[Preview]:
         return []
     found = []
     for meta_path in sorted(folder.glob("step_*.json")):
-        try:
-            meta = json.loads(resolve_inside(folder, meta_path).read_text())
-            png = resolve_inside(folder, meta_path.with_suffix(".png"))
+        try:  # by name: a relative run folder's glob results already start with the folder
+            meta = json.loads(resolve_inside(folder, meta_path.name).read_text())
+            png = resolve_inside(folder, meta_path.with_suffix(".png").name)
             with Image.open(png) as im:
                 strip = np.asarray(im.convert("RGB"))
             n = int(meta["n"])

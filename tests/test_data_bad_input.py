@@ -240,3 +240,33 @@ def test_metadata_rows_differing_only_in_unicode_normalisation_are_reported(tmp_
     i = issue(ds, "duplicate_file_name")
     assert i.where == "metadata.jsonl:2" and "Unicode normalisation" in i.message
     assert ds.captions == ["a photo of A", "a photo of A"]
+
+
+def test_a_fake_png_is_named_and_said_what_it_is(tmp_path):
+    files = {"a.png": png(), "a.txt": "a photo of A", "fake.png": b"this is not an image at all\n",
+             "fake.txt": "a photo of A", "cut.png": png(size=(64, 64))[:60], "cut.txt": "a photo of A"}
+    ds = load_image_text_set(write_folder(tmp_path, files), CFG)
+    bad = {i.where: i for i in ds.report.errors if i.code == "corrupt_image"}
+    assert set(bad) == {"fake.png", "cut.png"} and len(ds) == 1
+    fake = bad["fake.png"].message
+    assert fake.startswith("Cannot decode the image 'fake.png': its content is in none of the image formats")
+    assert fake.endswith("whatever its name says; it starts with the text 'this is not an image at '...; skipped.")
+    assert "'cut.png'" in bad["cut.png"].message
+    for issue_ in bad.values():  # no object repr of the in-memory buffer
+        assert "BytesIO" not in issue_.message and "0x" not in issue_.message
+
+
+def test_shrunk_images_get_a_note_with_their_sizes(tmp_path):
+    files = {"big.png": png(0, size=(6000, 6000), mode="L"), "big.txt": "a photo of A",
+             "wide.png": png(size=(40, 20)), "wide.txt": "a photo of A",
+             "wide2.png": png(size=(40, 20)), "wide2.txt": "a photo of B",
+             "small.png": png(size=(8, 8)), "small.txt": "a photo of B"}
+    ds = load_image_text_set(write_folder(tmp_path, files), CFG)
+    assert len(ds) == 4 and ds.report.ok and ds.images.shape[1:] == (16, 16, 3)
+    [note] = [i for i in ds.report.issues if i.code == "images_resized"]
+    assert note.level == "info" and note in ds.report.notes
+    assert note.message == ("3 of 4 image(s) were shrunk to 16x16 px (1 from 6000x6000, 2 from 40x20); "
+                            "2 of them not square, so centre-cropped to a square first.")
+    assert "1 note(s)" in ds.report.summary() and "| info | `images_resized` |" in ds.report.to_markdown()
+    same = load_image_text_set(write_folder(tmp_path / "small", {"s.png": png(size=(16, 16)), "s.txt": "x"}), CFG)
+    assert "images_resized" not in same.report.codes()  # nothing shrunk, nothing noted

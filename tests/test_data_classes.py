@@ -12,6 +12,7 @@ from pogdiff.data.classes import (
     DEFAULT_CLASS_SOURCE,
     cluster_captions,
     first_tag,
+    looks_like_tags,
     subject_from_caption,
 )
 from pogdiff.data.loader import load_image_text_set
@@ -58,11 +59,61 @@ def test_first_tag_source_reads_kohya_tag_captions(tmp_path):
     assert [i.where for i in bad] == ["5.png"] and "no first tag" in bad[0].message
 
 
-def test_auto_does_not_guess_tags_it_clusters_them(tmp_path):
+def test_auto_reads_tag_captions_by_their_first_tag(tmp_path):
     ds = load_image_text_set(write_folder(tmp_path, sidecars(KOHYA)), CFG, encoder=HashEncoder())
-    assert ds.class_source == "cluster" and ds.class_source_requested == "auto"
-    assert all(s.startswith("cluster ") for s in ds.subjects)
-    assert any(i.code == "classes_clustered" and "DataConfig.class_source" in i.fix for i in ds.report.issues)
+    assert (ds.class_source, ds.class_source_requested) == ("first_tag", "auto")
+    assert ds.subjects == ["red fox", "red fox", "barn owl", "barn owl"]
+    assert ds.class_source_reason == ("auto: the captions are tags (4 of 5 comma-separated; 4 of 5 start with a "
+                                      "tag another caption starts with too)")
+    assert "classes_clustered" not in ds.report.codes()
+    [bad] = [i for i in ds.report.issues if i.code == "no_class_in_caption"]
+    assert bad.where == "5.png" and "'Class source' in the Data tab" in bad.fix
+
+
+# A flat kohya-style set: one .txt of tags per image, class tag first, backgrounds varying within a class.
+SHAPES = {"red circle": 8, "blue square": 5, "green triangle": 3, "yellow star": 2, "purple hexagon": 1}
+
+
+def shape_tags() -> dict[str, str]:
+    captions, i = {}, 0
+    for shape, n in SHAPES.items():
+        for j in range(n):
+            background = ("white", "black", "grey")[j % 3]
+            captions[f"img_{i:03d}.png"] = f"{shape}, {background} background, centered, flat colors"
+            i += 1
+    return captions
+
+
+def test_auto_gives_the_tag_classes_of_a_flat_kohya_set_with_their_counts(tmp_path):
+    ds = load_image_text_set(write_folder(tmp_path, sidecars(shape_tags())), CFG, encoder=HashEncoder())
+    assert ds.class_source == "first_tag" and "19 of 19 comma-separated; 18 of 19" in ds.class_source_reason
+    assert {c: ds.subjects.count(c) for c in ds.classes} == SHAPES  # not split by background, not clustered
+    assert "classes_clustered" not in ds.report.codes()
+
+
+def test_auto_still_clusters_free_text_and_names_the_page_control(tmp_path):
+    captions = {"1.png": "a cat asleep on a sofa", "2.png": "cat sitting by the window",
+                "3.png": "dog, running on grass", "4.png": "a dog with a ball, outdoors"}
+    ds = load_image_text_set(write_folder(tmp_path, sidecars(captions)), CFG, encoder=HashEncoder())
+    assert ds.class_source == "cluster" and all(s.startswith("cluster ") for s in ds.subjects)
+    assert ds.class_source_reason.startswith("auto: no subject column") and "2 of 4 comma-separated" in \
+        ds.class_source_reason
+    [warned] = [i for i in ds.report.issues if i.code == "classes_clustered"]
+    assert "'Class source' in the Data tab" in warned.fix and "'first tag'" in warned.fix
+    assert "DataConfig" not in warned.fix + warned.message
+    md = ds.report.to_markdown()
+    assert "'a photo of &lt;subject&gt;, ...'" in md and "<subject>" not in md  # shown, not swallowed as HTML
+
+
+@pytest.mark.parametrize("texts,tags", [
+    (["red fox, snow", "red fox, grass", "owl"], True),  # 2 of 3 with a comma, 2 of 3 repeated
+    (["red fox, snow", "owl, grass", "cat"], False),  # no first tag repeats
+    (["red fox", "red fox", "owl, x"], False),  # repeated, but mostly without commas
+    (["Red Fox, snow", "red fox , grass", "owl, x", "owl"], True),  # case and spaces do not matter
+    ([], False),
+])
+def test_looks_like_tags(texts, tags):
+    assert looks_like_tags(texts) is tags
 
 
 def test_column_source_beats_folders_and_needs_the_column(tmp_path):

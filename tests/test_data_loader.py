@@ -524,4 +524,4 @@ def test_report_markdown_frame_and_error_text():
     assert isinstance(err, ValueError) and err.report is report
     assert str(err) == "Cannot load 'x'.\n  [error] x|y.png: Cannot decode. Fix: Re-export it."
     with pytest.raises(ValueError, match="level must be one of"):
-        Issue("info", "c", "w", "m", "f")
+        Issue("debug", "c", "w", "m", "f")

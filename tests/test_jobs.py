@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pogdiff.config import ModelConfig, TrainConfig
-from pogdiff.jobs import JobBusyError, JobManager, JobStatus
+from pogdiff.jobs import JobBusyError, JobManager, JobStatus, read_previews
 
 TIMEOUT = 10.0
 
@@ -290,6 +290,18 @@ def test_previews_are_saved_in_the_run_folder_and_read_back(tmp_path):
         jobs.previews("../elsewhere")
 
 
+def test_previews_of_the_current_job_are_read_with_a_relative_runs_folder(tmp_path, monkeypatch):
+    """``python app.py`` from the clone: runs_dir is the relative ``runs``."""
+    monkeypatch.chdir(tmp_path)
+    jobs = JobManager("runs", train_fn=FakeTrain())
+    jobs.start(FakeDataset(), *_cfgs(4), preview_captions=["x", "y"], run_name="rel")
+    jobs.wait(TIMEOUT)
+    assert not jobs.current().run_dir.is_absolute()
+    assert [p.step for p in jobs.previews()] == [2, 4]  # the current or last job
+    assert [p.step for p in jobs.previews("rel")] == [2, 4]  # by name
+    assert [(p.step, p.captions) for p in read_previews(Path("runs") / "rel")] == [(2, ["x", "y"]), (4, ["x", "y"])]
+
+
 def test_save_preview_refuses_images_and_captions_that_do_not_match(tmp_path):
     from pogdiff.jobs import save_preview
 
@@ -357,3 +369,63 @@ def test_no_job_starts_during_a_step_time_trial_and_no_trial_during_a_job(tmp_pa
         jobs.time_steps(FakeDataset(), *_cfgs(5))
     gated.step_gate.release()
     assert jobs.wait(TIMEOUT).state == "finished"
+
+
+# ----------------------------------------------------------------- live ETA
+def _steps(*segments, start=1, t0=0.0):
+    """``[(step, end time), ...]``: the first step ends at ``t0``, then each ``(n, seconds)`` segment adds n
+    steps of that many seconds."""
+    ends, step, t = [(start, t0)], start, t0
+    for n, seconds in segments:
+        for _ in range(n):
+            step, t = step + 1, t + seconds
+            ends.append((step, t))
+    return ends
+
+
+def test_eta_waits_for_a_few_timed_steps_and_never_uses_the_warm_up_step():
+    from pogdiff.jobs import ETA_MIN_STEPS, estimate_eta
+
+    assert ETA_MIN_STEPS == 3
+    assert estimate_eta([(1, 30.0)], 300) == (None, None, False)  # step 1 alone (set-up, warm-up): estimating
+    assert estimate_eta(_steps((2, 1.3), t0=30.0), 300) == (None, None, False)  # 2 timed steps: still estimating
+    left, rate, untimed = estimate_eta(_steps((3, 1.3), t0=30.0), 300)  # step 4: 3 steps of 1.3 s after the first
+    assert rate == pytest.approx(1.3) and left == pytest.approx(1.3 * 296) and not untimed
+
+
+def test_eta_follows_the_latest_steps_rate():
+    from pogdiff.jobs import ETA_WINDOW, estimate_eta
+
+    ends = _steps((30, 0.5), (ETA_WINDOW, 2.0))  # the machine got busy: steps went from 0.5 s to 2 s
+    left, rate, _ = estimate_eta(ends, 100)
+    assert ends[-1][0] == 51 and rate == pytest.approx(2.0) and left == pytest.approx(2.0 * 49)
+    left, rate, _ = estimate_eta(_steps((30, 0.5), (10, 2.0)), 100)  # half the window at each rate
+    assert rate == pytest.approx(1.25) and left == pytest.approx(1.25 * 59)
+
+
+def test_eta_counts_the_previews_still_to_come_at_their_measured_time():
+    from pogdiff.jobs import estimate_eta
+
+    ends = _steps((9, 1.0))  # step 10 of 300, previews every 50, none made yet
+    left, rate, untimed = estimate_eta(ends, 300, preview_every=50)
+    assert rate == pytest.approx(1.0) and left == pytest.approx(290) and untimed  # shown as "+ previews"
+    ends = _steps((49, 1.0), (1, 1.0 + 12.0), (9, 1.0))  # the step-50 preview took 12 s; now at step 60
+    left, rate, untimed = estimate_eta(ends, 300, previews=[(50, 12.0)], preview_every=50)
+    assert rate == pytest.approx(1.0) and not untimed  # the preview is not read as slow steps
+    assert left == pytest.approx(240 * 1.0 + 5 * 12.0)  # steps 100, 150, ..., 300 still preview
+
+
+def test_the_live_eta_of_a_job_says_estimating_at_first_and_is_zero_at_the_end(tmp_path):
+    fake = FakeTrain(gated=True)
+    jobs = JobManager(tmp_path, train_fn=fake)
+    jobs.start(FakeDataset(), *_cfgs(6), run_name="eta")
+    seen = []
+    for step in range(1, 7):
+        fake.step_gate.release()
+        for _ in range(200):
+            if jobs.status().step >= step:
+                break
+            threading.Event().wait(0.01)
+        seen.append(jobs.status().eta_seconds)
+    assert seen[:3] == [None, None, None] and all(e is not None and e >= 0 for e in seen[3:])
+    assert jobs.wait(TIMEOUT).eta_seconds == 0.0

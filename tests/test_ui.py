@@ -357,14 +357,14 @@ def test_the_form_after_a_reload_shows_the_last_jobs_settings(tmp_path):
     studio.jobs.wait(10)
     *values, note = studio.restore_train_form()
     restored = dict(zip(ui.Studio.TRAIN_FORM, values))
-    assert restored.pop("from_scratch") is True
+    assert restored.pop("base").value == "scratch"  # Start from: the run began from a random UNet
     pretrained = restored.pop("pretrained")
     assert pretrained.visible is False and pretrained.value == ""
     assert restored == {k: v for k, v in options.items() if k != "pretrained"}
     assert "run **restored** (finished)" in note
     studio.start_training(key, *_opts(steps=2))  # the shipped base: from_scratch comes back False
     studio.jobs.wait(10)
-    assert dict(zip(ui.Studio.TRAIN_FORM, studio.restore_train_form()))["from_scratch"] is False
+    assert dict(zip(ui.Studio.TRAIN_FORM, studio.restore_train_form()))["base"].value == "shipped"
 
 
 def test_form_values_need_the_saved_configs():
@@ -427,3 +427,124 @@ def test_changing_a_or_b_never_leaves_another_pairs_metrics_on_screen(studio, tm
     assert len(table) == 1 and fig is not None and "Precomputed" in md  # a shipped pair: its own numbers
     table, fig, md = studio.metrics_on_choice("shipped:demo-baseline", "run:not-there")
     assert len(table) == 0 and fig is None and "press **Compute metrics**" in md  # cleared, not kept
+
+
+# ------------------------------------------------------------------ Data tab: class source
+SHAPES = {"red circle": 8, "blue square": 5, "green triangle": 3, "yellow star": 2, "purple hexagon": 1}
+
+
+def _kohya_zip(path):
+    """A flat kohya-style zip: one .txt of comma-separated tags per image, the class tag first."""
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as zf:
+        i = 0
+        for shape, n in SHAPES.items():
+            for j in range(n):
+                buf = __import__("io").BytesIO()
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+                zf.writestr(f"img_{i:03d}.png", buf.getvalue())
+                zf.writestr(f"img_{i:03d}.txt", f"{shape}, {('white', 'blue')[j % 2]} background, flat colors")
+                i += 1
+    return path
+
+
+def test_a_flat_kohya_zip_loads_its_tag_classes_with_their_counts(studio, tmp_path):
+    key, headline, report, table, long_tail, class_dd, gallery = studio.load_upload(
+        str(_kohya_zip(tmp_path / "shapes.zip")), progress=_noop_progress)
+    assert dict(zip(table["subject"], table["count"])) == SHAPES  # not split by background, not clustered
+    assert "19 images · 5 classes" in headline
+    assert "**Classes from:** first tag (auto: the captions are tags (19 of 19 comma-separated; 18 of 19" in headline
+    assert "classes_clustered" not in report and "Class source" in headline
+    assert class_dd.value == "green triangle" and studio.class_source_of(key) == "auto"  # the first few-shot class
+    with pytest.raises(gr.Error, match="does not read 'a photo of X, ...'") as refused:  # another source, refused
+        studio.reload_classes(key, "template", progress=_noop_progress)
+    assert "&lt;subject&gt;" in str(refused.value) and "<subject>" not in str(refused.value)
+    assert (studio.upload_store / key).is_dir()  # the refused source keeps the upload that loaded
+    assert studio.bundle(key).ds.class_source == "first_tag"
+
+
+def test_the_class_source_choice_reloads_the_set_and_survives_a_restart(studio, tmp_path):
+    files = [str(p) for p in _tiny_set(tmp_path / "set").iterdir()]
+    key = studio.load_upload(files, progress=_noop_progress)[0]
+    assert studio.bundle(key).ds.class_source == "column"
+    tags_key, headline, _, table, *_ = studio.reload_classes(key, "first_tag", progress=_noop_progress)
+    assert tags_key == f"{key}~first_tag" and studio.class_source_of(tags_key) == "first_tag"
+    assert table["subject"].tolist() == ["a photo of Ann Lee", "a photo of Bo Chan"]
+    assert "**Classes from:** first tag (chosen: first tag)" in headline
+    assert studio.reload_classes(tags_key, "auto", progress=_noop_progress)[0] == key
+    assert studio.load_upload(files, None, "first_tag", progress=_noop_progress)[0] == tags_key
+    bundle = studio.bundle(tags_key)
+    assert studio.dataset_at(bundle, 16).subjects == bundle.subjects  # another size keeps the class source
+    restarted = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
+    assert restarted.restore_dataset(tags_key)[3]["subject"].tolist() == ["a photo of Ann Lee", "a photo of Bo Chan"]
+    assert all(isinstance(x, dict) for x in restarted.reload_classes(None, "cluster", progress=_noop_progress))
+    with pytest.raises(gr.Error, match="Class source must be one of"):
+        studio.reload_classes(key, "../tags", progress=_noop_progress)
+
+
+def test_the_form_note_follows_the_job_when_it_ends(tmp_path):
+    fake = FakeTrain(gated=True)
+    studio, key = _studio_with_base(tmp_path, fake)
+    studio.start_training(key, *_opts(steps=2), "live")
+    *_, note = studio.restore_train_form()  # a page load while the job runs
+    assert "run **live** (running)" in note
+    fake.step_gate.release(2)
+    assert studio.jobs.wait(10).state == "finished"
+    assert "run **live** (finished)" in studio.train_form_note()  # what the page shows once the job ended
+    meta = json.loads((tmp_path / "runs" / "live" / "run.json").read_text())
+    assert "run **gone** (interrupted)" in studio._form_note({**meta, "name": "gone", "state": "running"})
+
+
+def test_the_progress_label_says_estimating_until_the_eta_is_known():
+    running = JobStatus(state="running", run_name="r", method="pogdiff", step=1, max_steps=300, started_at=0.0,
+                        seconds_per_step=0.52, eta_seconds=None)
+    assert "ETA estimating…" in ui.progress_html(running) and "0.52 s/step" in ui.progress_html(running)
+    later = JobStatus(state="running", run_name="r", method="pogdiff", step=10, max_steps=300, started_at=0.0,
+                      seconds_per_step=0.52, recent_seconds_per_step=1.3, eta_seconds=377.0, eta_untimed_previews=True)
+    assert "1.30 s/step" in ui.progress_html(later) and "ETA 6m 17s + previews" in ui.progress_html(later)
+
+
+def test_start_from_offers_the_shipped_base_scratch_and_own_runs_and_trains_from_the_choice(tmp_path):
+    fake = FakeTrain()
+    studio, key = _studio_with_base(tmp_path, fake)
+    assert [v for _, v in studio.base_choices()] == ["shipped", "scratch"]  # no run yet
+    studio.start_training(key, *_opts(steps=2), "first", False, "shipped")
+    studio.jobs.wait(10)
+    assert fake.kwargs["base_checkpoint"] == tmp_path / "shipped" / "base-tiny"
+    assert [v for _, v in studio.base_choices()] == ["shipped", "scratch", "run:first"]
+    first_ckpt = studio.jobs.get_run("first").checkpoint
+    studio.start_training(key, *_opts(steps=2), "second", False, "run:first")  # what the Train tab sends
+    studio.jobs.wait(10)
+    assert fake.kwargs["base_checkpoint"] == first_ckpt and first_ckpt.name == "checkpoint-000002"
+    assert json.loads((tmp_path / "runs" / "second" / "run.json").read_text())["base_checkpoint"] == str(first_ckpt)
+    assert dict(zip(ui.Studio.TRAIN_FORM, studio.restore_train_form()))["base"].value == "run:first"
+    studio.start_training(key, *_opts(steps=2), "third", False, "scratch")
+    studio.jobs.wait(10)
+    assert fake.kwargs["base_checkpoint"] is None
+    dd = studio.base_options("run:gone")  # a choice that is no longer offered falls back to the first
+    assert dd.value == "shipped" and ("run second (pogdiff, 2 steps)", "run:second") in dd.choices
+    for bad, message in (("run:nope", "no finished run with a checkpoint named 'nope'"),
+                         ("run:../x", "is not a run name"), ("elsewhere", "Start from must be 'shipped', 'scratch'"),
+                         ("run:first", "contradict")):
+        with pytest.raises(gr.Error, match=message):
+            studio.start_training(key, *_opts(steps=2), "", bad == "run:first", bad)
+
+
+def test_a_run_of_another_visitor_or_another_size_is_no_base(tmp_path):
+    from types import SimpleNamespace
+
+    A, B = SimpleNamespace(username=None, session_hash="a"), SimpleNamespace(username=None, session_hash="b")
+    fake = FakeTrain()
+    studio, key = _studio_with_base(tmp_path, fake)
+    studio.start_training(key, *_opts(steps=2), "theirs", request=A)
+    studio.jobs.wait(10)
+    assert "run:theirs" in [v for _, v in studio.base_choices(A)]
+    assert "run:theirs" not in [v for _, v in studio.base_choices(B)]
+    with pytest.raises(gr.Error, match="started by another visitor"):
+        studio.start_training(key, *_opts(steps=2), "", False, "run:theirs", request=B)
+    meta_path = tmp_path / "runs" / "theirs" / "run.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model_cfg"]["resolution"] = 64
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(gr.Error, match=r"cannot start a tiny run at 32 px"):
+        studio.start_training(key, *_opts(steps=2), "", False, "run:theirs", request=A)

@@ -12,9 +12,13 @@
   is named after the caption nearest its centre;
 - ``"auto"`` (the default): ``column`` when the metadata has a subject column, else ``folder`` when
   every image sits in a sub-folder and there are two or more of them (or the captions came from
-  the folder names), else ``template`` when every caption matches it, else ``cluster``.
+  the folder names), else ``template`` when every caption matches it, else ``first_tag`` when the
+  captions are tags (:func:`looks_like_tags`: most of them comma-separated, most first tags shared
+  with another image), else ``cluster``.
 
-The source actually used is ``ImageTextSet.class_source`` (see README "Your own data").
+The source actually used is ``ImageTextSet.class_source``, and why it was chosen
+``ImageTextSet.class_source_reason``; the Data tab's **Class source** choice sets
+``DataConfig.class_source`` (see README "Your own data").
 """
 
 from __future__ import annotations
@@ -36,13 +40,29 @@ logger = logging.getLogger(__name__)
 CLASS_SOURCES = ("auto", "column", "folder", "first_tag", "template", "cluster")
 DEFAULT_CLASS_SOURCE = "auto"
 CLASS_SOURCE_HELP = {
-    "auto": "subject column, else class folders, else the caption template, else clustering",
+    "auto": "subject column, else class folders, else the caption template, else the first tag of tag captions, "
+            "else clustering",
     "column": "the 'subject' / 'class' column of metadata.jsonl / metadata.csv",
     "folder": "the sub-folder of each image",
     "first_tag": "the caption's first comma-separated tag ('red fox, outdoors' -> 'red fox')",
     "template": "X in captions that read 'a photo of X, ...' (DataConfig.caption_template)",
     "cluster": "k-means clusters of the caption embeddings",
 }
+# How the page names each source (the Data tab's "Class source" choice).
+CLASS_SOURCE_LABELS = {
+    "auto": "auto",
+    "column": "metadata column",
+    "folder": "folders",
+    "first_tag": "first tag",
+    "template": "template",
+    "cluster": "clustering",
+}
+# Where a fix is made: the page control (the CLI and scripts set DataConfig.class_source).
+CLASS_SOURCE_CONTROL = "'Class source' in the Data tab"
+# Tag captions (auto -> first_tag): more than this share of the captions hold a comma, and more than
+# this share of the images have a first tag that another image has too.
+TAG_CAPTION_SHARE = 0.5
+REPEATED_TAG_SHARE = 0.5
 TEMPLATE_RE = re.compile(r"^\s*an?\s+(?:photo|picture|image|portrait)\s+of\s+([^,]+)", re.IGNORECASE)
 MAX_AUTO_CLUSTERS = 50
 CLUSTER_NAME_CHARS = 40
@@ -109,6 +129,29 @@ def folder_subject(path: str) -> str | None:
     return None if parent == "." else parent
 
 
+def tag_caption_counts(texts: list[str]) -> tuple[int, int]:
+    """``(captions holding a comma, captions whose first tag another caption shares)``."""
+    tags = [first_tag(t) for t in texts]
+    seen: dict[str, int] = {}
+    for tag in tags:
+        if tag is not None:
+            key = tag.casefold()
+            seen[key] = seen.get(key, 0) + 1
+    with_comma = sum("," in t for t in texts)
+    repeated = sum(tag is not None and seen[tag.casefold()] >= 2 for tag in tags)
+    return with_comma, repeated
+
+
+def looks_like_tags(texts: list[str]) -> bool:
+    """Tag captions as kohya-style trainers write them (``"red circle, white background"``): more than
+    :data:`TAG_CAPTION_SHARE` of them hold a comma and more than :data:`REPEATED_TAG_SHARE` of them
+    start with a tag that another caption starts with too (the class tag)."""
+    if not texts:
+        return False
+    with_comma, repeated = tag_caption_counts(texts)
+    return with_comma > TAG_CAPTION_SHARE * len(texts) and repeated > REPEATED_TAG_SHARE * len(texts)
+
+
 # --- clustering ---------------------------------------------------------------------------------
 
 
@@ -154,55 +197,71 @@ def cluster_captions(texts: list[str], n_clusters: int = 0, seed: int = 0, encod
 
 
 def assign_classes(items: list[ClassItem], config: DataConfig, report: ValidationReport,
-                   encoder: Any = None) -> tuple[list[str | None], str]:
+                   encoder: Any = None) -> tuple[list[str | None], str, str]:
     """One class per item (None: the item has none under this source and is skipped, reported),
-    and the source used (never ``"auto"``)."""
-    source = check_class_source(config.class_source)
-    if source == "auto":
-        source = _auto_source(items, config)
+    the source used (never ``"auto"``) and why it was used (:func:`choose_class_source`)."""
+    source, reason = choose_class_source(items, config)
+    other = f"or choose another {CLASS_SOURCE_CONTROL}."
     if source == "column":
-        return _by_column(items, config, report), source
+        return _by_column(items, config, report), source, reason
     if source == "folder":
         return _per_item(items, lambda it: folder_subject(it.file_name), report, "not_in_class_folder",
-                         "The image is not in a class sub-folder; skipped (class_source = 'folder').",
-                         "Move it into a sub-folder named after its class, or choose another class source."), source
+                         "The image is not in a class sub-folder; skipped (class source: folders).",
+                         f"Move it into a sub-folder named after its class, {other}"), source, reason
     if source == "first_tag":
         return _per_item(items, lambda it: first_tag(it.text), report, "no_class_in_caption",
-                         "The caption has no first tag (it starts with a comma); skipped (class_source = 'first_tag').",
-                         "Start the caption with its class tag, e.g. 'red fox, outdoors, photo'."), source
+                         "The caption has no first tag (it starts with a comma); skipped (class source: first tag).",
+                         f"Start the caption with its class tag, e.g. 'red fox, outdoors, photo', {other}"), \
+            source, reason
     if source == "template":
         template = config.caption_template
         return _per_item(items, lambda it: subject_from_caption(it.text, template), report, "no_class_in_caption",
                          f"The caption does not read '{template.format(subject='X')}, ...'; skipped "
-                         "(class_source = 'template').",
-                         f"Start the caption with '{template.format(subject='<subject>')},', or choose another "
-                         "class source."), source
+                         "(class source: template).",
+                         f"Start the caption with '{template.format(subject='<subject>')},', {other}"), source, reason
     names = cluster_captions([it.text for it in items], config.derive_clusters, encoder=encoder)
     if config.class_source == "auto":
         report.warning("classes_clustered", "",
-                       f"Classes were derived by clustering the captions into {len(set(names))} groups.",
-                       "For exact classes add a 'subject' column to metadata.jsonl, start every caption with "
-                       "'a photo of <subject>,', or choose a class source (DataConfig.class_source).")
-    return list(names), "cluster"
+                       f"Classes were derived by clustering the captions into {len(set(names))} groups ({reason}).",
+                       f"For exact classes choose {CLASS_SOURCE_CONTROL}: 'first tag' when each caption starts "
+                       "with its class tag, 'template' when the captions read "
+                       f"'{config.caption_template.format(subject='<subject>')}, ...', 'folders' for one sub-folder "
+                       "per class; or add a 'subject' column to metadata.jsonl and choose 'metadata column'.")
+    return list(names), "cluster", reason
 
 
-def _auto_source(items: list[ClassItem], config: DataConfig) -> str:
+def choose_class_source(items: list[ClassItem], config: DataConfig) -> tuple[str, str]:
+    """The class source to use (``config.class_source``, or what ``"auto"`` picks for ``items``) and a
+    sentence saying why."""
+    source = check_class_source(config.class_source)
+    if source != "auto":
+        return source, f"chosen: {CLASS_SOURCE_LABELS[source]}"
+    n = len(items)
     if any(it.column_subject for it in items):
-        return "column"
+        return "column", "auto: the metadata has a 'subject' / 'class' column"
     folders = {folder_subject(it.file_name) for it in items}
-    from_folders = any(it.caption_from == "folder" for it in items)
-    if None not in folders and (len(folders) >= 2 or from_folders):
-        return "folder"
-    if all(subject_from_caption(it.text, config.caption_template) for it in items):
-        return "template"
-    return "cluster"
+    if None not in folders and any(it.caption_from == "folder" for it in items):
+        return "folder", "auto: the captions were made from the sub-folder names"
+    if None not in folders and len(folders) >= 2:
+        return "folder", f"auto: every image sits in one of {len(folders)} sub-folders"
+    template = config.caption_template
+    if all(subject_from_caption(it.text, template) for it in items):
+        return "template", f"auto: every caption reads '{template.format(subject='X')}, ...'"
+    texts = [it.text for it in items]
+    with_comma, repeated = tag_caption_counts(texts)
+    if looks_like_tags(texts):
+        return "first_tag", (f"auto: the captions are tags ({with_comma} of {n} comma-separated; {repeated} of {n} "
+                             "start with a tag another caption starts with too)")
+    return "cluster", ("auto: no subject column, no class sub-folders, not every caption reads "
+                       f"'{template.format(subject='X')}, ...', and the captions are not tags with a repeated first "
+                       f"tag ({with_comma} of {n} comma-separated, {repeated} of {n} share their first tag)")
 
 
 def _by_column(items: list[ClassItem], config: DataConfig, report: ValidationReport) -> list[str | None]:
     if not any(it.column_subject for it in items):
-        report.error("no_class_column", "", "class_source = 'column', but no metadata row has a 'subject' or "
-                     "'class' value.", "Add a 'subject' column to metadata.jsonl / metadata.csv, or choose "
-                     "another class source.")
+        report.error("no_class_column", "", "The class source is 'metadata column', but no metadata row has a "
+                     "'subject' or 'class' value.", "Add a 'subject' column to metadata.jsonl / metadata.csv, or "
+                     f"choose another {CLASS_SOURCE_CONTROL}.")
         return [None] * len(items)
     return [it.column_subject or subject_from_caption(it.text, config.caption_template) or it.text for it in items]
 

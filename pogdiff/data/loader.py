@@ -78,6 +78,7 @@ class ImageTextSet:
     # asked for in DataConfig.class_source ("auto" or one of those); see pogdiff/data/classes.py.
     class_source: str
     class_source_requested: str = "auto"
+    class_source_reason: str = ""  # why that source was used ("auto: the captions are tags (...)")
 
     @property
     def subjects(self) -> list[str]:
@@ -98,9 +99,12 @@ class ImageTextSet:
 # --- images ----------------------------------------------------------------------------------
 
 
-def _decode_image(data: bytes, where: str, config: DataConfig, report: ValidationReport) -> np.ndarray | None:
-    """Bytes -> uint8 ``[R, R, 3]``: EXIF-upright, RGB, centre-cropped square, LANCZOS-resized."""
+def _decode_image(data: bytes, where: str, config: DataConfig,
+                  report: ValidationReport) -> tuple[np.ndarray | None, tuple[int, int] | None]:
+    """Bytes -> uint8 ``[R, R, 3]`` (EXIF-upright, RGB, centre-cropped square, LANCZOS-resized) and the
+    image's size in its file ``(width, height)``; ``(None, None)`` when it cannot be used (reported)."""
     fix = "Re-export the image as PNG or JPEG, or remove it."
+    name = PurePosixPath(where).name
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -108,7 +112,7 @@ def _decode_image(data: bytes, where: str, config: DataConfig, report: Validatio
             w, h = im.size
             if w * h > config.max_image_pixels:
                 _report_too_many_pixels(where, w, h, config, report)
-                return None
+                return None, None
             if im.format == "JPEG":
                 im.draft("RGB", (config.resolution * 2, config.resolution * 2))
             im.load()
@@ -117,11 +121,54 @@ def _decode_image(data: bytes, where: str, config: DataConfig, report: Validatio
     except Image.DecompressionBombError:
         report.error("image_too_large", where, "The image is too large to decode safely; skipped.",
                      "Downscale the image, or raise DataConfig.max_image_pixels.")
-        return None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        report.error("corrupt_image", where, f"Cannot decode the image ({type(exc).__name__}: {exc}); skipped.", fix)
-        return None
-    return np.asarray(_centre_square(im, config.resolution), dtype=np.uint8)
+        return None, None
+    except UnidentifiedImageError:
+        report.error("corrupt_image", where,
+                     f"Cannot decode the image '{name}': its content is in none of the image formats read here "
+                     f"({', '.join(sorted(e.lstrip('.') for e in IMAGE_EXTENSIONS))}), whatever its name says; "
+                     f"{_first_bytes(data)}; skipped.",
+                     "Check that the file opens in an image viewer. " + fix)
+        return None, None
+    except (OSError, SyntaxError, ValueError) as exc:
+        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", f"'{name}'", str(exc))
+        report.error("corrupt_image", where,
+                     f"Cannot decode the image '{name}': the file is damaged ({type(exc).__name__}: {detail}); "
+                     "skipped.", fix)
+        return None, None
+    return np.asarray(_centre_square(im, config.resolution), dtype=np.uint8), (w, h)
+
+
+def _first_bytes(data: bytes, n: int = 24) -> str:
+    """What a file that is not an image starts with, in words."""
+    if not data:
+        return "the file is empty"
+    head = data[:n]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and text.isprintable():
+        return f"it starts with the text {text!r}" + ("..." if len(data) > n else "")
+    return f"it starts with the bytes {head[:8].hex(' ')}"
+
+
+def _note_resized(sizes: list[tuple[int, int]], resolution: int, report: ValidationReport,
+                  max_listed: int = 5) -> None:
+    """One ``images_resized`` note: how many loaded images were shrunk to the model's size, from which sizes."""
+    shrunk = Counter(size for size in sizes if min(size) > resolution)
+    if not shrunk:
+        return
+    n = sum(shrunk.values())
+    ordered = sorted(shrunk.items(), key=lambda kv: (-kv[0][0] * kv[0][1], kv[0]))
+    listed = [f"{c} from {w}x{h}" for (w, h), c in ordered[:max_listed]]
+    if len(ordered) > max_listed:
+        listed.append(f"{sum(c for _, c in ordered[max_listed:])} from {len(ordered) - max_listed} other sizes")
+    cropped = sum(c for (w, h), c in shrunk.items() if w != h)
+    crop = f"; {cropped} of them not square, so centre-cropped to a square first" if cropped else ""
+    report.info("images_resized", "",
+                f"{n} of {len(sizes)} image(s) were shrunk to {resolution}x{resolution} px ({', '.join(listed)}){crop}.",
+                f"Nothing to fix: training uses {resolution}x{resolution} px images, so larger files add no detail "
+                "(smaller ones upload faster).")
 
 
 def _centre_square(im: Image.Image, resolution: int) -> Image.Image:
@@ -185,25 +232,27 @@ def load_image_text_set(source: str | Path, config: DataConfig = DataConfig(), *
     if prefix:
         logger.info("reading %s from its top folder %s", source, prefix)
     pending = _collect(src, config, report)
-    samples, images = [], []
+    samples, images, sizes = [], [], []
     for item in pending:
         data = src.read_image(item.path, config, report)
-        array = None if data is None else _decode_image(data, item.path, config, report)
+        array, size = (None, None) if data is None else _decode_image(data, item.path, config, report)
         if array is not None:
             samples.append(Sample(item.path, item.text, item.subject or "", item.extra))
             images.append(array)
+            sizes.append(size)
     _raise_if_empty(source, samples, report)
     caption_from = {p.path: p.caption_from for p in pending}
     items = [ClassItem(s.file_name, s.text, s.subject or None, caption_from[s.file_name]) for s in samples]
-    subjects, class_source = assign_classes(items, config, report, encoder)
+    subjects, class_source, reason = assign_classes(items, config, report, encoder)
     kept = [i for i, subject in enumerate(subjects) if subject is not None]
     for i in kept:
         samples[i].subject = subjects[i]
     samples, images = [samples[i] for i in kept], [images[i] for i in kept]
     _raise_if_empty(source, samples, report)
+    _note_resized([sizes[i] for i in kept], config.resolution, report)
     _warn_small_classes(samples, report)
     logger.info("loaded %s: %s; classes from %s", Path(source).name, report.summary(), class_source)
-    return ImageTextSet(str(source), samples, np.stack(images), report, class_source, config.class_source)
+    return ImageTextSet(str(source), samples, np.stack(images), report, class_source, config.class_source, reason)
 
 
 def _raise_if_empty(source: str | Path, samples: list[Sample], report: ValidationReport) -> None:

@@ -11,14 +11,15 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-LEVELS = ("error", "warning")
+LEVELS = ("error", "warning", "info")
 REPORT_COLUMNS = ("level", "code", "where", "message", "fix")
 MAX_ISSUES_IN_ERROR = 8
 
 
 @dataclass
 class Issue:
-    """One problem: ``level`` is ``"error"`` (the item was skipped or is wrong) or ``"warning"``."""
+    """One problem: ``level`` is ``"error"`` (the item was skipped or is wrong), ``"warning"``, or
+    ``"info"`` (a note on what loading changed, e.g. images shrunk to the model's size)."""
 
     level: str
     code: str
@@ -49,6 +50,9 @@ class ValidationReport:
     def warning(self, code: str, where: str, message: str, fix: str) -> None:
         self.issues.append(Issue("warning", code, where, message, fix))
 
+    def info(self, code: str, where: str, message: str, fix: str) -> None:
+        self.issues.append(Issue("info", code, where, message, fix))
+
     @property
     def errors(self) -> list[Issue]:
         return [i for i in self.issues if i.level == "error"]
@@ -56,6 +60,10 @@ class ValidationReport:
     @property
     def warnings(self) -> list[Issue]:
         return [i for i in self.issues if i.level == "warning"]
+
+    @property
+    def notes(self) -> list[Issue]:
+        return [i for i in self.issues if i.level == "info"]
 
     @property
     def ok(self) -> bool:
@@ -66,9 +74,10 @@ class ValidationReport:
         return [i.code for i in self.issues]
 
     def summary(self) -> str:
+        notes = f", {len(self.notes)} note(s)" if self.notes else ""
         return (
             f"{self.n_images_loaded} of {self.n_images_found} images loaded; "
-            f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)"
+            f"{len(self.errors)} error(s), {len(self.warnings)} warning(s){notes}"
         )
 
     def to_frame(self) -> pd.DataFrame:
@@ -92,7 +101,12 @@ class ValidationReport:
 
 
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """``text`` for one Markdown table cell: ``|`` and newlines escaped, and ``<`` / ``>`` outside code
+    spans written as entities, so that ``'a photo of <subject>'`` is shown, not read as an HTML tag."""
+    parts = text.replace("|", "\\|").replace("\n", " ").split("`")
+    paired = len(parts) % 2 == 1  # an odd number of backticks opens no code span
+    return "`".join(p.replace("<", "&lt;").replace(">", "&gt;") if i % 2 == 0 or not paired else p
+                    for i, p in enumerate(parts))
 
 
 class DatasetError(ValueError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import logging
 import os
 import re
@@ -18,18 +19,22 @@ import pandas as pd
 
 from pogdiff import safety
 from pogdiff.ui.state import DatasetBundle
+from pogdiff.data.classes import CLASS_SOURCES, DEFAULT_CLASS_SOURCE
 from pogdiff.ui.views import (
+    DATASET_KEY_RE,
     DEMO_KEY,
     MAX_GALLERY,
     MAX_KEY_CHARS,
     STALE_UPLOAD_SECONDS,
-    UPLOAD_KEY_RE,
     UPLOAD_STORE,
     UPLOAD_TMP_PREFIX,
     _arg,
+    class_source_markdown,
     clean_temp_folders,
+    dataset_key,
     gallery_items,
     report_markdown,
+    split_dataset_key,
     summary_markdown,
     upload_key,
 )
@@ -42,18 +47,23 @@ class DataTab:
     """Load the demo or an upload, keep uploads by content hash, show classes and the long tail."""
 
     # ============================================================================ Data tab
-    def load_demo(self, progress: gr.Progress = gr.Progress()) -> tuple:
-        """Build (first time, cached on disk) and load the built-in long-tailed demo set."""
+    def load_demo(self, class_source: str = DEFAULT_CLASS_SOURCE, progress: gr.Progress = gr.Progress()) -> tuple:
+        """Build (first time, cached on disk) and load the built-in long-tailed demo set, its classes from
+        ``class_source`` (README "Your own data")."""
+        source = self._class_source_arg(class_source)
         progress(0.1, desc="Building the demo set (first time only)…")
-        bundle = self._load_demo_bundle()
+        bundle = self._load_demo_bundle() if source == DEFAULT_CLASS_SOURCE else self._load_demo_bundle(source)
         return self._data_outputs(bundle)
 
     def load_upload(self, files: Sequence[str] | str | None, request: gr.Request = None,
-                    progress: gr.Progress = gr.Progress()) -> tuple:
-        """Validate and load an uploaded .zip, or several files (images + metadata / captions).
+                    class_source: str = DEFAULT_CLASS_SOURCE, progress: gr.Progress = gr.Progress()) -> tuple:
+        """Validate and load an uploaded .zip, or several files (images + metadata / captions), its classes
+        from ``class_source`` (``auto``, ``column``, ``folder``, ``first_tag``, ``template``, ``cluster``;
+        README "Your own data").
 
         Through the app (``request`` set) only files inside gradio's upload folder are read.
         """
+        source = self._class_source_arg(class_source)
         if not files:
             raise gr.Error("Upload a .zip, or several images with a metadata.jsonl / metadata.csv or "
                            ".txt captions, first.", title="Nothing uploaded")
@@ -78,19 +88,44 @@ class DataTab:
             raise gr.Error(f"Upload one .zip on its own, or loose files without a .zip (got {zips}).",
                            title="Mixed upload")
         progress(0.05, desc="Hashing the upload…")
-        key = upload_key(paths)
+        base = upload_key(paths)
+        key = dataset_key(base, source)
         with self._lock:
             known = self._datasets.get(key)
         if known is not None:
             return self._data_outputs(known)
-        store = self._store_upload(key, paths)
+        fresh = not (self.upload_store / base).is_dir()
+        store = self._store_upload(base, paths)
         progress(0.1, desc="Reading and validating…")
         try:
             bundle = self._load_stored(key, store)
         except gr.Error:
-            shutil.rmtree(store, ignore_errors=True)  # keep only sets that loaded
+            if fresh:
+                shutil.rmtree(store, ignore_errors=True)  # keep only sets that loaded
             raise
         return self._data_outputs(bundle)
+
+    def reload_classes(self, key: str | None, class_source: str, progress: gr.Progress = gr.Progress()) -> tuple:
+        """The loaded set again, its classes from ``class_source`` (the Data tab's **Class source**);
+        ``gr.skip()`` for every output when no set is loaded yet (the choice then applies to the next load)."""
+        source = self._class_source_arg(class_source)
+        key = _arg(safety.text, "dataset key", key, MAX_KEY_CHARS)
+        if not key:
+            return (gr.skip(),) * 7
+        progress(0.1, desc="Reading the classes again…")
+        return self._data_outputs(self.bundle(dataset_key(split_dataset_key(key)[0], source)))
+
+    @staticmethod
+    def class_source_of(key: str | None) -> str:
+        """The class source the set ``key`` was loaded with (``auto`` when none is loaded)."""
+        if not isinstance(key, str) or not re.fullmatch(DATASET_KEY_RE, key):
+            return DEFAULT_CLASS_SOURCE
+        return split_dataset_key(key)[1]
+
+    @staticmethod
+    def _class_source_arg(class_source: Any) -> str:
+        return _arg(safety.choice, "Class source", DEFAULT_CLASS_SOURCE if class_source is None else class_source,
+                    CLASS_SOURCES)
 
     # ------------------------------------------------------------------ uploads kept by content hash
     @property
@@ -138,47 +173,54 @@ class DataTab:
                 + clean_temp_folders(max_age))
 
     def _load_stored(self, key: str, store: Path) -> DatasetBundle:
-        from pogdiff.data import DatasetError, load_image_text_set
+        source, name = self._stored_source(store)
+        ds = self._read_set(source, split_dataset_key(key)[1])
+        return self._remember(self._make_bundle(key, name, ds))
 
+    @staticmethod
+    def _stored_source(store: Path) -> tuple[Path, str]:
+        """What a stored upload is read from (its one .zip, or the folder of loose files) and its name."""
         files = sorted(p for p in store.iterdir() if p.is_file())
         if len(files) == 1 and files[0].suffix.lower() == ".zip":
-            source, name = files[0], files[0].name
-        else:
-            source, name = store, f"{len(files)} uploaded files"
+            return files[0], files[0].name
+        return store, f"{len(files)} uploaded files"
+
+    def _read_set(self, source: Path, class_source: str, resolution: int | None = None):
+        """``load_image_text_set`` with this server's DataConfig, ``class_source`` and (optionally) another
+        resolution; a set that does not validate becomes a ``gr.Error`` carrying its report."""
+        from pogdiff.data import DatasetError, load_image_text_set
+
+        changes = {"class_source": class_source, **({"resolution": resolution} if resolution else {})}
         try:
-            ds = load_image_text_set(source, self.data_config)
+            return load_image_text_set(source, dataclasses.replace(self.data_config, **changes))
         except DatasetError as exc:
             report = getattr(exc, "report", None)
             details = report_markdown(report) if report is not None else ""
-            raise gr.Error(f"{exc}\n\n{details}".strip(), title="The dataset did not validate",
-                           print_exception=False) from exc
-        return self._remember(self._make_bundle(key, name, ds))
+            raise gr.Error(f"{html.escape(str(exc), quote=False)}\n\n{details}".strip(),
+                           title="The dataset did not validate", print_exception=False) from exc
 
     def dataset_at(self, bundle: DatasetBundle, resolution: int):
         """The bundle's set at ``resolution`` px, for a model of that size (README "Training options").
 
         The Data tab loads images at the tiny preset's size; a model of another size (sd15: 512 px)
-        gets the set reloaded from its files (the demo's, or the stored upload's), not upscaled
-        from the small copy. Kept per bundle (the latest size only).
+        gets the set reloaded from its files (the demo's, or the stored upload's), with the same class
+        source, not upscaled from the small copy. Kept per bundle (the latest size only).
         """
         if bundle.ds.images.shape[1] == resolution:
             return bundle.ds
-        from pogdiff.data import load_image_text_set
-
+        base, class_source = split_dataset_key(bundle.key)
         with bundle.lock:
             ds = bundle.at_resolution.get(resolution)
             if ds is None:
-                if bundle.key == DEMO_KEY:
+                if base == DEMO_KEY:
                     source = self.demo_root() / "train"
                 else:
-                    store = self.upload_store / bundle.key
+                    store = self.upload_store / base
                     if not store.is_dir():
                         raise gr.Error("The uploaded files of this dataset are gone (expired); upload them again.",
                                        title="Upload missing")
-                    files = sorted(p for p in store.iterdir() if p.is_file())
-                    source = files[0] if len(files) == 1 and files[0].suffix.lower() == ".zip" else store
-                cfg = dataclasses.replace(self.data_config, resolution=resolution)
-                ds = load_image_text_set(source, cfg)
+                    source = self._stored_source(store)[0]
+                ds = self._read_set(source, class_source, resolution)
                 bundle.at_resolution = {resolution: ds}
         return ds
 
@@ -187,7 +229,7 @@ class DataTab:
 
         Only a well-formed key is looked up, inside the upload store; anything else changes nothing.
         """
-        if not isinstance(key, str) or not (key == DEMO_KEY or re.fullmatch(UPLOAD_KEY_RE, key)):
+        if not isinstance(key, str) or not re.fullmatch(DATASET_KEY_RE, key):
             return (gr.skip(),) * 7
         try:
             return self._data_outputs(self.bundle(key))
@@ -201,7 +243,8 @@ class DataTab:
         first_few = bundle.few_shot_subjects()
         chosen = first_few[0] if first_few else (subjects[0] if subjects else None)
         headline = (f"**Loaded:** {bundle.name}\n\n"
-                    + summary_markdown(bundle.table, len(bundle.captions), bundle.summary))
+                    + summary_markdown(bundle.table, len(bundle.captions), bundle.summary) + "\n\n"
+                    + class_source_markdown(bundle.ds.class_source, getattr(bundle.ds, "class_source_reason", "")))
         rows = bundle.table[["subject", "count", "shot"]].itertuples(index=False)
         choices = [(f"{s} ({c} · {sh})", s) for s, c, sh in rows]
         return (

@@ -25,14 +25,16 @@ from pogdiff.constants import SHIPPED_DIR
 from pogdiff.jobs import JobManager
 from pogdiff.ui.state import DatasetBundle
 from pogdiff.ui.views import (
+    DATASET_KEY_RE,
     DEMO_KEY,
     MAX_CACHED_DATASETS,
     MAX_KEY_CHARS,
-    UPLOAD_KEY_RE,
     _arg,
     class_counts_table,
+    dataset_key,
     default_device,
     request_owner,
+    split_dataset_key,
 )
 
 logger = logging.getLogger(__name__)
@@ -126,11 +128,13 @@ class Studio(DataTab, NeighboursTab, TrainTab, CompareTab, MetricsPanel):
             found = self._datasets.get(key)
         if found is not None:
             return found
+        base, class_source = split_dataset_key(key) if re.fullmatch(DATASET_KEY_RE, key) else ("", "")
         if key == DEMO_KEY:
             return self._load_demo_bundle()
-        if re.fullmatch(UPLOAD_KEY_RE, key) and safety.is_inside(self.upload_store, key) \
-                and (self.upload_store / key).is_dir():
-            return self._load_stored(key, safety.resolve_inside(self.upload_store, key))
+        if base == DEMO_KEY:
+            return self._load_demo_bundle(class_source)
+        if base and safety.is_inside(self.upload_store, base) and (self.upload_store / base).is_dir():
+            return self._load_stored(key, safety.resolve_inside(self.upload_store, base))
         raise gr.Error("That dataset is no longer in memory (the server restarted or loaded others). "
                        "Load it again in the Data tab.", title="Dataset not loaded")
 
@@ -155,11 +159,11 @@ class Studio(DataTab, NeighboursTab, TrainTab, CompareTab, MetricsPanel):
             logger.debug("stats.class_table unavailable: %s", exc)
             return class_counts_table(ds.subjects, self.data_config)
 
-    def _load_demo_bundle(self) -> DatasetBundle:
-        from pogdiff.data import load_image_text_set
-
-        ds = load_image_text_set(self.demo_root() / "train", self.data_config)
-        return self._remember(self._make_bundle(DEMO_KEY, "built-in demo set (train split)", ds))
+    def _load_demo_bundle(self, class_source: str = "auto") -> DatasetBundle:
+        """The demo's train split, its classes from ``class_source`` (key ``demo`` or ``demo~<source>``)."""
+        ds = self._read_set(self.demo_root() / "train", class_source)
+        return self._remember(self._make_bundle(dataset_key(DEMO_KEY, class_source), "built-in demo set (train split)",
+                                                ds))
 
     def _eval_set(self):
         from pogdiff.data import load_image_text_set

@@ -24,7 +24,12 @@ from pogdiff.jobs import JobBusyError
 from pogdiff.neighbours import POOLS
 from pogdiff.ui.state import DatasetBundle
 from pogdiff.ui.views import (
+    BASE_RUN_PREFIX,
+    BASE_SCRATCH,
+    BASE_SHIPPED,
     EXPORT_TMP_PREFIX,
+    SCRATCH_LABEL,
+    SHIPPED_BASE_LABEL,
     HUB_ID_RE,
     _arg,
     estimate_markdown,
@@ -112,6 +117,72 @@ class TrainTab:
         base = self.shipped_dir / "base-tiny"
         return base if preset == "tiny" and (base / "configs.json").exists() else None
 
+    def base_choices(self, request: gr.Request | None = None) -> list[tuple[str, str]]:
+        """The form's **Start from** choices: the shipped tiny base (when there is one), a random UNet, and
+        the tiny runs of this server that the requester may control, newest first."""
+        choices = [(SHIPPED_BASE_LABEL, BASE_SHIPPED)] if self.base_checkpoint("tiny") is not None else []
+        choices.append((SCRATCH_LABEL, BASE_SCRATCH))
+        tiny = model_preset("tiny").resolution
+        for r in self.jobs.list_runs():
+            if r.model_cfg.get("preset") == "tiny" and r.model_cfg.get("resolution", tiny) == tiny \
+                    and self.may_control(r.owner, request):
+                choices.append((f"run {r.name} ({r.method}, {r.steps_done} steps)", f"{BASE_RUN_PREFIX}{r.name}"))
+        return choices
+
+    def base_options(self, current: str | None = None, request: gr.Request = None):
+        """The **Start from** dropdown with fresh choices (a run that ended is offered), keeping ``current``
+        while it is still one of them."""
+        choices = self.base_choices(request)
+        values = [v for _, v in choices]
+        return gr.Dropdown(choices=choices, value=current if current in values else values[0])
+
+    def chosen_base(self, model_cfg: Any, from_scratch: bool, base: str | None,
+                    request: gr.Request | None) -> tuple[str, Path | None]:
+        """``(choice, checkpoint)`` for the form's **Start from** value ``base`` (``shipped``, ``scratch``,
+        ``run:<name>``; empty: shipped, or scratch with ``from_scratch``): the checkpoint to fine-tune,
+        None for a random UNet (and for sd15, which starts from its model id)."""
+        base = _arg(safety.text, "Start from", base or "", self.limits.max_text_chars).strip()
+        if from_scratch and base not in ("", BASE_SCRATCH):
+            raise gr.Error(f"Train from scratch and Start from {base!r} contradict each other: choose one.",
+                           title="Invalid input")
+        choice = BASE_SCRATCH if from_scratch else (base or BASE_SHIPPED)
+        if choice == BASE_SHIPPED:
+            return choice, self.base_checkpoint(model_cfg.preset)
+        if choice == BASE_SCRATCH:
+            return choice, None
+        if not choice.startswith(BASE_RUN_PREFIX):
+            raise gr.Error(f"Start from must be '{BASE_SHIPPED}', '{BASE_SCRATCH}' or '{BASE_RUN_PREFIX}<run name>'; "
+                           f"got {base!r}.", title="Invalid input")
+        name = _arg(safety.check_run_name, choice[len(BASE_RUN_PREFIX):])
+        try:
+            info = self.jobs.get_run(name)
+        except ValueError as exc:
+            raise gr.Error(f"{exc}: pick a run in Start from.", title="No such run") from exc
+        if not self.may_control(info.owner, request):
+            raise gr.Error(f"Run {name!r} was started by another visitor: start from your own runs, the shipped "
+                           "base or from scratch.", title="Not your run")
+        trained = (info.model_cfg.get("preset"), info.model_cfg.get("resolution"))
+        if model_cfg.preset != "tiny" or trained != ("tiny", model_cfg.resolution):
+            raise gr.Error(f"Run {name!r} ({trained[0]}, {trained[1]} px) cannot start a {model_cfg.preset} run at "
+                           f"{model_cfg.resolution} px: a run's checkpoint is a base for the tiny preset at the size it "
+                           "was trained at. Choose the shipped base or from scratch.", title="Invalid input")
+        return choice, info.checkpoint
+
+    def _base_of(self, meta: dict[str, Any], values: dict[str, Any], request: gr.Request | None = None) -> str:
+        """The **Start from** value a run in ``run.json`` ``meta`` was started with."""
+        recorded = str(meta.get("base_checkpoint") or "")
+        if values["preset"] != "tiny":
+            return BASE_SHIPPED
+        if not recorded:
+            return BASE_SCRATCH if values["from_scratch"] or self.base_checkpoint("tiny") is None else BASE_SHIPPED
+        try:
+            inside = safety.resolve_inside(self.runs_dir, Path(recorded).absolute())
+        except ValueError:
+            return BASE_SHIPPED  # the shipped base (or another folder outside the runs)
+        run = inside.relative_to(self.runs_dir.resolve()).parts[0]
+        return f"{BASE_RUN_PREFIX}{run}" if any(v == f"{BASE_RUN_PREFIX}{run}" for _, v in self.base_choices(request)) \
+            else BASE_SHIPPED
+
     def preview_captions(self, bundle: DatasetBundle, n: int = 4) -> list[str]:
         """One training caption for each of the ``n`` rarest classes."""
         rare = list(bundle.table.sort_values(["count", "subject"])["subject"][:n])
@@ -124,12 +195,14 @@ class TrainTab:
         self, key: str | None, method: str, preset: str, pretrained: str, steps: float, batch_size: float,
         lr: float, psi_max: float, k: float, use_density: bool, use_image_sim: bool, use_text_sim: bool,
         pool: str, sample_every: float, seed: float, run_name: str = "", from_scratch: bool = False,
-        request: gr.Request = None,
+        base: str = "", request: gr.Request = None,
     ) -> tuple:
         """Start a background training job owned by the requesting session; the Timer shows its progress.
 
-        ``run_name`` (optional) names the run folder; empty gives a dated name. ``from_scratch``
-        trains the tiny preset from a random UNet instead of the shipped face base.
+        ``run_name`` (optional) names the run folder; empty gives a dated name. ``base`` (the form's
+        **Start from**; README "What you see"): ``shipped`` (or empty) fine-tunes the shipped tiny face
+        base, ``scratch`` a random UNet, ``run:<name>`` the last checkpoint of one of your tiny runs.
+        ``from_scratch`` (kept for API callers) is ``base="scratch"``.
         """
         from_scratch = _arg(safety.flag, "Train from scratch", False if from_scratch is None else from_scratch)
         run_name = _arg(safety.text, "Run name", run_name or "", self.limits.max_text_chars).strip()
@@ -150,7 +223,7 @@ class TrainTab:
             check_train_config(train_cfg, len(bundle.captions))
         except ValueError as exc:
             raise gr.Error(str(exc), title="Invalid training options") from exc
-        base = None if from_scratch else self.base_checkpoint(model_cfg.preset)
+        choice, base = self.chosen_base(model_cfg, from_scratch, base, request)
         dataset = self.dataset_at(bundle, model_cfg.resolution)  # sd15: the set at 512 px
         try:
             self.jobs.start(
@@ -162,7 +235,7 @@ class TrainTab:
             raise gr.Error(str(exc), title="Busy") from exc
         except ValueError as exc:
             raise gr.Error(str(exc), title="Cannot start") from exc
-        if base is None and model_cfg.preset == "tiny" and not from_scratch:
+        if base is None and model_cfg.preset == "tiny" and choice == BASE_SHIPPED:
             gr.Info("No shipped base checkpoint (checkpoints/base-tiny) yet: training starts from a random UNet.")
         return self.poll(-1, request)
 
@@ -266,21 +339,41 @@ class TrainTab:
 
     # ---------------------------------------------------------------- Train tab: form, previews, time
     TRAIN_FORM = ("method", "preset", "pretrained", "steps", "batch_size", "lr", "psi_max", "k", "use_density",
-                  "use_image_sim", "use_text_sim", "pool", "sample_every", "seed", "from_scratch")
+                  "use_image_sim", "use_text_sim", "pool", "sample_every", "seed", "base")
 
-    def restore_train_form(self) -> tuple:
+    def restore_train_form(self, request: gr.Request = None) -> tuple:
         """The Train form's values (:attr:`TRAIN_FORM` order) as the running or last job set them (its
         ``run.json``), then a note naming that run; ``gr.skip()`` for all when there is no readable run."""
         meta = self.jobs.run_meta()
         values = form_values(meta, base_available=self.base_checkpoint("tiny") is not None) if meta else None
         if values is None:
             return (gr.skip(),) * (len(self.TRAIN_FORM) + 1)
+        values["base"] = self._base_of(meta, values, request)
         out = [values[f] for f in self.TRAIN_FORM]
         out[self.TRAIN_FORM.index("pretrained")] = gr.Textbox(value=values["pretrained"],
                                                               visible=values["preset"] == "sd15")
-        state = "running" if self.jobs.status().busy and self.jobs.current() is not None else meta.get("state", "")
-        note = f"The form shows the settings of run **{meta.get('name', '?')}** ({state}); the run name is left empty."
-        return (*out, note)
+        out[self.TRAIN_FORM.index("base")] = self.base_options(values["base"], request)
+        return (*out, self._form_note(meta))
+
+    def train_form_note(self) -> str:
+        """The note under the Train form, again: the app calls it when a job starts or ends, so the run's
+        state it names is the current one (not the "running" of a run that has ended since)."""
+        meta = self.jobs.run_meta()
+        return self._form_note(meta) if meta else ""
+
+    def _form_note(self, meta: dict[str, Any]) -> str:
+        """"The form shows the settings of run X (state)": running only while this server's job runs it."""
+        name = str(meta.get("name", "?"))
+        status, job = self.jobs.status(), self.jobs.current()
+        if job is not None and job.name == name and status.busy:
+            state = status.state
+        else:
+            state = str(meta.get("state") or "")
+            if state == "running":  # left by a server that went away mid-run
+                state = "interrupted"
+            elif meta.get("stopped"):
+                state = "stopped"
+        return f"The form shows the settings of run **{name}** ({state}); the run name is left empty."
 
     def _previews(self, name: str | None):
         name = _arg(safety.text, "Run", name or "", self.limits.max_text_chars).strip()
@@ -339,7 +432,7 @@ class TrainTab:
         self, key: str | None, method: str, preset: str, pretrained: str, steps: float, batch_size: float,
         lr: float, psi_max: float, k: float, use_density: bool, use_image_sim: bool, use_text_sim: bool,
         pool: str, sample_every: float, seed: float, run_name: str = "", from_scratch: bool = False,
-        request: gr.Request = None,
+        base: str = "", request: gr.Request = None,
     ) -> str:
         """Measure the step time on the loaded data with the form's settings (3 real steps in a scratch
         folder, the last 2 timed) and return the estimate for the whole run. Refused while a job runs."""
@@ -356,7 +449,7 @@ class TrainTab:
             check_train_config(train_cfg, len(bundle.captions))
         except ValueError as exc:
             raise gr.Error(str(exc), title="Invalid training options") from exc
-        base = None if from_scratch else self.base_checkpoint(model_cfg.preset)
+        base = self.chosen_base(model_cfg, from_scratch, base, request)[1]
         try:
             measured = self.jobs.time_steps(self.dataset_at(bundle, model_cfg.resolution), model_cfg, train_cfg,
                                             base_checkpoint=base, cache_dir=self.runs_dir / "cache")

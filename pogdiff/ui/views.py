@@ -29,6 +29,7 @@ from pogdiff.config import (  # noqa: E402
     DataConfig,
     PsiConfig,
 )
+from pogdiff.data.classes import CLASS_SOURCE_LABELS, CLASS_SOURCES, DEFAULT_CLASS_SOURCE  # noqa: E402
 from pogdiff.data.stats import shot_bucket  # noqa: E402
 from pogdiff.jobs import JobStatus, RunInfo  # noqa: E402
 from pogdiff.neighbours import POOLS  # noqa: E402
@@ -51,9 +52,17 @@ MAX_KEY_CHARS = 64  # dataset keys are "demo" or "upload-<12 hex>"
 UPLOAD_TMP_PREFIX = ".incoming-"  # an upload being copied into the upload store
 UPLOAD_STORE = "uploads"  # under the runs folder: uploaded sets by content hash (README "Limits and safety")
 UPLOAD_KEY_RE = r"upload-[0-9a-f]{16}"
+# A set loaded with a class source other than "auto" has the source in its key: "upload-<16 hex>~first_tag".
+CLASS_SOURCE_SEP = "~"
+DATASET_KEY_RE = (rf"(?:{DEMO_KEY}|{UPLOAD_KEY_RE})(?:{CLASS_SOURCE_SEP}(?:"
+                  + "|".join(s for s in CLASS_SOURCES if s != DEFAULT_CLASS_SOURCE) + "))?")
 EXPORT_TMP_PREFIX = "pogdiff-export-"  # one folder per exported zip handed to a client
 STALE_UPLOAD_SECONDS = 600  # a start-up sweep removes upload folders left older than this
 HUB_ID_RE = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
+# The Train form's "Start from" (the tiny preset's base): the shipped base, a random UNet, or a run's checkpoint.
+BASE_SHIPPED, BASE_SCRATCH, BASE_RUN_PREFIX = "shipped", "scratch", "run:"
+SHIPPED_BASE_LABEL = "shipped base (checkpoints/base-tiny: faces, 32 px)"
+SCRATCH_LABEL = "from scratch (a random UNet)"
 
 
 
@@ -100,16 +109,25 @@ def progress_html(status: JobStatus) -> str:
     if status.state == "idle":
         label = "No training job yet."
     else:
-        speed = f"{status.seconds_per_step:.2f} s/step" if status.seconds_per_step else "warming up"
+        rate = status.recent_seconds_per_step or status.seconds_per_step
+        speed = f"{rate:.2f} s/step" if rate else "warming up"
         label = f"step {status.step} / {status.max_steps} · {pct:.0f}% · {speed}"
         if status.busy:
-            label += f" · ETA {format_seconds(status.eta_seconds)}"
+            label += f" · ETA {eta_text(status)}"
         label += f" · elapsed {format_seconds(status.elapsed_seconds)}"
     return (
         '<div class="pg-progress"><div class="pg-progress-track">'
         f'<div class="pg-progress-fill" style="width:{pct:.1f}%;background:{colour}"></div></div>'
         f'<div class="pg-progress-label">{label}</div>{pogdiff_activity_html(status.history)}</div>'
     )
+
+
+def eta_text(status: JobStatus) -> str:
+    """The live ETA: "estimating…" until a few steps after the first are timed (:func:`pogdiff.jobs.estimate_eta`),
+    then the time left, with "+ previews" while previews are still to come and none was timed yet."""
+    if status.eta_seconds is None:
+        return "estimating…"
+    return format_seconds(status.eta_seconds) + (" + previews" if status.eta_untimed_previews else "")
 
 
 def pogdiff_activity_html(history: Sequence[dict[str, float]]) -> str:
@@ -269,6 +287,30 @@ def _arg(check: Callable, *args: Any) -> Any:
         return check(*args)
     except ValueError as exc:
         raise gr.Error(str(exc), title="Invalid input") from exc
+
+
+def dataset_key(base: str, class_source: str = DEFAULT_CLASS_SOURCE) -> str:
+    """The key of set ``base`` (``demo`` or ``upload-<hash>``) read with ``class_source``: ``base`` itself
+    for ``auto``, else ``base~class_source``."""
+    return base if class_source == DEFAULT_CLASS_SOURCE else f"{base}{CLASS_SOURCE_SEP}{class_source}"
+
+
+def split_dataset_key(key: str) -> tuple[str, str]:
+    """``"upload-ab12~first_tag"`` -> ``("upload-ab12", "first_tag")``; a key without a source reads ``auto``."""
+    base, _, source = key.partition(CLASS_SOURCE_SEP)
+    return base, source or DEFAULT_CLASS_SOURCE
+
+
+def class_source_choices() -> list[tuple[str, str]]:
+    """``(label, value)`` pairs of the Data tab's **Class source** choice."""
+    return [(CLASS_SOURCE_LABELS[s], s) for s in CLASS_SOURCES]
+
+
+def class_source_markdown(used: str, reason: str) -> str:
+    """Which class source a loaded set used and why, and where to change it (README "Your own data")."""
+    why = f" ({html_escape(reason, quote=False)})" if reason else ""
+    return (f"**Classes from:** {CLASS_SOURCE_LABELS.get(used, used)}{why}. Another choice of **Class source** "
+            "above reloads the set.")
 
 
 def upload_key(paths: Sequence[Path]) -> str:
