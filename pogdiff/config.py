@@ -56,7 +56,8 @@ class DataConfig:
     # Number of clusters when classes must be derived from captions (0 = automatic).
     derive_clusters: int = 0
     # Where classes come from: "auto" (subject column, else class folders, else the caption template,
-    # else clustering), "column", "folder", "first_tag", "template" or "cluster" (pogdiff/data/classes.py).
+    # else the first tag of tag captions, else clustering), "column", "folder", "first_tag", "template"
+    # or "cluster" (pogdiff/data/classes.py; the Data tab's "Class source").
     class_source: str = "auto"
 
 

@@ -127,6 +127,7 @@ class JobStatus:
     owner: str = ""  # owner_digest() of whoever started the job ("" = nobody in particular)
     stop_reason: str = ""  # why a stopped job stopped ("requested", "wall-time limit ...")
     version: int = 0  # bumped on every change, so pollers can skip unchanged frames
+    pool: str = ""  # the run's neighbour pool (PoGDiff's advice names only pools not in use)
 
     @property
     def busy(self) -> bool:
@@ -294,7 +295,7 @@ class JobManager:
         status = JobStatus(
             state="running", run_name=run_name, run_dir=str(run_dir), method=method,
             max_steps=int(getattr(train_cfg, "max_steps", 0) or 0), started_at=time.time(),
-            owner=owner_digest(owner), version=1,
+            owner=owner_digest(owner), version=1, pool=str(getattr(getattr(train_cfg, "psi", None), "pool", "") or ""),
         )
         job = Job(run_name, run_dir, status)
         self._job = job

@@ -92,3 +92,18 @@ def test_train_tab_shows_pogdiff_activity_and_the_warning():
     assert "plain fine-tuning" not in html
     quiet = [dict(h, pog=0.001, pog_share=0.001) for h in busy]
     assert "behaves like plain fine-tuning" in pogdiff_activity_html(quiet)
+
+
+def test_the_train_tab_warning_does_not_advise_the_pool_the_run_already_uses():
+    """Regression: the progress panel advised the other-class pool to a run that used it already."""
+    from pogdiff.jobs import JobStatus
+    from pogdiff.ui.views import progress_html
+
+    quiet = [{"step": s, "loss": 1.0, "mse": 1.0, "pog": 0.001, "pog_share": 0.001, "psi_mean": 0.3,
+              "psi_active": 0.4} for s in range(20)]
+    for pool, advised in (("other_class", False), ("same_class", True)):
+        status = JobStatus(state="running", run_name="r", method="pogdiff", step=20, max_steps=40,
+                           history=quiet, pool=pool)
+        html = progress_html(status)
+        assert "behaves like plain fine-tuning" in html
+        assert ("psi pool &#x27;other_class&#x27;" in html or "psi pool 'other_class'" in html) is advised, pool

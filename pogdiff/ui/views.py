@@ -118,7 +118,7 @@ def progress_html(status: JobStatus) -> str:
     return (
         '<div class="pg-progress"><div class="pg-progress-track">'
         f'<div class="pg-progress-fill" style="width:{pct:.1f}%;background:{colour}"></div></div>'
-        f'<div class="pg-progress-label">{label}</div>{pogdiff_activity_html(status.history)}</div>'
+        f'<div class="pg-progress-label">{label}</div>{pogdiff_activity_html(status.history, pool=status.pool or None)}</div>'
     )
 
 
@@ -130,9 +130,10 @@ def eta_text(status: JobStatus) -> str:
     return format_seconds(status.eta_seconds) + (" + previews" if status.eta_untimed_previews else "")
 
 
-def pogdiff_activity_html(history: Sequence[dict[str, float]]) -> str:
+def pogdiff_activity_html(history: Sequence[dict[str, float]], *, pool: str | None = None) -> str:
     """PoGDiff's activity in the latest steps (mean psi, rows with a neighbour pass, PoG share of
-    the loss) and the plain-words warning when it behaves like plain fine-tuning; '' otherwise."""
+    the loss) and the plain-words warning when it behaves like plain fine-tuning; '' otherwise.
+    ``pool``: the run's neighbour pool, which the warning's advice does not suggest again."""
     from pogdiff.training import INACTIVE_WINDOW, pogdiff_inactive_warning
 
     rows = [h for h in history if "pog_share" in h and "pog" in h]
@@ -144,7 +145,8 @@ def pogdiff_activity_html(history: Sequence[dict[str, float]]) -> str:
     active = float(np.mean([h.get("psi_active", 0.0) for h in recent]))
     line = (f"PoGDiff, last {len(recent)} steps: mean psi {psi:.3f} · neighbour pass on {100 * active:.0f}% "
             f"of rows · PoG term {100 * share:.2f}% of the loss")
-    warning = pogdiff_inactive_warning([h["pog_share"] for h in recent], [h.get("psi_mean", 0.0) for h in recent])
+    warning = pogdiff_inactive_warning([h["pog_share"] for h in recent], [h.get("psi_mean", 0.0) for h in recent],
+                                       pool=pool)
     html = f'<div class="pg-progress-label">{line}</div>'
     if warning:
         html += f'<div class="pg-warning" style="color:#b45309;font-weight:600">⚠ {html_escape(warning)}</div>'
