@@ -264,7 +264,8 @@ def quality(*, out: Path, methods, seeds, budgets=None, steps: int | None = None
     budgets = sorted({int(b) for b in (budgets or [])} | {steps})
     sample_cfg = dataclasses.replace(BENCH_SAMPLE, steps=2) if quick else BENCH_SAMPLE
     sample_seeds = 1 if quick else sample_seeds
-    long, per_class, grids, tables = [], [], {}, {}
+    long, per_class, grids, tables, generated = [], [], {}, {}, {}
+    subjects = list(eval_set.subjects) * sample_seeds
     for seed in seeds:
         for method in methods:
             cfg = recipe_config(method, seed=seed, batch_size=batch_size, overrides=overrides)
@@ -278,6 +279,7 @@ def quality(*, out: Path, methods, seeds, budgets=None, steps: int | None = None
                 tag = {"method": method, "seed": seed, "steps": budget}
                 long.append(summary.assign(**tag))
                 per_class.append(table.assign(**tag))
+                generated[(method, seed, budget)] = images
                 if seed == seeds[0] and budget == steps:
                     tables[method], grids[method] = table, images[: len(eval_set)]
     long_all, classes_all = pd.concat(long, ignore_index=True), pd.concat(per_class, ignore_index=True)
@@ -295,12 +297,15 @@ def quality(*, out: Path, methods, seeds, budgets=None, steps: int | None = None
                 "recipes": {m: RECIPES[m] for m in methods}}
     entry = summary_entry(at, classes_all[classes_all["steps"] == steps], steps=steps, seeds=list(seeds), **protocol)
     entry["budgets"] = budgets
+    _add_generation_shifts(entry, generated, subjects, counts, seeds=seeds, steps=steps)
     _merge_summary(out / "summary.json", data, entry)
     curve = {"budgets": budgets, "seeds": list(seeds), **protocol, "by_budget": {}}
     for budget in budgets:
         part = long_all[long_all["steps"] == budget].drop(columns="steps")
-        curve["by_budget"][str(budget)] = summary_entry(
-            part, classes_all[classes_all["steps"] == budget], steps=budget, seeds=list(seeds), **protocol)
+        block = summary_entry(part, classes_all[classes_all["steps"] == budget], steps=budget, seeds=list(seeds),
+                              **protocol)
+        _add_generation_shifts(block, generated, subjects, counts, seeds=seeds, steps=budget)
+        curve["by_budget"][str(budget)] = block
     _merge_summary(out / "budget.json", data, curve)
     budget_figure(long_all, path=folder / "budget.png", title=data)
     if ship:
@@ -355,6 +360,40 @@ def _compare(per_method: dict, classes: pd.DataFrame, a: str, b: str) -> dict:
                 entry["ci_half_width_relative"] = _clean((high - low) / (2 * ratio))
         out[bucket] = entry
     return out
+
+
+def generation_shift(images_a: np.ndarray, images_b: np.ndarray) -> np.ndarray:
+    """RMS pixel difference (pixels in [0, 1]) of paired generations, same caption and seed: ``[N]``.
+
+    The PoG term's share of the loss is small even where it changes the model (README "Is PoGDiff
+    doing anything?"); how far the generations of two paired runs move apart is what a user sees.
+    """
+    a = np.asarray(images_a, dtype=np.float64) / 255.0
+    b = np.asarray(images_b, dtype=np.float64) / 255.0
+    if a.shape != b.shape:
+        raise ValueError(f"paired generations differ in shape: {a.shape} vs {b.shape}")
+    return np.sqrt(((a - b) ** 2).reshape(len(a), -1).mean(axis=1))
+
+
+def _add_generation_shifts(block: dict, generated: dict, subjects: list[str], counts: dict, *, seeds, steps: int) -> None:
+    """Each comparison's mean generation shift per bucket (over seeds and images), beside the
+    shift between two training seeds of the same recipe as the scale of chance."""
+    from pogdiff.data.stats import shot_bucket
+
+    shots = np.asarray([shot_bucket(counts[s]) for s in subjects], dtype=object)
+    for name, comp in block["comparisons"].items():
+        a, b = name.split("_vs_")
+        pairs = [(generated[(a, seed, steps)], generated[(b, seed, steps)]) for seed in seeds
+                 if (a, seed, steps) in generated and (b, seed, steps) in generated]
+        if not pairs:
+            continue
+        shift = np.concatenate([generation_shift(x, y)[None] for x, y in pairs])  # [S, N]
+        for bucket, entry in comp.items():
+            entry["generation_shift"] = _clean(float(shift[:, shots == bucket].mean()))
+    for method in block["methods"]:
+        runs = [generated[(method, seed, steps)] for seed in seeds if (method, seed, steps) in generated]
+        if len(runs) >= 2:
+            block["methods"][method]["seed_to_seed_shift"] = _clean(float(generation_shift(runs[0], runs[1]).mean()))
 
 
 def _nan(values: list) -> list[float]:
@@ -568,7 +607,7 @@ def _methods_table(methods: dict) -> list[str]:
 
 def _comparisons_table(comps: dict) -> list[str]:
     lines = ["| comparison | bucket | paired ratio per seed | ratio of class means [95% bootstrap CI] | ± | "
-             "every seed > 1 | copy difference |", "|---|---|---|---|---:|---|---:|"]
+             "every seed > 1 | copy difference | generation shift |", "|---|---|---|---|---:|---|---:|---:|"]
     for name, comp in comps.items():
         for bucket, c in comp.items():
             ratios = ", ".join("—" if r is None else f"{r:.2f}" for r in c["paired_ratio"])
@@ -578,10 +617,67 @@ def _comparisons_table(comps: dict) -> list[str]:
                         f"{rom:.2f} [{'—' if ci[0] is None else f'{ci[0]:.2f}'}, "
                         f"{'—' if ci[1] is None else f'{ci[1]:.2f}'}]")
             half = c.get("ci_half_width_relative")
-            copy = c.get("copy_difference")
+            copy, shift = c.get("copy_difference"), c.get("generation_shift")
             lines.append(f"| {name.replace('_vs_', ' vs ')} | {bucket} | {ratios} | {interval} | "
                          f"{'—' if half is None else f'{100 * half:.0f}%'} | "
-                         f"{'yes' if c['every_seed_above_1'] else 'no'} | {'—' if copy is None else f'{copy:+.3f}'} |")
+                         f"{'yes' if c['every_seed_above_1'] else 'no'} | {'—' if copy is None else f'{copy:+.3f}'} | "
+                         f"{'—' if shift is None else f'{shift:.3f}'} |")
+    return lines
+
+
+TARGET_MANY_POINTS = 0.02  # many-shot accuracy within 2 points of plain fine-tuning
+
+
+def target_checks(block: dict, recipe: str = "pogdiff") -> list[dict]:
+    """The default recipe's targets (README "Results") judged on one set's ``summary.json`` block:
+    few-shot accuracy >= 1.5x plain and above resampling and CBDM (ratio of class means and its
+    interval), copy rate below resampling's, many-shot accuracy within 2 points of plain, and the
+    PoG term's own contribution (the paired ablation's interval excludes 1)."""
+    methods, comps = block["methods"], block.get("comparisons", {})
+
+    def mean(name: str, key: str) -> float | None:
+        values = [v for v in methods.get(name, {}).get(key, []) if v is not None]
+        return float(np.mean(values)) if values else None
+
+    def ratio(other: str, bucket: str = "few") -> dict:
+        return comps.get(f"{recipe}_vs_{other}", {}).get(bucket, {})
+
+    checks = []
+    r = ratio("baseline")
+    checks.append({"target": "few-shot acc >= 1.5x plain", "value": r.get("ratio_of_means"),
+                   "interval": r.get("bootstrap_ci95"),
+                   "met": None if r.get("ratio_of_means") is None else r["ratio_of_means"] >= TARGET_FEW_RATIO})
+    for other in ("resample", "cbdm"):
+        r = ratio(other)
+        ci = r.get("bootstrap_ci95") or [None, None]
+        checks.append({"target": f"few-shot acc above {other}", "value": r.get("ratio_of_means"), "interval": ci,
+                       "met": None if ci[0] is None else ci[0] > 1.0})
+    a, b = mean(recipe, "few_copy"), mean("resample", "few_copy")
+    checks.append({"target": "few-shot copy rate below resample's", "value": a, "interval": None, "reference": b,
+                   "met": None if a is None or b is None else a < b})
+    a, b = mean(recipe, "many_acc"), mean("baseline", "many_acc")
+    checks.append({"target": "many-shot acc within 2 points of plain", "value": a, "interval": None, "reference": b,
+                   "met": None if a is None or b is None else a >= b - TARGET_MANY_POINTS})
+    r = comps.get(f"{recipe}_vs_{recipe}_no_pog", {}).get("few", {})
+    ci = r.get("bootstrap_ci95") or [None, None]
+    checks.append({"target": "PoG term's own effect (vs the same recipe without it): interval excludes 1",
+                   "value": r.get("ratio_of_means"), "interval": ci,
+                   "met": None if ci[0] is None else (ci[0] > 1.0 or ci[1] < 1.0)})
+    return checks
+
+
+def _checks_table(checks: list[dict]) -> list[str]:
+    lines = ["| target | value | interval or reference | met? |", "|---|---:|---|---|"]
+    for c in checks:
+        value = "—" if c["value"] is None else f"{c['value']:.3f}"
+        if c.get("interval") and None not in c["interval"]:
+            extra = f"[{c['interval'][0]:.2f}, {c['interval'][1]:.2f}]"
+        elif c.get("reference") is not None:
+            extra = f"reference {c['reference']:.3f}"
+        else:
+            extra = "—"
+        met = "not measured" if c["met"] is None else ("yes" if c["met"] else "**no**")
+        lines.append(f"| {c['target']} | {value} | {extra} | {met} |")
     return lines
 
 
@@ -595,6 +691,8 @@ def summary_markdown(summary: dict) -> str:
         lines += _methods_table(block["methods"])
         if block.get("comparisons"):
             lines += [""] + _comparisons_table(block["comparisons"])
+        if "pogdiff" in block["methods"]:
+            lines += ["", "Targets of the default recipe (`pogdiff`):", ""] + _checks_table(target_checks(block))
         lines.append("")
     return "\n".join(lines)
 

@@ -56,6 +56,9 @@ def test_quality_benchmark_runs_end_to_end_at_quick_size(tmp_path):
     for name in ("few_acc", "medium_acc", "many_acc", "few_grecall", "few_copy", "all_copy", "all_coverage"):
         assert len(summary["methods"]["pogdiff"][name]) == 1
     assert summary["methods"]["pogdiff"]["all_copy"][0] is not None
+    # Paired generations of two recipes (same captions and seeds) move apart by a measured amount.
+    shift = [c.get("generation_shift") for c in summary["comparisons"]["pogdiff_vs_baseline"].values()]
+    assert any(v is not None and v > 0 for v in shift)
     assert set(summary["comparisons"]["pogdiff_vs_baseline"]) == {"few", "medium", "many"}
     assert summary["recipes"]["pogdiff"] == bench.RECIPES["pogdiff"] and summary["budgets"] == [1, bench.QUICK_STEPS]
     # The budget curve: both budgets of the one run per recipe, each with its own block.
@@ -117,4 +120,33 @@ def test_summary_markdown_lists_methods_and_comparisons():
     table = bench.budget_markdown(curve)
     assert "| baseline | few_acc | 0.300 ± 0.141 | 0.500 ± 0.141 |" in table
     assert "| baseline | 0.300 ± 0.141 |" in text
-    assert "| pogdiff vs baseline | few | 1.50, 1.25 | 1.33 [1.25, 1.50] | — | yes | — |" in text
+    assert "| pogdiff vs baseline | few | 1.50, 1.25 | 1.33 [1.25, 1.50] | — | yes | — | — |" in text
+
+
+def test_target_checks_judge_each_target_from_the_summary_block():
+    block = {"methods": {"pogdiff": {"few_copy": [0.1, 0.1], "many_acc": [0.95, 0.97]},
+                         "resample": {"few_copy": [0.3, 0.2]}, "baseline": {"many_acc": [0.98, 0.98]},
+                         "pogdiff_no_pog": {}},
+             "comparisons": {"pogdiff_vs_baseline": {"few": {"ratio_of_means": 1.6, "bootstrap_ci95": [1.2, 2.0]}},
+                             "pogdiff_vs_resample": {"few": {"ratio_of_means": 1.1, "bootstrap_ci95": [0.9, 1.3]}},
+                             "pogdiff_vs_pogdiff_no_pog": {"few": {"ratio_of_means": 0.9,
+                                                                    "bootstrap_ci95": [0.8, 0.95]}}}}
+    checks = {c["target"]: c["met"] for c in bench.target_checks(block)}
+    assert checks["few-shot acc >= 1.5x plain"] is True
+    assert checks["few-shot acc above resample"] is False  # interval reaches below 1
+    assert checks["few-shot acc above cbdm"] is None  # not run
+    assert checks["few-shot copy rate below resample's"] is True
+    assert checks["many-shot acc within 2 points of plain"] is True  # 0.96 vs 0.98
+    # The PoG term changes the result (here for the worse): its interval excludes 1.
+    assert checks["PoG term's own effect (vs the same recipe without it): interval excludes 1"] is True
+
+
+def test_generation_shift_is_the_rms_pixel_difference_of_paired_images():
+    import numpy as np
+
+    a = np.zeros((2, 2, 2, 3), np.uint8)
+    b = a.copy()
+    b[1] = 255  # second pair differs by 1.0 everywhere
+    np.testing.assert_allclose(bench.generation_shift(a, b), [0.0, 1.0])
+    with pytest.raises(ValueError, match="differ in shape"):
+        bench.generation_shift(a, b[:1])
