@@ -115,10 +115,8 @@ class MetricsPanel:
                 if progress is not None:
                     progress(0.03, desc=f"Fitting a judge of the {len(bundle.ds.classes)} classes on "
                                         f"{len(bundle.ds)} real images…")
-                folder = self.shipped_dir / "evaluator"
-                backbone = self._evaluator_or_error() if folder.exists() else None
                 try:
-                    bundle.judge = UserJudge(backbone=backbone).fit(bundle.ds.images, bundle.subjects)
+                    bundle.judge = UserJudge().fit(bundle.ds.images, bundle.subjects)
                 except ValueError as exc:
                     raise gr.Error(str(exc), title="Cannot judge this data set") from exc
             return bundle.judge
