@@ -153,6 +153,72 @@ def delta_table(table_a: pd.DataFrame, table_b: pd.DataFrame, name_a: str = "A",
     return out.sort_values(["train_count", "subject"], kind="stable").reset_index(drop=True)
 
 
+INTERVAL = "95% interval"  # column of the B − A interval in the metrics table
+VERDICT = "verdict"
+
+
+def interval_text(low: float, high: float, digits: int = 2) -> str:
+    """``[-0.25, 1.00]``; an em dash when either end is missing."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "—"
+    return f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def verdict_table(table_a: pd.DataFrame, table_b: pd.DataFrame, name_a: str, name_b: str, verdicts: pd.DataFrame,
+                  reliability: pd.DataFrame | None = None, metrics: Sequence[str] = METRICS,
+                  weak_mark: str = "⚠ weak") -> pd.DataFrame:
+    """The Compare tab's per-class metrics table, key columns first (README "Reading B − A").
+
+    Columns, left to right: ``subject``, ``train_count``, ``accuracy · B−A``, ``95% interval``,
+    ``verdict`` (from :func:`pogdiff.metrics.per_class_verdicts`), with a judge's ``reliability``
+    (user data) ``judge reliability`` and ``judge`` (ok / ``weak_mark``), then ``accuracy`` of A and of B,
+    ``shot``, ``few``, and A / B / B − A of the other metrics. Rarest classes first.
+    """
+    from pogdiff.metrics import NOT_MEASURED
+
+    merged = delta_table(table_a, table_b, name_a, name_b, metrics)
+    by_subject = verdicts.set_index("subject")
+    merged[INTERVAL] = [interval_text(by_subject.at[s, "low"], by_subject.at[s, "high"])
+                        if s in by_subject.index else "—" for s in merged["subject"]]
+    merged[VERDICT] = merged["subject"].map(by_subject["verdict"]).fillna(NOT_MEASURED)
+    key = ["subject", "train_count", "accuracy · B−A", INTERVAL, VERDICT]
+    if reliability is not None:
+        rel = reliability.set_index("subject")
+        merged["judge reliability"] = merged["subject"].map(rel["reliability"]).astype(float)
+        merged["judge"] = np.where(merged["subject"].map(rel["weak"]).fillna(True).astype(bool), weak_mark, "ok")
+        key += ["judge reliability", "judge"]
+    key += [f"accuracy · {name_a}", f"accuracy · {name_b}", "shot", "few"]
+    key = list(dict.fromkeys(key))  # A and B may be the same run
+    return merged[[c for c in key if c in merged.columns] + [c for c in merged.columns if c not in key]]
+
+
+def bucket_markdown(buckets: pd.DataFrame, names: tuple[str, str]) -> str:
+    """The bucket summary of :func:`pogdiff.metrics.bucket_verdicts` as a markdown table."""
+    lines = [f"| bucket | classes | accuracy · {names[0]} (A) | accuracy · {names[1]} (B) | B − A | {INTERVAL} "
+             "| verdict |", "|---|---:|---:|---:|---:|---|---|"]
+    for bucket, row in buckets.iterrows():
+        if not row["n_classes"]:
+            lines.append(f"| {bucket} | 0 | — | — | — | — | — |")
+            continue
+        lines.append(f"| {bucket} | {int(row['n_classes'])} | {row['a']:.3f} | {row['b']:.3f} | {row['diff']:+.3f} "
+                     f"| {interval_text(row['low'], row['high'])} | {row['verdict']} |")
+    return "\n".join(lines)
+
+
+def metrics_csv_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """The per-class metrics table as written to CSV: the interval text split into two numeric
+    columns (``B−A low``, ``B−A high``) right after it; everything else as shown."""
+    frame = pd.DataFrame(table).copy()
+    if INTERVAL not in frame.columns:
+        return frame
+    ends = frame[INTERVAL].astype(str).str.extract(r"^\[(-?[\d.]+), (-?[\d.]+)\]$").astype(float)
+    at = list(frame.columns).index(INTERVAL)
+    frame = frame.drop(columns=INTERVAL)
+    frame.insert(at, "B−A high", ends[1].to_numpy())
+    frame.insert(at, "B−A low", ends[0].to_numpy())
+    return frame
+
+
 def parse_typed_prompts(text: Any, max_prompts: int, max_chars: int) -> list[str]:
     """Typed prompts: one per line, blank lines dropped, each at most ``max_chars`` characters."""
     if text is None:

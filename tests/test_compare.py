@@ -370,7 +370,8 @@ def test_compute_metrics_fast_by_default_full_on_request_and_cached(tmp_path, mo
         calls.append(len(eval_set.captions))
         subjects = sorted(set(eval_set.subjects))
         table = pd.DataFrame({"subject": subjects, "train_count": [counts[s] for s in subjects],
-                              "shot": ["few"] * len(subjects), "accuracy": [0.5] * len(subjects)})
+                              "shot": ["few"] * len(subjects), "accuracy": [0.5] * len(subjects),
+                              "n_gen": [list(eval_set.subjects).count(s) for s in subjects]})
         return table, None, None
 
     monkeypatch.setattr(evaluation, "evaluate_model", fake_evaluate)
@@ -385,3 +386,56 @@ def test_compute_metrics_fast_by_default_full_on_request_and_cached(tmp_path, mo
     assert calls[2:] == [8 * n_classes, 8 * n_classes] and "full mode" in md
     with pytest.raises(gr.Error, match="Full evaluation"):
         studio.compute_metrics(a, b, "yes please", progress=lambda *x, **k: None)
+
+
+# ====================================================== metrics table: key columns, verdicts, CSV
+def test_verdict_table_puts_the_difference_interval_verdict_and_judge_first():
+    from pogdiff import metrics as m
+
+    verdicts = m.per_class_verdicts(A_TABLE, B_TABLE)
+    rel = pd.DataFrame({"subject": ["a", "b", "c"], "reliability": [1.0, 0.25, 0.8], "weak": [False, True, False]})
+    table = cv.verdict_table(A_TABLE, B_TABLE, "base", "pog", verdicts, rel, weak_mark="WEAK")
+    assert list(table.columns[:9]) == ["subject", "train_count", "accuracy · B−A", "95% interval", "verdict",
+                                       "judge reliability", "judge", "accuracy · base", "accuracy · pog"]
+    assert list(table.columns[9:11]) == ["shot", "few"]
+    assert table["subject"].tolist() == ["b", "c", "a"]  # rarest first
+    row = table.set_index("subject").loc["b"]
+    assert row["judge"] == "WEAK" and row["judge reliability"] == 0.25
+    assert row["verdict"] == "no measurable difference"  # 0.1 vs 0.4 of 4 images
+    got = verdicts.set_index("subject").loc["b"]
+    assert row["95% interval"] == f"[{got['low']:.2f}, {got['high']:.2f}]"
+    assert cv.interval_text(float("nan"), 1.0) == "—"
+
+
+def test_bucket_markdown_and_metrics_csv_frame():
+    from pogdiff import metrics as m
+
+    md = cv.bucket_markdown(m.bucket_verdicts(A_TABLE, B_TABLE), ("base", "pog"))
+    lines = md.splitlines()
+    assert lines[0].startswith("| bucket | classes | accuracy · base (A) | accuracy · pog (B) | B − A |")
+    few = next(line for line in lines if line.startswith("| few |"))
+    assert few.startswith("| few | 1 | 0.100 | 0.400 | +0.300 | [") and few.endswith("| no measurable difference |")
+    shown = pd.DataFrame({"subject": ["b", "c"], "accuracy · B−A": [0.3, 0.05], "95% interval": ["[-0.25, 0.75]", "—"],
+                          "verdict": ["no measurable difference", "—"]})
+    frame = cv.metrics_csv_frame(shown)
+    assert list(frame.columns) == ["subject", "accuracy · B−A", "B−A low", "B−A high", "verdict"]
+    assert frame["B−A low"].iloc[0] == -0.25 and frame["B−A high"].iloc[0] == 0.75
+    assert np.isnan(frame["B−A low"].iloc[1])
+
+
+def test_per_class_metrics_download_as_csv(studio):
+    _ship(studio, "demo-baseline", "a")
+    _ship(studio, "demo-pogdiff", "b")
+    table, fig, md = studio.precomputed_metrics("shipped:demo-baseline", "shipped:demo-pogdiff")
+    button = studio.metrics_csv(table)
+    assert button.interactive
+    path = Path(button.value["path"] if isinstance(button.value, dict) else button.value)
+    assert path.name == "per_class_metrics.csv"
+    saved = pd.read_csv(path)
+    assert saved["subject"].tolist() == ["b", "c", "a"]
+    assert saved["accuracy · B−A"].tolist() == pytest.approx([0.3, 0.05, -0.1])
+    assert list(saved.columns[:6]) == ["subject", "train_count", "accuracy · B−A", "B−A low", "B−A high", "verdict"]
+    assert (saved["B−A low"] <= saved["accuracy · B−A"] + 1e-9).all()
+    assert (saved["B−A high"] >= saved["accuracy · B−A"] - 1e-9).all()
+    empty = studio.metrics_csv(pd.DataFrame(columns=["subject", "accuracy"]))
+    assert not empty.interactive

@@ -253,9 +253,14 @@ def test_precomputed_metrics_need_both_shipped_tables(studio, tmp_path):
                       "accuracy": [0.9, acc], "gRecall": [0.5, 0.1], "dino": [0.8, 0.4], "n_gen": [8, 8]}
                      ).to_csv(folder / "per_class.csv", index=False)
     table, fig, md = studio.precomputed_metrics("shipped:demo-baseline", "shipped:demo-pogdiff")
-    assert list(table.columns[:4]) == ["subject", "train_count", "shot", "accuracy · demo-baseline"]
+    # the key columns first: the difference, its interval and the verdict, then A and B
+    assert list(table.columns[:7]) == ["subject", "train_count", "accuracy · B−A", "95% interval", "verdict",
+                                       "accuracy · demo-baseline", "accuracy · demo-pogdiff"]
     assert table.loc[table.subject == "b", "accuracy · demo-pogdiff"].item() == 0.6
-    assert "| few | 0.200 | 0.600 |" in md
+    assert table.loc[table.subject == "b", "verdict"].item() == "no measurable difference"  # 1.6 vs 4.8 of 8
+    few = next(line for line in md.splitlines() if line.startswith("| few |"))
+    assert few.startswith("| few | 1 | 0.200 | 0.600 | +0.400 | [") and few.endswith("| no measurable difference |")
+    assert "excludes 0" in md
     assert fig is not None
 
 
