@@ -65,6 +65,65 @@ def subject_for_prompt(prompt: str, subjects: Sequence[str], template: str = "a 
     return None
 
 
+TAG_SHARE = 0.6  # captions are tags when at least this share has 2+ comma-separated parts ...
+TAG_MAX_WORDS = 4  # ... whose first part is short (a tag, not a sentence) ...
+SENTENCE_START = re.compile(r"^(a|an|the)\s+(photo|picture|image|portrait|drawing|painting)\s+of\b", re.I)
+
+
+def _tags(caption: str) -> list[str]:
+    return [t.strip() for t in str(caption).split(",") if t.strip()]
+
+
+def captions_are_tags(captions: Sequence[str]) -> bool:
+    """Are these captions kohya-style tag lists (``red fox, outdoors, photo``) rather than sentences?
+
+    Yes when at least :data:`TAG_SHARE` of them have two or more comma-separated parts whose first
+    part is short (at most :data:`TAG_MAX_WORDS` words, not ``a photo of ...``), and the first
+    parts repeat across images (fewer distinct first tags than half the captions).
+    """
+    if not captions:
+        return False
+    firsts = []
+    for caption in captions:
+        tags = _tags(caption)
+        if len(tags) >= 2 and len(tags[0].split()) <= TAG_MAX_WORDS and not SENTENCE_START.match(tags[0]):
+            firsts.append(tags[0].lower())
+    return len(firsts) >= TAG_SHARE * len(captions) and len(set(firsts)) <= len(firsts) / 2
+
+
+def class_prompts(captions: Sequence[str], subjects: Sequence[str],
+                  template: str = "a photo of {subject}") -> dict[str, str]:
+    """The default Compare prompt of every class, in the style the set was captioned in.
+
+    Tag captions (:func:`captions_are_tags`): the class's most common first tag followed by the
+    other tags found in more than half of its captions, most frequent first (ties: where they
+    first appear), e.g. ``red fox, outdoors, photo``. Sentence captions: ``template`` filled with
+    the class name (``a photo of Vera Dahl``).
+    """
+    if len(captions) != len(subjects):
+        raise ValueError(f"{len(captions)} captions but {len(subjects)} classes")
+    names = list(dict.fromkeys(str(s) for s in subjects))
+    if not captions_are_tags(captions):
+        return {s: template.format(subject=s) for s in names}
+    out = {}
+    for name in names:
+        rows = [_tags(c) for c, s in zip(captions, subjects) if str(s) == name]
+        rows = [r for r in rows if r] or [[name]]
+        firsts = pd.Series([r[0] for r in rows]).value_counts(sort=True)
+        first = firsts.index[0]
+        seen: dict[str, list[int]] = {}  # tag -> [captions it is in, first position]
+        for r in rows:
+            for pos, tag in enumerate(dict.fromkeys(r[1:])):
+                if tag.lower() == first.lower():
+                    continue
+                entry = seen.setdefault(tag, [0, pos])
+                entry[0] += 1
+                entry[1] = min(entry[1], pos)
+        common = sorted((t for t, (n, _) in seen.items() if n > len(rows) / 2), key=lambda t: (-seen[t][0], seen[t][1]))
+        out[name] = ", ".join([first, *common])
+    return out
+
+
 def real_examples(images: np.ndarray, subjects: Sequence[str], subject: str | None,
                   limit: int = MAX_REAL_IMAGES) -> tuple[np.ndarray, int]:
     """Up to ``limit`` training images of ``subject`` (in data order) and how many it has in all."""

@@ -439,3 +439,92 @@ def test_per_class_metrics_download_as_csv(studio):
     assert (saved["B−A high"] >= saved["accuracy · B−A"] - 1e-9).all()
     empty = studio.metrics_csv(pd.DataFrame(columns=["subject", "accuracy"]))
     assert not empty.interactive
+
+
+def test_compare_lists_every_shipped_demo_run(studio):
+    """The shipped resampling run README recommends is offered beside baseline and PoGDiff."""
+    import json
+
+    for name, method in (("demo-resample", "resample"), ("demo-pogdiff", "pogdiff"), ("demo-baseline", None),
+                         ("demo-cbdm", "cbdm")):
+        folder = studio.shipped_dir / name
+        folder.mkdir(parents=True)
+        (folder / "configs.json").write_text(json.dumps({"train": {"method": method}} if method else {}))
+    (studio.shipped_dir / "evaluator").mkdir()  # not a demo run
+    keys = [s.key for s in studio.sources()]
+    assert keys[:4] == ["shipped:demo-baseline", "shipped:demo-pogdiff", "shipped:demo-cbdm", "shipped:demo-resample"]
+    assert not any("evaluator" in k for k in keys)
+    labels = {s.key: s.label for s in studio.sources()}
+    assert labels["shipped:demo-resample"] == "shipped · demo-resample (resample, demo set)"
+    assert labels["shipped:demo-baseline"] == "shipped · demo-baseline (baseline, demo set)"
+    a, b, _ = studio.compare_choices()
+    assert (a.value, b.value) == ("shipped:demo-baseline", "shipped:demo-pogdiff")
+    assert ("shipped · demo-resample (resample, demo set)", "shipped:demo-resample") in a.choices
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parent.parent / "checkpoints" / "demo-resample").exists(),
+                    reason="shipped checkpoints missing")
+def test_the_real_shipped_checkpoints_include_resampling(tmp_path):
+    from pogdiff import ui
+
+    studio = ui.Studio(tmp_path / "runs", shipped_dir=Path(__file__).resolve().parent.parent / "checkpoints",
+                       device="cpu")
+    keys = [s.key for s in studio.sources() if s.key.startswith("shipped:")]
+    assert {"shipped:demo-baseline", "shipped:demo-pogdiff", "shipped:demo-resample"} <= set(keys)
+    assert all(s.metrics_csv is not None for s in studio.sources() if s.key.startswith("shipped:"))
+
+
+# ====================================================== default prompts follow the caption style
+KOHYA = {  # the issue's set: class first, then tags
+    "red circle": ["red circle, flat, white background", "red circle, flat, grey background",
+                   "red circle, small, flat", "red circle, flat"],
+    "blue square": ["blue square, flat, outline", "blue square, outline, flat", "blue square, flat"],
+    "green ring": ["green ring, thin", "green ring, thick"],
+}
+
+
+def _flatten(sets):
+    captions = [c for caps in sets.values() for c in caps]
+    subjects = [s for s, caps in sets.items() for _ in caps]
+    return captions, subjects
+
+
+def test_tag_captions_get_tag_prompts_and_sentences_keep_the_template():
+    captions, subjects = _flatten(KOHYA)
+    assert cv.captions_are_tags(captions)
+    assert cv.class_prompts(captions, subjects) == {
+        "red circle": "red circle, flat",  # 'flat' is in 4 of 4; each background in only 1
+        "blue square": "blue square, flat, outline",  # 'flat' in 3 of 3, 'outline' in 2 of 3
+        "green ring": "green ring",  # 'thin' and 'thick' in half each: neither is common
+    }
+    sentences = ["a photo of Vera Dahl, smiling", "a photo of Vera Dahl, wearing glasses", "a photo of Omar Castillo"]
+    assert not cv.captions_are_tags(sentences)
+    assert cv.class_prompts(sentences, ["Vera Dahl", "Vera Dahl", "Omar Castillo"]) == {
+        "Vera Dahl": "a photo of Vera Dahl", "Omar Castillo": "a photo of Omar Castillo"}
+    # one tag per caption, or every first tag different: not a tag set
+    assert not cv.captions_are_tags(["fox", "fox", "owl"])
+    assert not cv.captions_are_tags([f"thing {i}, outdoors" for i in range(6)])
+    with pytest.raises(ValueError, match="3 captions but 2 classes"):
+        cv.class_prompts(sentences, ["a", "b"])
+
+
+def test_compare_default_prompts_of_a_tag_captioned_upload(studio, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "tags"
+    folder.mkdir()
+    rows = []
+    for subject, caps in KOHYA.items():
+        for i, caption in enumerate(caps):
+            name = f"{subject.replace(' ', '_')}_{i}.png"
+            Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(folder / name)
+            rows.append({"file_name": name, "text": caption, "subject": subject})
+    (folder / "metadata.jsonl").write_text("\n".join(__import__("json").dumps(r) for r in rows) + "\n")
+    key = studio.load_upload([str(p) for p in sorted(folder.iterdir())], progress=_noop)[0]
+    dd = studio.prompt_choices(key)
+    choices = [c[0] if isinstance(c, tuple) else c for c in dd.choices]
+    assert choices == ["green ring", "blue square, flat, outline", "red circle, flat"]  # rarest first
+    assert dd.value == ["green ring", "blue square, flat, outline", "red circle, flat"]  # all few-shot
+    assert not any(c.startswith("a photo of") for c in choices)
+    # a prompt of that style still finds its class's real images
+    assert cv.subject_for_prompt("blue square, flat, outline", list(KOHYA)) == "blue square"
