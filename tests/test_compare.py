@@ -528,3 +528,13 @@ def test_compare_default_prompts_of_a_tag_captioned_upload(studio, tmp_path):
     assert not any(c.startswith("a photo of") for c in choices)
     # a prompt of that style still finds its class's real images
     assert cv.subject_for_prompt("blue square, flat, outline", list(KOHYA)) == "blue square"
+
+
+def test_neighbour_table_shows_psi_draw_and_informative_first(studio, key):
+    import app
+
+    head, frame, gallery = studio.neighbours_of(key, 0, 3, 1.0, "all")
+    assert list(frame.columns[:6]) == ["image", "rank", "subject", "psi", "p(draw)", "informative"]
+    assert list(frame.columns) == app.NEIGHBOUR_HEADERS
+    assert dict(zip(app.NEIGHBOUR_HEADERS, app.NEIGHBOUR_TYPES))["informative"] == "bool"
+    assert dict(zip(app.NEIGHBOUR_HEADERS, app.NEIGHBOUR_TYPES))["image"] == "markdown"

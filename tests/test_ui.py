@@ -432,3 +432,23 @@ def test_changing_a_or_b_never_leaves_another_pairs_metrics_on_screen(studio, tm
     assert len(table) == 1 and fig is not None and "Precomputed" in md  # a shipped pair: its own numbers
     table, fig, md = studio.metrics_on_choice("shipped:demo-baseline", "run:not-there")
     assert len(table) == 0 and fig is None and "press **Compute metrics**" in md  # cleared, not kept
+
+
+def test_layout_keeps_the_plot_title_the_report_levels_and_a_metrics_download(tmp_path):
+    """The metrics figure has no component label over its title; the validation table's level and
+    code columns do not wrap letter by letter; the per-class metrics table feeds a CSV download."""
+    import re
+
+    import app
+
+    studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
+    demo = app.build_demo(studio)
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert by_id["pg-metrics-plot"].show_label is False
+    assert isinstance(by_id["pg-report"], gr.Markdown)
+    css = re.sub(r"\s+", " ", app.CSS)
+    assert "#pg-report td:nth-child(-n+2) {white-space: nowrap; min-width: 5.5em;}" in css
+    downloads = [b for b in demo.blocks.values() if isinstance(b, gr.DownloadButton)]
+    assert len(downloads) == 1 and "CSV" in downloads[0].label
+    wired = [d for d in demo.fns.values() if getattr(d.fn, "__name__", "") == "metrics_csv"]
+    assert len(wired) == 1 and [o._id for o in wired[0].outputs] == [downloads[0]._id]
