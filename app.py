@@ -51,6 +51,10 @@ CSS = """
 .pixelated img, .pixelated canvas {image-rendering: pixelated;}
 .explain {color: var(--body-text-color-subdued); font-size: var(--text-md);}
 #pg-header h1 {margin-bottom: 0;}
+#pg-report table {display: block; overflow-x: auto; table-layout: auto;}
+#pg-report th:nth-child(-n+2), #pg-report td:nth-child(-n+2) {white-space: nowrap; min-width: 5.5em;}
+#pg-report th:nth-child(3), #pg-report td:nth-child(3) {min-width: 8em; overflow-wrap: anywhere;}
+#pg-report th:nth-child(n+4), #pg-report td:nth-child(n+4) {min-width: 14em;}
 """
 
 INTRO = """# PoGDiff Studio
@@ -92,10 +96,8 @@ generations of each class of the loaded data: on the demo with its identity clas
 with a classifier fitted on your images, whose reliability per class is shown beside the scores (a class
 it cannot tell apart is marked weak). Accuracy per class and against class frequency, and B − A per class. The tab keeps your choices and results over a page reload."""
 
-NEIGHBOUR_HEADERS = ["image", "rank", "caption", "subject", "class size", "s_txt", "s_img", "w_density", "psi",
-                     "p(draw)", "informative", "row"]
-NEIGHBOUR_TYPES = ["markdown", "number", "str", "str", "number", "number", "number", "number", "number", "number",
-                   "bool", "number"]
+NEIGHBOUR_HEADERS = list(Studio.NEIGHBOUR_COLUMNS)  # key columns (psi, p(draw), informative) first
+NEIGHBOUR_TYPES = [Studio.NEIGHBOUR_TYPES[c] for c in NEIGHBOUR_HEADERS]
 SEARCH_HEADERS = ["rank", "similarity", "caption", "subject", "class size", "row"]
 
 OPT_INFO = {
@@ -145,7 +147,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                     with gr.Column(scale=3):
                         summary_md = gr.Markdown("No dataset loaded yet. Upload one or use the demo set.")
                         with gr.Accordion("Validation report", open=True):
-                            report_md = gr.Markdown("")
+                            report_md = gr.Markdown("", elem_id="pg-report")
                 with gr.Row():
                     class_table = gr.Dataframe(
                         label="Images per class", interactive=False, max_height=360, scale=2,
@@ -341,10 +343,15 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                                                             "long; default: the fast 4)", scale=2)
                 metrics_md = gr.Markdown("")
                 with gr.Row():
-                    metrics_plot = gr.Plot(label="Accuracy vs class frequency: A, B and B − A", scale=3)
-                    metrics_table = gr.Dataframe(label="Per-class metrics: A, B and B − A (rarest first; ★ few-shot)",
-                                                 interactive=False, max_height=420, scale=4,
-                                                 headers=["subject", "train_count", "shot", "accuracy"])
+                    # no component label over the figure: it would cover the figure's own title
+                    metrics_plot = gr.Plot(label="Accuracy vs class frequency: A, B and B − A", scale=3,
+                                           show_label=False, elem_id="pg-metrics-plot")
+                    with gr.Column(scale=4):
+                        metrics_table = gr.Dataframe(
+                            label="Per-class metrics: B − A, its 95% interval and the verdict first (rarest first)",
+                            interactive=False, max_height=420, headers=["subject", "train_count", "shot", "accuracy"])
+                        metrics_csv = gr.DownloadButton("Download the per-class metrics (CSV)", value=None,
+                                                        interactive=False, size="sm")
 
         # ============================================================ events: Data
         data_outputs = [ds_key, summary_md, report_md, class_table, long_tail, class_dd, class_gallery]
@@ -465,6 +472,8 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
                              [real_gallery, real_md, diff_img, diff_md, cmp_state], api_visibility="private")
             else:
                 running.then(studio.keep_metrics, [run_a, run_b, cmp_state], cmp_state, api_visibility="private")
+
+        metrics_table.change(studio.metrics_csv, metrics_table, metrics_csv, api_visibility="private")
 
         demo.load(studio.poll, None, poll_outputs, api_name="poll_on_load", api_visibility="private")
         (demo.load(studio.restore_dataset, saved_key, data_outputs, api_visibility="private")

@@ -65,6 +65,65 @@ def subject_for_prompt(prompt: str, subjects: Sequence[str], template: str = "a 
     return None
 
 
+TAG_SHARE = 0.6  # captions are tags when at least this share has 2+ comma-separated parts ...
+TAG_MAX_WORDS = 4  # ... whose first part is short (a tag, not a sentence) ...
+SENTENCE_START = re.compile(r"^(a|an|the)\s+(photo|picture|image|portrait|drawing|painting)\s+of\b", re.I)
+
+
+def _tags(caption: str) -> list[str]:
+    return [t.strip() for t in str(caption).split(",") if t.strip()]
+
+
+def captions_are_tags(captions: Sequence[str]) -> bool:
+    """Are these captions kohya-style tag lists (``red fox, outdoors, photo``) rather than sentences?
+
+    Yes when at least :data:`TAG_SHARE` of them have two or more comma-separated parts whose first
+    part is short (at most :data:`TAG_MAX_WORDS` words, not ``a photo of ...``), and the first
+    parts repeat across images (fewer distinct first tags than half the captions).
+    """
+    if not captions:
+        return False
+    firsts = []
+    for caption in captions:
+        tags = _tags(caption)
+        if len(tags) >= 2 and len(tags[0].split()) <= TAG_MAX_WORDS and not SENTENCE_START.match(tags[0]):
+            firsts.append(tags[0].lower())
+    return len(firsts) >= TAG_SHARE * len(captions) and len(set(firsts)) <= len(firsts) / 2
+
+
+def class_prompts(captions: Sequence[str], subjects: Sequence[str],
+                  template: str = "a photo of {subject}") -> dict[str, str]:
+    """The default Compare prompt of every class, in the style the set was captioned in.
+
+    Tag captions (:func:`captions_are_tags`): the class's most common first tag followed by the
+    other tags found in more than half of its captions, most frequent first (ties: where they
+    first appear), e.g. ``red fox, outdoors, photo``. Sentence captions: ``template`` filled with
+    the class name (``a photo of Vera Dahl``).
+    """
+    if len(captions) != len(subjects):
+        raise ValueError(f"{len(captions)} captions but {len(subjects)} classes")
+    names = list(dict.fromkeys(str(s) for s in subjects))
+    if not captions_are_tags(captions):
+        return {s: template.format(subject=s) for s in names}
+    out = {}
+    for name in names:
+        rows = [_tags(c) for c, s in zip(captions, subjects) if str(s) == name]
+        rows = [r for r in rows if r] or [[name]]
+        firsts = pd.Series([r[0] for r in rows]).value_counts(sort=True)
+        first = firsts.index[0]
+        seen: dict[str, list[int]] = {}  # tag -> [captions it is in, first position]
+        for r in rows:
+            for pos, tag in enumerate(dict.fromkeys(r[1:])):
+                if tag.lower() == first.lower():
+                    continue
+                entry = seen.setdefault(tag, [0, pos])
+                entry[0] += 1
+                entry[1] = min(entry[1], pos)
+        common = sorted((t for t, (n, _) in seen.items() if n > len(rows) / 2), key=lambda t: (-seen[t][0], seen[t][1]))
+        out[name] = ", ".join([first, *common])
+    return out
+
+
 def real_examples(images: np.ndarray, subjects: Sequence[str], subject: str | None,
                   limit: int = MAX_REAL_IMAGES) -> tuple[np.ndarray, int]:
     """Up to ``limit`` training images of ``subject`` (in data order) and how many it has in all."""
@@ -151,6 +210,72 @@ def delta_table(table_a: pd.DataFrame, table_b: pd.DataFrame, name_a: str = "A",
         out[f"{m} · B−A"] = merged[f"{m} · B"] - merged[f"{m} · A"]
     out["few"] = np.where(out["shot"] == "few", FEW_MARK, "")
     return out.sort_values(["train_count", "subject"], kind="stable").reset_index(drop=True)
+
+
+INTERVAL = "95% interval"  # column of the B − A interval in the metrics table
+VERDICT = "verdict"
+
+
+def interval_text(low: float, high: float, digits: int = 2) -> str:
+    """``[-0.25, 1.00]``; an em dash when either end is missing."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "—"
+    return f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def verdict_table(table_a: pd.DataFrame, table_b: pd.DataFrame, name_a: str, name_b: str, verdicts: pd.DataFrame,
+                  reliability: pd.DataFrame | None = None, metrics: Sequence[str] = METRICS,
+                  weak_mark: str = "⚠ weak") -> pd.DataFrame:
+    """The Compare tab's per-class metrics table, key columns first (README "Reading B − A").
+
+    Columns, left to right: ``subject``, ``train_count``, ``accuracy · B−A``, ``95% interval``,
+    ``verdict`` (from :func:`pogdiff.metrics.per_class_verdicts`), with a judge's ``reliability``
+    (user data) ``judge reliability`` and ``judge`` (ok / ``weak_mark``), then ``accuracy`` of A and of B,
+    ``shot``, ``few``, and A / B / B − A of the other metrics. Rarest classes first.
+    """
+    from pogdiff.metrics import NOT_MEASURED
+
+    merged = delta_table(table_a, table_b, name_a, name_b, metrics)
+    by_subject = verdicts.set_index("subject")
+    merged[INTERVAL] = [interval_text(by_subject.at[s, "low"], by_subject.at[s, "high"])
+                        if s in by_subject.index else "—" for s in merged["subject"]]
+    merged[VERDICT] = merged["subject"].map(by_subject["verdict"]).fillna(NOT_MEASURED)
+    key = ["subject", "train_count", "accuracy · B−A", INTERVAL, VERDICT]
+    if reliability is not None:
+        rel = reliability.set_index("subject")
+        merged["judge reliability"] = merged["subject"].map(rel["reliability"]).astype(float)
+        merged["judge"] = np.where(merged["subject"].map(rel["weak"]).fillna(True).astype(bool), weak_mark, "ok")
+        key += ["judge reliability", "judge"]
+    key += [f"accuracy · {name_a}", f"accuracy · {name_b}", "shot", "few"]
+    key = list(dict.fromkeys(key))  # A and B may be the same run
+    return merged[[c for c in key if c in merged.columns] + [c for c in merged.columns if c not in key]]
+
+
+def bucket_markdown(buckets: pd.DataFrame, names: tuple[str, str]) -> str:
+    """The bucket summary of :func:`pogdiff.metrics.bucket_verdicts` as a markdown table."""
+    lines = [f"| bucket | classes | accuracy · {names[0]} (A) | accuracy · {names[1]} (B) | B − A | {INTERVAL} "
+             "| verdict |", "|---|---:|---:|---:|---:|---|---|"]
+    for bucket, row in buckets.iterrows():
+        if not row["n_classes"]:
+            lines.append(f"| {bucket} | 0 | — | — | — | — | — |")
+            continue
+        lines.append(f"| {bucket} | {int(row['n_classes'])} | {row['a']:.3f} | {row['b']:.3f} | {row['diff']:+.3f} "
+                     f"| {interval_text(row['low'], row['high'])} | {row['verdict']} |")
+    return "\n".join(lines)
+
+
+def metrics_csv_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """The per-class metrics table as written to CSV: the interval text split into two numeric
+    columns (``B−A low``, ``B−A high``) right after it; everything else as shown."""
+    frame = pd.DataFrame(table).copy()
+    if INTERVAL not in frame.columns:
+        return frame
+    ends = frame[INTERVAL].astype(str).str.extract(r"^\[(-?[\d.]+), (-?[\d.]+)\]$").astype(float)
+    at = list(frame.columns).index(INTERVAL)
+    frame = frame.drop(columns=INTERVAL)
+    frame.insert(at, "B−A high", ends[1].to_numpy())
+    frame.insert(at, "B−A low", ends[0].to_numpy())
+    return frame
 
 
 def parse_typed_prompts(text: Any, max_prompts: int, max_chars: int) -> list[str]:

@@ -370,7 +370,8 @@ def test_compute_metrics_fast_by_default_full_on_request_and_cached(tmp_path, mo
         calls.append(len(eval_set.captions))
         subjects = sorted(set(eval_set.subjects))
         table = pd.DataFrame({"subject": subjects, "train_count": [counts[s] for s in subjects],
-                              "shot": ["few"] * len(subjects), "accuracy": [0.5] * len(subjects)})
+                              "shot": ["few"] * len(subjects), "accuracy": [0.5] * len(subjects),
+                              "n_gen": [list(eval_set.subjects).count(s) for s in subjects]})
         return table, None, None
 
     monkeypatch.setattr(evaluation, "evaluate_model", fake_evaluate)
@@ -385,3 +386,155 @@ def test_compute_metrics_fast_by_default_full_on_request_and_cached(tmp_path, mo
     assert calls[2:] == [8 * n_classes, 8 * n_classes] and "full mode" in md
     with pytest.raises(gr.Error, match="Full evaluation"):
         studio.compute_metrics(a, b, "yes please", progress=lambda *x, **k: None)
+
+
+# ====================================================== metrics table: key columns, verdicts, CSV
+def test_verdict_table_puts_the_difference_interval_verdict_and_judge_first():
+    from pogdiff import metrics as m
+
+    verdicts = m.per_class_verdicts(A_TABLE, B_TABLE)
+    rel = pd.DataFrame({"subject": ["a", "b", "c"], "reliability": [1.0, 0.25, 0.8], "weak": [False, True, False]})
+    table = cv.verdict_table(A_TABLE, B_TABLE, "base", "pog", verdicts, rel, weak_mark="WEAK")
+    assert list(table.columns[:9]) == ["subject", "train_count", "accuracy · B−A", "95% interval", "verdict",
+                                       "judge reliability", "judge", "accuracy · base", "accuracy · pog"]
+    assert list(table.columns[9:11]) == ["shot", "few"]
+    assert table["subject"].tolist() == ["b", "c", "a"]  # rarest first
+    row = table.set_index("subject").loc["b"]
+    assert row["judge"] == "WEAK" and row["judge reliability"] == 0.25
+    assert row["verdict"] == "no measurable difference"  # 0.1 vs 0.4 of 4 images
+    got = verdicts.set_index("subject").loc["b"]
+    assert row["95% interval"] == f"[{got['low']:.2f}, {got['high']:.2f}]"
+    assert cv.interval_text(float("nan"), 1.0) == "—"
+
+
+def test_bucket_markdown_and_metrics_csv_frame():
+    from pogdiff import metrics as m
+
+    md = cv.bucket_markdown(m.bucket_verdicts(A_TABLE, B_TABLE), ("base", "pog"))
+    lines = md.splitlines()
+    assert lines[0].startswith("| bucket | classes | accuracy · base (A) | accuracy · pog (B) | B − A |")
+    few = next(line for line in lines if line.startswith("| few |"))
+    assert few.startswith("| few | 1 | 0.100 | 0.400 | +0.300 | [") and few.endswith("| no measurable difference |")
+    shown = pd.DataFrame({"subject": ["b", "c"], "accuracy · B−A": [0.3, 0.05], "95% interval": ["[-0.25, 0.75]", "—"],
+                          "verdict": ["no measurable difference", "—"]})
+    frame = cv.metrics_csv_frame(shown)
+    assert list(frame.columns) == ["subject", "accuracy · B−A", "B−A low", "B−A high", "verdict"]
+    assert frame["B−A low"].iloc[0] == -0.25 and frame["B−A high"].iloc[0] == 0.75
+    assert np.isnan(frame["B−A low"].iloc[1])
+
+
+def test_per_class_metrics_download_as_csv(studio):
+    _ship(studio, "demo-baseline", "a")
+    _ship(studio, "demo-pogdiff", "b")
+    table, fig, md = studio.precomputed_metrics("shipped:demo-baseline", "shipped:demo-pogdiff")
+    button = studio.metrics_csv(table)
+    assert button.interactive
+    path = Path(button.value["path"] if isinstance(button.value, dict) else button.value)
+    assert path.name == "per_class_metrics.csv"
+    saved = pd.read_csv(path)
+    assert saved["subject"].tolist() == ["b", "c", "a"]
+    assert saved["accuracy · B−A"].tolist() == pytest.approx([0.3, 0.05, -0.1])
+    assert list(saved.columns[:6]) == ["subject", "train_count", "accuracy · B−A", "B−A low", "B−A high", "verdict"]
+    assert (saved["B−A low"] <= saved["accuracy · B−A"] + 1e-9).all()
+    assert (saved["B−A high"] >= saved["accuracy · B−A"] - 1e-9).all()
+    empty = studio.metrics_csv(pd.DataFrame(columns=["subject", "accuracy"]))
+    assert not empty.interactive
+
+
+def test_compare_lists_every_shipped_demo_run(studio):
+    """The shipped resampling run README recommends is offered beside baseline and PoGDiff."""
+    import json
+
+    for name, method in (("demo-resample", "resample"), ("demo-pogdiff", "pogdiff"), ("demo-baseline", None),
+                         ("demo-cbdm", "cbdm")):
+        folder = studio.shipped_dir / name
+        folder.mkdir(parents=True)
+        (folder / "configs.json").write_text(json.dumps({"train": {"method": method}} if method else {}))
+    (studio.shipped_dir / "evaluator").mkdir()  # not a demo run
+    keys = [s.key for s in studio.sources()]
+    assert keys[:4] == ["shipped:demo-baseline", "shipped:demo-pogdiff", "shipped:demo-cbdm", "shipped:demo-resample"]
+    assert not any("evaluator" in k for k in keys)
+    labels = {s.key: s.label for s in studio.sources()}
+    assert labels["shipped:demo-resample"] == "shipped · demo-resample (resample, demo set)"
+    assert labels["shipped:demo-baseline"] == "shipped · demo-baseline (baseline, demo set)"
+    a, b, _ = studio.compare_choices()
+    assert (a.value, b.value) == ("shipped:demo-baseline", "shipped:demo-pogdiff")
+    assert ("shipped · demo-resample (resample, demo set)", "shipped:demo-resample") in a.choices
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parent.parent / "checkpoints" / "demo-resample").exists(),
+                    reason="shipped checkpoints missing")
+def test_the_real_shipped_checkpoints_include_resampling(tmp_path):
+    from pogdiff import ui
+
+    studio = ui.Studio(tmp_path / "runs", shipped_dir=Path(__file__).resolve().parent.parent / "checkpoints",
+                       device="cpu")
+    keys = [s.key for s in studio.sources() if s.key.startswith("shipped:")]
+    assert {"shipped:demo-baseline", "shipped:demo-pogdiff", "shipped:demo-resample"} <= set(keys)
+    assert all(s.metrics_csv is not None for s in studio.sources() if s.key.startswith("shipped:"))
+
+
+# ====================================================== default prompts follow the caption style
+KOHYA = {  # the issue's set: class first, then tags
+    "red circle": ["red circle, flat, white background", "red circle, flat, grey background",
+                   "red circle, small, flat", "red circle, flat"],
+    "blue square": ["blue square, flat, outline", "blue square, outline, flat", "blue square, flat"],
+    "green ring": ["green ring, thin", "green ring, thick"],
+}
+
+
+def _flatten(sets):
+    captions = [c for caps in sets.values() for c in caps]
+    subjects = [s for s, caps in sets.items() for _ in caps]
+    return captions, subjects
+
+
+def test_tag_captions_get_tag_prompts_and_sentences_keep_the_template():
+    captions, subjects = _flatten(KOHYA)
+    assert cv.captions_are_tags(captions)
+    assert cv.class_prompts(captions, subjects) == {
+        "red circle": "red circle, flat",  # 'flat' is in 4 of 4; each background in only 1
+        "blue square": "blue square, flat, outline",  # 'flat' in 3 of 3, 'outline' in 2 of 3
+        "green ring": "green ring",  # 'thin' and 'thick' in half each: neither is common
+    }
+    sentences = ["a photo of Vera Dahl, smiling", "a photo of Vera Dahl, wearing glasses", "a photo of Omar Castillo"]
+    assert not cv.captions_are_tags(sentences)
+    assert cv.class_prompts(sentences, ["Vera Dahl", "Vera Dahl", "Omar Castillo"]) == {
+        "Vera Dahl": "a photo of Vera Dahl", "Omar Castillo": "a photo of Omar Castillo"}
+    # one tag per caption, or every first tag different: not a tag set
+    assert not cv.captions_are_tags(["fox", "fox", "owl"])
+    assert not cv.captions_are_tags([f"thing {i}, outdoors" for i in range(6)])
+    with pytest.raises(ValueError, match="3 captions but 2 classes"):
+        cv.class_prompts(sentences, ["a", "b"])
+
+
+def test_compare_default_prompts_of_a_tag_captioned_upload(studio, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "tags"
+    folder.mkdir()
+    rows = []
+    for subject, caps in KOHYA.items():
+        for i, caption in enumerate(caps):
+            name = f"{subject.replace(' ', '_')}_{i}.png"
+            Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(folder / name)
+            rows.append({"file_name": name, "text": caption, "subject": subject})
+    (folder / "metadata.jsonl").write_text("\n".join(__import__("json").dumps(r) for r in rows) + "\n")
+    key = studio.load_upload([str(p) for p in sorted(folder.iterdir())], progress=_noop)[0]
+    dd = studio.prompt_choices(key)
+    choices = [c[0] if isinstance(c, tuple) else c for c in dd.choices]
+    assert choices == ["green ring", "blue square, flat, outline", "red circle, flat"]  # rarest first
+    assert dd.value == ["green ring", "blue square, flat, outline", "red circle, flat"]  # all few-shot
+    assert not any(c.startswith("a photo of") for c in choices)
+    # a prompt of that style still finds its class's real images
+    assert cv.subject_for_prompt("blue square, flat, outline", list(KOHYA)) == "blue square"
+
+
+def test_neighbour_table_shows_psi_draw_and_informative_first(studio, key):
+    import app
+
+    head, frame, gallery = studio.neighbours_of(key, 0, 3, 1.0, "all")
+    assert list(frame.columns[:6]) == ["image", "rank", "subject", "psi", "p(draw)", "informative"]
+    assert list(frame.columns) == app.NEIGHBOUR_HEADERS
+    assert dict(zip(app.NEIGHBOUR_HEADERS, app.NEIGHBOUR_TYPES))["informative"] == "bool"
+    assert dict(zip(app.NEIGHBOUR_HEADERS, app.NEIGHBOUR_TYPES))["image"] == "markdown"

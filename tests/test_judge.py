@@ -61,14 +61,14 @@ def test_judge_names_separable_classes_and_flags_what_it_cannot_check():
 
 
 def test_reliability_is_held_out_not_training_accuracy():
-    """Random labels on random images: a classifier memorises them (training accuracy 1), but on
-    images it did not see it is at chance, and the judge must say so."""
+    """Random labels on random images: a classifier memorises most of them (training accuracy far
+    above chance), but on images it did not see it is at chance, and the judge must say so."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (60, 16, 16, 3), dtype=np.uint8)
     labels = [f"class {i % 4}" for i in range(60)]
     judge = UserJudge(backbone=None).fit(images, labels)
     train_acc = np.mean(np.array(judge.predict(images)["subject"]) == np.array(labels))
-    assert train_acc == 1.0
+    assert train_acc >= 0.75
     assert judge.heldout_accuracy() < judging.WEAK_BELOW
     assert len(judge.weak_subjects()) >= 3
 
@@ -140,3 +140,82 @@ def test_compare_metrics_on_user_data_are_judged_on_its_own_classes(tmp_path):
     pd.testing.assert_frame_equal(cached[0], table)
     with pytest.raises(gr.Error, match="no longer in memory"):
         studio.compute_metrics(a, b, False, "upload-" + "0" * 16, progress=lambda *x, **k: None)
+
+
+def _shapes(counts=(40, 20, 8, 3, 2), seed: int = 0, size: int = 32) -> tuple[np.ndarray, list[str]]:
+    """A long-tailed set of drawn shapes: each class one shape in one colour, on a random
+    background colour with pixel noise, at a random place and size (colour alone separates the
+    classes; nothing else about the images is fixed)."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    kinds = [("red circle", (220, 40, 40)), ("blue square", (40, 80, 220)), ("green triangle", (40, 170, 60)),
+             ("yellow cross", (235, 200, 30)), ("purple ring", (150, 50, 190))]
+    images, labels = [], []
+    for (name, colour), n in zip(kinds, counts):
+        for _ in range(n):
+            s = 2 * size
+            img = Image.new("RGB", (s, s), tuple(int(v) for v in rng.integers(0, 256, 3)))
+            draw = ImageDraw.Draw(img)
+            r = rng.uniform(0.22, 0.36) * s
+            cx, cy = rng.uniform(r, s - r, 2)
+            box = [cx - r, cy - r, cx + r, cy + r]
+            shape = name.split()[1]
+            if shape == "circle":
+                draw.ellipse(box, fill=colour)
+            elif shape == "square":
+                draw.rectangle(box, fill=colour)
+            elif shape == "triangle":
+                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+            elif shape == "cross":
+                draw.rectangle([cx - r, cy - r / 3, cx + r, cy + r / 3], fill=colour)
+                draw.rectangle([cx - r / 3, cy - r, cx + r / 3, cy + r], fill=colour)
+            else:
+                draw.ellipse(box, outline=colour, width=max(2, int(r / 3)))
+            pixels = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.int16)
+            images.append(np.clip(pixels + rng.integers(-12, 13, pixels.shape), 0, 255).astype(np.uint8))
+            labels.append(name)
+    return np.stack(images), labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_judge_is_a_good_instrument_on_a_colour_separable_long_tailed_set(seed):
+    """40/20/8/3/2 drawn shapes whose colour alone names the class: the judge's own held-out
+    estimate must say it names at least 95% right, every class it can check at least 0.5 (so none
+    is marked weak), and fresh images of the same kind are named right as well."""
+    images, labels = _shapes(seed=seed)
+    judge = UserJudge().fit(images, labels)
+    rel = judge.reliability.set_index("subject")
+    assert rel["n_heldout"].to_dict() == rel["n_images"].to_dict()  # every class has >= 2 images
+    assert judge.heldout_accuracy() >= 0.95, judge.reliability
+    assert judge.weak_subjects() == []
+    fresh, truth = _shapes(counts=(4, 4, 4, 4, 4), seed=100 + seed)
+    assert np.mean(np.array(judge.predict(fresh)["subject"]) == np.array(truth)) >= 0.95
+
+
+def test_colour_histogram_and_foreground_weights_on_known_images():
+    x = np.zeros((2, 8, 8, 3), dtype=np.float32)
+    x[0] = [1.0, 0.0, 0.0]  # all pure red: one bin holds everything
+    x[1, :, :4] = [0.0, 0.0, 1.0]  # half blue, half black
+    hist = judging.colour_histogram(x, bins=3)
+    red = (2 * 3 + 0) * 3 + 0  # index r * bins**2 + g * bins + b
+    assert hist[0, red] == pytest.approx(1.0) and np.count_nonzero(hist[0]) == 1
+    assert hist[1, 2] == pytest.approx(np.sqrt(0.5)) and hist[1, 0] == pytest.approx(np.sqrt(0.5))
+    mid = np.full((1, 1, 1, 3), 0.25, dtype=np.float32)  # halfway between bin centres 0 and 0.5
+    assert judging.colour_histogram(mid, bins=3)[0, 0] == pytest.approx(np.sqrt(1 / 8))
+    # a blue square on a grey background: weight 1 on the square, 0 on the background
+    img = np.full((1, 16, 16, 3), 0.5, dtype=np.float32)
+    img[0, 5:11, 5:11] = [0.0, 0.0, 1.0]
+    w = judging.foreground_weights(img)
+    assert (w[0, 5:11, 5:11] == 1.0).all() and w.sum() == 36
+    fg = judging.colour_histogram(img, w, bins=3)
+    assert fg[0, 2] == pytest.approx(1.0)  # only the square's colour (0, 0, 1) counts
+
+
+def test_gradient_histogram_tells_vertical_from_horizontal_edges():
+    v = np.zeros((1, 8, 8, 3), dtype=np.float32)
+    v[0, :, 4:] = 1.0  # a vertical edge: horizontal gradient, orientation 0
+    h = v.transpose(0, 2, 1, 3).copy()  # a horizontal edge: orientation pi / 2
+    gv, gh = judging.gradient_histogram(v, cells=1, orientations=4), judging.gradient_histogram(h, cells=1, orientations=4)
+    assert np.argmax(gv[0]) == 0 and np.argmax(gh[0]) == 2
+    assert gv[0] == pytest.approx([1, 0, 0, 0]) and gh[0] == pytest.approx([0, 0, 1, 0])

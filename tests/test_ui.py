@@ -253,9 +253,14 @@ def test_precomputed_metrics_need_both_shipped_tables(studio, tmp_path):
                       "accuracy": [0.9, acc], "gRecall": [0.5, 0.1], "dino": [0.8, 0.4], "n_gen": [8, 8]}
                      ).to_csv(folder / "per_class.csv", index=False)
     table, fig, md = studio.precomputed_metrics("shipped:demo-baseline", "shipped:demo-pogdiff")
-    assert list(table.columns[:4]) == ["subject", "train_count", "shot", "accuracy · demo-baseline"]
+    # the key columns first: the difference, its interval and the verdict, then A and B
+    assert list(table.columns[:7]) == ["subject", "train_count", "accuracy · B−A", "95% interval", "verdict",
+                                       "accuracy · demo-baseline", "accuracy · demo-pogdiff"]
     assert table.loc[table.subject == "b", "accuracy · demo-pogdiff"].item() == 0.6
-    assert "| few | 0.200 | 0.600 |" in md
+    assert table.loc[table.subject == "b", "verdict"].item() == "no measurable difference"  # 1.6 vs 4.8 of 8
+    few = next(line for line in md.splitlines() if line.startswith("| few |"))
+    assert few.startswith("| few | 1 | 0.200 | 0.600 | +0.400 | [") and few.endswith("| no measurable difference |")
+    assert "excludes 0" in md
     assert fig is not None
 
 
@@ -548,3 +553,23 @@ def test_a_run_of_another_visitor_or_another_size_is_no_base(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(gr.Error, match=r"cannot start a tiny run at 32 px"):
         studio.start_training(key, *_opts(steps=2), "", False, "run:theirs", request=A)
+
+
+def test_layout_keeps_the_plot_title_the_report_levels_and_a_metrics_download(tmp_path):
+    """The metrics figure has no component label over its title; the validation table's level and
+    code columns do not wrap letter by letter; the per-class metrics table feeds a CSV download."""
+    import re
+
+    import app
+
+    studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
+    demo = app.build_demo(studio)
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert by_id["pg-metrics-plot"].show_label is False
+    assert isinstance(by_id["pg-report"], gr.Markdown)
+    css = re.sub(r"\s+", " ", app.CSS)
+    assert "#pg-report td:nth-child(-n+2) {white-space: nowrap; min-width: 5.5em;}" in css
+    downloads = [b for b in demo.blocks.values() if isinstance(b, gr.DownloadButton)]
+    assert len(downloads) == 1 and "CSV" in downloads[0].label
+    wired = [d for d in demo.fns.values() if getattr(d.fn, "__name__", "") == "metrics_csv"]
+    assert len(wired) == 1 and [o._id for o in wired[0].outputs] == [downloads[0]._id]

@@ -13,6 +13,7 @@ from pogdiff.compare_views import (
     MAX_REAL_IMAGES,
     CompareState,
     ResultCache,
+    class_prompts,
     difference_view,
     parse_typed_prompts,
     real_examples,
@@ -40,10 +41,30 @@ class CompareTab:
     """Two checkpoints, the same prompts and seeds; real images and differences beside them."""
 
     # ========================================================================== Compare tab
+    def shipped_runs(self) -> dict[str, str]:
+        """Every shipped demo run (a ``demo-*`` folder of the shipped checkpoints), folder -> method:
+        the defaults of :data:`SHIPPED_RUNS` first, then the others by name. The method is the one
+        its ``configs.json`` records, else the folder name's suffix."""
+        import json
+
+        folders = sorted(p.name for p in self.shipped_dir.glob("demo-*") if p.is_dir())
+        order = [f for f in SHIPPED_RUNS.values() if f in folders] + [f for f in folders if f not in SHIPPED_RUNS.values()]
+        found = {}
+        for folder in order:
+            method = folder.removeprefix("demo-")
+            try:
+                train = json.loads((self.shipped_dir / folder / "configs.json").read_text()).get("train")
+                method = train.get("method", method) if isinstance(train, dict) else method
+            except (OSError, ValueError, AttributeError):
+                pass
+            found[folder] = str(method)
+        return found
+
     def sources(self) -> list[Source]:
-        """Shipped demo checkpoints first, then finished runs, newest first."""
+        """Every shipped demo checkpoint first (README "Results": baseline, PoGDiff, resampling),
+        then finished runs, newest first."""
         found = []
-        for method, folder in SHIPPED_RUNS.items():
+        for folder, method in self.shipped_runs().items():
             ckpt = self._checkpoint_in(self.shipped_dir / folder)
             if ckpt is not None:
                 csv = self.shipped_dir / folder / "per_class.csv"
@@ -92,12 +113,14 @@ class CompareTab:
         return (gr.Dropdown(choices=choices, value=a), gr.Dropdown(choices=choices, value=b), self.shipped_note())
 
     def prompt_choices(self, key: str | None, current: Any = None) -> Any:
-        """One prompt per class (rarest first); few-shot ones pre-selected, or the current selection kept."""
+        """One prompt per class (rarest first) in the set's caption style (tags for a tag-captioned
+        set, else the caption template: :func:`pogdiff.compare_views.class_prompts`); few-shot ones
+        pre-selected, or the current selection kept."""
         bundle = self.bundle(key)
-        template = self.data_config.caption_template
+        prompt_of = class_prompts(bundle.captions, bundle.subjects, self.data_config.caption_template)
         table = bundle.table.sort_values(["count", "subject"])
-        choices = [template.format(subject=s) for s in table["subject"]]
-        selected = [template.format(subject=s) for s in table.loc[table["shot"] == "few", "subject"]][:6]
+        choices = [prompt_of[s] for s in table["subject"]]
+        selected = [prompt_of[s] for s in table.loc[table["shot"] == "few", "subject"]][:6]
         L = self.limits
         try:
             kept = safety.text_list("Prompts", current, L.max_prompts, L.max_text_chars)

@@ -5,25 +5,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import numpy as np
 import pandas as pd
 
 from pogdiff import safety
 from pogdiff.compare_views import (
+    INTERVAL,
     ResultCache,
-    delta_table,
+    bucket_markdown,
+    metrics_csv_frame,
+    verdict_table,
 )
 from pogdiff.ui.state import DatasetBundle, Source
 from pogdiff.ui.views import (
     DEMO_KEY,
+    EXPORT_TMP_PREFIX,
     MAX_CACHED_MODELS,
     MAX_KEY_CHARS,
-    SHOTS,
     WEAK_MARK,
     _arg,
     _short,
@@ -115,10 +118,8 @@ class MetricsPanel:
                 if progress is not None:
                     progress(0.03, desc=f"Fitting a judge of the {len(bundle.ds.classes)} classes on "
                                         f"{len(bundle.ds)} real images…")
-                folder = self.shipped_dir / "evaluator"
-                backbone = self._evaluator_or_error() if folder.exists() else None
                 try:
-                    bundle.judge = UserJudge(backbone=backbone).fit(bundle.ds.images, bundle.subjects)
+                    bundle.judge = UserJudge().fit(bundle.ds.images, bundle.subjects)
                 except ValueError as exc:
                     raise gr.Error(str(exc), title="Cannot judge this data set") from exc
             return bundle.judge
@@ -185,40 +186,50 @@ class MetricsPanel:
 
     def _metric_outputs(self, tables: dict[str, pd.DataFrame], *, note: str,
                         reliability: pd.DataFrame | None = None) -> tuple:
-        """Per-class delta table (A, B, B − A; rarest first), the two-run figure and the bucket means.
+        """Per-class table (B − A with its interval and verdict first; rarest first), the two-run
+        figure and the bucket summary, each difference called a win only when its interval
+        excludes 0 (README "Reading B − A").
 
         With a judge's ``reliability`` (user data) the table gets its per-class held-out accuracy and
-        a weak mark, and the bucket means are repeated over the classes the judge can score.
+        a weak mark, and the bucket summary a row over the classes the judge can score.
         """
         from pogdiff import metrics
 
         names = list(tables)
         name_a, name_b = (names * 2)[:2]  # A and B may be the same checkpoint
         table_a, table_b = tables[name_a], tables[name_b]
-        fig = metrics.paired_frequency_figure(table_a, table_b, (name_a, name_b), config=self.data_config)
-        merged = delta_table(table_a, table_b, name_a, name_b).round(3)
-        buckets: list[tuple[str, Callable]] = [("all", lambda t: t)]
-        buckets += [(shot, lambda t, shot=shot: t[t["shot"] == shot]) for shot in SHOTS]
+        counted = all("n_gen" in t.columns for t in (table_a, table_b))
+        if not counted:  # a table written without its image counts: no interval, so no verdict
+            table_a, table_b = (t if "n_gen" in t.columns else t.assign(n_gen=float("nan")) for t in (table_a, table_b))
+        verdicts = metrics.per_class_verdicts(table_a, table_b)
+        fig = metrics.verdict_frequency_figure(verdicts, (name_a, name_b), config=self.data_config)
+        groups = None
         if reliability is not None:
-            rel = reliability.set_index("subject")
-            merged["judge reliability"] = merged["subject"].map(rel["reliability"]).round(3)
-            merged["judge"] = np.where(merged["subject"].map(rel["weak"]).fillna(True).astype(bool), WEAK_MARK, "ok")
-            strong = set(reliability.loc[~reliability["weak"], "subject"])
-            buckets.append(("judge ok", lambda t: t[t["subject"].isin(strong)]))
-        lines = [note, "", "| bucket | " + " | ".join(f"accuracy · {n}" for n in names) + " |",
-                 "|---|" + "---|" * len(names)]
-        for bucket, pick in buckets:
-            cells = []
-            for name in names:
-                part = pick(tables[name])
-                cells.append(f"{part['accuracy'].mean():.3f}" if len(part) else "—")
-            lines.append(f"| {bucket} | " + " | ".join(cells) + " |")
+            groups = {"judge ok": list(reliability.loc[~reliability["weak"], "subject"])}
+        buckets = metrics.bucket_verdicts(table_a, table_b, groups=groups)
+        merged = verdict_table(table_a, table_b, name_a, name_b, verdicts, reliability, weak_mark=WEAK_MARK).round(3)
+        lines = [note, "", bucket_markdown(buckets, (name_a, name_b)), "",
+                 f"A difference counts as a win only when its {INTERVAL} (bootstrap over each class's "
+                 "generated images) excludes 0; otherwise: *no measurable difference*."
+                 + ("" if counted else " These tables do not say how many images each class had (no `n_gen` "
+                                       "column), so no interval and no verdict (—) can be given.")]
         outputs = (merged, fig, "\n".join(lines))
         with self._lock:
             self._metric_stash[(name_a, name_b)] = outputs
             while len(self._metric_stash) > MAX_CACHED_MODELS * 4:
                 self._metric_stash.popitem(last=False)
         return outputs
+
+    def metrics_csv(self, table: Any) -> Any:
+        """The per-class metrics on screen as a CSV file to download (README "What you see");
+        the download stays off while there are no metrics."""
+        frame = pd.DataFrame(table) if table is not None else pd.DataFrame()
+        if frame.empty or "subject" not in frame.columns:
+            return gr.DownloadButton(value=None, interactive=False)
+        folder = Path(tempfile.mkdtemp(prefix=EXPORT_TMP_PREFIX))
+        path = folder / "per_class_metrics.csv"
+        metrics_csv_frame(frame).to_csv(path, index=False)
+        return gr.DownloadButton(value=str(path), interactive=True)
 
     def keep_metrics(self, key_a: str | None, key_b: str | None, state: Any) -> Any:
         """After the metrics are shown: keep them with this browser's Compare state."""

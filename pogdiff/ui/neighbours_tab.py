@@ -148,6 +148,12 @@ class NeighboursTab:
         return frame.sort_values(["class size", "row"], ascending=[False, True], kind="stable").reset_index(drop=True)
 
     POINT_COLUMNS = ["subject", "class size", "caption", "x", "y", "row"]
+    # The neighbour table, key columns first (how much is borrowed, how likely, whether it informs),
+    # the long caption after them so it never pushes them off-screen; with each column's datatype.
+    NEIGHBOUR_TYPES = {"image": "markdown", "rank": "number", "subject": "str", "psi": "number",
+                       "p(draw)": "number", "informative": "bool", "caption": "str", "class size": "number",
+                       "s_txt": "number", "s_img": "number", "w_density": "number", "row": "number"}
+    NEIGHBOUR_COLUMNS = list(NEIGHBOUR_TYPES)
 
     def map_points(self, key: str | None) -> pd.DataFrame:
         """Every point of the map as a table row, rarest class first (a click on a row picks it)."""
@@ -213,8 +219,7 @@ class NeighboursTab:
         for r in rows:  # 3 significant digits, as the tooltips
             for col in ("s_txt", "s_img", "w_density", "psi", "p(draw)"):
                 r[col] = round_sig(r[col])
-        frame = pd.DataFrame(rows, columns=["image", "rank", "caption", "subject", "class size", "s_txt",
-                                            "s_img", "w_density", "psi", "p(draw)", "informative", "row"])
+        frame = pd.DataFrame(rows, columns=self.NEIGHBOUR_COLUMNS)
         images = [bundle.ds.images[row]] + [bundle.ds.images[r] for r in frame["row"]]
         labels = [f"query · {bundle.captions[row]}"] + [
             f"#{r.rank} psi={r.psi:.2f} · {r.caption}" for r in frame.itertuples()
