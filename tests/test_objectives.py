@@ -86,6 +86,32 @@ def test_pogdiff_uses_the_neighbours_prediction_only_above_the_threshold():
     assert torch.allclose(terms["loss"], ref["loss"])
 
 
+def test_a_base_teacher_builds_the_target_from_its_own_prediction_float64_reference():
+    """PoG target with the frozen teacher: loss = ||p - eps||^2 + psi * ||p - teacher(x_t, y')||^2,
+    written here in float64 from the teacher's prediction; the live model is not asked for y'."""
+    psi = np.array([[0.9], [0.3], [0.5], [0.9]], np.float32)
+    batch, x_t = _batch()
+    batch["eps_dev"] = batch["eps"]
+    live, teacher_calls = _Model(), []
+
+    def teacher(x, t, rows, drop):
+        teacher_calls.append(torch.as_tensor(rows).tolist())
+        return 0.5 * x - 0.1  # not what the live model predicts for any caption
+
+    step = Step(predict=live, balanced_rows=lambda b, g: torch.full((b,), 5), table=_table(psi),
+                betas=torch.linspace(1e-4, 0.02, 1000), num_timesteps=1000, predict_teacher=teacher)
+    terms, _ = PoGDiff("constant", 0.1, "base").terms(step, batch, x_t, torch.Generator().manual_seed(1))
+    assert live.calls == [[0, 1, 2, 3]] and teacher_calls == [[1, 2, 3]]  # row 3 is caption-dropped
+    p = live(x_t, batch["t"], batch["rows"], batch["drop"]).double()
+    n = (0.5 * x_t - 0.1).double()
+    w = torch.tensor([0.9, 0.3, 0.5, 0.0], dtype=torch.float64)
+    flat = lambda v: v.reshape(4, -1).mean(1)  # noqa: E731
+    want = flat((p - batch["eps"].double()) ** 2) + w * flat((p - n) ** 2)
+    np.testing.assert_allclose(terms["loss"].double().numpy(), want.numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="psi teacher 'base' needs the frozen base weights"):
+        PoGDiff("constant", 0.1, "base").terms(_step(_Model(), _table(psi)), batch, x_t, torch.Generator().manual_seed(1))
+
+
 def test_objective_for_each_method():
     assert type(objective_for(TrainConfig(method="baseline"))) is Objective
     assert type(objective_for(TrainConfig(method="resample"))) is Objective
