@@ -239,8 +239,11 @@ def evaluated_checkpoint(ckpt: Path, eval_set, evaluator, counts, *, train_set, 
 def quality(*, out: Path, methods, seeds, budgets=None, steps: int | None = None, quick: bool = False,
             overrides: list[str] | None = None, ship: Path | None = None, data: str = "demo",
             batch_size: int = QUALITY_BATCH, eval_per_class: int = QUALITY_EVAL_PER_CLASS,
-            sample_seeds: int = QUALITY_SAMPLE_SEEDS) -> pd.DataFrame:
+            sample_seeds: int = QUALITY_SAMPLE_SEEDS, seeds_for: dict[str, list[int]] | None = None) -> pd.DataFrame:
     """Fine-tune each recipe from the same base for each seed, read every budget, evaluate, report.
+
+    ``seeds_for`` gives some recipes fewer seeds than ``seeds`` (a subset of them); comparisons
+    then pair the seeds both recipes have.
 
     Runs are paired: every recipe sees the same seeds, hence the same timesteps, noise and (except
     where batches are class-balanced) batch rows, and generates from the same captions with the
@@ -266,8 +269,15 @@ def quality(*, out: Path, methods, seeds, budgets=None, steps: int | None = None
     sample_seeds = 1 if quick else sample_seeds
     long, per_class, grids, tables, generated = [], [], {}, {}, {}
     subjects = list(eval_set.subjects) * sample_seeds
+    seeds_for = {m: list(v) for m, v in (seeds_for or {}).items()}
+    unknown = sorted(set(seeds_for) - set(methods))
+    stray = {m: sorted(set(v) - set(seeds)) for m, v in seeds_for.items() if set(v) - set(seeds)}
+    if unknown or stray:
+        raise ValueError(f"--seeds-for names recipes not run ({unknown}) or seeds not in --seeds ({stray})")
     for seed in seeds:
         for method in methods:
+            if seed not in seeds_for.get(method, seeds):
+                continue
             cfg = recipe_config(method, seed=seed, batch_size=batch_size, overrides=overrides)
             run_dir = folder / "runs" / f"{method}-seed{seed}"
             t0 = time.perf_counter()
@@ -294,7 +304,7 @@ def quality(*, out: Path, methods, seeds, budgets=None, steps: int | None = None
     _few_shot_grids(folder, eval_set, grids, counts)
     protocol = {"batch_size": batch_size, "n_eval_captions": len(eval_set), "sample_seeds": sample_seeds,
                 "sampler": to_dict(sample_cfg), "overrides": overrides or [],
-                "recipes": {m: RECIPES[m] for m in methods}}
+                "recipes": {m: RECIPES[m] for m in methods}, "seeds_for": seeds_for}
     entry = summary_entry(at, classes_all[classes_all["steps"] == steps], steps=steps, seeds=list(seeds), **protocol)
     entry["budgets"] = budgets
     _add_generation_shifts(entry, generated, subjects, counts, seeds=seeds, steps=steps)
@@ -343,15 +353,20 @@ def _compare(per_method: dict, classes: pd.DataFrame, a: str, b: str) -> dict:
     out = {}
     for bucket in ("few", "medium", "many"):
         va, vb = (_nan(per_method[m][f"{bucket}_acc"]) for m in (a, b))
+        both = [i for i, (x, y) in enumerate(zip(va, vb)) if np.isfinite(x) and np.isfinite(y)]
+        common = sorted(set(classes.loc[classes["method"] == a, "seed"]) & set(classes.loc[classes["method"] == b, "seed"]))
+        va, vb = [va[i] for i in both], [vb[i] for i in both]
         ratios = metrics.paired_ratios(va, vb)
-        part = classes[classes["shot"] == bucket]
+        part = classes[(classes["shot"] == bucket) & classes["seed"].isin(common)]
         by_class = part.groupby(["method", "subject"])["accuracy"].mean().unstack(0)
-        entry = {"paired_ratio": [_clean(r) for r in ratios],
-                 "every_seed_above_1": bool(all(r > 1 for r in ratios)),
-                 "mean_difference": _clean(float(np.mean(va) - np.mean(vb)))}
+        entry = {"paired_ratio": [_clean(r) for r in ratios], "paired_seeds": common,
+                 "every_seed_above_1": bool(ratios) and bool(all(r > 1 for r in ratios)),
+                 "mean_difference": _clean(float(np.mean(va) - np.mean(vb))) if both else None}
         ca, cb = per_method[a].get(f"{bucket}_copy"), per_method[b].get(f"{bucket}_copy")
-        if ca and cb and None not in ca + cb:
-            entry["copy_difference"] = _clean(float(np.mean(ca) - np.mean(cb)))
+        if ca and cb:
+            pairs = [(x, y) for x, y in zip(ca, cb) if x is not None and y is not None]
+            if pairs:
+                entry["copy_difference"] = _clean(float(np.mean([x - y for x, y in pairs])))
         if a in by_class and b in by_class and len(by_class):
             ratio, low, high = metrics.bootstrap_ratio_ci(by_class[a].values, by_class[b].values)
             entry.update(ratio_of_means=_clean(ratio), bootstrap_ci95=[_clean(low), _clean(high)],
@@ -579,10 +594,25 @@ def main(args) -> int:
     report = quality(out=Path(args.out), methods=args.methods, seeds=args.seeds, steps=args.steps,
                      budgets=args.budgets, quick=args.quick, overrides=args.set,
                      ship=Path(args.ship) if args.ship else None, data=args.data, batch_size=args.batch_size,
-                     eval_per_class=args.eval_per_class, sample_seeds=args.sample_seeds)
+                     eval_per_class=args.eval_per_class, sample_seeds=args.sample_seeds,
+                     seeds_for=_seeds_for(args.seeds_for))
     print(to_markdown(report, steps=args.steps or QUALITY_STEPS, seeds=args.seeds))
     return 0
 
+
+
+def _seeds_for(items: list[str] | None) -> dict[str, list[int]]:
+    """``["resample=0", "cbdm=0,1"]`` -> ``{"resample": [0], "cbdm": [0, 1]}``."""
+    out = {}
+    for item in items or []:
+        name, _, raw = item.partition("=")
+        try:
+            out[name] = [int(x) for x in raw.split(",") if x]
+        except ValueError:
+            raise ValueError(f"--seeds-for {item!r}: write RECIPE=SEED[,SEED...], e.g. cbdm=0") from None
+        if not out[name]:
+            raise ValueError(f"--seeds-for {item!r}: write RECIPE=SEED[,SEED...], e.g. cbdm=0")
+    return out
 
 
 # ---------------------------------------------------------------------------------- report

@@ -407,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="the budget summary.json reports (default: the chosen one)")
     p.add_argument("--budgets", type=int, nargs="+", default=[300, 1000],
                    help="fine-tuning budgets read from each run (budget.json)")
+    p.add_argument("--seeds-for", nargs="+", default=[], metavar="RECIPE=SEEDS",
+                   help="fewer seeds for some recipes, e.g. cbdm=0 (comparisons pair the seeds both have)")
     p.add_argument("--quick", action="store_true", help="tiny size for tests")
     p.add_argument("--ship", default=None, help="copy the seed-0 baseline/pogdiff checkpoints to this folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

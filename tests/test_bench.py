@@ -150,3 +150,24 @@ def test_generation_shift_is_the_rms_pixel_difference_of_paired_images():
     np.testing.assert_allclose(bench.generation_shift(a, b), [0.0, 1.0])
     with pytest.raises(ValueError, match="differ in shape"):
         bench.generation_shift(a, b[:1])
+
+
+def test_a_recipe_with_fewer_seeds_is_compared_on_the_seeds_both_have():
+    long = pd.DataFrame([
+        {"method": m, "seed": s, "bucket": "few", "accuracy": acc}
+        for m, accs in {"baseline": {0: 0.2, 1: 0.4}, "pogdiff": {0: 0.3}}.items() for s, acc in accs.items()
+    ])
+    classes = pd.DataFrame([
+        {"method": m, "seed": s, "subject": c, "shot": "few", "accuracy": acc}
+        for m, per_seed in {"baseline": {0: {"x": 0.2, "y": 0.2}, 1: {"x": 0.9, "y": 0.9}},
+                            "pogdiff": {0: {"x": 0.3, "y": 0.3}}}.items()
+        for s, table in per_seed.items() for c, acc in table.items()
+    ])
+    entry = bench.summary_entry(long, classes, steps=10, seeds=[0, 1], batch_size=4, n_eval_captions=8, overrides=[])
+    assert entry["methods"]["pogdiff"]["few_acc"] == [0.3, None]
+    few = entry["comparisons"]["pogdiff_vs_baseline"]["few"]
+    assert few["paired_seeds"] == [0] and few["paired_ratio"] == [pytest.approx(1.5)]
+    assert few["ratio_of_means"] == pytest.approx(1.5)  # seed 1 of the baseline is left out
+    assert bench._seeds_for(["cbdm=0", "resample=0,1"]) == {"cbdm": [0], "resample": [0, 1]}
+    with pytest.raises(ValueError, match="write RECIPE=SEED"):
+        bench._seeds_for(["cbdm"])
