@@ -38,6 +38,17 @@ def test_bench_knn_flat_below_threshold_is_exact():
     assert r["index"] == "flat" and r["recall_at_5"] == pytest.approx(1.0) and r["nlist"] is None
 
 
+def test_bench_knn_reports_the_recall_guard_falling_back_to_exact():
+    # isotropic captions: the approximate self-join misses neighbours, so its guard recomputes exactly
+    guarded = scale.bench_knn(scale.KnnBenchConfig(n=2000, dim=32, approx_above=100, recall_queries=20))
+    assert guarded["index"] == "ivf self-join" and guarded["recall_guard_fell_back_to_exact"] is True
+    assert guarded["recall_at_5"] == pytest.approx(1.0) and guarded["graph_recall_at_5"] == pytest.approx(1.0)
+    # an explicit nprobe is searched as asked: no guard, no fallback, lower recall
+    fixed = scale.bench_knn(scale.KnnBenchConfig(n=2000, dim=32, approx_above=100, nprobe=2, recall_queries=20))
+    assert fixed["recall_guard_fell_back_to_exact"] is False and fixed["nprobe"] == 2
+    assert fixed["graph_recall_at_5"] < 1.0
+
+
 def test_random_captions_are_unit_and_seeded():
     a = scale.random_captions(50, 12, seed=3, clusters=4)
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)

@@ -71,12 +71,12 @@ class KnnBenchConfig:
 
 
 def bench_knn(cfg: KnnBenchConfig) -> dict[str, Any]:
-    """Graph + psi table (``build_neighbour_table``, ``pool="all"``, random image
-    features) timed end to end; the graph alone timed separately; recall@k of the graph on
-    ``recall_queries`` random rows against brute force."""
-    from unittest import mock
-
-    from pogdiff import neighbours
+    """Graph + psi table (:func:`pogdiff.neighbours.caption_graph` and ``build_neighbour_table``,
+    ``pool="all"``, random image features) timed end to end; the graph alone timed separately;
+    recall@k of both on ``recall_queries`` random rows against brute force. Every search uses the
+    index settings of ``cfg`` (:class:`pogdiff.knn.KnnSearch`); ``recall_guard_fell_back_to_exact``
+    is what the searches report (:class:`pogdiff.knn.KnnResult`)."""
+    from pogdiff import knn, neighbours
     from pogdiff.config import PsiConfig
 
     if cfg.recall_queries < 1:
@@ -84,42 +84,28 @@ def bench_knn(cfg: KnnBenchConfig) -> dict[str, Any]:
     pooled = random_captions(cfg.n, cfg.dim, seed=cfg.seed, clusters=cfg.clusters)
     feats = np.random.default_rng(cfg.seed + 1).standard_normal((cfg.n, 3 * 8 * 8), dtype=np.float32)
     psi_cfg = PsiConfig(k=cfg.k, pool="all", hnsw_above=cfg.approx_above)
-    kind = neighbours.choose_index(cfg.n, cfg.approx_above, cfg.approx)
-    search_opts = {"approx": cfg.approx, "nprobe": cfg.nprobe, "ef_search": cfg.ef_search}
-    original = neighbours.knn
-
-    def configured_knn(*args, **kwargs):
-        return original(*args, **{**search_opts, **kwargs})
-
-    fallbacks: list[str] = []
-
-    class _Fallback(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "computed exactly instead" in record.getMessage():
-                fallbacks.append(record.getMessage())
-
-    watcher = _Fallback(level=logging.WARNING)
-    logging.getLogger("pogdiff.neighbours").addHandler(watcher)
+    kind = knn.choose_index(cfg.n, cfg.approx_above, cfg.approx)
+    search = knn.KnnSearch(approx=cfg.approx, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
     load_before = os.getloadavg()[0]
-    with mock.patch.object(neighbours, "knn", configured_knn):
-        t0 = time.perf_counter()
-        _, idx = neighbours.knn(pooled, cfg.k, hnsw_above=cfg.approx_above)
-        graph_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        table = neighbours.build_neighbour_table(pooled, feats, psi_cfg)
-        table_s = time.perf_counter() - t0
-    logging.getLogger("pogdiff.neighbours").removeHandler(watcher)
+    t0 = time.perf_counter()
+    graph = knn.knn_search(pooled, cfg.k, hnsw_above=cfg.approx_above, search=search)
+    graph_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    table_graph = neighbours.caption_graph(pooled, psi_cfg, search=search)
+    table = neighbours.build_neighbour_table(pooled, feats, psi_cfg, graph=table_graph)
+    table_s = time.perf_counter() - t0
     rows = np.sort(np.random.default_rng(cfg.seed + 2).choice(cfg.n, min(cfg.recall_queries, cfg.n), replace=False))
-    exact = neighbours.exact_knn_rows(pooled, rows, cfg.k)
-    recall = neighbours.recall_at_k(table.indices[rows], exact, cfg.k)
-    graph_recall = neighbours.recall_at_k(idx[rows], exact, cfg.k)
+    exact = knn.exact_knn_rows(pooled, rows, cfg.k)
+    recall = knn.recall_at_k(table.indices[rows], exact, cfg.k)
+    graph_recall = knn.recall_at_k(graph.idx[rows], exact, cfg.k)
     return {
         "n": cfg.n, "seconds": round(table_s, 3), f"recall_at_{cfg.k}": round(recall, 4),
         "graph_seconds": round(graph_s, 3), f"graph_recall_at_{cfg.k}": round(graph_recall, 4),
         "index": "ivf self-join" if kind == "ivf" else kind, "approx_above": cfg.approx_above,
-        "nlist": neighbours.join_nlist(cfg.n) if kind == "ivf" else None,
-        "nprobe": (cfg.nprobe or neighbours.JOIN_NPROBE) if kind == "ivf" else None, "ef_search": cfg.ef_search,
-        "recall_guard_fell_back_to_exact": bool(fallbacks), "dim": cfg.dim, "k": cfg.k,
+        "nlist": knn.join_nlist(cfg.n) if kind == "ivf" else None,
+        "nprobe": (cfg.nprobe or knn.JOIN_NPROBE) if kind == "ivf" else None, "ef_search": cfg.ef_search,
+        "recall_guard_fell_back_to_exact": graph.exact_fallback or table_graph.exact_fallback,
+        "dim": cfg.dim, "k": cfg.k,
         "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
         "data": f"{cfg.clusters} gaussian clusters" if cfg.clusters else "isotropic gaussian",
         "recall_queries": int(rows.size), "vectors_mib": round(pooled.nbytes / 2**20, 1), **machine(),
