@@ -7,11 +7,11 @@ import json
 import pandas as pd
 import pytest
 
-from pogdiff.bench import quality
+from pogdiff.bench import quality as bench
 from pogdiff.config import TrainConfig
 
 needs_shipped = pytest.mark.skipif(
-    not (quality.EVALUATOR_DIR / "evaluator.json").exists(), reason="checkpoints/evaluator is not built"
+    not (bench.EVALUATOR_DIR / "evaluator.json").exists(), reason="checkpoints/evaluator is not built"
 )
 
 
@@ -20,7 +20,7 @@ def test_aggregate_gives_mean_and_sample_std_over_seeds():
         "method": ["a", "a", "a", "b"], "bucket": ["few"] * 4, "seed": [0, 1, 2, 0],
         "accuracy": [0.2, 0.4, 0.6, 1.0],
     })
-    res = quality.aggregate(long).set_index("method")
+    res = bench.aggregate(long).set_index("method")
     assert res.loc["a", "accuracy_mean"] == pytest.approx(0.4)
     assert res.loc["a", "accuracy_std"] == pytest.approx(0.2)
     assert res.loc["b", "accuracy_std"] == 0.0
@@ -28,17 +28,17 @@ def test_aggregate_gives_mean_and_sample_std_over_seeds():
 
 
 def test_overrides_are_typed_after_the_field_and_unknown_fields_are_refused():
-    cfg = quality._apply_overrides(TrainConfig(), ["psi.psi_max=2.5", "psi.pool=all", "batch_size=8",
+    cfg = bench._apply_overrides(TrainConfig(), ["psi.psi_max=2.5", "psi.pool=all", "batch_size=8",
                                                  "balanced_sampling=true"])
     assert cfg.psi.psi_max == 2.5 and cfg.psi.pool == "all" and cfg.batch_size == 8
     assert cfg.balanced_sampling is True
     with pytest.raises(ValueError, match="unknown field 'psi.nope'"):
-        quality._apply_overrides(TrainConfig(), ["psi.nope=1"])
+        bench._apply_overrides(TrainConfig(), ["psi.nope=1"])
 
 
 @needs_shipped
 def test_quality_benchmark_runs_end_to_end_at_quick_size(tmp_path):
-    report = quality.quality(out=tmp_path, methods=["baseline", "pogdiff"], seeds=[0], quick=True, batch_size=4,
+    report = bench.quality(out=tmp_path, methods=["baseline", "pogdiff"], seeds=[0], quick=True, batch_size=4,
                            budgets=[1])
     assert set(report["method"]) == {"baseline", "pogdiff"}
     acc = report["accuracy_mean"].dropna()  # buckets without classes in the quick subset are NaN
@@ -51,7 +51,7 @@ def test_quality_benchmark_runs_end_to_end_at_quick_size(tmp_path):
     assert {r["bucket"] for r in rows} >= {"all"}
     assert "| baseline |" in (folder / "results.md").read_text()
     summary = json.loads((tmp_path / "summary.json").read_text())["demo"]
-    assert summary["steps"] == quality.QUICK_STEPS and summary["seeds"] == [0]
+    assert summary["steps"] == bench.QUICK_STEPS and summary["seeds"] == [0]
     assert set(summary["methods"]) == {"baseline", "pogdiff"}
     for name in ("few_acc", "medium_acc", "many_acc", "few_grecall", "few_copy", "all_copy", "all_coverage"):
         assert len(summary["methods"]["pogdiff"][name]) == 1
@@ -60,7 +60,7 @@ def test_quality_benchmark_runs_end_to_end_at_quick_size(tmp_path):
     shift = [c.get("generation_shift") for c in summary["comparisons"]["pogdiff_vs_baseline"].values()]
     assert any(v is not None and v > 0 for v in shift)
     assert set(summary["comparisons"]["pogdiff_vs_baseline"]) == {"few", "medium", "many"}
-    assert summary["recipes"]["pogdiff"] == quality.RECIPES["pogdiff"] and summary["budgets"] == [1, quality.QUICK_STEPS]
+    assert summary["recipes"]["pogdiff"] == bench.RECIPES["pogdiff"] and summary["budgets"] == [1, bench.QUICK_STEPS]
     # The budget curve: both budgets of the one run per recipe, each with its own block.
     curve = json.loads((tmp_path / "budget.json").read_text())["demo"]
     assert curve["budgets"] == [1, 2] and set(curve["by_budget"]) == {"1", "2"}
@@ -69,12 +69,12 @@ def test_quality_benchmark_runs_end_to_end_at_quick_size(tmp_path):
     assert (runs / "checkpoint-000001").is_dir() and (runs / "checkpoint-000002").is_dir()
     assert (runs / "eval-000001" / "per_class.csv").is_file() and (folder / "budget.png").is_file()
     # A second call reads the finished runs back instead of training and sampling again.
-    again = quality.quality(out=tmp_path, methods=["baseline", "pogdiff"], seeds=[0], quick=True, batch_size=4,
+    again = bench.quality(out=tmp_path, methods=["baseline", "pogdiff"], seeds=[0], quick=True, batch_size=4,
                           budgets=[1])
     pd.testing.assert_frame_equal(report, again, check_dtype=False, rtol=1e-6)
     # A run folder that holds other settings is refused, not mixed in.
     with pytest.raises(ValueError, match="holds a run with other settings"):
-        quality.quality(out=tmp_path, methods=["baseline", "pogdiff"], seeds=[0], quick=True, batch_size=4,
+        bench.quality(out=tmp_path, methods=["baseline", "pogdiff"], seeds=[0], quick=True, batch_size=4,
                       budgets=[1], overrides=["learning_rate=0.001"])
 
 
@@ -89,7 +89,7 @@ def test_summary_entry_holds_per_seed_values_and_paired_comparisons():
         for m, table in {"baseline": {"x": 0.2, "y": 0.4}, "pogdiff": {"x": 0.3, "y": 0.5}}.items()
         for s in (0, 1) for c, acc in table.items()
     ])
-    entry = quality.summary_entry(long, classes, steps=10, seeds=[0, 1], batch_size=4, n_eval_captions=8, overrides=[])
+    entry = bench.summary_entry(long, classes, steps=10, seeds=[0, 1], batch_size=4, n_eval_captions=8, overrides=[])
     assert entry["methods"]["pogdiff"]["few_acc"] == [0.3, 0.5]
     few = entry["comparisons"]["pogdiff_vs_baseline"]["few"]
     assert few["paired_ratio"] == [pytest.approx(1.5), pytest.approx(1.25)]
@@ -101,7 +101,7 @@ def test_summary_entry_holds_per_seed_values_and_paired_comparisons():
 
 
 def test_speed_benchmark_reports_every_configuration_relative_to_baseline():
-    table = quality.speed(steps=1, warmup=0, batch_size=4, repeats=1)
+    table = bench.speed(steps=1, warmup=0, batch_size=4, repeats=1)
     assert len(table) == 5
     assert table.loc[0, "ratio_to_baseline"] == 1.0
     naive = table[table["configuration"].str.startswith("pogdiff naive")]
@@ -114,10 +114,10 @@ def test_summary_markdown_lists_methods_and_comparisons():
                         "comparisons": {"pogdiff_vs_baseline": {"few": {
                             "paired_ratio": [1.5, 1.25], "every_seed_above_1": True, "ratio_of_means": 1.333,
                             "bootstrap_ci95": [1.25, 1.5]}}}}}
-    text = quality.summary_markdown(summary)
+    text = bench.summary_markdown(summary)
     curve = {"demo": {"budgets": [10, 20], "seeds": [0, 1], "by_budget": {
         "10": summary["demo"], "20": {"methods": {"baseline": {"few_acc": [0.4, 0.6]}}}}}}
-    table = quality.budget_markdown(curve)
+    table = bench.budget_markdown(curve)
     assert "| baseline | few_acc | 0.300 ± 0.141 | 0.500 ± 0.141 |" in table
     assert "| baseline | 0.300 ± 0.141 |" in text
     assert "| pogdiff vs baseline | few | 1.50, 1.25 | 1.33 [1.25, 1.50] | — | yes | — | — |" in text
@@ -131,7 +131,7 @@ def test_target_checks_judge_each_target_from_the_summary_block():
                              "pogdiff_vs_resample": {"few": {"ratio_of_means": 1.1, "bootstrap_ci95": [0.9, 1.3]}},
                              "pogdiff_vs_pogdiff_no_pog": {"few": {"ratio_of_means": 0.9,
                                                                     "bootstrap_ci95": [0.8, 0.95]}}}}
-    checks = {c["target"]: c["met"] for c in quality.target_checks(block)}
+    checks = {c["target"]: c["met"] for c in bench.target_checks(block)}
     assert checks["few-shot acc >= 1.5x plain"] is True
     assert checks["few-shot acc above resample"] is False  # interval reaches below 1
     assert checks["few-shot acc above cbdm"] is None  # not run
@@ -147,6 +147,6 @@ def test_generation_shift_is_the_rms_pixel_difference_of_paired_images():
     a = np.zeros((2, 2, 2, 3), np.uint8)
     b = a.copy()
     b[1] = 255  # second pair differs by 1.0 everywhere
-    np.testing.assert_allclose(quality.generation_shift(a, b), [0.0, 1.0])
+    np.testing.assert_allclose(bench.generation_shift(a, b), [0.0, 1.0])
     with pytest.raises(ValueError, match="differ in shape"):
-        quality.generation_shift(a, b[:1])
+        bench.generation_shift(a, b[:1])
