@@ -317,24 +317,6 @@ def load_model(ckpt_dir: str | Path, *, device: torch.device | str = "cpu", text
     return model.to(device)
 
 
-def store_half_precision(ckpt_dir: str | Path) -> None:
-    """Rewrite the UNet weights of a checkpoint in float16, halving what the repository ships.
-
-    :func:`load_model` always loads them back as float32; the rounding changes sampled pixels by
-    at most a few levels. Optimizer state is not kept (shipped checkpoints are for fine-tuning
-    from and sampling, not for resuming).
-    """
-    ckpt_dir = Path(ckpt_dir)
-    for weights in (ckpt_dir / UNET_DIR).glob("*.safetensors"):
-        tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(weights).items()}
-        save_file(tensors, weights, metadata={"format": "pt"})
-    for name in (STATE_TENSORS, MANIFEST):  # the manifest's sums no longer match the rewritten weights
-        (ckpt_dir / name).unlink(missing_ok=True)
-    from pogdiff.export import strip_local_names
-
-    strip_local_names(ckpt_dir)  # no path of the machine that built it
-
-
 def load_trainer_state(ckpt_dir: str | Path, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Restore ``optimizer`` exactly (if given) and return ``{"step", "extra", "ema"}``."""
     state = read_trainer_state(ckpt_dir)

@@ -14,7 +14,6 @@ from pathlib import Path
 from pogdiff.config import (
     LIMITS,
     METHODS,
-    RECIPES,
     TEACHERS,
     OPTIMIZERS,
     PRESETS,
@@ -297,24 +296,11 @@ def cmd_export(args) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------ benchmarks
-def cmd_bench(args) -> int:
-    from pogdiff import bench
-
-    return bench.main(args)
-
-
+# ------------------------------------------------------------------------------ artefacts
 def cmd_build(args) -> int:
-    from pogdiff import bench
+    from pogdiff.bench import ship
 
-    return bench.build(args)
-
-
-def add_scale_benches(bench) -> None:
-    """``bench knn | sampling | data | gpu`` (pogdiff/bench_scale.py), imported only when run."""
-    from pogdiff import bench_scale
-
-    bench_scale.add_parsers(bench)
+    return ship.build(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -383,38 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which embedded set's identities it names (identities or families)")
     p.set_defaults(fn=cmd_build)
 
-    bench = sub.add_parser("bench", help="speed and quality benchmarks").add_subparsers(dest="bench_cmd", required=True)
-    p = bench.add_parser("speed", help="PoGDiff vs plain step time, cached vs re-encoded captions")
-    p.add_argument("--steps", type=STEPS, default=20, help="timed steps per configuration")
-    p.add_argument("--warmup", type=bounded(int, 0, LIMITS.max_steps), default=3, help="untimed steps first")
-    p.add_argument("--batch-size", type=BATCH, default=32, help="batch size")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median reported)")
-    p.add_argument("--out", default=None, help="write the table as JSON here")
-    p.set_defaults(fn=cmd_bench)
-    p = bench.add_parser("report", help="print the markdown tables of a quality summary.json")
-    p.add_argument("--summary", default="results/quality/summary.json", help="summary.json of bench quality")
-    p.set_defaults(fn=cmd_bench)
-    p = bench.add_parser("quality", help="baseline / pogdiff / cbdm / resample on an embedded set, paired over seeds")
-    p.add_argument("--out", default="results/quality",
-                   help="output folder: <out>/<data>/ (runs, tables, plots, grids) and <out>/summary.json")
-    p.add_argument("--data", choices=("demo", "families"), default="demo", help="embedded benchmark set")
-    p.add_argument("--methods", nargs="+", default=list(RECIPES), choices=list(RECIPES),
-                   help="recipes to compare (README \"Results\")")
-    p.add_argument("--batch-size", type=int, default=16, help="fine-tuning batch size")
-    p.add_argument("--eval-per-class", type=int, default=8, help="evaluation captions per class (at most 8)")
-    p.add_argument("--sample-seeds", type=int, default=2, help="sampling seeds per evaluation caption")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    p.add_argument("--steps", type=int, default=None, help="the budget summary.json reports (default: the chosen one)")
-    p.add_argument("--budgets", type=int, nargs="+", default=[300, 1000],
-                   help="fine-tuning budgets read from each run (budget.json)")
-    p.add_argument("--seeds-for", nargs="+", default=[], metavar="RECIPE=SEEDS",
-                   help="fewer seeds for some recipes, e.g. cbdm=0 (comparisons pair the seeds both have)")
-    p.add_argument("--quick", action="store_true", help="tiny size for tests")
-    p.add_argument("--ship", default=None, help="copy the seed-0 baseline/pogdiff checkpoints to this folder")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a TrainConfig/PsiConfig field for every run, e.g. psi.psi_max=2")
-    p.set_defaults(fn=cmd_bench)
-    add_scale_benches(bench)
+    from pogdiff.bench import add_parsers as add_benchmarks  # each benchmark registers its own commands
+
+    bench = sub.add_parser("bench", help="benchmarks (BENCHMARKS.md)").add_subparsers(dest="bench_cmd", required=True)
+    add_benchmarks(bench)
     return parser
 
 

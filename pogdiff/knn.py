@@ -3,11 +3,16 @@
 Exact (FAISS inner product) up to a size threshold, approximate beyond it: an IVF self-join
 batched by list for the caption graph, with a recall guard that falls back to exact search, or
 an HNSW / IVF index for queries. :mod:`pogdiff.neighbours` builds the psi table on top.
+
+:func:`knn` returns the arrays; :func:`knn_search` takes the approximate index's settings as one
+:class:`KnnSearch` and returns a :class:`KnnResult`, which also says whether the recall guard fell
+back to exact search.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -33,6 +38,33 @@ JOIN_KMEANS_ITERS = 10
 
 # --------------------------------------------------------------------------------------------
 # kNN search
+
+
+@dataclass(frozen=True)
+class KnnSearch:
+    """How :func:`knn_search` searches beyond its size threshold (the defaults are :func:`knn`'s).
+
+    ``approx``: ``"ivf"`` (the list-batched self-join with its recall guard for the caption graph,
+    IVF-Flat for other queries) or ``"hnsw"``; ``nprobe``: IVF lists visited per query (an explicit
+    value turns the self-join's recall guard off); ``ef_search``: HNSW search breadth; ``nlist``:
+    IVF lists.
+    """
+
+    approx: str = "ivf"
+    nprobe: int | None = None
+    ef_search: int | None = None
+    nlist: int | None = None
+
+
+@dataclass(frozen=True)
+class KnnResult:
+    """Neighbours found and how: ``sims`` float32 [Q, k] descending, ``idx`` int64 [Q, k] (``-1``
+    padding); ``exact_fallback`` is True when the IVF self-join's recall guard found the
+    approximate graph too poor and recomputed it exactly (BENCHMARKS.md "Caption kNN graph")."""
+
+    sims: np.ndarray
+    idx: np.ndarray
+    exact_fallback: bool = False
 
 
 def _as_normalised(name: str, vectors: np.ndarray) -> np.ndarray:
@@ -87,7 +119,7 @@ def ivf_self_join(
     seed: int = 0,
     min_recall: float = JOIN_MIN_RECALL,
     check_rows: int = JOIN_CHECK_ROWS,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> KnnResult:
     """Top-k neighbours of every row among all rows, IVF-style but batched by list.
 
     k-means (FAISS, spherical) splits the rows into ``nlist`` lists. The rows of one list are
@@ -100,10 +132,11 @@ def ivf_self_join(
     neighbours of ``check_rows`` random rows are computed by brute force; when the join's recall
     of them is below ``min_recall``
     (data without cluster structure, such as isotropic random vectors, where no index can prune),
-    the whole graph is recomputed exactly and a warning says so. With an explicit ``nprobe`` the
-    caller gets exactly what they asked for.
+    the whole graph is recomputed exactly, a warning says so and the result's ``exact_fallback``
+    is True. With an explicit ``nprobe`` the caller gets exactly what they asked for.
 
-    :return: ``(sims, idx)`` as :func:`knn`: float32 / int64 [N x k], descending, ``-1`` padding.
+    :return: a :class:`KnnResult`, arrays as :func:`knn`'s: float32 / int64 [N x k], descending,
+        ``-1`` padding.
     """
     v = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
     n, d = v.shape
@@ -161,8 +194,8 @@ def ivf_self_join(
             if exclude_self:
                 s, i = _drop_self(s, i)
             s[i < 0] = -np.inf
-            return _pad(s, i, k)
-    return sims_np.astype(np.float32), idx_np.astype(np.int64)
+            return KnnResult(*_pad(s, i, k), exact_fallback=True)
+    return KnnResult(sims_np.astype(np.float32), idx_np.astype(np.int64))
 
 
 def _build_index(
@@ -228,8 +261,25 @@ def knn(
     :param nlist: IVF lists (default :func:`ivf_nlist`).
     :return: ``(sims, idx)``: float32 [Q x k] similarities in descending order and int64
         [Q x k] row ids. When fewer than k candidates exist (k >= N), the missing slots are
-        padded with id ``-1`` and similarity ``-inf``.
+        padded with id ``-1`` and similarity ``-inf``. :func:`knn_search` also says whether the
+        recall guard fell back to exact search.
     """
+    found = knn_search(vectors, k, exclude_self=exclude_self, hnsw_above=hnsw_above, queries=queries,
+                       search=KnnSearch(approx=approx, nprobe=nprobe, ef_search=ef_search, nlist=nlist))
+    return found.sims, found.idx
+
+
+def knn_search(
+    vectors: np.ndarray,
+    k: int,
+    *,
+    exclude_self: bool = True,
+    hnsw_above: int = KNN_APPROX_ABOVE,
+    queries: np.ndarray | None = None,
+    search: KnnSearch = KnnSearch(),
+) -> KnnResult:
+    """:func:`knn` with the approximate index's settings in ``search``, returning a
+    :class:`KnnResult` (the arrays and whether the self-join's recall guard fell back to exact)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     base = _as_normalised("vectors", vectors)
@@ -239,21 +289,22 @@ def knn(
         raise ValueError(f"queries have dim {q.shape[1]} but vectors have dim {base.shape[1]}")
     drop_self = exclude_self and self_query
     n = base.shape[0]
-    if self_query and choose_index(n, hnsw_above, approx) == "ivf":
-        return ivf_self_join(base, k, exclude_self=drop_self, nlist=nlist, nprobe=nprobe)
+    if self_query and choose_index(n, hnsw_above, search.approx) == "ivf":
+        return ivf_self_join(base, k, exclude_self=drop_self, nlist=search.nlist, nprobe=search.nprobe)
     k_search = min(k + int(drop_self), n)
-    index = _build_index(base, hnsw_above, approx=approx, nlist=nlist)
+    index = _build_index(base, hnsw_above, approx=search.approx, nlist=search.nlist)
     if isinstance(index, faiss.IndexHNSWFlat):
-        index.hnsw.efSearch = max(HNSW_EF_SEARCH_MIN, 2 * k_search) if ef_search is None else int(ef_search)
+        index.hnsw.efSearch = (max(HNSW_EF_SEARCH_MIN, 2 * k_search) if search.ef_search is None
+                               else int(search.ef_search))
     if isinstance(index, faiss.IndexIVFFlat):
-        probes = max(1, round(IVF_NPROBE_FRACTION * index.nlist)) if nprobe is None else int(nprobe)
+        probes = max(1, round(IVF_NPROBE_FRACTION * index.nlist)) if search.nprobe is None else int(search.nprobe)
         index.nprobe = min(max(1, probes), index.nlist)
     sims, idx = index.search(q, k_search)
     sims, idx = sims.astype(np.float32), idx.astype(np.int64)
     if drop_self:
         sims, idx = _drop_self(sims, idx)
     sims[idx < 0] = -np.inf
-    return _pad(sims, idx, k)
+    return KnnResult(*_pad(sims, idx, k))
 
 
 def exact_knn_rows(

@@ -29,6 +29,8 @@ from pogdiff.knn import (  # noqa: F401  (the search API is also reached through
     JOIN_NPROBE,
     KNN_APPROX_ABOVE,
     MISSING,
+    KnnResult,
+    KnnSearch,
     _as_normalised,
     _build_index,
     _pad,
@@ -38,6 +40,7 @@ from pogdiff.knn import (  # noqa: F401  (the search API is also reached through
     ivf_self_join,
     join_nlist,
     knn,
+    knn_search,
     recall_at_k,
 )
 
@@ -233,35 +236,65 @@ def _check_config(cfg: PsiConfig) -> None:
         raise ValueError(f"unknown PsiConfig.schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
-def _search(pooled: np.ndarray, cfg: PsiConfig, classes: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+def caption_graph(
+    pooled: np.ndarray,
+    cfg: PsiConfig,
+    *,
+    classes: Sequence[str] | None = None,
+    search: KnnSearch = KnnSearch(),
+) -> KnnResult:
+    """The caption kNN search the psi table is built on, from the pool ``cfg.pool``: [N, k]
+    neighbours (never the row itself), or more columns where one search serves two needs: with
+    pool ``"all"``, no classes, the density factor on and more than ``DENSITY_EXACT_MAX``
+    captions, its first k columns are the graph and all ``DENSITY_KNN - 1`` the truncated
+    kernel density.
+
+    :param search: the approximate index's settings beyond ``cfg.hnsw_above`` (:class:`KnnSearch`).
+    :return: a :class:`KnnResult`; ``exact_fallback`` when any of its searches fell back to exact.
+    """
+    _check_config(cfg)
+    pooled = _as_normalised("pooled", pooled)
+    n = pooled.shape[0]
+    labels = None if classes is None else [str(c) for c in classes]
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"got {len(labels)} classes for {n} caption vectors")
+    if cfg.pool == "all" and labels is None and cfg.use_density and n > DENSITY_EXACT_MAX:
+        return knn_search(pooled, max(cfg.k, min(DENSITY_KNN, n) - 1), hnsw_above=cfg.hnsw_above, search=search)
+    return _search(pooled, cfg, labels, search)
+
+
+def _search(pooled: np.ndarray, cfg: PsiConfig, classes: list[str] | None, search: KnnSearch) -> KnnResult:
     """Caption kNN: [N, k] sims and ids from the pool ``cfg.pool`` (see :class:`PsiConfig`)."""
     if cfg.pool == "all":
-        return knn(pooled, cfg.k, hnsw_above=cfg.hnsw_above)
+        return knn_search(pooled, cfg.k, hnsw_above=cfg.hnsw_above, search=search)
     if classes is None:
         raise ValueError(f"PsiConfig.pool={cfg.pool!r} needs class labels (classes=...); use pool='all' without them")
     labels = np.asarray(classes, dtype=object)
     if cfg.pool == "other_class":
-        return _other_class_search(pooled, cfg, labels)
+        return _other_class_search(pooled, cfg, labels, search)
     n = pooled.shape[0]
     sims = np.full((n, cfg.k), -np.inf, np.float32)
     idx = np.full((n, cfg.k), MISSING, np.int64)
+    fell_back = False
     for label in dict.fromkeys(classes):
         members = np.flatnonzero(labels == label)
         if members.size < 2:
             continue
-        s, i = knn(pooled[members], cfg.k, hnsw_above=cfg.hnsw_above)
-        sims[members] = s
-        idx[members] = np.where(i >= 0, members[np.maximum(i, 0)], MISSING)
-    return sims, idx
+        found = knn_search(pooled[members], cfg.k, hnsw_above=cfg.hnsw_above, search=search)
+        sims[members] = found.sims
+        idx[members] = np.where(found.idx >= 0, members[np.maximum(found.idx, 0)], MISSING)
+        fell_back = fell_back or found.exact_fallback
+    return KnnResult(sims, idx, exact_fallback=fell_back)
 
 
-def _other_class_search(pooled: np.ndarray, cfg: PsiConfig, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _other_class_search(pooled: np.ndarray, cfg: PsiConfig, labels: np.ndarray, search: KnnSearch) -> KnnResult:
     """The k nearest captions of *other* classes: one search for k + (largest class, capped)
     candidates, then the query's own class is dropped, order kept."""
     n = pooled.shape[0]
     largest = max(Counter(labels.tolist()).values())
     k_search = min(n - 1, cfg.k + min(largest, OTHER_CLASS_EXTRA))
-    sims, idx = knn(pooled, max(1, k_search), hnsw_above=cfg.hnsw_above)
+    found = knn_search(pooled, max(1, k_search), hnsw_above=cfg.hnsw_above, search=search)
+    sims, idx = found.sims, found.idx
     valid = idx >= 0
     other = valid & (labels[np.where(valid, idx, 0)] != labels[:, None])
     # Stable sort moves the other-class hits to the front, keeping their similarity order.
@@ -269,7 +302,7 @@ def _other_class_search(pooled: np.ndarray, cfg: PsiConfig, labels: np.ndarray) 
     keep = np.take_along_axis(other, order, axis=1)
     out_sims = np.where(keep, np.take_along_axis(sims, order, axis=1), -np.inf).astype(np.float32)
     out_idx = np.where(keep, np.take_along_axis(idx, order, axis=1), MISSING)
-    return _pad(out_sims, out_idx, cfg.k)
+    return KnnResult(*_pad(out_sims, out_idx, cfg.k), exact_fallback=found.exact_fallback)
 
 
 def _sampling_probs(s_txt: np.ndarray, valid: np.ndarray, sampling: str) -> np.ndarray:
@@ -294,6 +327,7 @@ def build_neighbour_table(
     *,
     classes: Sequence[str] | None = None,
     clean: np.ndarray | torch.Tensor | None = None,
+    graph: KnnResult | None = None,
 ) -> NeighbourTable:
     """Build the psi table: one FAISS search over the captions, from the pool ``cfg.pool``.
 
@@ -305,6 +339,8 @@ def build_neighbour_table(
         and psi 0 for samples whose class has a single sample (nothing to borrow from).
     :param clean: [N x ...] clean images in diffusion space (pixels in [-1, 1] or latents); gives
         ``delta2``, the pair's mean squared difference, needed by ``cfg.schedule == "gaussian"``.
+    :param graph: the caption search, :func:`caption_graph` of the same inputs (made here when
+        None); passing it lets a caller choose the index settings and read ``exact_fallback``.
     :return: the :class:`NeighbourTable`.
     """
     _check_config(cfg)
@@ -314,20 +350,20 @@ def build_neighbour_table(
     if labels is not None and len(labels) != n:
         raise ValueError(f"got {len(labels)} classes for {n} caption vectors")
 
-    shared = None
-    if cfg.pool == "all" and labels is None and cfg.use_density and n > DENSITY_EXACT_MAX:
-        # One search serves the graph (its first k columns) and the truncated kernel density.
-        shared = knn(pooled, max(cfg.k, min(DENSITY_KNN, n) - 1), hnsw_above=cfg.hnsw_above)
-        sims, idx = shared[0][:, : cfg.k], shared[1][:, : cfg.k]
-    else:
-        sims, idx = _search(pooled, cfg, labels)
+    if graph is None:
+        graph = caption_graph(pooled, cfg, classes=labels)
+    if graph.idx.shape[0] != n or graph.idx.shape[1] < cfg.k:
+        raise ValueError(f"the caption graph has shape {graph.idx.shape} but the table needs [{n}, >= {cfg.k}]: "
+                         "pass neighbours.caption_graph of the same captions and PsiConfig")
+    # A wider graph (caption_graph's shared search) also serves the truncated kernel density.
+    sims, idx = graph.sims[:, : cfg.k], graph.idx[:, : cfg.k]
     valid = idx >= 0
     safe_idx = np.where(valid, idx, 0)
     s_txt = np.where(valid, np.maximum(sims, 0.0), 0.0).astype(np.float32)
     s_img = _image_similarity(image_feats, safe_idx, valid, n, required=cfg.use_image_sim)
     if cfg.use_density:
         w = density_weights(classes=labels, pooled=pooled, gamma=cfg.density_gamma, bandwidth=cfg.kde_bandwidth,
-                            neighbours=shared)
+                            neighbours=(graph.sims, graph.idx))
     else:
         w = np.ones(n, np.float32)
 

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from pogdiff import bench
+from pogdiff.bench import quality as bench
 from pogdiff.config import TrainConfig
 
 needs_shipped = pytest.mark.skipif(

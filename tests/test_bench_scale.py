@@ -1,4 +1,4 @@
-"""Scale benchmarks: CLI wiring with tiny sizes, the gpu bench's CPU exit, the data cache."""
+"""Scale, GPU and Train-tab benchmarks: CLI wiring with tiny sizes, the gpu bench's CPU exit, the data cache."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pogdiff import bench_scale, evaluation
+from pogdiff import evaluation
+from pogdiff.bench import gpu, scale
 from pogdiff.cli import main
 
 TINY_UNET = {
@@ -33,16 +34,27 @@ def test_bench_knn_cli_writes_json_with_recall(tmp_path, capsys):
 
 
 def test_bench_knn_flat_below_threshold_is_exact():
-    r = bench_scale.bench_knn(bench_scale.KnnBenchConfig(n=400, dim=16, approx_above=10_000, recall_queries=40))
+    r = scale.bench_knn(scale.KnnBenchConfig(n=400, dim=16, approx_above=10_000, recall_queries=40))
     assert r["index"] == "flat" and r["recall_at_5"] == pytest.approx(1.0) and r["nlist"] is None
 
 
+def test_bench_knn_reports_the_recall_guard_falling_back_to_exact():
+    # isotropic captions: the approximate self-join misses neighbours, so its guard recomputes exactly
+    guarded = scale.bench_knn(scale.KnnBenchConfig(n=2000, dim=32, approx_above=100, recall_queries=20))
+    assert guarded["index"] == "ivf self-join" and guarded["recall_guard_fell_back_to_exact"] is True
+    assert guarded["recall_at_5"] == pytest.approx(1.0) and guarded["graph_recall_at_5"] == pytest.approx(1.0)
+    # an explicit nprobe is searched as asked: no guard, no fallback, lower recall
+    fixed = scale.bench_knn(scale.KnnBenchConfig(n=2000, dim=32, approx_above=100, nprobe=2, recall_queries=20))
+    assert fixed["recall_guard_fell_back_to_exact"] is False and fixed["nprobe"] == 2
+    assert fixed["graph_recall_at_5"] < 1.0
+
+
 def test_random_captions_are_unit_and_seeded():
-    a = bench_scale.random_captions(50, 12, seed=3, clusters=4)
+    a = scale.random_captions(50, 12, seed=3, clusters=4)
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
-    np.testing.assert_array_equal(a, bench_scale.random_captions(50, 12, seed=3, clusters=4))
+    np.testing.assert_array_equal(a, scale.random_captions(50, 12, seed=3, clusters=4))
     with pytest.raises(ValueError, match="n >= 2"):
-        bench_scale.random_captions(1)
+        scale.random_captions(1)
 
 
 def test_bench_gpu_on_cpu_exits_cleanly(tmp_path, capsys, monkeypatch):
@@ -58,18 +70,18 @@ def test_bench_gpu_on_cpu_exits_cleanly(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["diffusers example", "plain", "pogdiff"])
 def test_gpu_step_modes_run_on_a_tiny_unet_on_cpu(mode):
-    unet = bench_scale.lora_unet(TINY_UNET, mode, rank=2, device="cpu")
+    unet = gpu.lora_unet(TINY_UNET, mode, rank=2, device="cpu")
     before = [p.detach().clone() for p in unet.parameters() if p.requires_grad]
-    r = bench_scale._gpu_steps(unet, mode, batch=2, steps=1, warmup=1, device="cpu", latent=8, tokens=4)
+    r = gpu._gpu_steps(unet, mode, batch=2, steps=1, warmup=1, device="cpu", latent=8, tokens=4)
     after = [p.detach() for p in unet.parameters() if p.requires_grad]
     assert r["it_per_s"] > 0 and r["tflop_per_step"] >= 0 and r["peak_memory_gib"] is None
     assert any(not np.allclose(a.numpy(), b.float().numpy()) for a, b in zip(before, after))  # LoRA moved
 
 
 def test_bf16_peak_by_name():
-    assert bench_scale.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert bench_scale.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
-    assert bench_scale.bf16_peak_tflops("Some Other Card") is None
+    assert gpu.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert gpu.bf16_peak_tflops("Some Other Card") is None
 
 
 def test_synthetic_images_cover_modes_and_sizes():
@@ -78,7 +90,7 @@ def test_synthetic_images_cover_modes_and_sizes():
 
     modes, rotated = set(), 0
     for i in range(1, 23):
-        data, suffix = bench_scale.synth_image(rng, i)
+        data, suffix = scale.synth_image(rng, i)
         im = Image.open(io.BytesIO(data))
         modes.add(im.mode)
         rotated += im.getexif().get(0x0112) == 6
@@ -87,14 +99,14 @@ def test_synthetic_images_cover_modes_and_sizes():
 
 
 def test_load_prepared_hits_the_cache_and_returns_equal_arrays(tmp_path):
-    root = bench_scale.write_synthetic_set(tmp_path / "set", 6, classes=2)
-    first = bench_scale.load_prepared(root, tmp_path / "cache", resolution=16)
-    second = bench_scale.load_prepared(root, tmp_path / "cache", resolution=16)
+    root = scale.write_synthetic_set(tmp_path / "set", 6, classes=2)
+    first = scale.load_prepared(root, tmp_path / "cache", resolution=16)
+    second = scale.load_prepared(root, tmp_path / "cache", resolution=16)
     assert (first[3], second[3]) == (False, True)
     np.testing.assert_array_equal(first[0], second[0])
     assert first[0].shape == (6, 16, 16, 3) and first[1:3] == second[1:3]
-    (root / "img_000001.jpg").write_bytes(bench_scale.synth_image(np.random.default_rng(9), 1)[0])
-    assert bench_scale.load_prepared(root, tmp_path / "cache", resolution=16)[3] is False  # content changed
+    (root / "img_000001.jpg").write_bytes(scale.synth_image(np.random.default_rng(9), 1)[0])
+    assert scale.load_prepared(root, tmp_path / "cache", resolution=16)[3] is False  # content changed
 
 
 @pytest.mark.slow  # 3 model loads and ~100 tiny UNet steps: about a minute on a busy 2-core machine
@@ -127,12 +139,16 @@ def test_bench_data_cli_tiny_second_pass_hits_cache(tmp_path):
     (["bench", "sampling", "--batch-sizes", "1", "4"], {"batch_sizes": [1, 4], "out": "results/sampling.json"}),
     (["bench", "data", "--n", "20"], {"n": 20, "out": "results/data_scale.json"}),
     (["bench", "gpu"], {"batch_size": 8, "out": "results/gpu.json"}),
+    (["bench", "train-tab", "--steps", "5", "--stop-at", "2"], {"steps": 5, "stop_at": [2], "out": None}),
+    (["bench", "judge", "--demo", "--agreement"], {"demo": True, "agreement": True, "backbone": False, "out": None}),
 ])
 def test_scale_benches_are_registered(argv, expected):
+    from pogdiff.bench import judge, train_tab
     from pogdiff.cli import build_parser
 
+    handler = {"gpu": gpu.main, "train-tab": train_tab.main, "judge": judge.main}.get(argv[1], scale.main)
     args = build_parser().parse_args(argv)
-    assert args.fn is bench_scale.main and args.bench_cmd == argv[1]
+    assert args.fn is handler and args.bench_cmd == argv[1]
     assert {k: getattr(args, k) for k in expected} == expected
 
 
@@ -183,7 +199,7 @@ def test_checkpoint_digest_follows_the_weights(tmp_path):
 
 
 def test_train_tab_runs_append_to_one_file(tmp_path):
-    from pogdiff.bench_train_tab import append_run
+    from pogdiff.bench.train_tab import append_run
 
     out = tmp_path / "results" / "train_tab.json"
     append_run(out, {"default_run_s": 1.0})

@@ -142,7 +142,7 @@ def test_ema_module_and_ema_model_round_trip(tmp_path):
 
 
 def test_half_precision_storage_loads_back_as_float32_with_small_error(tmp_path):
-    from pogdiff.checkpoints import store_half_precision
+    from pogdiff.bench.ship import store_half_precision
 
     model = build_tiny(SMALL, seed=0, text_encoder=HashEncoder())
     ckpt = save_checkpoint(tmp_path, 1, model, train_cfg=TRAIN)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -13,10 +15,12 @@ from pogdiff.cli import build_parser, main
 from pogdiff.config import PsiConfig
 from tests.conftest import SMALL_SPEC
 
+BENCHMARKS = ["speed", "quality", "report", "knn", "sampling", "data", "metrics", "gpu", "train-tab", "judge"]
 COMMANDS = [
     ["data", "demo"], ["data", "stats"], ["train"], ["sample"], ["export"],
-    ["build", "base"], ["build", "evaluator"], ["bench", "speed"], ["bench", "quality"],
+    ["build", "base"], ["build", "evaluator"], *(["bench", name] for name in BENCHMARKS),
 ]
+PACKAGE = Path(__file__).resolve().parent.parent / "pogdiff"
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
@@ -30,6 +34,39 @@ def test_every_command_has_help(command, capsys):
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "pogdiff", "--help"], capture_output=True, text=True, check=True)
     assert "train" in out.stdout and "bench" in out.stdout
+
+
+def test_bench_help_lists_every_benchmark():
+    out = subprocess.run([sys.executable, "-m", "pogdiff", "bench", "--help"], capture_output=True, text=True,
+                         check=True)
+    listed = out.stdout[out.stdout.index("{") + 1: out.stdout.index("}")].split(",")
+    assert sorted(listed) == sorted(BENCHMARKS)
+    assert all(f"\n    {name} " in out.stdout for name in BENCHMARKS)  # each with its one-line help
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at the top or inside a function (``from a import b`` gives
+    ``a`` and ``a.b``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_only_the_cli_and_the_benchmarks_import_the_bench_package():
+    bench = PACKAGE / "bench"
+    assert (bench / "__init__.py").is_file()
+    offenders = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == PACKAGE / "cli.py" or bench in path.parents:
+            continue
+        hits = {m for m in _imports(path) if m == "pogdiff.bench" or m.startswith("pogdiff.bench.")}
+        if hits:
+            offenders[str(path.relative_to(PACKAGE.parent))] = sorted(hits)
+    assert offenders == {}, f"only pogdiff/cli.py and pogdiff/bench/ may import pogdiff.bench: {offenders}"
 
 
 def test_data_stats_prints_the_long_tail(small_demo, tmp_path, capsys):

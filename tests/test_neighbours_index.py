@@ -106,7 +106,8 @@ def _clustered(n: int, d: int, clusters: int, seed: int = 0) -> np.ndarray:
 
 def test_ivf_self_join_probing_every_list_is_exact():
     v = _unit(900, 12, seed=7)
-    sims, idx = ivf_self_join(v, 4, nlist=9, nprobe=9)
+    found = ivf_self_join(v, 4, nlist=9, nprobe=9)
+    sims, idx = found.sims, found.idx
     exact = exact_knn_rows(v, np.arange(900), 4)
     np.testing.assert_array_equal(idx, exact)
     np.testing.assert_allclose(sims, np.take_along_axis(v @ v.T, exact, axis=1), atol=1e-5)
@@ -116,19 +117,21 @@ def test_ivf_self_join_probing_every_list_is_exact():
 def test_ivf_self_join_recall_guard_falls_back_to_exact_on_unstructured_data(caplog):
     v = _unit(2000, 32, seed=8)  # isotropic: a few probed lists miss most neighbours
     exact = exact_knn_rows(v, np.arange(2000), 5)
-    _, fixed = ivf_self_join(v, 5, nlist=40, nprobe=2)  # explicit nprobe: no guard
-    assert recall_at_k(fixed, exact, 5) < 0.5
-    with caplog.at_level("WARNING", logger="pogdiff.neighbours"):
-        _, guarded = ivf_self_join(v, 5, nlist=40)  # automatic nprobe: guard on
-    assert recall_at_k(guarded, exact, 5) == 1.0
+    fixed = ivf_self_join(v, 5, nlist=40, nprobe=2)  # explicit nprobe: no guard
+    assert recall_at_k(fixed.idx, exact, 5) < 0.5 and not fixed.exact_fallback
+    with caplog.at_level("WARNING", logger="pogdiff.knn"):
+        guarded = ivf_self_join(v, 5, nlist=40)  # automatic nprobe: guard on
+    assert recall_at_k(guarded.idx, exact, 5) == 1.0
+    assert guarded.exact_fallback  # the result says so, and so does the log
     assert "computed exactly instead" in caplog.text
 
 
 def test_ivf_self_join_keeps_the_fast_graph_on_clustered_data(caplog):
     v = _clustered(3000, 32, clusters=30, seed=9)
-    with caplog.at_level("WARNING", logger="pogdiff.neighbours"):
-        _, idx = ivf_self_join(v, 5, nlist=60)
-    assert "computed exactly" not in caplog.text
+    with caplog.at_level("WARNING", logger="pogdiff.knn"):
+        found = ivf_self_join(v, 5, nlist=60)
+    assert not found.exact_fallback and "computed exactly" not in caplog.text
+    idx = found.idx
     rows = np.arange(0, 3000, 5)
     assert recall_at_k(idx[rows], exact_knn_rows(v, rows, 5), 5) >= 0.95
 
@@ -136,7 +139,7 @@ def test_ivf_self_join_keeps_the_fast_graph_on_clustered_data(caplog):
 def test_knn_self_query_above_the_threshold_is_the_self_join():
     v = _clustered(1500, 16, clusters=12, seed=10)
     np.testing.assert_array_equal(knn(v, 3, hnsw_above=100, nlist=20, nprobe=3)[1],
-                                  ivf_self_join(v, 3, nlist=20, nprobe=3)[1])
+                                  ivf_self_join(v, 3, nlist=20, nprobe=3).idx)
 
 
 def test_psi_table_shares_one_search_between_graph_and_density(monkeypatch):
@@ -147,8 +150,9 @@ def test_psi_table_shares_one_search_between_graph_and_density(monkeypatch):
     monkeypatch.setattr(neighbours, "DENSITY_EXACT_MAX", 100)
     monkeypatch.setattr(neighbours, "DENSITY_KNN", 30)
     calls = []
-    real = neighbours.knn
+    real, real_search = neighbours.knn, neighbours.knn_search
     monkeypatch.setattr(neighbours, "knn", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+    monkeypatch.setattr(neighbours, "knn_search", lambda *a, **kw: calls.append(a[1]) or real_search(*a, **kw))
     cfg = PsiConfig(k=4, pool="all", use_image_sim=False)
     table = neighbours.build_neighbour_table(v, None, cfg)
     assert calls == [29]  # one search: 29 others + the row itself make the density's 30
@@ -156,3 +160,22 @@ def test_psi_table_shares_one_search_between_graph_and_density(monkeypatch):
     expected_w = neighbours.density_weights(classes=None, pooled=v, gamma=cfg.density_gamma,
                                            bandwidth=cfg.kde_bandwidth, neighbours=real(v, 29))
     np.testing.assert_allclose(table.w_density, expected_w, rtol=1e-6)
+
+
+def test_caption_graph_takes_the_index_settings_and_reports_the_fallback():
+    from pogdiff import neighbours
+    from pogdiff.config import PsiConfig
+    from pogdiff.knn import KnnSearch
+
+    v = _unit(2000, 32, seed=8)  # isotropic: the self-join's recall guard falls back to exact
+    cfg = PsiConfig(k=5, pool="all", hnsw_above=100, use_density=False, use_image_sim=False)
+    guarded = neighbours.caption_graph(v, cfg)
+    assert guarded.exact_fallback
+    fixed = neighbours.caption_graph(v, cfg, search=KnnSearch(nlist=40, nprobe=2))  # explicit nprobe: as asked
+    assert not fixed.exact_fallback
+    exact = exact_knn_rows(v, np.arange(2000), 5)
+    assert recall_at_k(guarded.idx, exact, 5) == 1.0 and recall_at_k(fixed.idx, exact, 5) < 0.5
+    table = neighbours.build_neighbour_table(v, None, cfg, graph=fixed)
+    np.testing.assert_array_equal(table.indices, fixed.idx)  # the table is built on the graph it was given
+    with pytest.raises(ValueError, match="caption graph has shape"):
+        neighbours.build_neighbour_table(v[:100], None, cfg, graph=fixed)

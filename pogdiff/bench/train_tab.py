@@ -1,17 +1,17 @@
 """Times the Train tab as a visitor uses it: the default run and how long **Stop** takes.
 
-``python -m pogdiff.bench_train_tab [--steps 300] [--stops 3] [--out FILE.json]``
+``python -m pogdiff bench train-tab [--steps 300] [--stop-at 10 50 120] [--out FILE.json]``
 
 The run goes through :class:`pogdiff.ui.Studio` exactly as the Start button does (demo set, tiny
 preset, the app's default form values), so the figure includes building the neighbour table and the
 previews. Stop latency is the time from the stop request to the job's end (its last step finishes
 and the final checkpoint is written); the stops land at spread-out steps, one of them on a preview
-step, where the preview runs before the stop is seen. README "What you see" quotes the figures.
+step, where the preview runs before the stop is seen. README "What you see" quotes the figures
+(BENCHMARKS.md "Train tab").
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -74,18 +74,29 @@ def run(steps: int = DEFAULT_STEPS, stop_at: tuple[int, ...] = (10, DEFAULT_PREV
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--stop-at", type=int, nargs="*", default=[10, DEFAULT_PREVIEW_EVERY, 120])
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON file; each run is appended to its \"runs\" list (runs differ with the load)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+COMMAND = "python -m pogdiff bench train-tab"
+
+
+def add_parsers(bench) -> None:
+    """Register ``train-tab`` under ``python -m pogdiff bench`` (README "Options of the other commands")."""
+    p = bench.add_parser("train-tab", help="the Train tab's default run and Stop, timed as a visitor uses them")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="steps of the run (the app's default)")
+    p.add_argument("--stop-at", type=int, nargs="*", default=[10, DEFAULT_PREVIEW_EVERY, 120],
+                   help="steps after which a stop is requested, one run each")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON file; each run is appended to its \"runs\" list (runs differ with the load)")
+    p.set_defaults(fn=main)
+
+
+def main(args) -> int:
+    """``bench train-tab``: print the figures and append them to ``--out``."""
+    if not args.verbose:  # the run's own progress lines would bury the figures
+        logging.getLogger("pogdiff").setLevel(logging.WARNING)
     result = run(args.steps, tuple(args.stop_at))
     print(json.dumps(result, indent=2, default=str))
     if args.out:
         append_run(args.out, result)
+    return 0
 
 
 def append_run(path: Path, result: dict) -> None:
@@ -93,9 +104,5 @@ def append_run(path: Path, result: dict) -> None:
     kept = json.loads(path.read_text()) if path.is_file() else {}
     runs = kept.get("runs", []) if isinstance(kept, dict) else []
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"command": "python -m pogdiff.bench_train_tab --out " + str(path),
+    path.write_text(json.dumps({"command": f"{COMMAND} --out {path}",
                                 "runs": [*runs, result]}, indent=2, default=str) + "\n")
-
-
-if __name__ == "__main__":
-    main()

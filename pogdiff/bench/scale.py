@@ -1,4 +1,4 @@
-"""Scale benchmarks: ``python -m pogdiff bench knn | sampling | data | gpu`` (BENCHMARKS.md).
+"""Scale benchmarks: ``python -m pogdiff bench knn | sampling | data | metrics`` (BENCHMARKS.md "Scale").
 
 - ``knn``: the caption kNN graph and psi table for N random 384-d captions; seconds and recall@5
   of the graph against brute-force numpy on a subsample of queries.
@@ -7,8 +7,9 @@
   50 steps next to a 250-step DDIM reference; the time of the Compare tab's default generation.
 - ``data``: a synthetic set of mixed-size / CMYK / alpha / EXIF-rotated images through load +
   prepare, cold and again from the cache; wall time and peak RSS of each pass.
-- ``gpu``: an SD-1.5-sized UNet (random weights) LoRA step at 512 px in bf16, plain and PoGDiff,
-  and the diffusers-example step; exits cleanly with ``"skipped": "no CUDA"`` on a CPU machine.
+- ``metrics``: the Compare tab's metrics for shipped checkpoints, timed, against the shipped tables.
+
+The GPU benchmark is :mod:`pogdiff.bench.gpu`.
 
 Every command prints one JSON line and writes it to ``--out``.
 """
@@ -30,32 +31,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pogdiff.bench_gpu import (  # noqa: F401  (also reached through this module)
-    BF16_PEAK_TFLOPS,
-    SD15_UNET_CONFIG,
-    _gpu_steps,
-    _machine,
-    bench_gpu,
-    bf16_peak_tflops,
-    lora_unet,
-)
+from pogdiff.bench.output import machine, write_result
 from pogdiff.constants import REPO_ROOT
 from pogdiff.constants import SHIPPED_DIR as SHIPPED
 
 logger = logging.getLogger(__name__)
 
 CAPTION_DIM = 384  # MiniLM's pooled dimension
-
-
-def _write(out: str | os.PathLike | None, result: dict[str, Any]) -> None:
-    line = json.dumps(result, sort_keys=True)
-    print(line)
-    if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-
-
 
 
 # ---------------------------------------------------------------------------------------- knn
@@ -89,12 +71,12 @@ class KnnBenchConfig:
 
 
 def bench_knn(cfg: KnnBenchConfig) -> dict[str, Any]:
-    """Graph + psi table (``build_neighbour_table``, ``pool="all"``, random image
-    features) timed end to end; the graph alone timed separately; recall@k of the graph on
-    ``recall_queries`` random rows against brute force."""
-    from unittest import mock
-
-    from pogdiff import neighbours
+    """Graph + psi table (:func:`pogdiff.neighbours.caption_graph` and ``build_neighbour_table``,
+    ``pool="all"``, random image features) timed end to end; the graph alone timed separately;
+    recall@k of both on ``recall_queries`` random rows against brute force. Every search uses the
+    index settings of ``cfg`` (:class:`pogdiff.knn.KnnSearch`); ``recall_guard_fell_back_to_exact``
+    is what the searches report (:class:`pogdiff.knn.KnnResult`)."""
+    from pogdiff import knn, neighbours
     from pogdiff.config import PsiConfig
 
     if cfg.recall_queries < 1:
@@ -102,45 +84,31 @@ def bench_knn(cfg: KnnBenchConfig) -> dict[str, Any]:
     pooled = random_captions(cfg.n, cfg.dim, seed=cfg.seed, clusters=cfg.clusters)
     feats = np.random.default_rng(cfg.seed + 1).standard_normal((cfg.n, 3 * 8 * 8), dtype=np.float32)
     psi_cfg = PsiConfig(k=cfg.k, pool="all", hnsw_above=cfg.approx_above)
-    kind = neighbours.choose_index(cfg.n, cfg.approx_above, cfg.approx)
-    search_opts = {"approx": cfg.approx, "nprobe": cfg.nprobe, "ef_search": cfg.ef_search}
-    original = neighbours.knn
-
-    def configured_knn(*args, **kwargs):
-        return original(*args, **{**search_opts, **kwargs})
-
-    fallbacks: list[str] = []
-
-    class _Fallback(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "computed exactly instead" in record.getMessage():
-                fallbacks.append(record.getMessage())
-
-    watcher = _Fallback(level=logging.WARNING)
-    logging.getLogger("pogdiff.neighbours").addHandler(watcher)
+    kind = knn.choose_index(cfg.n, cfg.approx_above, cfg.approx)
+    search = knn.KnnSearch(approx=cfg.approx, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
     load_before = os.getloadavg()[0]
-    with mock.patch.object(neighbours, "knn", configured_knn):
-        t0 = time.perf_counter()
-        _, idx = neighbours.knn(pooled, cfg.k, hnsw_above=cfg.approx_above)
-        graph_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        table = neighbours.build_neighbour_table(pooled, feats, psi_cfg)
-        table_s = time.perf_counter() - t0
-    logging.getLogger("pogdiff.neighbours").removeHandler(watcher)
+    t0 = time.perf_counter()
+    graph = knn.knn_search(pooled, cfg.k, hnsw_above=cfg.approx_above, search=search)
+    graph_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    table_graph = neighbours.caption_graph(pooled, psi_cfg, search=search)
+    table = neighbours.build_neighbour_table(pooled, feats, psi_cfg, graph=table_graph)
+    table_s = time.perf_counter() - t0
     rows = np.sort(np.random.default_rng(cfg.seed + 2).choice(cfg.n, min(cfg.recall_queries, cfg.n), replace=False))
-    exact = neighbours.exact_knn_rows(pooled, rows, cfg.k)
-    recall = neighbours.recall_at_k(table.indices[rows], exact, cfg.k)
-    graph_recall = neighbours.recall_at_k(idx[rows], exact, cfg.k)
+    exact = knn.exact_knn_rows(pooled, rows, cfg.k)
+    recall = knn.recall_at_k(table.indices[rows], exact, cfg.k)
+    graph_recall = knn.recall_at_k(graph.idx[rows], exact, cfg.k)
     return {
         "n": cfg.n, "seconds": round(table_s, 3), f"recall_at_{cfg.k}": round(recall, 4),
         "graph_seconds": round(graph_s, 3), f"graph_recall_at_{cfg.k}": round(graph_recall, 4),
         "index": "ivf self-join" if kind == "ivf" else kind, "approx_above": cfg.approx_above,
-        "nlist": neighbours.join_nlist(cfg.n) if kind == "ivf" else None,
-        "nprobe": (cfg.nprobe or neighbours.JOIN_NPROBE) if kind == "ivf" else None, "ef_search": cfg.ef_search,
-        "recall_guard_fell_back_to_exact": bool(fallbacks), "dim": cfg.dim, "k": cfg.k,
+        "nlist": knn.join_nlist(cfg.n) if kind == "ivf" else None,
+        "nprobe": (cfg.nprobe or knn.JOIN_NPROBE) if kind == "ivf" else None, "ef_search": cfg.ef_search,
+        "recall_guard_fell_back_to_exact": graph.exact_fallback or table_graph.exact_fallback,
+        "dim": cfg.dim, "k": cfg.k,
         "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
         "data": f"{cfg.clusters} gaussian clusters" if cfg.clusters else "isotropic gaussian",
-        "recall_queries": int(rows.size), "vectors_mib": round(pooled.nbytes / 2**20, 1), **_machine(),
+        "recall_queries": int(rows.size), "vectors_mib": round(pooled.nbytes / 2**20, 1), **machine(),
     }
 
 
@@ -267,7 +235,7 @@ def bench_sampling(*, batch_sizes: tuple[int, ...] = (1, 8, 32), images: int = 3
                                 "sampler": f"{SampleConfig().scheduler} {SampleConfig().steps}",
                                 "seconds_incl_loading": compare_s},
             "quality_images": quality_images, "load_average_after": round(os.getloadavg()[0], 2),
-            **_machine()}
+            **machine()}
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -312,7 +280,7 @@ def bench_metrics(*, mode: str = "fast", names: tuple[str, ...] = ("demo-baselin
     return {"mode": mode, "images_per_model": len(eval_set.captions), "seconds": round(time.perf_counter() - t0, 3),
             "runs": runs, "sampler": f"{evaluation.EVAL_SAMPLE.scheduler} {evaluation.EVAL_SAMPLE.steps}",
             "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
-            **_machine()}
+            **machine()}
 
 
 # --------------------------------------------------------------------------------------- data
@@ -416,7 +384,7 @@ def data_pass(root: str, cache_dir: str) -> dict[str, Any]:
 
 
 def _pass_in_subprocess(root: Path, cache_dir: Path) -> dict[str, Any]:
-    code = ("import json,sys; from pogdiff.bench_scale import data_pass; "
+    code = ("import json,sys; from pogdiff.bench.scale import data_pass; "
             "print('RESULT ' + json.dumps(data_pass(sys.argv[1], sys.argv[2])))")
     # The caption-embedding cache lives under cache_dir too, so the first pass is cold for it as well.
     env = {**os.environ, "POGDIFF_CACHE": str(cache_dir / "pogdiff-cache")}
@@ -445,12 +413,13 @@ def bench_data(*, n: int = 10_000, work_dir: str | os.PathLike, seed: int = 0) -
     return {"n": n, "on_disk_mib": round(on_disk / 2**20, 1), "first": first, "second": second,
             "second_over_first": round(second["seconds"] / first["seconds"], 4),
             "mix": "RGB JPEG; every 5th RGBA PNG, 7th CMYK JPEG, 11th EXIF-rotated JPEG; 256-1024 px",
-            **_machine()}
+            **machine()}
 
 
 # ---------------------------------------------------------------------------------------- cli
 def add_parsers(bench) -> None:
-    """Register ``knn``, ``sampling``, ``metrics``, ``data`` and ``gpu`` under ``python -m pogdiff bench``."""
+    """Register ``knn``, ``sampling``, ``data`` and ``metrics`` under ``python -m pogdiff bench``
+    (README "Options of the other commands")."""
     p = bench.add_parser("knn", help="caption kNN graph + psi table at scale, with recall against brute force")
     p.add_argument("--n", type=int, default=100_000, help="random captions")
     p.add_argument("--dim", type=int, default=CAPTION_DIM, help="caption dimension")
@@ -485,12 +454,6 @@ def add_parsers(bench) -> None:
                    help="replace each model's shipped per_class.csv with the recomputed table")
     p.add_argument("--out", default="results/metrics.json", help="JSON output")
     p.set_defaults(fn=main)
-    p = bench.add_parser("gpu", help="SD-1.5-sized UNet LoRA step at 512 px, bf16 (CUDA only)")
-    p.add_argument("--batch-size", type=int, default=8, help="batch size")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--out", default="results/gpu.json", help="JSON output")
-    p.set_defaults(fn=main)
 
 
 def main(args) -> int:
@@ -507,11 +470,7 @@ def main(args) -> int:
         result = bench_data(n=args.n, work_dir=args.work_dir)
     elif cmd == "metrics":
         result = bench_metrics(mode=args.mode, names=tuple(args.models), write=args.write_shipped)
-    elif cmd == "gpu":
-        result = bench_gpu(batch=args.batch_size, steps=args.steps, warmup=args.warmup)
-        if "skipped" in result:
-            print(result["message"], file=sys.stderr)
     else:
         raise ValueError(f"unknown scale benchmark {cmd!r}")
-    _write(args.out, result)
+    write_result(args.out, result)
     return 0

@@ -7,19 +7,13 @@ from its config written out here, with random weights: no download.
 from __future__ import annotations
 
 import logging
-import os
+import sys
 import time
 from typing import Any
 
+from pogdiff.bench.output import machine, write_result
+
 logger = logging.getLogger(__name__)
-
-def _machine() -> dict[str, Any]:
-    import platform
-
-    import torch
-
-    return {"cpu_cores": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------------------------------- gpu
@@ -144,7 +138,7 @@ def bench_gpu(*, batch: int = 8, steps: int = 10, warmup: int = 3, lora_rank: in
 
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA", "message": "no CUDA device: the gpu benchmark needs an NVIDIA GPU; "
-                "run it on a CUDA machine", **_machine()}
+                "run it on a CUDA machine", **machine()}
     from pogdiff.models import count_parameters
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -165,3 +159,22 @@ def bench_gpu(*, batch: int = 8, steps: int = 10, warmup: int = 3, lora_rank: in
             "timed_steps": steps, "results": results,
             "pogdiff_over_plain": round(results["plain"]["it_per_s"] / results["pogdiff"]["it_per_s"], 3),
             "torch": torch.__version__}
+
+
+def add_parsers(bench) -> None:
+    """Register ``gpu`` under ``python -m pogdiff bench`` (README "Options of the other commands")."""
+    p = bench.add_parser("gpu", help="SD-1.5-sized UNet LoRA step at 512 px, bf16 (CUDA only)")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--out", default="results/gpu.json", help="JSON output")
+    p.set_defaults(fn=main)
+
+
+def main(args) -> int:
+    """``bench gpu``: the result as one JSON line and in ``--out``; on CPU the reason on stderr."""
+    result = bench_gpu(batch=args.batch_size, steps=args.steps, warmup=args.warmup)
+    if "skipped" in result:
+        print(result["message"], file=sys.stderr)
+    write_result(args.out, result)
+    return 0

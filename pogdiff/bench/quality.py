@@ -1,20 +1,21 @@
-"""Benchmarks and the commands that reproduce the shipped artefacts.
+"""The speed and quality benchmarks and their report (BENCHMARKS.md "Speed" and "Quality").
 
 - ``bench speed``: PoGDiff step time relative to plain fine-tuning, measured in one run with the
   configurations interleaved (these machines are noisy, so ratios are what we report).
 - ``bench quality``: baseline / PoGDiff / CBDM fine-tuned from the same base with the same steps,
   batch and seeds; generations for every evaluation caption with fixed seeds; metrics per class and
-  per many / medium / few-shot bucket, mean +- std over training seeds.
-- ``build base`` / ``build evaluator``: the shipped base checkpoint and evaluator.
+  per many / medium / few-shot bucket, mean +- std over training seeds (the protocol is
+  :mod:`pogdiff.evaluation`'s); ``results/quality/summary.json`` and ``budget.json``.
+- ``bench report``: the markdown tables of a ``summary.json`` and the targets of the default recipe.
+
+Training and checkpoints are imported where they are used, so ``--help`` stays instant.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pogdiff import checkpoints
 from pogdiff.constants import REPO_ROOT
 from pogdiff.evaluation import EVAL_SAMPLE, evaluate_model, per_class_rows, subset
 from pogdiff.constants import SHIPPED_DIR as SHIPPED
@@ -37,7 +37,6 @@ from pogdiff.config import (
     to_dict,
     uses_balanced_sampling,
 )
-from pogdiff.training import Trainer, prepare_data, train
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ def _demo_splits(data: str = "demo"):
 
 
 def _base_or_fresh():
-    from pogdiff import models
+    from pogdiff import checkpoints, models
 
     if (BASE_DIR / "configs.json").exists():
         return checkpoints.load_model(BASE_DIR), str(BASE_DIR)
@@ -87,16 +86,23 @@ def _base_or_fresh():
 
 
 # ------------------------------------------------------------------------------------ speed
-class _ReencodeTrainer(Trainer):
-    """The naive loop: encodes the batch's captions with the text encoder at every step."""
+def _reencoding_trainer():
+    """The naive loop: a :class:`pogdiff.training.Trainer` that encodes the batch's captions with
+    the text encoder at every step."""
+    from pogdiff.training import Trainer
 
-    def caption_states(self, rows):
-        emb = self.model.text_encoder.encode([self.data.captions[i] for i in rows.tolist()])
-        return emb.tokens.clone(), emb.mask.clone()
+    class ReencodeTrainer(Trainer):
+        def caption_states(self, rows):
+            emb = self.model.text_encoder.encode([self.data.captions[i] for i in rows.tolist()])
+            return emb.tokens.clone(), emb.mask.clone()
+
+    return ReencodeTrainer
 
 
 def speed(*, steps: int = 20, warmup: int = 3, batch_size: int = 32, repeats: int = 3) -> pd.DataFrame:
     """Median seconds per step of each configuration, and the ratio to plain fine-tuning."""
+    from pogdiff.training import Trainer, prepare_data
+
     _, train_set, _ = _demo_splits()
     model, _ = _base_or_fresh()
     data = prepare_data(train_set, model, PsiConfig())
@@ -107,7 +113,7 @@ def speed(*, steps: int = 20, warmup: int = 3, batch_size: int = 32, repeats: in
         "pogdiff naive (neighbour pass for every row)": (
             Trainer, dataclasses.replace(base_cfg, method="pogdiff", psi=PsiConfig(psi_threshold=-1.0))),
         "cbdm (second conditional pass with grad)": (Trainer, dataclasses.replace(base_cfg, method="cbdm")),
-        "baseline, captions re-encoded every step": (_ReencodeTrainer, dataclasses.replace(base_cfg, method="baseline")),
+        "baseline, captions re-encoded every step": (_reencoding_trainer(), dataclasses.replace(base_cfg, method="baseline")),
     }
     times: dict[str, list[float]] = {name: [] for name in configs}
     active: dict[str, list[float]] = {name: [] for name in configs}
@@ -190,6 +196,9 @@ def train_to_budgets(run_dir: Path, cfg: TrainConfig, budgets, train_set, *, mod
 
     :returns: ``{budget: checkpoint folder}``.
     """
+    from pogdiff import checkpoints
+    from pogdiff.training import train
+
     run_dir = Path(run_dir)
     budgets = sorted({int(b) for b in budgets})
     cfg = dataclasses.replace(cfg, checkpoint_every=0, checkpoint_minutes=0.0,
@@ -214,6 +223,7 @@ def evaluated_checkpoint(ckpt: Path, eval_set, evaluator, counts, *, train_set, 
                          sample_seeds: int):
     """Evaluate one checkpoint (:func:`pogdiff.evaluation.evaluate_model`), cached beside it in
     ``eval-<step>/`` and keyed by its weights, the captions, the sampler and the sampling seeds."""
+    from pogdiff import checkpoints
     from pogdiff.evaluation import checkpoint_digest
 
     folder = ckpt.parent / f"eval-{ckpt.name.rsplit('-', 1)[-1]}"
@@ -251,7 +261,7 @@ def quality(*, out: Path, methods, seeds, budgets=None, steps: int | None = None
     Writes ``out/<data>/`` (tables, plots, grids; runs under ``runs/``), merges the ``steps``
     budget into ``out/summary.json`` and every budget into ``out/budget.json``.
     """
-    from pogdiff import metrics
+    from pogdiff import checkpoints, metrics
     from pogdiff.evaluator import load_evaluator
 
     out = Path(out)
@@ -319,7 +329,9 @@ def quality(*, out: Path, methods, seeds, budgets=None, steps: int | None = None
     _merge_summary(out / "budget.json", data, curve)
     budget_figure(long_all, path=folder / "budget.png", title=data)
     if ship:
-        _ship_demo_runs(folder, Path(ship), seeds[0], tables, steps=steps, prefix="demo" if data == "demo" else data)
+        from pogdiff.bench.ship import ship_demo_runs
+
+        ship_demo_runs(folder, Path(ship), seeds[0], tables, steps=steps, prefix="demo" if data == "demo" else data)
     return report
 
 
@@ -510,75 +522,48 @@ def _few_shot_grids(out: Path, eval_set, grids: dict[str, np.ndarray], counts: d
         image_grid(images[rows], ncols=8, labels=labels, scale=2).save(out / f"few_shot_{method}.png")
 
 
-def _ship_demo_runs(out: Path, ship: Path, seed: int, tables: dict[str, pd.DataFrame], *, steps: int,
-                    prefix: str = "demo") -> None:
-    """Copy the seed's ``steps`` checkpoint of every recipe where the app finds it (``<prefix>-<recipe>``,
-    underscores as hyphens), with its per-class table."""
-    for method in tables:
-        src = out / "runs" / f"{method}-seed{seed}" / f"checkpoint-{steps:06d}"
-        if not (src / "configs.json").exists():
-            continue
-        dst = ship / f"{prefix}-{method.replace('_', '-')}"
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(src, dst)
-        checkpoints.store_half_precision(dst)
+def add_parsers(bench) -> None:
+    """Register ``speed``, ``report`` and ``quality`` under ``python -m pogdiff bench`` (README
+    "Options of the other commands")."""
+    from pogdiff.cli import BATCH, STEPS, bounded
+    from pogdiff.config import LIMITS
 
-
-# ------------------------------------------------------------------------------- artefacts
-def build_base(*, out: Path, steps: int, batch_size: int, lr: float, seed: int) -> Path:
-    """Pretrain the tiny base UNet on the balanced, disjoint pretraining identities."""
-    from pogdiff.data import ensure_demo, load_image_text_set
-
-    pre = load_image_text_set(ensure_demo() / "pretrain", DataConfig())
-    cfg = TrainConfig(method="baseline", max_steps=steps, batch_size=batch_size, learning_rate=lr, seed=seed,
-                      warmup_steps=100, checkpoint_every=500, log_every=100)
-    run_dir = REPO_ROOT / "runs" / f"build-{Path(out).name}"
-    result = train(dataset=pre, model_cfg=model_preset("tiny"), train_cfg=cfg, run_dir=run_dir)
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(result.last_checkpoint, out)
-    checkpoints.store_half_precision(out)
-    base_samples(out, pre)
-    return out
-
-
-def base_samples(out: Path, pre) -> Path:
-    """A grid of the base model's samples for 8 pretraining identities (4 seeds each), with the
-    real pretraining images of the same identities beside it for comparison."""
-    from pogdiff.sampling import generate, image_grid
-
-    model = checkpoints.load_model(out)
-    subjects = sorted(set(pre.subjects))[:8]
-    captions = [next(c for c, s in zip(pre.captions, pre.subjects) if s == subj) for subj in subjects]
-    prompts = [c for c in captions for _ in range(4)]
-    images = generate(model, prompts, [i % 4 for i in range(len(prompts))], EVAL_SAMPLE)
-    real = [pre.images[[i for i, s in enumerate(pre.subjects) if s == subj][:2]] for subj in subjects]
-    rows = [np.concatenate([images[4 * k: 4 * k + 4], real[k]]) for k in range(len(subjects))]
-    labels = [f"{subj} (seed {j})" if j < 4 else f"{subj} (real)" for subj in subjects for j in range(6)]
-    image_grid(np.concatenate(rows), ncols=6, labels=labels, scale=3).save(Path(out) / "samples.png")
-    (Path(out) / "samples.json").write_text(json.dumps({"prompts": captions, "seeds": [0, 1, 2, 3]}, indent=2))
-    return Path(out) / "samples.png"
-
-
-def build(args) -> int:
-    if args.build_cmd == "base":
-        out = build_base(out=Path(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-        print(f"base checkpoint written to {out}")
-        return 0
-    from pogdiff.data.demo import DemoSpec
-    from pogdiff.evaluator import EvaluatorConfig, train_evaluator
-
-    cfg = EvaluatorConfig(seed=args.seed)
-    if args.steps:
-        cfg = dataclasses.replace(cfg, steps=args.steps)
-    res = train_evaluator(DemoSpec(kind=args.kind), cfg, Path(args.out))
-    print(json.dumps(res, indent=2, default=str))
-    return 0
+    p = bench.add_parser("speed", help="PoGDiff vs plain step time, cached vs re-encoded captions")
+    p.add_argument("--steps", type=STEPS, default=20, help="timed steps per configuration")
+    p.add_argument("--warmup", type=bounded(int, 0, LIMITS.max_steps), default=3, help="untimed steps first")
+    p.add_argument("--batch-size", type=BATCH, default=32, help="batch size")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median reported)")
+    p.add_argument("--out", default=None, help="write the table as JSON here")
+    p.set_defaults(fn=main)
+    p = bench.add_parser("report", help="print the markdown tables of a quality summary.json")
+    p.add_argument("--summary", default="results/quality/summary.json", help="summary.json of bench quality")
+    p.set_defaults(fn=main)
+    p = bench.add_parser("quality", help="baseline / pogdiff / cbdm / resample on an embedded set, paired over seeds")
+    p.add_argument("--out", default="results/quality",
+                   help="output folder: <out>/<data>/ (runs, tables, plots, grids) and <out>/summary.json")
+    p.add_argument("--data", choices=tuple(DATASETS), default="demo", help="embedded benchmark set")
+    p.add_argument("--methods", nargs="+", default=list(RECIPES), choices=list(RECIPES),
+                   help="recipes to compare (README \"Results\")")
+    p.add_argument("--batch-size", type=int, default=QUALITY_BATCH, help="fine-tuning batch size")
+    p.add_argument("--eval-per-class", type=int, default=QUALITY_EVAL_PER_CLASS,
+                   help="evaluation captions per class (at most 8)")
+    p.add_argument("--sample-seeds", type=int, default=QUALITY_SAMPLE_SEEDS, help="sampling seeds per evaluation caption")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    p.add_argument("--steps", type=int, default=None, help="the budget summary.json reports (default: the chosen one)")
+    p.add_argument("--budgets", type=int, nargs="+", default=list(QUALITY_BUDGETS),
+                   help="fine-tuning budgets read from each run (budget.json)")
+    p.add_argument("--seeds-for", nargs="+", default=[], metavar="RECIPE=SEEDS",
+                   help="fewer seeds for some recipes, e.g. cbdm=0 (comparisons pair the seeds both have)")
+    p.add_argument("--quick", action="store_true", help="tiny size for tests")
+    p.add_argument("--ship", default=None,
+                   help="copy each recipe's seed-0 checkpoint at --steps to this folder (demo-<recipe>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a TrainConfig/PsiConfig field for every run, e.g. psi.psi_max=2")
+    p.set_defaults(fn=main)
 
 
 def main(args) -> int:
+    """``bench speed | report | quality``: print the tables (and write ``--out``)."""
     if args.bench_cmd == "report":
         print(summary_markdown(json.loads(Path(args.summary).read_text())))
         budget = Path(args.summary).with_name("budget.json")
