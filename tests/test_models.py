@@ -236,7 +236,9 @@ def test_eps_loss_weights_turn_the_eps_error_into_the_native_error(kind):
     w5 = eps_loss_weights(t, sched, snr_gamma=5.0).double()
     torch.testing.assert_close(in_eps * w5, native * diffusers_weight, rtol=1e-4, atol=0)
     torch.testing.assert_close(w5, torch.clamp(snr, max=5.0) / snr, rtol=1e-5, atol=0)
-    assert bool((w5[snr < 5] == 1).all()) and bool((w5[snr > 5] < 1).all())
+    # Below gamma the weight is 1 up to float32 rounding of the eps-space conversion (last bit).
+    assert torch.allclose(w5[snr < 5], torch.ones_like(w5[snr < 5]), rtol=0, atol=1e-6)
+    assert bool((w5[snr > 5] < 1).all())
 
 
 def test_predict_eps_works_through_a_distributed_data_parallel_wrapper():
