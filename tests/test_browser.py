@@ -22,19 +22,13 @@ from pathlib import Path
 import numpy as np
 
 import pytest
-from tests.fakes import free_port
+from tests.fakes import CHROMIUM, CHROMIUM_ARGS, VIEWPORT, browser_or_skip, free_port, open_tab
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 pytestmark = pytest.mark.slow  # a real browser, a model and a short training run: about 2-4 minutes
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "assets" / "screenshots"
-VIEWPORT = {"width": 1440, "height": 1000}
 LOAD_MS = 120_000  # first use builds the demo set and loads the sentence encoder
 TRAIN_MS = 300_000
 TRAIN_STEPS = 24
@@ -46,24 +40,9 @@ OWN_COLOURS = {"red fox": (200, 80, 30), "grey wolf": (120, 120, 130), "snow owl
 OWN_TAGS = ("outdoors", "snow", "forest", "close-up", "dusk")
 
 
-def _browser_or_skip():
-    if not CHROMIUM.exists():
-        message = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)"
-        if os.environ.get("POGDIFF_REQUIRE_BROWSER") == "1":
-            pytest.fail(message + " (POGDIFF_REQUIRE_BROWSER=1)")
-        pytest.skip(message)
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as exc:  # pragma: no cover
-        if os.environ.get("POGDIFF_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"playwright is not installed: {exc}")
-        pytest.skip(f"playwright is not installed: {exc}")
-    return sync_playwright
-
-
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    _browser_or_skip()
+    browser_or_skip()
     import app
     from pogdiff.ui import Studio
 
@@ -81,7 +60,7 @@ def app_url(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(app_url):
-    sync_playwright = _browser_or_skip()
+    sync_playwright = browser_or_skip()
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
@@ -102,10 +81,6 @@ def _shot(page, name: str, tmp_path: Path) -> Path:
     page.screenshot(path=str(path), full_page=True)
     assert path.stat().st_size > 10_000
     return path
-
-
-def _open_tab(page, name: str) -> None:
-    page.get_by_role("tab", name=name).click()
 
 
 def _set_number(page, label: str, value: float, *, slider: bool = False) -> None:
@@ -147,7 +122,7 @@ def _upload(page, files) -> None:
 
 
 def test_data_tab(page, tmp_path):
-    _open_tab(page, "Data")
+    open_tab(page, "Data")
     page.get_by_role("button", name="Use the built-in demo set").click()
     page.get_by_text("imbalance ratio").first.wait_for()
     page.get_by_text("Validation passed").first.wait_for()
@@ -158,7 +133,7 @@ def test_data_tab(page, tmp_path):
 
 def test_own_folder_broken_upload_then_recovery(page, tmp_path):
     broken, good = make_own_folder(tmp_path / "own")
-    _open_tab(page, "Data")
+    open_tab(page, "Data")
     _upload(page, [broken])
     page.get_by_role("button", name="Validate and load upload").click()
     page.get_by_text("Not a readable zip archive").first.wait_for()
@@ -178,7 +153,7 @@ def test_own_folder_broken_upload_then_recovery(page, tmp_path):
 
 
 def test_neighbours_tab(page, tmp_path):
-    _open_tab(page, "Neighbours")
+    open_tab(page, "Neighbours")
     page.get_by_text("mean psi over its").first.wait_for(timeout=LOAD_MS)
     body = page.inner_text("body")
     assert "w_density" in body and "s_img" in body and "s_txt" in body
@@ -197,7 +172,7 @@ def test_neighbours_tab(page, tmp_path):
 
 
 def test_train_tab(page, tmp_path):
-    _open_tab(page, "Train")
+    open_tab(page, "Train")
     page.get_by_text("Idle.").first.wait_for()
     assert "animals.zip" in page.inner_text("body")  # the banner names the user's set
     _set_number(page, "Steps", TRAIN_STEPS)
@@ -223,7 +198,7 @@ def _mean_difference(page) -> float:
 def test_compare_tab(page, tmp_path):
     """Compare, then per-class metrics judged on the user's own classes, without a reload; then a
     reload keeps all of it."""
-    _open_tab(page, "Compare")
+    open_tab(page, "Compare")
     page.get_by_text("Same prompts and the same seeds", exact=False).first.wait_for()
     page.get_by_label("B (right)").click()
     page.get_by_role("option", name=re.compile(r"^run · ")).first.click()  # B: the run just trained
@@ -259,7 +234,7 @@ def test_compare_tab(page, tmp_path):
     before = _mean_difference(page)
     page.reload()
     page.get_by_text("PoGDiff Studio").first.wait_for()
-    _open_tab(page, "Compare")
+    open_tab(page, "Compare")
     page.get_by_text("Mean |A − B| =").first.wait_for()
     assert _mean_difference(page) == before
     assert page.get_by_label("Or type prompts").input_value() == "red fox, snow, photo"
