@@ -64,7 +64,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
     max_age_s = int(3600 * studio.limits.upload_max_age_hours)
     # Uploads and generated files in gradio's cache expire: swept hourly, deleted once older than max_age_s.
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(min(3600, max_age_s), max_age_s)) as demo:
-        shared = Shared.create(demo)
+        shared = Shared.create(demo, studio.browser_secret())
         gr.Markdown(INTRO, elem_id="pg-header")
         with gr.Tabs():
             for tab in TABS:

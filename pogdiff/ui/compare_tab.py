@@ -334,10 +334,8 @@ def zero_gpu(fn, duration: int):
 def build(studio: Studio, shared: Shared) -> gr.Tab:
     """The Compare tab: two runs on the same prompts and seeds, real images, |A − B|, per-class metrics.
     Its choices and results are kept in the browser over page reloads."""
-    ds_key, L = shared.dataset, studio.limits
+    ds_key, kept, L = shared.dataset, shared.kept_compare, studio.limits  # kept: choices + results token
     with gr.Tab("Compare", id="compare") as tab:
-        kept = gr.BrowserState(None, storage_key="pogdiff-compare",  # Compare choices + results token
-                               secret=studio.browser_secret())
         gr.Markdown(COMPARE_HELP, elem_classes="explain")
         note = gr.Markdown(studio.shipped_note())
         with gr.Row():

@@ -306,10 +306,8 @@ CLASS_SOURCE_INFO = ("Where each image's class comes from. auto: the metadata's 
 
 def build(studio: Studio, shared: Shared) -> gr.Tab:
     """The Data tab: upload or demo set, class source, validation report, long tail, class samples."""
-    ds_key = shared.dataset
+    ds_key, saved_key = shared.dataset, shared.kept_dataset  # ds_key, kept across page reloads
     with gr.Tab("Data", id="data") as tab:
-        saved_key = gr.BrowserState(None, storage_key="pogdiff-dataset",  # ds_key, kept across page reloads
-                                    secret=studio.browser_secret())
         gr.Markdown(DATA_HELP, elem_classes="explain")
         with gr.Row():
             with gr.Column(scale=2):

@@ -19,8 +19,6 @@ from pogdiff.ui.train_form import TrainForm
 if TYPE_CHECKING:
     from pogdiff.ui.studio import Studio
 
-POLL_SECONDS = 1.0  # the timer that polls the server-side job: refresh-proof
-
 TRAIN_HELP = """Fine-tune from the shipped base model with one objective: **baseline** (plain ε-MSE),
 **pogdiff**, **cbdm** (class-balancing regulariser) or **resample** (class-balanced batches). Training
 runs on the server in the background: the curve and the previews of rare prompts update live, a page
@@ -79,10 +77,9 @@ def _form(studio: Studio, shared: Shared) -> TrainForm:
 
 def build(studio: Studio, shared: Shared) -> gr.Tab:
     """The Train tab: the form, the live job (status, loss curve, previews), the preview history, the runs."""
-    ds_key = shared.dataset
+    ds_key, timer = shared.dataset, shared.timer
     with gr.Tab("Train", id="train") as tab:
         seen = gr.State(-1)  # last job version this tab has drawn
-        timer = gr.Timer(POLL_SECONDS)
         gr.Markdown(TRAIN_HELP, elem_classes="explain")
         banner = gr.Markdown(studio.dataset_banner(None))
         with gr.Row():
