@@ -1,16 +1,27 @@
-"""Small stand-ins shared by the model, sampling and checkpoint tests."""
+"""Stand-ins and small helpers shared by the tests: a caption encoder, a train function and a data set
+for the job manager, small image-text sets on disk, a Train form, a free port, a tiny CLIP, the browser."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
+import os
 import socket
+import threading
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 TOKEN_DIM = 16
+GATE_TIMEOUT = 10.0  # seconds a gated FakeTrain waits for the test to release a step
 
 
 class HashEncoder:
@@ -102,3 +113,153 @@ def tiny_clip_parts(tmp_dir: str | Path, *, hidden_size: int = 32, seed: int = 0
         torch.manual_seed(seed)
         model = CLIPTextModel(config).eval()
     return tokenizer, model
+
+
+# --------------------------------------------------------------------------------------------
+# the job manager's train function and data set
+
+
+@dataclass
+class FakeStep:
+    step: int
+    max_steps: int
+    terms: dict = field(default_factory=dict)
+    lr: float = 1e-4
+    psi_mean: float = 0.1
+    psi_active: float = 0.5
+    seconds_per_step: float = 0.01
+    eta_seconds: float = 1.0
+
+
+@dataclass
+class FakeResult:
+    run_dir: Path
+    last_checkpoint: Path
+    steps_done: int
+    stopped: bool
+    history: list
+
+
+class FakeTrain:
+    """Mimics pogdiff.training.train: steps gated by the test, honours stop_event, writes a checkpoint."""
+
+    def __init__(self, *, gated: bool = False, fail_at: int | None = None) -> None:
+        self.gated = gated
+        self.fail_at = fail_at
+        self.step_gate = threading.Semaphore(0)
+        self.started = threading.Event()
+        self.kwargs: dict = {}
+
+    def __call__(self, *, dataset, model_cfg, train_cfg, run_dir, base_checkpoint=None, callback=None,
+                 preview_callback=None, preview_captions=None, stop_event=None, cache_dir=None):
+        self.kwargs = dict(dataset=dataset, base_checkpoint=base_checkpoint, preview_captions=preview_captions,
+                           run_dir=Path(run_dir), train_cfg=train_cfg)
+        self.started.set()
+        steps_done, stopped = 0, False
+        for step in range(1, train_cfg.max_steps + 1):
+            if self.gated:
+                assert self.step_gate.acquire(timeout=GATE_TIMEOUT)
+            if stop_event is not None and stop_event.is_set():
+                stopped = True
+                break
+            if self.fail_at == step:
+                raise ValueError("learning_rate must be positive, got -1")
+            steps_done = step
+            callback(FakeStep(step, train_cfg.max_steps, {"loss": 1.0 / step, "mse": 0.5 / step, "pog": 0.1}))
+            if preview_callback is not None and step % 2 == 0:
+                preview_callback(step, np.full((2, 8, 8, 3), step, np.uint8), list(preview_captions or ["a", "b"]))
+        ckpt = Path(run_dir) / f"checkpoint-{steps_done:06d}"
+        (ckpt / "unet").mkdir(parents=True, exist_ok=True)
+        (ckpt / "configs.json").write_text(json.dumps({"model": {}, "train": {"method": train_cfg.method}}))
+        (ckpt / "unet" / "weights.safetensors").write_bytes(b"\0" * 16)
+        return FakeResult(Path(run_dir), ckpt, steps_done, stopped, [])
+
+
+class FakeDataset:
+    root = "demo"
+    samples = [0, 1, 2]
+    subjects = ["a", "a", "b"]
+
+
+# --------------------------------------------------------------------------------------------
+# small image-text sets and the Train form
+
+
+def tiny_set(folder, counts=None):
+    """A metadata.jsonl set of random 32 px images in ``folder``: ``counts`` images per subject (default
+    Ann Lee 6, Bo Chan 2)."""
+    counts = counts or {"Ann Lee": 6, "Bo Chan": 2}
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    rng = np.random.default_rng(0)
+    for subject, n in counts.items():
+        for i in range(n):
+            name = f"{subject.split()[0].lower()}_{i}.png"
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / name)
+            rows.append({"file_name": name, "text": f"a photo of {subject}, about {20 + 5 * i} years old",
+                         "subject": subject})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+def noop_progress(*args, **kwargs):
+    return None
+
+
+SHAPES = {"red circle": 8, "blue square": 5, "green triangle": 3, "yellow star": 2, "purple hexagon": 1}
+
+
+def kohya_zip(path):
+    """A flat kohya-style zip: one .txt of comma-separated tags per image, the class tag first."""
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as zf:
+        i = 0
+        for shape, n in SHAPES.items():
+            for j in range(n):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+                zf.writestr(f"img_{i:03d}.png", buf.getvalue())
+                zf.writestr(f"img_{i:03d}.txt", f"{shape}, {('white', 'blue')[j % 2]} background, flat colors")
+                i += 1
+    return path
+
+
+def train_form(**changes):
+    """A small :class:`pogdiff.ui.TrainForm`: 4 steps of batch 2, psi over 3 neighbours from any caption,
+    previews every 2, ``changes`` applied (any field)."""
+    from pogdiff.ui.train_form import TrainForm
+
+    small = TrainForm(steps=4, batch_size=2, lr=1e-4, psi_max=1.0, k=3, pool="all", sample_every=2, seed=0)
+    return dataclasses.replace(small, **changes)
+
+
+# --------------------------------------------------------------------------------------------
+# a real browser (Debian's chromium driven by Playwright)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+VIEWPORT = {"width": 1440, "height": 1000}
+
+
+def browser_or_skip():
+    """Playwright's sync_playwright, or a skip (a failure with POGDIFF_REQUIRE_BROWSER=1) without
+    Debian's chromium or playwright."""
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)"
+        if os.environ.get("POGDIFF_REQUIRE_BROWSER") == "1":
+            pytest.fail(message + " (POGDIFF_REQUIRE_BROWSER=1)")
+        pytest.skip(message)
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:  # pragma: no cover
+        if os.environ.get("POGDIFF_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"playwright is not installed: {exc}")
+        pytest.skip(f"playwright is not installed: {exc}")
+    return sync_playwright
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()

@@ -156,7 +156,7 @@ def test_readme_api_example_runs_against_a_live_app(tmp_path):
 def test_a_flat_kohya_tag_zip_through_the_api_and_another_class_source(served, tmp_path):
     from gradio_client import handle_file
 
-    from tests.test_ui import SHAPES, _kohya_zip
+    from tests.fakes import SHAPES, kohya_zip
 
     client = Client(served[0], verbose=False)  # a session of its own: the other tests keep theirs
     endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
@@ -164,7 +164,7 @@ def test_a_flat_kohya_tag_zip_through_the_api_and_another_class_source(served, t
     assert [p["parameter_name"] for p in endpoints["/class_source"]["parameters"]] == ["class_source"]
     assert [p["parameter_name"] for p in endpoints["/start_training"]["parameters"]][-3:] == \
         ["run_name", "from_scratch", "base"]
-    summary, report, table, *_ = client.predict([handle_file(str(_kohya_zip(tmp_path / "shapes.zip")))],
+    summary, report, table, *_ = client.predict([handle_file(str(kohya_zip(tmp_path / "shapes.zip")))],
                                                 api_name="/load_upload")
     assert {row[0]: row[1] for row in table["data"]} == SHAPES and "**Classes from:** first tag (auto:" in summary
     assert "classes_clustered" not in report

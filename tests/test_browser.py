@@ -7,7 +7,8 @@ good one; the Neighbours map, a few training steps and Compare (real images besi
 visible difference, per-class metrics judged on the folder's own classes, all without a reload;
 then state kept over a page reload) all run on that folder.
 
-Screenshots go to ``tmp_path``; with ``POGDIFF_UPDATE_SCREENSHOTS=1`` they replace the ones in
+Each test asks for the state it needs (a fresh visitor, the own folder loaded, a run trained on it)
+through fixtures, so they pass in any order. Screenshots go to ``tmp_path``; with ``POGDIFF_UPDATE_SCREENSHOTS=1`` they replace the ones in
 ``assets/screenshots/`` that the README shows. Without ``/usr/bin/chromium`` the test is skipped,
 unless ``POGDIFF_REQUIRE_BROWSER=1`` (then it fails).
 """
@@ -22,19 +23,13 @@ from pathlib import Path
 import numpy as np
 
 import pytest
-from tests.fakes import free_port
+from tests.fakes import CHROMIUM, CHROMIUM_ARGS, VIEWPORT, browser_or_skip, free_port, open_tab
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 pytestmark = pytest.mark.slow  # a real browser, a model and a short training run: about 2-4 minutes
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "assets" / "screenshots"
-VIEWPORT = {"width": 1440, "height": 1000}
 LOAD_MS = 120_000  # first use builds the demo set and loads the sentence encoder
 TRAIN_MS = 300_000
 TRAIN_STEPS = 24
@@ -46,24 +41,9 @@ OWN_COLOURS = {"red fox": (200, 80, 30), "grey wolf": (120, 120, 130), "snow owl
 OWN_TAGS = ("outdoors", "snow", "forest", "close-up", "dusk")
 
 
-def _browser_or_skip():
-    if not CHROMIUM.exists():
-        message = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)"
-        if os.environ.get("POGDIFF_REQUIRE_BROWSER") == "1":
-            pytest.fail(message + " (POGDIFF_REQUIRE_BROWSER=1)")
-        pytest.skip(message)
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as exc:  # pragma: no cover
-        if os.environ.get("POGDIFF_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"playwright is not installed: {exc}")
-        pytest.skip(f"playwright is not installed: {exc}")
-    return sync_playwright
-
-
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    _browser_or_skip()
+    browser_or_skip()
     import app
     from pogdiff.ui import Studio
 
@@ -80,18 +60,66 @@ def app_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(app_url):
-    sync_playwright = _browser_or_skip()
+def browser(app_url):
+    sync_playwright = browser_or_skip()
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
-        page = context.new_page()
-        page.set_default_timeout(LOAD_MS)
-        page.goto(app_url)
-        page.get_by_text("PoGDiff Studio").first.wait_for()
-        yield page
-        context.close()
-        browser.close()
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def _visit(browser, url: str):
+    """A new visitor (a browser context of its own, so a session and browser storage of its own) on the app."""
+    context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
+    page = context.new_page()
+    page.set_default_timeout(LOAD_MS)
+    page.goto(url)
+    page.get_by_text("PoGDiff Studio").first.wait_for()
+    return context, page
+
+
+@pytest.fixture
+def fresh_page(browser, app_url):
+    context, page = _visit(browser, app_url)
+    yield page
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def own_page(browser, app_url, tmp_path_factory):
+    """A visitor who uploads their own folder: a broken zip first (its error is shown and the button
+    comes back), then the good one. The tests that use this page find the folder loaded, whatever
+    ran before them."""
+    broken, good = make_own_folder(tmp_path_factory.mktemp("own"))
+    context, page = _visit(browser, app_url)
+    open_tab(page, "Data")
+    _upload(page, [broken])
+    page.get_by_role("button", name="Validate and load upload").click()
+    page.get_by_text("Not a readable zip archive").first.wait_for()
+    load = page.get_by_role("button", name="Validate and load upload")
+    page.wait_for_function("b => !b.disabled", arg=load.element_handle())
+    clear = page.get_by_role("button", name="Clear")
+    if clear.count():
+        clear.first.click()  # remove the broken file before adding the good one
+    _upload(page, [good])
+    load.click()
+    page.get_by_text(f"{sum(OWN_CLASSES.values())} images · {len(OWN_CLASSES)} classes").first.wait_for()
+    yield page
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def trained_page(own_page):
+    """The own-folder visitor after a short training run on the folder (previews saved)."""
+    page = own_page
+    open_tab(page, "Train")
+    page.get_by_text("Idle.").first.wait_for()
+    _set_number(page, "Steps", TRAIN_STEPS)
+    _set_number(page, "Batch size", 8)
+    _set_number(page, "Preview every (steps)", PREVIEW_EVERY)
+    page.get_by_role("button", name="Start training").click()
+    page.get_by_text(f"after {TRAIN_STEPS} of {TRAIN_STEPS} steps").first.wait_for(timeout=TRAIN_MS)
+    return page
 
 
 def _shot(page, name: str, tmp_path: Path) -> Path:
@@ -102,10 +130,6 @@ def _shot(page, name: str, tmp_path: Path) -> Path:
     page.screenshot(path=str(path), full_page=True)
     assert path.stat().st_size > 10_000
     return path
-
-
-def _open_tab(page, name: str) -> None:
-    page.get_by_role("tab", name=name).click()
 
 
 def _set_number(page, label: str, value: float, *, slider: bool = False) -> None:
@@ -146,8 +170,9 @@ def _upload(page, files) -> None:
     page.wait_for_timeout(1500)  # the upload finishes before the click reads the component
 
 
-def test_data_tab(page, tmp_path):
-    _open_tab(page, "Data")
+def test_data_tab(fresh_page, tmp_path):
+    page = fresh_page
+    open_tab(page, "Data")
     page.get_by_role("button", name="Use the built-in demo set").click()
     page.get_by_text("imbalance ratio").first.wait_for()
     page.get_by_text("Validation passed").first.wait_for()
@@ -156,29 +181,19 @@ def test_data_tab(page, tmp_path):
     _shot(page, "data", tmp_path)
 
 
-def test_own_folder_broken_upload_then_recovery(page, tmp_path):
-    broken, good = make_own_folder(tmp_path / "own")
-    _open_tab(page, "Data")
-    _upload(page, [broken])
-    page.get_by_role("button", name="Validate and load upload").click()
-    page.get_by_text("Not a readable zip archive").first.wait_for()
-    load = page.get_by_role("button", name="Validate and load upload")
-    page.wait_for_function("b => !b.disabled", arg=load.element_handle())
-    clear = page.get_by_role("button", name="Clear")
-    if clear.count():
-        clear.first.click()  # remove the broken file before adding the good one
-    _upload(page, [good])
-    load.click()
-    n = sum(OWN_CLASSES.values())
-    page.get_by_text(f"{n} images · {len(OWN_CLASSES)} classes").first.wait_for()
+def test_own_folder_broken_upload_then_recovery(own_page):
+    page = own_page
+    open_tab(page, "Data")
+    page.get_by_text(f"{sum(OWN_CLASSES.values())} images · {len(OWN_CLASSES)} classes").first.wait_for()
     table = page.locator("[role=grid][aria-label='Images per class']")
     for name in OWN_CLASSES:
         assert name in table.inner_text()
     assert "Loaded:" in page.inner_text("body")
 
 
-def test_neighbours_tab(page, tmp_path):
-    _open_tab(page, "Neighbours")
+def test_neighbours_tab(own_page, tmp_path):
+    page = own_page
+    open_tab(page, "Neighbours")
     page.get_by_text("mean psi over its").first.wait_for(timeout=LOAD_MS)
     body = page.inner_text("body")
     assert "w_density" in body and "s_img" in body and "s_txt" in body
@@ -196,15 +211,11 @@ def test_neighbours_tab(page, tmp_path):
     _shot(page, "neighbours", tmp_path)
 
 
-def test_train_tab(page, tmp_path):
-    _open_tab(page, "Train")
-    page.get_by_text("Idle.").first.wait_for()
+def test_train_tab(trained_page, tmp_path):
+    page = trained_page
+    open_tab(page, "Train")
     assert "animals.zip" in page.inner_text("body")  # the banner names the user's set
-    _set_number(page, "Steps", TRAIN_STEPS)
-    _set_number(page, "Batch size", 8)
-    _set_number(page, "Preview every (steps)", PREVIEW_EVERY)
-    page.get_by_role("button", name="Start training").click()
-    page.get_by_text(f"after {TRAIN_STEPS} of {TRAIN_STEPS} steps").first.wait_for(timeout=TRAIN_MS)
+    page.get_by_text(f"after {TRAIN_STEPS} of {TRAIN_STEPS} steps").first.wait_for()
     body = page.inner_text("body")
     assert f"step {TRAIN_STEPS} / {TRAIN_STEPS}" in body
     assert "Loss terms" in body and "Runs (finished, stopped, interrupted)" in body
@@ -220,10 +231,11 @@ def _mean_difference(page) -> float:
     return float(re.search(r"Mean \|A − B\| = ([0-9.]+)", text).group(1))
 
 
-def test_compare_tab(page, tmp_path):
+def test_compare_tab(trained_page, tmp_path):
     """Compare, then per-class metrics judged on the user's own classes, without a reload; then a
     reload keeps all of it."""
-    _open_tab(page, "Compare")
+    page = trained_page
+    open_tab(page, "Compare")
     page.get_by_text("Same prompts and the same seeds", exact=False).first.wait_for()
     page.get_by_label("B (right)").click()
     page.get_by_role("option", name=re.compile(r"^run · ")).first.click()  # B: the run just trained
@@ -259,7 +271,7 @@ def test_compare_tab(page, tmp_path):
     before = _mean_difference(page)
     page.reload()
     page.get_by_text("PoGDiff Studio").first.wait_for()
-    _open_tab(page, "Compare")
+    open_tab(page, "Compare")
     page.get_by_text("Mean |A − B| =").first.wait_for()
     assert _mean_difference(page) == before
     assert page.get_by_label("Or type prompts").input_value() == "red fox, snow, photo"

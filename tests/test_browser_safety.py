@@ -1,7 +1,7 @@
 """In a real browser: a failed action re-enables its buttons, and an upload survives a page reload.
 
 Skipped like ``test_browser.py`` when Debian's chromium is missing. Training uses the fake train
-function of ``test_jobs.py``; no model is loaded.
+function of ``fakes.py``; no model is loaded.
 """
 
 from __future__ import annotations
@@ -11,10 +11,7 @@ import re
 
 import pytest
 
-from tests.fakes import free_port
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, VIEWPORT, _browser_or_skip, _open_tab
-from tests.test_jobs import FakeTrain
-from tests.test_ui import _tiny_set
+from tests.fakes import CHROMIUM, CHROMIUM_ARGS, VIEWPORT, FakeTrain, browser_or_skip, free_port, open_tab, tiny_set
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -23,7 +20,7 @@ WAIT_MS = 60_000
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    sync_playwright = _browser_or_skip()
+    sync_playwright = browser_or_skip()
     import app
     from pogdiff.jobs import JobManager
     from pogdiff.ui import Studio
@@ -39,7 +36,7 @@ def page(tmp_path_factory):
     bad = root / "bad"
     bad.mkdir()
     (bad / "notes.txt").write_text("no images here")
-    files = sorted(str(p) for p in _tiny_set(root / "set").iterdir())
+    files = sorted(str(p) for p in tiny_set(root / "set").iterdir())
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
@@ -72,7 +69,7 @@ def _upload(page, files) -> None:
 
 
 def test_a_bad_upload_re_enables_the_load_buttons(page):
-    _open_tab(page, "Data")
+    open_tab(page, "Data")
     _upload(page, page.bad_files)
     page.get_by_role("button", name="Validate and load upload").click()
     _enabled_after_error(page, "Validate and load upload", "no images found")
@@ -82,7 +79,7 @@ def test_a_bad_upload_re_enables_the_load_buttons(page):
 def test_an_upload_survives_a_page_reload(page):
     page.reload()
     page.get_by_text("PoGDiff Studio").first.wait_for()
-    _open_tab(page, "Data")
+    open_tab(page, "Data")
     _upload(page, page.good_files)
     page.get_by_role("button", name="Validate and load upload").click()
     page.get_by_text("8 images · 2 classes").first.wait_for()
@@ -94,7 +91,7 @@ def test_an_upload_survives_a_page_reload(page):
 
 
 def test_a_refused_training_re_enables_start(page):
-    _open_tab(page, "Train")
+    open_tab(page, "Train")
     page.get_by_text("Idle.").first.wait_for()
     page.get_by_role("radio", name="sd15").check()
     page.get_by_role("button", name="Start training").click()
@@ -103,7 +100,7 @@ def test_a_refused_training_re_enables_start(page):
 
 
 def test_compare_and_metrics_without_checkpoints_re_enable_their_buttons(page):
-    _open_tab(page, "Compare")
+    open_tab(page, "Compare")
     page.get_by_role("button", name="Generate A and B").click()
     # Without data there is no prompt to pick; with data (an earlier test loaded some) no checkpoint.
     _enabled_after_error(page, "Generate A and B", re.compile("Pick at least one prompt|is not available"))

@@ -1,4 +1,4 @@
-"""Compare and Neighbours views: the pure pieces (pogdiff.compare_views, the two-run figure) and
+"""Compare and Neighbours views: the pure pieces (pogdiff.ui.compare_views, the two-run figure) and
 the Studio methods behind them, with a fake sampler instead of a model."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pogdiff import compare_views as cv
+from pogdiff.ui import compare_views as cv
 from pogdiff import metrics
 
 A_TABLE = pd.DataFrame({"subject": ["a", "b", "c"], "train_count": [40, 2, 9], "shot": ["many", "few", "medium"],
@@ -168,7 +168,7 @@ def studio(tmp_path):
     from pogdiff import ui
     from pogdiff.jobs import JobManager
     from tests.fakes import HashEncoder
-    from tests.test_jobs import FakeTrain
+    from tests.fakes import FakeTrain
 
     return ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped",
                      jobs=JobManager(tmp_path / "runs", train_fn=FakeTrain()), device="cpu", view_encoder=HashEncoder())
@@ -180,9 +180,9 @@ def _noop(*args, **kwargs):
 
 @pytest.fixture
 def key(studio, tmp_path):
-    from tests.test_ui import _tiny_set
+    from tests.fakes import tiny_set
 
-    folder = _tiny_set(tmp_path / "set", {"Ann Lee": 6, "Bo Chan": 2, "Cy Dee": 1})
+    folder = tiny_set(tmp_path / "set", {"Ann Lee": 6, "Bo Chan": 2, "Cy Dee": 1})
     return studio.load_upload([str(p) for p in sorted(folder.iterdir())], progress=_noop)[0]
 
 
@@ -535,6 +535,7 @@ def test_neighbour_table_shows_psi_draw_and_informative_first(studio, key):
 
     head, frame, gallery = studio.neighbours_of(key, 0, 3, 1.0, "all")
     assert list(frame.columns[:6]) == ["image", "rank", "subject", "psi", "p(draw)", "informative"]
-    assert list(frame.columns) == app.NEIGHBOUR_HEADERS
-    assert dict(zip(app.NEIGHBOUR_HEADERS, app.NEIGHBOUR_TYPES))["informative"] == "bool"
-    assert dict(zip(app.NEIGHBOUR_HEADERS, app.NEIGHBOUR_TYPES))["image"] == "markdown"
+    table = next(b for b in app.build_demo(studio).blocks.values() if getattr(b, "elem_id", None) == "pg-nb-table")
+    assert table.headers == list(frame.columns)  # the tab lays out the columns the callback fills
+    types = dict(zip(table.headers, table.datatype))
+    assert types["informative"] == "bool" and types["image"] == "markdown"

@@ -13,70 +13,9 @@ import pytest
 
 from pogdiff.config import ModelConfig, TrainConfig
 from pogdiff.jobs import JobBusyError, JobManager, JobStatus, read_previews
+from tests.fakes import FakeDataset, FakeTrain
 
 TIMEOUT = 10.0
-
-
-@dataclass
-class FakeStep:
-    step: int
-    max_steps: int
-    terms: dict = field(default_factory=dict)
-    lr: float = 1e-4
-    psi_mean: float = 0.1
-    psi_active: float = 0.5
-    seconds_per_step: float = 0.01
-    eta_seconds: float = 1.0
-
-
-@dataclass
-class FakeResult:
-    run_dir: Path
-    last_checkpoint: Path
-    steps_done: int
-    stopped: bool
-    history: list
-
-
-class FakeTrain:
-    """Mimics pogdiff.training.train: steps gated by the test, honours stop_event, writes a checkpoint."""
-
-    def __init__(self, *, gated: bool = False, fail_at: int | None = None) -> None:
-        self.gated = gated
-        self.fail_at = fail_at
-        self.step_gate = threading.Semaphore(0)
-        self.started = threading.Event()
-        self.kwargs: dict = {}
-
-    def __call__(self, *, dataset, model_cfg, train_cfg, run_dir, base_checkpoint=None, callback=None,
-                 preview_callback=None, preview_captions=None, stop_event=None, cache_dir=None):
-        self.kwargs = dict(dataset=dataset, base_checkpoint=base_checkpoint, preview_captions=preview_captions,
-                           run_dir=Path(run_dir), train_cfg=train_cfg)
-        self.started.set()
-        steps_done, stopped = 0, False
-        for step in range(1, train_cfg.max_steps + 1):
-            if self.gated:
-                assert self.step_gate.acquire(timeout=TIMEOUT)
-            if stop_event is not None and stop_event.is_set():
-                stopped = True
-                break
-            if self.fail_at == step:
-                raise ValueError("learning_rate must be positive, got -1")
-            steps_done = step
-            callback(FakeStep(step, train_cfg.max_steps, {"loss": 1.0 / step, "mse": 0.5 / step, "pog": 0.1}))
-            if preview_callback is not None and step % 2 == 0:
-                preview_callback(step, np.full((2, 8, 8, 3), step, np.uint8), list(preview_captions or ["a", "b"]))
-        ckpt = Path(run_dir) / f"checkpoint-{steps_done:06d}"
-        (ckpt / "unet").mkdir(parents=True, exist_ok=True)
-        (ckpt / "configs.json").write_text(json.dumps({"model": {}, "train": {"method": train_cfg.method}}))
-        (ckpt / "unet" / "weights.safetensors").write_bytes(b"\0" * 16)
-        return FakeResult(Path(run_dir), ckpt, steps_done, stopped, [])
-
-
-class FakeDataset:
-    root = "demo"
-    samples = [0, 1, 2]
-    subjects = ["a", "a", "b"]
 
 
 def _cfgs(steps: int = 4, method: str = "pogdiff"):

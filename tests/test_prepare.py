@@ -19,11 +19,11 @@ class CountingEncoder(HashEncoder):
 @pytest.fixture
 def studio_and_key(tmp_path):
     from pogdiff import ui
-    from tests.test_ui import _tiny_set
+    from tests.fakes import tiny_set
 
     encoder = CountingEncoder()
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu", view_encoder=encoder)
-    folder = _tiny_set(tmp_path / "set", {"Ann Lee": 6, "Bo Chan": 3, "Cy Dee": 2})
+    folder = tiny_set(tmp_path / "set", {"Ann Lee": 6, "Bo Chan": 3, "Cy Dee": 2})
     key = studio.load_upload([str(p) for p in sorted(folder.iterdir())], progress=lambda *a, **k: None)[0]
     return studio, key, encoder
 

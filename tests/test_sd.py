@@ -228,7 +228,7 @@ def test_train_tab_trains_sd15_on_data_loaded_at_the_tiny_size(tmp_path, pipe_di
 
     from pogdiff import config, training, ui
     from pogdiff.jobs import JobManager
-    from tests.test_ui import _noop_progress, _opts, _tiny_set
+    from tests.fakes import noop_progress, tiny_set, train_form
 
     real_preset = config.model_preset
 
@@ -248,10 +248,10 @@ def test_train_tab_trains_sd15_on_data_loaded_at_the_tiny_size(tmp_path, pipe_di
 
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", single_user=True, device="cpu",
                        jobs=JobManager(tmp_path / "runs", train_fn=spy_train))
-    key = studio.load_upload([str(p) for p in _tiny_set(tmp_path / "set").iterdir()], progress=_noop_progress)[0]
+    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
     assert studio.bundle(key).ds.images.shape[1] == 32  # what the Data tab loaded
-    studio.start_training(key, *_opts(method="pogdiff", preset="sd15", pretrained=str(pipe_dir), steps=2,
-                                      batch_size=2, sample_every=0))
+    studio.start_run(key, train_form(method="pogdiff", preset="sd15", pretrained=str(pipe_dir), steps=2, batch_size=2,
+                                     sample_every=0))
     status = studio.jobs.wait(600)
     assert status.state == "finished", status.error
     assert seen and seen[0][1:3] == (64, 64)  # the job got the set at the model's size

@@ -22,14 +22,7 @@ from pogdiff import cli, safety, ui
 from pogdiff.config import LIMITS, ModelConfig, TrainConfig
 from pogdiff.jobs import JobManager
 
-try:  # tests/ as a package or as a plain folder on sys.path
-    from tests.fakes import free_port
-    from tests.test_jobs import FakeDataset, FakeTrain
-    from tests.test_ui import _noop_progress, _opts, _tiny_set
-except ImportError:  # pragma: no cover
-    from fakes import free_port
-    from test_jobs import FakeDataset, FakeTrain
-    from test_ui import _noop_progress, _opts, _tiny_set
+from tests.fakes import FakeDataset, FakeTrain, free_port, noop_progress, tiny_set, train_form
 
 TIMEOUT = 10.0
 GRADIO_REFUSES = "greater than maximum|less than minimum|not in the list of choices"  # gradio's own checks
@@ -222,18 +215,18 @@ def studio(tmp_path):
 ])
 def test_training_options_are_bounded_on_the_server(studio, kw, message):
     with pytest.raises(gr.Error, match=message):
-        studio.build_configs(*_opts(**kw))
+        studio.build_configs(train_form(**kw))
     with pytest.raises(gr.Error, match=message):
-        studio.start_training(None, *_opts(**kw))
+        studio.start_run(None, train_form(**kw))
     assert studio.jobs.current() is None
 
 
 def test_local_model_folders_only_in_single_user_mode(tmp_path):
     local = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path, device="cpu", single_user=True)
-    model_cfg, _ = local.build_configs(*_opts(preset="sd15", pretrained=str(tmp_path)))
+    model_cfg, _ = local.build_configs(train_form(preset="sd15", pretrained=str(tmp_path)))
     assert model_cfg.pretrained == str(tmp_path)
     hosted = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path, device="cpu")
-    assert hosted.build_configs(*_opts(preset="sd15", pretrained="org/model"))[0].pretrained == "org/model"
+    assert hosted.build_configs(train_form(preset="sd15", pretrained="org/model"))[0].pretrained == "org/model"
 
 
 @pytest.mark.parametrize("args,message", [
@@ -252,12 +245,12 @@ def test_compare_values_are_bounded_before_any_model_loads(studio, args, message
                   n_seeds=1, guidance=3.0, sample_steps=5)
     values.update(args)
     with pytest.raises(gr.Error, match=message):
-        studio.generate_pair(*values.values(), progress=_noop_progress)
+        studio.generate_pair(*values.values(), progress=noop_progress)
     assert studio._models == {}
 
 
 def test_data_and_neighbour_inputs_are_bounded(studio, tmp_path):
-    key = studio.load_upload([str(p) for p in _tiny_set(tmp_path / "set").iterdir()], progress=_noop_progress)[0]
+    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
     for args, message in (((key, -1, 3, 1.0, False), "caption index must be a whole number from 0 to 7"),
                           ((key, 0, 10**9, 1.0, False), "k \\(neighbours\\) must be a whole number from 1 to 50"),
                           ((key, 0, 3, float("nan"), False), "psi_max must be a finite number"),
@@ -268,7 +261,7 @@ def test_data_and_neighbour_inputs_are_bounded(studio, tmp_path):
     with pytest.raises(gr.Error, match="limit is 500"):
         studio.search(key, "q" * 5000, 3)
     with pytest.raises(gr.Error, match="Colour by must be one of"):
-        studio.neighbour_map(key, "/etc/passwd", progress=_noop_progress)
+        studio.neighbour_map(key, "/etc/passwd", progress=noop_progress)
     with pytest.raises(gr.Error, match="limit is 64"):
         studio.dataset_banner("k" * 1000)
     assert studio._parts == {}  # refused before any encoding
@@ -278,23 +271,23 @@ def test_upload_reads_only_the_upload_folder_and_keeps_only_sets_that_loaded(stu
     secret = tmp_path / "secret.jsonl"
     secret.write_text("{}\n")
     with pytest.raises(gr.Error, match="resolves outside"):
-        studio.load_upload([str(secret)], A, progress=_noop_progress)
+        studio.load_upload([str(secret)], A, progress=noop_progress)
     with pytest.raises(gr.Error, match="2001 files uploaded; at most 2000"):
-        studio.load_upload(["x"] * (LIMITS.max_upload_files + 1), progress=_noop_progress)
+        studio.load_upload(["x"] * (LIMITS.max_upload_files + 1), progress=noop_progress)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "notes.md").write_text("no images")
     with pytest.raises(gr.Error):
-        studio.load_upload([str(bad / "notes.md")], progress=_noop_progress)
+        studio.load_upload([str(bad / "notes.md")], progress=noop_progress)
     assert not studio.upload_store.exists() or list(studio.upload_store.iterdir()) == []
-    key = studio.load_upload([str(p) for p in _tiny_set(tmp_path / "set").iterdir()], progress=_noop_progress)[0]
+    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
     assert [p.name for p in studio.upload_store.iterdir()] == [key]  # no half-copied folder is left
 
 
 def test_a_reload_restores_the_dataset_by_its_content_hash(tmp_path):
-    files = [str(p) for p in _tiny_set(tmp_path / "set").iterdir()]
+    files = [str(p) for p in tiny_set(tmp_path / "set").iterdir()]
     first = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
-    key = first.load_upload(files, progress=_noop_progress)[0]
+    key = first.load_upload(files, progress=noop_progress)[0]
     assert key == ui.upload_key([Path(f) for f in reversed(files)])  # content, not order or temp paths
     restarted = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")  # nothing in memory
     out = restarted.restore_dataset(key)
@@ -308,7 +301,7 @@ def test_expired_uploads_and_exports_are_removed(tmp_path):
     import tempfile
 
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
-    key = studio.load_upload([str(p) for p in _tiny_set(tmp_path / "set").iterdir()], progress=_noop_progress)[0]
+    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
     incoming = studio.upload_store / f"{ui.UPLOAD_TMP_PREFIX}crashed"
     incoming.mkdir()
     export = Path(tempfile.mkdtemp(prefix=ui.EXPORT_TMP_PREFIX))
@@ -324,8 +317,8 @@ def test_a_job_belongs_to_the_session_that_started_it(tmp_path):
     fake = FakeTrain(gated=True)
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped",
                        jobs=JobManager(tmp_path / "runs", train_fn=fake), device="cpu")
-    key = studio.load_upload([str(p) for p in _tiny_set(tmp_path / "set").iterdir()], progress=_noop_progress)[0]
-    studio.start_training(key, *_opts(steps=2), request=A)
+    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
+    studio.start_run(key, train_form(steps=2), A)
     assert studio.poll(-1, B)[5].interactive is False and studio.poll(-1, A)[5].interactive is True
     with pytest.raises(gr.Error, match="started by another visitor"):
         studio.stop_training(B)
@@ -423,7 +416,7 @@ def served(tmp_path_factory):
     url = f"http://127.0.0.1:{port}/"
     try:
         yield SimpleNamespace(url=url, studio=studio, fake=fake, root=root, outside=outside,
-                              client=lambda: Client(url, verbose=False), set=_tiny_set(root / "set"))
+                              client=lambda: Client(url, verbose=False), set=tiny_set(root / "set"))
     finally:
         demo.close()
 

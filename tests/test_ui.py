@@ -15,13 +15,11 @@ import pytest
 from PIL import Image
 
 from pogdiff import ui
+from pogdiff.ui import shared
 from pogdiff.config import DataConfig, PsiConfig
 from pogdiff.jobs import JobManager, JobStatus, RunInfo
 
-try:  # tests/ as a package or as a plain folder on sys.path
-    from tests.test_jobs import FakeTrain
-except ImportError:  # pragma: no cover
-    from test_jobs import FakeTrain
+from tests.fakes import SHAPES, FakeTrain, kohya_zip, noop_progress, tiny_set, train_form
 
 CFG = DataConfig()
 
@@ -127,17 +125,9 @@ def studio(tmp_path):
                      jobs=JobManager(tmp_path / "runs", train_fn=FakeTrain()), device="cpu")
 
 
-def _opts(**kw):
-    values = dict(method="pogdiff", preset="tiny", pretrained="", steps=4, batch_size=2, lr=1e-4, psi_max=1.0,
-                  k=3, use_density=True, use_image_sim=True, use_text_sim=True, pool="all", sample_every=2,
-                  seed=0)
-    values.update(kw)
-    return list(values.values())
-
-
 def test_build_configs_maps_every_option(studio):
-    model_cfg, train_cfg = studio.build_configs(*_opts(method="cbdm", psi_max=2.5, k=7, use_image_sim=False,
-                                                       pool="other_class", seed=3))
+    model_cfg, train_cfg = studio.build_configs(train_form(method="cbdm", psi_max=2.5, k=7, use_image_sim=False,
+                                                           pool="other_class", seed=3))
     assert model_cfg.preset == "tiny"
     assert (train_cfg.method, train_cfg.max_steps, train_cfg.batch_size, train_cfg.seed) == ("cbdm", 4, 2, 3)
     assert train_cfg.psi.psi_max == 2.5 and train_cfg.psi.k == 7
@@ -154,42 +144,40 @@ def test_build_configs_maps_every_option(studio):
 ])
 def test_build_configs_rejects_bad_values_with_gr_error(studio, kw, message):
     with pytest.raises(gr.Error, match=message):
-        studio.build_configs(*_opts(**kw))
+        studio.build_configs(train_form(**kw))
+
+
+def test_the_api_endpoints_take_the_forms_fields_by_name(studio, tmp_path):
+    """/start_training and /estimate_time take the TrainForm's fields as named parameters (the README's
+    API list): positionally, as the Start button sends them, or by name, as an API caller may."""
+    import dataclasses
+    import inspect
+
+    for endpoint in (studio.start_training, studio.estimate_time):
+        assert list(inspect.signature(endpoint).parameters) == ["key", *ui.TrainForm.names(), "request"]
+    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
+    studio.start_training(key, *train_form(steps=2, run_name="positional").values())
+    assert studio.jobs.wait(10).run_name == "positional"
+    studio.start_training(key, **dataclasses.asdict(train_form(steps=2, run_name="by-name")))
+    assert studio.jobs.wait(10).run_name == "by-name"
+    with pytest.raises(TypeError):
+        studio.start_training(key, **dataclasses.asdict(train_form()), same_class=True)  # not a field
 
 
 def test_sd15_on_cpu_is_refused(studio):
     with pytest.raises(gr.Error, match="needs a GPU"):
-        studio.start_training(None, *_opts(preset="sd15", pretrained="some/model"))
-
-
-def _tiny_set(folder, counts=None):
-    counts = counts or {"Ann Lee": 6, "Bo Chan": 2}
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    rng = np.random.default_rng(0)
-    for subject, n in counts.items():
-        for i in range(n):
-            name = f"{subject.split()[0].lower()}_{i}.png"
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / name)
-            rows.append({"file_name": name, "text": f"a photo of {subject}, about {20 + 5 * i} years old",
-                         "subject": subject})
-    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return folder
-
-
-def _noop_progress(*args, **kwargs):
-    return None
+        studio.start_run(None, train_form(preset="sd15", pretrained="some/model"))
 
 
 def test_upload_loose_files_then_galleries_and_training_with_fake(studio, tmp_path):
-    folder = _tiny_set(tmp_path / "set")
+    folder = tiny_set(tmp_path / "set")
     files = [str(p) for p in sorted(folder.iterdir())]
-    key, headline, report, table, long_tail, class_dd, gallery = studio.load_upload(files, progress=_noop_progress)
+    key, headline, report, table, long_tail, class_dd, gallery = studio.load_upload(files, progress=noop_progress)
     assert key.startswith("upload-") and "8 images · 2 classes" in headline
     assert table["subject"].tolist() == ["Ann Lee", "Bo Chan"] and long_tail["rank"].tolist() == [1, 2]
     assert class_dd.value == "Bo Chan" and len(gallery) == 2  # few-shot class first
     assert "8 images" in studio.dataset_banner(key)
-    studio.start_training(key, *_opts())
+    studio.start_run(key, train_form())
     status = studio.jobs.wait(10)
     assert status.state == "finished" and status.preview_captions[0].startswith("a photo of Bo Chan")
     md, html, frame, preview, start, stop, runs, version = studio.poll(-1)
@@ -205,7 +193,7 @@ def test_upload_loose_files_then_galleries_and_training_with_fake(studio, tmp_pa
     assert [c[1] for c in a.choices] == [f"run:{runs.value}"] and "not there yet" in note
     assert a.value == b.value == f"run:{runs.value}"
     with pytest.raises(gr.Error, match="evaluator"):
-        studio.compute_metrics(a.value, b.value, progress=_noop_progress)
+        studio.compute_metrics(a.value, b.value, progress=noop_progress)
 
 
 def test_upload_zip_with_errors_raises_the_data_layer_message(studio, tmp_path):
@@ -213,20 +201,20 @@ def test_upload_zip_with_errors_raises_the_data_layer_message(studio, tmp_path):
     with zipfile.ZipFile(bad, "w") as zf:
         zf.writestr("notes.md", "no images here")
     with pytest.raises(gr.Error) as info:
-        studio.load_upload([str(bad)], progress=_noop_progress)
+        studio.load_upload([str(bad)], progress=noop_progress)
     assert "image" in str(info.value).lower()
     with pytest.raises(gr.Error, match="Upload a .zip"):
-        studio.load_upload(None, progress=_noop_progress)
+        studio.load_upload(None, progress=noop_progress)
 
 
 def test_second_start_is_refused_in_the_ui(tmp_path):
     fake = FakeTrain(gated=True)
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped",
                        jobs=JobManager(tmp_path / "runs", train_fn=fake), device="cpu")
-    key = studio.load_upload([str(p) for p in _tiny_set(tmp_path / "set").iterdir()], progress=_noop_progress)[0]
-    studio.start_training(key, *_opts(steps=2))
+    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
+    studio.start_run(key, train_form(steps=2))
     with pytest.raises(gr.Error, match="already running"):
-        studio.start_training(key, *_opts(steps=2))
+        studio.start_run(key, train_form(steps=2))
     md, *_ = studio.stop_training()
     assert "Stopping" in md
     fake.step_gate.release()
@@ -238,9 +226,9 @@ def test_unknown_dataset_key_and_missing_checkpoint_are_clear(studio):
     with pytest.raises(gr.Error, match="no longer in memory"):
         studio.bundle("upload-deadbeef")
     with pytest.raises(gr.Error, match="not available"):
-        studio.generate_pair("run:nope", "run:nope", ["a photo of x"], "", 1, 3.0, 5, progress=_noop_progress)
+        studio.generate_pair("run:nope", "run:nope", ["a photo of x"], "", 1, 3.0, 5, progress=noop_progress)
     with pytest.raises(gr.Error, match="Pick at least one prompt"):
-        studio.generate_pair("run:nope", "run:nope", [], " ", 1, 3.0, 5, progress=_noop_progress)
+        studio.generate_pair("run:nope", "run:nope", [], " ", 1, 3.0, 5, progress=noop_progress)
 
 
 def test_precomputed_metrics_need_both_shipped_tables(studio, tmp_path):
@@ -290,7 +278,7 @@ def test_every_event_that_disables_a_button_re_enables_it_when_it_fails(tmp_path
 
     demo = app.build_demo(ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu"))
     fns = dict(demo.fns)
-    busy = {i: f for i, f in fns.items() if f.fn in (app._busy, app._busy1)}
+    busy = {i: f for i, f in fns.items() if f.fn in (shared.disable_two, shared.disable)}
     assert len(busy) == 5  # demo set, upload, start training, compare, metrics
     for busy_id, step in busy.items():
         disabled = {o._id for o in step.outputs}
@@ -307,19 +295,19 @@ def test_every_event_that_disables_a_button_re_enables_it_when_it_fails(tmp_path
 def test_runs_named_by_the_user_are_checked_and_listed(tmp_path):
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped",
                        jobs=JobManager(tmp_path / "runs", train_fn=FakeTrain()), device="cpu")
-    key = studio.load_upload([str(p) for p in _tiny_set(tmp_path / "set").iterdir()], progress=_noop_progress)[0]
+    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
     with pytest.raises(gr.Error, match="is not a run name"):
-        studio.start_training(key, *_opts(steps=2), "../outside")
-    studio.start_training(key, *_opts(steps=2), " my-first.run ")
+        studio.start_run(key, train_form(steps=2, run_name="../outside"))
+    studio.start_run(key, train_form(steps=2, run_name=" my-first.run "))
     assert studio.jobs.wait(10).run_name == "my-first.run" and (tmp_path / "runs" / "my-first.run").is_dir()
     with pytest.raises(gr.Error, match="a run named 'my-first.run' exists already"):
-        studio.start_training(key, *_opts(steps=2), "my-first.run")
+        studio.start_run(key, train_form(steps=2, run_name="my-first.run"))
     frame = studio.runs_table()
     row = frame[frame["run"] == "my-first.run"].iloc[0]
     assert row["method"] == "pogdiff" and row["steps"] == "2/2" and row["images"] == 8
     assert row["data"] == key  # the stored upload's folder
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", row["finished"])
-    studio.start_training(key, *_opts(steps=2))  # empty name: a dated one, as before
+    studio.start_run(key, train_form(steps=2))  # empty name: a dated one, as before
     assert re.fullmatch(r"\d{8}-\d{6}-pogdiff", studio.jobs.wait(10).run_name)
 
 
@@ -330,15 +318,15 @@ def test_train_from_scratch_skips_the_shipped_base(tmp_path):
     (shipped / "base-tiny" / "configs.json").write_text("{}")
     studio = ui.Studio(tmp_path / "runs", shipped_dir=shipped, jobs=JobManager(tmp_path / "runs", train_fn=fake),
                        device="cpu")
-    key = studio.load_upload([str(p) for p in _tiny_set(tmp_path / "set").iterdir()], progress=_noop_progress)[0]
-    studio.start_training(key, *_opts(steps=2))
+    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
+    studio.start_run(key, train_form(steps=2))
     studio.jobs.wait(10)
     assert fake.kwargs["base_checkpoint"] == shipped / "base-tiny"  # the default: fine-tune the face base
-    studio.start_training(key, *_opts(steps=2), "", True)
+    studio.start_run(key, train_form(steps=2, from_scratch=True))
     studio.jobs.wait(10)
     assert fake.kwargs["base_checkpoint"] is None
     with pytest.raises(gr.Error, match="Train from scratch"):
-        studio.start_training(key, *_opts(steps=2), "", "maybe")
+        studio.start_run(key, train_form(steps=2, from_scratch="maybe"))
 
 
 # ------------------------------------------------------------- Train tab: form, previews, time estimate
@@ -348,7 +336,7 @@ def _studio_with_base(tmp_path, fake=None):
     (shipped / "base-tiny" / "configs.json").write_text("{}")
     studio = ui.Studio(tmp_path / "runs", shipped_dir=shipped,
                        jobs=JobManager(tmp_path / "runs", train_fn=fake or FakeTrain()), device="cpu")
-    key = studio.load_upload([str(p) for p in _tiny_set(tmp_path / "set").iterdir()], progress=_noop_progress)[0]
+    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
     return studio, key
 
 
@@ -361,15 +349,15 @@ def test_the_form_after_a_reload_shows_the_last_jobs_settings(tmp_path):
     studio.start_training(key, *options.values(), "restored", True)
     studio.jobs.wait(10)
     *values, note = studio.restore_train_form()
-    restored = dict(zip(ui.Studio.TRAIN_FORM, values))
+    restored = dict(zip(ui.TrainForm.RESTORED, values))
     assert restored.pop("base").value == "scratch"  # Start from: the run began from a random UNet
     pretrained = restored.pop("pretrained")
     assert pretrained.visible is False and pretrained.value == ""
     assert restored == {k: v for k, v in options.items() if k != "pretrained"}
     assert "run **restored** (finished)" in note
-    studio.start_training(key, *_opts(steps=2))  # the shipped base: from_scratch comes back False
+    studio.start_run(key, train_form(steps=2))  # the shipped base: from_scratch comes back False
     studio.jobs.wait(10)
-    assert dict(zip(ui.Studio.TRAIN_FORM, studio.restore_train_form()))["base"].value == "shipped"
+    assert dict(zip(ui.TrainForm.RESTORED, studio.restore_train_form()))["base"].value == "shipped"
 
 
 def test_form_values_need_the_saved_configs():
@@ -385,7 +373,7 @@ def test_preview_history_with_a_step_slider(tmp_path):
     studio, key = _studio_with_base(tmp_path)
     slider, items, note = studio.preview_history("")
     assert slider.interactive is False and items == [] and "No previews saved" in note
-    studio.start_training(key, *_opts(steps=6, sample_every=2), "with-previews")
+    studio.start_run(key, train_form(steps=6, sample_every=2, run_name="with-previews"))
     studio.jobs.wait(10)
     slider, items, note = studio.preview_history("")  # the current job
     assert (slider.minimum, slider.maximum, slider.step, slider.value) == (2, 6, 2, 6)
@@ -403,10 +391,10 @@ def test_preview_history_with_a_step_slider(tmp_path):
 def test_time_estimate_before_start_is_measured(tmp_path):
     studio, key = _studio_with_base(tmp_path)
     assert "recorded its step time yet" in studio.recorded_estimate("pogdiff", "tiny", 300, 2)
-    md = studio.estimate_time(key, *_opts(steps=300))
+    md = studio.estimate_run(key, train_form(steps=300))
     assert "for 300 steps" in md and "measured just now by timing 2 real steps" in md and "CPU cores" in md
     assert studio.jobs.list_runs() == []  # the trial keeps nothing
-    studio.start_training(key, *_opts(steps=4))
+    studio.start_run(key, train_form(steps=4))
     studio.jobs.wait(10)
     md = studio.recorded_estimate("pogdiff", "tiny", 300, 2)  # FakeTrain reports 0.01 s/step: 3 s for 300
     assert md.startswith("About **3s** for 300 steps: 0.01 s/step") and "over 4 steps" in md
@@ -435,62 +423,44 @@ def test_changing_a_or_b_never_leaves_another_pairs_metrics_on_screen(studio, tm
 
 
 # ------------------------------------------------------------------ Data tab: class source
-SHAPES = {"red circle": 8, "blue square": 5, "green triangle": 3, "yellow star": 2, "purple hexagon": 1}
-
-
-def _kohya_zip(path):
-    """A flat kohya-style zip: one .txt of comma-separated tags per image, the class tag first."""
-    rng = np.random.default_rng(0)
-    with zipfile.ZipFile(path, "w") as zf:
-        i = 0
-        for shape, n in SHAPES.items():
-            for j in range(n):
-                buf = __import__("io").BytesIO()
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
-                zf.writestr(f"img_{i:03d}.png", buf.getvalue())
-                zf.writestr(f"img_{i:03d}.txt", f"{shape}, {('white', 'blue')[j % 2]} background, flat colors")
-                i += 1
-    return path
-
-
 def test_a_flat_kohya_zip_loads_its_tag_classes_with_their_counts(studio, tmp_path):
     key, headline, report, table, long_tail, class_dd, gallery = studio.load_upload(
-        str(_kohya_zip(tmp_path / "shapes.zip")), progress=_noop_progress)
+        str(kohya_zip(tmp_path / "shapes.zip")), progress=noop_progress)
     assert dict(zip(table["subject"], table["count"])) == SHAPES  # not split by background, not clustered
     assert "19 images · 5 classes" in headline
     assert "**Classes from:** first tag (auto: the captions are tags (19 of 19 comma-separated; 18 of 19" in headline
     assert "classes_clustered" not in report and "Class source" in headline
     assert class_dd.value == "green triangle" and studio.class_source_of(key) == "auto"  # the first few-shot class
     with pytest.raises(gr.Error, match="does not read 'a photo of X, ...'") as refused:  # another source, refused
-        studio.reload_classes(key, "template", progress=_noop_progress)
+        studio.reload_classes(key, "template", progress=noop_progress)
     assert "&lt;subject&gt;" in str(refused.value) and "<subject>" not in str(refused.value)
     assert (studio.upload_store / key).is_dir()  # the refused source keeps the upload that loaded
     assert studio.bundle(key).ds.class_source == "first_tag"
 
 
 def test_the_class_source_choice_reloads_the_set_and_survives_a_restart(studio, tmp_path):
-    files = [str(p) for p in _tiny_set(tmp_path / "set").iterdir()]
-    key = studio.load_upload(files, progress=_noop_progress)[0]
+    files = [str(p) for p in tiny_set(tmp_path / "set").iterdir()]
+    key = studio.load_upload(files, progress=noop_progress)[0]
     assert studio.bundle(key).ds.class_source == "column"
-    tags_key, headline, _, table, *_ = studio.reload_classes(key, "first_tag", progress=_noop_progress)
+    tags_key, headline, _, table, *_ = studio.reload_classes(key, "first_tag", progress=noop_progress)
     assert tags_key == f"{key}~first_tag" and studio.class_source_of(tags_key) == "first_tag"
     assert table["subject"].tolist() == ["a photo of Ann Lee", "a photo of Bo Chan"]
     assert "**Classes from:** first tag (chosen: first tag)" in headline
-    assert studio.reload_classes(tags_key, "auto", progress=_noop_progress)[0] == key
-    assert studio.load_upload(files, None, "first_tag", progress=_noop_progress)[0] == tags_key
+    assert studio.reload_classes(tags_key, "auto", progress=noop_progress)[0] == key
+    assert studio.load_upload(files, None, "first_tag", progress=noop_progress)[0] == tags_key
     bundle = studio.bundle(tags_key)
     assert studio.dataset_at(bundle, 16).subjects == bundle.subjects  # another size keeps the class source
     restarted = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
     assert restarted.restore_dataset(tags_key)[3]["subject"].tolist() == ["a photo of Ann Lee", "a photo of Bo Chan"]
-    assert all(isinstance(x, dict) for x in restarted.reload_classes(None, "cluster", progress=_noop_progress))
+    assert all(isinstance(x, dict) for x in restarted.reload_classes(None, "cluster", progress=noop_progress))
     with pytest.raises(gr.Error, match="Class source must be one of"):
-        studio.reload_classes(key, "../tags", progress=_noop_progress)
+        studio.reload_classes(key, "../tags", progress=noop_progress)
 
 
 def test_the_form_note_follows_the_job_when_it_ends(tmp_path):
     fake = FakeTrain(gated=True)
     studio, key = _studio_with_base(tmp_path, fake)
-    studio.start_training(key, *_opts(steps=2), "live")
+    studio.start_run(key, train_form(steps=2, run_name="live"))
     *_, note = studio.restore_train_form()  # a page load while the job runs
     assert "run **live** (running)" in note
     fake.step_gate.release(2)
@@ -513,17 +483,17 @@ def test_start_from_offers_the_shipped_base_scratch_and_own_runs_and_trains_from
     fake = FakeTrain()
     studio, key = _studio_with_base(tmp_path, fake)
     assert [v for _, v in studio.base_choices()] == ["shipped", "scratch"]  # no run yet
-    studio.start_training(key, *_opts(steps=2), "first", False, "shipped")
+    studio.start_run(key, train_form(steps=2, run_name="first", base="shipped"))
     studio.jobs.wait(10)
     assert fake.kwargs["base_checkpoint"] == tmp_path / "shipped" / "base-tiny"
     assert [v for _, v in studio.base_choices()] == ["shipped", "scratch", "run:first"]
     first_ckpt = studio.jobs.get_run("first").checkpoint
-    studio.start_training(key, *_opts(steps=2), "second", False, "run:first")  # what the Train tab sends
+    studio.start_run(key, train_form(steps=2, run_name="second", base="run:first"))  # what the Train tab sends
     studio.jobs.wait(10)
     assert fake.kwargs["base_checkpoint"] == first_ckpt and first_ckpt.name == "checkpoint-000002"
     assert json.loads((tmp_path / "runs" / "second" / "run.json").read_text())["base_checkpoint"] == str(first_ckpt)
-    assert dict(zip(ui.Studio.TRAIN_FORM, studio.restore_train_form()))["base"].value == "run:first"
-    studio.start_training(key, *_opts(steps=2), "third", False, "scratch")
+    assert dict(zip(ui.TrainForm.RESTORED, studio.restore_train_form()))["base"].value == "run:first"
+    studio.start_run(key, train_form(steps=2, run_name="third", base="scratch"))
     studio.jobs.wait(10)
     assert fake.kwargs["base_checkpoint"] is None
     dd = studio.base_options("run:gone")  # a choice that is no longer offered falls back to the first
@@ -532,7 +502,7 @@ def test_start_from_offers_the_shipped_base_scratch_and_own_runs_and_trains_from
                          ("run:../x", "is not a run name"), ("elsewhere", "Start from must be 'shipped', 'scratch'"),
                          ("run:first", "contradict")):
         with pytest.raises(gr.Error, match=message):
-            studio.start_training(key, *_opts(steps=2), "", bad == "run:first", bad)
+            studio.start_run(key, train_form(steps=2, from_scratch=bad == "run:first", base=bad))
 
 
 def test_a_run_of_another_visitor_or_another_size_is_no_base(tmp_path):
@@ -541,18 +511,18 @@ def test_a_run_of_another_visitor_or_another_size_is_no_base(tmp_path):
     A, B = SimpleNamespace(username=None, session_hash="a"), SimpleNamespace(username=None, session_hash="b")
     fake = FakeTrain()
     studio, key = _studio_with_base(tmp_path, fake)
-    studio.start_training(key, *_opts(steps=2), "theirs", request=A)
+    studio.start_run(key, train_form(steps=2, run_name="theirs"), A)
     studio.jobs.wait(10)
     assert "run:theirs" in [v for _, v in studio.base_choices(A)]
     assert "run:theirs" not in [v for _, v in studio.base_choices(B)]
     with pytest.raises(gr.Error, match="started by another visitor"):
-        studio.start_training(key, *_opts(steps=2), "", False, "run:theirs", request=B)
+        studio.start_run(key, train_form(steps=2, base="run:theirs"), B)
     meta_path = tmp_path / "runs" / "theirs" / "run.json"
     meta = json.loads(meta_path.read_text())
     meta["model_cfg"]["resolution"] = 64
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(gr.Error, match=r"cannot start a tiny run at 32 px"):
-        studio.start_training(key, *_opts(steps=2), "", False, "run:theirs", request=A)
+        studio.start_run(key, train_form(steps=2, base="run:theirs"), A)
 
 
 def test_layout_keeps_the_plot_title_the_report_levels_and_a_metrics_download(tmp_path):

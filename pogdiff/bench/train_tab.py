@@ -25,12 +25,10 @@ DEFAULT_STEPS = 300  # the app's default Steps value
 DEFAULT_PREVIEW_EVERY = 50  # the app's default preview cadence
 
 
-def _options(steps: int, sample_every: int) -> list:
-    from pogdiff.config import PsiConfig, train_preset
+def _options(steps: int, sample_every: int):
+    from pogdiff.ui.train_form import TrainForm
 
-    t, psi = train_preset("tiny"), PsiConfig()
-    return ["pogdiff", "tiny", "", steps, t.batch_size, t.learning_rate, psi.psi_max, psi.k, psi.use_density,
-            psi.use_image_sim, psi.use_text_sim, psi.pool, sample_every, t.seed]
+    return TrainForm(steps=steps, sample_every=sample_every)  # the form's other values as the app starts with
 
 
 def _wait_for_step(studio, step: int, timeout: float) -> None:
@@ -54,7 +52,7 @@ def run(steps: int = DEFAULT_STEPS, stop_at: tuple[int, ...] = (10, DEFAULT_PREV
         studio = Studio(Path(tmp) / "runs", device="cpu")
         studio.load_demo(progress=lambda *a, **k: None)
         t0 = time.perf_counter()
-        studio.start_training(DEMO_KEY, *_options(steps, sample_every))
+        studio.start_run(DEMO_KEY, _options(steps, sample_every))
         status = studio.jobs.wait(timeout=3 * 3600)
         out["default_run_s"] = time.perf_counter() - t0
         out["default_run_state"] = status.state
@@ -62,7 +60,7 @@ def run(steps: int = DEFAULT_STEPS, stop_at: tuple[int, ...] = (10, DEFAULT_PREV
         out["train_seconds_per_step"] = status.seconds_per_step
         stops = []
         for step in stop_at:
-            studio.start_training(DEMO_KEY, *_options(steps, sample_every))
+            studio.start_run(DEMO_KEY, _options(steps, sample_every))
             _wait_for_step(studio, step, timeout=1800)
             t_stop = time.perf_counter()
             studio.jobs.stop()

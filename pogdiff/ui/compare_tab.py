@@ -1,15 +1,21 @@
-"""The Compare tab's callbacks (a mixin of :class:`pogdiff.ui.Studio`): checkpoints, images, kept state."""
+"""The Compare tab: its layout and events (:func:`build`) and its callbacks (:class:`CompareTab`, a mixin
+of :class:`pogdiff.ui.Studio`: checkpoints, images, kept state). The per-class metrics below the images
+are the Studio's :class:`~pogdiff.ui.metrics_tab.MetricsPanel`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
 from pogdiff import safety
-from pogdiff.compare_views import (
+from pogdiff.config import (
+    SampleConfig,
+)
+from pogdiff.data.stats import shot_bucket
+from pogdiff.ui.compare_views import (
     MAX_REAL_IMAGES,
     CompareState,
     ResultCache,
@@ -19,10 +25,7 @@ from pogdiff.compare_views import (
     real_examples,
     subject_for_prompt,
 )
-from pogdiff.config import (
-    SampleConfig,
-)
-from pogdiff.data.stats import shot_bucket
+from pogdiff.ui.shared import Shared, disable, enable
 from pogdiff.ui.state import DatasetBundle, Source
 from pogdiff.ui.views import (
     DEMO_KEY,
@@ -35,6 +38,9 @@ from pogdiff.ui.views import (
     short_prompt,
     upscale,
 )
+
+if TYPE_CHECKING:
+    from pogdiff.ui.studio import Studio
 
 
 class CompareTab:
@@ -114,7 +120,7 @@ class CompareTab:
 
     def prompt_choices(self, key: str | None, current: Any = None) -> Any:
         """One prompt per class (rarest first) in the set's caption style (tags for a tag-captioned
-        set, else the caption template: :func:`pogdiff.compare_views.class_prompts`); few-shot ones
+        set, else the caption template: :func:`pogdiff.ui.compare_views.class_prompts`); few-shot ones
         pre-selected, or the current selection kept."""
         bundle = self.bundle(key)
         prompt_of = class_prompts(bundle.captions, bundle.subjects, self.data_config.caption_template)
@@ -298,3 +304,134 @@ class CompareTab:
         return (gr.Dropdown(value=kept.run_a, allow_custom_value=True), gr.Dropdown(value=kept.run_b, allow_custom_value=True),
                 gr.Dropdown(value=kept.prompts, multiselect=True, allow_custom_value=True),
                 kept.custom, kept.n_seeds, kept.guidance, kept.sample_steps, *pair, *real, *diff, *metrics)
+
+
+# ================================================================================ layout
+COMPARE_HELP = """Two checkpoints, the **same prompts and the same seeds**: any difference comes from the
+fine-tuning. Prompts of few-shot subjects are pre-selected because that is where PoGDiff should help.
+Drag the slider to compare one pair; the grids show every prompt × seed, beside the real training images
+of each prompted subject, and the heatmap below shows where A and B differ. **Compute metrics** scores
+generations of each class of the loaded data: on the demo with its identity classifier; on your own data
+with a classifier fitted on your images, whose reliability per class is shown beside the scores (a class
+it cannot tell apart is marked weak). Accuracy per class and against class frequency, and B − A per class. The tab keeps your choices and results over a page reload."""
+
+# ZeroGPU: the events that run models share one queue and ask for the GPU this long (seconds).
+GPU_QUEUE = "gpu"
+COMPARE_GPU_SECONDS = 120
+METRICS_GPU_SECONDS = 300
+
+
+def zero_gpu(fn, duration: int):
+    """``fn`` wrapped in ``spaces.GPU(duration=duration)`` when the ``spaces`` package is present
+    (Hugging Face ZeroGPU Spaces), else ``fn`` itself."""
+    try:
+        import spaces  # type: ignore[import-not-found]
+    except ImportError:
+        return fn
+    return spaces.GPU(duration=duration)(fn)
+
+
+def build(studio: Studio, shared: Shared) -> gr.Tab:
+    """The Compare tab: two runs on the same prompts and seeds, real images, |A − B|, per-class metrics.
+    Its choices and results are kept in the browser over page reloads."""
+    ds_key, kept, L = shared.dataset, shared.kept_compare, studio.limits  # kept: choices + results token
+    with gr.Tab("Compare", id="compare") as tab:
+        gr.Markdown(COMPARE_HELP, elem_classes="explain")
+        note = gr.Markdown(studio.shipped_note())
+        with gr.Row():
+            run_a = gr.Dropdown(label="A (left)", choices=[], allow_custom_value=True,
+                                info="Usually the baseline: a shipped checkpoint or one of your runs.")
+            run_b = gr.Dropdown(label="B (right)", choices=[], allow_custom_value=True,
+                                info="Usually PoGDiff, fine-tuned with the same budget.")
+            refresh_btn = gr.Button("Refresh list", scale=0, min_width=120)
+        with gr.Row():
+            prompts = gr.Dropdown(label="Prompts (rarest classes first)", choices=[], scale=3,
+                                  multiselect=True, allow_custom_value=True, filterable=True,
+                                  info="Few-shot subjects are pre-selected; type to add any prompt.")
+            with gr.Column(scale=2, min_width=280):
+                custom = gr.Textbox(label="Or type prompts", lines=2,
+                                    placeholder="a photo of Mira Okafor, about 60 years old, smiling",
+                                    max_length=L.max_prompts * (L.max_text_chars + 1),
+                                    info=f"One prompt per line (at most {L.max_text_chars} "
+                                         "characters each), added to the ticked ones.")
+                n_seeds = gr.Slider(1, 8, value=4, step=1, label="Seeds per prompt",
+                                    info="Seeds 0..n-1, identical for A and B.")
+                guidance = gr.Slider(1.0, 8.0, value=3.0, step=0.5, label="Guidance scale",
+                                     info="Classifier-free guidance; 1 turns it off.")
+                sample_steps = gr.Slider(5, 50, value=25, step=1, label="Sampling steps",
+                                         info="DDIM steps per image.")
+        gen_btn = gr.Button("Generate A and B", variant="primary")
+        pair_md = gr.Markdown("")
+        slider = gr.ImageSlider(label="A ◀ drag ▶ B (first prompt, seed 0)", type="numpy", max_height=320,
+                                elem_classes="pixelated", interactive=False)
+        with gr.Row():
+            with gr.Column(scale=2, min_width=240):
+                real_gallery = gr.Gallery(label="Real training images of the prompted subjects", columns=4,
+                                          height=260, object_fit="contain", fit_columns=False,
+                                          elem_classes="pixelated", elem_id="pg-real-images")
+                real_md = gr.Markdown("", elem_id="pg-real-md")
+            grid_a = gr.Image(label="A", type="pil", interactive=False, elem_classes="pixelated", scale=3)
+            grid_b = gr.Image(label="B", type="pil", interactive=False, elem_classes="pixelated", scale=3)
+        with gr.Row():
+            diff = gr.Image(label="|A − B| per image, amplified (black: identical)", type="pil",
+                            interactive=False, elem_classes="pixelated", scale=3, elem_id="pg-diff")
+            diff_md = gr.Markdown("", elem_id="pg-diff-md")
+        gr.Markdown("### Per-class metrics")
+        with gr.Row():
+            metrics_btn = gr.Button("Compute metrics (A and B draw each class of the loaded data; judged per class)",
+                                    scale=3)
+            metrics_full = gr.Checkbox(False, label="Full evaluation (8 captions per class, about twice as "
+                                                    "long; default: the fast 4)", scale=2)
+        metrics_md = gr.Markdown("")
+        with gr.Row():
+            # no component label over the figure: it would cover the figure's own title
+            metrics_plot = gr.Plot(label="Accuracy vs class frequency: A, B and B − A", scale=3,
+                                   show_label=False, elem_id="pg-metrics-plot")
+            with gr.Column(scale=4):
+                metrics_table = gr.Dataframe(
+                    label="Per-class metrics: B − A, its 95% interval and the verdict first (rarest first)",
+                    interactive=False, max_height=420, headers=["subject", "train_count", "shot", "accuracy"])
+                metrics_csv = gr.DownloadButton("Download the per-class metrics (CSV)", value=None,
+                                                interactive=False, size="sm")
+
+    runs, choice_outputs = [run_a, run_b], [run_a, run_b, note]
+    metric_outputs = [metrics_table, metrics_plot, metrics_md]
+    # A tab switch keeps A, B and the prompts; Refresh also reloads the shipped metrics.
+    (tab.select(studio.compare_choices, runs, choice_outputs, api_visibility="private")
+     .then(studio.prompt_choices, [ds_key, prompts], prompts, api_visibility="private"))
+    (refresh_btn.click(studio.compare_choices, runs, choice_outputs, api_visibility="private")
+     .then(studio.prompt_choices, [ds_key, prompts], prompts, api_visibility="private")
+     .then(studio.precomputed_metrics, runs, metric_outputs, api_visibility="private")
+     .then(studio.keep_metrics, [*runs, kept], kept, api_visibility="private"))
+    for dd in runs:
+        (dd.input(studio.metrics_on_choice, runs, metric_outputs, api_visibility="private")
+         .then(studio.keep_metrics, [*runs, kept], kept, api_visibility="private"))
+    choices = [run_a, run_b, prompts, custom, n_seeds, guidance, sample_steps]
+    for comp in choices:
+        comp.change(studio.remember_compare, [*choices, kept], kept, queue=False, api_visibility="private")
+    for btn, fn, seconds, inputs, outputs, name in (
+            (gen_btn, studio.generate_pair, COMPARE_GPU_SECONDS, choices, [slider, grid_a, grid_b, pair_md],
+             "compare"),
+            (metrics_btn, studio.compute_metrics, METRICS_GPU_SECONDS, [*runs, metrics_full, ds_key], metric_outputs,
+             "metrics")):
+        running = (btn.click(disable, None, btn, queue=False, api_visibility="private")
+                   .then(zero_gpu(fn, seconds), inputs, outputs, api_name=name, concurrency_id=GPU_QUEUE))
+        running.then(enable, None, btn, queue=False, api_visibility="private")
+        running.failure(enable, None, btn, queue=False, api_visibility="private")
+        if btn is gen_btn:
+            running.then(studio.pair_views, [*runs, ds_key, kept], [real_gallery, real_md, diff, diff_md, kept],
+                         api_visibility="private")
+        else:
+            running.then(studio.keep_metrics, [*runs, kept], kept, api_visibility="private")
+    metrics_table.change(studio.metrics_csv, metrics_table, metrics_csv, api_visibility="private")
+
+    restored = dict(run_a=run_a, run_b=run_b, prompts=prompts, custom=custom, n_seeds=n_seeds, guidance=guidance,
+                    sample_steps=sample_steps, slider=slider, grid_a=grid_a, grid_b=grid_b, pair_md=pair_md,
+                    real_gallery=real_gallery, real_md=real_md, diff=diff, diff_md=diff_md,
+                    metrics_table=metrics_table, metrics_plot=metrics_plot, metrics_md=metrics_md)
+    # Restore first: the choices it sets trigger remember_compare, which rewrites the kept state.
+    (shared.page.load(studio.restore_compare, kept, [restored[n] for n in studio.RESTORE_OUTPUTS],
+                      api_visibility="private")
+     .then(studio.compare_choices, runs, choice_outputs, api_visibility="private")
+     .then(studio.load_metrics, [*runs, kept], metric_outputs, api_visibility="private"))
+    return tab

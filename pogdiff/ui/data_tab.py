@@ -1,4 +1,5 @@
-"""The Data tab's callbacks (a mixin of :class:`pogdiff.ui.Studio`)."""
+"""The Data tab: its layout and events (:func:`build`) and its callbacks (:class:`DataTab`, a mixin of
+:class:`pogdiff.ui.Studio`)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 import numpy as np
 import pandas as pd
 
 from pogdiff import safety
-from pogdiff.ui.state import DatasetBundle
+from pogdiff.constants import SHOT_COLOURS
 from pogdiff.data.classes import CLASS_SOURCES, DEFAULT_CLASS_SOURCE
+from pogdiff.ui.shared import Shared, disable_two, enable_two, same
+from pogdiff.ui.state import DatasetBundle
 from pogdiff.ui.views import (
     DATASET_KEY_RE,
     DEMO_KEY,
@@ -29,6 +32,7 @@ from pogdiff.ui.views import (
     UPLOAD_STORE,
     UPLOAD_TMP_PREFIX,
     _arg,
+    class_source_choices,
     class_source_markdown,
     clean_temp_folders,
     dataset_key,
@@ -39,8 +43,10 @@ from pogdiff.ui.views import (
     upload_key,
 )
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from pogdiff.ui.studio import Studio
 
+logger = logging.getLogger(__name__)
 
 
 class DataTab:
@@ -283,3 +289,76 @@ class DataTab:
                     if not key or key == DEMO_KEY else "Load a dataset in the **Data** tab.")
         return (f"Working on **{bundle.name}**: {len(bundle.captions)} images, {len(bundle.table)} classes, "
                 f"{len(bundle.few_shot_subjects())} few-shot.")
+
+
+# ================================================================================ layout
+DATA_HELP = """Load an image–text set: a **.zip** (or several loose files) with images and captions in
+`metadata.jsonl` / `metadata.csv` (`file_name`, `text`, optional `subject`), `.txt` files beside the
+images, or one sub-folder per class, or start with the **built-in demo set**: procedurally drawn
+people with a long-tailed number of photos each. The report lists every problem with how to fix it;
+the table and chart show how imbalanced the classes are (*many* > 20 images, *few* < 5)."""
+
+CLASS_SOURCE_INFO = ("Where each image's class comes from. auto: the metadata's subject column, else class "
+                     "folders, else captions that read 'a photo of X, ...', else the first tag of tag captions "
+                     "('red circle, white background' -> red circle), else clustering of the captions. "
+                     "Another choice reloads the loaded set.")
+
+
+def build(studio: Studio, shared: Shared) -> gr.Tab:
+    """The Data tab: upload or demo set, class source, validation report, long tail, class samples."""
+    ds_key, saved_key = shared.dataset, shared.kept_dataset  # ds_key, kept across page reloads
+    with gr.Tab("Data", id="data") as tab:
+        gr.Markdown(DATA_HELP, elem_classes="explain")
+        with gr.Row():
+            with gr.Column(scale=2):
+                upload = gr.File(
+                    label="Upload a .zip, or several images + metadata.jsonl / .csv / .txt captions",
+                    file_count="multiple",
+                    file_types=[".zip", "image", ".jsonl", ".csv", ".txt", ".json"],
+                    height=140,
+                )
+                with gr.Row():
+                    load_btn = gr.Button("Validate and load upload", variant="primary")
+                    demo_btn = gr.Button("Use the built-in demo set", variant="secondary")
+                class_src = gr.Radio(class_source_choices(), value="auto", label="Class source",
+                                     info=CLASS_SOURCE_INFO, elem_id="pg-class-source")
+            with gr.Column(scale=3):
+                summary_md = gr.Markdown("No dataset loaded yet. Upload one or use the demo set.")
+                with gr.Accordion("Validation report", open=True):
+                    report_md = gr.Markdown("", elem_id="pg-report")
+        with gr.Row():
+            class_table = gr.Dataframe(
+                label="Images per class", interactive=False, max_height=360, scale=2,
+                headers=["subject", "count", "shot"],
+            )
+            long_tail = gr.BarPlot(
+                x="subject", y="count", color="shot", color_map=SHOT_COLOURS,
+                sort="-y", title="Long tail: images per class", x_title="class (most to least frequent)",
+                y_title="training images", x_label_angle=-45, height=360, scale=3,
+                tooltip=["subject", "count", "shot"],
+            )
+        class_dd = gr.Dropdown(
+            label="Samples of one class", choices=[], filterable=True,
+            info="Pick a class to see its images and captions (few-shot classes first in the demo).",
+        )
+        class_gallery = gr.Gallery(label="Class samples", columns=8, height=300, object_fit="contain",
+                                   fit_columns=False, elem_classes="pixelated", allow_preview=True)
+
+    data_outputs = [ds_key, summary_md, report_md, class_table, long_tail, class_dd, class_gallery]
+    buttons = [demo_btn, load_btn]
+    for btn, fn, inputs, name in ((demo_btn, studio.load_demo, [class_src], "load_demo"),
+                                  (load_btn, studio.load_upload, [upload, class_src], "load_upload")):
+        loading = (btn.click(disable_two, None, buttons, queue=False, api_visibility="private")
+                   .then(fn, inputs, data_outputs, api_name=name))
+        loading.failure(enable_two, None, buttons, queue=False, api_visibility="private")
+        loading.then(enable_two, None, buttons, queue=False, api_visibility="private")
+    class_dd.change(studio.class_gallery, [ds_key, class_dd], class_gallery, api_name="class_gallery")
+    # Another class source reloads the loaded set; a refused one puts the choice back.
+    reloading = class_src.input(studio.reload_classes, [ds_key, class_src], data_outputs, api_name="class_source")
+    reloading.failure(studio.class_source_of, ds_key, class_src, api_visibility="private")
+    # The browser keeps the key of every set loaded (the other tabs follow ds_key too) ...
+    ds_key.change(same, ds_key, saved_key, queue=False, api_visibility="private")
+    # ... and a page load brings that set back.
+    (shared.page.load(studio.restore_dataset, saved_key, data_outputs, api_visibility="private")
+     .then(studio.class_source_of, ds_key, class_src, api_visibility="private"))
+    return tab

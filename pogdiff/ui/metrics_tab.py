@@ -14,7 +14,7 @@ import gradio as gr
 import pandas as pd
 
 from pogdiff import safety
-from pogdiff.compare_views import (
+from pogdiff.ui.compare_views import (
     INTERVAL,
     ResultCache,
     bucket_markdown,

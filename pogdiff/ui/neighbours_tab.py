@@ -1,22 +1,17 @@
-"""The Neighbours tab's callbacks (a mixin of :class:`pogdiff.ui.Studio`)."""
+"""The Neighbours tab: its layout and events (:func:`build`) and its callbacks (:class:`NeighboursTab`, a
+mixin of :class:`pogdiff.ui.Studio`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import TYPE_CHECKING
 
 import gradio as gr
 import numpy as np
 import pandas as pd
 
 from pogdiff import safety
-from pogdiff.compare_views import (
-    points_in_band,
-    round_sig,
-    size_bin,
-    size_colour_map,
-    thumbnail_markdown,
-)
 from pogdiff.config import (
     PRESETS,
     PsiConfig,
@@ -25,6 +20,14 @@ from pogdiff.config import (
 from pogdiff.constants import SHOT_COLOURS
 from pogdiff.data.stats import shot_bucket
 from pogdiff.neighbours import POOLS
+from pogdiff.ui.compare_views import (
+    points_in_band,
+    round_sig,
+    size_bin,
+    size_colour_map,
+    thumbnail_markdown,
+)
+from pogdiff.ui.shared import Shared
 from pogdiff.ui.state import DatasetBundle
 from pogdiff.ui.views import (
     COLOUR_BY,
@@ -32,8 +35,10 @@ from pogdiff.ui.views import (
     gallery_items,
 )
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from pogdiff.ui.studio import Studio
 
+logger = logging.getLogger(__name__)
 
 
 class NeighboursTab:
@@ -268,3 +273,87 @@ class NeighboursTab:
         items = gallery_items(bundle.ds.images[list(frame["row"])],
                               [f"{r.similarity:.2f} · {r.caption}" for r in frame.itertuples()])
         return frame, items
+
+
+# ================================================================================ layout
+NEIGHBOURS_HELP = """Each dot is one training caption, placed by a 2-D PCA of its sentence embedding. PoGDiff lets a
+caption borrow from one of its **k nearest captions**: its target becomes a precision-weighted mix
+of the true noise and the model's prediction for the neighbour, with weight
+**psi = psi_max × w_density × s_img × s_txt**. Rare captions (high *w_density*) whose neighbours
+look alike (*s_img*) and read alike (*s_txt*) borrow the most; frequent ones borrow almost nothing.
+Pick a caption by clicking its row in the **points table** beside the map (rarest classes first), or drag
+across the map to list only the points of that band. Click a row of the neighbour table to hop to that caption."""
+
+SEARCH_HEADERS = ["rank", "similarity", "caption", "subject", "class size", "row"]
+
+
+def build(studio: Studio, shared: Shared) -> gr.Tab:
+    """The Neighbours tab: the caption map, a caption's neighbours with psi, free-text search. Its
+    preparation is that of the Train tab's preset (``shared.preset``)."""
+    ds_key, preset = shared.dataset, shared.preset
+    psi = PsiConfig()
+    with gr.Tab("Neighbours", id="neighbours") as tab:
+        gr.Markdown(NEIGHBOURS_HELP, elem_classes="explain")
+        banner = gr.Markdown(studio.dataset_banner(None))
+        with gr.Row():
+            scatter = gr.ScatterPlot(
+                x="x", y="y", color="shot", color_map=SHOT_COLOURS,
+                title="Caption embeddings (PCA)", x_title="PC 1", y_title="PC 2", height=420,
+                tooltip=["caption", "subject", "class size", "x", "y"], scale=3,
+            )
+            map_points = gr.Dataframe(
+                label="Points on the map, rarest class first: click a row to pick its caption",
+                interactive=False, max_height=420, wrap=True, scale=2, elem_id="pg-map-points",
+                headers=list(studio.POINT_COLUMNS))
+            with gr.Column(scale=1, min_width=260):
+                colour_by = gr.Radio(list(COLOUR_BY), value="shot bucket", label="Colour by",
+                                     info="many / medium / few-shot bucket, or images in the class")
+                k = gr.Slider(1, 20, value=psi.k, step=1, label="k (neighbours)",
+                              info="How many nearest captions each caption can borrow from.")
+                psi_max = gr.Slider(0.0, 5.0, value=psi.psi_max, step=0.1, label="psi_max",
+                                    info="Upper bound of psi (the neighbour's relative precision).")
+                pool = gr.Dropdown(choices=list(POOLS), value=psi.pool, label="Neighbour pool",
+                                   info="same_class: the caption's own class; other_class: other subjects only; "
+                                        "all: any caption.")
+                map_btn = gr.Button("Build / refresh the map", variant="secondary")
+        caption_dd = gr.Dropdown(
+            label="Caption", choices=[], filterable=True,
+            info="Type to search the training captions; [n img] is the size of the caption's class.",
+        )
+        nb_head = gr.Markdown("")
+        nb_table = gr.Dataframe(label="Nearest captions (click a row to hop to it)", interactive=False,
+                                max_height=420, wrap=True, headers=list(studio.NEIGHBOUR_COLUMNS),
+                                datatype=[studio.NEIGHBOUR_TYPES[c] for c in studio.NEIGHBOUR_COLUMNS],
+                                elem_id="pg-nb-table")
+        nb_gallery = gr.Gallery(label="The caption's image, then its neighbours", columns=6, height=240,
+                                object_fit="contain", fit_columns=False, elem_classes="pixelated")
+        with gr.Accordion("Free-text search: which training captions are nearest to any text?", open=False):
+            with gr.Row():
+                query = gr.Textbox(label="Query", placeholder="a photo of someone smiling, wearing glasses",
+                                   info="Any text; it is embedded with the same sentence encoder.", scale=4)
+                search_btn = gr.Button("Search", scale=1)
+            search_table = gr.Dataframe(label="Nearest training captions", interactive=False, max_height=260,
+                                        wrap=True, headers=SEARCH_HEADERS)
+            search_gallery = gr.Gallery(label="Their images", columns=6, height=220, object_fit="contain",
+                                        fit_columns=False, elem_classes="pixelated")
+
+    ds_key.change(studio.dataset_banner, ds_key, banner, api_visibility="private")
+    map_outputs = [scatter, caption_dd, banner]
+    map_btn.click(studio.neighbour_map, [ds_key, colour_by, preset], map_outputs, api_name="neighbour_map").then(
+        studio.map_points, ds_key, map_points, api_visibility="private")
+    tab.select(studio.neighbour_map, [ds_key, colour_by, preset], map_outputs, api_name="neighbour_map_on_tab",
+               api_visibility="private").then(studio.map_points, ds_key, map_points, api_visibility="private")
+    # The scatter plot reports a brushed x band, not a clicked point: the band's points go to the table.
+    scatter.select(studio.map_band, ds_key, [map_points, caption_dd], api_visibility="private")
+    map_points.select(studio.hop, [ds_key, map_points], caption_dd, api_visibility="private")
+    colour_by.change(studio.recolour, [ds_key, colour_by], scatter, api_visibility="private")
+    nb_inputs = [ds_key, caption_dd, k, psi_max, pool, preset]
+    nb_outputs = [nb_head, nb_table, nb_gallery]
+    caption_dd.change(studio.neighbours_of, nb_inputs, nb_outputs, api_name="neighbours")
+    for trigger in (k.release, psi_max.release, pool.change):
+        trigger(studio.neighbours_of, nb_inputs, nb_outputs, api_visibility="private")
+    nb_table.select(studio.hop, [ds_key, nb_table], caption_dd, api_visibility="private")
+    search_btn.click(studio.search, [ds_key, query, k, preset], [search_table, search_gallery], api_name="search")
+    query.submit(studio.search, [ds_key, query, k, preset], [search_table, search_gallery], api_name="search_submit",
+                 api_visibility="private")
+    return tab

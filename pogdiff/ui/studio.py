@@ -1,4 +1,5 @@
-"""The :class:`Studio`: server-side state and every callback of the app, one mixin per tab."""
+"""The :class:`Studio`: server-side state and every callback of the app, one mixin per concern (each
+tab's module, and the Train tab's job and runs)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,6 @@ import gradio as gr
 import pandas as pd
 
 from pogdiff import safety
-from pogdiff.compare_views import (
-    ResultCache,
-)
 from pogdiff.config import (
     LIMITS,
     DataConfig,
@@ -23,6 +21,7 @@ from pogdiff.config import (
 )
 from pogdiff.constants import SHIPPED_DIR
 from pogdiff.jobs import JobManager
+from pogdiff.ui.compare_views import ResultCache
 from pogdiff.ui.state import DatasetBundle
 from pogdiff.ui.views import (
     DATASET_KEY_RE,
@@ -43,10 +42,11 @@ from pogdiff.ui.compare_tab import CompareTab
 from pogdiff.ui.data_tab import DataTab
 from pogdiff.ui.metrics_tab import MetricsPanel
 from pogdiff.ui.neighbours_tab import NeighboursTab
-from pogdiff.ui.train_tab import TrainTab
+from pogdiff.ui.train_jobs import TrainJobs
+from pogdiff.ui.train_runs import TrainRuns
 
 
-class Studio(DataTab, NeighboursTab, TrainTab, CompareTab, MetricsPanel):
+class Studio(DataTab, NeighboursTab, TrainJobs, TrainRuns, CompareTab, MetricsPanel):
     """Server-side state and every callback of the app.
 
     Args:

@@ -1,467 +1,168 @@
-"""The Train tab's callbacks (a mixin of :class:`pogdiff.ui.Studio`)."""
+"""The Train tab, laid out and bound (:func:`build`).
+
+Its callbacks are the Studio's :class:`~pogdiff.ui.train_jobs.TrainJobs` (the form to configs, the
+job) and :class:`~pogdiff.ui.train_runs.TrainRuns` (runs, downloads, previews, time estimates); the
+form's fields travel as one :class:`~pogdiff.ui.train_form.TrainForm`.
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import gradio as gr
-import pandas as pd
 
-from pogdiff import safety
-from pogdiff.config import (
-    METHODS,
-    PRESETS,
-    configs_from_options,
-    model_preset,
-    train_preset,
-)
-from pogdiff.jobs import JobBusyError
+from pogdiff.config import METHODS
 from pogdiff.neighbours import POOLS
-from pogdiff.ui.state import DatasetBundle
-from pogdiff.ui.views import (
-    BASE_RUN_PREFIX,
-    BASE_SCRATCH,
-    BASE_SHIPPED,
-    EXPORT_TMP_PREFIX,
-    SCRATCH_LABEL,
-    SHIPPED_BASE_LABEL,
-    HUB_ID_RE,
-    _arg,
-    estimate_markdown,
-    form_values,
-    gallery_items,
-    loss_frame,
-    preview_items,
-    preview_note,
-    progress_html,
-    request_owner,
-    runs_frame,
-    status_markdown,
-)
+from pogdiff.ui.shared import Shared, disable, show_file
+from pogdiff.ui.train_form import TrainForm
+
+if TYPE_CHECKING:
+    from pogdiff.ui.studio import Studio
+
+TRAIN_HELP = """Fine-tune from the shipped base model with one objective: **baseline** (plain ε-MSE),
+**pogdiff**, **cbdm** (class-balancing regulariser) or **resample** (class-balanced batches). Training
+runs on the server in the background: the curve and the previews of rare prompts update live, a page
+refresh or another tab re-attaches to the same job, and **Stop** ends it after the current step and
+keeps its checkpoint. One job runs per server at a time."""
+
+METHOD_INFO = ("baseline: plain fine-tuning · pogdiff: borrow from neighbouring captions · "
+               "cbdm: class-balancing regulariser · resample: class-balanced batches")
+
+BASE_NOTE = ("The shipped base, checkpoints/base-tiny, is a face model pretrained on 40 procedural demo identities "
+             "at 32 px: on your own data it starts from faces. From scratch (a random UNet) needs many more steps. "
+             "One of your tiny runs: a new run fine-tunes its last checkpoint on the loaded data.")
 
 
-class TrainTab:
-    """Options to configs, start/stop/poll a job, runs, exports, form restore, previews, time estimate."""
+def _form(studio: Studio, shared: Shared) -> TrainForm:
+    """The form's components (left column), laid out; ``shared.preset`` is rendered here."""
+    start = TrainForm()
+    L = studio.limits
+    method = gr.Radio(list(METHODS), value=start.method, label="Method", info=METHOD_INFO)
+    preset = shared.preset.render()
+    pretrained = gr.Textbox(label="Model id or local folder (sd15)", visible=False,
+                            info="A diffusers Stable Diffusion 1.x/2.x pipeline: hub id or path.")
+    with gr.Row():
+        steps = gr.Number(value=start.steps, precision=0, minimum=1, maximum=L.max_steps, label="Steps",
+                          info="Optimisation steps; ~300 show a difference on the demo set.")
+        batch_size = gr.Number(value=start.batch_size, precision=0, minimum=1, maximum=L.max_batch_size,
+                               label="Batch size", info="Images per step.")
+    with gr.Row():
+        lr = gr.Number(value=start.lr, label="Learning rate", info="AdamW learning rate after a short warm-up.")
+        seed = gr.Number(value=start.seed, precision=0, minimum=0, label="Seed", info="Same seed, same run.")
+    sample_every = gr.Number(value=start.sample_every, precision=0, minimum=0, label="Preview every (steps)",
+                             info="Sample the rarest classes' prompts this often; 0 = never.")
+    run_name = gr.Textbox(start.run_name, label="Run name (optional)", max_lines=1,
+                          info="Letters, digits, '.', '_' and '-'; empty: a dated name.")
+    base = gr.Dropdown(choices=studio.base_choices(), value=studio.base_choices()[0][1],
+                       label="Start from (tiny preset)", info=BASE_NOTE, elem_id="pg-base")
+    # /start_training's from_scratch, kept for API callers (the form uses Start from)
+    from_scratch = gr.Checkbox(start.from_scratch, visible=False, label="Train from scratch")
+    with gr.Accordion("psi options (pogdiff)", open=False):
+        psi_max = gr.Slider(0.0, 5.0, value=start.psi_max, step=0.1, label="psi_max",
+                            info="Largest weight a sample gives to its neighbour's prediction.")
+        k = gr.Slider(1, 20, value=start.k, step=1, label="k (neighbours)",
+                      info="Neighbours drawn from, by caption similarity.")
+        use_density = gr.Checkbox(value=start.use_density, label="w_density",
+                                  info="Rare classes borrow more, frequent ones ~0.")
+        use_image_sim = gr.Checkbox(value=start.use_image_sim, label="s_img",
+                                    info="Only borrow from neighbours whose image looks alike.")
+        use_text_sim = gr.Checkbox(value=start.use_text_sim, label="s_txt", info="Scale by caption similarity.")
+        pool = gr.Dropdown(choices=list(POOLS), value=start.pool, label="Neighbour pool",
+                           info="Where neighbours come from (README 'The method').")
+    return TrainForm(method=method, preset=preset, pretrained=pretrained, steps=steps, batch_size=batch_size, lr=lr,
+                     psi_max=psi_max, k=k, use_density=use_density, use_image_sim=use_image_sim,
+                     use_text_sim=use_text_sim, pool=pool, sample_every=sample_every, seed=seed, run_name=run_name,
+                     from_scratch=from_scratch, base=base)
 
-    # ============================================================================ Train tab
-    def preset_defaults(self, preset: str) -> tuple:
-        """Batch size, learning rate and model-id visibility for a preset."""
-        preset = _arg(safety.choice, "Model preset", preset, PRESETS)
-        cfg = train_preset(preset)
-        model = model_preset(preset)
-        return (
-            gr.Number(value=cfg.batch_size),
-            gr.Number(value=cfg.learning_rate),
-            gr.Textbox(visible=preset == "sd15", value=model.pretrained if preset == "sd15" else ""),
-        )
 
-    def build_configs(
-        self, method: str, preset: str, pretrained: str, steps: float, batch_size: float, lr: float,
-        psi_max: float, k: float, use_density: bool, use_image_sim: bool, use_text_sim: bool,
-        pool: str, sample_every: float, seed: float,
-    ):
-        """UI values -> (ModelConfig, TrainConfig); gr.Error naming any bad value.
+def build(studio: Studio, shared: Shared) -> gr.Tab:
+    """The Train tab: the form, the live job (status, loss curve, previews), the preview history, the runs."""
+    ds_key, timer = shared.dataset, shared.timer
+    with gr.Tab("Train", id="train") as tab:
+        seen = gr.State(-1)  # last job version this tab has drawn
+        gr.Markdown(TRAIN_HELP, elem_classes="explain")
+        banner = gr.Markdown(studio.dataset_banner(None))
+        with gr.Row():
+            with gr.Column(scale=2, min_width=320):
+                form = _form(studio, shared)
+                with gr.Row():
+                    start_btn = gr.Button("Start training", variant="primary")
+                    stop_btn = gr.Button("Stop", variant="stop", interactive=False)
+                with gr.Row():
+                    estimate_btn = gr.Button("Estimate time (times 2 steps)", size="sm", scale=1)
+                    estimate_md = gr.Markdown("", elem_classes="explain")
+                form_note = gr.Markdown("", elem_classes="explain")
+            with gr.Column(scale=3):
+                job_md = gr.Markdown("")
+                job_progress = gr.HTML("")
+                loss_plot = gr.LinePlot(x="step", y="value", color="term", title="Loss terms",
+                                        x_title="step", y_title="value", height=300,
+                                        tooltip=["step", "term", "value"])
+                preview = gr.Gallery(label="Previews: prompts of the rarest classes", columns=4, height=200,
+                                     object_fit="contain", fit_columns=False, elem_classes="pixelated")
+                with gr.Accordion("Preview history (saved in the run folder)", open=False):
+                    with gr.Row():
+                        hist_run = gr.Dropdown(label="Previews of", choices=[("current or last job", "")],
+                                               value="", scale=3)
+                        hist_btn = gr.Button("Refresh", size="sm", scale=1)
+                    hist_slider = gr.Slider(0, 1, value=0, step=1, label="Preview step", interactive=False)
+                    hist_gallery = gr.Gallery(label="Preview at that step", columns=4, height=200,
+                                              object_fit="contain", fit_columns=False, elem_classes="pixelated")
+                    hist_md = gr.Markdown("")
+        gr.Markdown("### Runs (finished, stopped, interrupted)")
+        with gr.Row():
+            runs_dd = gr.Dropdown(label="Run", choices=[], scale=3, allow_custom_value=True,
+                                  info="Runs of this server that hold a checkpoint, newest first; "
+                                       "an interrupted or stopped one can be resumed.")
+            resume_btn = gr.Button("Resume", scale=1)
+            export_btn = gr.Button("Zip weights + config", scale=1)
+            weights_btn = gr.Button("Weights only (.safetensors: fp16 UNet, or LoRA)", scale=1)
+            zip_file = gr.File(label="Download", scale=2, interactive=False, visible=False)
+        runs_table = gr.Dataframe(label="Runs", interactive=False, max_height=240, value=studio.runs_table)
 
-        Every value is checked on the server against :attr:`limits` (README "Limits and safety").
-        """
-        L = self.limits
-        method = _arg(safety.choice, "Method", method, METHODS)
-        preset = _arg(safety.choice, "Model preset", preset, PRESETS)
-        pretrained = _arg(safety.text, "Model id", pretrained, L.max_text_chars)
-        steps_i = _arg(safety.whole_number, "Steps", steps, 1, L.max_steps)
-        batch_i = _arg(safety.whole_number, "Batch size", batch_size, 1, L.max_batch_size)
-        k_i = _arg(safety.whole_number, "k (neighbours)", k, 1, L.max_k)
-        every = _arg(safety.whole_number, "Preview every", sample_every or 0, 0, L.max_steps)
-        seed_i = _arg(safety.whole_number, "Seed", seed or 0, 0, L.max_seed)
-        if lr is not None and not isinstance(lr, bool) and isinstance(lr, (int, float)) and lr <= 0:
-            raise gr.Error(f"Learning rate must be positive, got {lr!r}.", title="Invalid input")
-        lr = _arg(safety.real_number, "Learning rate", lr, 0.0, L.max_learning_rate, True)
-        flags = [_arg(safety.flag, n, v) for n, v in (("w_density", use_density), ("s_img", use_image_sim),
-                                                      ("s_txt", use_text_sim))]
-        use_density, use_image_sim, use_text_sim = flags
-        pool = _arg(safety.choice, "Neighbour pool", pool, POOLS)
-        overrides = {}
-        if preset == "sd15":
-            if not (pretrained or "").strip():
-                raise gr.Error("The sd15 preset needs a diffusers model id or a local folder.")
-            overrides["pretrained"] = self._pretrained(pretrained.strip())
-        try:  # psi_max and every other value: checked once, by configs_from_options
-            return configs_from_options(
-                method=method, preset=preset, pretrained=overrides.get("pretrained"), steps=steps_i,
-                batch_size=batch_i, lr=float(lr), seed=seed_i, sample_every=every,
-                psi_max=psi_max,
-                k=k_i, use_density=bool(use_density), use_image_sim=bool(use_image_sim),
-                use_text_sim=bool(use_text_sim), neighbour_pool=str(pool),
-                checkpoint_every=max(train_preset(preset).checkpoint_every, steps_i),
-                warmup_steps=min(train_preset(preset).warmup_steps, max(0, steps_i // 10)), limits=L,
-            )
-        except ValueError as exc:
-            raise gr.Error(str(exc), title="Invalid input") from exc
+    ds_key.change(studio.dataset_banner, ds_key, banner, api_visibility="private")
+    tab.select(studio.dataset_banner, ds_key, banner, api_visibility="private")
+    # .input, not .change: restoring a run's form must not reset its batch size and learning rate
+    form.preset.input(studio.preset_defaults, form.preset, [form.batch_size, form.lr, form.pretrained],
+                      api_visibility="private")
+    poll_outputs = [job_md, job_progress, loss_plot, preview, start_btn, stop_btn, runs_dd, seen]
+    starting = start_btn.click(disable, None, start_btn, queue=False, api_visibility="private").then(
+        studio.start_training, [ds_key, *form.values()], poll_outputs, api_name="start_training")
+    starting.then(studio.poll, None, poll_outputs, api_name="poll_after_start", api_visibility="private")
+    starting.failure(studio.poll, None, poll_outputs, api_name="poll_after_refused_start",
+                     api_visibility="private")  # the buttons follow the job again
+    stop_btn.click(studio.stop_training, None, poll_outputs, api_name="stop_training", concurrency_limit=None)
+    resuming = resume_btn.click(studio.resume_training, [ds_key, runs_dd], poll_outputs, api_name="resume_training")
+    resuming.failure(studio.poll, None, poll_outputs, api_name="poll_after_refused_resume", api_visibility="private")
+    timer.tick(studio.poll, seen, poll_outputs, show_progress="hidden", concurrency_limit=None,
+               api_name="poll", queue=False)
+    runs_dd.change(studio.runs_table, None, runs_table, api_visibility="private")
+    runs_dd.change(studio.base_options, form.base, form.base, api_visibility="private")  # a run that ended can be a base
+    # the job's headline changes when it starts, stops or ends: the form note then names the run's state
+    job_md.change(studio.train_form_note, None, form_note, api_visibility="private")
+    export_btn.click(studio.export_run, runs_dd, zip_file, api_name="export_run").success(
+        show_file, None, zip_file, queue=False, api_visibility="private")
+    weights_btn.click(studio.export_weights, runs_dd, zip_file, api_name="export_weights").success(
+        show_file, None, zip_file, queue=False, api_visibility="private")
+    estimate_inputs = form.pick(("method", "preset", "steps", "batch_size"))
+    for comp in estimate_inputs:
+        comp.change(studio.recorded_estimate, estimate_inputs, estimate_md, api_visibility="private")
+    estimate_btn.click(studio.estimate_time, [ds_key, *form.values()], estimate_md, api_name="estimate_time")
+    hist_outputs = [hist_slider, hist_gallery, hist_md]
+    runs_dd.change(studio.preview_runs, None, hist_run, api_visibility="private").then(
+        studio.preview_history, hist_run, hist_outputs, api_visibility="private")
+    # a finished run has recorded its step time: the estimate before the next start uses it
+    runs_dd.change(studio.recorded_estimate, estimate_inputs, estimate_md, api_visibility="private")
+    hist_run.change(studio.preview_history, hist_run, hist_outputs, api_name="preview_history")
+    hist_btn.click(studio.preview_history, hist_run, hist_outputs, api_visibility="private")
+    hist_slider.release(studio.preview_at, [hist_run, hist_slider], [hist_gallery, hist_md], api_name="preview_at")
 
-    def _pretrained(self, value: str) -> str:
-        """A hub id (``org/name``); a local folder only in single-user mode."""
-        import re
+    # A page load shows the running or last job and puts that run's settings back into the form.
+    shared.page.load(studio.poll, None, poll_outputs, api_name="poll_on_load", api_visibility="private")
+    (shared.page.load(studio.restore_train_form, None, [*form.pick(TrainForm.RESTORED), form_note],
+                      api_visibility="private")
+     .then(studio.base_options, form.base, form.base, api_visibility="private")  # this visitor's runs
+     .then(studio.recorded_estimate, estimate_inputs, estimate_md, api_visibility="private")
+     .then(studio.preview_runs, None, hist_run, api_visibility="private"))
+    return tab
 
-        if self.single_user or re.fullmatch(HUB_ID_RE, value) and not Path(value).exists():
-            return value
-        raise gr.Error(f"{value!r} is not a Hugging Face model id (org/name). Local folders are accepted only "
-                       "when the server runs in single-user mode (python app.py --single-user).",
-                       title="Invalid input")
-
-    def base_checkpoint(self, preset: str) -> Path | None:
-        base = self.shipped_dir / "base-tiny"
-        return base if preset == "tiny" and (base / "configs.json").exists() else None
-
-    def base_choices(self, request: gr.Request | None = None) -> list[tuple[str, str]]:
-        """The form's **Start from** choices: the shipped tiny base (when there is one), a random UNet, and
-        the tiny runs of this server that the requester may control, newest first."""
-        choices = [(SHIPPED_BASE_LABEL, BASE_SHIPPED)] if self.base_checkpoint("tiny") is not None else []
-        choices.append((SCRATCH_LABEL, BASE_SCRATCH))
-        tiny = model_preset("tiny").resolution
-        for r in self.jobs.list_runs():
-            if r.model_cfg.get("preset") == "tiny" and r.model_cfg.get("resolution", tiny) == tiny \
-                    and self.may_control(r.owner, request):
-                choices.append((f"run {r.name} ({r.method}, {r.steps_done} steps)", f"{BASE_RUN_PREFIX}{r.name}"))
-        return choices
-
-    def base_options(self, current: str | None = None, request: gr.Request = None):
-        """The **Start from** dropdown with fresh choices (a run that ended is offered), keeping ``current``
-        while it is still one of them."""
-        choices = self.base_choices(request)
-        values = [v for _, v in choices]
-        return gr.Dropdown(choices=choices, value=current if current in values else values[0])
-
-    def chosen_base(self, model_cfg: Any, from_scratch: bool, base: str | None,
-                    request: gr.Request | None) -> tuple[str, Path | None]:
-        """``(choice, checkpoint)`` for the form's **Start from** value ``base`` (``shipped``, ``scratch``,
-        ``run:<name>``; empty: shipped, or scratch with ``from_scratch``): the checkpoint to fine-tune,
-        None for a random UNet (and for sd15, which starts from its model id)."""
-        base = _arg(safety.text, "Start from", base or "", self.limits.max_text_chars).strip()
-        if from_scratch and base not in ("", BASE_SCRATCH):
-            raise gr.Error(f"Train from scratch and Start from {base!r} contradict each other: choose one.",
-                           title="Invalid input")
-        choice = BASE_SCRATCH if from_scratch else (base or BASE_SHIPPED)
-        if choice == BASE_SHIPPED:
-            return choice, self.base_checkpoint(model_cfg.preset)
-        if choice == BASE_SCRATCH:
-            return choice, None
-        if not choice.startswith(BASE_RUN_PREFIX):
-            raise gr.Error(f"Start from must be '{BASE_SHIPPED}', '{BASE_SCRATCH}' or '{BASE_RUN_PREFIX}<run name>'; "
-                           f"got {base!r}.", title="Invalid input")
-        name = _arg(safety.check_run_name, choice[len(BASE_RUN_PREFIX):])
-        try:
-            info = self.jobs.get_run(name)
-        except ValueError as exc:
-            raise gr.Error(f"{exc}: pick a run in Start from.", title="No such run") from exc
-        if not self.may_control(info.owner, request):
-            raise gr.Error(f"Run {name!r} was started by another visitor: start from your own runs, the shipped "
-                           "base or from scratch.", title="Not your run")
-        trained = (info.model_cfg.get("preset"), info.model_cfg.get("resolution"))
-        if model_cfg.preset != "tiny" or trained != ("tiny", model_cfg.resolution):
-            raise gr.Error(f"Run {name!r} ({trained[0]}, {trained[1]} px) cannot start a {model_cfg.preset} run at "
-                           f"{model_cfg.resolution} px: a run's checkpoint is a base for the tiny preset at the size it "
-                           "was trained at. Choose the shipped base or from scratch.", title="Invalid input")
-        return choice, info.checkpoint
-
-    def _base_of(self, meta: dict[str, Any], values: dict[str, Any], request: gr.Request | None = None) -> str:
-        """The **Start from** value a run in ``run.json`` ``meta`` was started with."""
-        recorded = str(meta.get("base_checkpoint") or "")
-        if values["preset"] != "tiny":
-            return BASE_SHIPPED
-        if not recorded:
-            return BASE_SCRATCH if values["from_scratch"] or self.base_checkpoint("tiny") is None else BASE_SHIPPED
-        try:
-            inside = safety.resolve_inside(self.runs_dir, Path(recorded).absolute())
-        except ValueError:
-            return BASE_SHIPPED  # the shipped base (or another folder outside the runs)
-        run = inside.relative_to(self.runs_dir.resolve()).parts[0]
-        return f"{BASE_RUN_PREFIX}{run}" if any(v == f"{BASE_RUN_PREFIX}{run}" for _, v in self.base_choices(request)) \
-            else BASE_SHIPPED
-
-    def preview_captions(self, bundle: DatasetBundle, n: int = 4) -> list[str]:
-        """One training caption for each of the ``n`` rarest classes."""
-        rare = list(bundle.table.sort_values(["count", "subject"])["subject"][:n])
-        first = {}
-        for cap, s in zip(bundle.captions, bundle.subjects):
-            first.setdefault(s, cap)
-        return [first[s] for s in rare]
-
-    def start_training(
-        self, key: str | None, method: str, preset: str, pretrained: str, steps: float, batch_size: float,
-        lr: float, psi_max: float, k: float, use_density: bool, use_image_sim: bool, use_text_sim: bool,
-        pool: str, sample_every: float, seed: float, run_name: str = "", from_scratch: bool = False,
-        base: str = "", request: gr.Request = None,
-    ) -> tuple:
-        """Start a background training job owned by the requesting session; the Timer shows its progress.
-
-        ``run_name`` (optional) names the run folder; empty gives a dated name. ``base`` (the form's
-        **Start from**; README "What you see"): ``shipped`` (or empty) fine-tunes the shipped tiny face
-        base, ``scratch`` a random UNet, ``run:<name>`` the last checkpoint of one of your tiny runs.
-        ``from_scratch`` (kept for API callers) is ``base="scratch"``.
-        """
-        from_scratch = _arg(safety.flag, "Train from scratch", False if from_scratch is None else from_scratch)
-        run_name = _arg(safety.text, "Run name", run_name or "", self.limits.max_text_chars).strip()
-        if run_name:
-            run_name = _arg(safety.check_run_name, run_name)
-        model_cfg, train_cfg = self.build_configs(method, preset, pretrained, steps, batch_size, lr, psi_max, k,
-                                                  use_density, use_image_sim, use_text_sim, pool,
-                                                  sample_every, seed)
-        if train_cfg.method == "pogdiff" and not (train_cfg.psi.use_density or train_cfg.psi.use_image_sim
-                                                   or train_cfg.psi.use_text_sim) and train_cfg.psi.psi_max > 0:
-            gr.Warning("All psi factors are off: every sample borrows psi_max from its neighbour.")
-        if model_cfg.preset == "sd15" and not self.on_gpu:
-            raise gr.Error("The sd15 preset needs a GPU; this server has none. Use the tiny preset on CPU.")
-        bundle = self.bundle(key)
-        from pogdiff.training import check_train_config
-
-        try:
-            check_train_config(train_cfg, len(bundle.captions))
-        except ValueError as exc:
-            raise gr.Error(str(exc), title="Invalid training options") from exc
-        choice, base = self.chosen_base(model_cfg, from_scratch, base, request)
-        dataset = self.dataset_at(bundle, model_cfg.resolution)  # sd15: the set at 512 px
-        try:
-            self.jobs.start(
-                dataset, model_cfg, train_cfg, base_checkpoint=base,
-                preview_captions=self.preview_captions(bundle) if train_cfg.sample_every else None,
-                cache_dir=self.runs_dir / "cache", owner=request_owner(request), run_name=run_name or None,
-            )
-        except JobBusyError as exc:
-            raise gr.Error(str(exc), title="Busy") from exc
-        except ValueError as exc:
-            raise gr.Error(str(exc), title="Cannot start") from exc
-        if base is None and model_cfg.preset == "tiny" and choice == BASE_SHIPPED:
-            gr.Info("No shipped base checkpoint (checkpoints/base-tiny) yet: training starts from a random UNet.")
-        return self.poll(-1, request)
-
-    def resume_training(self, key: str | None, name: str | None, request: gr.Request = None) -> tuple:
-        """Continue an interrupted or stopped run of this server on the loaded dataset."""
-        if not name:
-            raise gr.Error("Pick an interrupted or stopped run in the list first.", title="No run")
-        try:
-            info = self.jobs.get_run(name)
-        except ValueError as exc:
-            raise gr.Error(str(exc), title="No such run") from exc
-        if not self.may_control(info.owner, request):
-            raise gr.Error("This run was started by another visitor: you can compare it but not resume it.",
-                           title="Not your run")
-        bundle = self.bundle(key)
-        resolution = int((info.model_cfg or {}).get("resolution") or bundle.ds.images.shape[1])
-        try:
-            self.jobs.resume(info, self.dataset_at(bundle, resolution), owner=request_owner(request),
-                             cache_dir=self.runs_dir / "cache")
-        except JobBusyError as exc:
-            raise gr.Error(str(exc), title="Busy") from exc
-        except ValueError as exc:
-            raise gr.Error(str(exc), title="Cannot resume") from exc
-        return self.poll(-1, request)
-
-    def stop_training(self, request: gr.Request = None) -> tuple:
-        """Stop the running job: only its owner may, unless the server is single-user."""
-        status = self.jobs.status()
-        if status.busy and not self.may_control(status.owner, request):
-            raise gr.Error("This training job was started by another visitor: you can watch it but not stop it.",
-                           title="Not your job")
-        if not self.jobs.stop():
-            gr.Info("No training job is running.")
-        return self.poll(-1, request)
-
-    def poll(self, seen_version: int | None = None, request: gr.Request = None) -> tuple:
-        """Timer tick: status, progress, loss curve, previews, button states, runs (when changed).
-
-        Returns ``gr.skip()`` for every output when nothing changed since ``seen_version``.
-        """
-        s = self.jobs.status()
-        if not isinstance(seen_version, int) or isinstance(seen_version, bool):
-            seen_version = -1
-        if seen_version is not None and seen_version >= 0 and s.version == seen_version:
-            return (gr.skip(),) * 8
-        runs_changed = seen_version is None or seen_version < 0 or (not s.busy and s.version != seen_version)
-        preview = (gallery_items(s.preview_images, [f"step {s.preview_step} · {c}" for c in s.preview_captions],
-                                 min_px=128)
-                   if s.preview_images is not None else [])
-        loss = loss_frame(s.history)
-        return (
-            status_markdown(s),
-            progress_html(s),
-            loss if len(loss) else None,  # an empty frame would freeze the plot's colour scale
-            preview,
-            gr.Button(interactive=not s.busy),
-            gr.Button(interactive=s.state == "running" and self.may_control(s.owner, request)),
-            self.runs_update() if runs_changed else gr.skip(),
-            s.version,
-        )
-
-    def runs_update(self):
-        runs = self.jobs.list_runs()
-        return gr.Dropdown(choices=[(f"{r.name} · {r.method} · {r.steps_done} steps", r.name) for r in runs],
-                           value=runs[0].name if runs else None)
-
-    def runs_table(self) -> pd.DataFrame:
-        return runs_frame(self.jobs.list_runs())
-
-    def export_run(self, name: str | None, request: gr.Request = None) -> str:
-        """Path of a zip of the run's last checkpoint (weights + configs) and its run.json.
-
-        ``name`` is a run folder name, nothing else; runs started by another visitor are not
-        exported unless the server is single-user. The zip handed back is a copy in a fresh temp
-        folder, so the runs folder itself is never served.
-        """
-        return self._hand_out(name, request, self.jobs.export_zip)
-
-    def export_weights(self, name: str | None, request: gr.Request = None) -> str:
-        """Path of the run's weights alone (fp16 UNet for tiny, LoRA for sd15), in a fresh temp folder."""
-        return self._hand_out(name, request, self.jobs.export_weights)
-
-    def _hand_out(self, name: str | None, request: gr.Request | None, export: Callable[[Any], Path]) -> str:
-        """Check the run name and who asks, export the run with ``export`` and return a copy of the
-        file in a fresh temp folder (never a path inside the runs folder)."""
-        if not name:
-            raise gr.Error("Pick a finished run first.")
-        name = _arg(safety.check_run_name, name)
-        try:
-            info = self.jobs.get_run(name)
-            if not self.may_control(info.owner, request):
-                raise gr.Error(f"Run {name!r} was started by another visitor; only they can download it.",
-                               title="Not your run")
-            path = export(info)
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from exc
-        self.clean_leftovers()
-        out = Path(tempfile.mkdtemp(prefix=EXPORT_TMP_PREFIX)) / path.name
-        shutil.copyfile(path, out)
-        return str(out)
-
-    # ---------------------------------------------------------------- Train tab: form, previews, time
-    TRAIN_FORM = ("method", "preset", "pretrained", "steps", "batch_size", "lr", "psi_max", "k", "use_density",
-                  "use_image_sim", "use_text_sim", "pool", "sample_every", "seed", "base")
-
-    def restore_train_form(self, request: gr.Request = None) -> tuple:
-        """The Train form's values (:attr:`TRAIN_FORM` order) as the running or last job set them (its
-        ``run.json``), then a note naming that run; ``gr.skip()`` for all when there is no readable run."""
-        meta = self.jobs.run_meta()
-        values = form_values(meta, base_available=self.base_checkpoint("tiny") is not None) if meta else None
-        if values is None:
-            return (gr.skip(),) * (len(self.TRAIN_FORM) + 1)
-        values["base"] = self._base_of(meta, values, request)
-        out = [values[f] for f in self.TRAIN_FORM]
-        out[self.TRAIN_FORM.index("pretrained")] = gr.Textbox(value=values["pretrained"],
-                                                              visible=values["preset"] == "sd15")
-        out[self.TRAIN_FORM.index("base")] = self.base_options(values["base"], request)
-        return (*out, self._form_note(meta))
-
-    def train_form_note(self) -> str:
-        """The note under the Train form, again: the app calls it when a job starts or ends, so the run's
-        state it names is the current one (not the "running" of a run that has ended since)."""
-        meta = self.jobs.run_meta()
-        return self._form_note(meta) if meta else ""
-
-    def _form_note(self, meta: dict[str, Any]) -> str:
-        """"The form shows the settings of run X (state)": running only while this server's job runs it."""
-        name = str(meta.get("name", "?"))
-        status, job = self.jobs.status(), self.jobs.current()
-        if job is not None and job.name == name and status.busy:
-            state = status.state
-        else:
-            state = str(meta.get("state") or "")
-            if state == "running":  # left by a server that went away mid-run
-                state = "interrupted"
-            elif meta.get("stopped"):
-                state = "stopped"
-        return f"The form shows the settings of run **{name}** ({state}); the run name is left empty."
-
-    def _previews(self, name: str | None):
-        name = _arg(safety.text, "Run", name or "", self.limits.max_text_chars).strip()
-        if name:
-            name = _arg(safety.check_run_name, name)
-        try:
-            return self.jobs.previews(name or None)
-        except ValueError as exc:  # a folder outside the runs folder
-            raise gr.Error(str(exc), title="No such run") from exc
-
-    def preview_runs(self):
-        """Choices of the preview history: the current (or last) job, then every run with a checkpoint."""
-        runs = self.jobs.list_runs()
-        return gr.Dropdown(choices=[("current or last job", "")] + [(r.name, r.name) for r in runs], value="")
-
-    def preview_history(self, name: str | None = None) -> tuple:
-        """Step slider over run ``name``'s saved previews (empty: the current or last job), the newest
-        preview's images, and a line saying what is shown."""
-        previews = self._previews(name)
-        if not previews:
-            return (gr.Slider(minimum=0, maximum=1, value=0, step=1, interactive=False, label="Preview step"), [],
-                    "No previews saved for this run (Preview every = 0, or no preview step reached yet).")
-        steps = [p.step for p in previews]
-        gap = min((b - a for a, b in zip(steps, steps[1:])), default=1)
-        slider = gr.Slider(minimum=steps[0], maximum=max(steps[-1], steps[0] + 1), step=gap, value=steps[-1],
-                           interactive=len(steps) > 1, label=f"Preview step ({len(steps)} saved)")
-        return slider, preview_items(previews[-1]), preview_note(steps, steps[-1])
-
-    def preview_at(self, name: str | None, step: float) -> tuple:
-        """The saved preview nearest to ``step`` (the earlier one on a tie) and its note."""
-        previews = self._previews(name)
-        if not previews:
-            return [], "No previews saved for this run."
-        step = _arg(safety.real_number, "Preview step", step if step is not None else 0, 0, float(self.limits.max_steps))
-        best = min(previews, key=lambda p: (abs(p.step - step), p.step))
-        return preview_items(best), preview_note([p.step for p in previews], best.step)
-
-    def recorded_estimate(self, method: str, preset: str, steps: float, batch_size: float) -> str:
-        """A time estimate from the step time the newest run with the same settings recorded, or a line
-        saying there is none yet."""
-        try:
-            method = safety.choice("Method", method, METHODS)
-            preset = safety.choice("Model preset", preset, PRESETS)
-            steps_i = safety.whole_number("Steps", steps, 1, self.limits.max_steps)
-            batch_i = safety.whole_number("Batch size", batch_size, 1, self.limits.max_batch_size)
-        except ValueError as exc:
-            return f"No time estimate: {exc}"
-        found = self.jobs.recorded_step_time(preset=preset, method=method, batch_size=batch_i,
-                                             resolution=model_preset(preset).resolution)
-        if found is None:
-            return (f"No run of this server with {method} / {preset} / batch {batch_i} recorded its step time yet: "
-                    "**Estimate time** measures it.")
-        return estimate_markdown(found, steps_i)
-
-    def estimate_time(
-        self, key: str | None, method: str, preset: str, pretrained: str, steps: float, batch_size: float,
-        lr: float, psi_max: float, k: float, use_density: bool, use_image_sim: bool, use_text_sim: bool,
-        pool: str, sample_every: float, seed: float, run_name: str = "", from_scratch: bool = False,
-        base: str = "", request: gr.Request = None,
-    ) -> str:
-        """Measure the step time on the loaded data with the form's settings (3 real steps in a scratch
-        folder, the last 2 timed) and return the estimate for the whole run. Refused while a job runs."""
-        from_scratch = _arg(safety.flag, "Train from scratch", False if from_scratch is None else from_scratch)
-        model_cfg, train_cfg = self.build_configs(method, preset, pretrained, steps, batch_size, lr, psi_max, k,
-                                                  use_density, use_image_sim, use_text_sim, pool,
-                                                  sample_every, seed)
-        if model_cfg.preset == "sd15" and not self.on_gpu:
-            raise gr.Error("The sd15 preset needs a GPU; this server has none. Use the tiny preset on CPU.")
-        bundle = self.bundle(key)
-        from pogdiff.training import check_train_config
-
-        try:
-            check_train_config(train_cfg, len(bundle.captions))
-        except ValueError as exc:
-            raise gr.Error(str(exc), title="Invalid training options") from exc
-        base = self.chosen_base(model_cfg, from_scratch, base, request)[1]
-        try:
-            measured = self.jobs.time_steps(self.dataset_at(bundle, model_cfg.resolution), model_cfg, train_cfg,
-                                            base_checkpoint=base, cache_dir=self.runs_dir / "cache")
-        except JobBusyError as exc:
-            raise gr.Error(f"{exc} The estimate is measured with the processor to itself.", title="Busy") from exc
-        return estimate_markdown(measured, train_cfg.max_steps, where=self.where())
-
-    def where(self) -> str:
-        """The machine in words, for measured figures: device and, on CPU, cores and load average."""
-        if self.on_gpu:
-            import torch
-
-            return f"GPU {torch.cuda.get_device_name(0)}"
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        return f"{os.cpu_count()} CPU cores, load average {load:.1f} before the trial"

@@ -23,16 +23,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pogdiff import safety  # noqa: E402
-from pogdiff.config import (  # noqa: E402
-    METHODS,
-    PRESETS,
-    DataConfig,
-    PsiConfig,
-)
+from pogdiff.config import DataConfig  # noqa: E402
 from pogdiff.data.classes import CLASS_SOURCE_LABELS, CLASS_SOURCES, DEFAULT_CLASS_SOURCE  # noqa: E402
 from pogdiff.data.stats import shot_bucket  # noqa: E402
 from pogdiff.jobs import JobStatus, RunInfo  # noqa: E402
-from pogdiff.neighbours import POOLS  # noqa: E402
 from pogdiff.ui.state import Source  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -381,33 +375,6 @@ def _short(src: Source) -> str:
 
 
 # ======================================================================= Train tab: pure helpers
-def form_values(meta: dict[str, Any], *, base_available: bool = True) -> dict[str, Any] | None:
-    """The Train form's values (keys of :attr:`Studio.TRAIN_FORM`) from a run's ``run.json``, or None
-    when it lacks the saved configs. ``from_scratch`` is True for a tiny run without a base checkpoint
-    while one is available (without one every tiny run starts from a random UNet)."""
-    train, model = meta.get("train_cfg"), meta.get("model_cfg")
-    if not isinstance(train, dict) or not isinstance(model, dict):
-        return None
-    psi = train.get("psi") if isinstance(train.get("psi"), dict) else {}
-    defaults = PsiConfig()
-    preset = model.get("preset") if model.get("preset") in PRESETS else "tiny"
-    method = train.get("method") if train.get("method") in METHODS else meta.get("method")
-    if method not in METHODS or not isinstance(train.get("max_steps"), int):
-        return None
-    return {
-        "method": method, "preset": preset,
-        "pretrained": str(model.get("pretrained") or "") if preset == "sd15" else "",
-        "steps": train["max_steps"], "batch_size": train.get("batch_size"), "lr": train.get("learning_rate"),
-        "psi_max": psi.get("psi_max", defaults.psi_max), "k": psi.get("k", defaults.k),
-        "use_density": bool(psi.get("use_density", defaults.use_density)),
-        "use_image_sim": bool(psi.get("use_image_sim", defaults.use_image_sim)),
-        "use_text_sim": bool(psi.get("use_text_sim", defaults.use_text_sim)),
-        "pool": psi.get("pool") if psi.get("pool") in POOLS else defaults.pool,
-        "sample_every": train.get("sample_every", 0), "seed": train.get("seed", 0),
-        "from_scratch": preset == "tiny" and base_available and not meta.get("base_checkpoint"),
-    }
-
-
 def preview_items(preview: Any) -> list[tuple[np.ndarray, str]]:
     """Gallery items of one saved preview (:class:`pogdiff.jobs.Preview`)."""
     return gallery_items(preview.images, [f"step {preview.step} · {c}" for c in preview.captions], min_px=128)

@@ -1,0 +1,185 @@
+"""The Train tab's runs (a mixin of :class:`pogdiff.ui.Studio`): the runs list and its downloads, the
+form restored from a run, the preview history and the time estimates."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from pogdiff import safety
+from pogdiff.config import METHODS, PRESETS, model_preset
+from pogdiff.jobs import JobBusyError
+from pogdiff.ui.train_form import TrainForm, form_endpoint, form_values
+from pogdiff.ui.views import (
+    EXPORT_TMP_PREFIX,
+    _arg,
+    estimate_markdown,
+    preview_items,
+    preview_note,
+    runs_frame,
+)
+
+
+class TrainRuns:
+    """Runs list, exports, the form restored on a page load, saved previews, time estimates."""
+
+    def runs_table(self) -> pd.DataFrame:
+        return runs_frame(self.jobs.list_runs())
+
+    def export_run(self, name: str | None, request: gr.Request = None) -> str:
+        """Path of a zip of the run's last checkpoint (weights + configs) and its run.json.
+
+        ``name`` is a run folder name, nothing else; runs started by another visitor are not
+        exported unless the server is single-user. The zip handed back is a copy in a fresh temp
+        folder, so the runs folder itself is never served.
+        """
+        return self._hand_out(name, request, self.jobs.export_zip)
+
+    def export_weights(self, name: str | None, request: gr.Request = None) -> str:
+        """Path of the run's weights alone (fp16 UNet for tiny, LoRA for sd15), in a fresh temp folder."""
+        return self._hand_out(name, request, self.jobs.export_weights)
+
+    def _hand_out(self, name: str | None, request: gr.Request | None, export: Callable[[Any], Path]) -> str:
+        """Check the run name and who asks, export the run with ``export`` and return a copy of the
+        file in a fresh temp folder (never a path inside the runs folder)."""
+        if not name:
+            raise gr.Error("Pick a finished run first.")
+        name = _arg(safety.check_run_name, name)
+        try:
+            info = self.jobs.get_run(name)
+            if not self.may_control(info.owner, request):
+                raise gr.Error(f"Run {name!r} was started by another visitor; only they can download it.",
+                               title="Not your run")
+            path = export(info)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
+        self.clean_leftovers()
+        out = Path(tempfile.mkdtemp(prefix=EXPORT_TMP_PREFIX)) / path.name
+        shutil.copyfile(path, out)
+        return str(out)
+
+    def restore_train_form(self, request: gr.Request = None) -> tuple:
+        """The Train form's values (:attr:`TrainForm.RESTORED` order) as the running or last job set them (its
+        ``run.json``), then a note naming that run; ``gr.skip()`` for all when there is no readable run."""
+        meta = self.jobs.run_meta()
+        values = form_values(meta, base_available=self.base_checkpoint("tiny") is not None) if meta else None
+        if values is None:
+            return (gr.skip(),) * (len(TrainForm.RESTORED) + 1)
+        values["base"] = self._base_of(meta, values, request)
+        values["pretrained"] = gr.Textbox(value=values["pretrained"], visible=values["preset"] == "sd15")
+        values["base"] = self.base_options(values["base"], request)
+        out = [values[name] for name in TrainForm.RESTORED]
+        return (*out, self._form_note(meta))
+
+    def train_form_note(self) -> str:
+        """The note under the Train form, again: the app calls it when a job starts or ends, so the run's
+        state it names is the current one (not the "running" of a run that has ended since)."""
+        meta = self.jobs.run_meta()
+        return self._form_note(meta) if meta else ""
+
+    def _form_note(self, meta: dict[str, Any]) -> str:
+        """"The form shows the settings of run X (state)": running only while this server's job runs it."""
+        name = str(meta.get("name", "?"))
+        status, job = self.jobs.status(), self.jobs.current()
+        if job is not None and job.name == name and status.busy:
+            state = status.state
+        else:
+            state = str(meta.get("state") or "")
+            if state == "running":  # left by a server that went away mid-run
+                state = "interrupted"
+            elif meta.get("stopped"):
+                state = "stopped"
+        return f"The form shows the settings of run **{name}** ({state}); the run name is left empty."
+
+    def _previews(self, name: str | None):
+        name = _arg(safety.text, "Run", name or "", self.limits.max_text_chars).strip()
+        if name:
+            name = _arg(safety.check_run_name, name)
+        try:
+            return self.jobs.previews(name or None)
+        except ValueError as exc:  # a folder outside the runs folder
+            raise gr.Error(str(exc), title="No such run") from exc
+
+    def preview_runs(self):
+        """Choices of the preview history: the current (or last) job, then every run with a checkpoint."""
+        runs = self.jobs.list_runs()
+        return gr.Dropdown(choices=[("current or last job", "")] + [(r.name, r.name) for r in runs], value="")
+
+    def preview_history(self, name: str | None = None) -> tuple:
+        """Step slider over run ``name``'s saved previews (empty: the current or last job), the newest
+        preview's images, and a line saying what is shown."""
+        previews = self._previews(name)
+        if not previews:
+            return (gr.Slider(minimum=0, maximum=1, value=0, step=1, interactive=False, label="Preview step"), [],
+                    "No previews saved for this run (Preview every = 0, or no preview step reached yet).")
+        steps = [p.step for p in previews]
+        gap = min((b - a for a, b in zip(steps, steps[1:])), default=1)
+        slider = gr.Slider(minimum=steps[0], maximum=max(steps[-1], steps[0] + 1), step=gap, value=steps[-1],
+                           interactive=len(steps) > 1, label=f"Preview step ({len(steps)} saved)")
+        return slider, preview_items(previews[-1]), preview_note(steps, steps[-1])
+
+    def preview_at(self, name: str | None, step: float) -> tuple:
+        """The saved preview nearest to ``step`` (the earlier one on a tie) and its note."""
+        previews = self._previews(name)
+        if not previews:
+            return [], "No previews saved for this run."
+        step = _arg(safety.real_number, "Preview step", step if step is not None else 0, 0, float(self.limits.max_steps))
+        best = min(previews, key=lambda p: (abs(p.step - step), p.step))
+        return preview_items(best), preview_note([p.step for p in previews], best.step)
+
+    def recorded_estimate(self, method: str, preset: str, steps: float, batch_size: float) -> str:
+        """A time estimate from the step time the newest run with the same settings recorded, or a line
+        saying there is none yet."""
+        try:
+            method = safety.choice("Method", method, METHODS)
+            preset = safety.choice("Model preset", preset, PRESETS)
+            steps_i = safety.whole_number("Steps", steps, 1, self.limits.max_steps)
+            batch_i = safety.whole_number("Batch size", batch_size, 1, self.limits.max_batch_size)
+        except ValueError as exc:
+            return f"No time estimate: {exc}"
+        found = self.jobs.recorded_step_time(preset=preset, method=method, batch_size=batch_i,
+                                             resolution=model_preset(preset).resolution)
+        if found is None:
+            return (f"No run of this server with {method} / {preset} / batch {batch_i} recorded its step time yet: "
+                    "**Estimate time** measures it.")
+        return estimate_markdown(found, steps_i)
+
+    def estimate_run(self, key: str | None, form: TrainForm, request: gr.Request = None) -> str:
+        """Measure the step time on the loaded data with the form's settings (3 real steps in a scratch
+        folder, the last 2 timed) and return the estimate for the whole run. Refused while a job runs."""
+        from_scratch = _arg(safety.flag, "Train from scratch", False if form.from_scratch is None else form.from_scratch)
+        model_cfg, train_cfg = self.build_configs(form)
+        if model_cfg.preset == "sd15" and not self.on_gpu:
+            raise gr.Error("The sd15 preset needs a GPU; this server has none. Use the tiny preset on CPU.")
+        bundle = self.bundle(key)
+        from pogdiff.training import check_train_config
+
+        try:
+            check_train_config(train_cfg, len(bundle.captions))
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="Invalid training options") from exc
+        base = self.chosen_base(model_cfg, from_scratch, form.base, request)[1]
+        try:
+            measured = self.jobs.time_steps(self.dataset_at(bundle, model_cfg.resolution), model_cfg, train_cfg,
+                                            base_checkpoint=base, cache_dir=self.runs_dir / "cache")
+        except JobBusyError as exc:
+            raise gr.Error(f"{exc} The estimate is measured with the processor to itself.", title="Busy") from exc
+        return estimate_markdown(measured, train_cfg.max_steps, where=self.where())
+
+    estimate_time = form_endpoint(estimate_run)  # the API's /estimate_time: the same parameters as /start_training
+
+    def where(self) -> str:
+        """The machine in words, for measured figures: device and, on CPU, cores and load average."""
+        if self.on_gpu:
+            import torch
+
+            return f"GPU {torch.cuda.get_device_name(0)}"
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        return f"{os.cpu_count()} CPU cores, load average {load:.1f} before the trial"
