@@ -543,3 +543,14 @@ def test_layout_keeps_the_plot_title_the_report_levels_and_a_metrics_download(tm
     assert len(downloads) == 1 and "CSV" in downloads[0].label
     wired = [d for d in demo.fns.values() if getattr(d.fn, "__name__", "") == "metrics_csv"]
     assert len(wired) == 1 and [o._id for o in wired[0].outputs] == [downloads[0]._id]
+
+
+def test_the_budget_advice_quotes_the_measured_curve_per_set_and_budget():
+    from pogdiff.ui.views import budget_advice
+
+    block = lambda a, b: {"methods": {"baseline": {"few_acc": [a, a]}, "pogdiff": {"few_acc": [b, None]}}}  # noqa: E731
+    curve = {"demo": {"budgets": [300, 1000], "by_budget": {"300": block(0.1, 0.3), "1000": block(0.5, 0.9)}}}
+    text = budget_advice(curve, 250)
+    assert "demo — 300 steps: 10% plain, 30% pogdiff; 1000 steps: 50% plain, 90% pogdiff" in text
+    assert "You asked for 250 steps" in text and "face model" in text
+    assert budget_advice(None, 10) == "" and budget_advice({"demo": {"budgets": [], "by_budget": {}}}, 10) == ""

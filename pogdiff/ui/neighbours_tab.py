@@ -236,10 +236,11 @@ class NeighboursTab:
                 "psi = psi_max × w_density × s_img × s_txt: how much this sample borrows from each neighbour. "
                 + ("**Its neighbours are informative**: at least one shows another subject with psi above "
                    f"{psi_cfg.psi_threshold:g}." if frame["informative"].any() else
-                   "**No informative neighbour**: every neighbour either is a rewording of the same subject "
-                   "(it predicts what this caption predicts) or has psi below "
-                   f"{psi_cfg.psi_threshold:g}, so PoGDiff leaves this caption's target as it is. "
-                   "Try the 'other_class' pool."))
+                   "**No informative neighbour**: every neighbour either shows the same subject or has psi below "
+                   f"{psi_cfg.psi_threshold:g}. A caption of the same subject pulls the prediction only as far as "
+                   "its words differ (a rewording predicts what this caption predicts); on the embedded sets the "
+                   "same-class default changed nothing measurable, and the other-class pool cost rare-subject "
+                   "accuracy (README \"Results\")."))
         return head, frame, gallery_items(np.stack(images), labels)
 
     def hop(self, key: str | None, frame: pd.DataFrame, evt: gr.SelectData):

@@ -148,8 +148,8 @@ class TrainRuns:
                                              resolution=model_preset(preset).resolution)
         if found is None:
             return (f"No run of this server with {method} / {preset} / batch {batch_i} recorded its step time yet: "
-                    "**Estimate time** measures it.")
-        return estimate_markdown(found, steps_i)
+                    "**Estimate time** measures it.\n\n" + measured_budget_note(steps_i))
+        return estimate_markdown(found, steps_i) + "\n\n" + measured_budget_note(steps_i)
 
     def estimate_run(self, key: str | None, form: TrainForm, request: gr.Request = None) -> str:
         """Measure the step time on the loaded data with the form's settings (3 real steps in a scratch
@@ -171,7 +171,8 @@ class TrainRuns:
                                             base_checkpoint=base, cache_dir=self.runs_dir / "cache")
         except JobBusyError as exc:
             raise gr.Error(f"{exc} The estimate is measured with the processor to itself.", title="Busy") from exc
-        return estimate_markdown(measured, train_cfg.max_steps, where=self.where())
+        return (estimate_markdown(measured, train_cfg.max_steps, where=self.where()) + "\n\n"
+                + measured_budget_note(train_cfg.max_steps))
 
     estimate_time = form_endpoint(estimate_run)  # the API's /estimate_time: the same parameters as /start_training
 
@@ -183,3 +184,17 @@ class TrainRuns:
             return f"GPU {torch.cuda.get_device_name(0)}"
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         return f"{os.cpu_count()} CPU cores, load average {load:.1f} before the trial"
+
+
+def measured_budget_note(steps: int) -> str:
+    """:func:`pogdiff.ui.views.budget_advice` from the shipped budget curve ('' when it is absent)."""
+    import json
+
+    from pogdiff.constants import BUDGET_CURVE
+    from pogdiff.ui.views import budget_advice
+
+    try:
+        curve = json.loads(BUDGET_CURVE.read_text())
+    except (OSError, ValueError):
+        return ""
+    return budget_advice(curve, steps)

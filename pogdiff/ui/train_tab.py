@@ -25,8 +25,10 @@ runs on the server in the background: the curve and the previews of rare prompts
 refresh or another tab re-attaches to the same job, and **Stop** ends it after the current step and
 keeps its checkpoint. One job runs per server at a time."""
 
-METHOD_INFO = ("baseline: plain fine-tuning · pogdiff: borrow from neighbouring captions · "
-               "cbdm: class-balancing regulariser · resample: class-balanced batches")
+METHOD_INFO = ("baseline: plain fine-tuning · pogdiff: borrow from neighbouring captions, on tempered class-balanced "
+               "batches · cbdm: class-balancing regulariser · resample: the same tempered batches, plain loss — on the "
+               "embedded sets pogdiff and resample lift the rare subjects alike; the PoG term adds nothing measurable "
+               "(README \"Results\")")
 
 BASE_NOTE = ("The shipped base, checkpoints/base-tiny, is a face model pretrained on 40 procedural demo identities "
              "at 32 px: on your own data it starts from faces. From scratch (a random UNet) needs many more steps. "
@@ -43,7 +45,8 @@ def _form(studio: Studio, shared: Shared) -> TrainForm:
                             info="A diffusers Stable Diffusion 1.x/2.x pipeline: hub id or path.")
     with gr.Row():
         steps = gr.Number(value=start.steps, precision=0, minimum=1, maximum=L.max_steps, label="Steps",
-                          info="Optimisation steps; ~300 show a difference on the demo set.")
+                          info="Optimisation steps; on the embedded sets the rare subjects come out from ~1000 "
+                               "(README \"Results\").")
         batch_size = gr.Number(value=start.batch_size, precision=0, minimum=1, maximum=L.max_batch_size,
                                label="Batch size", info="Images per step.")
     with gr.Row():

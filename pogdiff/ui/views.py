@@ -384,6 +384,30 @@ def preview_note(steps: Sequence[int], shown: int) -> str:
     return f"Step **{shown}** of the saved previews at steps {', '.join(map(str, steps))}."
 
 
+def budget_advice(curve: dict | None, steps: int) -> str:
+    """What the quality benchmark's budget curve (``results/quality/budget.json``) says a run of
+    ``steps`` steps can show: few-shot accuracy of plain fine-tuning and of the default recipe at each
+    measured budget, per embedded set; '' without a curve. A hint, not a promise: measured at batch
+    16 on sets of faces like the shipped base's (README "Results")."""
+    if not curve:
+        return ""
+    parts = []
+    for data, block in curve.items():
+        cells = []
+        for budget in block.get("budgets", []):
+            methods = block["by_budget"][str(budget)]["methods"]
+            few = {m: [v for v in methods.get(m, {}).get("few_acc", []) if v is not None] for m in ("baseline", "pogdiff")}
+            if few["baseline"] and few["pogdiff"]:
+                cells.append(f"{budget} steps: {np.mean(few['baseline']):.0%} plain, {np.mean(few['pogdiff']):.0%} pogdiff")
+        if cells:
+            parts.append(f"{data} — " + "; ".join(cells))
+    if not parts:
+        return ""
+    return ("On the embedded sets (batch 16) the rare subjects' identity accuracy was " + " · ".join(parts)
+            + f". You asked for {steps} steps. The tiny base is a face model: on other images expect to need more, "
+            "or start from scratch (README \"Results\").")
+
+
 def estimate_markdown(measured: Any, steps: int, *, where: str = "") -> str:
     """The time estimate of a ``steps``-step run from a :class:`pogdiff.jobs.StepTime`, saying how it was
     measured and what it leaves out."""
