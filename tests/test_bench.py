@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from pogdiff.bench import quality as bench
+from pogdiff.bench import report, summary
 from pogdiff.config import TrainConfig
 
 needs_shipped = pytest.mark.skipif(
@@ -20,7 +21,7 @@ def test_aggregate_gives_mean_and_sample_std_over_seeds():
         "method": ["a", "a", "a", "b"], "bucket": ["few"] * 4, "seed": [0, 1, 2, 0],
         "accuracy": [0.2, 0.4, 0.6, 1.0],
     })
-    res = bench.aggregate(long).set_index("method")
+    res = summary.aggregate(long).set_index("method")
     assert res.loc["a", "accuracy_mean"] == pytest.approx(0.4)
     assert res.loc["a", "accuracy_std"] == pytest.approx(0.2)
     assert res.loc["b", "accuracy_std"] == 0.0
@@ -89,7 +90,7 @@ def test_summary_entry_holds_per_seed_values_and_paired_comparisons():
         for m, table in {"baseline": {"x": 0.2, "y": 0.4}, "pogdiff": {"x": 0.3, "y": 0.5}}.items()
         for s in (0, 1) for c, acc in table.items()
     ])
-    entry = bench.summary_entry(long, classes, steps=10, seeds=[0, 1], batch_size=4, n_eval_captions=8, overrides=[])
+    entry = summary.summary_entry(long, classes, steps=10, seeds=[0, 1], batch_size=4, n_eval_captions=8, overrides=[])
     assert entry["methods"]["pogdiff"]["few_acc"] == [0.3, 0.5]
     few = entry["comparisons"]["pogdiff_vs_baseline"]["few"]
     assert few["paired_ratio"] == [pytest.approx(1.5), pytest.approx(1.25)]
@@ -114,10 +115,10 @@ def test_summary_markdown_lists_methods_and_comparisons():
                         "comparisons": {"pogdiff_vs_baseline": {"few": {
                             "paired_ratio": [1.5, 1.25], "every_seed_above_1": True, "ratio_of_means": 1.333,
                             "bootstrap_ci95": [1.25, 1.5]}}}}}
-    text = bench.summary_markdown(summary)
+    text = report.summary_markdown(summary)
     curve = {"demo": {"budgets": [10, 20], "seeds": [0, 1], "by_budget": {
         "10": summary["demo"], "20": {"methods": {"baseline": {"few_acc": [0.4, 0.6]}}}}}}
-    table = bench.budget_markdown(curve)
+    table = report.budget_markdown(curve)
     assert "| baseline | few_acc | 0.300 ± 0.141 | 0.500 ± 0.141 |" in table
     assert "| baseline | 0.300 ± 0.141 |" in text
     assert "| pogdiff vs baseline | few | 1.50, 1.25 | 1.33 [1.25, 1.50] | — | yes | — | — |" in text
@@ -131,7 +132,7 @@ def test_target_checks_judge_each_target_from_the_summary_block():
                              "pogdiff_vs_resample": {"few": {"ratio_of_means": 1.1, "bootstrap_ci95": [0.9, 1.3]}},
                              "pogdiff_vs_pogdiff_no_pog": {"few": {"ratio_of_means": 0.9,
                                                                     "bootstrap_ci95": [0.8, 0.95]}}}}
-    checks = {c["target"]: c["met"] for c in bench.target_checks(block)}
+    checks = {c["target"]: c["met"] for c in report.target_checks(block)}
     assert checks["few-shot acc >= 1.5x plain"] is True
     assert checks["few-shot acc above resample"] is False  # interval reaches below 1
     assert checks["few-shot acc above cbdm"] is None  # not run
@@ -147,9 +148,9 @@ def test_generation_shift_is_the_rms_pixel_difference_of_paired_images():
     a = np.zeros((2, 2, 2, 3), np.uint8)
     b = a.copy()
     b[1] = 255  # second pair differs by 1.0 everywhere
-    np.testing.assert_allclose(bench.generation_shift(a, b), [0.0, 1.0])
+    np.testing.assert_allclose(summary.generation_shift(a, b), [0.0, 1.0])
     with pytest.raises(ValueError, match="differ in shape"):
-        bench.generation_shift(a, b[:1])
+        summary.generation_shift(a, b[:1])
 
 
 def test_a_recipe_with_fewer_seeds_is_compared_on_the_seeds_both_have():
@@ -163,7 +164,7 @@ def test_a_recipe_with_fewer_seeds_is_compared_on_the_seeds_both_have():
                             "pogdiff": {0: {"x": 0.3, "y": 0.3}}}.items()
         for s, table in per_seed.items() for c, acc in table.items()
     ])
-    entry = bench.summary_entry(long, classes, steps=10, seeds=[0, 1], batch_size=4, n_eval_captions=8, overrides=[])
+    entry = summary.summary_entry(long, classes, steps=10, seeds=[0, 1], batch_size=4, n_eval_captions=8, overrides=[])
     assert entry["methods"]["pogdiff"]["few_acc"] == [0.3, None]
     few = entry["comparisons"]["pogdiff_vs_baseline"]["few"]
     assert few["paired_seeds"] == [0] and few["paired_ratio"] == [pytest.approx(1.5)]

@@ -390,7 +390,7 @@ def test_compute_metrics_fast_by_default_full_on_request_and_cached(tmp_path, mo
 
 # ====================================================== metrics table: key columns, verdicts, CSV
 def test_verdict_table_puts_the_difference_interval_verdict_and_judge_first():
-    from pogdiff import metrics as m
+    from pogdiff import comparison as m
 
     verdicts = m.per_class_verdicts(A_TABLE, B_TABLE)
     rel = pd.DataFrame({"subject": ["a", "b", "c"], "reliability": [1.0, 0.25, 0.8], "weak": [False, True, False]})
@@ -408,7 +408,7 @@ def test_verdict_table_puts_the_difference_interval_verdict_and_judge_first():
 
 
 def test_bucket_markdown_and_metrics_csv_frame():
-    from pogdiff import metrics as m
+    from pogdiff import comparison as m
 
     md = cv.bucket_markdown(m.bucket_verdicts(A_TABLE, B_TABLE), ("base", "pog"))
     lines = md.splitlines()

@@ -226,7 +226,7 @@ def test_accuracy_vs_frequency_figure(tmp_path):
 
 
 def test_paired_ratios_by_hand():
-    from pogdiff.metrics import paired_ratios
+    from pogdiff.comparison import paired_ratios
 
     assert paired_ratios([0.3, 0.2, 0.0, 0.1], [0.2, 0.4, 0.0, 0.0]) == [pytest.approx(1.5), 0.5, pytest.approx(float("nan"), nan_ok=True), float("inf")]
     with pytest.raises(ValueError, match="as many treated as control"):
@@ -235,7 +235,7 @@ def test_paired_ratios_by_hand():
 
 def test_bootstrap_ratio_ci_matches_the_exact_resampling_distribution():
     """Two classes: the 4 equally likely resamples give ratios 1.5 (x,x), 1.25 (y,y) and 8/6 (x,y twice)."""
-    from pogdiff.metrics import bootstrap_ratio_ci
+    from pogdiff.comparison import bootstrap_ratio_ci
 
     ratio, low, high = bootstrap_ratio_ci([0.3, 0.5], [0.2, 0.4], n_boot=20_000, level=0.9, seed=1)
     assert ratio == pytest.approx(0.8 / 0.6)

@@ -9,8 +9,8 @@ APP_MAX_LINES = 200
 MODULE_MAX_LINES = 500
 # Modules still over the limit, each to be split by concept; the list only shrinks.
 NOT_YET_SPLIT = {
-    "pogdiff/bench/quality.py", "pogdiff/checkpoints.py", "pogdiff/data/identities.py",
-    "pogdiff/jobs.py", "pogdiff/metrics.py", "pogdiff/trainer.py",
+    "pogdiff/checkpoints.py", "pogdiff/data/identities.py",
+    "pogdiff/jobs.py", "pogdiff/trainer.py",
 }
 
 

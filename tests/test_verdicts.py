@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from scipy.stats import binom
 
-from pogdiff import metrics
-from pogdiff.metrics import A_BETTER, B_BETTER, NO_DIFFERENCE, NOT_MEASURED
+from pogdiff import comparison
+from pogdiff.comparison import A_BETTER, B_BETTER, NO_DIFFERENCE, NOT_MEASURED
 
 
 def _table(rows: list[tuple[str, int, str, float, int]]) -> pd.DataFrame:
@@ -22,21 +22,21 @@ def _table(rows: list[tuple[str, int, str, float, int]]) -> pd.DataFrame:
 def test_one_of_four_against_none_of_four_is_no_measurable_difference():
     a = _table([("rare", 2, "few", 0.0, 4)])
     b = _table([("rare", 2, "few", 0.25, 4)])
-    row = metrics.per_class_verdicts(a, b).iloc[0]
+    row = comparison.per_class_verdicts(a, b).iloc[0]
     assert row["diff"] == pytest.approx(0.25)
     assert row["low"] <= 0 <= row["high"]
     assert row["verdict"] == NO_DIFFERENCE
     # one image each, right against wrong, is no evidence either
-    one = metrics.per_class_verdicts(_table([("x", 1, "few", 0.0, 1)]), _table([("x", 1, "few", 1.0, 1)]))
+    one = comparison.per_class_verdicts(_table([("x", 1, "few", 0.0, 1)]), _table([("x", 1, "few", 1.0, 1)]))
     assert one.iloc[0]["verdict"] == NO_DIFFERENCE
 
 
 def test_forty_of_forty_against_none_is_a_win_either_way_round():
     a = _table([("fox", 40, "many", 0.0, 40)])
     b = _table([("fox", 40, "many", 1.0, 40)])
-    won = metrics.per_class_verdicts(a, b).iloc[0]
+    won = comparison.per_class_verdicts(a, b).iloc[0]
     assert won["diff"] == 1.0 and won["low"] > 0.8 and won["verdict"] == B_BETTER
-    lost = metrics.per_class_verdicts(b, a).iloc[0]
+    lost = comparison.per_class_verdicts(b, a).iloc[0]
     assert lost["diff"] == -1.0 and lost["high"] < -0.8 and lost["verdict"] == A_BETTER
 
 
@@ -67,11 +67,11 @@ def test_plain_bootstrap_interval_equals_enumerating_every_resample_of_the_image
     probs = np.multiply.outer(share["b"][1], share["a"][1]).ravel()
     low, high, margin = _exact_quantiles(diffs, probs)
     assert margin > 0.005  # the sampled percentile cannot land on the next value by chance
-    diff, s_low, s_high = metrics.bootstrap_share_difference([0.2], [5], [0.8], [5], smoothing=0.0, n_boot=40000)
+    diff, s_low, s_high = comparison.bootstrap_share_difference([0.2], [5], [0.8], [5], smoothing=0.0, n_boot=40000)
     assert diff == pytest.approx(0.6)
     assert (s_low, s_high) == pytest.approx((low, high))
     assert (low, high) == pytest.approx((0.0, 1.0))  # it reaches 0: 1 of 5 against 4 of 5 is not measurable
-    assert metrics.difference_verdict(s_low, s_high) == NO_DIFFERENCE
+    assert comparison.difference_verdict(s_low, s_high) == NO_DIFFERENCE
 
 
 def test_smoothed_interval_matches_its_closed_form():
@@ -84,7 +84,7 @@ def test_smoothed_interval_matches_its_closed_form():
     probs = np.multiply.outer(pb, pa).ravel()
     low, high, margin = _exact_quantiles(diffs, probs)
     assert margin > 0.004
-    diff, s_low, s_high = metrics.bootstrap_share_difference([k_a / n], [n], [k_b / n], [n], smoothing=s,
+    diff, s_low, s_high = comparison.bootstrap_share_difference([k_a / n], [n], [k_b / n], [n], smoothing=s,
                                                              n_boot=40000, seed=3)
     assert diff == pytest.approx(0.5) and (s_low, s_high) == pytest.approx((low, high))
 
@@ -95,14 +95,14 @@ def test_several_seeds_are_resampled_too():
     seed alone gives a confident verdict."""
     a = [_table([("c", 3, "few", p, 1000)]) for p in (0.25, 0.75, 0.25)]
     b = [_table([("c", 3, "few", p, 1000)]) for p in (0.75, 0.25, 0.75)]
-    row = metrics.per_class_verdicts(a, b).iloc[0]
+    row = comparison.per_class_verdicts(a, b).iloc[0]
     assert row["diff"] == pytest.approx(0.5 / 3)
     assert row["a"] == pytest.approx(1.25 / 3) and row["b"] == pytest.approx(1.75 / 3)
     assert row["low"] == pytest.approx(-0.5, abs=0.02) and row["verdict"] == NO_DIFFERENCE
-    assert metrics.per_class_verdicts(a[0], b[0]).iloc[0]["verdict"] == B_BETTER
-    assert metrics.per_class_verdicts(a[1], b[1]).iloc[0]["verdict"] == A_BETTER
+    assert comparison.per_class_verdicts(a[0], b[0]).iloc[0]["verdict"] == B_BETTER
+    assert comparison.per_class_verdicts(a[1], b[1]).iloc[0]["verdict"] == A_BETTER
     with pytest.raises(ValueError, match="pair them seed by seed"):
-        metrics.per_class_verdicts(a, b[:2])
+        comparison.per_class_verdicts(a, b[:2])
 
 
 def test_bucket_verdicts_average_classes_and_resample_all_of_them():
@@ -110,7 +110,7 @@ def test_bucket_verdicts_average_classes_and_resample_all_of_them():
                 ("mid", 9, "medium", 0.5, 4)])
     b = _table([("head", 40, "many", 1.0, 40), ("r1", 2, "few", 0.25, 4), ("r2", 3, "few", 0.0, 4),
                 ("mid", 9, "medium", 0.5, 4)])
-    out = metrics.bucket_verdicts(a, b, groups={"judge ok": ["head", "mid"]})
+    out = comparison.bucket_verdicts(a, b, groups={"judge ok": ["head", "mid"]})
     assert out.index.tolist() == ["all", "many", "medium", "few", "judge ok"]
     assert out.loc["many", "verdict"] == B_BETTER and out.loc["many", "diff"] == 1.0
     assert out.loc["few", "n_classes"] == 2 and out.loc["few", "diff"] == pytest.approx(0.125)
@@ -121,14 +121,14 @@ def test_bucket_verdicts_average_classes_and_resample_all_of_them():
 
 
 def test_difference_verdict_rule_and_missing_inputs():
-    assert metrics.difference_verdict(0.01, 0.4) == B_BETTER
-    assert metrics.difference_verdict(-0.4, -0.01) == A_BETTER
-    assert metrics.difference_verdict(0.0, 0.4) == NO_DIFFERENCE  # touching 0 is not excluding it
-    assert metrics.difference_verdict(math.nan, math.nan) == NOT_MEASURED
-    only_a = metrics.per_class_verdicts(_table([("x", 3, "few", 0.5, 4)]), _table([("y", 3, "few", 0.5, 4)]))
+    assert comparison.difference_verdict(0.01, 0.4) == B_BETTER
+    assert comparison.difference_verdict(-0.4, -0.01) == A_BETTER
+    assert comparison.difference_verdict(0.0, 0.4) == NO_DIFFERENCE  # touching 0 is not excluding it
+    assert comparison.difference_verdict(math.nan, math.nan) == NOT_MEASURED
+    only_a = comparison.per_class_verdicts(_table([("x", 3, "few", 0.5, 4)]), _table([("y", 3, "few", 0.5, 4)]))
     assert only_a["verdict"].tolist() == [NOT_MEASURED, NOT_MEASURED]
     with pytest.raises(ValueError, match="n_gen"):
-        metrics.per_class_verdicts(_table([("x", 3, "few", 0.5, 4)]).drop(columns="n_gen"),
+        comparison.per_class_verdicts(_table([("x", 3, "few", 0.5, 4)]).drop(columns="n_gen"),
                                    _table([("x", 3, "few", 0.5, 4)]))
 
 
@@ -137,7 +137,7 @@ def _user_like_verdicts() -> pd.DataFrame:
     a = _table([("circle", 40, "many", 1.0, 4), ("square", 20, "medium", 0.0, 4), ("tri", 8, "medium", 0.0, 4),
                 ("cross", 3, "few", 0.0, 4), ("ring", 2, "few", 0.0, 4), ("star", 2, "few", 0.0, 4)])
     b = a.assign(accuracy=[0.0, 0.0, 0.25, 0.0, 1.0, 0.0])
-    return metrics.per_class_verdicts(a, b)
+    return comparison.per_class_verdicts(a, b)
 
 
 def test_verdict_figure_colours_only_measurable_differences():
@@ -145,12 +145,12 @@ def test_verdict_figure_colours_only_measurable_differences():
     assert verdicts.set_index("subject")["verdict"].to_dict() == {
         "circle": A_BETTER, "square": NO_DIFFERENCE, "tri": NO_DIFFERENCE, "cross": NO_DIFFERENCE,
         "ring": B_BETTER, "star": NO_DIFFERENCE}
-    fig = metrics.verdict_frequency_figure(verdicts, ("run-a", "run-b"))
+    fig = comparison.verdict_frequency_figure(verdicts, ("run-a", "run-b"))
     top, bottom = fig.axes[:2]
     bars = {round(p.get_height(), 6): tuple(round(c, 3) for c in p.get_facecolor()[:3]) for p in bottom.patches}
     from matplotlib.colors import to_rgb
 
-    grey, green, red = (tuple(round(c, 3) for c in to_rgb(metrics.VERDICT_COLOURS[v]))
+    grey, green, red = (tuple(round(c, 3) for c in to_rgb(comparison.VERDICT_COLOURS[v]))
                         for v in (NO_DIFFERENCE, B_BETTER, A_BETTER))
     assert bars[0.25] == grey  # one image of four: not painted as a win
     assert bars[1.0] == green and bars[-1.0] == red
@@ -160,14 +160,14 @@ def test_verdict_figure_colours_only_measurable_differences():
     labels = [t.get_text() for t in bottom.get_legend().get_texts()]
     assert labels == [B_BETTER, A_BETTER, NO_DIFFERENCE]
     with pytest.raises(ValueError, match="per_class_verdicts"):
-        metrics.verdict_frequency_figure(verdicts.drop(columns="low"))
+        comparison.verdict_frequency_figure(verdicts.drop(columns="low"))
 
 
 @pytest.mark.parametrize("counts", [(40, 20, 8, 3, 2, 2), (100, 43, 26, 18, 14, 11, 9, 8, 7, 6, 5, 4, 3, 2)])
 def test_verdict_figure_text_does_not_overlap(counts):
     """Tick labels of the log axis never collide, and the title sits above both axes and the legends."""
     rows = [(f"c{i}", n, "few", 0.5, 4) for i, n in enumerate(counts)]
-    fig = metrics.verdict_frequency_figure(metrics.per_class_verdicts(_table(rows), _table(rows)))
+    fig = comparison.verdict_frequency_figure(comparison.per_class_verdicts(_table(rows), _table(rows)))
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     top, bottom = fig.axes[:2]
@@ -185,6 +185,6 @@ def test_verdict_figure_text_does_not_overlap(counts):
 
 
 def test_count_ticks_are_round_numbers_inside_the_range():
-    assert metrics.count_ticks(1.5, 54) == [2, 5, 10, 20, 50]
-    assert metrics.count_ticks(1.4, 3.5) == [1, 2, 5]  # one round number inside: its neighbours too
-    assert metrics.count_ticks(80, 140) == [50, 100, 200]
+    assert comparison.count_ticks(1.5, 54) == [2, 5, 10, 20, 50]
+    assert comparison.count_ticks(1.4, 3.5) == [1, 2, 5]  # one round number inside: its neighbours too
+    assert comparison.count_ticks(80, 140) == [50, 100, 200]

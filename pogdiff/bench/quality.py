@@ -6,7 +6,8 @@
   batch and seeds; generations for every evaluation caption with fixed seeds; metrics per class and
   per many / medium / few-shot bucket, mean +- std over training seeds (the protocol is
   :mod:`pogdiff.evaluation`'s); ``results/quality/summary.json`` and ``budget.json``.
-- ``bench report``: the markdown tables of a ``summary.json`` and the targets of the default recipe.
+- ``bench report``: the markdown tables of a ``summary.json`` and the targets of the default recipe
+  (:mod:`pogdiff.bench.report`; the summary blocks are :mod:`pogdiff.bench.summary`'s).
 
 Training and checkpoints are imported where they are used, so ``--help`` stays instant.
 """
@@ -26,8 +27,9 @@ import pandas as pd
 from pogdiff.constants import REPO_ROOT
 from pogdiff.evaluation import EVAL_SAMPLE, evaluate_model, per_class_rows, subset
 from pogdiff.constants import SHIPPED_DIR as SHIPPED
+from pogdiff.bench.report import budget_figure, budget_markdown, few_shot_grids, summary_markdown
+from pogdiff.bench.summary import _add_generation_shifts, _merge_summary, aggregate, summary_entry, to_markdown
 from pogdiff.config import (
-    COMPARED,
     RECIPES,
     DataConfig,
     PsiConfig,
@@ -44,7 +46,7 @@ BASE_DIR = SHIPPED / "base-tiny"
 EVALUATOR_DIR = SHIPPED / "evaluator"
 # The embedded benchmark sets (README "Results"): the demo spec kind and the evaluator that names them.
 DATASETS = {"demo": ("identities", EVALUATOR_DIR), "families": ("families", SHIPPED / "evaluator-families")}
-QUALITY_STEPS = 300  # the budget summary.json reports (README "Results": chosen from the budget curve)
+QUALITY_STEPS = 1000  # the budget summary.json reports: chosen from the budget curve (README "Results")
 QUALITY_BUDGETS = (300, 1000)  # the budget curve's points (budget.json)
 QUALITY_BATCH = 16
 QUALITY_EVAL_PER_CLASS = 8  # held-out captions per class (all of them)
@@ -53,17 +55,6 @@ QUALITY_SAMPLE_SEEDS = 2  # sampling seeds per caption
 # "Sampling": same accuracy, about twice as fast on this CPU).
 BENCH_SAMPLE = dataclasses.replace(EVAL_SAMPLE, precision="bf16")
 QUICK_STEPS = 2
-# Buckets and metrics copied per seed into summary.json (name -> (bucket, summary column)).
-SUMMARY_METRICS = {
-    "few_acc": ("few", "accuracy"), "medium_acc": ("medium", "accuracy"), "many_acc": ("many", "accuracy"),
-    "all_acc": ("all", "accuracy"), "few_grecall": ("few", "gRecall"), "medium_grecall": ("medium", "gRecall"),
-    "few_fd": ("few", "FD"), "medium_fd": ("medium", "FD"), "many_fd": ("many", "FD"), "all_fd": ("all", "FD"),
-    "few_copy": ("few", "copy"), "medium_copy": ("medium", "copy"), "many_copy": ("many", "copy"),
-    "all_copy": ("all", "copy"), "few_coverage": ("few", "coverage"), "medium_coverage": ("medium", "coverage"),
-    "many_coverage": ("many", "coverage"), "many_grecall": ("many", "gRecall"),
-    "few_proximity": ("few", "proximity"), "many_proximity": ("many", "proximity"),
-    "all_coverage": ("all", "coverage"), "all_proximity": ("all", "proximity"),
-}
 
 
 def _demo_splits(data: str = "demo"):
@@ -311,7 +302,7 @@ def quality(*, out: Path, methods, seeds, budgets=None, steps: int | None = None
     (folder / "results.json").write_text(report.to_json(orient="records", indent=2))
     (folder / "results.md").write_text(to_markdown(report, steps=steps, seeds=seeds))
     metrics.accuracy_vs_frequency_figure(tables, path=folder / "accuracy_vs_frequency.png")
-    _few_shot_grids(folder, eval_set, grids, counts)
+    few_shot_grids(folder, eval_set, grids, counts)
     protocol = {"batch_size": batch_size, "n_eval_captions": len(eval_set), "sample_seeds": sample_seeds,
                 "sampler": to_dict(sample_cfg), "overrides": overrides or [],
                 "recipes": {m: RECIPES[m] for m in methods}, "seeds_for": seeds_for}
@@ -335,116 +326,6 @@ def quality(*, out: Path, methods, seeds, budgets=None, steps: int | None = None
     return report
 
 
-def summary_entry(long: pd.DataFrame, classes: pd.DataFrame, *, steps: int, seeds: list[int], batch_size: int,
-                  n_eval_captions: int, overrides: list[str], **protocol) -> dict:
-    """One benchmark set's block of ``summary.json``: per-seed bucket metrics of every recipe and the
-    paired comparisons of the ``COMPARED`` recipes against each other recipe (README "Results")."""
-    methods = list(dict.fromkeys(long["method"]))
-    block: dict = {"steps": steps, "seeds": seeds, "batch_size": batch_size, "n_eval_captions": n_eval_captions,
-                   "overrides": overrides, **protocol, "methods": {}, "comparisons": {}}
-    for method in methods:
-        rows = long[long["method"] == method]
-        block["methods"][method] = {
-            name: [_clean(_bucket_value(rows, seed, bucket, col)) for seed in seeds]
-            for name, (bucket, col) in SUMMARY_METRICS.items()
-        }
-    for a in COMPARED:
-        if a in methods:
-            for other in methods:
-                if other != a and not (a != COMPARED[0] and other in COMPARED):
-                    block["comparisons"][f"{a}_vs_{other}"] = _compare(block["methods"], classes, a, other)
-    return block
-
-
-def _compare(per_method: dict, classes: pd.DataFrame, a: str, b: str) -> dict:
-    """Paired comparison of recipe ``a`` against ``b`` per bucket: per-seed accuracy ratios, the
-    ratio of class means with its bootstrap interval over classes (and its relative half-width),
-    and the difference in copy rate."""
-    from pogdiff import metrics
-
-    out = {}
-    for bucket in ("few", "medium", "many"):
-        va, vb = (_nan(per_method[m][f"{bucket}_acc"]) for m in (a, b))
-        both = [i for i, (x, y) in enumerate(zip(va, vb)) if np.isfinite(x) and np.isfinite(y)]
-        common = sorted(set(classes.loc[classes["method"] == a, "seed"]) & set(classes.loc[classes["method"] == b, "seed"]))
-        va, vb = [va[i] for i in both], [vb[i] for i in both]
-        ratios = metrics.paired_ratios(va, vb)
-        part = classes[(classes["shot"] == bucket) & classes["seed"].isin(common)]
-        by_class = part.groupby(["method", "subject"])["accuracy"].mean().unstack(0)
-        entry = {"paired_ratio": [_clean(r) for r in ratios], "paired_seeds": common,
-                 "every_seed_above_1": bool(ratios) and bool(all(r > 1 for r in ratios)),
-                 "mean_difference": _clean(float(np.mean(va) - np.mean(vb))) if both else None}
-        ca, cb = per_method[a].get(f"{bucket}_copy"), per_method[b].get(f"{bucket}_copy")
-        if ca and cb:
-            pairs = [(x, y) for x, y in zip(ca, cb) if x is not None and y is not None]
-            if pairs:
-                entry["copy_difference"] = _clean(float(np.mean([x - y for x, y in pairs])))
-        if a in by_class and b in by_class and len(by_class):
-            ratio, low, high = metrics.bootstrap_ratio_ci(by_class[a].values, by_class[b].values)
-            entry.update(ratio_of_means=_clean(ratio), bootstrap_ci95=[_clean(low), _clean(high)],
-                         n_classes=int(len(by_class)))
-            if np.isfinite(ratio) and ratio > 0 and np.isfinite(low) and np.isfinite(high):
-                entry["ci_half_width_relative"] = _clean((high - low) / (2 * ratio))
-        out[bucket] = entry
-    return out
-
-
-def generation_shift(images_a: np.ndarray, images_b: np.ndarray) -> np.ndarray:
-    """RMS pixel difference (pixels in [0, 1]) of paired generations, same caption and seed: ``[N]``.
-
-    The PoG term's share of the loss is small even where it changes the model (README "Is PoGDiff
-    doing anything?"); how far the generations of two paired runs move apart is what a user sees.
-    """
-    a = np.asarray(images_a, dtype=np.float64) / 255.0
-    b = np.asarray(images_b, dtype=np.float64) / 255.0
-    if a.shape != b.shape:
-        raise ValueError(f"paired generations differ in shape: {a.shape} vs {b.shape}")
-    return np.sqrt(((a - b) ** 2).reshape(len(a), -1).mean(axis=1))
-
-
-def _add_generation_shifts(block: dict, generated: dict, subjects: list[str], counts: dict, *, seeds, steps: int) -> None:
-    """Each comparison's mean generation shift per bucket (over seeds and images), beside the
-    shift between two training seeds of the same recipe as the scale of chance."""
-    from pogdiff.data.stats import shot_bucket
-
-    shots = np.asarray([shot_bucket(counts[s]) for s in subjects], dtype=object)
-    for name, comp in block["comparisons"].items():
-        a, b = name.split("_vs_")
-        pairs = [(generated[(a, seed, steps)], generated[(b, seed, steps)]) for seed in seeds
-                 if (a, seed, steps) in generated and (b, seed, steps) in generated]
-        if not pairs:
-            continue
-        shift = np.concatenate([generation_shift(x, y)[None] for x, y in pairs])  # [S, N]
-        for bucket, entry in comp.items():
-            entry["generation_shift"] = _clean(float(shift[:, shots == bucket].mean()))
-    for method in block["methods"]:
-        runs = [generated[(method, seed, steps)] for seed in seeds if (method, seed, steps) in generated]
-        if len(runs) >= 2:
-            block["methods"][method]["seed_to_seed_shift"] = _clean(float(generation_shift(runs[0], runs[1]).mean()))
-
-
-def _nan(values: list) -> list[float]:
-    return [float("nan") if v is None else float(v) for v in values]
-
-
-def _bucket_value(rows: pd.DataFrame, seed: int, bucket: str, col: str) -> float:
-    hit = rows[(rows["seed"] == seed) & (rows["bucket"] == bucket)]
-    return float(hit[col].iloc[0]) if len(hit) and col in hit else float("nan")
-
-
-def _clean(x: float) -> float | None:
-    """JSON-safe float: NaN and infinities become None."""
-    return None if x is None or not np.isfinite(x) else round(float(x), 6)
-
-
-def _merge_summary(path: Path, data: str, entry: dict) -> None:
-    summary = json.loads(path.read_text()) if path.exists() else {}
-    summary[data] = entry
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
 def _quick_rows(eval_set) -> list[int]:
     """Two evaluation captions for each of the first three classes (test size)."""
     seen: dict[str, int] = {}
@@ -454,72 +335,6 @@ def _quick_rows(eval_set) -> list[int]:
             seen[s] = seen.get(s, 0) + 1
             rows.append(i)
     return rows
-
-
-def budget_figure(long: pd.DataFrame, *, path: Path, title: str = "") -> Path:
-    """Accuracy per bucket (few, medium, many) against fine-tuning steps, one line per recipe,
-    mean over seeds with the seeds' min-max as a band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
-    for ax, bucket in zip(axes, ("few", "medium", "many")):
-        part = long[(long["bucket"] == bucket) & long["accuracy"].notna()]
-        ax.set_title(f"{title} {bucket}-shot".strip())
-        ax.set_xlabel("fine-tuning steps")
-        if part.empty:
-            ax.text(0.5, 0.5, "no classes", ha="center", va="center", transform=ax.transAxes)
-            continue
-        for method, rows in part.groupby("method", sort=False):
-            g = rows.groupby("steps")["accuracy"]
-            x = g.mean().index.values
-            ax.plot(x, g.mean().values, marker="o", label=method)
-            ax.fill_between(x, g.min().values, g.max().values, alpha=0.15)
-        ax.set_xscale("log")
-        budgets = sorted(part["steps"].unique())
-        ax.set_xticks(budgets, [str(b) for b in budgets])
-        ax.minorticks_off()
-        ax.set_ylim(-0.02, 1.02)
-    axes[0].set_ylabel("identity accuracy")
-    axes[-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
-
-
-def aggregate(long: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over seeds of every metric, per method and bucket."""
-    metric_cols = [c for c in long.columns if c not in ("method", "seed", "bucket", "n_classes", "n_gen")]
-    grouped = long.groupby(["method", "bucket"], sort=False)[metric_cols]
-    mean, std = grouped.mean(), grouped.std(ddof=1).fillna(0.0)
-    res = mean.add_suffix("_mean").join(std.add_suffix("_std")).reset_index()
-    res["n_seeds"] = long.groupby(["method", "bucket"], sort=False)["seed"].nunique().values
-    return res
-
-
-def to_markdown(report: pd.DataFrame, *, steps: int, seeds) -> str:
-    cols = [c[:-5] for c in report.columns if c.endswith("_mean") and c != "train_seconds_mean"]
-    lines = [f"Fine-tuning steps: {steps}; training seeds: {list(seeds)}; mean +- std over seeds.", "",
-             "| method | bucket | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for _, r in report.iterrows():
-        cells = [f"{r[c + '_mean']:.3f} +- {r[c + '_std']:.3f}" for c in cols]
-        lines.append(f"| {r['method']} | {r['bucket']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _few_shot_grids(out: Path, eval_set, grids: dict[str, np.ndarray], counts: dict[str, int]) -> None:
-    from pogdiff.data.stats import shot_bucket
-    from pogdiff.sampling import image_grid
-
-    rows = [i for i, s in enumerate(eval_set.subjects) if shot_bucket(counts.get(s, 0)) == "few"]
-    if not rows:
-        return
-    for method, images in grids.items():
-        labels = [f"{eval_set.subjects[i]}" for i in rows]
-        image_grid(images[rows], ncols=8, labels=labels, scale=2).save(out / f"few_shot_{method}.png")
 
 
 def add_parsers(bench) -> None:
@@ -600,135 +415,3 @@ def _seeds_for(items: list[str] | None) -> dict[str, list[int]]:
     return out
 
 
-# ---------------------------------------------------------------------------------- report
-TARGET_FEW_RATIO = 1.5  # the fidelity target: PoGDiff few-shot accuracy >= 1.5x plain fine-tuning
-
-
-def _mean_std(values: list) -> str:
-    v = [x for x in values if x is not None]
-    if not v:
-        return "—"
-    return f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
-
-
-METHOD_COLUMNS = (("few-shot acc", "few_acc"), ("medium acc", "medium_acc"), ("many-shot acc", "many_acc"),
-                  ("few copy", "few_copy"), ("few proximity", "few_proximity"), ("few coverage", "few_coverage"),
-                  ("few gRecall", "few_grecall"), ("FD all", "all_fd"))
-
-
-def _methods_table(methods: dict) -> list[str]:
-    lines = ["| recipe | " + " | ".join(h for h, _ in METHOD_COLUMNS) + " |",
-             "|---|" + "---:|" * len(METHOD_COLUMNS)]
-    for method, m in methods.items():
-        lines.append(f"| {method} | " + " | ".join(_mean_std(m.get(k, [])) for _, k in METHOD_COLUMNS) + " |")
-    return lines
-
-
-def _comparisons_table(comps: dict) -> list[str]:
-    lines = ["| comparison | bucket | paired ratio per seed | ratio of class means [95% bootstrap CI] | ± | "
-             "every seed > 1 | copy difference | generation shift |", "|---|---|---|---|---:|---|---:|---:|"]
-    for name, comp in comps.items():
-        for bucket, c in comp.items():
-            ratios = ", ".join("—" if r is None else f"{r:.2f}" for r in c["paired_ratio"])
-            ci = c.get("bootstrap_ci95", [None, None])
-            rom = c.get("ratio_of_means")
-            interval = ("—" if rom is None else
-                        f"{rom:.2f} [{'—' if ci[0] is None else f'{ci[0]:.2f}'}, "
-                        f"{'—' if ci[1] is None else f'{ci[1]:.2f}'}]")
-            half = c.get("ci_half_width_relative")
-            copy, shift = c.get("copy_difference"), c.get("generation_shift")
-            lines.append(f"| {name.replace('_vs_', ' vs ')} | {bucket} | {ratios} | {interval} | "
-                         f"{'—' if half is None else f'{100 * half:.0f}%'} | "
-                         f"{'yes' if c['every_seed_above_1'] else 'no'} | {'—' if copy is None else f'{copy:+.3f}'} | "
-                         f"{'—' if shift is None else f'{shift:.3f}'} |")
-    return lines
-
-
-TARGET_MANY_POINTS = 0.02  # many-shot accuracy within 2 points of plain fine-tuning
-
-
-def target_checks(block: dict, recipe: str = "pogdiff") -> list[dict]:
-    """The default recipe's targets (README "Results") judged on one set's ``summary.json`` block:
-    few-shot accuracy >= 1.5x plain and above resampling and CBDM (ratio of class means and its
-    interval), copy rate below resampling's, many-shot accuracy within 2 points of plain, and the
-    PoG term's own contribution (the paired ablation's interval excludes 1)."""
-    methods, comps = block["methods"], block.get("comparisons", {})
-
-    def mean(name: str, key: str) -> float | None:
-        values = [v for v in methods.get(name, {}).get(key, []) if v is not None]
-        return float(np.mean(values)) if values else None
-
-    def ratio(other: str, bucket: str = "few") -> dict:
-        return comps.get(f"{recipe}_vs_{other}", {}).get(bucket, {})
-
-    checks = []
-    r = ratio("baseline")
-    checks.append({"target": "few-shot acc >= 1.5x plain", "value": r.get("ratio_of_means"),
-                   "interval": r.get("bootstrap_ci95"),
-                   "met": None if r.get("ratio_of_means") is None else r["ratio_of_means"] >= TARGET_FEW_RATIO})
-    for other in ("resample", "cbdm"):
-        r = ratio(other)
-        ci = r.get("bootstrap_ci95") or [None, None]
-        checks.append({"target": f"few-shot acc above {other}", "value": r.get("ratio_of_means"), "interval": ci,
-                       "met": None if ci[0] is None else ci[0] > 1.0})
-    a, b = mean(recipe, "few_copy"), mean("resample", "few_copy")
-    checks.append({"target": "few-shot copy rate below resample's", "value": a, "interval": None, "reference": b,
-                   "met": None if a is None or b is None else a < b})
-    a, b = mean(recipe, "many_acc"), mean("baseline", "many_acc")
-    checks.append({"target": "many-shot acc within 2 points of plain", "value": a, "interval": None, "reference": b,
-                   "met": None if a is None or b is None else a >= b - TARGET_MANY_POINTS})
-    r = comps.get(f"{recipe}_vs_{recipe}_no_pog", {}).get("few", {})
-    ci = r.get("bootstrap_ci95") or [None, None]
-    checks.append({"target": "PoG term's own effect (vs the same recipe without it): interval excludes 1",
-                   "value": r.get("ratio_of_means"), "interval": ci,
-                   "met": None if ci[0] is None else (ci[0] > 1.0 or ci[1] < 1.0)})
-    return checks
-
-
-def _checks_table(checks: list[dict]) -> list[str]:
-    lines = ["| target | value | interval or reference | met? |", "|---|---:|---|---|"]
-    for c in checks:
-        value = "—" if c["value"] is None else f"{c['value']:.3f}"
-        if c.get("interval") and None not in c["interval"]:
-            extra = f"[{c['interval'][0]:.2f}, {c['interval'][1]:.2f}]"
-        elif c.get("reference") is not None:
-            extra = f"reference {c['reference']:.3f}"
-        else:
-            extra = "—"
-        met = "not measured" if c["met"] is None else ("yes" if c["met"] else "**no**")
-        lines.append(f"| {c['target']} | {value} | {extra} | {met} |")
-    return lines
-
-
-def summary_markdown(summary: dict) -> str:
-    """Markdown tables of ``summary.json``: per set, each recipe's bucket metrics (mean ± sample
-    std over seeds) and the paired comparisons (README "Results")."""
-    lines = []
-    for data, block in summary.items():
-        lines += [f"### {data} ({block['steps']} steps, batch {block.get('batch_size', '?')}, seeds {block['seeds']}, "
-                  f"{block.get('n_eval_captions', '?')} captions x {block.get('sample_seeds', 1)} sampling seeds)", ""]
-        lines += _methods_table(block["methods"])
-        if block.get("comparisons"):
-            lines += [""] + _comparisons_table(block["comparisons"])
-        if "pogdiff" in block["methods"]:
-            lines += ["", "Targets of the default recipe (`pogdiff`):", ""] + _checks_table(target_checks(block))
-        lines.append("")
-    return "\n".join(lines)
-
-
-def budget_markdown(curves: dict) -> str:
-    """Markdown of ``budget.json``: per set, few / medium / many-shot accuracy and few-shot copy rate
-    of every recipe at every budget (mean ± std over seeds)."""
-    lines = []
-    for data, curve in curves.items():
-        budgets = curve["budgets"]
-        lines += [f"### {data}: accuracy along the budget (seeds {curve['seeds']})", "",
-                  "| recipe | bucket | " + " | ".join(f"{b} steps" for b in budgets) + " |",
-                  "|---|---|" + "---:|" * len(budgets)]
-        methods = list(curve["by_budget"][str(budgets[0])]["methods"])
-        for method in methods:
-            for key in ("few_acc", "medium_acc", "many_acc", "few_copy"):
-                cells = [_mean_std(curve["by_budget"][str(b)]["methods"].get(method, {}).get(key, [])) for b in budgets]
-                lines.append(f"| {method} | {key} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)

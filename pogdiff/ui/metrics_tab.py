@@ -193,7 +193,7 @@ class MetricsPanel:
         With a judge's ``reliability`` (user data) the table gets its per-class held-out accuracy and
         a weak mark, and the bucket summary a row over the classes the judge can score.
         """
-        from pogdiff import metrics
+        from pogdiff import comparison
 
         names = list(tables)
         name_a, name_b = (names * 2)[:2]  # A and B may be the same checkpoint
@@ -201,12 +201,12 @@ class MetricsPanel:
         counted = all("n_gen" in t.columns for t in (table_a, table_b))
         if not counted:  # a table written without its image counts: no interval, so no verdict
             table_a, table_b = (t if "n_gen" in t.columns else t.assign(n_gen=float("nan")) for t in (table_a, table_b))
-        verdicts = metrics.per_class_verdicts(table_a, table_b)
-        fig = metrics.verdict_frequency_figure(verdicts, (name_a, name_b), config=self.data_config)
+        verdicts = comparison.per_class_verdicts(table_a, table_b)
+        fig = comparison.verdict_frequency_figure(verdicts, (name_a, name_b), config=self.data_config)
         groups = None
         if reliability is not None:
             groups = {"judge ok": list(reliability.loc[~reliability["weak"], "subject"])}
-        buckets = metrics.bucket_verdicts(table_a, table_b, groups=groups)
+        buckets = comparison.bucket_verdicts(table_a, table_b, groups=groups)
         merged = verdict_table(table_a, table_b, name_a, name_b, verdicts, reliability, weak_mark=WEAK_MARK).round(3)
         lines = [note, "", bucket_markdown(buckets, (name_a, name_b)), "",
                  f"A difference counts as a win only when its {INTERVAL} (bootstrap over each class's "
