@@ -21,8 +21,14 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STEPS = 300  # the app's default Steps value
-DEFAULT_PREVIEW_EVERY = 50  # the app's default preview cadence
+def _form_default(name: str) -> int:
+    from pogdiff.ui.train_form import TrainForm
+
+    return int(getattr(TrainForm(), name))
+
+
+DEFAULT_STEPS = _form_default("steps")  # the app's default Steps value
+DEFAULT_PREVIEW_EVERY = _form_default("sample_every")  # the app's default preview cadence
 
 
 def _options(steps: int, sample_every: int):
