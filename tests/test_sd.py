@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from pogdiff.checkpoints import load_model, save_checkpoint
 from pogdiff.config import ModelConfig, SampleConfig, TrainConfig
 from pogdiff.export import export_diffusers
-from pogdiff.models import LORA_TARGET_MODULES, load_stable_diffusion
+from pogdiff.models import LORA_TARGET_MODULES, attention_processors, load_stable_diffusion
 from pogdiff.sampling import generate
 from pogdiff.text import CLIPCaptionEncoder
 from tests.fakes import tiny_clip_parts
@@ -98,6 +98,7 @@ def test_components_and_lora_layout(model):
     assert not any(p.requires_grad for p in model.vae.parameters())
     assert not any(p.requires_grad for p in model.text_encoder.text_model.parameters())
     assert model.unet.is_gradient_checkpointing
+    assert attention_processors(model.unet) == {"AttnProcessor2_0"}  # PyTorch SDPA, LoRA included
 
 
 def test_encode_decode_shapes(model):
