@@ -104,6 +104,7 @@ def test_the_trainer_applies_the_checkpointing_choice(data, tmp_path, monkeypatc
     on = _trainer(data, tmp_path / "on", model_cfg=dataclasses.replace(SMALL_MODEL, gradient_checkpointing="on"))
     assert on.model.unet.is_gradient_checkpointing and on.unet_options["gradient_checkpointing"] is True
     auto = dataclasses.replace(SMALL_MODEL, gradient_checkpointing="auto")
+    monkeypatch.setattr(train_setup, "free_device_memory", lambda device: None)  # what a CPU reports
     cpu = _trainer(data, tmp_path / "cpu", model_cfg=auto)
     assert not cpu.model.unet.is_gradient_checkpointing and cpu.unet_options["free_bytes"] is None
     # a card with less free memory than the step needs: auto turns it on
@@ -155,7 +156,8 @@ def test_channels_last_puts_weights_and_inputs_in_nhwc_and_keeps_the_losses(data
         b, _ = nhwc.run_step()
         default.step += 1
         nhwc.step += 1
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        # NHWC kernels sum in another order; on CUDA cuDNN may also pick TF32 convolutions
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4 if nhwc.device.type == "cpu" else 1e-2, abs=1e-6)
     assert seen and all(seen)
     assert nhwc.save().is_dir()  # a channels-last model saves
 
