@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from pogdiff.config import (
+    ADAMW_KERNELS,
+    CHECKPOINTING,
     LIMITS,
     METHODS,
     TEACHERS,
@@ -155,6 +157,15 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="adamw (default) or adamw8bit (bitsandbytes' 8-bit AdamW; needs bitsandbytes and CUDA)")
     p.add_argument("--report-to", choices=TRACKERS, default=None,
                    help="experiment tracker: none (default) or tensorboard (event files in RUN_DIR/logs)")
+    p.add_argument("--gradient-checkpointing", choices=CHECKPOINTING, default=None,
+                   help="recompute UNet activations in the backward pass: auto (sd15 default: on only when the free "
+                        "CUDA memory is below the step's estimated need), on, off (tiny default)")
+    p.add_argument("--adamw-kernel", choices=ADAMW_KERNELS, default=None,
+                   help="torch AdamW implementation: auto (default: fused on CUDA), fused, foreach, loop")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="UNet weights and inputs in channels-last memory format (default off)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="train through torch.compile(unet) (default off; the first steps compile)")
     p.add_argument("--resolution", type=int, default=None,
                    help="training image size in pixels (default: the preset's, 32 for tiny, 512 for sd15); the "
                         "data are loaded at it. The shipped tiny base was trained at 32 px: use --base none otherwise")
@@ -184,6 +195,8 @@ def configs_from_args(args):
         use_density=not args.no_density, use_image_sim=not args.no_image_sim, use_text_sim=not args.no_text_sim,
         neighbour_pool=args.neighbour_pool, psi_schedule=args.psi_schedule,
         neighbour_sampling=args.neighbour_sampling, balance_alpha=args.balance_alpha, psi_teacher=args.psi_teacher,
+        gradient_checkpointing=args.gradient_checkpointing, adamw_kernel=args.adamw_kernel,
+        channels_last=args.channels_last, compile_unet=args.compile,
     )
 
 

@@ -36,6 +36,12 @@ TEACHERS = ("live", "base")
 # rare subjects of both embedded sets without costing the frequent ones (README "Results").
 DEFAULT_BALANCE_ALPHA = 0.5
 OPTIMIZERS = ("adamw", "adamw8bit")
+# ModelConfig.gradient_checkpointing: "auto" turns it on only when the free CUDA memory is below the
+# step's estimated need (pogdiff.train_setup.needs_gradient_checkpointing; never on a CPU).
+CHECKPOINTING = ("auto", "on", "off")
+# TrainConfig.adamw_kernel: "auto" is fused on CUDA (torch's default elsewhere); "loop" is the
+# per-parameter for-loop implementation.
+ADAMW_KERNELS = ("auto", "fused", "foreach", "loop")
 TRACKERS = ("none", "tensorboard")
 
 
@@ -111,10 +117,18 @@ class ModelConfig:
     pretrained: str = ""
     lora_rank: int = 8
     full_finetune: bool = False
-    gradient_checkpointing: bool = False
+    # Recompute UNet activations in the backward pass (less memory, about a third more FLOP):
+    # "on", "off", or "auto" (on only when the free CUDA memory is below the step's estimated need).
+    # true / false (configs saved before the choice existed) read as "on" / "off".
+    gradient_checkpointing: str = "off"
     # Pass the caption mask to cross-attention: None = automatic (yes for tiny, no for sd15, which
     # was trained attending to CLIP's padding tokens).
     use_attention_mask: bool | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gradient_checkpointing, bool):
+            self.gradient_checkpointing = "on" if self.gradient_checkpointing else "off"
+        check_choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING)
 
 
 @dataclass
@@ -161,12 +175,22 @@ class TrainConfig:
     optimizer: str = "adamw"
     # Experiment tracker: "none", or "tensorboard" (event files in <run>/logs; tensorboard needed).
     report_to: str = "none"
+    # torch AdamW implementation (ADAMW_KERNELS): "auto" = fused on CUDA, torch's default elsewhere.
+    adamw_kernel: str = "auto"
+    # UNet weights and inputs in channels-last memory format (NHWC convolutions on tensor cores).
+    channels_last: bool = False
+    # Train through torch.compile(unet): the first steps compile (minutes), later ones may run faster.
+    compile_unet: bool = False
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS, article="unknown method")
         check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         check_choice("optimizer", self.optimizer, OPTIMIZERS, article="unknown optimizer")
         check_choice("report_to", self.report_to, TRACKERS, article="unknown report_to")
+        check_choice("adamw_kernel", self.adamw_kernel, ADAMW_KERNELS)
+        for name in ("channels_last", "compile_unet"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name, low in (("max_steps", 1), ("batch_size", 1), ("gradient_accumulation_steps", 1),
                           ("checkpoints_total_limit", 1), ("warmup_steps", 0), ("checkpoint_every", 0),
                           ("log_every", 0), ("sample_every", 0), ("seed", 0)):
@@ -264,7 +288,7 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
         cfg = ModelConfig(
             preset="sd15", resolution=512, text_encoder="clip", max_caption_tokens=77,
             cross_attention_dim=768, beta_schedule="scaled_linear",
-            pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", gradient_checkpointing=True,
+            pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", gradient_checkpointing="auto",
         )
     else:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -317,6 +341,10 @@ def configs_from_options(
     neighbour_sampling: str | None = None,
     balance_alpha: float | None = None,
     psi_teacher: str | None = None,
+    gradient_checkpointing: str | None = None,
+    adamw_kernel: str | None = None,
+    channels_last: bool | None = None,
+    compile_unet: bool | None = None,
     limits: Limits | None = None,
 ) -> tuple[ModelConfig, TrainConfig]:
     """Training options (the ``train`` command's flags, the app's training tab) -> ``(ModelConfig,
@@ -348,6 +376,9 @@ def configs_from_options(
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {value!r}")
     model_over = {"pretrained": pretrained} if pretrained else {}
+    if gradient_checkpointing is not None:
+        check_choice("gradient_checkpointing", gradient_checkpointing, CHECKPOINTING)
+        model_over["gradient_checkpointing"] = gradient_checkpointing
     if resolution is not None:
         factor = 8 if preset == "sd15" else 4  # the VAE's downsampling / the tiny UNet's two halvings
         if isinstance(resolution, bool) or not isinstance(resolution, int) or not 16 <= resolution <= 2048 \
@@ -370,6 +401,7 @@ def configs_from_options(
         "noise_offset": noise_offset, "optimizer": optimizer, "report_to": report_to,
         "sample_every": sample_every, "cbdm_tau": cbdm_tau,
         "balance_alpha": None if balance_alpha is None else float(balance_alpha),
+        "adamw_kernel": adamw_kernel, "channels_last": channels_last, "compile_unet": compile_unet,
     }
     train_cfg = train_preset(preset, method=method, seed=seed, balanced_sampling=balanced_sampling, psi=psi,
                              **{key: v for key, v in train_over.items() if v is not None})

@@ -50,11 +50,22 @@ def unwrap(module: nn.Module) -> nn.Module:
     """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (itself if none).
 
     ``accelerate.prepare`` wraps the UNet in DDP when several processes train; the wrapper has
-    neither ``dtype`` nor ``config`` nor ``peft_config``.
+    neither ``dtype`` nor ``config`` nor ``peft_config``. ``torch.compile``'s wrapper is looked
+    through too (``TrainConfig.compile_unet``).
     """
-    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        module = module.module
-    return module
+    while True:
+        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
+            module = module._orig_mod
+        else:
+            return module
+
+
+def attention_processors(unet: nn.Module) -> set[str]:
+    """Class names of the attention processors of ``unet`` (``AttnProcessor2_0``: PyTorch's fused
+    ``scaled_dot_product_attention``, which diffusers picks by default)."""
+    return {type(p).__name__ for p in unwrap(unet).attn_processors.values()}
 
 
 def is_lora(unet: nn.Module) -> bool:
@@ -439,7 +450,7 @@ def load_stable_diffusion(
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing == "on":  # "auto" is decided by the trainer, on the training device
         unet.enable_gradient_checkpointing()
     encoder = text.build_text_encoder(cfg, clip_tokenizer=tokenizer, clip_model=clip, device=str(device))
     unet.to(device)

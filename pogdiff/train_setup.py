@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import logging
 import os
 import random
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 
 from pogdiff.config import (
+    ADAMW_KERNELS,
+    CHECKPOINTING,
     OPTIMIZERS,
     TRACKERS,
     ModelConfig,
@@ -45,6 +48,87 @@ def frozen_weight_dtype(model, mixed_precision: str) -> torch.dtype | None:
     if not getattr(model, "is_lora", False):
         return None
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(str(mixed_precision))
+
+
+# ------------------------------------------------------------------ gradient checkpointing
+# Bytes a UNet forward pass keeps for the backward pass, per sample, per latent pixel and per unit of
+# activation width (activation_units), with 2-byte (bf16 / fp16) activations. Calibrated on the
+# SD-1.5 UNet step without checkpointing of BENCHMARKS.md "GPU" (9.6 GiB peak at batch 8 and 64 x 64
+# latents, 1.7 GiB of it the frozen bf16 weights: 7.9 GiB / (8 x 4096 x 2900 units) = 89 B), rounded up.
+ACTIVATION_BYTES_PER_UNIT = 96
+# "auto" turns checkpointing on when the free memory is below the estimate times this margin
+# (allocator fragmentation, cuDNN / attention workspaces).
+CHECKPOINTING_MARGIN = 1.25
+
+
+def activation_units(unet_config) -> float:
+    """Activation width of a UNet per latent pixel: ``sum_i c_i (2 L + 1) / 4**i`` over its levels
+    (``c_i`` the level's channels, ``L`` resnets per down block, one more per up block, each level
+    at a quarter of the pixels of the one above). 2900 for Stable Diffusion 1.5's UNet."""
+    channels = list(unet_config["block_out_channels"])
+    layers = unet_config["layers_per_block"]
+    layers = layers if isinstance(layers, int) else max(layers)
+    return float(sum(c * (2 * layers + 1) / 4**i for i, c in enumerate(channels)))
+
+
+def step_memory_estimate(unet, *, batch_size: int, latent_pixels: int, mixed_precision: str) -> int:
+    """Bytes a training step still needs once the weights are on the device, without gradient
+    checkpointing: the activations kept for the backward pass (:data:`ACTIVATION_BYTES_PER_UNIT`
+    per unit of :func:`activation_units`, per latent pixel and sample, doubled for float32) plus the
+    gradient and the two AdamW moments of every trainable parameter."""
+    from pogdiff.models import unwrap
+
+    base = unwrap(unet)
+    half = str(mixed_precision) in ("fp16", "bf16")
+    activations = ACTIVATION_BYTES_PER_UNIT * (1 if half else 2) * activation_units(base.config)
+    activations *= batch_size * latent_pixels
+    trainable = sum(p.numel() * p.element_size() for p in base.parameters() if p.requires_grad)
+    return int(activations + 3 * trainable)
+
+
+def free_device_memory(device: torch.device | str) -> int | None:
+    """Free bytes on a CUDA ``device`` (``torch.cuda.mem_get_info``); None for other devices."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def needs_gradient_checkpointing(choice: str, *, free_bytes: int | None, needed_bytes: int,
+                                 margin: float = CHECKPOINTING_MARGIN) -> bool:
+    """Whether a run uses gradient checkpointing (README "Training options", ``--gradient-checkpointing``).
+
+    ``"on"`` / ``"off"`` as asked; ``"auto"``: on only when the device's ``free_bytes`` are below
+    ``needed_bytes`` (:func:`step_memory_estimate`) times ``margin``; off when the device reports no
+    free memory (``None``: a CPU, whose step is not limited by a card's memory).
+    """
+    if choice not in CHECKPOINTING:
+        raise ValueError(f"gradient_checkpointing must be one of {', '.join(map(repr, CHECKPOINTING))}, got {choice!r}")
+    if choice != "auto":
+        return choice == "on"
+    return free_bytes is not None and free_bytes < needed_bytes * margin
+
+
+def apply_unet_options(model, cfg: TrainConfig, *, device: torch.device | str, mixed_precision: str,
+                       latent_pixels: int) -> dict:
+    """Set up ``model.unet`` for training on ``device``: gradient checkpointing as
+    ``model.config.gradient_checkpointing`` decides (:func:`needs_gradient_checkpointing`) and the
+    channels-last memory format when ``cfg.channels_last``. Returns what was decided (the estimate
+    and the free memory it was compared with, in bytes)."""
+    unet = model.unet
+    choice = getattr(model.config, "gradient_checkpointing", "off")
+    needed = step_memory_estimate(unet, batch_size=cfg.batch_size, latent_pixels=latent_pixels,
+                                  mixed_precision=mixed_precision)
+    free = free_device_memory(device)
+    use = needs_gradient_checkpointing(choice, free_bytes=free, needed_bytes=needed)
+    if getattr(unet, "_supports_gradient_checkpointing", False) and bool(unet.is_gradient_checkpointing) != use:
+        (unet.enable_gradient_checkpointing if use else unet.disable_gradient_checkpointing)()
+    if choice == "auto":
+        logger.info("gradient checkpointing %s: the step needs about %.1f GiB, %s", "on" if use else "off",
+                    needed / 2**30, "not on a CUDA device" if free is None else f"{free / 2**30:.1f} GiB free")
+    if cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    return {"gradient_checkpointing": use, "choice": choice, "estimated_bytes": needed, "free_bytes": free}
 
 
 def check_train_config(cfg: TrainConfig, n_samples: int) -> None:
@@ -99,10 +183,36 @@ def check_optimizer_available(name: str) -> None:
             raise _adamw8bit_error(missing)
 
 
+def adamw_kernel_options(choice: str, device_type: str) -> dict[str, bool]:
+    """``torch.optim.AdamW`` keyword arguments of ``TrainConfig.adamw_kernel`` on a device type.
+
+    ``"fused"``: one fused kernel (``fused=True``); ``"foreach"``: multi-tensor kernels;
+    ``"loop"``: one parameter at a time; ``"auto"``: fused on CUDA (foreach where this torch has
+    no fused AdamW), elsewhere torch's own default (the for-loop on a CPU, so CPU runs compute
+    what they computed before the option existed).
+    """
+    if choice not in ADAMW_KERNELS:
+        raise ValueError(f"adamw_kernel must be one of {', '.join(map(repr, ADAMW_KERNELS))}, got {choice!r}")
+    has_fused = "fused" in inspect.signature(torch.optim.AdamW).parameters
+    if choice == "auto":
+        if device_type != "cuda":
+            return {}
+        choice = "fused" if has_fused else "foreach"
+    if choice == "fused":
+        if not has_fused:
+            raise ValueError(f"adamw_kernel 'fused' needs torch >= 2.0 (this is {torch.__version__}): "
+                             "use adamw_kernel 'foreach' or 'auto'")
+        return {"fused": True}
+    if choice == "foreach":
+        return {"foreach": True}
+    return {"foreach": False}
+
+
 def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig,
                     device: torch.device | str) -> torch.optim.Optimizer:
-    """``torch.optim.AdamW``, or ``bitsandbytes.optim.AdamW8bit`` for ``optimizer="adamw8bit"``
-    (README "Training options"); the 8-bit one needs the parameters on a CUDA device."""
+    """``torch.optim.AdamW`` with the kernel of ``cfg.adamw_kernel`` (:func:`adamw_kernel_options`),
+    or ``bitsandbytes.optim.AdamW8bit`` for ``optimizer="adamw8bit"`` (README "Training options");
+    the 8-bit one needs the parameters on a CUDA device."""
     check_optimizer_available(cfg.optimizer)
     if cfg.optimizer == "adamw8bit":
         if torch.device(device).type != "cuda":
@@ -110,7 +220,8 @@ def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig,
         import bitsandbytes
 
         return bitsandbytes.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    kernel = adamw_kernel_options(getattr(cfg, "adamw_kernel", "auto"), torch.device(device).type)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **kernel)
 
 
 def _tensorboard_available() -> bool:

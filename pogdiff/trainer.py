@@ -43,6 +43,7 @@ from pogdiff.train_setup import (
     _rng_state,
     _seed_of,
     _set_rng_state,
+    apply_unet_options,
     build_optimizer,
     check_train_config,
     eps_loss_weights,
@@ -151,11 +152,18 @@ class Trainer:
         self.num_processes = self.accelerator.num_processes
         model.to(self.device, dtype=frozen_weight_dtype(model, self.accelerator.mixed_precision))
         _own_storage(model.unet)
+        # Gradient checkpointing (decided here, on the training device) and the memory format.
+        self.unet_options = apply_unet_options(model, cfg, device=self.device,
+                                               mixed_precision=self.accelerator.mixed_precision,
+                                               latent_pixels=int(np.prod(data.x0.shape[2:])))
         self.params = [p for p in model.trainable_parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg, self.device)
         # model.unet stays the plain module (saving, previews, EMA); training steps run through
-        # self.unet, the same module as accelerate prepared it (DDP-wrapped with several processes).
+        # self.unet, the same module as accelerate prepared it (DDP-wrapped with several processes),
+        # compiled when cfg.compile_unet.
         self.unet, self.optimizer = self.accelerator.prepare(model.unet, self.optimizer)
+        if cfg.compile_unet:
+            self.unet = torch.compile(self.unet)
         self.objective = objective
         self.teacher_unet = None
         if objective.needs_teacher:
@@ -164,6 +172,8 @@ class Trainer:
                                  "teacher_unet= (pogdiff.training.train builds it from the base checkpoint)")
             self.teacher_unet = teacher_unet.to(self.device, dtype=frozen_weight_dtype(model, self.accelerator.mixed_precision))
             self.teacher_unet.requires_grad_(False).eval()
+            if cfg.channels_last:
+                self.teacher_unet.to(memory_format=torch.channels_last)
         # Stepped once per optimizer step by optimize(), never through accelerate (which would
         # step it once per process).
         self.lr_scheduler = get_scheduler(
@@ -403,6 +413,8 @@ class Trainer:
         dev = self.device
         x0, eps, t = batch["x0"].to(dev), batch["eps"].to(dev), batch["t"].to(dev)
         x_t = self.model.noise_scheduler.add_noise(x0, eps, t)
+        if self.cfg.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
         step = Step(predict=self.predict, balanced_rows=self._balanced_rows, table=self.data.table,
                     betas=self.model.noise_scheduler.betas, num_timesteps=self.num_timesteps,
                     predict_teacher=self.predict_teacher if self.teacher_unet is not None else None)

@@ -263,3 +263,49 @@ def browser_or_skip():
 
 def open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
+
+
+def tiny_sd_pipeline(folder: str | Path, *, hidden: int = 32, seed: int = 0):
+    """A tiny randomly initialised Stable Diffusion pipeline (UNet, VAE, CLIP from
+    :func:`tiny_clip_parts`, whose files go to ``folder/clip``, DDPM scaled-linear schedule): 32 px
+    images, 8 x 8 latents. Nothing is downloaded; the weights depend only on ``seed``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    tokenizer, text_encoder = tiny_clip_parts(Path(folder) / "clip", hidden_size=hidden, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=hidden,
+            attention_head_dim=2,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+            norm_num_groups=8, sample_size=32,
+        )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def write_tiny_sd_pipeline(folder: str | Path, *, hidden: int = 32, seed: int = 0) -> Path:
+    """:func:`tiny_sd_pipeline` saved as a local diffusers folder ``folder/pipe`` that
+    :func:`pogdiff.models.load_stable_diffusion` loads as it would a real one; returns its path.
+
+    ``python -m tests.fakes FOLDER`` writes one (``scripts/gpu_check.sh`` uses it).
+    """
+    folder = Path(folder)
+    tiny_sd_pipeline(folder, hidden=hidden, seed=seed).save_pretrained(folder / "pipe")
+    return folder / "pipe"
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(write_tiny_sd_pipeline(sys.argv[1]))

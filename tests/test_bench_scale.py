@@ -207,3 +207,55 @@ def test_train_tab_runs_append_to_one_file(tmp_path):
     kept = json.loads(out.read_text())
     assert [r["default_run_s"] for r in kept["runs"]] == [1.0, 2.0]
     assert kept["command"].endswith(f"--out {out}")
+
+
+# Compiling even the tiny UNet takes more than 90 s on the 2-core CPU: those two configurations
+# are wired (tests/test_speed_options.py) and run only on a GPU (scripts/gpu_check.sh).
+CPU_CONFIGS = [name for name in gpu.TRAINER_CONFIGS if not gpu.TRAINER_CONFIGS[name].get("compile_unet")]
+
+
+def test_gpu_bench_runs_every_trainer_configuration_on_tiny_parts(tmp_path, capsys, monkeypatch):
+    """The prepared GPU check on CPU: ``bench gpu --tiny`` times the real Trainer in every
+    configuration for one step and writes the fields the GPU run will fill."""
+    import math
+
+    from tests.fakes import write_tiny_sd_pipeline
+
+    pipe = write_tiny_sd_pipeline(tmp_path / "sd")
+    out = tmp_path / "gpu.json"
+    assert main(["bench", "gpu", "--tiny", "--steps", "1", "--warmup", "1", "--batch-size", "2",
+                 "--prepare-pipeline", str(pipe), "--configs", *CPU_CONFIGS, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert "| trainer: plain |" in printed and "| hand-written: diffusers example |" in printed
+    # the fields the bench wrote before stay
+    assert {"device", "bf16_peak_tflops", "batch", "resolution", "lora_rank", "timed_steps", "results",
+            "pogdiff_over_plain"} <= set(r)
+    assert set(r["results"]) == {"diffusers example", "plain", "pogdiff"}
+    assert set(r["trainer"]) == set(CPU_CONFIGS)
+    for name, c in r["trainer"].items():
+        if name == "plain, 8-bit AdamW" and "skipped" in c:  # no bitsandbytes / CUDA here
+            assert "CUDA is not available" in c["skipped"]
+            continue
+        assert "error" not in c, (name, c)
+        for key in ("seconds_per_step", "ratio_to_diffusers_example", "ratio_to_plain", "tflop_per_step",
+                    "psi_active_share", "estimated_step_gib"):
+            assert math.isfinite(c[key]) and c[key] >= 0, (name, key, c[key])
+        assert c["flop_per_step"] > 0 and c["peak_memory_gib"] is None and c["share_of_bf16_peak"] is None
+        assert c["attention_processors"] == ["AttnProcessor2_0"] and c["gradient_checkpointing"] in (True, False)
+    t = r["trainer"]
+    assert t["plain"]["psi_active_share"] == 0 and t["pogdiff, neighbour pass for every row"]["psi_active_share"] == 1
+    assert t["plain, gradient checkpointing on"]["gradient_checkpointing"] is True
+    assert t["plain"]["gradient_checkpointing"] is False  # auto, on a CPU
+    assert (t["plain, AdamW foreach"]["adamw_foreach"], t["plain, AdamW for-loop"]["adamw_foreach"]) == (True, False)
+    assert t["plain, channels-last"]["channels_last"] is True
+    # gradient checkpointing recomputes the forward pass: more FLOP for the same step
+    assert t["plain, gradient checkpointing on"]["flop_per_step"] > t["plain"]["flop_per_step"]
+    assert math.isfinite(r["trainer_plain_over_example"]) and math.isfinite(r["trainer_pogdiff_over_plain"])
+    prep = r["prepare"]
+    assert prep["finite"] and prep["x0_shape"] == [16, 4, 8, 8] and prep["device"] == "cpu"
+
+
+def test_gpu_bench_refuses_an_unknown_configuration():
+    with pytest.raises(ValueError, match=r"unknown trainer configuration\(s\) \['fast'\]; choose from"):
+        gpu.run_all(tiny=True, steps=1, warmup=0, batch=2, configs=["fast"])

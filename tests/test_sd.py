@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from pogdiff.checkpoints import load_model, save_checkpoint
 from pogdiff.config import ModelConfig, SampleConfig, TrainConfig
 from pogdiff.export import export_diffusers
-from pogdiff.models import LORA_TARGET_MODULES, load_stable_diffusion
+from pogdiff.models import LORA_TARGET_MODULES, attention_processors, load_stable_diffusion
 from pogdiff.sampling import generate
 from pogdiff.text import CLIPCaptionEncoder
-from tests.fakes import tiny_clip_parts
+from tests.fakes import tiny_sd_pipeline, write_tiny_sd_pipeline
 
 HIDDEN = 32
 RANK = 4
@@ -30,34 +30,13 @@ CAPTIONS = ["a photo of a cat", "a photo of a dog"]
 
 
 def _tiny_pipeline(folder) -> StableDiffusionPipeline:
-    tokenizer, text_encoder = tiny_clip_parts(folder / "clip", hidden_size=HIDDEN, seed=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=HIDDEN,
-            attention_head_dim=2,
-        )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-            norm_num_groups=8, sample_size=32,
-        )
-    scheduler = DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
-    )
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    return tiny_sd_pipeline(folder, hidden=HIDDEN)
 
 
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd")
-    _tiny_pipeline(folder).save_pretrained(folder / "pipe")
-    return folder / "pipe"
+    return write_tiny_sd_pipeline(folder, hidden=HIDDEN)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +77,7 @@ def test_components_and_lora_layout(model):
     assert not any(p.requires_grad for p in model.vae.parameters())
     assert not any(p.requires_grad for p in model.text_encoder.text_model.parameters())
     assert model.unet.is_gradient_checkpointing
+    assert attention_processors(model.unet) == {"AttnProcessor2_0"}  # PyTorch SDPA, LoRA included
 
 
 def test_encode_decode_shapes(model):
