@@ -30,7 +30,7 @@ from pogdiff.config import (
 
 logger = logging.getLogger(__name__)
 
-_SEED_STRIDE = 1_000_003
+SEED_STRIDE = 1_000_003
 FINGERPRINT_KEYS = ("method", "preset", "pretrained", "dataset_hash")
 
 
@@ -339,7 +339,7 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def _make_accelerator(mixed_precision: str, **options):
+def make_accelerator(mixed_precision: str, **options):
     """An ``Accelerator``; under ``torchrun`` / ``accelerate launch`` without a GPU, CPU processes
     join one gloo process group (instead of each training alone into the same run folder).
     ``options`` go to ``Accelerator`` (the tracker's ``log_with`` / ``project_dir``)."""
@@ -353,7 +353,7 @@ def _make_accelerator(mixed_precision: str, **options):
     return Accelerator(mixed_precision=mixed_precision, cpu=multi and not torch.cuda.is_available(), **options)
 
 
-def _own_storage(module: torch.nn.Module) -> None:
+def own_storage(module: torch.nn.Module) -> None:
     """Give every parameter and buffer a fresh contiguous copy of its data.
 
     Weights loaded from safetensors may live in differently aligned memory than freshly made
@@ -365,13 +365,13 @@ def _own_storage(module: torch.nn.Module) -> None:
             t.data = t.data.clone(memory_format=torch.contiguous_format)
 
 
-def _seed_of(*parts: int) -> int:
+def seed_of(*parts: int) -> int:
     """A 64-bit seed mixing any number of non-negative-or-not integers (no stride limits)."""
     entropy = [int(x) % 2**64 for x in parts]
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
 
 
-def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
     """Global RNG states: JSON part (python, numpy scalars) and tensor part (torch, numpy key)."""
     np_state = np.random.get_state()
     tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy": torch.from_numpy(np_state[1].astype(np.int64))}
@@ -384,7 +384,7 @@ def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def _set_rng_state(meta: dict | None, tensors: dict[str, torch.Tensor]) -> None:
+def set_rng_state(meta: dict | None, tensors: dict[str, torch.Tensor]) -> None:
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
     if torch.cuda.is_available():

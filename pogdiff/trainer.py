@@ -36,13 +36,13 @@ from pogdiff.prepare import (
     TrainData,
 )
 from pogdiff.train_setup import (
-    _SEED_STRIDE,
+    SEED_STRIDE,
     TRACKER_PROJECT,
-    _make_accelerator,
-    _own_storage,
-    _rng_state,
-    _seed_of,
-    _set_rng_state,
+    make_accelerator,
+    own_storage,
+    rng_state,
+    seed_of,
+    set_rng_state,
     apply_unet_options,
     build_optimizer,
     check_train_config,
@@ -146,12 +146,12 @@ class Trainer:
         self.fingerprint: dict | None = None
         self.last_checkpoint: Path | None = None
         self.accelerator = (accelerator if accelerator is not None
-                            else _make_accelerator(cfg.mixed_precision, **tracker_options(cfg, self.run_dir)))
+                            else make_accelerator(cfg.mixed_precision, **tracker_options(cfg, self.run_dir)))
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.num_processes = self.accelerator.num_processes
         model.to(self.device, dtype=frozen_weight_dtype(model, self.accelerator.mixed_precision))
-        _own_storage(model.unet)
+        own_storage(model.unet)
         # Gradient checkpointing (decided here, on the training device) and the memory format.
         self.unet_options = apply_unet_options(model, cfg, device=self.device,
                                                mixed_precision=self.accelerator.mixed_precision,
@@ -280,14 +280,14 @@ class Trainer:
         """The generator of (step, micro-batch) on this process. One process, first micro-batch:
         the seed of earlier versions, so their runs and benchmarks reproduce."""
         if self.num_processes == 1 and micro == 0:
-            seed = (self.cfg.seed * _SEED_STRIDE + step) * 8
+            seed = (self.cfg.seed * SEED_STRIDE + step) * 8
         else:
-            seed = _seed_of(self.cfg.seed, step, micro, self.accelerator.process_index)
+            seed = seed_of(self.cfg.seed, step, micro, self.accelerator.process_index)
         return torch.Generator().manual_seed(seed)
 
     def rows_generator(self, step: int, micro: int = 0) -> torch.Generator:
         """The generator shared by all processes for the rows of (step, micro-batch)."""
-        return torch.Generator().manual_seed(_seed_of(self.cfg.seed, step, micro))
+        return torch.Generator().manual_seed(seed_of(self.cfg.seed, step, micro))
 
     # ----------------------------------------------------------------------------------- step
     def run_step(self) -> tuple[dict[str, float], tuple[float, float]]:
@@ -486,7 +486,7 @@ class Trainer:
         return path
 
     def _write_checkpoint(self) -> Path:
-        rng_meta, rng_tensors = _rng_state()
+        rng_meta, rng_tensors = rng_state()
         extra = {
             "fingerprint": self.fingerprint,
             "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -530,7 +530,7 @@ class Trainer:
         if extra.get("num_processes", 1) != self.num_processes:
             logger.info("resuming a %s-process checkpoint on %d process(es)", extra.get("num_processes", 1),
                         self.num_processes)
-        _set_rng_state(extra.get("rng"), state.get("extra_tensors") or {})
+        set_rng_state(extra.get("rng"), state.get("extra_tensors") or {})
         self.last_checkpoint = state.get("path")
 
     def _start_history(self) -> None:

@@ -52,7 +52,7 @@ from pogdiff.prepare import (  # noqa: F401
 )
 from pogdiff.train_setup import (  # noqa: F401
     RunMismatchError,
-    _make_accelerator,
+    make_accelerator,
     accelerate_mixed_precision,
     build_optimizer,
     check_same_run,
@@ -156,7 +156,7 @@ def train(
             f"load the set with DataConfig(resolution={model_cfg.resolution})"
         )
     run_dir = Path(run_dir)
-    accelerator = _make_accelerator(train_cfg.mixed_precision, **tracker_options(train_cfg, run_dir))
+    accelerator = make_accelerator(train_cfg.mixed_precision, **tracker_options(train_cfg, run_dir))
     checkpoints.check_run_dir(run_dir, 0)
     fingerprint = run_fingerprint(dataset, model_cfg, train_cfg)
     if accelerator.is_main_process:

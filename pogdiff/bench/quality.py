@@ -28,7 +28,7 @@ from pogdiff.constants import REPO_ROOT
 from pogdiff.evaluation import EVAL_SAMPLE, evaluate_model, per_class_rows, subset
 from pogdiff.constants import SHIPPED_DIR as SHIPPED
 from pogdiff.bench.report import budget_figure, budget_markdown, few_shot_grids, summary_markdown
-from pogdiff.bench.summary import _add_generation_shifts, _merge_summary, aggregate, summary_entry, to_markdown
+from pogdiff.bench.summary import add_generation_shifts, merge_summary, aggregate, summary_entry, to_markdown
 from pogdiff.config import (
     RECIPES,
     DataConfig,
@@ -308,16 +308,16 @@ def quality(*, out: Path, methods, seeds, budgets=None, steps: int | None = None
                 "recipes": {m: RECIPES[m] for m in methods}, "seeds_for": seeds_for}
     entry = summary_entry(at, classes_all[classes_all["steps"] == steps], steps=steps, seeds=list(seeds), **protocol)
     entry["budgets"] = budgets
-    _add_generation_shifts(entry, generated, subjects, counts, seeds=seeds, steps=steps)
-    _merge_summary(out / "summary.json", data, entry)
+    add_generation_shifts(entry, generated, subjects, counts, seeds=seeds, steps=steps)
+    merge_summary(out / "summary.json", data, entry)
     curve = {"budgets": budgets, "seeds": list(seeds), **protocol, "by_budget": {}}
     for budget in budgets:
         part = long_all[long_all["steps"] == budget].drop(columns="steps")
         block = summary_entry(part, classes_all[classes_all["steps"] == budget], steps=budget, seeds=list(seeds),
                               **protocol)
-        _add_generation_shifts(block, generated, subjects, counts, seeds=seeds, steps=budget)
+        add_generation_shifts(block, generated, subjects, counts, seeds=seeds, steps=budget)
         curve["by_budget"][str(budget)] = block
-    _merge_summary(out / "budget.json", data, curve)
+    merge_summary(out / "budget.json", data, curve)
     budget_figure(long_all, path=folder / "budget.png", title=data)
     if ship:
         from pogdiff.bench.ship import ship_demo_runs

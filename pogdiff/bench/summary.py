@@ -92,7 +92,7 @@ def generation_shift(images_a: np.ndarray, images_b: np.ndarray) -> np.ndarray:
     return np.sqrt(((a - b) ** 2).reshape(len(a), -1).mean(axis=1))
 
 
-def _add_generation_shifts(block: dict, generated: dict, subjects: list[str], counts: dict, *, seeds, steps: int) -> None:
+def add_generation_shifts(block: dict, generated: dict, subjects: list[str], counts: dict, *, seeds, steps: int) -> None:
     """Each comparison's mean generation shift per bucket (over seeds and images), beside the
     shift between two training seeds of the same recipe as the scale of chance."""
     from pogdiff.data.stats import shot_bucket
@@ -127,7 +127,7 @@ def _clean(x: float) -> float | None:
     return None if x is None or not np.isfinite(x) else round(float(x), 6)
 
 
-def _merge_summary(path: Path, data: str, entry: dict) -> None:
+def merge_summary(path: Path, data: str, entry: dict) -> None:
     summary = json.loads(path.read_text()) if path.exists() else {}
     summary[data] = entry
     tmp = path.with_suffix(".tmp")
