@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 import app
+from pogdiff.ui import compare_tab
 
 REPO = Path(__file__).resolve().parent.parent
 HUB_COLORS = {"red", "yellow", "green", "blue", "indigo", "purple", "pink", "gray"}
@@ -201,7 +202,7 @@ def test_zero_gpu_is_identity_without_spaces(monkeypatch):
     def f(x):
         return x + 1
 
-    assert app.zero_gpu(f, 60) is f
+    assert compare_tab.zero_gpu(f, 60) is f
 
 
 def test_compare_events_ask_for_the_gpu_and_share_one_queue(monkeypatch, tmp_path):
@@ -209,14 +210,14 @@ def test_compare_events_ask_for_the_gpu_and_share_one_queue(monkeypatch, tmp_pat
 
     calls: list = []
     monkeypatch.setitem(sys.modules, "spaces", _fake_spaces(calls))
-    assert app.zero_gpu(lambda x: 2 * x, 30)(4) == 8 and calls[-1][1] == 30
+    assert compare_tab.zero_gpu(lambda x: 2 * x, 30)(4) == 8 and calls[-1][1] == 30
     calls.clear()
     studio = Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
     demo = app.build_demo(studio)
     fns = {f.api_name: f for f in demo.fns.values()}
     compare, metrics = fns["compare"], fns["metrics"]
-    assert compare.fn.gpu_duration == app.COMPARE_GPU_SECONDS and compare.fn.__wrapped__ == studio.generate_pair
-    assert metrics.fn.gpu_duration == app.METRICS_GPU_SECONDS and metrics.fn.__wrapped__ == studio.compute_metrics
-    assert compare.concurrency_id == metrics.concurrency_id == app.GPU_QUEUE
-    assert fns["poll"].concurrency_id != app.GPU_QUEUE
-    assert sorted(d for _, d in calls) == sorted([app.COMPARE_GPU_SECONDS, app.METRICS_GPU_SECONDS])
+    assert compare.fn.gpu_duration == compare_tab.COMPARE_GPU_SECONDS and compare.fn.__wrapped__ == studio.generate_pair
+    assert metrics.fn.gpu_duration == compare_tab.METRICS_GPU_SECONDS and metrics.fn.__wrapped__ == studio.compute_metrics
+    assert compare.concurrency_id == metrics.concurrency_id == compare_tab.GPU_QUEUE
+    assert fns["poll"].concurrency_id != compare_tab.GPU_QUEUE
+    assert sorted(d for _, d in calls) == sorted([compare_tab.COMPARE_GPU_SECONDS, compare_tab.METRICS_GPU_SECONDS])
