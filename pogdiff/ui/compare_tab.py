@@ -96,7 +96,8 @@ class CompareTab:
         missing = [f for f in SHIPPED_RUNS.values() if self._checkpoint_in(self.shipped_dir / f) is None]
         if not missing:
             return ("Defaults: the shipped **demo-baseline** and **demo-pogdiff** checkpoints, fine-tuned from the "
-                    "same base on the demo set with the same steps and seeds.")
+                    "same base on the demo set with the same steps and seed (1000 steps of batch 16; README \"Results\"); "
+                    "every other shipped recipe is listed too.")
         return ("**Not there yet:** the shipped comparison checkpoints "
                 "(`checkpoints/demo-baseline`, `checkpoints/demo-pogdiff`) "
                 "are not there yet. Make them with `python -m pogdiff bench quality --ship checkpoints`, "
