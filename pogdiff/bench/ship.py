@@ -36,6 +36,20 @@ def store_half_precision(ckpt_dir: str | Path) -> None:
     for name in (checkpoints.STATE_TENSORS, checkpoints.MANIFEST):  # the manifest's sums no longer match
         (ckpt_dir / name).unlink(missing_ok=True)
     strip_local_names(ckpt_dir)  # no path of the machine that built it
+    strip_data_path(ckpt_dir)
+
+
+def strip_data_path(ckpt_dir: str | Path) -> None:
+    """Keep only the folder name of the data a checkpoint was trained on (the run fingerprint's
+    ``data``, kept for messages only): no path of the machine that built it."""
+    state_file = Path(ckpt_dir) / checkpoints.STATE_JSON
+    if not state_file.is_file():
+        return
+    state = json.loads(state_file.read_text())
+    fingerprint = (state.get("extra") or {}).get("fingerprint") or {}
+    if fingerprint.get("data"):
+        fingerprint["data"] = Path(fingerprint["data"]).name
+        state_file.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 def ship_demo_runs(out: Path, ship: Path, seed: int, tables: dict[str, pd.DataFrame], *, steps: int,
