@@ -123,6 +123,24 @@ class TrainJobs:
         values = [v for _, v in choices]
         return gr.Dropdown(choices=choices, value=current if current in values else values[0])
 
+    def checked_setup(self, key: str | None, form: TrainForm, request: gr.Request | None):
+        """The form's run, checked before any work as Start and Estimate time both need it:
+        ``(model_cfg, train_cfg, bundle, base choice, base checkpoint)``. Refuses sd15 without a GPU
+        and options the loaded set cannot train with, each in words."""
+        from_scratch = _arg(safety.flag, "Train from scratch", False if form.from_scratch is None else form.from_scratch)
+        model_cfg, train_cfg = self.build_configs(form)
+        if model_cfg.preset == "sd15" and not self.on_gpu:
+            raise gr.Error("The sd15 preset needs a GPU; this server has none. Use the tiny preset on CPU.")
+        bundle = self.bundle(key)
+        from pogdiff.training import check_train_config
+
+        try:
+            check_train_config(train_cfg, len(bundle.captions))
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="Invalid training options") from exc
+        choice, base = self.chosen_base(model_cfg, from_scratch, form.base, request)
+        return model_cfg, train_cfg, bundle, choice, base
+
     def chosen_base(self, model_cfg: Any, from_scratch: bool, base: str | None,
                     request: gr.Request | None) -> tuple[str, Path | None]:
         """``(choice, checkpoint)`` for the form's **Start from** value ``base`` (``shipped``, ``scratch``,
@@ -186,24 +204,13 @@ class TrainJobs:
         base, ``scratch`` a random UNet, ``run:<name>`` the last checkpoint of one of your tiny runs.
         ``from_scratch`` (kept for API callers) is ``base="scratch"``.
         """
-        from_scratch = _arg(safety.flag, "Train from scratch", False if form.from_scratch is None else form.from_scratch)
         run_name = _arg(safety.text, "Run name", form.run_name or "", self.limits.max_text_chars).strip()
         if run_name:
             run_name = _arg(safety.check_run_name, run_name)
-        model_cfg, train_cfg = self.build_configs(form)
+        model_cfg, train_cfg, bundle, choice, base = self.checked_setup(key, form, request)
         if train_cfg.method == "pogdiff" and not (train_cfg.psi.use_density or train_cfg.psi.use_image_sim
                                                    or train_cfg.psi.use_text_sim) and train_cfg.psi.psi_max > 0:
             gr.Warning("All psi factors are off: every sample borrows psi_max from its neighbour.")
-        if model_cfg.preset == "sd15" and not self.on_gpu:
-            raise gr.Error("The sd15 preset needs a GPU; this server has none. Use the tiny preset on CPU.")
-        bundle = self.bundle(key)
-        from pogdiff.training import check_train_config
-
-        try:
-            check_train_config(train_cfg, len(bundle.captions))
-        except ValueError as exc:
-            raise gr.Error(str(exc), title="Invalid training options") from exc
-        choice, base = self.chosen_base(model_cfg, from_scratch, form.base, request)
         dataset = self.dataset_at(bundle, model_cfg.resolution)  # sd15: the set at 512 px
         try:
             self.jobs.start(

@@ -154,18 +154,7 @@ class TrainRuns:
     def estimate_run(self, key: str | None, form: TrainForm, request: gr.Request = None) -> str:
         """Measure the step time on the loaded data with the form's settings (3 real steps in a scratch
         folder, the last 2 timed) and return the estimate for the whole run. Refused while a job runs."""
-        from_scratch = _arg(safety.flag, "Train from scratch", False if form.from_scratch is None else form.from_scratch)
-        model_cfg, train_cfg = self.build_configs(form)
-        if model_cfg.preset == "sd15" and not self.on_gpu:
-            raise gr.Error("The sd15 preset needs a GPU; this server has none. Use the tiny preset on CPU.")
-        bundle = self.bundle(key)
-        from pogdiff.training import check_train_config
-
-        try:
-            check_train_config(train_cfg, len(bundle.captions))
-        except ValueError as exc:
-            raise gr.Error(str(exc), title="Invalid training options") from exc
-        base = self.chosen_base(model_cfg, from_scratch, form.base, request)[1]
+        model_cfg, train_cfg, bundle, _, base = self.checked_setup(key, form, request)
         try:
             measured = self.jobs.time_steps(self.dataset_at(bundle, model_cfg.resolution), model_cfg, train_cfg,
                                             base_checkpoint=base, cache_dir=self.runs_dir / "cache")
