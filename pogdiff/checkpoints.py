@@ -10,8 +10,8 @@ Layout of ``run_dir/checkpoint-{step:06d}/``::
     trainer_state.json        step, extra, optimizer param_groups and non-tensor state values
     manifest.json             size and sha256 of every file above (checked before a resume)
 
-A run folder also holds ``training_status.json`` (running / stopped / failed / finished, the
-step, and the fingerprint of method, preset and data), which :func:`list_interrupted_runs` reads.
+The files of the run folder around the checkpoints (its record ``run.json``, the history, the
+previews) are :mod:`pogdiff.run_folder`'s.
 
 Nothing is ever loaded with pickle.
 """
@@ -24,9 +24,7 @@ import logging
 import os
 import re
 import shutil
-import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +56,7 @@ STATE_JSON = "trainer_state.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 MANIFEST = "manifest.json"
-RUN_STATUS = "training_status.json"
 EXTRA_PREFIX = "extra."
-REPLACED_PREFIX = "replaced-"
 
 
 class CheckpointError(ValueError):
@@ -174,7 +170,8 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
 # --- save / find / load -----------------------------------------------------------------------
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """``json.dumps``' ``default`` for the values a trainer state holds: one-element tensors, sets, tuples."""
     if isinstance(obj, torch.Tensor) and obj.numel() == 1:
         return obj.item()
     if isinstance(obj, (set, tuple)):
@@ -183,7 +180,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -421,22 +418,6 @@ def clean_temporary(run_dir: str | Path) -> list[Path]:
     return removed
 
 
-def set_aside_checkpoints(run_dir: str | Path) -> Path | None:
-    """Move a run folder's checkpoints and status into ``replaced-<time>/`` (for a new run in
-    an old folder); returns that folder, or None when there was nothing to move."""
-    run_dir = Path(run_dir)
-    old = [p for p in resume_candidates(run_dir)] + [p for p in (run_dir / RUN_STATUS, run_dir / HISTORY_FILE)
-                                                     if p.exists()]
-    if not old:
-        return None
-    aside = run_dir / f"{REPLACED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    aside.mkdir()
-    for path in old:
-        os.replace(path, aside / path.name)
-    logger.warning("new run in %s: the previous checkpoints were moved to %s", run_dir, aside)
-    return aside
-
-
 def estimate_checkpoint_bytes(model: DiffusionModel, *, ema: bool, optimizer: bool) -> int:
     """Bytes one checkpoint of ``model`` takes (weights, EMA copy, Adam's two moments)."""
     trainable = sum(p.numel() * p.element_size() for p in model.trainable_parameters())
@@ -489,118 +470,3 @@ def load_ema_shadow(ckpt_dir: str | Path, model: DiffusionModel) -> list[torch.T
     if missing:
         raise CheckpointError(f"{folder}: EMA weights lack {missing[:3]}")
     return [weights[n] for n in names]
-
-
-# --- run status and interrupted runs ------------------------------------------------------------
-
-
-def write_run_status(run_dir: str | Path, **fields: Any) -> None:
-    """Merge ``fields`` into ``run_dir/training_status.json`` (atomically), stamping ``updated``."""
-    path = Path(run_dir) / RUN_STATUS
-    status = read_run_status(run_dir) or {}
-    status.update(fields, updated=time.time())
-    tmp = path.with_name(f"{TMP_PREFIX}{RUN_STATUS}-{uuid.uuid4().hex[:8]}")
-    _write_json(tmp, status)
-    os.replace(tmp, path)
-
-
-def read_run_status(run_dir: str | Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((Path(run_dir) / RUN_STATUS).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-@dataclass
-class InterruptedRun:
-    """A run folder with checkpoints whose training did not finish (killed, stopped or failed)."""
-
-    run_dir: Path
-    step: int  # step of its newest checkpoint
-    max_steps: int | None
-    method: str | None
-    status: str  # "running" (the process died), "stopped", "failed" or "unknown"
-    updated: float | None  # time.time() of the last status write
-
-
-def list_interrupted_runs(root: str | Path) -> list[InterruptedRun]:
-    """Run folders directly under ``root`` (and ``root`` itself) that hold a checkpoint but whose
-    training did not finish, newest first. A run without a status file counts as interrupted when
-    its newest checkpoint is short of its configured ``max_steps``. A training in progress in
-    another thread also shows as "running"; the caller knows which runs it has started."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for run_dir in [root, *sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))]:
-        latest = latest_checkpoint(run_dir)
-        if latest is None:
-            continue
-        status = read_run_status(run_dir) or {}
-        step = _checkpoint_step(latest) or 0
-        try:
-            train_cfg = load_configs(latest)[1]
-        except (OSError, ValueError, KeyError):
-            train_cfg = None
-        max_steps = status.get("max_steps", train_cfg.max_steps if train_cfg else None)
-        state = status.get("status", "unknown")
-        finished = state == "finished" or (state == "unknown" and max_steps is not None and step >= max_steps)
-        if not finished:
-            found.append(InterruptedRun(run_dir, step, max_steps, train_cfg.method if train_cfg else None,
-                                        state, status.get("updated")))
-    return sorted(found, key=lambda r: r.updated or 0.0, reverse=True)
-
-
-
-# --- training history ---------------------------------------------------------------------------
-
-HISTORY_FILE = "history.jsonl"  # one JSON object per training step, in the run folder
-
-
-def _history_line(row: dict[str, Any]) -> str:
-    return json.dumps(row, sort_keys=True, default=_json_default) + "\n"
-
-
-def append_history(run_dir: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Append ``rows`` (one dict per step, with a ``step`` key) to ``run_dir/history.jsonl``."""
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(run_dir) / HISTORY_FILE, "a", encoding="utf-8") as f:
-        f.writelines(_history_line(r) for r in rows)
-
-
-def write_history(run_dir: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Replace ``run_dir/history.jsonl`` with ``rows`` (atomically)."""
-    path = Path(run_dir) / HISTORY_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TMP_PREFIX}{HISTORY_FILE}-{uuid.uuid4().hex[:8]}")
-    tmp.write_text("".join(_history_line(r) for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_history(path: str | Path, *, upto: int | None = None) -> list[dict[str, Any]]:
-    """The training history of a run folder (or of the run of a checkpoint folder): one dict per
-    step, oldest first, steps after ``upto`` left out (a checkpoint folder sets ``upto`` to its
-    step). Read from ``history.jsonl``; runs written before the history had its own file keep it
-    in ``trainer_state.json``, which is read instead. A line cut short by a killed process is
-    skipped with a warning."""
-    path = Path(path)
-    run_dir = path
-    if (path / STATE_JSON).is_file():
-        run_dir = path.parent
-        step = int(json.loads((path / STATE_JSON).read_text())["step"])
-        upto = step if upto is None else min(upto, step)
-    rows: list[dict[str, Any]] = []
-    file = run_dir / HISTORY_FILE
-    if file.is_file():
-        for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                logger.warning("%s line %d is not JSON (cut short?); skipped", file, n)
-    else:
-        ckpt = path if (path / STATE_JSON).is_file() else latest_checkpoint(run_dir)
-        if ckpt is not None:
-            rows = list(json.loads((ckpt / STATE_JSON).read_text()).get("extra", {}).get("history", []))
-    return [r for r in rows if upto is None or int(r["step"]) <= upto]

@@ -25,6 +25,7 @@ from pogdiff.config import (
     configs_from_options,
 )
 from pogdiff.constants import DEFAULT_BASE
+from pogdiff.safety import bounded
 
 logger = logging.getLogger("pogdiff")
 
@@ -44,24 +45,6 @@ def resolve_data(source: str, split: str = "train", *, resolution: int = 32):
     if source == FAMILIES:
         return load_image_text_set(ensure_demo(DemoSpec(kind=FAMILIES)) / split, cfg)
     return load_image_text_set(source, cfg)
-
-
-def bounded(kind: type, lo: float, hi: float):
-    """An argparse ``type`` that refuses values outside ``[lo, hi]`` (README "Limits and safety")."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            what = "a whole number" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not lo <= value <= hi:  # NaN fails this too
-            raise argparse.ArgumentTypeError(f"{text} is out of range: allowed {lo:g} to {hi:g} "
-                                             "(config.Limits)")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
 
 
 STEPS = bounded(int, 1, LIMITS.max_steps)
@@ -179,7 +162,7 @@ def configs_from_args(args):
     """``train`` flags -> ``(ModelConfig, TrainConfig)`` through :func:`pogdiff.config.configs_from_options`."""
     mixed_precision = args.mixed_precision
     if mixed_precision is None:
-        from pogdiff.training import accelerate_mixed_precision
+        from pogdiff.train_setup import accelerate_mixed_precision
 
         mixed_precision = accelerate_mixed_precision()
     return configs_from_options(
@@ -232,7 +215,9 @@ def cmd_train(args) -> int:
 
     from tqdm import tqdm
 
-    from pogdiff.training import NonFiniteError, train
+    from pogdiff.train_record import NonFiniteError
+
+    from pogdiff.training import train
 
     main_process = int(os.environ.get("RANK", "0") or 0) == 0  # torchrun / accelerate launch
     model_cfg, train_cfg = configs_from_args(args)

@@ -119,7 +119,7 @@ class Evaluator(nn.Module):
         return next(self.parameters()).device
 
     @torch.no_grad()
-    def _forward_batched(self, x: torch.Tensor, batch_size: int = INFER_BATCH) -> dict[str, torch.Tensor]:
+    def forward_batched(self, x: torch.Tensor, batch_size: int = INFER_BATCH) -> dict[str, torch.Tensor]:
         """Eval-mode forward of ``x [N, 3, H, W]`` in batches; outputs on the CPU, training mode restored."""
         was_training = self.training
         self.eval()
@@ -132,7 +132,7 @@ class Evaluator(nn.Module):
         return {k: torch.cat([o[k] for o in outs]).float().cpu() for k in outs[0]}
 
     def _run(self, images: np.ndarray, batch_size: int = INFER_BATCH) -> dict[str, torch.Tensor]:
-        return self._forward_batched(_images_to_tensor(images, self.resolution), batch_size)
+        return self.forward_batched(_images_to_tensor(images, self.resolution), batch_size)
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``[N, H, W, 3]`` -> float32 ``[N, feature_dim]``, each row L2-normalised.
@@ -251,7 +251,7 @@ def measure(model: Evaluator, rendered, *, augmented: torch.Generator | None = N
     x = _images_to_tensor(rendered.images, model.resolution)
     if augmented is not None:
         x = augment(x, augmented)
-    out = model._forward_batched(x)
+    out = model.forward_batched(x)
     return {name: float((out[name].argmax(1) == labels[name]).float().mean()) for name in labels}
 
 

@@ -315,9 +315,9 @@ def _diffusers_version() -> str:
 def _stable_diffusion(base: str, **kwargs):
     from diffusers import StableDiffusionPipeline
 
-    from pogdiff.models import _local_files_only
+    from pogdiff.models import use_local_files
 
-    return StableDiffusionPipeline.from_pretrained(base, local_files_only=_local_files_only(base), **kwargs)
+    return StableDiffusionPipeline.from_pretrained(base, local_files_only=use_local_files(base), **kwargs)
 
 
 def export_sd(ckpt_dir: Path, out_dir: Path, *, use_ema: bool = False, merge: bool = False) -> str:

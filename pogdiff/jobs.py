@@ -12,12 +12,12 @@ exception never leaves the worker thread, so the server keeps serving.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,26 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from pogdiff.run_files import (  # noqa: F401  (also reached through this module)
-    EXPORTS_DIR,
-    PREVIEWS_DIR,
-    RUN_FILE,
-    TRACEBACK_LINES,
-    Preview,
-    RunInfo,
-    StepTime,
-    _describe_dataset,
-    _dict,
-    _find_checkpoint,
-    _maybe_float,
-    _traceback_summary,
-    _write_json,
-    export_weights,
-    export_zip,
-    read_previews,
-    save_preview,
-)
-from pogdiff.safety import check_run_name, owner_digest, resolve_inside
+from pogdiff.run_folder import RUN_FILE, save_preview, update_record
+from pogdiff.runs import RunInfo, RunStore, StepTime, describe_dataset
+from pogdiff.safety import check_run_name, owner_digest
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +37,7 @@ HISTORY_LIMIT = 4000  # rows kept for the live loss curve; older rows are thinne
 # the first one are timed (the first step pays for warm-up and is never used).
 ETA_WINDOW = 20
 ETA_MIN_STEPS = 3
-_WARNED: set[str] = set()  # run folders already reported as unreadable or unsafe
+TRACEBACK_LINES = 12  # lines of a failed job's traceback kept for the UI
 
 
 def estimate_eta(step_ends: Sequence[tuple[int, float]], max_steps: int, *,
@@ -178,6 +161,12 @@ def _to_dict(cfg: Any) -> dict[str, Any]:
     return dict(cfg)
 
 
+def traceback_summary(error: BaseException) -> str:
+    """The last :data:`TRACEBACK_LINES` lines of ``error``'s traceback."""
+    lines = traceback.format_exception(type(error), error, error.__traceback__)
+    return "\n".join("".join(lines).rstrip().splitlines()[-TRACEBACK_LINES:])
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
 
@@ -205,6 +194,11 @@ class JobManager:
         self._lock = threading.Lock()
         self._job: Job | None = None
         self._timing = False  # a step-time trial (time_steps) holds the CPU/GPU
+        self.runs = RunStore(self.runs_dir, current=self._current_dir)
+
+    def _current_dir(self) -> tuple[Path, bool] | None:
+        job = self.current()
+        return None if job is None else (job.run_dir, job._status.busy)
 
     # ------------------------------------------------------------------ control
     def start(
@@ -247,7 +241,7 @@ class JobManager:
             "name": run_name, "method": method, "state": "running",
             "started_at": job._status.started_at, "max_steps": job._status.max_steps,
             "base_checkpoint": str(base_checkpoint) if base_checkpoint else "", "owner": job._status.owner,
-            "dataset": _describe_dataset(dataset),
+            "dataset": describe_dataset(dataset),
             "model_cfg": _to_dict(model_cfg), "train_cfg": _to_dict(train_cfg),
         }
         return self._launch(job, meta, dataset, model_cfg, train_cfg, base_checkpoint=base_checkpoint,
@@ -266,12 +260,12 @@ class JobManager:
         """
         from pogdiff.config import ModelConfig, TrainConfig, from_dict
 
-        info = self.get_run(run)
+        info = self.runs.get_run(run)
         if info.steps_done >= info.max_steps > 0 and info.state == "finished":
             raise ValueError(f"run {info.name!r} already finished all {info.max_steps} steps; nothing to resume")
         model_cfg = from_dict(ModelConfig, info.model_cfg)
         train_cfg = from_dict(TrainConfig, info.train_cfg)
-        meta = json.loads(resolve_inside(info.run_dir, RUN_FILE).read_text())
+        meta = self.runs.run_meta(info.name) or {}
         with self._lock:
             self._refuse_if_busy()
             job = self._new_job(info.name, info.run_dir, train_cfg.method, train_cfg, owner)
@@ -305,7 +299,7 @@ class JobManager:
                 base_checkpoint: str | Path | None = None, preview_captions: Sequence[str] | None = None,
                 cache_dir: str | Path | None = None) -> Job:
         run_name, run_dir = job.name, job.run_dir
-        _write_json(run_dir / RUN_FILE, meta)
+        update_record(run_dir, **meta)
         kwargs = dict(
             dataset=dataset, model_cfg=model_cfg, train_cfg=train_cfg, run_dir=run_dir,
             base_checkpoint=base_checkpoint, callback=lambda info: self._on_step(job, info),
@@ -393,7 +387,8 @@ class JobManager:
             job.step_ends = [*job.step_ends[-ETA_WINDOW:], (s.step, now)]
             s.eta_seconds, s.recent_seconds_per_step, s.eta_untimed_previews = estimate_eta(
                 job.step_ends, s.max_steps, previews=job.preview_seconds, preview_every=job.preview_every)
-            s.seconds_per_step = _maybe_float(getattr(info, "seconds_per_step", None))
+            spt = getattr(info, "seconds_per_step", None)
+            s.seconds_per_step = None if spt is None else float(spt)
             s.history.append(row)
             if len(s.history) > HISTORY_LIMIT:
                 s.history = s.history[::2]
@@ -425,7 +420,7 @@ class JobManager:
             if error is not None:
                 s.state = "failed"
                 s.error = f"{type(error).__name__}: {error}"
-                s.traceback = _traceback_summary(error)
+                s.traceback = traceback_summary(error)
             else:
                 s.state = "finished"
                 s.stopped = bool(getattr(result, "stopped", job.stop_event.is_set()))
@@ -434,13 +429,13 @@ class JobManager:
                 s.last_checkpoint = str(checkpoint) if checkpoint else ""
             s.version += 1
             meta.update(
-                state=s.state, stopped=s.stopped, steps_done=s.step, finished_at=s.finished_at,
+                state="stopped" if s.state == "finished" and s.stopped else s.state, stopped=s.stopped, steps_done=s.step, finished_at=s.finished_at,
                 error=s.error, last_checkpoint=s.last_checkpoint, stop_reason=s.stop_reason,
             )
             if s.seconds_per_step is not None and s.step >= 2:  # what the time estimate of a later run reads
                 meta.update(seconds_per_step=s.seconds_per_step, timed_steps=s.step)
         try:
-            _write_json(job.run_dir / RUN_FILE, meta)
+            update_record(job.run_dir, **meta)
         except OSError:
             logger.exception("could not write %s", job.run_dir / RUN_FILE)
 
@@ -451,125 +446,6 @@ class JobManager:
             n += 1
             name = f"{base}-{n}"
         return name
-
-    # ------------------------------------------------------------------ runs on disk
-    def list_runs(self) -> list[RunInfo]:
-        """Runs under ``runs_dir`` that hold a checkpoint, newest first (the running one excluded)."""
-        if not self.runs_dir.is_dir():
-            return []
-        running = self.current()
-        busy_dir = running.run_dir if running is not None and running._status.busy else None
-        runs = []
-        for meta_path in sorted(self.runs_dir.glob(f"*/{RUN_FILE}")):
-            run_dir = meta_path.parent
-            if busy_dir is not None and run_dir.resolve() == busy_dir.resolve():
-                continue
-            info = self._read_run(run_dir)
-            if info is not None:
-                runs.append(info)
-        runs.sort(key=lambda r: (r.finished_at or 0.0, r.name), reverse=True)
-        return runs
-
-    def get_run(self, run: RunInfo | str | Path) -> RunInfo:
-        """Resolve a run by RunInfo or folder name; ValueError when it has no checkpoint.
-
-        A name is a plain folder name (:func:`~pogdiff.safety.check_run_name`); a ``Path`` must
-        resolve inside ``runs_dir``. Absolute paths, ``..`` and symlinks out are refused.
-        """
-        if isinstance(run, RunInfo):
-            return run
-        if isinstance(run, Path):
-            run_dir = resolve_inside(self.runs_dir, run.absolute())
-            name = run_dir.name
-        else:
-            name = check_run_name(run)
-            run_dir = self.runs_dir / name
-        info = self._read_run(run_dir) if name != EXPORTS_DIR else None
-        if info is None:
-            raise ValueError(f"no finished run with a checkpoint named {name!r}")
-        return info
-
-    def _read_run(self, run_dir: Path) -> RunInfo | None:
-        """The run in ``run_dir``, or None; nothing outside ``runs_dir`` is read or returned."""
-        try:
-            real_dir = resolve_inside(self.runs_dir, Path(run_dir).absolute())
-            check_run_name(run_dir.name)
-            meta_path = resolve_inside(real_dir, RUN_FILE)
-            meta = json.loads(meta_path.read_text())
-            if not isinstance(meta, dict):
-                return None
-            checkpoint = _find_checkpoint(real_dir, str(meta.get("last_checkpoint") or ""))
-            if checkpoint is None:
-                return None
-            state = str(meta.get("state", "finished"))
-            if state == "running":  # left over from a server that went away mid-run
-                state = "interrupted"
-            return RunInfo(
-                name=run_dir.name, run_dir=real_dir, checkpoint=checkpoint, state=state,
-                method=str(meta.get("method", "")), steps_done=int(meta.get("steps_done", 0) or 0),
-                max_steps=int(meta.get("max_steps", 0) or 0), stopped=bool(meta.get("stopped", False)),
-                finished_at=_maybe_float(meta.get("finished_at")), model_cfg=_dict(meta.get("model_cfg")),
-                train_cfg=_dict(meta.get("train_cfg")), dataset=_dict(meta.get("dataset")),
-                owner=str(meta.get("owner") or ""),
-            )
-        except (OSError, ValueError, TypeError, RuntimeError) as exc:  # UnsafePathError is a ValueError
-            if str(run_dir) not in _WARNED:  # once per folder: runs are listed on every poll
-                _WARNED.add(str(run_dir))
-                logger.warning("ignoring run folder %s: %s", run_dir.name, exc)
-            return None
-
-    def export_zip(self, run: RunInfo | str | Path) -> Path:
-        """Zip a run's last checkpoint (weights + configs) and its ``run.json``; return the zip path
-        (:func:`pogdiff.run_files.export_zip`)."""
-        return export_zip(self.runs_dir, self.get_run(run))
-
-    def export_weights(self, run: RunInfo | str | Path) -> Path:
-        """The run's trained weights alone (:func:`pogdiff.run_files.export_weights`)."""
-        return export_weights(self.runs_dir, self.get_run(run))
-
-    # ------------------------------------------------------------------ Train tab: form, previews, time
-    def _run_dir(self, name: str | None) -> Path | None:
-        """Run ``name``'s folder (inside ``runs_dir``); without a name, this server's current (running or
-        last) job's, else the newest run on disk; None when there is none."""
-        if name:
-            return resolve_inside(self.runs_dir, (self.runs_dir / check_run_name(name)).absolute())
-        job = self.current()
-        if job is not None:
-            return job.run_dir
-        runs = self.list_runs()
-        return runs[0].run_dir if runs else None
-
-    def run_meta(self, name: str | None = None) -> dict[str, Any] | None:
-        """The ``run.json`` of run ``name`` (default: see :meth:`_run_dir`), or None when unreadable."""
-        run_dir = self._run_dir(name)
-        if run_dir is None:
-            return None
-        try:
-            meta = json.loads(resolve_inside(run_dir, RUN_FILE).read_text())
-        except (OSError, ValueError) as exc:
-            logger.warning("cannot read the settings of run %s: %s", run_dir.name, exc)
-            return None
-        return meta if isinstance(meta, dict) else None
-
-    def previews(self, name: str | None = None) -> list[Preview]:
-        """The previews saved in run ``name``'s folder (default: see :meth:`_run_dir`), oldest first."""
-        run_dir = self._run_dir(name)
-        return read_previews(run_dir) if run_dir is not None else []
-
-    def recorded_step_time(self, *, preset: str, method: str, batch_size: int, resolution: int) -> StepTime | None:
-        """The average step time that the newest finished or stopped run with these settings recorded
-        in its ``run.json`` (previews, checkpoints and the first step included), or None."""
-        for info in self.list_runs():
-            try:
-                meta = json.loads(resolve_inside(info.run_dir, RUN_FILE).read_text())
-                spt, timed = meta.get("seconds_per_step"), int(meta.get("timed_steps") or 0)
-            except (OSError, ValueError, TypeError, AttributeError):
-                continue
-            same = (info.model_cfg.get("preset") == preset and info.method == method
-                    and info.train_cfg.get("batch_size") == batch_size and info.model_cfg.get("resolution") == resolution)
-            if same and isinstance(spt, (int, float)) and spt > 0 and timed >= 2:
-                return StepTime(float(spt), timed, f"run {info.name}", info.finished_at)
-        return None
 
     def time_steps(self, dataset: Any, model_cfg: Any, train_cfg: Any, *, steps: int = 2,
                    base_checkpoint: str | Path | None = None, cache_dir: str | Path | None = None,

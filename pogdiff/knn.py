@@ -67,7 +67,8 @@ class KnnResult:
     exact_fallback: bool = False
 
 
-def _as_normalised(name: str, vectors: np.ndarray) -> np.ndarray:
+def as_normalised(name: str, vectors: np.ndarray) -> np.ndarray:
+    """`vectors` as a C-contiguous float32 [N, D] array, checked to be L2-normalised rows (ValueError naming `name` otherwise)."""
     v = np.ascontiguousarray(vectors, dtype=np.float32)
     if v.ndim != 2 or v.shape[0] == 0 or v.shape[1] == 0:
         raise ValueError(f"{name} must be a non-empty [N, D] array, got shape {v.shape}")
@@ -187,18 +188,18 @@ def ivf_self_join(
                 "kNN: the approximate caption graph found only %.0f%% of the exact neighbours of %d sampled "
                 "captions (target %.0f%%): these embeddings have little cluster structure, so the graph is "
                 "computed exactly instead (slower).", 100 * recall, check.size, 100 * min_recall)
-            index = _build_index(np.ascontiguousarray(vectors, dtype=np.float32), n)
+            index = build_index(np.ascontiguousarray(vectors, dtype=np.float32), n)
             k_search = min(k + int(exclude_self), n)
             s, i = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k_search)
             s, i = s.astype(np.float32), i.astype(np.int64)
             if exclude_self:
                 s, i = _drop_self(s, i)
             s[i < 0] = -np.inf
-            return KnnResult(*_pad(s, i, k), exact_fallback=True)
+            return KnnResult(*pad_to_k(s, i, k), exact_fallback=True)
     return KnnResult(sims_np.astype(np.float32), idx_np.astype(np.int64))
 
 
-def _build_index(
+def build_index(
     vectors: np.ndarray,
     hnsw_above: int,
     *,
@@ -282,9 +283,9 @@ def knn_search(
     :class:`KnnResult` (the arrays and whether the self-join's recall guard fell back to exact)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    base = _as_normalised("vectors", vectors)
+    base = as_normalised("vectors", vectors)
     self_query = queries is None
-    q = base if self_query else _as_normalised("queries", queries)
+    q = base if self_query else as_normalised("queries", queries)
     if q.shape[1] != base.shape[1]:
         raise ValueError(f"queries have dim {q.shape[1]} but vectors have dim {base.shape[1]}")
     drop_self = exclude_self and self_query
@@ -292,7 +293,7 @@ def knn_search(
     if self_query and choose_index(n, hnsw_above, search.approx) == "ivf":
         return ivf_self_join(base, k, exclude_self=drop_self, nlist=search.nlist, nprobe=search.nprobe)
     k_search = min(k + int(drop_self), n)
-    index = _build_index(base, hnsw_above, approx=search.approx, nlist=search.nlist)
+    index = build_index(base, hnsw_above, approx=search.approx, nlist=search.nlist)
     if isinstance(index, faiss.IndexHNSWFlat):
         index.hnsw.efSearch = (max(HNSW_EF_SEARCH_MIN, 2 * k_search) if search.ef_search is None
                                else int(search.ef_search))
@@ -304,7 +305,7 @@ def knn_search(
     if drop_self:
         sims, idx = _drop_self(sims, idx)
     sims[idx < 0] = -np.inf
-    return KnnResult(*_pad(sims, idx, k))
+    return KnnResult(*pad_to_k(sims, idx, k))
 
 
 def exact_knn_rows(
@@ -354,7 +355,8 @@ def _drop_self(sims: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return sims[keep].reshape(q, m - 1), idx[keep].reshape(q, m - 1)
 
 
-def _pad(sims: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def pad_to_k(sims: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(sims, idx)`` widened to ``k`` columns: missing neighbours are ``-inf`` with index ``MISSING``."""
     missing = k - idx.shape[1]
     if missing <= 0:
         return sims, idx

@@ -71,22 +71,6 @@ def identity_accuracy(pred_subjects: Sequence[str], target_subjects: Sequence[st
     return float(np.mean(pred == target))
 
 
-def per_class_accuracy(pred: Sequence[str], target: Sequence[str]) -> dict[str, float]:
-    """Accuracy per target class: for each class c, ``mean(pred[i] == c over i with target[i] == c)``.
-
-    :param pred: ``[N]`` predicted labels.
-    :param target: ``[N]`` true labels.
-    :return: ``{class: accuracy}`` for every class present in ``target``, in first-seen order.
-    """
-    _check_same_length(pred, target, "pred", "target")
-    pred_arr = np.asarray(pred, dtype=object)
-    target_arr = np.asarray(target, dtype=object)
-    out: dict[str, float] = {}
-    for c in dict.fromkeys(target):
-        mask = target_arr == c
-        out[c] = float(np.mean(pred_arr[mask] == c))
-    return out
-
 
 def _pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Euclidean distances ``[len(a), len(b)]`` (clamped at 0 before the square root)."""

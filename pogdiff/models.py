@@ -86,7 +86,7 @@ def output_to_eps(output: Tensor, x_t: Tensor, t: Tensor, scheduler: DDPMSchedul
     - ``sample``: ``eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)``.
 
     This is the one place where prediction types meet the eps-space losses of
-    :mod:`pogdiff.losses`; ``pogdiff.training.eps_loss_weights`` gives the per-sample weight that
+    :mod:`pogdiff.losses`; ``pogdiff.train_setup.eps_loss_weights`` gives the per-sample weight that
     turns the eps-space squared error back into the prediction type's own squared error.
 
     :param output: ``[N, ...]`` UNet output; ``x_t`` the same shape; ``t`` ``[N]`` integer timesteps.
@@ -206,7 +206,7 @@ class DiffusionModel:
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"encode_images expects RGB images [N, 3, H, W], got shape {tuple(images.shape)}: "
-                             "convert uint8 [N, H, W, 3] arrays with training.images_to_tensor")
+                             "convert uint8 [N, H, W, 3] arrays with pogdiff.prepare.images_to_tensor")
         if self.vae is None:
             return images.float()
         out = []
@@ -396,7 +396,8 @@ def add_lora(unet: UNet2DConditionModel, rank: int) -> None:
     unet.add_adapter(lora_config(rank))
 
 
-def _local_files_only(pretrained: str) -> bool:
+def use_local_files(pretrained: str) -> bool:
+    """True when `pretrained` is a local folder or the Hub is switched off (``HF_HUB_OFFLINE``): load without asking the Hub."""
     return Path(pretrained).is_dir() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
 
 
@@ -422,7 +423,7 @@ def load_stable_diffusion(
     if not cfg.pretrained:
         raise ValueError("ModelConfig.pretrained is empty; give a hub id or a local pipeline folder")
     src = cfg.pretrained
-    kw = {"local_files_only": _local_files_only(src)}
+    kw = {"local_files_only": use_local_files(src)}
     scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
     overrides = {"num_train_timesteps": cfg.num_train_timesteps, "beta_schedule": cfg.beta_schedule}
     changed = {k: v for k, v in overrides.items() if scheduler.config.get(k) != v}

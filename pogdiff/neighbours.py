@@ -25,24 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pogdiff.config import PsiConfig
-from pogdiff.knn import (  # noqa: F401  (the search API is also reached through this module)
-    JOIN_NPROBE,
-    KNN_APPROX_ABOVE,
-    MISSING,
-    KnnResult,
-    KnnSearch,
-    _as_normalised,
-    _build_index,
-    _pad,
-    choose_index,
-    exact_knn_rows,
-    ivf_nlist,
-    ivf_self_join,
-    join_nlist,
-    knn,
-    knn_search,
-    recall_at_k,
-)
+from pogdiff.knn import MISSING, KnnResult, KnnSearch, as_normalised, knn, knn_search, pad_to_k
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +86,7 @@ def density_weights(
             raise ValueError("density_weights needs classes or pooled caption vectors")
         if bandwidth <= 0:
             raise ValueError(f"kde bandwidth must be > 0, got {bandwidth}")
-        rho = _kernel_density(_as_normalised("pooled", pooled), bandwidth, neighbours)
+        rho = _kernel_density(as_normalised("pooled", pooled), bandwidth, neighbours)
         ratio = rho.min() / rho
     return (ratio**gamma).astype(np.float32)
 
@@ -253,7 +236,7 @@ def caption_graph(
     :return: a :class:`KnnResult`; ``exact_fallback`` when any of its searches fell back to exact.
     """
     _check_config(cfg)
-    pooled = _as_normalised("pooled", pooled)
+    pooled = as_normalised("pooled", pooled)
     n = pooled.shape[0]
     labels = None if classes is None else [str(c) for c in classes]
     if labels is not None and len(labels) != n:
@@ -302,7 +285,7 @@ def _other_class_search(pooled: np.ndarray, cfg: PsiConfig, labels: np.ndarray, 
     keep = np.take_along_axis(other, order, axis=1)
     out_sims = np.where(keep, np.take_along_axis(sims, order, axis=1), -np.inf).astype(np.float32)
     out_idx = np.where(keep, np.take_along_axis(idx, order, axis=1), MISSING)
-    return KnnResult(*_pad(out_sims, out_idx, cfg.k), exact_fallback=found.exact_fallback)
+    return KnnResult(*pad_to_k(out_sims, out_idx, cfg.k), exact_fallback=found.exact_fallback)
 
 
 def _sampling_probs(s_txt: np.ndarray, valid: np.ndarray, sampling: str) -> np.ndarray:
@@ -344,7 +327,7 @@ def build_neighbour_table(
     :return: the :class:`NeighbourTable`.
     """
     _check_config(cfg)
-    pooled = _as_normalised("pooled", pooled)
+    pooled = as_normalised("pooled", pooled)
     n = pooled.shape[0]
     labels = None if classes is None else [str(c) for c in classes]
     if labels is not None and len(labels) != n:

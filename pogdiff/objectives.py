@@ -72,7 +72,7 @@ class Objective:
         return ""
 
     def log_stats(self, info) -> str:
-        """Method statistics of one logged step (a :class:`pogdiff.trainer.StepInfo`), or ''."""
+        """Method statistics of one logged step (a :class:`pogdiff.train_record.StepInfo`), or ''."""
         return ""
 
     def diagnose(self, history: Sequence) -> str | None:

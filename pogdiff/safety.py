@@ -9,6 +9,8 @@ README "Limits and safety" lists every bound.
 
 from __future__ import annotations
 
+import argparse
+
 import hashlib
 import logging
 import math
@@ -159,3 +161,21 @@ def text_list(name: str, values: Any, max_items: int, max_chars: int) -> list[st
     if len(values) > max_items:
         raise ValueError(f"{name}: {len(values)} given, at most {max_items} are accepted.")
     return [text(f"{name} item", v, max_chars) for v in values]
+
+
+def bounded(kind: type, lo: float, hi: float):
+    """An argparse ``type`` that refuses values outside ``[lo, hi]`` (README "Limits and safety")."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not lo <= value <= hi:  # NaN fails this too
+            raise argparse.ArgumentTypeError(f"{text} is out of range: allowed {lo:g} to {hi:g} "
+                                             "(config.Limits)")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse

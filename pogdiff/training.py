@@ -4,7 +4,7 @@ Structure (improved-diffusion style): ``Trainer.run_loop -> run_step -> forward_
 optimize`` (:mod:`pogdiff.trainer`), each method's forward pass in :mod:`pogdiff.objectives`,
 the data prepared once by :mod:`pogdiff.prepare`, and what a run sets up before its first step
 (config checks, optimizer, trackers, fingerprint, RNG states) in :mod:`pogdiff.train_setup`.
-This module puts a run together (model, data, resume) and re-exports those names. The same ``Trainer`` is driven by the CLI, by the app's background thread and by the
+This module puts a run together (model, data, resume). The same ``Trainer`` is driven by the CLI, by the app's background thread and by the
 tests: it takes a per-step ``callback``, a ``threading.Event`` to stop, and never prints.
 
 Randomness: step ``s`` draws batch rows, timesteps, noise, caption dropout and neighbours from a
@@ -30,46 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pogdiff import checkpoints
-from pogdiff.config import (
-    ModelConfig,
-    TrainConfig,
-)
-
-# Re-exported: callers import the whole training API from here.
-from pogdiff.objectives import (  # noqa: F401
-    INACTIVE_POG_SHARE,
-    INACTIVE_WINDOW,
-    objective_for,
-    pog_share,
-    pogdiff_inactive_warning,
-)
-from pogdiff.prepare import (  # noqa: F401
-    TrainData,
-    encode_dataset_images,
-    images_to_tensor,
-    prepare_data,
-)
-from pogdiff.train_setup import (  # noqa: F401
-    RunMismatchError,
-    make_accelerator,
-    accelerate_mixed_precision,
-    build_optimizer,
-    check_same_run,
-    check_train_config,
-    eps_loss_weights,
-    frozen_weight_dtype,
-    run_fingerprint,
-    tracker_options,
-)
-from pogdiff.trainer import (  # noqa: F401
-    NonFiniteError,
-    StepInfo,
-    Trainer,
-    TrainResult,
-    history_from_rows,
-    loss_curve,
-)
+from pogdiff import checkpoints, run_folder
+from pogdiff.config import ModelConfig, TrainConfig
+from pogdiff.objectives import objective_for
+from pogdiff.prepare import prepare_data
+from pogdiff.train_setup import RunMismatchError, check_same_run, check_train_config, make_accelerator, run_fingerprint, tracker_options
+from pogdiff.train_record import StepInfo, TrainResult
+from pogdiff.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +129,7 @@ def train(
     if accelerator.is_main_process:
         checkpoints.clean_temporary(run_dir)
         if not resume:
-            checkpoints.set_aside_checkpoints(run_dir)
+            run_folder.set_aside(run_dir)
     accelerator.wait_for_everyone()
     model, state = load_resumable(run_dir, fingerprint) if resume else (None, None)
     if model is None:

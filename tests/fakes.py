@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import threading
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,3 +310,78 @@ if __name__ == "__main__":
     import sys
 
     print(write_tiny_sd_pipeline(sys.argv[1]))
+
+
+def loss_curve(history, term: str = "loss") -> np.ndarray:
+    """[S] float array of one loss term over the steps of a run (``TrainResult.history``)."""
+    return np.array([h.terms.get(term, float("nan")) for h in history], dtype=np.float64)
+
+
+def relative_luminance(hex_colour: str) -> float:
+    """WCAG relative luminance of ``#rrggbb`` (0 black .. 1 white)."""
+    rgb = [int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def family_of(spec) -> dict[str, str]:
+    """Subject -> head of its family in an embedded set (families kind; every subject is its own head otherwise)."""
+    from pogdiff.data.demo import demo_identities
+
+    idents = demo_identities(spec)
+    if spec.kind != "families":
+        return {i.name: i.name for i in idents}
+    size = 1 + spec.relatives
+    return {ident.name: idents[(k // size) * size].name for k, ident in enumerate(idents)}
+
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+# --- small files for the data loader tests ---------------------------------------------------
+
+def png(colour=RED, size=(8, 8), mode="RGB", fmt="PNG", **save) -> bytes:
+    """One image of one colour, encoded (PNG unless ``fmt``)."""
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def jsonl(*rows) -> str:
+    """``metadata.jsonl`` text of ``rows``."""
+    return "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n"
+
+
+def write_folder(root, files):
+    """Write ``{relative name: bytes or text}`` under ``root``; return ``root``."""
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    return root
+
+
+def write_zip(path, files, compression=zipfile.ZIP_DEFLATED):
+    """A zip of ``[(name, bytes or text)]``, names kept as given (duplicates and unsafe names included)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # duplicate names on purpose
+        with zipfile.ZipFile(path, "w", compression) as zf:
+            for name, data in files:
+                info = zipfile.ZipInfo(name)  # keeps unsafe names as given, unlike writestr(str, ...)
+                info.compress_type = compression
+                zf.writestr(info, data if isinstance(data, bytes) else data.encode("utf-8"))
+    return path
+
+
+def issue(ds_or_report, code):
+    """The first issue with ``code`` of a loaded set or a report (the test fails when there is none)."""
+    report = getattr(ds_or_report, "report", ds_or_report)
+    found = [i for i in report.issues if i.code == code]
+    assert found, f"no {code!r} issue in {report.codes()}"
+    return found[0]
+
+
+# --- tiny Stable Diffusion parts -------------------------------------------------------------
+
+SD_HIDDEN = 32  # the tiny CLIP's width, also the UNet's cross-attention width
+SD_LORA_RANK = 4

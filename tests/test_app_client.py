@@ -96,7 +96,7 @@ def test_train_a_few_steps_export_and_compare(client, served):
     assert "step 3 / 3" in progress
     assert {"loss", "mse"} <= {row[1] for row in loss["data"]}
     assert len(preview) == 4  # the four rarest classes' prompts
-    run_name = studio.jobs.list_runs()[0].name
+    run_name = studio.jobs.runs.list_runs()[0].name
 
     zip_path = client.predict(run_name, api_name="/export_run")
     with zipfile.ZipFile(zip_path) as zf:

@@ -181,8 +181,9 @@ def test_verify_checkpoint_names_a_damaged_or_missing_file(tmp_path):
         verify_checkpoint(path)
 
 
-def test_candidates_cleanup_set_aside_and_interrupted_runs_without_status(tmp_path):
-    from pogdiff.checkpoints import clean_temporary, list_interrupted_runs, resume_candidates, set_aside_checkpoints
+def test_candidates_cleanup_and_set_aside(tmp_path):
+    from pogdiff.checkpoints import clean_temporary, resume_candidates
+    from pogdiff.run_folder import HISTORY_FILE, RUN_FILE, set_aside, update_record
 
     model = _model()
     run = tmp_path / "run"
@@ -192,10 +193,11 @@ def test_candidates_cleanup_set_aside_and_interrupted_runs_without_status(tmp_pa
     (run / ".old-checkpoint-000002-dead").mkdir()
     assert [p.name for p in resume_candidates(run)] == ["checkpoint-000006", "checkpoint-000004", "checkpoint-000002"]
     assert sorted(p.name for p in clean_temporary(run)) == [".old-checkpoint-000002-dead", ".tmp-checkpoint-000008-dead"]
-    [found] = list_interrupted_runs(tmp_path)
-    assert (found.run_dir, found.step, found.max_steps, found.status) == (run, 6, 7, "unknown")
-    save_checkpoint(run, 7, model, train_cfg=TRAIN, keep=3)
-    assert list_interrupted_runs(tmp_path) == []  # reached max_steps
-    aside = set_aside_checkpoints(run)
+    update_record(run, state="stopped", steps_done=6)
+    (run / HISTORY_FILE).write_text("{}\n")
+    aside = set_aside(run)
     assert aside is not None and resume_candidates(run) == [] and len(resume_candidates(aside)) == 3
-    assert set_aside_checkpoints(run) is None
+    assert (aside / HISTORY_FILE).is_file() and (aside / RUN_FILE).is_file()  # the old run's files go with it
+    assert set_aside(run) is None
+    update_record(run, state="running", name="new")  # a new run's record, written before its first step
+    assert set_aside(run) is None and (run / RUN_FILE).is_file()  # is the new run's own: it stays

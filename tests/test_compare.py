@@ -12,7 +12,10 @@ import pandas as pd
 import pytest
 
 from pogdiff.ui import compare_views as cv
+from tests.fakes import relative_luminance
 from pogdiff import metrics
+from pogdiff.ui import state as ui_state
+from pogdiff.ui import views
 
 A_TABLE = pd.DataFrame({"subject": ["a", "b", "c"], "train_count": [40, 2, 9], "shot": ["many", "few", "medium"],
                         "accuracy": [0.9, 0.1, 0.5], "gRecall": [0.6, 0.0, 0.3], "n_gen": [4, 4, 4]})
@@ -138,8 +141,8 @@ def test_size_bins_and_colours_keep_rare_points_dark():
         "1 img", "2–3 img", "2–3 img", "4–7 img", "8–15 img", "16–31 img", "16–31 img", "32+ img", "32+ img"]
     cmap = cv.size_colour_map()
     assert list(cmap)[0] == "1 img" and len(cmap) == len(cv.SIZE_BINS)
-    assert max(cv.relative_luminance(c) for c in cmap.values()) < 0.5
-    assert cv.relative_luminance("#ffffff") == pytest.approx(1.0)
+    assert max(relative_luminance(c) for c in cmap.values()) < 0.5
+    assert relative_luminance("#ffffff") == pytest.approx(1.0)
     with pytest.raises(ValueError, match="at least one image"):
         cv.size_bin(0)
 
@@ -189,9 +192,8 @@ def key(studio, tmp_path):
 @pytest.fixture
 def fake_runs(studio, tmp_path, monkeypatch):
     """Two runs whose 'sampler' paints every image 0 (run A) or 40 (run B); records its calls."""
-    from pogdiff import ui
 
-    sources = [ui.Source("run:a", "run · a", tmp_path / "a"), ui.Source("run:b", "run · b", tmp_path / "b")]
+    sources = [ui_state.Source("run:a", "run · a", tmp_path / "a"), ui_state.Source("run:b", "run · b", tmp_path / "b")]
     monkeypatch.setattr(studio, "sources", lambda: sources)
     monkeypatch.setattr(studio, "_model", lambda src: src.key)
     calls = []
@@ -219,7 +221,6 @@ def test_typed_prompts_reach_the_sampler_and_are_validated(studio, fake_runs):
 
 
 def test_real_images_and_difference_beside_a_and_b(studio, key, fake_runs):
-    from pogdiff import ui
 
     studio.generate_pair("run:a", "run:b", ["a photo of Bo Chan", "a photo of Ann Lee"], "a photo of nobody", 1,
                          3.0, 5, progress=_noop)
@@ -230,7 +231,7 @@ def test_real_images_and_difference_beside_a_and_b(studio, key, fake_runs):
     expected = [bundle.ds.images[i] for i in bo + ann[:cv.MAX_REAL_IMAGES]]
     assert len(gallery) == len(expected)
     for (img, label), want in zip(gallery, expected):
-        assert np.array_equal(img, ui.upscale(want))
+        assert np.array_equal(img, views.upscale(want))
     assert gallery[0][1].startswith("Bo Chan · 1 of 2")
     assert "**Bo Chan**: 2 training images (few-shot)" in real_md
     assert "**Ann Lee**: 6 training images" in real_md
@@ -242,9 +243,8 @@ def test_real_images_and_difference_beside_a_and_b(studio, key, fake_runs):
 
 
 def test_real_images_come_from_the_session_data_then_the_demo_set(studio, key, monkeypatch):
-    from pogdiff import ui
 
-    demo = ui.DatasetBundle(key="demo", name="demo set", ds=None, table=pd.DataFrame(), summary={})
+    demo = ui_state.DatasetBundle(key="demo", name="demo set", ds=None, table=pd.DataFrame(), summary={})
     monkeypatch.setattr(studio, "_load_demo_bundle", lambda: demo)
     own = studio.bundle(key)
     assert studio.training_bundles("shipped:demo-baseline", "shipped:demo-pogdiff", None) == [demo]
@@ -343,7 +343,6 @@ def test_neighbour_list_shows_each_neighbours_image(studio, key):
 
     from PIL import Image
 
-    from pogdiff import ui
 
     head, frame, gallery = studio.neighbours_of(key, 0, 3, 1.0, "all")
     assert frame.columns[0] == "image" and len(frame) == 3
@@ -351,7 +350,7 @@ def test_neighbour_list_shows_each_neighbours_image(studio, key):
     for r in frame.itertuples():
         png = base64.b64decode(r.image.split(",", 1)[1].rstrip(")"))
         img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-        assert np.array_equal(img, ui.upscale(bundle.ds.images[r.row], cv.THUMB_MARKDOWN_PX))
+        assert np.array_equal(img, views.upscale(bundle.ds.images[r.row], cv.THUMB_MARKDOWN_PX))
     assert all(isinstance(v, float) for v in frame["psi"])
 
 

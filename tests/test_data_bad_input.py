@@ -15,7 +15,7 @@ from PIL import Image
 
 from pogdiff.config import DataConfig
 from pogdiff.data.loader import load_image_text_set
-from tests.test_data_loader import BLUE, GREEN, RED, issue, jsonl, png, write_folder, write_zip
+from tests.fakes import BLUE, GREEN, RED, issue, jsonl, png, write_folder, write_zip
 
 CFG = DataConfig(resolution=16)
 

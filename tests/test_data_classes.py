@@ -17,7 +17,7 @@ from pogdiff.data.classes import (
 )
 from pogdiff.data.loader import load_image_text_set
 from pogdiff.data.validation import DatasetError
-from tests.test_data_loader import jsonl, png, write_folder
+from tests.fakes import jsonl, png, write_folder
 
 CFG = DataConfig(resolution=16)
 

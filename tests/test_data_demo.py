@@ -180,7 +180,8 @@ def test_identities_are_separable_at_32px():
 
 
 def test_families_set_pairs_each_rare_relative_with_a_frequent_look_alike():
-    from pogdiff.data.demo import family_counts, family_of
+    from pogdiff.data.demo import family_counts
+    from tests.fakes import family_of
     from pogdiff.data.identities import BIG_TRAITS
 
     spec = DemoSpec(kind="families")

@@ -12,9 +12,9 @@ from pogdiff.data.identities import (
     attribute_labels,
     caption,
     make_identities,
-    render,
     sample_attributes,
 )
+from pogdiff.data.render import render
 
 BASE = Attributes(age=30, smiling=False, glasses=False, dx=0, dy=0, scale=1.0, background=0)
 

@@ -3,7 +3,6 @@ import io
 import json
 import os
 import unicodedata
-import warnings
 import zipfile
 
 import numpy as np
@@ -13,46 +12,9 @@ from PIL import Image
 from pogdiff.config import DataConfig
 from pogdiff.data.loader import cluster_captions, load_image_text_set, subject_from_caption
 from pogdiff.data.validation import DatasetError, Issue, ValidationReport
-from tests.fakes import HashEncoder
+from tests.fakes import BLUE, GREEN, RED, HashEncoder, issue, jsonl, png, write_folder, write_zip
 
-RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 CFG = DataConfig(resolution=16)
-
-
-def png(colour=RED, size=(8, 8), mode="RGB", fmt="PNG", **save) -> bytes:
-    buf = io.BytesIO()
-    Image.new(mode, size, colour).save(buf, fmt, **save)
-    return buf.getvalue()
-
-
-def jsonl(*rows) -> str:
-    return "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n"
-
-
-def write_folder(root, files):
-    for name, data in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
-    return root
-
-
-def write_zip(path, files, compression=zipfile.ZIP_DEFLATED):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # duplicate names on purpose
-        with zipfile.ZipFile(path, "w", compression) as zf:
-            for name, data in files:
-                info = zipfile.ZipInfo(name)  # keeps unsafe names as given, unlike writestr(str, ...)
-                info.compress_type = compression
-                zf.writestr(info, data if isinstance(data, bytes) else data.encode("utf-8"))
-    return path
-
-
-def issue(ds_or_report, code) -> Issue:
-    report = getattr(ds_or_report, "report", ds_or_report)
-    found = [i for i in report.issues if i.code == code]
-    assert found, f"no {code!r} issue in {report.codes()}"
-    return found[0]
 
 
 def two_cats_two_dogs(**extra):

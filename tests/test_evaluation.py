@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pogdiff import evaluation
-from pogdiff.data.identities import make_identities, render, sample_attributes
+from pogdiff.data.identities import make_identities, sample_attributes
+from pogdiff.data.render import render
 
 
 def _renders(identity, n: int, seed: int) -> np.ndarray:

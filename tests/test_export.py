@@ -209,10 +209,10 @@ def test_push_to_hub_uploads_the_export_folder(exported, tmp_path, monkeypatch, 
 
 @pytest.fixture(scope="module")
 def sd_checkpoint(tmp_path_factory):
-    from tests.test_sd import HIDDEN, _tiny_pipeline
+    from tests.fakes import SD_HIDDEN as HIDDEN, tiny_sd_pipeline
 
     root = tmp_path_factory.mktemp("sd")
-    _tiny_pipeline(root).save_pretrained(root / "pipe")
+    tiny_sd_pipeline(root).save_pretrained(root / "pipe")
     cfg = ModelConfig(preset="sd15", pretrained=str(root / "pipe"), resolution=32, cross_attention_dim=HIDDEN,
                       text_encoder="clip", max_caption_tokens=77, beta_schedule="scaled_linear", lora_rank=4)
     model = load_stable_diffusion(cfg)

@@ -20,9 +20,12 @@ import torch
 from safetensors.torch import load_file
 
 from pogdiff import checkpoints
+from pogdiff.runs import RunStore
 from pogdiff.config import DataConfig, PsiConfig, TrainConfig
 from pogdiff.data import load_image_text_set
-from pogdiff.training import Trainer, build_model, prepare_data, train
+from pogdiff.trainer import Trainer
+from pogdiff.training import build_model, train
+from pogdiff.prepare import prepare_data
 from tests.conftest import SMALL_MODEL
 from tests.fakes import free_port
 
@@ -73,14 +76,15 @@ def test_kill_9_in_the_middle_loses_at_most_one_interval_and_resumes_exactly(sma
     assert latest is not None
     saved_step = checkpoints.read_trainer_state(latest)["step"]
     assert saved_step >= seen - 2  # at most one checkpoint interval lost
-    [run] = checkpoints.list_interrupted_runs(tmp_path)
-    assert (run.run_dir, run.status, run.step) == (run_dir, "running", saved_step)
+    [run] = RunStore(tmp_path).list_runs()
+    assert (run.run_dir, run.state, run.steps_done) == (run_dir.resolve(), "interrupted", saved_step)
 
     cfg = dataclasses.replace(WORKER_CFG, max_steps=12, checkpoint_every=2)
     resumed = train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=cfg, run_dir=run_dir)
     assert resumed.steps_done == 12 and len(resumed.history) == 12
     assert not list(run_dir.glob(".tmp-*"))
-    assert checkpoints.list_interrupted_runs(tmp_path) == []
+    assert [(r.state, r.steps_done) for r in RunStore(tmp_path).list_runs() if r.run_dir == run_dir.resolve()] == [
+        ("finished", 12)]
     full = train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=cfg, run_dir=tmp_path / "full")
     a, b = _tensors(full.last_checkpoint), _tensors(resumed.last_checkpoint)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import threading
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pogdiff.config import ModelConfig, TrainConfig
-from pogdiff.jobs import JobBusyError, JobManager, JobStatus, read_previews
+from pogdiff.jobs import JobBusyError, JobManager, JobStatus
+from pogdiff.run_folder import read_previews
 from tests.fakes import FakeDataset, FakeTrain
 
 TIMEOUT = 10.0
@@ -26,7 +26,7 @@ def test_idle_status_before_any_job(tmp_path):
     jobs = JobManager(tmp_path, train_fn=FakeTrain())
     status = jobs.status()
     assert status.state == "idle" and not status.busy and status.progress == 0.0
-    assert jobs.current() is None and jobs.list_runs() == [] and jobs.stop() is False
+    assert jobs.current() is None and jobs.runs.list_runs() == [] and jobs.stop() is False
 
 
 def test_run_to_completion_records_history_preview_and_run(tmp_path):
@@ -41,7 +41,7 @@ def test_run_to_completion_records_history_preview_and_run(tmp_path):
     assert status.preview_step == 4 and status.preview_images.shape == (2, 8, 8, 3)
     assert status.preview_captions == ["x", "y"]
     assert fake.kwargs["base_checkpoint"] == "base"
-    runs = jobs.list_runs()
+    runs = jobs.runs.list_runs()
     assert len(runs) == 1
     run = runs[0]
     assert run.method == "pogdiff" and run.steps_done == 4 and run.state == "finished"
@@ -82,7 +82,7 @@ def test_stop_stops_within_a_step_and_keeps_the_checkpoint(tmp_path):
     status = jobs.wait(TIMEOUT)
     assert status.state == "finished" and status.stopped and status.step == 2
     assert Path(status.last_checkpoint).name == "checkpoint-000002"
-    assert jobs.list_runs()[0].stopped is True
+    assert jobs.runs.list_runs()[0].stopped is True
 
 
 def test_failure_is_captured_and_the_manager_keeps_working(tmp_path):
@@ -94,7 +94,7 @@ def test_failure_is_captured_and_the_manager_keeps_working(tmp_path):
     assert "ValueError: learning_rate must be positive" in status.traceback
     meta = json.loads((Path(status.run_dir) / "run.json").read_text())
     assert meta["state"] == "failed" and "learning_rate" in meta["error"]
-    assert jobs.list_runs() == []  # no checkpoint was written
+    assert jobs.runs.list_runs() == []  # no checkpoint was written
     jobs._train_fn = FakeTrain()
     jobs.start(FakeDataset(), *_cfgs(2))
     assert jobs.wait(TIMEOUT).state == "finished"
@@ -119,7 +119,7 @@ def test_status_reattaches_from_a_fresh_reference(tmp_path):
     # snapshots are copies: mutating one does not touch the job
     status.history.clear()
     assert len(jobs.status().history) == 1
-    assert jobs.list_runs() == []  # the running job is not a finished run
+    assert jobs.runs.list_runs() == []  # the running job is not a finished run
     for _ in range(2):
         fake.step_gate.release()
     assert jobs.wait(TIMEOUT).state == "finished"
@@ -133,14 +133,14 @@ def test_export_weights_is_the_fp16_unet_or_the_lora_file_alone(tmp_path):
     jobs = JobManager(tmp_path / "runs", train_fn=FakeTrain())
     jobs.start(FakeDataset(), *_cfgs(2))
     jobs.wait(TIMEOUT)
-    run = jobs.list_runs()[0]
+    run = jobs.runs.list_runs()[0]
     unet = run.run_dir / "checkpoint-000002" / "unet"
     with pytest.raises(ValueError, match="has no UNet weights"):
-        jobs.export_weights(run)
+        jobs.runs.export_weights(run)
     weights = {"conv.weight": torch.randn(4, 3, dtype=torch.float32), "steps": torch.tensor([7])}
     save_file(weights, str(unet / "diffusion_pytorch_model.safetensors"))
     (unet / "config.json").write_text('{"sample_size": 32}')
-    path = jobs.export_weights(run)
+    path = jobs.runs.export_weights(run)
     assert path.name == f"{run.name}-unet-fp16.safetensors"
     out = load_file(str(path))
     assert out["conv.weight"].dtype == torch.float16 and out["steps"].dtype == weights["steps"].dtype
@@ -149,7 +149,7 @@ def test_export_weights_is_the_fp16_unet_or_the_lora_file_alone(tmp_path):
         assert fh.metadata()["config"] == '{"sample_size": 32}'
     lora = {"lora_A.weight": torch.randn(2, 4)}
     save_file(lora, str(unet / "pytorch_lora_weights.safetensors"))
-    path = jobs.export_weights(run.name)
+    path = jobs.runs.export_weights(run.name)
     assert path.name == f"{run.name}-lora.safetensors"
     torch.testing.assert_close(load_file(str(path))["lora_A.weight"], lora["lora_A.weight"])  # LoRA kept exact
 
@@ -158,18 +158,18 @@ def test_export_zip_holds_weights_config_and_run_file(tmp_path):
     jobs = JobManager(tmp_path / "runs", train_fn=FakeTrain())
     jobs.start(FakeDataset(), *_cfgs(2))
     jobs.wait(TIMEOUT)
-    run = jobs.list_runs()[0]
-    path = jobs.export_zip(run)
+    run = jobs.runs.list_runs()[0]
+    path = jobs.runs.export_zip(run)
     assert path.suffix == ".zip" and path.exists()
     with zipfile.ZipFile(path) as zf:
         names = set(zf.namelist())
     assert f"{run.name}/run.json" in names
     assert f"{run.name}/checkpoint-000002/configs.json" in names
     assert f"{run.name}/checkpoint-000002/unet/weights.safetensors" in names
-    assert jobs.export_zip(run.name) == path  # by name, cached
-    assert jobs.list_runs()[0].name == run.name  # the exports folder is not a run
+    assert jobs.runs.export_zip(run.name) == path  # by name, cached
+    assert jobs.runs.list_runs()[0].name == run.name  # the exports folder is not a run
     with pytest.raises(ValueError, match="no finished run"):
-        jobs.export_zip("nope")
+        jobs.runs.export_zip("nope")
 
 
 def test_interrupted_run_on_disk_is_listed(tmp_path):
@@ -177,7 +177,7 @@ def test_interrupted_run_on_disk_is_listed(tmp_path):
     (run_dir / "checkpoint-000010").mkdir(parents=True)
     (run_dir / "checkpoint-000010" / "configs.json").write_text("{}")
     (run_dir / "run.json").write_text(json.dumps({"name": run_dir.name, "state": "running", "method": "pogdiff"}))
-    runs = JobManager(tmp_path, train_fn=FakeTrain()).list_runs()
+    runs = JobManager(tmp_path, train_fn=FakeTrain()).runs.list_runs()
     assert [(r.name, r.state, r.checkpoint.name) for r in runs] == [
         (run_dir.name, "interrupted", "checkpoint-000010")
     ]
@@ -188,19 +188,19 @@ def test_an_interrupted_run_is_listed_and_resumes_in_its_own_folder(tmp_path):
     jobs = JobManager(tmp_path, train_fn=fake)
     jobs.start(FakeDataset(), *_cfgs(4), base_checkpoint="base")
     jobs.wait(TIMEOUT)
-    run = jobs.list_runs()[0]
+    run = jobs.runs.list_runs()[0]
     meta = json.loads((run.run_dir / "run.json").read_text())
     meta["state"] = "running"  # what a server killed mid-run leaves behind
     (run.run_dir / "run.json").write_text(json.dumps(meta))
     restarted = JobManager(tmp_path, train_fn=fake)
-    listed = restarted.list_runs()
+    listed = restarted.runs.list_runs()
     assert [(r.name, r.state) for r in listed] == [(run.name, "interrupted")]
     restarted.resume(run.name, FakeDataset())
     status = restarted.wait(TIMEOUT)
     assert status.state == "finished" and status.run_name == run.name
     assert fake.kwargs["run_dir"] == run.run_dir and fake.kwargs["base_checkpoint"] == "base"
     assert fake.kwargs["train_cfg"] == _cfgs(4)[1]
-    assert [r.name for r in restarted.list_runs()] == [run.name]  # no new folder
+    assert [r.name for r in restarted.runs.list_runs()] == [run.name]  # no new folder
     with pytest.raises(ValueError, match="already finished all 4 steps"):
         restarted.resume(run.name, FakeDataset())
     with pytest.raises(ValueError):
@@ -209,7 +209,7 @@ def test_an_interrupted_run_is_listed_and_resumes_in_its_own_folder(tmp_path):
 
 # ----------------------------------------------------------------- previews, run settings, step time
 def test_previews_are_saved_in_the_run_folder_and_read_back(tmp_path):
-    from pogdiff.jobs import read_previews
+    from pogdiff.run_folder import read_previews
 
     jobs = JobManager(tmp_path, train_fn=FakeTrain())
     jobs.start(FakeDataset(), *_cfgs(5), preview_captions=["x", "y"], run_name="named")
@@ -221,12 +221,12 @@ def test_previews_are_saved_in_the_run_folder_and_read_back(tmp_path):
     assert [p.step for p in previews] == [2, 4] and [p.captions for p in previews] == [["x", "y"]] * 2
     assert previews[1].images.shape == (2, 8, 8, 3) and previews[1].images.dtype == np.uint8
     assert (previews[0].images == 2).all() and (previews[1].images == 4).all()  # FakeTrain fills with the step
-    assert [p.step for p in jobs.previews()] == [2, 4]  # the current job
-    assert [p.step for p in JobManager(tmp_path).previews("named")] == [2, 4]  # after a restart, by name
+    assert [p.step for p in jobs.runs.previews()] == [2, 4]  # the current job
+    assert [p.step for p in JobManager(tmp_path).runs.previews("named")] == [2, 4]  # after a restart, by name
     (folder / "step_000004.png").write_bytes(b"not a png")
     assert [p.step for p in read_previews(tmp_path / "named")] == [2]  # a broken one is skipped
     with pytest.raises(ValueError, match="is not a run name"):
-        jobs.previews("../elsewhere")
+        jobs.runs.previews("../elsewhere")
 
 
 def test_previews_of_the_current_job_are_read_with_a_relative_runs_folder(tmp_path, monkeypatch):
@@ -236,13 +236,13 @@ def test_previews_of_the_current_job_are_read_with_a_relative_runs_folder(tmp_pa
     jobs.start(FakeDataset(), *_cfgs(4), preview_captions=["x", "y"], run_name="rel")
     jobs.wait(TIMEOUT)
     assert not jobs.current().run_dir.is_absolute()
-    assert [p.step for p in jobs.previews()] == [2, 4]  # the current or last job
-    assert [p.step for p in jobs.previews("rel")] == [2, 4]  # by name
+    assert [p.step for p in jobs.runs.previews()] == [2, 4]  # the current or last job
+    assert [p.step for p in jobs.runs.previews("rel")] == [2, 4]  # by name
     assert [(p.step, p.captions) for p in read_previews(Path("runs") / "rel")] == [(2, ["x", "y"]), (4, ["x", "y"])]
 
 
 def test_save_preview_refuses_images_and_captions_that_do_not_match(tmp_path):
-    from pogdiff.jobs import save_preview
+    from pogdiff.run_folder import save_preview
 
     with pytest.raises(ValueError, match=r"needs N images \[N, H, W, 3\] and N captions, got \(2, 8, 8, 3\) and 1"):
         save_preview(tmp_path, 1, np.zeros((2, 8, 8, 3), np.uint8), ["only one"])
@@ -250,13 +250,13 @@ def test_save_preview_refuses_images_and_captions_that_do_not_match(tmp_path):
 
 def test_run_meta_of_the_current_job_or_else_the_newest_run(tmp_path):
     jobs = JobManager(tmp_path, train_fn=FakeTrain())
-    assert jobs.run_meta() is None
+    assert jobs.runs.run_meta() is None
     jobs.start(FakeDataset(), *_cfgs(3, "cbdm"), run_name="first")
     jobs.wait(TIMEOUT)
-    meta = jobs.run_meta()
+    meta = jobs.runs.run_meta()
     assert meta["name"] == "first" and meta["train_cfg"]["method"] == "cbdm" and meta["state"] == "finished"
-    assert JobManager(tmp_path).run_meta()["name"] == "first"  # a restarted server: the newest run on disk
-    assert jobs.run_meta("first") == meta
+    assert JobManager(tmp_path).runs.run_meta()["name"] == "first"  # a restarted server: the newest run on disk
+    assert jobs.runs.run_meta("first") == meta
 
 
 def test_a_finished_run_records_its_step_time_for_later_estimates(tmp_path):
@@ -267,10 +267,10 @@ def test_a_finished_run_records_its_step_time_for_later_estimates(tmp_path):
     meta = json.loads((tmp_path / "timed" / "run.json").read_text())
     assert meta["seconds_per_step"] == pytest.approx(0.01) and meta["timed_steps"] == 3  # FakeStep's figure
     same = dict(preset="tiny", method="pogdiff", batch_size=2, resolution=model_cfg.resolution)
-    found = jobs.recorded_step_time(**same)
+    found = jobs.runs.recorded_step_time(**same)
     assert (found.seconds_per_step, found.steps, found.source) == (pytest.approx(0.01), 3, "run timed")
-    assert jobs.recorded_step_time(**{**same, "batch_size": 4}) is None
-    assert jobs.recorded_step_time(**{**same, "method": "baseline"}) is None
+    assert jobs.runs.recorded_step_time(**{**same, "batch_size": 4}) is None
+    assert jobs.runs.recorded_step_time(**{**same, "method": "baseline"}) is None
 
 
 def test_time_steps_times_the_steps_after_the_first_and_keeps_nothing(tmp_path):
@@ -283,7 +283,7 @@ def test_time_steps_times_the_steps_after_the_first_and_keeps_nothing(tmp_path):
     assert (measured.steps, measured.source) == (2, "trial")
     assert fake.kwargs["train_cfg"].max_steps == 3 and fake.kwargs["train_cfg"].sample_every == 0
     assert fake.kwargs["preview_captions"] is None
-    assert list(tmp_path.iterdir()) == [] and jobs.list_runs() == []  # the scratch folder is gone
+    assert list(tmp_path.iterdir()) == [] and jobs.runs.list_runs() == []  # the scratch folder is gone
     assert jobs.status().state == "idle"
 
 

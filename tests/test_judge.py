@@ -13,6 +13,7 @@ import pytest
 
 from pogdiff import judge as judging
 from pogdiff.judge import UserJudge, stratified_folds
+from pogdiff.ui import views
 
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
 
@@ -130,7 +131,7 @@ def test_compare_metrics_on_user_data_are_judged_on_its_own_classes(tmp_path):
     table, fig, md = studio.compute_metrics(a, b, False, key, progress=lambda *x, **k: None)
     assert sorted(table["subject"]) == sorted(counts)  # the user's classes, not the demo identities
     row = table.set_index("subject")
-    assert row.loc["sea otter", "judge"] == ui.WEAK_MARK and row.loc["red fox", "judge"] == "ok"
+    assert row.loc["sea otter", "judge"] == views.WEAK_MARK and row.loc["red fox", "judge"] == "ok"
     assert row.loc["red fox", "judge reliability"] == 1.0
     assert "Judged on" in md and "3 classes" in md and "Warning — judge too weak for 1 of 3 classes" in md
     assert "sea otter" in md and "not trained on this data set" in md and "| judge ok |" in md

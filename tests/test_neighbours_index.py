@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 
 from pogdiff.neighbours import (
-    _build_index,
+    knn,
+)
+from pogdiff.knn import (
+    build_index,
     choose_index,
     exact_knn_rows,
     ivf_nlist,
     ivf_self_join,
-    knn,
     recall_at_k,
 )
 
@@ -33,8 +35,8 @@ def test_choose_index_by_threshold():
 @pytest.mark.parametrize("approx, cls", [("ivf", faiss.IndexIVFFlat), ("hnsw", faiss.IndexHNSWFlat)])
 def test_build_index_flat_below_and_approximate_above_a_tiny_threshold(approx, cls):
     v = _unit(200, 8)
-    assert isinstance(_build_index(v, 200, approx=approx), faiss.IndexFlatIP)
-    index = _build_index(v, 199, approx=approx)
+    assert isinstance(build_index(v, 200, approx=approx), faiss.IndexFlatIP)
+    index = build_index(v, 199, approx=approx)
     assert isinstance(index, cls) and index.ntotal == 200
 
 
@@ -43,7 +45,7 @@ def test_ivf_nlist_and_bad_nlist():
     assert ivf_nlist(390) == 10  # capped by 39 training points per list
     assert ivf_nlist(5) == 1
     with pytest.raises(ValueError, match="IVF nlist must be in"):
-        _build_index(_unit(50, 4), 10, approx="ivf", nlist=51)
+        build_index(_unit(50, 4), 10, approx="ivf", nlist=51)
 
 
 def test_ivf_visiting_every_list_is_exact_and_one_list_is_not():

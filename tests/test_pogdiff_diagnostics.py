@@ -10,8 +10,11 @@ import pytest
 from pogdiff.config import DataConfig, PsiConfig, TrainConfig, model_preset
 from pogdiff.data import load_image_text_set
 from pogdiff.data.demo import RenderedSet, write_image_folder
-from pogdiff.data.identities import make_identities, render, sample_attributes
-from pogdiff.training import INACTIVE_POG_SHARE, StepInfo, pog_share, pogdiff_inactive_warning, train
+from pogdiff.data.identities import make_identities, sample_attributes
+from pogdiff.data.render import render
+from pogdiff.objectives import INACTIVE_POG_SHARE, pog_share, pogdiff_inactive_warning
+from pogdiff.train_record import StepInfo
+from pogdiff.training import train
 
 BASE = Path(__file__).resolve().parent.parent / "checkpoints" / "base-tiny"
 
@@ -82,7 +85,7 @@ def test_template_captions_with_the_other_class_pool_borrow_across_subjects(temp
 
 
 def test_train_tab_shows_pogdiff_activity_and_the_warning():
-    from pogdiff.ui import pogdiff_activity_html
+    from pogdiff.ui.views import pogdiff_activity_html
 
     assert pogdiff_activity_html([{"step": 1, "loss": 0.5, "mse": 0.5}]) == ""  # not a PoGDiff run
     busy = [{"step": s, "loss": 1.0, "mse": 0.9, "pog": 0.1, "pog_share": 0.1, "psi_mean": 0.3,

@@ -38,7 +38,7 @@ def _tables_equal(a, b) -> None:
 
 def test_the_neighbours_tab_shows_the_table_training_builds(studio_and_key):
     from pogdiff.models import build_tiny
-    from pogdiff.training import prepare_data
+    from pogdiff.prepare import prepare_data
 
     studio, key, encoder = studio_and_key
     psi = PsiConfig(k=4, psi_max=2.0, pool="other_class")

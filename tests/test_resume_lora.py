@@ -13,14 +13,15 @@ from safetensors.torch import load_file
 
 from pogdiff.config import DataConfig, ModelConfig, TrainConfig
 from pogdiff.data import load_image_text_set
-from pogdiff.training import loss_curve, train
-from tests.test_sd import HIDDEN, RANK, _tiny_pipeline
+from pogdiff.training import train
+from tests.fakes import loss_curve
+from tests.fakes import SD_HIDDEN as HIDDEN, SD_LORA_RANK as RANK, tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")
 def v_cfg(tmp_path_factory) -> ModelConfig:
     folder = tmp_path_factory.mktemp("sd-v")
-    pipe = _tiny_pipeline(folder)
+    pipe = tiny_sd_pipeline(folder)
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
     pipe.save_pretrained(folder / "pipe")
     return ModelConfig(

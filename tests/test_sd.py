@@ -20,17 +20,12 @@ from pogdiff.export import export_diffusers
 from pogdiff.models import LORA_TARGET_MODULES, attention_processors, load_stable_diffusion
 from pogdiff.sampling import generate
 from pogdiff.text import CLIPCaptionEncoder
-from tests.fakes import tiny_sd_pipeline, write_tiny_sd_pipeline
+from tests.fakes import SD_HIDDEN, SD_LORA_RANK, write_tiny_sd_pipeline
 
-HIDDEN = 32
-RANK = 4
+HIDDEN = SD_HIDDEN
+RANK = SD_LORA_RANK
 CAPTIONS = ["a photo of a cat", "a photo of a dog"]
 
-
-
-
-def _tiny_pipeline(folder) -> StableDiffusionPipeline:
-    return tiny_sd_pipeline(folder, hidden=HIDDEN)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +140,7 @@ def test_generate_two_steps(model):
 
 
 def test_vae_latents_are_cached_on_disk_and_reused(tmp_path, model):
-    from pogdiff.training import encode_dataset_images
+    from pogdiff.prepare import encode_dataset_images
 
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     first = encode_dataset_images(model, images, cache_dir=tmp_path)
@@ -178,7 +173,8 @@ def test_trainer_fine_tunes_lora_on_the_stable_diffusion_path(method, cfg, small
 def test_mixed_precision_keeps_frozen_weights_in_half_and_lora_in_float32(cfg, small_demo, tmp_path):
     from pogdiff.config import DataConfig, PsiConfig
     from pogdiff.data import load_image_text_set
-    from pogdiff.training import Trainer, prepare_data
+    from pogdiff.trainer import Trainer
+    from pogdiff.prepare import prepare_data
 
     model = load_stable_diffusion(cfg)
     ds = load_image_text_set(small_demo / "train", DataConfig(resolution=32))

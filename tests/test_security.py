@@ -23,6 +23,7 @@ from pogdiff.config import LIMITS, ModelConfig, TrainConfig
 from pogdiff.jobs import JobManager
 
 from tests.fakes import FakeDataset, FakeTrain, free_port, noop_progress, tiny_set, train_form
+from pogdiff.ui import views
 
 TIMEOUT = 10.0
 GRADIO_REFUSES = "greater than maximum|less than minimum|not in the list of choices"  # gradio's own checks
@@ -136,15 +137,15 @@ def _all_files(root: Path) -> set[Path]:
 
 def test_crafted_run_json_cannot_point_outside(crafted):
     jobs = JobManager(crafted.runs, train_fn=FakeTrain())
-    names = sorted(r.name for r in jobs.list_runs())
+    names = sorted(r.name for r in jobs.runs.list_runs())
     assert names == [crafted.honest.name, "leaky"]  # evil has no checkpoint inside; linked is outside
     before = _all_files(crafted.tmp)
     with pytest.raises(ValueError, match="no finished run"):
-        jobs.export_zip("evil")
+        jobs.runs.export_zip("evil")
     with pytest.raises(ValueError, match="no finished run"):
-        jobs.export_zip("linked")
+        jobs.runs.export_zip("linked")
     with pytest.raises(ValueError, match="links outside its run folder"):
-        jobs.export_zip("leaky")
+        jobs.runs.export_zip("leaky")
     assert _all_files(crafted.tmp) == before  # nothing was written anywhere
 
 
@@ -154,13 +155,13 @@ def test_export_by_path_is_refused(crafted, attack):
     target = {"abs-outside": str(crafted.outside), "dotdot": "../outside",
               "abs-honest": str(crafted.honest)}[attack]
     with pytest.raises(ValueError, match="not a run name"):
-        jobs.export_zip(target)
+        jobs.runs.export_zip(target)
     assert not (crafted.runs / "exports").exists() and not (crafted.tmp / "outside.zip").exists()
 
 
 def test_honest_export_still_works_and_stays_inside(crafted):
     jobs = JobManager(crafted.runs, train_fn=FakeTrain())
-    path = jobs.export_zip(crafted.honest.name)
+    path = jobs.runs.export_zip(crafted.honest.name)
     assert path.resolve().is_relative_to(crafted.runs.resolve())
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
@@ -172,7 +173,7 @@ def test_studio_export_copies_the_zip_out_of_the_runs_folder(crafted):
     studio = ui.Studio(crafted.runs, shipped_dir=crafted.tmp / "shipped", device="cpu")
     out = Path(studio.export_run(crafted.honest.name, A))
     assert out.is_file() and not out.resolve().is_relative_to(crafted.runs.resolve())
-    assert out.parent.name.startswith(ui.EXPORT_TMP_PREFIX)
+    assert out.parent.name.startswith(views.EXPORT_TMP_PREFIX)
     for bad in ("evil", "linked", "leaky", str(crafted.outside), "../outside", {"path": "/etc"}):
         with pytest.raises(gr.Error):
             studio.export_run(bad, A)
@@ -288,7 +289,7 @@ def test_a_reload_restores_the_dataset_by_its_content_hash(tmp_path):
     files = [str(p) for p in tiny_set(tmp_path / "set").iterdir()]
     first = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
     key = first.load_upload(files, progress=noop_progress)[0]
-    assert key == ui.upload_key([Path(f) for f in reversed(files)])  # content, not order or temp paths
+    assert key == views.upload_key([Path(f) for f in reversed(files)])  # content, not order or temp paths
     restarted = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")  # nothing in memory
     out = restarted.restore_dataset(key)
     assert out[0] == key and "8 images · 2 classes" in out[1]
@@ -302,9 +303,9 @@ def test_expired_uploads_and_exports_are_removed(tmp_path):
 
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
     key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
-    incoming = studio.upload_store / f"{ui.UPLOAD_TMP_PREFIX}crashed"
+    incoming = studio.upload_store / f"{views.UPLOAD_TMP_PREFIX}crashed"
     incoming.mkdir()
-    export = Path(tempfile.mkdtemp(prefix=ui.EXPORT_TMP_PREFIX))
+    export = Path(tempfile.mkdtemp(prefix=views.EXPORT_TMP_PREFIX))
     old = time.time() - 3600 * (LIMITS.upload_max_age_hours + 1)
     for folder in (studio.upload_store / key, incoming, export):
         os.utime(folder, (old, old))
@@ -327,7 +328,7 @@ def test_a_job_belongs_to_the_session_that_started_it(tmp_path):
     fake.step_gate.release()
     run = studio.jobs.wait(TIMEOUT)
     assert run.stopped and run.stop_reason == "requested"
-    name = studio.jobs.list_runs()[0].name
+    name = studio.jobs.runs.list_runs()[0].name
     assert "session-a" not in (tmp_path / "runs" / name / "run.json").read_text()  # only a digest is stored
     with pytest.raises(gr.Error, match="started by another visitor"):
         studio.export_run(name, B)
@@ -355,7 +356,7 @@ def test_wall_time_limit_stops_a_job(tmp_path):
     status = jobs.wait(TIMEOUT)
     assert status.state == "finished" and status.stopped and time.monotonic() - t0 < 5
     assert status.stop_reason == "wall-time limit of 0.005 min"
-    assert ui.status_markdown(status).startswith("**Stopped (wall-time limit of 0.005 min)**")
+    assert views.status_markdown(status).startswith("**Stopped (wall-time limit of 0.005 min)**")
     assert "wall-time limit" in json.loads((Path(status.run_dir) / "run.json").read_text())["stop_reason"]
 
 

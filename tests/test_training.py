@@ -8,11 +8,13 @@ import threading
 import numpy as np
 import pytest
 
-from pogdiff import checkpoints
+from pogdiff import checkpoints, run_folder
+from pogdiff.runs import RunStore
 from pogdiff.config import DataConfig, PsiConfig, SampleConfig, TrainConfig
 from pogdiff.data import load_image_text_set
 from pogdiff.sampling import generate
-from pogdiff.training import loss_curve, train
+from pogdiff.training import train
+from tests.fakes import loss_curve
 from tests.conftest import SMALL_MODEL
 
 FAST = TrainConfig(batch_size=4, max_steps=2, checkpoint_every=0, log_every=0, warmup_steps=1)
@@ -150,7 +152,7 @@ def test_a_diverging_run_stops_naming_the_term_and_keeps_the_last_good_checkpoin
     import torch
     from safetensors.torch import load_file
 
-    from pogdiff.training import NonFiniteError
+    from pogdiff.train_record import NonFiniteError
 
     cfg = dataclasses.replace(FAST, method="baseline", learning_rate=1e6, max_steps=30, checkpoint_every=1)
     with pytest.raises(NonFiniteError, match=r"non-finite loss at step \d+: the 'mse' term of the loss is nan.*"
@@ -161,13 +163,18 @@ def test_a_diverging_run_stops_naming_the_term_and_keeps_the_last_good_checkpoin
     assert last is not None and last.name == f"checkpoint-{info.value.step - 1:06d}"
     weights = load_file(last / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
-    assert checkpoints.read_run_status(tmp_path)["status"] == "failed"
+    assert run_folder.read_record(tmp_path)["state"] == "failed"
 
 
 def test_a_non_finite_gradient_stops_before_the_weights_change(dataset, tmp_path):
     import torch
 
-    from pogdiff.training import NonFiniteError, Trainer, build_model, prepare_data
+    from pogdiff.train_record import NonFiniteError
+    from pogdiff.trainer import Trainer
+
+    from pogdiff.training import build_model
+
+    from pogdiff.prepare import prepare_data
 
     model = build_model(SMALL_MODEL)
     data = prepare_data(dataset, model, PsiConfig(), need_table=False)
@@ -215,7 +222,7 @@ def _stopped_at(n):
 def test_stop_and_resume_ends_with_bit_identical_unet_ema_and_optimizer(extra, dataset, tmp_path, monkeypatch):
     import torch
 
-    from pogdiff.training import Trainer
+    from pogdiff.trainer import Trainer
 
     cfg = dataclasses.replace(FAST, max_steps=6, ema_decay=0.9, checkpoint_minutes=0.0,
                               **{"method": "pogdiff", **extra})
@@ -253,7 +260,11 @@ def test_lr_follows_the_diffusers_schedule_with_warmup(dataset, tmp_path):
 def test_offset_noise_adds_one_constant_per_sample_and_channel(dataset, tmp_path):
     import torch
 
-    from pogdiff.training import Trainer, build_model, prepare_data
+    from pogdiff.trainer import Trainer
+
+    from pogdiff.training import build_model
+
+    from pogdiff.prepare import prepare_data
 
     model = build_model(SMALL_MODEL)
     data = prepare_data(dataset, model, PsiConfig(), need_table=False)
@@ -330,7 +341,7 @@ def test_an_unwritable_or_full_run_folder_is_refused_before_step_1(dataset, tmp_
 
 
 def test_resuming_another_method_or_data_is_refused_unless_a_new_run_is_asked(dataset, tmp_path):
-    from pogdiff.training import RunMismatchError
+    from pogdiff.train_setup import RunMismatchError
 
     base = dataclasses.replace(FAST, method="baseline")
     train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=base, run_dir=tmp_path)
@@ -355,17 +366,22 @@ def test_interrupted_runs_are_listed_until_they_finish(dataset, tmp_path):
           stop_event=stop)
     train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=cfg, run_dir=tmp_path / "b")
     (tmp_path / "empty").mkdir()
-    runs = checkpoints.list_interrupted_runs(tmp_path)
-    assert [(r.run_dir.name, r.step, r.max_steps, r.method, r.status) for r in runs] == [
-        ("a", 2, 4, "baseline", "stopped")]
+    runs = RunStore(tmp_path).list_runs()  # the empty folder is no run
+    assert sorted((r.name, r.steps_done, r.max_steps, r.method, r.state, r.stopped) for r in runs) == [
+        ("a", 2, 4, "baseline", "stopped", True), ("b", 4, 4, "baseline", "finished", False)]
     train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=cfg, run_dir=tmp_path / "a")
-    assert checkpoints.list_interrupted_runs(tmp_path) == []
+    assert [(r.name, r.state, r.steps_done) for r in RunStore(tmp_path).list_runs() if r.name == "a"] == [
+        ("a", "finished", 4)]
 
 
 def test_gradient_accumulation_averages_the_micro_batch_gradients(dataset, tmp_path, monkeypatch):
     import torch
 
-    from pogdiff.training import Trainer, build_model, prepare_data
+    from pogdiff.trainer import Trainer
+
+    from pogdiff.training import build_model
+
+    from pogdiff.prepare import prepare_data
 
     model = build_model(SMALL_MODEL)
     data = prepare_data(dataset, model, PsiConfig(), need_table=False)
@@ -390,7 +406,7 @@ def test_gradient_accumulation_averages_the_micro_batch_gradients(dataset, tmp_p
 
 def test_mixed_precision_comes_from_accelerate_unless_the_flag_is_given(monkeypatch):
     from pogdiff.cli import build_parser, configs_from_args
-    from pogdiff.training import accelerate_mixed_precision
+    from pogdiff.train_setup import accelerate_mixed_precision
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert accelerate_mixed_precision() == "bf16"
@@ -405,7 +421,7 @@ def test_mixed_precision_comes_from_accelerate_unless_the_flag_is_given(monkeypa
 def test_mixed_precision_comes_from_the_accelerate_config_file(monkeypatch, tmp_path):
     import accelerate.commands.config.config_args as config_args
 
-    from pogdiff.training import accelerate_mixed_precision
+    from pogdiff.train_setup import accelerate_mixed_precision
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     path = tmp_path / "default_config.yaml"

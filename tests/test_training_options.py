@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from pogdiff import checkpoints, train_setup, training
+from pogdiff import checkpoints, run_folder, train_setup
 from pogdiff.config import DataConfig, TrainConfig
 from pogdiff.data import load_image_text_set
-from pogdiff.training import build_optimizer, history_from_rows, loss_curve, train
+from pogdiff.train_setup import build_optimizer
+from pogdiff.train_record import history_from_rows
+from pogdiff.training import train
+from tests.fakes import loss_curve
 from tests.conftest import SMALL_MODEL
 
 FAST = TrainConfig(method="baseline", batch_size=4, max_steps=4, checkpoint_every=0, log_every=1,
@@ -42,12 +45,12 @@ def test_adamw8bit_without_cuda_names_cuda_only(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", _fake_bitsandbytes())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"but CUDA is not available: install"):
-        training.check_train_config(dataclasses.replace(FAST, optimizer="adamw8bit"), 10)
+        train_setup.check_train_config(dataclasses.replace(FAST, optimizer="adamw8bit"), 10)
 
 
 def test_an_unknown_optimizer_is_refused():
     with pytest.raises(ValueError, match=r"unknown optimizer 'sgd'; choose one of adamw, adamw8bit"):
-        training.check_train_config(dataclasses.replace(FAST, optimizer="sgd"), 10)
+        train_setup.check_train_config(dataclasses.replace(FAST, optimizer="sgd"), 10)
 
 
 def _fake_bitsandbytes():
@@ -93,14 +96,14 @@ def test_tensorboard_run_writes_the_loss_of_every_logging_step(dataset, tmp_path
 def test_missing_tensorboard_or_unknown_tracker_is_refused(monkeypatch):
     monkeypatch.setattr(train_setup, "_tensorboard_available", lambda: False)
     with pytest.raises(ValueError, match=r"report_to 'tensorboard' needs the tensorboard package.*pip install"):
-        training.check_train_config(dataclasses.replace(FAST, report_to="tensorboard"), 10)
+        train_setup.check_train_config(dataclasses.replace(FAST, report_to="tensorboard"), 10)
     with pytest.raises(ValueError, match=r"unknown report_to 'wandb'; choose one of none, tensorboard"):
-        training.check_train_config(dataclasses.replace(FAST, report_to="wandb"), 10)
+        train_setup.check_train_config(dataclasses.replace(FAST, report_to="wandb"), 10)
 
 
 # --------------------------------------------------------------------------------- history
 def _rows(run_dir):
-    return [json.loads(line) for line in (run_dir / checkpoints.HISTORY_FILE).read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / run_folder.HISTORY_FILE).read_text().splitlines()]
 
 
 def test_history_is_one_file_and_a_resumed_run_keeps_it_equal_to_an_uninterrupted_one(dataset, tmp_path):
@@ -116,7 +119,7 @@ def test_history_is_one_file_and_a_resumed_run_keeps_it_equal_to_an_uninterrupte
     split = tmp_path / "split"
     assert [r["step"] for r in _rows(split)] == [1, 2]
     # A killed process may leave rows past its last checkpoint: the resume drops them.
-    checkpoints.append_history(split, [dict(_rows(split)[-1], step=3, terms={"loss": 99.0})])
+    run_folder.append_history(split, [dict(_rows(split)[-1], step=3, terms={"loss": 99.0})])
     second = train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=FAST, run_dir=split)
     assert second.steps_done == 4
     full_rows, split_rows = _rows(tmp_path / "full"), _rows(split)
@@ -124,12 +127,12 @@ def test_history_is_one_file_and_a_resumed_run_keeps_it_equal_to_an_uninterrupte
     for key in ("step", "terms", "lr", "psi_mean", "psi_active", "pog_share"):
         assert [r[key] for r in split_rows] == [r[key] for r in full_rows], key
     np.testing.assert_array_equal(loss_curve(second.history), loss_curve(full.history))
-    assert loss_curve(history_from_rows(checkpoints.read_history(split))).tolist() == loss_curve(full.history).tolist()
+    assert loss_curve(history_from_rows(run_folder.read_history(split))).tolist() == loss_curve(full.history).tolist()
     # trainer_state.json keeps counters and RNG, no history.
     state = json.loads((second.last_checkpoint / checkpoints.STATE_JSON).read_text())
     assert "history" not in state["extra"] and state["step"] == 4
     # A checkpoint folder reads its run's history up to its own step.
-    assert [r["step"] for r in checkpoints.read_history(split / "checkpoint-000002")] == [1, 2]
+    assert [r["step"] for r in run_folder.read_history(split / "checkpoint-000002")] == [1, 2]
 
 
 def test_a_run_whose_checkpoint_holds_the_history_still_reads_and_resumes(dataset, tmp_path):
@@ -138,14 +141,14 @@ def test_a_run_whose_checkpoint_holds_the_history_still_reads_and_resumes(datase
     first = train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=cfg, run_dir=run)
     # Rewrite as an older version left it: history inside trainer_state.json, no history.jsonl.
     rows = _rows(run)
-    (run / checkpoints.HISTORY_FILE).unlink()
+    (run / run_folder.HISTORY_FILE).unlink()
     state_file = first.last_checkpoint / checkpoints.STATE_JSON
     state = json.loads(state_file.read_text())
     state["extra"]["history"] = rows
     state_file.write_text(json.dumps(state))
     manifest = first.last_checkpoint / checkpoints.MANIFEST
     manifest.write_text(json.dumps(checkpoints._manifest(first.last_checkpoint)))
-    assert checkpoints.read_history(run) == rows and checkpoints.read_history(run, upto=1) == rows[:1]
+    assert run_folder.read_history(run) == rows and run_folder.read_history(run, upto=1) == rows[:1]
     resumed = train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=dataclasses.replace(cfg, max_steps=3),
                     run_dir=run)
     assert [h.step for h in resumed.history] == [1, 2, 3]
@@ -153,19 +156,19 @@ def test_a_run_whose_checkpoint_holds_the_history_still_reads_and_resumes(datase
 
 
 def test_a_history_line_cut_short_is_skipped_with_a_warning(tmp_path, caplog):
-    checkpoints.append_history(tmp_path, [{"step": 1, "terms": {"loss": 0.5}}])
-    with open(tmp_path / checkpoints.HISTORY_FILE, "a") as f:
+    run_folder.append_history(tmp_path, [{"step": 1, "terms": {"loss": 0.5}}])
+    with open(tmp_path / run_folder.HISTORY_FILE, "a") as f:
         f.write('{"step": 2, "ter')
-    assert checkpoints.read_history(tmp_path) == [{"step": 1, "terms": {"loss": 0.5}}]
+    assert run_folder.read_history(tmp_path) == [{"step": 1, "terms": {"loss": 0.5}}]
     assert "line 2 is not JSON" in caplog.text
-    assert checkpoints.read_history(tmp_path / "nothing-here") == []
+    assert run_folder.read_history(tmp_path / "nothing-here") == []
 
 
 # ------------------------------------------------------------------------ runtime checks
 def test_runtime_shape_checks_say_what_is_wrong():
     from pogdiff.models import build_tiny
     from pogdiff.text import TextEmbeddings
-    from pogdiff.training import TrainData
+    from pogdiff.prepare import TrainData
 
     model = build_tiny(SMALL_MODEL, seed=0)
     with pytest.raises(ValueError, match=r"expects RGB images \[N, 3, H, W\], got shape \(2, 32, 32, 3\)"):

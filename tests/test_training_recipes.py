@@ -12,7 +12,8 @@ import torch
 from pogdiff.config import DataConfig, PsiConfig, TrainConfig
 from pogdiff.data import load_image_text_set
 from pogdiff.trainer import class_draw_weights
-from pogdiff.training import loss_curve, train
+from pogdiff.training import train
+from tests.fakes import loss_curve
 from tests.conftest import SMALL_MODEL
 
 FAST = TrainConfig(batch_size=4, max_steps=3, checkpoint_every=0, log_every=0, warmup_steps=1, caption_dropout=0.0)

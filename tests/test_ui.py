@@ -12,29 +12,31 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from pogdiff import ui
 from pogdiff.ui import shared
 from pogdiff.config import DataConfig, PsiConfig
-from pogdiff.jobs import JobManager, JobStatus, RunInfo
+from pogdiff.jobs import JobManager, JobStatus
+from pogdiff.runs import RunInfo
 
 from tests.fakes import SHAPES, FakeTrain, kohya_zip, noop_progress, tiny_set, train_form
+from pogdiff.ui.train_form import form_values
+from pogdiff.ui import views
 
 CFG = DataConfig()
 
 
 def test_format_seconds():
-    assert ui.format_seconds(None) == "—"
-    assert ui.format_seconds(float("nan")) == "—"
-    assert ui.format_seconds(4.4) == "4s"
-    assert ui.format_seconds(75.2) == "1m 15s"
-    assert ui.format_seconds(3 * 3600 + 61) == "3h 01m"
+    assert views.format_seconds(None) == "—"
+    assert views.format_seconds(float("nan")) == "—"
+    assert views.format_seconds(4.4) == "4s"
+    assert views.format_seconds(75.2) == "1m 15s"
+    assert views.format_seconds(3 * 3600 + 61) == "3h 01m"
 
 
 @pytest.mark.parametrize("count,shot", [(1, "few"), (4, "few"), (5, "medium"), (20, "medium"), (21, "many")])
 def test_class_table_buckets_follow_the_data_layer(count, shot):
-    table = ui.class_counts_table(["a"] * count, CFG)
+    table = views.class_counts_table(["a"] * count, CFG)
     assert table["shot"].tolist() == [shot]
 
 
@@ -43,11 +45,11 @@ def test_loss_frame_is_long_and_skips_non_loss_columns():
         {"step": 1, "loss": 1.0, "mse": 0.8, "pog": 0.2, "lr": 1e-4, "psi_mean": 0.3, "seconds_per_step": 0.1},
         {"step": 2, "loss": 0.9, "mse": 0.7, "pog": float("nan"), "lr": 1e-4},
     ]
-    frame = ui.loss_frame(history)
+    frame = views.loss_frame(history)
     assert list(frame.columns) == ["step", "term", "value"]
     assert list(frame["term"]) == ["loss", "loss", "mse", "mse", "pog"]  # TERM_ORDER, NaN dropped
     assert frame.loc[frame.term == "mse", "value"].tolist() == [0.8, 0.7]
-    empty = ui.loss_frame([])
+    empty = views.loss_frame([])
     assert empty.empty and str(empty["step"].dtype) == "int64" and str(empty["value"].dtype) == "float64"
     plot = gr.LinePlot(x="step", y="value", color="term")
     assert plot.postprocess(empty).datatypes == {"step": "quantitative", "term": "nominal", "value": "quantitative"}
@@ -55,47 +57,47 @@ def test_loss_frame_is_long_and_skips_non_loss_columns():
 
 def test_status_markdown_and_progress_for_each_state():
     idle = JobStatus()
-    assert "Idle" in ui.status_markdown(idle) and "No training job" in ui.progress_html(idle)
+    assert "Idle" in views.status_markdown(idle) and "No training job" in views.progress_html(idle)
     running = JobStatus(state="running", run_name="r1", method="pogdiff", step=30, max_steps=120,
                         seconds_per_step=0.5, eta_seconds=45, started_at=0.0)
-    html = ui.progress_html(running)
+    html = views.progress_html(running)
     assert "width:25.0%" in html and "step 30 / 120" in html and "ETA 45s" in html
     failed = JobStatus(state="failed", run_name="r1", method="cbdm", step=3, max_steps=9,
                        error="ValueError: bad lr", traceback="Traceback ...\nValueError: bad lr")
-    md = ui.status_markdown(failed)
+    md = views.status_markdown(failed)
     assert "failed" in md and "`ValueError: bad lr`" in md and "```text" in md
     done = JobStatus(state="finished", run_name="r1", method="baseline", step=7, max_steps=10, stopped=True,
                      last_checkpoint="runs/r1/checkpoint-000007", started_at=0.0, finished_at=65.0)
-    md = ui.status_markdown(done)
+    md = views.status_markdown(done)
     assert md.startswith("**Stopped**") and "7 of 10" in md and "1m 05s" in md and "checkpoint-000007" in md
 
 
 def test_report_markdown_uses_the_data_layer_report():
     from pogdiff.data.validation import ValidationReport
 
-    assert ui.report_markdown(None) == ""
+    assert views.report_markdown(None) == ""
     report = ValidationReport()
-    assert "Validation passed" in ui.report_markdown(report)
+    assert "Validation passed" in views.report_markdown(report)
     report.warning("few", "a.png", "only one image of class a", "add a second image")
-    md = ui.report_markdown(report)
+    md = views.report_markdown(report)
     assert "only one image of class a" in md and "add a second image" in md
 
 
 def test_upscale_and_gallery_items():
     img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-    big = ui.upscale(img, 8)
+    big = views.upscale(img, 8)
     assert big.shape == (8, 12, 3) and big[3, 5].tolist() == img[0, 1].tolist()
-    assert ui.upscale(np.zeros((200, 200, 3), np.uint8), 96).shape == (200, 200, 3)
-    items = ui.gallery_items(np.zeros((2, 32, 32, 3), np.uint8), ["a", "b"])
+    assert views.upscale(np.zeros((200, 200, 3), np.uint8), 96).shape == (200, 200, 3)
+    items = views.gallery_items(np.zeros((2, 32, 32, 3), np.uint8), ["a", "b"])
     assert [c for _, c in items] == ["a", "b"] and items[0][0].shape == (96, 96, 3)
 
 
 def test_class_counts_table_and_summary():
     subjects = ["a"] * 25 + ["b"] * 6 + ["c"] * 2 + ["d"]
-    table = ui.class_counts_table(subjects, CFG)
+    table = views.class_counts_table(subjects, CFG)
     assert table.to_dict("list") == {"subject": ["a", "b", "c", "d"], "count": [25, 6, 2, 1],
                                      "shot": ["many", "medium", "few", "few"]}
-    md = ui.summary_markdown(table, len(subjects), {"single_image_classes": ["d"], "n_many": 1})
+    md = views.summary_markdown(table, len(subjects), {"single_image_classes": ["d"], "n_many": 1})
     assert "34 images · 4 classes · imbalance ratio 25:1" in md
     assert "**few**: 2 classes / 3 images" in md and "single image (d)" in md
 
@@ -105,17 +107,17 @@ def test_runs_frame(tmp_path):
                   method="pogdiff", steps_done=10, max_steps=10, stopped=False, finished_at=1.0, model_cfg={},
                   train_cfg={"batch_size": 8, "learning_rate": 1e-4, "psi": {"psi_max": 2.0}},
                   dataset={"num_samples": 30, "root": "/somewhere/demo-abc/train"})
-    frame = ui.runs_frame([run])
+    frame = views.runs_frame([run])
     finished = time.strftime("%Y-%m-%d %H:%M", time.localtime(1.0))
     assert frame.iloc[0].to_dict() == {"run": "r", "method": "pogdiff", "state": "finished", "steps": "10/10",
                                        "batch": 8, "lr": 1e-4, "psi_max": 2.0, "data": "train", "images": 30,
                                        "finished": finished, "checkpoint": "checkpoint-000010"}
-    assert list(ui.runs_frame([]).columns)[0] == "run"
+    assert list(views.runs_frame([]).columns)[0] == "run"
 
 
 def test_short_prompt():
-    assert ui.short_prompt("a photo of Mira Okafor, smiling") == "Mira Okafor, smiling"
-    assert ui.short_prompt("portrait of X") == "portrait of X"
+    assert views.short_prompt("a photo of Mira Okafor, smiling") == "Mira Okafor, smiling"
+    assert views.short_prompt("portrait of X") == "portrait of X"
 
 
 # ----------------------------------------------------------------------------- Studio
@@ -361,9 +363,9 @@ def test_the_form_after_a_reload_shows_the_last_jobs_settings(tmp_path):
 
 
 def test_form_values_need_the_saved_configs():
-    assert ui.form_values({"name": "x"}) is None
-    assert ui.form_values({"train_cfg": {"method": "nonsense", "max_steps": 3}, "model_cfg": {}}) is None
-    values = ui.form_values({"train_cfg": {"method": "baseline", "max_steps": 3}, "model_cfg": {"preset": "sd15",
+    assert form_values({"name": "x"}) is None
+    assert form_values({"train_cfg": {"method": "nonsense", "max_steps": 3}, "model_cfg": {}}) is None
+    values = form_values({"train_cfg": {"method": "baseline", "max_steps": 3}, "model_cfg": {"preset": "sd15",
                              "pretrained": "org/model"}, "base_checkpoint": ""})
     assert (values["preset"], values["pretrained"], values["from_scratch"], values["pool"]) == \
         ("sd15", "org/model", False, PsiConfig().pool)
@@ -393,7 +395,7 @@ def test_time_estimate_before_start_is_measured(tmp_path):
     assert "recorded its step time yet" in studio.recorded_estimate("pogdiff", "tiny", 300, 2)
     md = studio.estimate_run(key, train_form(steps=300))
     assert "for 300 steps" in md and "measured just now by timing 2 real steps" in md and "CPU cores" in md
-    assert studio.jobs.list_runs() == []  # the trial keeps nothing
+    assert studio.jobs.runs.list_runs() == []  # the trial keeps nothing
     studio.start_run(key, train_form(steps=4))
     studio.jobs.wait(10)
     md = studio.recorded_estimate("pogdiff", "tiny", 300, 2)  # FakeTrain reports 0.01 s/step: 3 s for 300
@@ -403,9 +405,9 @@ def test_time_estimate_before_start_is_measured(tmp_path):
 
 
 def test_estimate_markdown_adds_the_set_up_to_the_steps():
-    from pogdiff.jobs import StepTime
+    from pogdiff.runs import StepTime
 
-    md = ui.estimate_markdown(StepTime(0.5, 2, "trial", 0.0, setup_seconds=10.0), 100, where="2 CPU cores")
+    md = views.estimate_markdown(StepTime(0.5, 2, "trial", 0.0, setup_seconds=10.0), 100, where="2 CPU cores")
     assert md.startswith("About **1m 00s** for 100 steps: 0.50 s/step") and "(2 CPU cores)" in md
 
 
@@ -473,10 +475,10 @@ def test_the_form_note_follows_the_job_when_it_ends(tmp_path):
 def test_the_progress_label_says_estimating_until_the_eta_is_known():
     running = JobStatus(state="running", run_name="r", method="pogdiff", step=1, max_steps=300, started_at=0.0,
                         seconds_per_step=0.52, eta_seconds=None)
-    assert "ETA estimating…" in ui.progress_html(running) and "0.52 s/step" in ui.progress_html(running)
+    assert "ETA estimating…" in views.progress_html(running) and "0.52 s/step" in views.progress_html(running)
     later = JobStatus(state="running", run_name="r", method="pogdiff", step=10, max_steps=300, started_at=0.0,
                       seconds_per_step=0.52, recent_seconds_per_step=1.3, eta_seconds=377.0, eta_untimed_previews=True)
-    assert "1.30 s/step" in ui.progress_html(later) and "ETA 6m 17s + previews" in ui.progress_html(later)
+    assert "1.30 s/step" in views.progress_html(later) and "ETA 6m 17s + previews" in views.progress_html(later)
 
 
 def test_start_from_offers_the_shipped_base_scratch_and_own_runs_and_trains_from_the_choice(tmp_path):
@@ -487,7 +489,7 @@ def test_start_from_offers_the_shipped_base_scratch_and_own_runs_and_trains_from
     studio.jobs.wait(10)
     assert fake.kwargs["base_checkpoint"] == tmp_path / "shipped" / "base-tiny"
     assert [v for _, v in studio.base_choices()] == ["shipped", "scratch", "run:first"]
-    first_ckpt = studio.jobs.get_run("first").checkpoint
+    first_ckpt = studio.jobs.runs.get_run("first").checkpoint
     studio.start_run(key, train_form(steps=2, run_name="second", base="run:first"))  # what the Train tab sends
     studio.jobs.wait(10)
     assert fake.kwargs["base_checkpoint"] == first_ckpt and first_ckpt.name == "checkpoint-000002"

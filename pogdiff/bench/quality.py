@@ -80,7 +80,7 @@ def _base_or_fresh():
 def _reencoding_trainer():
     """The naive loop: a :class:`pogdiff.training.Trainer` that encodes the batch's captions with
     the text encoder at every step."""
-    from pogdiff.training import Trainer
+    from pogdiff.trainer import Trainer
 
     class ReencodeTrainer(Trainer):
         def caption_states(self, rows):
@@ -92,7 +92,8 @@ def _reencoding_trainer():
 
 def speed(*, steps: int = 20, warmup: int = 3, batch_size: int = 32, repeats: int = 3) -> pd.DataFrame:
     """Median seconds per step of each configuration, and the ratio to plain fine-tuning."""
-    from pogdiff.training import Trainer, prepare_data
+    from pogdiff.trainer import Trainer
+    from pogdiff.prepare import prepare_data
 
     _, train_set, _ = _demo_splits()
     model, _ = _base_or_fresh()
@@ -340,8 +341,10 @@ def _quick_rows(eval_set) -> list[int]:
 def add_parsers(bench) -> None:
     """Register ``speed``, ``report`` and ``quality`` under ``python -m pogdiff bench`` (README
     "Options of the other commands")."""
-    from pogdiff.cli import BATCH, STEPS, bounded
     from pogdiff.config import LIMITS
+    from pogdiff.safety import bounded
+
+    STEPS, BATCH = bounded(int, 1, LIMITS.max_steps), bounded(int, 1, LIMITS.max_batch_size)
 
     p = bench.add_parser("speed", help="PoGDiff vs plain step time, cached vs re-encoded captions")
     p.add_argument("--steps", type=STEPS, default=20, help="timed steps per configuration")

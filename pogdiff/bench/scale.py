@@ -367,7 +367,7 @@ def data_pass(root: str, cache_dir: str) -> dict[str, Any]:
 
     from pogdiff import models
     from pogdiff.config import PsiConfig, model_preset
-    from pogdiff.training import prepare_data
+    from pogdiff.prepare import prepare_data
 
     t0 = time.perf_counter()
     images, captions, subjects, hit = load_prepared(root, cache_dir)

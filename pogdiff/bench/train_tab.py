@@ -50,7 +50,8 @@ def _wait_for_step(studio, step: int, timeout: float) -> None:
 def run(steps: int = DEFAULT_STEPS, stop_at: tuple[int, ...] = (10, DEFAULT_PREVIEW_EVERY, 120),
         sample_every: int = DEFAULT_PREVIEW_EVERY) -> dict:
     """The default run's wall time and one Stop latency per ``stop_at`` step (seconds)."""
-    from pogdiff.ui import DEMO_KEY, Studio
+    from pogdiff.ui import Studio
+    from pogdiff.ui.views import DEMO_KEY
 
     out: dict = {"steps": steps, "sample_every": sample_every, "cpu_count": os.cpu_count(),
                  "load_before": os.getloadavg()}

@@ -19,9 +19,9 @@ from .identities import (
     attribute_labels,
     caption,
     make_identities,
-    render,
     sample_attributes,
 )
+from .render import render
 from .loader import ImageTextSet, Sample, load_image_text_set, subject_from_caption
 from .stats import class_table, long_tail_figure, shot_bucket, summary
 from .validation import DatasetError, Issue, ValidationReport

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pogdiff.config import CACHE_ENV, cache_root  # noqa: F401 (CACHE_ENV re-exported)
+from pogdiff.config import cache_root
 
-from .identities import Attributes, Identity, caption, make_families, make_identities, render, sample_attributes
+from .identities import Attributes, Identity, caption, make_families, make_identities, sample_attributes
+from .render import render
 
 logger = logging.getLogger(__name__)
 
@@ -159,14 +160,6 @@ def demo_identities(spec: DemoSpec) -> list[Identity]:
         return [member for family in families for member in family]
     return make_identities(spec.n_identities, spec.seed)
 
-
-def family_of(spec: DemoSpec) -> dict[str, str]:
-    """Subject -> head of its family (families kind; every subject is its own head otherwise)."""
-    idents = demo_identities(spec)
-    if spec.kind != "families":
-        return {i.name: i.name for i in idents}
-    size = 1 + spec.relatives
-    return {ident.name: idents[(k // size) * size].name for k, ident in enumerate(idents)}
 
 
 def pretrain_identities(spec: DemoSpec) -> list[Identity]:

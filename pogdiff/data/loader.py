@@ -39,17 +39,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..config import DataConfig
 from .classes import ClassItem, assign_classes, check_class_source, cluster_captions, subject_from_caption
 from .validation import DatasetError, ValidationReport
-from .metadata import _read_metadata, clean_caption
+from .metadata import read_metadata, clean_caption
 from .sources import (
     IMAGE_EXTENSIONS,
     METADATA_NAMES,
     MISNAMED_METADATA,
     REDUCING_GAP,
-    _open_folder,
-    _open_zip,
-    _report_too_many_pixels,
-    _Source,
-    _strip_single_top_folder,
+    open_folder,
+    open_zip,
+    report_too_many_pixels,
+    FileSource,
+    strip_single_top_folder,
 )
 
 __all__ = ["ImageTextSet", "Sample", "cluster_captions", "load_image_text_set", "subject_from_caption"]
@@ -111,7 +111,7 @@ def _decode_image(data: bytes, where: str, config: DataConfig,
             im = Image.open(io.BytesIO(data))
             w, h = im.size
             if w * h > config.max_image_pixels:
-                _report_too_many_pixels(where, w, h, config, report)
+                report_too_many_pixels(where, w, h, config, report)
                 return None, None
             if im.format == "JPEG":
                 im.draft("RGB", (config.resolution * 2, config.resolution * 2))
@@ -228,7 +228,7 @@ def load_image_text_set(source: str | Path, config: DataConfig = DataConfig(), *
     check_class_source(config.class_source)
     report = ValidationReport()
     src = _open(Path(source), config, report)
-    prefix = _strip_single_top_folder(src)
+    prefix = strip_single_top_folder(src)
     if prefix:
         logger.info("reading %s from its top folder %s", source, prefix)
     pending = _collect(src, config, report)
@@ -266,22 +266,22 @@ def _raise_if_empty(source: str | Path, samples: list[Sample], report: Validatio
     raise DatasetError(f"Cannot load '{Path(source).name}': {what}.", report)
 
 
-def _open(path: Path, config: DataConfig, report: ValidationReport) -> _Source:
+def _open(path: Path, config: DataConfig, report: ValidationReport) -> FileSource:
     if not path.exists():
         report.error("not_found", str(path.name), "No such file or folder.", "Check the path.")
         raise DatasetError(f"Cannot load '{path}': it does not exist.", report)
     if path.is_dir():
-        return _open_folder(path, config, report)
+        return open_folder(path, config, report)
     if zipfile.is_zipfile(path) or path.suffix.lower() == ".zip":
-        return _open_zip(path, config, report)
+        return open_zip(path, config, report)
     report.error("unsupported_source", path.name, "Expected a folder or a .zip archive.",
                  "Put the images and captions in a folder and upload it, or zip that folder.")
     raise DatasetError(f"Cannot load '{path.name}': not a folder or a .zip archive.", report)
 
 
-def _collect(src: _Source, config: DataConfig, report: ValidationReport) -> list[_Pending]:
+def _collect(src: FileSource, config: DataConfig, report: ValidationReport) -> list[_Pending]:
     """Match every image with its caption; report files that cannot be used."""
-    rows, has_metadata = _read_metadata(src, config, report)
+    rows, has_metadata = read_metadata(src, config, report)
     metadata_broken = has_metadata and not rows and any(i.code in ("metadata_columns", "metadata_json") for i in report.errors)
     images = [p for p in sorted(src.files) if PurePosixPath(p).suffix.lower() in IMAGE_EXTENSIONS]
     image_set = set(images)

@@ -22,9 +22,9 @@ from .sources import (
     REQUIRED_COLUMNS,
     SUBJECT_COLUMNS,
     ZERO_WIDTH_RE,
-    _nfc,
-    _Source,
-    _unsafe_reason,
+    nfc_name,
+    FileSource,
+    unsafe_reason,
 )
 from .validation import ValidationReport
 
@@ -137,7 +137,7 @@ def _column_error(name: str, missing: str, columns: list[str], report: Validatio
                  f"Required: {', '.join(REQUIRED_COLUMNS)} (optional: {', '.join(SUBJECT_COLUMNS)}).", fix)
 
 
-def _read_metadata(source: _Source, config: DataConfig, report: ValidationReport) -> tuple[dict[str, _Row], bool]:
+def read_metadata(source: FileSource, config: DataConfig, report: ValidationReport) -> tuple[dict[str, _Row], bool]:
     """Rows by file path, and whether any metadata file was present."""
     by_dir: dict[str, str] = {}
     for path in sorted(source.files):
@@ -182,12 +182,12 @@ def _rows_from_records(meta, folder, columns, records, source, rows, report) -> 
                          "Give the image path relative to the metadata file.")
             continue
         raw = str(raw).strip().replace("\\", "/")
-        reason = _unsafe_reason(raw)
+        reason = unsafe_reason(raw)
         if reason:
             report.error("unsafe_path", where, f"file_name '{raw}' {reason}; skipped.",
                          "Use a path relative to the metadata file, without '..'.")
             continue
-        path = _nfc(str(PurePosixPath(folder, raw.removeprefix("./"))))
+        path = nfc_name(str(PurePosixPath(folder, raw.removeprefix("./"))))
         if path in first_line:
             _report_listed_again(where, raw, *first_line[path], report)
             continue
@@ -215,7 +215,7 @@ def _rows_from_records(meta, folder, columns, records, source, rows, report) -> 
 
 
 def _report_listed_again(where: str, raw: str, first_where: str, first_raw: str, report: ValidationReport) -> None:
-    if raw != first_raw and _nfc(raw) == _nfc(first_raw):
+    if raw != first_raw and nfc_name(raw) == nfc_name(first_raw):
         message = (f"'{raw}' is the same name as '{first_raw}' (at {first_where}) in a different Unicode "
                    f"normalisation (NFC / NFD: {ascii(first_raw)} vs {ascii(raw)}); the first caption is used.")
     else:

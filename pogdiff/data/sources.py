@@ -58,7 +58,7 @@ REDUCING_GAP = 3.0
 # --- sources: a folder or a zip, seen as relative POSIX paths -> bytes -------------------------
 
 
-class _Source:
+class FileSource:
     """Files of a set as ``{relative posix path: opener}``, with the safety checks done.
 
     Files are streamed: :meth:`read` stops at the per-file limit and reports a damaged file
@@ -88,7 +88,7 @@ class _Source:
                 head = fh.read(HEADER_BYTES)
                 size = _header_size(head)
                 if size is not None and size[0] * size[1] > config.max_image_pixels:
-                    _report_too_many_pixels(path, *size, config, report)
+                    report_too_many_pixels(path, *size, config, report)
                     return None
                 return self.read(path, config, report, head, fh)
         except READ_ERRORS as exc:
@@ -122,7 +122,8 @@ def _report_damaged(path: str, exc: BaseException, report: ValidationReport) -> 
                  "Re-create the archive from the original files (or copy the file again) and upload it again.")
 
 
-def _report_too_many_pixels(path: str, w: int, h: int, config: DataConfig, report: ValidationReport) -> None:
+def report_too_many_pixels(path: str, w: int, h: int, config: DataConfig, report: ValidationReport) -> None:
+    """Record that an image of ``w x h`` pixels is over the limit and skipped."""
     report.error("image_too_large", path,
                  f"The image is {w}x{h} = {w * h:,} pixels; the limit is {config.max_image_pixels:,}; skipped.",
                  "Downscale the image, or raise DataConfig.max_image_pixels.")
@@ -148,7 +149,8 @@ def _header_size(head: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _nfc(path: str) -> str:
+def nfc_name(path: str) -> str:
+    """``path`` in Unicode NFC (how names are compared: a zip from macOS spells them NFD)."""
     return unicodedata.normalize("NFC", path)
 
 
@@ -159,7 +161,7 @@ def _is_ignored(path: str) -> bool:
     )
 
 
-def _unsafe_reason(name: str) -> str | None:
+def unsafe_reason(name: str) -> str | None:
     """Why a member path is unsafe to use (zip-slip), or None."""
     if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
         return "is an absolute path"
@@ -168,7 +170,8 @@ def _unsafe_reason(name: str) -> str | None:
     return None
 
 
-def _open_folder(root: Path, config: DataConfig, report: ValidationReport) -> _Source:
+def open_folder(root: Path, config: DataConfig, report: ValidationReport) -> FileSource:
+    """The files of a folder, walked with the safety checks (links out, sizes, counts) reported."""
     files: dict[str, Callable[[], IO[bytes]]] = {}
     spelled: dict[str, str] = {}
     real_root = root.resolve()
@@ -176,7 +179,7 @@ def _open_folder(root: Path, config: DataConfig, report: ValidationReport) -> _S
         dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_DIRS and not d.startswith("."))
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            rel = _nfc(path.relative_to(root).as_posix())
+            rel = nfc_name(path.relative_to(root).as_posix())
             if _is_ignored(rel):
                 continue
             if path.is_symlink() and not path.resolve().is_relative_to(real_root):
@@ -192,10 +195,11 @@ def _open_folder(root: Path, config: DataConfig, report: ValidationReport) -> _S
                 report.error("too_many_files", "", f"The folder holds more than {config.max_files} files.",
                              "Split the set, or raise DataConfig.max_files.")
                 raise DatasetError("Refusing to read the folder: too many files.", report)
-    return _Source(files)
+    return FileSource(files)
 
 
-def _open_zip(path: Path, config: DataConfig, report: ValidationReport) -> _Source:
+def open_zip(path: Path, config: DataConfig, report: ValidationReport) -> FileSource:
+    """The members of a zip, with the safety checks (zip-slip, sizes, ratios, counts) reported."""
     size = path.stat().st_size
     if size > config.max_archive_bytes:
         report.error("archive_too_large", path.name,
@@ -225,7 +229,7 @@ def _open_zip(path: Path, config: DataConfig, report: ValidationReport) -> _Sour
     spelled: dict[str, str] = {}
     for member in members:
         raw = member.filename.replace("\\", "/")
-        name = _nfc(raw)
+        name = nfc_name(raw)
         if _check_member(member, name, config, report) and not _is_ignored(name):
             if name in files:
                 if raw != spelled[name]:
@@ -235,12 +239,12 @@ def _open_zip(path: Path, config: DataConfig, report: ValidationReport) -> _Sour
                                  "Remove the duplicate from the archive.")
                 continue
             files[name], spelled[name] = (lambda m=member: archive.open(m)), raw
-    return _Source(files)
+    return FileSource(files)
 
 
 def _report_normalisation_clash(raw: str, first: str, report: ValidationReport) -> None:
     """Two names that are the same text in different Unicode normalisation (NFC / NFD)."""
-    report.error("duplicate_file_name", _nfc(raw),
+    report.error("duplicate_file_name", nfc_name(raw),
                  f"Two files have this name, spelled differently only in Unicode normalisation (NFC and NFD, "
                  f"e.g. an accent stored as one or two code points: {ascii(first)} and {ascii(raw)}); "
                  "the first is used, the other skipped.",
@@ -248,7 +252,7 @@ def _report_normalisation_clash(raw: str, first: str, report: ValidationReport) 
 
 
 def _check_member(member: zipfile.ZipInfo, name: str, config: DataConfig, report: ValidationReport) -> bool:
-    reason = _unsafe_reason(member.filename)
+    reason = unsafe_reason(member.filename)
     if reason:
         report.error("unsafe_path", member.filename, f"This archive member {reason}; skipped.",
                      "Re-create the archive from inside the data folder so that every path is relative.")
@@ -271,7 +275,7 @@ def _check_member(member: zipfile.ZipInfo, name: str, config: DataConfig, report
     return True
 
 
-def _strip_single_top_folder(source: _Source) -> str:
+def strip_single_top_folder(source: FileSource) -> str:
     """Read ``top/...`` as the root when everything sits in one folder that is itself a set.
 
     A single folder holding only images is kept: it is a class folder. Returns the prefix removed.

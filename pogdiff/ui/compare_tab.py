@@ -33,7 +33,7 @@ from pogdiff.ui.views import (
     MAX_CACHED_MODELS,
     SHIPPED_RUNS,
     SLIDER_PX,
-    _arg,
+    checked_input,
     gallery_items,
     short_prompt,
     upscale,
@@ -76,7 +76,7 @@ class CompareTab:
                 csv = self.shipped_dir / folder / "per_class.csv"
                 found.append(Source(f"shipped:{folder}", f"shipped · {folder} ({method}, demo set)", ckpt,
                                     metrics_csv=csv if csv.is_file() else None))
-        for run in self.jobs.list_runs():
+        for run in self.jobs.runs.list_runs():
             found.append(Source(f"run:{run.name}", f"run · {run.name} ({run.method}, {run.steps_done} steps)",
                                 run.checkpoint))
         return found
@@ -171,15 +171,15 @@ class CompareTab:
         The images are also kept for :meth:`pair_views` (real images, difference) of the same session.
         """
         L = self.limits
-        prompts = _arg(safety.text_list, "Prompts", prompts, L.max_prompts, L.max_text_chars)
-        custom = _arg(safety.text, "Typed prompts", custom, L.max_prompts * (L.max_text_chars + 1))
-        typed = _arg(parse_typed_prompts, custom, L.max_prompts, L.max_text_chars)
+        prompts = checked_input(safety.text_list, "Prompts", prompts, L.max_prompts, L.max_text_chars)
+        custom = checked_input(safety.text, "Typed prompts", custom, L.max_prompts * (L.max_text_chars + 1))
+        typed = checked_input(parse_typed_prompts, custom, L.max_prompts, L.max_text_chars)
         captions = [p for p in prompts if p.strip()] + typed
         if not captions:
             raise gr.Error("Pick at least one prompt, or type one.")
-        n_seeds = _arg(safety.whole_number, "Seeds per prompt", n_seeds, 1, L.max_seeds)
-        guidance = _arg(safety.real_number, "Guidance scale", guidance, 0.0, L.max_guidance)
-        sample_steps = _arg(safety.whole_number, "Sampling steps", sample_steps, 1, L.max_sample_steps)
+        n_seeds = checked_input(safety.whole_number, "Seeds per prompt", n_seeds, 1, L.max_seeds)
+        guidance = checked_input(safety.real_number, "Guidance scale", guidance, 0.0, L.max_guidance)
+        sample_steps = checked_input(safety.whole_number, "Sampling steps", sample_steps, 1, L.max_sample_steps)
         if len(captions) > L.max_prompts or len(captions) * n_seeds > L.max_images:
             raise gr.Error(f"{len(captions)} prompt(s) × {n_seeds} seed(s) = {len(captions) * n_seeds} images per "
                            f"checkpoint; the limit is {L.max_prompts} prompts and {L.max_images} images.",

@@ -423,12 +423,6 @@ def size_colour_map() -> dict[str, str]:
     return {_bin_label(lo, hi): c for (lo, hi), c in zip(SIZE_BINS, SIZE_COLOURS)}
 
 
-def relative_luminance(hex_colour: str) -> float:
-    """WCAG relative luminance of ``#rrggbb`` (0 black .. 1 white)."""
-    rgb = [int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
-    lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
-    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
-
 
 def points_in_band(frame: pd.DataFrame, x_range: Any) -> pd.DataFrame:
     """Rows of a map frame whose ``x`` lies in a brushed ``[x0, x1]`` band, rarest class first.

@@ -31,7 +31,7 @@ from pogdiff.ui.views import (
     STALE_UPLOAD_SECONDS,
     UPLOAD_STORE,
     UPLOAD_TMP_PREFIX,
-    _arg,
+    checked_input,
     class_source_choices,
     class_source_markdown,
     clean_temp_folders,
@@ -79,12 +79,12 @@ class DataTab:
         if len(names) > self.limits.max_upload_files:
             raise gr.Error(f"{len(names)} files uploaded; at most {self.limits.max_upload_files} are accepted. "
                            "Put them in one .zip.", title="Too many files")
-        paths = [Path(_arg(safety.text, "uploaded file", str(f) if isinstance(f, Path) else f, 4096)) for f in names]
+        paths = [Path(checked_input(safety.text, "uploaded file", str(f) if isinstance(f, Path) else f, 4096)) for f in names]
         if request is not None:
             from gradio.utils import get_upload_folder
 
             upload_root = get_upload_folder()
-            paths = [_arg(safety.resolve_inside, upload_root, p if p.is_absolute() else Path("/") / p)
+            paths = [checked_input(safety.resolve_inside, upload_root, p if p.is_absolute() else Path("/") / p)
                      for p in paths]
         missing = [p.name for p in paths if not p.is_file()]
         if missing:
@@ -115,7 +115,7 @@ class DataTab:
         """The loaded set again, its classes from ``class_source`` (the Data tab's **Class source**);
         ``gr.skip()`` for every output when no set is loaded yet (the choice then applies to the next load)."""
         source = self._class_source_arg(class_source)
-        key = _arg(safety.text, "dataset key", key, MAX_KEY_CHARS)
+        key = checked_input(safety.text, "dataset key", key, MAX_KEY_CHARS)
         if not key:
             return (gr.skip(),) * 7
         progress(0.1, desc="Reading the classes again…")
@@ -130,7 +130,7 @@ class DataTab:
 
     @staticmethod
     def _class_source_arg(class_source: Any) -> str:
-        return _arg(safety.choice, "Class source", DEFAULT_CLASS_SOURCE if class_source is None else class_source,
+        return checked_input(safety.choice, "Class source", DEFAULT_CLASS_SOURCE if class_source is None else class_source,
                     CLASS_SOURCES)
 
     # ------------------------------------------------------------------ uploads kept by content hash
@@ -272,7 +272,7 @@ class DataTab:
 
     def class_gallery(self, key: str | None, subject: str | None) -> list[tuple[np.ndarray, str]]:
         """Every image of one class (up to MAX_GALLERY) with its caption."""
-        subject = _arg(safety.text, "class", subject, self.limits.max_text_chars)
+        subject = checked_input(safety.text, "class", subject, self.limits.max_text_chars)
         if not subject:
             return []
         bundle = self.bundle(key)
@@ -281,7 +281,7 @@ class DataTab:
 
     def dataset_banner(self, key: str | None) -> str:
         """One line naming the dataset the session works on (for the Neighbours / Train tabs)."""
-        key = _arg(safety.text, "dataset key", key, MAX_KEY_CHARS)
+        key = checked_input(safety.text, "dataset key", key, MAX_KEY_CHARS)
         with self._lock:
             bundle = self._datasets.get(key or DEMO_KEY)
         if bundle is None:

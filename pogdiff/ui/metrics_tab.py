@@ -28,8 +28,8 @@ from pogdiff.ui.views import (
     MAX_CACHED_MODELS,
     MAX_KEY_CHARS,
     WEAK_MARK,
-    _arg,
-    _short,
+    checked_input,
+    source_name,
     own_data_note,
 )
 
@@ -59,7 +59,7 @@ class MetricsPanel:
         for key in (key_a, key_b):
             source = shipped.get(key) if isinstance(key, str) else None
             if source is not None:
-                tables[_short(source)] = pd.read_csv(source.metrics_csv)
+                tables[source_name(source)] = pd.read_csv(source.metrics_csv)
         if len(tables) < 2:
             return gr.skip(), gr.skip(), gr.skip()
         return self._metric_outputs(tables, note="Precomputed at build time on the demo evaluation split "
@@ -89,8 +89,8 @@ class MetricsPanel:
         from pogdiff import evaluation
 
         a, b = self._source(key_a), self._source(key_b)
-        mode = "full" if _arg(safety.flag, "Full evaluation", False if full is None else full) else "fast"
-        key = _arg(safety.text, "dataset key", key, MAX_KEY_CHARS) if key is not None else None
+        mode = "full" if checked_input(safety.flag, "Full evaluation", False if full is None else full) else "fast"
+        key = checked_input(safety.text, "dataset key", key, MAX_KEY_CHARS) if key is not None else None
         if key and key != DEMO_KEY:
             return self._own_data_metrics(a, b, mode, self.bundle(key), progress)
         evaluator = self._evaluator_or_error()
@@ -151,7 +151,7 @@ class MetricsPanel:
         for i, src in enumerate(sources):
             path = cache_path(src)
             if path.is_file():
-                tables[_short(src)] = pd.read_csv(path)
+                tables[source_name(src)] = pd.read_csv(path)
                 cached += 1
                 continue
             progress(0.05 + 0.45 * i, desc=desc.format(src.label))
@@ -160,7 +160,7 @@ class MetricsPanel:
             tmp = path.with_suffix(".tmp")
             table.to_csv(tmp, index=False)
             os.replace(tmp, path)
-            tables[_short(src)] = table
+            tables[source_name(src)] = table
         progress(1.0, desc="Done")
         return tables, cached
 
@@ -169,7 +169,7 @@ class MetricsPanel:
         if src.key.startswith("shipped:"):
             return bundle.key == DEMO_KEY
         name = src.key.split(":", 1)[1]
-        meta = self.jobs.run_meta(name) or {}
+        meta = self.jobs.runs.run_meta(name) or {}
         desc = meta.get("dataset") if isinstance(meta.get("dataset"), dict) else {}
         return (desc.get("num_samples"), desc.get("num_classes")) == (len(bundle.ds), len(bundle.ds.classes))
 
@@ -233,7 +233,7 @@ class MetricsPanel:
 
     def keep_metrics(self, key_a: str | None, key_b: str | None, state: Any) -> Any:
         """After the metrics are shown: keep them with this browser's Compare state."""
-        names = tuple(_short(self._source(k)) for k in (key_a, key_b))
+        names = tuple(source_name(self._source(k)) for k in (key_a, key_b))
         with self._lock:
             outputs = self._metric_stash.get(names)
         if outputs is None:

@@ -31,7 +31,7 @@ from pogdiff.ui.shared import Shared
 from pogdiff.ui.state import DatasetBundle
 from pogdiff.ui.views import (
     COLOUR_BY,
-    _arg,
+    checked_input,
     gallery_items,
 )
 
@@ -48,7 +48,7 @@ class NeighboursTab:
     def view_preset(self, preset: str | None) -> str:
         """The preset whose preparation the Neighbours tab shows: the Train tab's choice, except
         sd15 on a server without a GPU (it cannot train there), which shows the tiny preset."""
-        preset = _arg(safety.choice, "Model preset", preset or "tiny", PRESETS)
+        preset = checked_input(safety.choice, "Model preset", preset or "tiny", PRESETS)
         return "tiny" if preset == "sd15" and not self.on_gpu else preset
 
     def _embed(self, bundle: DatasetBundle, preset: str = "tiny") -> None:
@@ -103,7 +103,7 @@ class NeighboursTab:
                       progress: gr.Progress = gr.Progress()) -> tuple:
         """2-D PCA map of caption embeddings + the caption chooser, prepared as training prepares
         the data for ``preset`` (the Train tab's choice)."""
-        colour_by = _arg(safety.choice, "Colour by", colour_by, COLOUR_BY)
+        colour_by = checked_input(safety.choice, "Colour by", colour_by, COLOUR_BY)
         preset = self.view_preset(preset)
         bundle = self.bundle(key)
         if len(bundle.captions) < 2:
@@ -124,7 +124,7 @@ class NeighboursTab:
         )
 
     def recolour(self, key: str | None, colour_by: str):
-        colour_by = _arg(safety.choice, "Colour by", colour_by, COLOUR_BY)
+        colour_by = checked_input(safety.choice, "Colour by", colour_by, COLOUR_BY)
         bundle = self.bundle(key)
         if bundle.coords is None:
             return gr.skip()
@@ -197,11 +197,11 @@ class NeighboursTab:
         if row is None or row == "":
             return "Pick a caption above.", pd.DataFrame(), []
         bundle = self.bundle(key)
-        row = _arg(safety.whole_number, "caption index", row, 0, len(bundle.captions) - 1)
+        row = checked_input(safety.whole_number, "caption index", row, 0, len(bundle.captions) - 1)
         L = self.limits
-        psi_cfg = PsiConfig(k=_arg(safety.whole_number, "k (neighbours)", k, 1, L.max_k),
-                            psi_max=_arg(safety.real_number, "psi_max", psi_max, 0.0, L.max_psi_max),
-                            pool=_arg(safety.choice, "Neighbour pool", pool, POOLS))
+        psi_cfg = PsiConfig(k=checked_input(safety.whole_number, "k (neighbours)", k, 1, L.max_k),
+                            psi_max=checked_input(safety.real_number, "psi_max", psi_max, 0.0, L.max_psi_max),
+                            pool=checked_input(safety.choice, "Neighbour pool", pool, POOLS))
         table = self._psi_table(bundle, psi_cfg, preset)
         counts = bundle.count_of()
         subj = bundle.subjects[row]
@@ -254,8 +254,8 @@ class NeighboursTab:
     def search(self, key: str | None, query: str, k: int, preset: str | None = "tiny") -> tuple[pd.DataFrame, list]:
         """Nearest training captions of a free-text query (cosine of the preset's caption vectors)."""
         preset = self.view_preset(preset)
-        query = _arg(safety.text, "Query", query, self.limits.max_text_chars).strip()
-        k = _arg(safety.whole_number, "k (neighbours)", k, 1, self.limits.max_k)
+        query = checked_input(safety.text, "Query", query, self.limits.max_text_chars).strip()
+        k = checked_input(safety.whole_number, "k (neighbours)", k, 1, self.limits.max_k)
         if not query:
             raise gr.Error("Type a caption to search for, e.g. 'a photo of someone smiling, wearing glasses'.")
         bundle = self.bundle(key)

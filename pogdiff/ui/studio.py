@@ -28,7 +28,7 @@ from pogdiff.ui.views import (
     DEMO_KEY,
     MAX_CACHED_DATASETS,
     MAX_KEY_CHARS,
-    _arg,
+    checked_input,
     class_counts_table,
     dataset_key,
     default_device,
@@ -123,7 +123,7 @@ class Studio(DataTab, NeighboursTab, TrainJobs, TrainRuns, CompareTab, MetricsPa
 
     def bundle(self, key: str | None) -> DatasetBundle:
         """The dataset of this browser session; the demo set when none was loaded."""
-        key = _arg(safety.text, "dataset key", key, MAX_KEY_CHARS) or DEMO_KEY
+        key = checked_input(safety.text, "dataset key", key, MAX_KEY_CHARS) or DEMO_KEY
         with self._lock:
             found = self._datasets.get(key)
         if found is not None:

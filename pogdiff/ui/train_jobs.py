@@ -27,7 +27,7 @@ from pogdiff.ui.views import (
     HUB_ID_RE,
     SCRATCH_LABEL,
     SHIPPED_BASE_LABEL,
-    _arg,
+    checked_input,
     gallery_items,
     loss_frame,
     progress_html,
@@ -41,7 +41,7 @@ class TrainJobs:
 
     def preset_defaults(self, preset: str) -> tuple:
         """Batch size, learning rate and model-id visibility for a preset."""
-        preset = _arg(safety.choice, "Model preset", preset, PRESETS)
+        preset = checked_input(safety.choice, "Model preset", preset, PRESETS)
         cfg = train_preset(preset)
         model = model_preset(preset)
         return (
@@ -56,22 +56,22 @@ class TrainJobs:
         Every value is checked on the server against :attr:`limits` (README "Limits and safety").
         """
         L, f = self.limits, form
-        method = _arg(safety.choice, "Method", f.method, METHODS)
-        preset = _arg(safety.choice, "Model preset", f.preset, PRESETS)
-        pretrained = _arg(safety.text, "Model id", f.pretrained, L.max_text_chars)
-        steps_i = _arg(safety.whole_number, "Steps", f.steps, 1, L.max_steps)
-        batch_i = _arg(safety.whole_number, "Batch size", f.batch_size, 1, L.max_batch_size)
-        k_i = _arg(safety.whole_number, "k (neighbours)", f.k, 1, L.max_k)
-        every = _arg(safety.whole_number, "Preview every", f.sample_every or 0, 0, L.max_steps)
-        seed_i = _arg(safety.whole_number, "Seed", f.seed or 0, 0, L.max_seed)
+        method = checked_input(safety.choice, "Method", f.method, METHODS)
+        preset = checked_input(safety.choice, "Model preset", f.preset, PRESETS)
+        pretrained = checked_input(safety.text, "Model id", f.pretrained, L.max_text_chars)
+        steps_i = checked_input(safety.whole_number, "Steps", f.steps, 1, L.max_steps)
+        batch_i = checked_input(safety.whole_number, "Batch size", f.batch_size, 1, L.max_batch_size)
+        k_i = checked_input(safety.whole_number, "k (neighbours)", f.k, 1, L.max_k)
+        every = checked_input(safety.whole_number, "Preview every", f.sample_every or 0, 0, L.max_steps)
+        seed_i = checked_input(safety.whole_number, "Seed", f.seed or 0, 0, L.max_seed)
         lr = f.lr
         if lr is not None and not isinstance(lr, bool) and isinstance(lr, (int, float)) and lr <= 0:
             raise gr.Error(f"Learning rate must be positive, got {lr!r}.", title="Invalid input")
-        lr = _arg(safety.real_number, "Learning rate", lr, 0.0, L.max_learning_rate, True)
-        flags = [_arg(safety.flag, n, v) for n, v in (("w_density", f.use_density), ("s_img", f.use_image_sim),
+        lr = checked_input(safety.real_number, "Learning rate", lr, 0.0, L.max_learning_rate, True)
+        flags = [checked_input(safety.flag, n, v) for n, v in (("w_density", f.use_density), ("s_img", f.use_image_sim),
                                                       ("s_txt", f.use_text_sim))]
         use_density, use_image_sim, use_text_sim = flags
-        pool = _arg(safety.choice, "Neighbour pool", f.pool, POOLS)
+        pool = checked_input(safety.choice, "Neighbour pool", f.pool, POOLS)
         overrides = {}
         if preset == "sd15":
             if not (pretrained or "").strip():
@@ -110,7 +110,7 @@ class TrainJobs:
         choices = [(SHIPPED_BASE_LABEL, BASE_SHIPPED)] if self.base_checkpoint("tiny") is not None else []
         choices.append((SCRATCH_LABEL, BASE_SCRATCH))
         tiny = model_preset("tiny").resolution
-        for r in self.jobs.list_runs():
+        for r in self.jobs.runs.list_runs():
             if r.model_cfg.get("preset") == "tiny" and r.model_cfg.get("resolution", tiny) == tiny \
                     and self.may_control(r.owner, request):
                 choices.append((f"run {r.name} ({r.method}, {r.steps_done} steps)", f"{BASE_RUN_PREFIX}{r.name}"))
@@ -127,12 +127,12 @@ class TrainJobs:
         """The form's run, checked before any work as Start and Estimate time both need it:
         ``(model_cfg, train_cfg, bundle, base choice, base checkpoint)``. Refuses sd15 without a GPU
         and options the loaded set cannot train with, each in words."""
-        from_scratch = _arg(safety.flag, "Train from scratch", False if form.from_scratch is None else form.from_scratch)
+        from_scratch = checked_input(safety.flag, "Train from scratch", False if form.from_scratch is None else form.from_scratch)
         model_cfg, train_cfg = self.build_configs(form)
         if model_cfg.preset == "sd15" and not self.on_gpu:
             raise gr.Error("The sd15 preset needs a GPU; this server has none. Use the tiny preset on CPU.")
         bundle = self.bundle(key)
-        from pogdiff.training import check_train_config
+        from pogdiff.train_setup import check_train_config
 
         try:
             check_train_config(train_cfg, len(bundle.captions))
@@ -146,7 +146,7 @@ class TrainJobs:
         """``(choice, checkpoint)`` for the form's **Start from** value ``base`` (``shipped``, ``scratch``,
         ``run:<name>``; empty: shipped, or scratch with ``from_scratch``): the checkpoint to fine-tune,
         None for a random UNet (and for sd15, which starts from its model id)."""
-        base = _arg(safety.text, "Start from", base or "", self.limits.max_text_chars).strip()
+        base = checked_input(safety.text, "Start from", base or "", self.limits.max_text_chars).strip()
         if from_scratch and base not in ("", BASE_SCRATCH):
             raise gr.Error(f"Train from scratch and Start from {base!r} contradict each other: choose one.",
                            title="Invalid input")
@@ -158,9 +158,9 @@ class TrainJobs:
         if not choice.startswith(BASE_RUN_PREFIX):
             raise gr.Error(f"Start from must be '{BASE_SHIPPED}', '{BASE_SCRATCH}' or '{BASE_RUN_PREFIX}<run name>'; "
                            f"got {base!r}.", title="Invalid input")
-        name = _arg(safety.check_run_name, choice[len(BASE_RUN_PREFIX):])
+        name = checked_input(safety.check_run_name, choice[len(BASE_RUN_PREFIX):])
         try:
-            info = self.jobs.get_run(name)
+            info = self.jobs.runs.get_run(name)
         except ValueError as exc:
             raise gr.Error(f"{exc}: pick a run in Start from.", title="No such run") from exc
         if not self.may_control(info.owner, request):
@@ -204,9 +204,9 @@ class TrainJobs:
         base, ``scratch`` a random UNet, ``run:<name>`` the last checkpoint of one of your tiny runs.
         ``from_scratch`` (kept for API callers) is ``base="scratch"``.
         """
-        run_name = _arg(safety.text, "Run name", form.run_name or "", self.limits.max_text_chars).strip()
+        run_name = checked_input(safety.text, "Run name", form.run_name or "", self.limits.max_text_chars).strip()
         if run_name:
-            run_name = _arg(safety.check_run_name, run_name)
+            run_name = checked_input(safety.check_run_name, run_name)
         model_cfg, train_cfg, bundle, choice, base = self.checked_setup(key, form, request)
         if train_cfg.method == "pogdiff" and not (train_cfg.psi.use_density or train_cfg.psi.use_image_sim
                                                    or train_cfg.psi.use_text_sim) and train_cfg.psi.psi_max > 0:
@@ -233,7 +233,7 @@ class TrainJobs:
         if not name:
             raise gr.Error("Pick an interrupted or stopped run in the list first.", title="No run")
         try:
-            info = self.jobs.get_run(name)
+            info = self.jobs.runs.get_run(name)
         except ValueError as exc:
             raise gr.Error(str(exc), title="No such run") from exc
         if not self.may_control(info.owner, request):
@@ -287,6 +287,6 @@ class TrainJobs:
         )
 
     def runs_update(self):
-        runs = self.jobs.list_runs()
+        runs = self.jobs.runs.list_runs()
         return gr.Dropdown(choices=[(f"{r.name} · {r.method} · {r.steps_done} steps", r.name) for r in runs],
                            value=runs[0].name if runs else None)

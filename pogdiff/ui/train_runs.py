@@ -19,7 +19,7 @@ from pogdiff.jobs import JobBusyError
 from pogdiff.ui.train_form import TrainForm, form_endpoint, form_values
 from pogdiff.ui.views import (
     EXPORT_TMP_PREFIX,
-    _arg,
+    checked_input,
     estimate_markdown,
     preview_items,
     preview_note,
@@ -31,7 +31,7 @@ class TrainRuns:
     """Runs list, exports, the form restored on a page load, saved previews, time estimates."""
 
     def runs_table(self) -> pd.DataFrame:
-        return runs_frame(self.jobs.list_runs())
+        return runs_frame(self.jobs.runs.list_runs())
 
     def export_run(self, name: str | None, request: gr.Request = None) -> str:
         """Path of a zip of the run's last checkpoint (weights + configs) and its run.json.
@@ -40,20 +40,20 @@ class TrainRuns:
         exported unless the server is single-user. The zip handed back is a copy in a fresh temp
         folder, so the runs folder itself is never served.
         """
-        return self._hand_out(name, request, self.jobs.export_zip)
+        return self._hand_out(name, request, self.jobs.runs.export_zip)
 
     def export_weights(self, name: str | None, request: gr.Request = None) -> str:
         """Path of the run's weights alone (fp16 UNet for tiny, LoRA for sd15), in a fresh temp folder."""
-        return self._hand_out(name, request, self.jobs.export_weights)
+        return self._hand_out(name, request, self.jobs.runs.export_weights)
 
     def _hand_out(self, name: str | None, request: gr.Request | None, export: Callable[[Any], Path]) -> str:
         """Check the run name and who asks, export the run with ``export`` and return a copy of the
         file in a fresh temp folder (never a path inside the runs folder)."""
         if not name:
             raise gr.Error("Pick a finished run first.")
-        name = _arg(safety.check_run_name, name)
+        name = checked_input(safety.check_run_name, name)
         try:
-            info = self.jobs.get_run(name)
+            info = self.jobs.runs.get_run(name)
             if not self.may_control(info.owner, request):
                 raise gr.Error(f"Run {name!r} was started by another visitor; only they can download it.",
                                title="Not your run")
@@ -68,7 +68,7 @@ class TrainRuns:
     def restore_train_form(self, request: gr.Request = None) -> tuple:
         """The Train form's values (:attr:`TrainForm.RESTORED` order) as the running or last job set them (its
         ``run.json``), then a note naming that run; ``gr.skip()`` for all when there is no readable run."""
-        meta = self.jobs.run_meta()
+        meta = self.jobs.runs.run_meta()
         values = form_values(meta, base_available=self.base_checkpoint("tiny") is not None) if meta else None
         if values is None:
             return (gr.skip(),) * (len(TrainForm.RESTORED) + 1)
@@ -81,7 +81,7 @@ class TrainRuns:
     def train_form_note(self) -> str:
         """The note under the Train form, again: the app calls it when a job starts or ends, so the run's
         state it names is the current one (not the "running" of a run that has ended since)."""
-        meta = self.jobs.run_meta()
+        meta = self.jobs.runs.run_meta()
         return self._form_note(meta) if meta else ""
 
     def _form_note(self, meta: dict[str, Any]) -> str:
@@ -99,17 +99,17 @@ class TrainRuns:
         return f"The form shows the settings of run **{name}** ({state}); the run name is left empty."
 
     def _previews(self, name: str | None):
-        name = _arg(safety.text, "Run", name or "", self.limits.max_text_chars).strip()
+        name = checked_input(safety.text, "Run", name or "", self.limits.max_text_chars).strip()
         if name:
-            name = _arg(safety.check_run_name, name)
+            name = checked_input(safety.check_run_name, name)
         try:
-            return self.jobs.previews(name or None)
+            return self.jobs.runs.previews(name or None)
         except ValueError as exc:  # a folder outside the runs folder
             raise gr.Error(str(exc), title="No such run") from exc
 
     def preview_runs(self):
         """Choices of the preview history: the current (or last) job, then every run with a checkpoint."""
-        runs = self.jobs.list_runs()
+        runs = self.jobs.runs.list_runs()
         return gr.Dropdown(choices=[("current or last job", "")] + [(r.name, r.name) for r in runs], value="")
 
     def preview_history(self, name: str | None = None) -> tuple:
@@ -130,7 +130,7 @@ class TrainRuns:
         previews = self._previews(name)
         if not previews:
             return [], "No previews saved for this run."
-        step = _arg(safety.real_number, "Preview step", step if step is not None else 0, 0, float(self.limits.max_steps))
+        step = checked_input(safety.real_number, "Preview step", step if step is not None else 0, 0, float(self.limits.max_steps))
         best = min(previews, key=lambda p: (abs(p.step - step), p.step))
         return preview_items(best), preview_note([p.step for p in previews], best.step)
 
@@ -144,7 +144,7 @@ class TrainRuns:
             batch_i = safety.whole_number("Batch size", batch_size, 1, self.limits.max_batch_size)
         except ValueError as exc:
             return f"No time estimate: {exc}"
-        found = self.jobs.recorded_step_time(preset=preset, method=method, batch_size=batch_i,
+        found = self.jobs.runs.recorded_step_time(preset=preset, method=method, batch_size=batch_i,
                                              resolution=model_preset(preset).resolution)
         if found is None:
             return (f"No run of this server with {method} / {preset} / batch {batch_i} recorded its step time yet: "

@@ -26,7 +26,8 @@ from pogdiff import safety  # noqa: E402
 from pogdiff.config import DataConfig  # noqa: E402
 from pogdiff.data.classes import CLASS_SOURCE_LABELS, CLASS_SOURCES, DEFAULT_CLASS_SOURCE  # noqa: E402
 from pogdiff.data.stats import shot_bucket  # noqa: E402
-from pogdiff.jobs import JobStatus, RunInfo  # noqa: E402
+from pogdiff.jobs import JobStatus  # noqa: E402
+from pogdiff.runs import RunInfo  # noqa: E402
 from pogdiff.ui.state import Source  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def pogdiff_activity_html(history: Sequence[dict[str, float]], *, pool: str | No
     """PoGDiff's activity in the latest steps (mean psi, rows with a neighbour pass, PoG share of
     the loss) and the plain-words warning when it behaves like plain fine-tuning; '' otherwise.
     ``pool``: the run's neighbour pool, which the warning's advice does not suggest again."""
-    from pogdiff.training import INACTIVE_WINDOW, pogdiff_inactive_warning
+    from pogdiff.objectives import INACTIVE_WINDOW, pogdiff_inactive_warning
 
     rows = [h for h in history if "pog_share" in h and "pog" in h]
     if not rows:
@@ -277,7 +278,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _arg(check: Callable, *args: Any) -> Any:
+def checked_input(check: Callable, *args: Any) -> Any:
     """Run one :mod:`pogdiff.safety` check; its ValueError becomes a ``gr.Error`` for the client."""
     try:
         return check(*args)
@@ -370,13 +371,14 @@ def own_data_note(name: str, judge: Any, *, mode: str, per_class: int, n_images:
     return "\n\n".join(lines)
 
 
-def _short(src: Source) -> str:
+def source_name(src: Source) -> str:
+    """A source's name without its kind (``run:NAME`` -> ``NAME``)."""
     return src.key.split(":", 1)[1]
 
 
 # ======================================================================= Train tab: pure helpers
 def preview_items(preview: Any) -> list[tuple[np.ndarray, str]]:
-    """Gallery items of one saved preview (:class:`pogdiff.jobs.Preview`)."""
+    """Gallery items of one saved preview (:class:`pogdiff.run_folder.Preview`)."""
     return gallery_items(preview.images, [f"step {preview.step} · {c}" for c in preview.captions], min_px=128)
 
 
@@ -409,7 +411,7 @@ def budget_advice(curve: dict | None, steps: int) -> str:
 
 
 def estimate_markdown(measured: Any, steps: int, *, where: str = "") -> str:
-    """The time estimate of a ``steps``-step run from a :class:`pogdiff.jobs.StepTime`, saying how it was
+    """The time estimate of a ``steps``-step run from a :class:`pogdiff.runs.StepTime`, saying how it was
     measured and what it leaves out."""
     spt = measured.seconds_per_step
     if measured.source == "trial":
