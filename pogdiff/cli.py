@@ -18,7 +18,9 @@ from pogdiff.config import (
     METHODS,
     TEACHERS,
     OPTIMIZERS,
+    POOLS,
     PRESETS,
+    SCHEDULES,
     TRACKERS,
     DataConfig,
     SampleConfig,
@@ -123,9 +125,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-density", action="store_true", help="PoGDiff: drop the density factor of psi")
     p.add_argument("--no-image-sim", action="store_true", help="PoGDiff: drop the image-similarity factor")
     p.add_argument("--no-text-sim", action="store_true", help="PoGDiff: drop the text-similarity factor")
-    p.add_argument("--neighbour-pool", choices=("same_class", "all", "other_class"), default=None,
+    p.add_argument("--neighbour-pool", choices=POOLS, default=None,
                    help="PoGDiff: where neighbours come from (README 'The method')")
-    p.add_argument("--psi-schedule", choices=("constant", "gaussian"), default=None,
+    p.add_argument("--psi-schedule", choices=SCHEDULES, default=None,
                    help="PoGDiff: psi constant over timesteps, or the Gaussian timestep-dependent psi")
     p.add_argument("--balanced-sampling", action=argparse.BooleanOptionalAction, default=None,
                    help="draw batches class-balanced (always on for --method resample)")

@@ -43,6 +43,10 @@ CHECKPOINTING = ("auto", "on", "off")
 # per-parameter for-loop implementation.
 ADAMW_KERNELS = ("auto", "fused", "foreach", "loop")
 TRACKERS = ("none", "tensorboard")
+# PsiConfig choices (README "The method"): where neighbours come from, how one is drawn, psi over timesteps.
+POOLS = ("same_class", "all", "other_class")
+SAMPLING_MODES = ("similarity", "nearest")
+SCHEDULES = ("constant", "gaussian")
 
 
 @dataclass
@@ -363,9 +367,9 @@ def configs_from_options(
             check_whole(name, value, low=0 if name == "seed" else 1, high=high)
     if psi_max is not None:
         check_number("psi_max", psi_max, low=0.0, high=lim.max_psi_max)
-    for name, value, choices in (("neighbour_pool", neighbour_pool, ("same_class", "all", "other_class")),
-                                 ("psi_schedule", psi_schedule, ("constant", "gaussian")),
-                                 ("neighbour_sampling", neighbour_sampling, ("similarity", "nearest")),
+    for name, value, choices in (("neighbour_pool", neighbour_pool, POOLS),
+                                 ("psi_schedule", psi_schedule, SCHEDULES),
+                                 ("neighbour_sampling", neighbour_sampling, SAMPLING_MODES),
                                  ("psi_teacher", psi_teacher, TEACHERS)):
         if value is not None:
             check_choice(name, value, choices)

@@ -24,14 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pogdiff.config import PsiConfig
+from pogdiff.config import POOLS, SAMPLING_MODES, SCHEDULES, PsiConfig
 from pogdiff.knn import MISSING, KnnResult, KnnSearch, as_normalised, knn, knn_search, pad_to_k
 
 logger = logging.getLogger(__name__)
 
-SAMPLING_MODES = ("similarity", "nearest")
-POOLS = ("same_class", "all", "other_class")
-SCHEDULES = ("constant", "gaussian")
 # The other_class pool searches this many extra candidates per query (at most) before dropping
 # the caption's own class, so a query from a large class still finds k other-class neighbours.
 OTHER_CLASS_EXTRA = 256

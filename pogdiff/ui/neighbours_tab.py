@@ -19,7 +19,7 @@ from pogdiff.config import (
 )
 from pogdiff.constants import SHOT_COLOURS
 from pogdiff.data.stats import shot_bucket
-from pogdiff.neighbours import POOLS
+from pogdiff.config import POOLS
 from pogdiff.ui.compare_views import (
     points_in_band,
     round_sig,

@@ -21,7 +21,7 @@ from typing import Any
 import gradio as gr
 
 from pogdiff.config import METHODS, PRESETS, PsiConfig, TrainConfig
-from pogdiff.neighbours import POOLS
+from pogdiff.config import POOLS
 
 # The budget chosen from the quality benchmark's curve: at 300 steps no recipe has learned the rare
 # subjects of the embedded sets yet (README "Results").

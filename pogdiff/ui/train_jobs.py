@@ -17,7 +17,7 @@ from pogdiff.config import (
     train_preset,
 )
 from pogdiff.jobs import JobBusyError
-from pogdiff.neighbours import POOLS
+from pogdiff.config import POOLS
 from pogdiff.ui.state import DatasetBundle
 from pogdiff.ui.train_form import TrainForm, form_endpoint
 from pogdiff.ui.views import (

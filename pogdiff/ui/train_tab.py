@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import gradio as gr
 
 from pogdiff.config import METHODS
-from pogdiff.neighbours import POOLS
+from pogdiff.config import POOLS
 from pogdiff.ui.shared import Shared, disable, show_file
 from pogdiff.ui.train_form import TrainForm
 
