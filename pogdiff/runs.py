@@ -116,6 +116,8 @@ class RunStore:
         runs = []
         for meta_path in sorted(self.runs_dir.glob(f"*/{RUN_FILE}")):
             run_dir = meta_path.parent
+            if run_dir.name.startswith("."):  # scratch folders (a step-time trial's), never a run
+                continue
             if busy_dir is not None and run_dir.resolve() == busy_dir:
                 continue
             info = self.read_run(run_dir)

@@ -368,3 +368,18 @@ def test_the_live_eta_of_a_job_says_estimating_at_first_and_is_zero_at_the_end(t
         seen.append(jobs.status().eta_seconds)
     assert seen[:3] == [None, None, None] and all(e is not None and e >= 0 for e in seen[3:])
     assert jobs.wait(TIMEOUT).eta_seconds == 0.0
+
+
+def test_scratch_folders_are_never_listed_as_runs(tmp_path):
+    from pogdiff.run_folder import update_record
+
+    jobs = JobManager(tmp_path, train_fn=FakeTrain())
+    jobs.start(FakeDataset(), *_cfgs(2), run_name="real")
+    jobs.wait(5)
+    for name in (".timing-abc", "real-copy"):
+        folder = tmp_path / name
+        (folder / "checkpoint-000002").mkdir(parents=True)
+        (folder / "checkpoint-000002" / "configs.json").write_text("{}")
+        update_record(folder, state="running", steps_done=2)
+    assert sorted(r.name for r in jobs.runs.list_runs()) == ["real", "real-copy"]
+    assert [r.state for r in jobs.runs.list_runs() if r.name == "real-copy"] == ["interrupted"]

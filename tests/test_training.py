@@ -28,13 +28,19 @@ def dataset(small_demo):
 @pytest.mark.parametrize("method", ["baseline", "pogdiff", "cbdm", "resample"])
 def test_two_steps_of_each_method_write_a_checkpoint_that_loads_and_samples(method, dataset, tmp_path):
     cfg = dataclasses.replace(FAST, method=method)
-    result = train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=cfg, run_dir=tmp_path)
+    result = train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=cfg, run_dir=tmp_path / "run")
     assert result.steps_done == 2 and not result.stopped
     assert result.last_checkpoint is not None and (result.last_checkpoint / "configs.json").exists()
     assert np.isfinite(loss_curve(result.history)).all()
     model = checkpoints.load_model(result.last_checkpoint)
     images = generate(model, [dataset.captions[0]], [0], SampleConfig(steps=2))
     assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
+    record = run_folder.read_record(tmp_path / "run")  # the run's one record, run.json
+    assert (record["state"], record["steps_done"], record["stopped"], record["method"]) == ("finished", 2, False, method)
+    assert record["last_checkpoint"] == result.last_checkpoint.name
+    assert record["train_cfg"]["method"] == method and record["model_cfg"]["preset"] == SMALL_MODEL.preset
+    [run] = RunStore(tmp_path).list_runs()  # a command-line run is listed like one the Studio started
+    assert (run.name, run.state, run.steps_done, run.max_steps, run.method) == ("run", "finished", 2, 2, method)
 
 
 def test_resume_reproduces_the_uninterrupted_loss_curve(dataset, tmp_path):
