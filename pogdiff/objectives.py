@@ -31,7 +31,7 @@ from pogdiff import losses
 from pogdiff.neighbours import NeighbourTable, gaussian_psi_factor, psi_gate
 
 Terms = dict[str, torch.Tensor]
-PsiStats = tuple[float, float]  # mean psi, share of rows with a neighbour pass
+Stats = dict[str, float]  # an objective's named statistics of one micro-batch (StepInfo fields)
 
 
 @dataclass
@@ -55,7 +55,12 @@ class Step:
 
 
 class Objective:
-    """``terms(step, batch, x_t, g) -> (per-sample terms with a "loss" key, psi stats)``.
+    """``terms(step, batch, x_t, g) -> (per-sample terms with a "loss" key, statistics)``.
+
+    The statistics are named floats of the micro-batch (PoGDiff: ``psi_mean``, the mean psi, and
+    ``psi_active``, the share of rows that ran the neighbour pass); the trainer averages them over
+    micro-batches and processes and puts them in the step's :class:`~pogdiff.train_record.StepInfo`
+    under the same names, so each name must be a field of it.
 
     Besides the terms, an objective says what it needs (``needs_table``: the neighbour table;
     ``needs_teacher``: frozen start weights), what to add to a divergence message
@@ -81,9 +86,9 @@ class Objective:
         return None
 
     def terms(self, step: Step, batch: dict[str, torch.Tensor], x_t: torch.Tensor,
-              g: torch.Generator) -> tuple[Terms, PsiStats]:
+              g: torch.Generator) -> tuple[Terms, Stats]:
         eps_pred = step.predict(x_t, batch["t_dev"], batch["rows"], batch["drop"])
-        return losses.mse_loss(eps_pred, batch["eps_dev"]), (0.0, 0.0)
+        return losses.mse_loss(eps_pred, batch["eps_dev"]), {}
 
 
 class CBDM(Objective):
@@ -97,7 +102,7 @@ class CBDM(Objective):
         eps_pred = step.predict(x_t, t, batch["rows"], batch["drop"])
         rows_b = step.balanced_rows(len(t), g)
         eps_pred_b = step.predict(x_t, t, rows_b, None)
-        return losses.cbdm_loss(eps_pred, eps, eps_pred_b, t, step.num_timesteps, tau=self.tau), (0.0, 0.0)
+        return losses.cbdm_loss(eps_pred, eps, eps_pred_b, t, step.num_timesteps, tau=self.tau), {}
 
 
 class PoGDiff(Objective):
@@ -152,7 +157,7 @@ class PoGDiff(Objective):
             with torch.no_grad():
                 eps_nb[idx] = predict(x_t[idx], t[idx], torch.as_tensor(nb)[active], None).to(eps_nb.dtype)
         terms = losses.pogdiff_loss(eps_pred, eps, eps_nb, psi.to(eps_pred.device))
-        return terms, (float(psi.mean()), float(active.float().mean()))
+        return terms, {"psi_mean": float(psi.mean()), "psi_active": float(active.float().mean())}
 
 
 def objective_for(cfg) -> Objective:

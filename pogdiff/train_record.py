@@ -41,10 +41,11 @@ class StepInfo:
     max_steps: int
     terms: dict[str, float]
     lr: float
-    psi_mean: float
-    psi_active: float  # share of batch rows that ran the neighbour forward pass
     seconds_per_step: float
     eta_seconds: float
+    # The objective's named statistics (pogdiff.objectives.Objective.terms); 0 for the methods without them.
+    psi_mean: float = 0.0
+    psi_active: float = 0.0  # share of batch rows that ran the neighbour forward pass
     # PoGDiff only: the PoG term's share of the loss, mean(pog) / mean(loss) over the batch.
     pog_share: float = 0.0
 

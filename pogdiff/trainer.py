@@ -162,14 +162,13 @@ class Trainer(RunFiles):
         try:
             while self.step < self.cfg.max_steps and not self._any(self.stop_event.is_set()):
                 lr = self.current_lr()
-                terms, psi_stats = self.run_step()
+                terms, stats = self.run_step()
                 self.step += 1
                 steps_timed += 1
                 sec = (time.perf_counter() - t_start) / steps_timed
                 info = StepInfo(
-                    step=self.step, max_steps=self.cfg.max_steps, terms=terms, lr=lr,
-                    psi_mean=psi_stats[0], psi_active=psi_stats[1], seconds_per_step=sec,
-                    eta_seconds=sec * (self.cfg.max_steps - self.step), pog_share=pog_share(terms),
+                    step=self.step, max_steps=self.cfg.max_steps, terms=terms, lr=lr, seconds_per_step=sec,
+                    eta_seconds=sec * (self.cfg.max_steps - self.step), pog_share=pog_share(terms), **stats,
                 )
                 self.history.append(info)
                 if self.is_main:
@@ -235,34 +234,37 @@ class Trainer(RunFiles):
         return torch.Generator().manual_seed(seed_of(self.cfg.seed, step, micro))
 
     # ----------------------------------------------------------------------------------- step
-    def run_step(self) -> tuple[dict[str, float], tuple[float, float]]:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the
-        loss terms and psi stats averaged over micro-batches and processes."""
+    def run_step(self) -> tuple[dict[str, float], dict[str, float]]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the loss
+        terms and the objective's named statistics, each averaged over micro-batches and processes."""
         accum = self.cfg.gradient_accumulation_steps
         multi = self.num_processes > 1
         sums: dict[str, torch.Tensor] = {}
-        psi_sum = [0.0, 0.0]
+        stat_sums: dict[str, float] = {}
         for micro in range(accum):
             g = self.generator(self.step, micro)
             batch = self.sample_batch(g, self.rows_generator(self.step, micro) if multi else None)
             sync = micro == accum - 1 or not multi
             with (contextlib.nullcontext() if sync else self.accelerator.no_sync(self.unet)):
                 with self.accelerator.autocast():
-                    terms, psi_stats = self.forward_backward(batch, g)
+                    terms, stats = self.forward_backward(batch, g)
             for k, v in terms.items():
                 mean = v.detach().float().mean()
                 sums[k] = mean if k not in sums else sums[k] + mean
-            psi_sum = [psi_sum[0] + psi_stats[0], psi_sum[1] + psi_stats[1]]
+            for k, v in stats.items():
+                stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
         names = list(sums)
         values = torch.stack([sums[k] for k in names]) / accum if accum > 1 else torch.stack([sums[k] for k in names])
-        psi = torch.tensor(psi_sum, dtype=torch.float32) / accum
+        stat_names = sorted(stat_sums)  # the same objective, so the same names, on every process
+        stat_values = torch.tensor([stat_sums[k] for k in stat_names], dtype=torch.float32) / accum
         if multi:
             values = self.accelerator.reduce(values.to(self.device), reduction="mean")
-            psi = self.accelerator.reduce(psi.to(self.device), reduction="mean")
+            if stat_names:
+                stat_values = self.accelerator.reduce(stat_values.to(self.device), reduction="mean")
         out = {k: float(v) for k, v in zip(names, values.cpu())}
         self._check_finite(out)
         self.optimize()
-        return out, (float(psi[0]), float(psi[1]))
+        return out, {k: float(v) for k, v in zip(stat_names, stat_values.cpu())}
 
     def _check_finite(self, terms: dict[str, float]) -> None:
         bad = [k for k, v in terms.items() if not math.isfinite(v)]
@@ -354,7 +356,7 @@ class Trainer(RunFiles):
 
     def forward_backward(self, batch: dict[str, torch.Tensor], g: torch.Generator):
         """One forward/backward pass of the configured objective (:mod:`pogdiff.objectives`);
-        returns (terms, psi stats)."""
+        returns (terms, the objective's named statistics)."""
         dev = self.device
         x0, eps, t = batch["x0"].to(dev), batch["eps"].to(dev), batch["t"].to(dev)
         x_t = self.model.noise_scheduler.add_noise(x0, eps, t)
@@ -363,7 +365,7 @@ class Trainer(RunFiles):
         step = Step(predict=self.predict, balanced_rows=self._balanced_rows, table=self.data.table,
                     betas=self.model.noise_scheduler.betas, num_timesteps=self.num_timesteps,
                     predict_teacher=self.predict_teacher if self.teacher_unet is not None else None)
-        terms, psi_stats = self.objective.terms(step, {**batch, "t_dev": t, "eps_dev": eps}, x_t, g)
+        terms, stats = self.objective.terms(step, {**batch, "t_dev": t, "eps_dev": eps}, x_t, g)
         weights = eps_loss_weights(t, self.model.noise_scheduler, snr_gamma=self.cfg.snr_gamma)
         if weights is not None:
             terms = {k: v * weights.to(v.device) for k, v in terms.items()}
@@ -371,7 +373,7 @@ class Trainer(RunFiles):
         if self.cfg.gradient_accumulation_steps > 1:
             loss = loss / self.cfg.gradient_accumulation_steps
         self.accelerator.backward(loss)
-        return terms, psi_stats
+        return terms, stats
 
     def _diagnose(self, *, final: bool = False) -> None:
         """Warn once, in the log and in ``self.warnings``, when the objective's own diagnosis says it

@@ -151,9 +151,9 @@ def time_trainer(name: str, unet_config: dict[str, Any], *, batch: int, steps: i
         active: list[float] = []
 
         def step() -> None:
-            terms, (_, share) = trainer.run_step()
+            terms, stats = trainer.run_step()
             trainer.step += 1
-            active.append(share)
+            active.append(stats.get("psi_active", 0.0))
             if not all(math.isfinite(v) for v in terms.values()):
                 raise RuntimeError(f"{name}: non-finite loss terms {terms}")
 

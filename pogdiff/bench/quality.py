@@ -119,9 +119,9 @@ def speed(*, steps: int = 20, warmup: int = 3, batch_size: int = 32, repeats: in
                 trainer.step += 1
             t0 = time.perf_counter()
             for _ in range(steps):
-                _, psi_stats = trainer.run_step()
+                _, stats = trainer.run_step()
                 trainer.step += 1
-                active[name].append(psi_stats[1])
+                active[name].append(stats.get("psi_active", 0.0))
             times[name].append((time.perf_counter() - t0) / steps)
             logger.info("repeat %d %s: %.4f s/step", rep, name, times[name][-1])
     base = statistics.median(times["baseline (plain loss)"])
