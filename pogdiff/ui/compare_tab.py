@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gradio as gr
 
@@ -39,8 +39,6 @@ from pogdiff.ui.views import (
     upscale,
 )
 
-if TYPE_CHECKING:
-    from pogdiff.ui.studio import Studio
 
 
 class CompareTab:
@@ -332,9 +330,11 @@ def zero_gpu(fn, duration: int):
     return spaces.GPU(duration=duration)(fn)
 
 
-def build(studio: Studio, shared: Shared) -> gr.Tab:
+def build(studio: CompareTab, shared: Shared) -> gr.Tab:
     """The Compare tab: two runs on the same prompts and seeds, real images, |A − B|, per-class metrics.
-    Its choices and results are kept in the browser over page reloads."""
+    Its choices and results are kept in the browser over page reloads.
+
+    ``studio`` is the :class:`~pogdiff.ui.studio.Studio`, of which this tab's class is one mixin."""
     ds_key, kept, L = shared.dataset, shared.kept_compare, studio.limits  # kept: choices + results token
     with gr.Tab("Compare", id="compare") as tab:
         gr.Markdown(COMPARE_HELP, elem_classes="explain")

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gradio as gr
 import numpy as np
@@ -43,8 +43,6 @@ from pogdiff.ui.views import (
     upload_key,
 )
 
-if TYPE_CHECKING:
-    from pogdiff.ui.studio import Studio
 
 logger = logging.getLogger(__name__)
 
@@ -304,8 +302,10 @@ CLASS_SOURCE_INFO = ("Where each image's class comes from. auto: the metadata's 
                      "Another choice reloads the loaded set.")
 
 
-def build(studio: Studio, shared: Shared) -> gr.Tab:
-    """The Data tab: upload or demo set, class source, validation report, long tail, class samples."""
+def build(studio: DataTab, shared: Shared) -> gr.Tab:
+    """The Data tab: upload or demo set, class source, validation report, long tail, class samples.
+
+    ``studio`` is the :class:`~pogdiff.ui.studio.Studio`, of which this tab's class is one mixin."""
     ds_key, saved_key = shared.dataset, shared.kept_dataset  # ds_key, kept across page reloads
     with gr.Tab("Data", id="data") as tab:
         gr.Markdown(DATA_HELP, elem_classes="explain")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING
 
 import gradio as gr
 import numpy as np
@@ -35,8 +34,6 @@ from pogdiff.ui.views import (
     gallery_items,
 )
 
-if TYPE_CHECKING:
-    from pogdiff.ui.studio import Studio
 
 logger = logging.getLogger(__name__)
 
@@ -288,9 +285,11 @@ across the map to list only the points of that band. Click a row of the neighbou
 SEARCH_HEADERS = ["rank", "similarity", "caption", "subject", "class size", "row"]
 
 
-def build(studio: Studio, shared: Shared) -> gr.Tab:
+def build(studio: NeighboursTab, shared: Shared) -> gr.Tab:
     """The Neighbours tab: the caption map, a caption's neighbours with psi, free-text search. Its
-    preparation is that of the Train tab's preset (``shared.preset``)."""
+    preparation is that of the Train tab's preset (``shared.preset``).
+
+    ``studio`` is the :class:`~pogdiff.ui.studio.Studio`, of which this tab's class is one mixin."""
     ds_key, preset = shared.dataset, shared.preset
     psi = PsiConfig()
     with gr.Tab("Neighbours", id="neighbours") as tab:
