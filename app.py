@@ -48,7 +48,7 @@ CSS = """
 #pg-report table {display: block; overflow-x: auto; table-layout: auto;}
 #pg-report th:nth-child(-n+2), #pg-report td:nth-child(-n+2) {white-space: nowrap; min-width: 5.5em;}
 #pg-report th:nth-child(3), #pg-report td:nth-child(3) {min-width: 8em; overflow-wrap: anywhere;}
-#pg-report th:nth-child(n+4), #pg-report td:nth-child(n+4) {min-width: 14em;}
+#pg-report th:nth-child(n+4), #pg-report td:nth-child(n+4) {min-width: 12em;}
 """
 
 INTRO = """# PoGDiff Studio

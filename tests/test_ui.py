@@ -209,6 +209,30 @@ def test_upload_zip_with_errors_raises_the_data_layer_message(studio, tmp_path):
         studio.load_upload(None, progress=noop_progress)
 
 
+def test_a_set_that_does_not_load_says_why_in_html_for_the_error_pop_up(studio, tmp_path):
+    """The error pop-up renders HTML, not Markdown: the report comes as a list, not a table of raw pipes."""
+    broken = tmp_path / "broken.zip"
+    broken.write_bytes(b"this is not a zip archive")
+    with pytest.raises(gr.Error) as info:
+        studio.load_upload([str(broken)], progress=noop_progress)
+    message = info.value.message
+    assert "|---" not in message and "**" not in message and "`" not in message
+    assert message.startswith("<p>Could not open the archive.</p><p><b>Problems found</b>: 0 of 0 images loaded")
+    assert ("<li><b>error</b> <code>corrupt_archive</code> <code>broken.zip</code>: Not a readable zip archive"
+            in message)
+    assert "<i>Fix:</i> Re-create the archive (e.g. <code>zip -r set.zip folder/</code>)" in message
+    many = ui.views.error_report_html("a <b>headline</b>", _report_of(12))
+    assert many.startswith("<p>a &lt;b&gt;headline&lt;/b&gt;</p>") and many.count("<li>") == 9
+    assert "<li>… and 4 more</li>" in many and "Cannot decode &lt;it&gt;." in many
+
+
+def _report_of(n):
+    from pogdiff.data.validation import Issue, ValidationReport
+
+    return ValidationReport([Issue("error", "bad_image", f"{i}.png", "Cannot decode <it>.", "Re-export it.")
+                             for i in range(n)], n_images_found=n)
+
+
 def test_second_start_is_refused_in_the_ui(tmp_path):
     fake = FakeTrain(gated=True)
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped",
@@ -311,6 +335,23 @@ def test_runs_named_by_the_user_are_checked_and_listed(tmp_path):
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", row["finished"])
     studio.start_run(key, train_form(steps=2))  # empty name: a dated one, as before
     assert re.fullmatch(r"\d{8}-\d{6}-pogdiff", studio.jobs.wait(10).run_name)
+
+
+def test_a_started_run_empties_the_run_name_box(tmp_path):
+    """Once Start succeeded, the name belongs to that run: the Run name box empties, so a second Start
+    (another method, say) gets a dated name instead of 'a run named ... exists already', and the form
+    note's "the run name is left empty" holds."""
+    import app
+
+    studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
+    demo = app.build_demo(studio)
+    fns = list(demo.fns.values())
+    start = next(d for d in fns if d.api_name == "start_training")
+    name_box = next(b for b in demo.blocks.values() if isinstance(b, gr.Textbox) and b.label == "Run name (optional)")
+    clear = [d for d in fns if getattr(d.fn, "__name__", "") == "empty_text"]
+    assert len(clear) == 1 and [o._id for o in clear[0].outputs] == [name_box._id]
+    assert clear[0].trigger_after == start._id and clear[0].trigger_only_on_success  # not after a refused start
+    assert clear[0].fn() == ""
 
 
 def test_train_from_scratch_skips_the_shipped_base(tmp_path):
@@ -528,8 +569,9 @@ def test_a_run_of_another_visitor_or_another_size_is_no_base(tmp_path):
 
 
 def test_layout_keeps_the_plot_title_the_report_levels_and_a_metrics_download(tmp_path):
-    """The metrics figure has no component label over its title; the validation table's level and
-    code columns do not wrap letter by letter; the per-class metrics table feeds a CSV download."""
+    """The metrics figure has no component label over its title and the per-class metrics table does
+    not share its row; the validation table's level and code columns do not wrap letter by letter; the
+    per-class metrics table feeds a CSV download."""
     import re
 
     import app
@@ -538,6 +580,13 @@ def test_layout_keeps_the_plot_title_the_report_levels_and_a_metrics_download(tm
     demo = app.build_demo(studio)
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     assert by_id["pg-metrics-plot"].show_label is False
+    # the per-class metrics table is not squeezed into a row beside the figure (its key columns ran
+    # off its right edge there); it takes the tab's width
+    above, block = [], by_id["pg-metrics-table"]
+    while block.parent is not None:
+        block = block.parent
+        above.append(block)
+    assert by_id["pg-metrics-plot"].parent not in above and not any(isinstance(b, gr.Row) for b in above)
     assert isinstance(by_id["pg-report"], gr.Markdown)
     css = re.sub(r"\s+", " ", app.CSS)
     assert "#pg-report td:nth-child(-n+2) {white-space: nowrap; min-width: 5.5em;}" in css

@@ -314,6 +314,10 @@ generations of each class of the loaded data: on the demo with its identity clas
 with a classifier fitted on your images, whose reliability per class is shown beside the scores (a class
 it cannot tell apart is marked weak). Accuracy per class and against class frequency, and B − A per class. The tab keeps your choices and results over a page reload."""
 
+METRICS_FIGURE_NOTE = """The figure: above, each class's accuracy for A and for B against its number of
+training images (log scale, rare classes on the left); below, B − A per class with its 95% interval: green
+where B is measurably better, red where A is, grey where the interval contains 0 (no measurable difference)."""
+
 # ZeroGPU: the events that run models share one queue and ask for the GPU this long (seconds).
 GPU_QUEUE = "gpu"
 COMPARE_GPU_SECONDS = 120
@@ -384,16 +388,20 @@ def build(studio: CompareTab, shared: Shared) -> gr.Tab:
             metrics_full = gr.Checkbox(False, label="Full evaluation (8 captions per class, about twice as "
                                                     "long; default: the fast 4)", scale=2)
         metrics_md = gr.Markdown("")
+        # The table takes the tab's full width: beside the figure its key columns (the verdict, the
+        # judge's reliability) ran past its right edge, behind a sideways scroll.
+        metrics_table = gr.Dataframe(
+            label="Per-class metrics: B − A, its 95% interval and the verdict first (rarest first)",
+            interactive=False, max_height=420, headers=["subject", "train_count", "shot", "accuracy"],
+            elem_id="pg-metrics-table")
         with gr.Row():
             # no component label over the figure: it would cover the figure's own title
             metrics_plot = gr.Plot(label="Accuracy vs class frequency: A, B and B − A", scale=3,
                                    show_label=False, elem_id="pg-metrics-plot")
             with gr.Column(scale=4):
-                metrics_table = gr.Dataframe(
-                    label="Per-class metrics: B − A, its 95% interval and the verdict first (rarest first)",
-                    interactive=False, max_height=420, headers=["subject", "train_count", "shot", "accuracy"])
                 metrics_csv = gr.DownloadButton("Download the per-class metrics (CSV)", value=None,
                                                 interactive=False, size="sm")
+                gr.Markdown(METRICS_FIGURE_NOTE, elem_classes="explain")
 
     runs, choice_outputs = [run_a, run_b], [run_a, run_b, note]
     metric_outputs = [metrics_table, metrics_plot, metrics_md]

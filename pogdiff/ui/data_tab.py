@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import html
 import logging
 import os
 import re
@@ -36,6 +35,7 @@ from pogdiff.ui.views import (
     class_source_markdown,
     clean_temp_folders,
     dataset_key,
+    error_report_html,
     gallery_items,
     report_markdown,
     split_dataset_key,
@@ -198,9 +198,8 @@ class DataTab:
         try:
             return load_image_text_set(source, dataclasses.replace(self.data_config, **changes))
         except DatasetError as exc:
-            report = getattr(exc, "report", None)
-            details = report_markdown(report) if report is not None else ""
-            raise gr.Error(f"{html.escape(str(exc), quote=False)}\n\n{details}".strip(),
+            # the pop-up shows HTML: the report as a list (as Markdown its table came out as raw pipes)
+            raise gr.Error(error_report_html(getattr(exc, "headline", str(exc)), getattr(exc, "report", None)),
                            title="The dataset did not validate", print_exception=False) from exc
 
     def dataset_at(self, bundle: DatasetBundle, resolution: int):

@@ -77,3 +77,7 @@ def same(value):
 
 def show_file():
     return gr.File(visible=True)
+
+
+def empty_text():
+    return ""

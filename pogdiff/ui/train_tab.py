@@ -13,7 +13,7 @@ import gradio as gr
 
 from pogdiff.config import METHODS
 from pogdiff.config import POOLS
-from pogdiff.ui.shared import Shared, disable, show_file
+from pogdiff.ui.shared import Shared, disable, empty_text, show_file
 from pogdiff.ui.train_form import TrainForm
 
 if TYPE_CHECKING:
@@ -132,6 +132,9 @@ def build(studio: Studio, shared: Shared) -> gr.Tab:
     starting = start_btn.click(disable, None, start_btn, queue=False, api_visibility="private").then(
         studio.start_training, [ds_key, *form.values()], poll_outputs, api_name="start_training")
     starting.then(studio.poll, None, poll_outputs, api_name="poll_after_start", api_visibility="private")
+    # the started run holds that name now: a second Start gets a dated name, not a refusal (the form note
+    # says the run name is left empty)
+    starting.success(empty_text, None, form.run_name, queue=False, api_visibility="private")
     starting.failure(studio.poll, None, poll_outputs, api_name="poll_after_refused_start",
                      api_visibility="private")  # the buttons follow the job again
     stop_btn.click(studio.stop_training, None, poll_outputs, api_name="stop_training", concurrency_limit=None)

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -183,6 +184,30 @@ def report_markdown(report: Any) -> str:
         fix = f" — *fix:* {issue.fix}" if getattr(issue, "fix", "") else ""
         lines.append(f"- {icon} `{issue.where}` {issue.message}{fix}")
     return "\n".join(lines)
+
+
+MAX_ISSUES_IN_POPUP = 8  # issues an error pop-up lists (the rest: "... and N more")
+
+
+def _code_spans(text: str) -> str:
+    """``text`` HTML-escaped, with its `backtick` spans as ``<code>``."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html_escape(text, quote=False))
+
+
+def error_report_html(headline: str, report: Any) -> str:
+    """A set that did not load, for the error pop-up, which shows HTML, not Markdown: the headline,
+    the report's summary line and one list item per issue (errors first), each with its fix."""
+    head = f"<p>{_code_spans(headline)}</p>"
+    if report is None:
+        return head
+    rows = report.to_frame()
+    items = [f"<li><b>{html_escape(r.level)}</b> <code>{html_escape(r.code)}</code>"
+             + (f" <code>{html_escape(r.where)}</code>" if r.where else "")
+             + f": {_code_spans(r.message)}" + (f" <i>Fix:</i> {_code_spans(r.fix)}" if r.fix else "") + "</li>"
+             for r in rows.head(MAX_ISSUES_IN_POPUP).itertuples(index=False)]
+    if len(rows) > MAX_ISSUES_IN_POPUP:
+        items.append(f"<li>… and {len(rows) - MAX_ISSUES_IN_POPUP} more</li>")
+    return f"{head}<p><b>Problems found</b>: {html_escape(report.summary())}</p><ul>{''.join(items)}</ul>"
 
 
 def upscale(image: np.ndarray, min_px: int = THUMB_PX) -> np.ndarray:
