@@ -237,14 +237,14 @@ class JobManager:
             run_dir = self.runs_dir / run_name
             run_dir.mkdir(parents=True, exist_ok=False)
             job = self._new_job(run_name, run_dir, method, train_cfg, owner)
-        meta = {
+        fields = {
             "name": run_name, "method": method, "state": "running",
             "started_at": job._status.started_at, "max_steps": job._status.max_steps,
             "base_checkpoint": str(base_checkpoint) if base_checkpoint else "", "owner": job._status.owner,
             "dataset": describe_dataset(dataset),
             "model_cfg": _to_dict(model_cfg), "train_cfg": _to_dict(train_cfg),
         }
-        return self._launch(job, meta, dataset, model_cfg, train_cfg, base_checkpoint=base_checkpoint,
+        return self._launch(job, fields, dataset, model_cfg, train_cfg, base_checkpoint=base_checkpoint,
                             preview_captions=preview_captions, cache_dir=cache_dir)
 
     def resume(self, run: RunInfo | str, dataset: Any, *, owner: str | None = None,
@@ -265,13 +265,13 @@ class JobManager:
             raise ValueError(f"run {info.name!r} already finished all {info.max_steps} steps; nothing to resume")
         model_cfg = from_dict(ModelConfig, info.model_cfg)
         train_cfg = from_dict(TrainConfig, info.train_cfg)
-        meta = self.runs.run_meta(info.name) or {}
+        base = (self.runs.run_meta(info.name) or {}).get("base_checkpoint") or None
         with self._lock:
             self._refuse_if_busy()
             job = self._new_job(info.name, info.run_dir, train_cfg.method, train_cfg, owner)
-        meta.update(state="running", started_at=job._status.started_at, owner=job._status.owner)
-        base = meta.get("base_checkpoint") or None
-        return self._launch(job, meta, dataset, model_cfg, train_cfg, base_checkpoint=base, cache_dir=cache_dir)
+        fields = dict(state="running", started_at=job._status.started_at, owner=job._status.owner,
+                      finished_at=None, error="", stop_reason="")
+        return self._launch(job, fields, dataset, model_cfg, train_cfg, base_checkpoint=base, cache_dir=cache_dir)
 
     def _refuse_if_busy(self) -> None:
         if self._timing:
@@ -295,11 +295,11 @@ class JobManager:
         self._job = job
         return job
 
-    def _launch(self, job: Job, meta: dict[str, Any], dataset: Any, model_cfg: Any, train_cfg: Any, *,
+    def _launch(self, job: Job, fields: dict[str, Any], dataset: Any, model_cfg: Any, train_cfg: Any, *,
                 base_checkpoint: str | Path | None = None, preview_captions: Sequence[str] | None = None,
                 cache_dir: str | Path | None = None) -> Job:
         run_name, run_dir = job.name, job.run_dir
-        update_record(run_dir, **meta)
+        update_record(run_dir, **fields)  # the job manager's part of run.json; the Trainer writes its own
         kwargs = dict(
             dataset=dataset, model_cfg=model_cfg, train_cfg=train_cfg, run_dir=run_dir,
             base_checkpoint=base_checkpoint, callback=lambda info: self._on_step(job, info),
@@ -309,7 +309,7 @@ class JobManager:
         )
         job.preview_every = int(getattr(train_cfg, "sample_every", 0) or 0) if preview_captions else 0
         job.thread = threading.Thread(
-            target=self._run, args=(job, meta, kwargs), name=f"train-{run_name}", daemon=True
+            target=self._run, args=(job, kwargs), name=f"train-{run_name}", daemon=True
         )
         job.thread.start()
         if self.max_seconds:
@@ -359,15 +359,15 @@ class JobManager:
         return self.status()
 
     # ------------------------------------------------------------------ worker
-    def _run(self, job: Job, meta: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    def _run(self, job: Job, kwargs: dict[str, Any]) -> None:
         try:
             train_fn = self._train_fn or _default_train_fn()
             result = train_fn(**kwargs)
         except BaseException as exc:  # noqa: BLE001 - the server must survive any training failure
             logger.exception("training job %s failed", job.name)
-            self._finish(job, meta, error=exc)
+            self._finish(job, error=exc)
         else:
-            self._finish(job, meta, result=result)
+            self._finish(job, result=result)
         finally:
             job.done.set()
 
@@ -411,7 +411,7 @@ class JobManager:
             logger.warning("could not save the step-%s preview of %s", step, job.name, exc_info=True)
 
     def _finish(
-        self, job: Job, meta: dict[str, Any], *, result: Any = None, error: BaseException | None = None
+        self, job: Job, *, result: Any = None, error: BaseException | None = None
     ) -> None:
         with self._lock:
             s = job._status
@@ -428,14 +428,15 @@ class JobManager:
                 checkpoint = getattr(result, "last_checkpoint", None)
                 s.last_checkpoint = str(checkpoint) if checkpoint else ""
             s.version += 1
-            meta.update(
-                state="stopped" if s.state == "finished" and s.stopped else s.state, stopped=s.stopped, steps_done=s.step, finished_at=s.finished_at,
-                error=s.error, last_checkpoint=s.last_checkpoint, stop_reason=s.stop_reason,
+            fields = dict(
+                state="stopped" if s.state == "finished" and s.stopped else s.state, stopped=s.stopped,
+                steps_done=s.step, finished_at=s.finished_at, error=s.error, last_checkpoint=s.last_checkpoint,
+                stop_reason=s.stop_reason,
             )
             if s.seconds_per_step is not None and s.step >= 2:  # what the time estimate of a later run reads
-                meta.update(seconds_per_step=s.seconds_per_step, timed_steps=s.step)
+                fields.update(seconds_per_step=s.seconds_per_step, timed_steps=s.step)
         try:
-            update_record(job.run_dir, **meta)
+            update_record(job.run_dir, **fields)
         except OSError:
             logger.exception("could not write %s", job.run_dir / RUN_FILE)
 

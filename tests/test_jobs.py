@@ -383,3 +383,24 @@ def test_scratch_folders_are_never_listed_as_runs(tmp_path):
         update_record(folder, state="running", steps_done=2)
     assert sorted(r.name for r in jobs.runs.list_runs()) == ["real", "real-copy"]
     assert [r.state for r in jobs.runs.list_runs() if r.name == "real-copy"] == ["interrupted"]
+
+
+def test_the_record_holds_the_trainers_fields_and_the_job_managers(tmp_path):
+    """run.json is one record written by two hands: what the trainer writes survives the job's end."""
+    from pogdiff.run_folder import read_record, update_record
+
+    fake = FakeTrain()
+
+    def trainer_like(**kwargs):
+        update_record(kwargs["run_dir"], state="running", pid=4242, fingerprint={"method": "pogdiff"})
+        result = fake(**kwargs)
+        update_record(kwargs["run_dir"], state="finished", steps_done=result.steps_done, pid=4242)
+        return result
+
+    jobs = JobManager(tmp_path, train_fn=trainer_like)
+    jobs.start(FakeDataset(), *_cfgs(3), run_name="both", owner="someone")
+    jobs.wait(5)
+    record = read_record(tmp_path / "both")
+    assert (record["pid"], record["fingerprint"]) == (4242, {"method": "pogdiff"})  # the trainer's
+    assert (record["name"], record["state"], record["steps_done"]) == ("both", "finished", 3)  # the job manager's
+    assert record["owner"] and record["owner"] != "someone"  # stored as a digest only
