@@ -256,7 +256,11 @@ def run(visitors: int = DEFAULT_VISITORS, train_steps: int = DEFAULT_TRAIN_STEPS
         result["load_phase_s"] = round(t_end - t_load, 1)
         result["load_average_end_of_visitors"] = os.getloadavg()
         after, waited = _wait_visitors(monitor, rec, 1, 120)  # the trainer's session stays
-        result["rss_mb"].update(peak_during_visitors=server.peak(t_load, t_end), after_sessions_ended=server.rss_now())
+        rss = result["rss_mb"]
+        rss.update(peak_during_visitors=server.peak(t_load, t_end), after_sessions_ended=server.rss_now())
+        # per visitor: what the peak added while all were on, and what stayed once they had gone
+        rss["growth_per_session_at_peak"] = round((rss["peak_during_visitors"] - rss["before_visitors"]) / visitors, 1)
+        rss["kept_per_session_after_end"] = round((rss["after_sessions_ended"] - rss["before_visitors"]) / visitors, 1)
         result["sessions"] = {
             "before": {k: before.get(k) for k in ("visitors", "datasets_in_memory", "generated_pairs_in_memory")},
             "peak": peak_usage,
