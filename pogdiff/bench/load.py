@@ -51,6 +51,7 @@ DEFAULT_TRAIN_STEPS = 150
 DEFAULT_BATCH = 8
 APP = Path(__file__).resolve().parents[2] / "app.py"
 STEP_RE = re.compile(r"step (\d+) / (\d+)")
+ENV_SHOWN = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GRADIO_HEARTBEAT_INTERVAL")
 
 
 # ------------------------------------------------------------------------------------- the server
@@ -204,7 +205,8 @@ def run(visitors: int = DEFAULT_VISITORS, train_steps: int = DEFAULT_TRAIN_STEPS
     server = Server(root, tuple(app_args))
     rec, result = Recorder(), {"visitors": visitors, "train_steps": train_steps, "batch_size": batch,
                                 "ramp_s": ramp_s, "app_args": list(app_args), "cpu_count": os.cpu_count(),
-                                "load_average_start": os.getloadavg()}  # other work on the machine
+                                "load_average_start": os.getloadavg(),  # other work on the machine
+                                "env": {k: os.environ.get(k) for k in ENV_SHOWN}}  # the server inherits these
     try:
         t0 = time.time()
         server.wait_up()
