@@ -230,3 +230,19 @@ def test_argparse_types_follow_the_defaults():
     quotas.add_arguments(p)
     args = p.parse_args(["--max-visitors", "3", "--session-idle-minutes", "0.5"])
     assert quotas.from_args(args).max_visitors == 3 and quotas.from_args(args).session_idle_minutes == 0.5
+
+
+def test_a_set_that_did_not_load_keeps_its_copies_until_its_visitor_leaves(tmp_path, upload_folder):
+    import zipfile
+
+    studio = studio_with(tmp_path)
+    (upload_folder / "h3").mkdir(parents=True)
+    bad = upload_folder / "h3" / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("notes.md", "no images here")
+    for _ in range(2):  # the same files again: the same report, not "upload missing"
+        with pytest.raises(gr.Error, match="(?i)image"):
+            studio.load_upload([str(bad)], visitor("a"), progress=noop_progress)
+    assert bad.exists()
+    studio.end_session(visitor("a"))
+    assert not bad.exists()

@@ -7,8 +7,8 @@ cache), so the memory figures are the server's own (psutil). Every visitor is a 
 session of its own, doing what a visitor does: load the demo set (even visitors) or upload a small zip
 of their own (odd ones), look at a class's images, open the neighbour map, generate a Compare grid of
 the shipped pair, and compute the fast metrics of the shipped pair (an uploading visitor switches to the
-demo set for that), while its page polls the training job every second, as the open tab does; then it
-closes. One more session trains a short tiny run through ``/start_training``, once with nobody else on
+demo set for that), while its page polls the training job every second, as the open tab does (from a
+second client, so a session of its own that holds nothing); then it closes. One more session trains a short tiny run through ``/start_training``, once with nobody else on
 the server and once under the visitors, so its step time is compared in the same invocation.
 
 Each call is timed from submit to result, with its queue wait (submit to gradio's ``process_starts``)
@@ -212,12 +212,12 @@ def run(visitors: int = DEFAULT_VISITORS, train_steps: int = DEFAULT_TRAIN_STEPS
         server.wait_up()
         result["server_start_s"] = round(time.time() - t0, 1)
         result["rss_mb"] = {"started": server.rss_now()}
-        monitor = Client(server.url, verbose=False)  # reads /server_usage only: never a visitor
+        monitor = Client(server.url, verbose=False, analytics_enabled=False)  # reads /server_usage only: never a visitor
         # Warm-up: one visitor loads the models and the caption encoder once, then leaves.
         visitor_session(server.url, rec, "warm-up", metrics=False, poll=False)
         _wait_visitors(monitor, rec, 0, 120)
         result["rss_mb"]["after_warm_up"] = server.rss_now()
-        trainer = Client(server.url, verbose=False)
+        trainer = Client(server.url, verbose=False, analytics_enabled=False)
         rec.call(trainer, "/load_demo", "auto", who="trainer")
         start_run(trainer, rec, "load-idle", train_steps, batch)
         idle_samples = watch_run(trainer, rec, server.runs_dir / "load-idle", 3600)

@@ -101,13 +101,16 @@ def visitor_session(url: str, rec: Recorder, who: str, *, upload: Path | None = 
     from gradio_client import Client, handle_file
 
     try:
-        client = Client(url, verbose=False)
+        client = Client(url, verbose=False, analytics_enabled=False)
+        # The page's job timer polls from a client of its own: one gradio_client object submitting from two
+        # threads can lose a call when its stream reader closes as the other registers (CancelledError).
+        poller_client = Client(url, verbose=False, analytics_enabled=False) if poll else None
     except Exception as exc:  # noqa: BLE001
         rec.add(endpoint="connect", who=who, kind=classify(exc), message=str(exc)[:300], latency_s=0.0,
                 wait_s=None, position=None, t=time.time())
         return
     done = threading.Event()
-    poller = threading.Thread(target=_poll_loop, args=(client, rec, who, done), daemon=True)
+    poller = threading.Thread(target=_poll_loop, args=(poller_client, rec, who, done), daemon=True)
     if poll:
         poller.start()
     try:
@@ -132,6 +135,7 @@ def visitor_session(url: str, rec: Recorder, who: str, *, upload: Path | None = 
         done.set()
         if poll:
             poller.join()
+            poller_client.close()
         client.close()  # the tab closes: gradio's unload event ends the session on the server
 
 

@@ -100,12 +100,13 @@ class DataTab:
         progress(0.05, desc="Hashing the upload…")
         base = upload_key(paths)
         key = dataset_key(base, source)
-        held = dict(upload=(base, self._check_upload(request, base, paths)),  # quotas (pogdiff.ui.sessions)
-                    temp_files=[str(p) for p in paths] if request is not None else [])
+        upload = (base, self._check_upload(request, base, paths))  # quotas (pogdiff.ui.sessions)
+        # gradio's copies of the files stay until this visitor leaves (a failed set can be loaded again)
+        self._hold(request, None, temp_files=[str(p) for p in paths] if request is not None else [])
         with self._lock:
             known = self._datasets.get(key)
         if known is not None:
-            self._hold(request, key, **held)
+            self._hold(request, key, upload=upload)
             return self._data_outputs(known)
         fresh = not (self.upload_store / base).is_dir()
         store = self._store_upload(base, paths)
@@ -116,7 +117,7 @@ class DataTab:
             if fresh:
                 shutil.rmtree(store, ignore_errors=True)  # keep only sets that loaded
             raise
-        self._hold(request, key, **held)
+        self._hold(request, key, upload=upload)
         return self._data_outputs(bundle)
 
     def reload_classes(self, key: str | None, class_source: str, progress: gr.Progress = gr.Progress(),

@@ -88,14 +88,16 @@ class SessionRegistry:
         with self._lock:
             return self._sessions.get(sid) if sid else None
 
-    def hold(self, sid: str, key: str, *, upload: tuple[str, int] | None = None,
+    def hold(self, sid: str, key: str | None, *, upload: tuple[str, int] | None = None,
              temp_files: Iterable[str] = ()) -> None:
-        """Record that ``sid`` works on data set ``key`` (and handed in ``upload`` = (key, bytes))."""
+        """Record that ``sid`` works on data set ``key`` (None: none), handed in ``upload`` = (upload key,
+        bytes) and ``temp_files`` (gradio's copies of its files)."""
         with self._lock:
             s = self._sessions.get(sid)
             if s is None:
                 return
-            s.keys.add(key)
+            if key is not None:
+                s.keys.add(key)
             if upload is not None:
                 s.uploads[upload[0]] = upload[1]
             s.temp_files.update(temp_files)
@@ -162,7 +164,7 @@ class Sessions:
         except VisitorLimitError as exc:
             raise gr.Error(str(exc), title=VISITORS_TITLE, print_exception=False) from exc
 
-    def _hold(self, request: gr.Request | None, key: str, **kwargs: Any) -> None:
+    def _hold(self, request: gr.Request | None, key: str | None, **kwargs: Any) -> None:
         sid = session_id(request)
         if sid is not None:
             self.sessions.hold(sid, key, **kwargs)
