@@ -309,7 +309,7 @@ def targets(r: dict[str, Any], visitors: int) -> dict[str, Any]:
         if a == "--generation-concurrency":
             conc = int(r["app_args"][i + 1])
     rss = r["rss_mb"]
-    compare = r["endpoints"].get("/compare", {})
+    compare = r["endpoints"].get("compare", {})
     wait = compare.get("queue_wait_s") if isinstance(compare.get("queue_wait_s"), dict) else {}
     service = compare.get("service_s_max") or 0.0
     bound = math.ceil(max(visitors - 1, 0) / conc) * service  # a compare waits for at most the others' compares

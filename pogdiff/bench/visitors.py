@@ -149,7 +149,8 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def endpoint_table(calls: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per endpoint: calls, errors by kind, latency and queue wait p50 / p95 / max, largest queue position."""
+    """Per endpoint (its api name without the leading ``/``): calls, errors by kind, latency and queue wait
+    p50 / p95 / max, largest queue position."""
     out: dict[str, dict[str, Any]] = {}
     for name in sorted({c["endpoint"] for c in calls}):
         rows = [c for c in calls if c["endpoint"] == name]
@@ -161,7 +162,7 @@ def endpoint_table(calls: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             if c["kind"] != "ok":
                 errors[c["kind"]] = errors.get(c["kind"], 0) + 1
         positions = [c["position"] for c in rows if c["position"] is not None]
-        out[name] = {
+        out[name.lstrip("/")] = {
             "calls": len(rows), "ok": len(lat), "errors": errors,
             "latency_s": {"p50": _pct(lat, 50), "p95": _pct(lat, 95), "max": _pct(lat, 100)},
             "queue_wait_s": {"p50": _pct(wait, 50), "p95": _pct(wait, 95), "max": _pct(wait, 100)}
@@ -179,7 +180,8 @@ def error_summary(calls: list[dict[str, Any]]) -> dict[str, Any]:
         if c["kind"].startswith("refusal"):
             refusals[c["kind"]] = refusals.get(c["kind"], 0) + 1
     return {"unexpected": len(unexpected), "refusals": refusals,
-            "unexpected_examples": [{k: c[k] for k in ("endpoint", "kind", "message")} for c in unexpected[:10]]}
+            "unexpected_examples": [{"endpoint": c["endpoint"].lstrip("/"), "kind": c["kind"], "message": c["message"]}
+                                    for c in unexpected[:10]]}
 
 
 def step_time(samples: list[tuple[float, int]], t_from: float = -math.inf, t_to: float = math.inf) -> float | None:

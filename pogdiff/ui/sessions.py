@@ -26,7 +26,7 @@ import gradio as gr
 
 from pogdiff import quotas, safety
 from pogdiff.quotas import QUOTA_TITLE, VISITORS_TITLE, QuotaError
-from pogdiff.ui.views import DEMO_KEY, UPLOAD_STORE, _arg, request_owner
+from pogdiff.ui.views import UPLOAD_STORE, _arg, request_owner
 
 if TYPE_CHECKING:
     from pogdiff.ui.shared import Shared
