@@ -8,6 +8,7 @@ the models are built on first use.
 
     python app.py                      # http://127.0.0.1:7860
     python app.py --host 0.0.0.0 --port 7860 --runs-dir runs --max-upload-mb 500 --max-job-minutes 60
+    python app.py --max-visitors 24 --generation-concurrency 1 --upload-store-mb 2000   # a shared server's quotas
 
 Security model (README "Limits and safety"): every endpoint checks its inputs on the server, no
 request value is used as a path, only files a response returns are served, and a training job
@@ -26,14 +27,15 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
+from pogdiff import quotas  # noqa: E402
 from pogdiff.config import LIMITS  # noqa: E402
-from pogdiff.ui import Studio, compare_tab, data_tab, neighbours_tab, train_tab  # noqa: E402
+from pogdiff.ui import Studio, compare_tab, data_tab, neighbours_tab, sessions, train_tab  # noqa: E402
 from pogdiff.ui.shared import Shared  # noqa: E402
 
 TITLE = "PoGDiff Studio"
 DEFAULT_MAX_UPLOAD_MB = 500
 DEFAULT_CONCURRENCY = 2
-QUEUE_SIZE = 64
+QUEUE_SIZE = quotas.QUOTAS.queue_size
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 TABS = (data_tab, neighbours_tab, train_tab, compare_tab)  # left to right: Data -> Neighbours -> Train -> Compare
 
@@ -69,6 +71,7 @@ def build_demo(studio: Studio | None = None) -> gr.Blocks:
         with gr.Tabs():
             for tab in TABS:
                 tab.build(studio, shared)
+        sessions.build(studio, shared)  # the usage panel; a closed tab frees its visitor's data
     return demo
 
 
@@ -112,13 +115,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where training runs and their checkpoints are written")
     p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest accepted upload")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
-                   help="events of one kind that run at the same time (generation, loading)")
+                   help="events of one kind that run at the same time (loading, neighbour maps); generation: "
+                        "--generation-concurrency")
     p.add_argument("--max-job-minutes", type=float, default=LIMITS.max_job_minutes,
                    help="wall time of one training job; it then stops and keeps its checkpoint (0: no limit)")
     p.add_argument("--single-user", action=argparse.BooleanOptionalAction, default=None,
                    help="any visitor may stop and download any job (default: on for a localhost server "
                         "without --share, off otherwise, where a job belongs to the session that started it)")
+    quotas.add_arguments(p)  # a shared server: visitors, queue, disk (README "Limits and safety")
     args = p.parse_args(argv)
+    try:
+        args.quotas = quotas.from_args(args)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.max_job_minutes < 0:
         p.error(f"--max-job-minutes must be >= 0 (0 = no limit), got {args.max_job_minutes:g}")
     if args.single_user is None:
@@ -132,12 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     limits = dataclasses.replace(LIMITS, max_job_minutes=args.max_job_minutes)
-    studio = Studio(args.runs_dir, single_user=args.single_user, limits=limits)
+    studio = Studio(args.runs_dir, single_user=args.single_user, limits=limits, quotas=args.quotas)
     studio.clean_leftovers()
     logging.getLogger(__name__).info("single-user mode: %s; max job minutes: %g", args.single_user,
                                      args.max_job_minutes)
     demo = build_demo(studio)
-    demo.queue(default_concurrency_limit=args.concurrency, max_size=QUEUE_SIZE)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.quotas.queue_size)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                 **launch_options(studio, args.max_upload_mb))
 

@@ -10,13 +10,14 @@ heavy dependencies (torch, training, checkpoints) where they use them, so ``--he
 - :mod:`~pogdiff.bench.gpu`: ``gpu``
 - :mod:`~pogdiff.bench.train_tab`: ``train-tab``
 - :mod:`~pogdiff.bench.judge`: ``judge``
+- :mod:`~pogdiff.bench.load`: ``load`` (its visitors: :mod:`~pogdiff.bench.visitors`)
 """
 
 from __future__ import annotations
 
-from pogdiff.bench import gpu, judge, quality, scale, train_tab
+from pogdiff.bench import gpu, judge, load, quality, scale, train_tab
 
-BENCHMARKS = (quality, scale, gpu, train_tab, judge)  # the modules whose commands ``bench`` lists, in order
+BENCHMARKS = (quality, scale, gpu, train_tab, judge, load)  # the modules whose commands ``bench`` lists, in order
 
 
 def add_parsers(sub) -> None:

@@ -169,6 +169,7 @@ class CompareTab:
         The images are also kept for :meth:`pair_views` (real images, difference) of the same session.
         """
         L = self.limits
+        self._admit(request)  # its images are kept for this visitor (pogdiff.ui.sessions)
         prompts = checked_input(safety.text_list, "Prompts", prompts, L.max_prompts, L.max_text_chars)
         custom = checked_input(safety.text, "Typed prompts", custom, L.max_prompts * (L.max_text_chars + 1))
         typed = checked_input(parse_typed_prompts, custom, L.max_prompts, L.max_text_chars)
@@ -318,20 +319,32 @@ METRICS_FIGURE_NOTE = """The figure: above, each class's accuracy for A and for 
 training images (log scale, rare classes on the left); below, B − A per class with its 95% interval: green
 where B is measurably better, red where A is, grey where the interval contains 0 (no measurable difference)."""
 
-# ZeroGPU: the events that run models share one queue and ask for the GPU this long (seconds).
+# ZeroGPU: the events that run models share one queue and ask for the GPU this long (seconds). Elsewhere
+# generation and metrics have a queue each, so a Compare never waits behind a metrics computation.
 GPU_QUEUE = "gpu"
 COMPARE_GPU_SECONDS = 120
 METRICS_GPU_SECONDS = 300
 
 
-def zero_gpu(fn, duration: int):
-    """``fn`` wrapped in ``spaces.GPU(duration=duration)`` when the ``spaces`` package is present
-    (Hugging Face ZeroGPU Spaces), else ``fn`` itself."""
+def _spaces():
     try:
         import spaces  # type: ignore[import-not-found]
     except ImportError:
-        return fn
-    return spaces.GPU(duration=duration)(fn)
+        return None
+    return spaces
+
+
+def zero_gpu(fn, duration: int):
+    """``fn`` wrapped in ``spaces.GPU(duration=duration)`` when the ``spaces`` package is present
+    (Hugging Face ZeroGPU Spaces), else ``fn`` itself."""
+    spaces = _spaces()
+    return fn if spaces is None else spaces.GPU(duration=duration)(fn)
+
+
+def queue_of(name: str) -> str:
+    """The concurrency group of the ``compare`` or ``metrics`` event: one shared ``gpu`` group on
+    ZeroGPU, else one group each (README "Limits and safety": queue settings)."""
+    return GPU_QUEUE if _spaces() is not None else name
 
 
 def build(studio: CompareTab, shared: Shared) -> gr.Tab:
@@ -424,7 +437,8 @@ def build(studio: CompareTab, shared: Shared) -> gr.Tab:
             (metrics_btn, studio.compute_metrics, METRICS_GPU_SECONDS, [*runs, metrics_full, ds_key], metric_outputs,
              "metrics")):
         running = (btn.click(disable, None, btn, queue=False, api_visibility="private")
-                   .then(zero_gpu(fn, seconds), inputs, outputs, api_name=name, concurrency_id=GPU_QUEUE))
+                   .then(zero_gpu(fn, seconds), inputs, outputs, api_name=name, concurrency_id=queue_of(name),
+                         concurrency_limit=studio.quotas.generation_concurrency))
         running.then(enable, None, btn, queue=False, api_visibility="private")
         running.failure(enable, None, btn, queue=False, api_visibility="private")
         if btn is gen_btn:

@@ -51,12 +51,15 @@ class DataTab:
     """Load the demo or an upload, keep uploads by content hash, show classes and the long tail."""
 
     # ============================================================================ Data tab
-    def load_demo(self, class_source: str = DEFAULT_CLASS_SOURCE, progress: gr.Progress = gr.Progress()) -> tuple:
+    def load_demo(self, class_source: str = DEFAULT_CLASS_SOURCE, progress: gr.Progress = gr.Progress(),
+                  request: gr.Request = None) -> tuple:
         """Build (first time, cached on disk) and load the built-in long-tailed demo set, its classes from
         ``class_source`` (README "Your own data")."""
         source = self._class_source_arg(class_source)
+        self._admit(request)  # a visitor past the server's cap is refused (pogdiff.ui.sessions)
         progress(0.1, desc="Building the demo set (first time only)…")
         bundle = self._load_demo_bundle() if source == DEFAULT_CLASS_SOURCE else self._load_demo_bundle(source)
+        self._hold(request, bundle.key)
         return self._data_outputs(bundle)
 
     def load_upload(self, files: Sequence[str] | str | None, request: gr.Request = None,
@@ -91,12 +94,17 @@ class DataTab:
             zips = [p.name for p in paths if p.suffix.lower() == ".zip"]
             raise gr.Error(f"Upload one .zip on its own, or loose files without a .zip (got {zips}).",
                            title="Mixed upload")
+        self._admit(request)
         progress(0.05, desc="Hashing the upload…")
         base = upload_key(paths)
         key = dataset_key(base, source)
+        upload = (base, self._check_upload(request, base, paths))  # quotas (pogdiff.ui.sessions)
+        # gradio's copies of the files stay until this visitor leaves (a failed set can be loaded again)
+        self._hold(request, None, temp_files=[str(p) for p in paths] if request is not None else [])
         with self._lock:
             known = self._datasets.get(key)
         if known is not None:
+            self._hold(request, key, upload=upload)
             return self._data_outputs(known)
         fresh = not (self.upload_store / base).is_dir()
         store = self._store_upload(base, paths)
@@ -107,9 +115,11 @@ class DataTab:
             if fresh:
                 shutil.rmtree(store, ignore_errors=True)  # keep only sets that loaded
             raise
+        self._hold(request, key, upload=upload)
         return self._data_outputs(bundle)
 
-    def reload_classes(self, key: str | None, class_source: str, progress: gr.Progress = gr.Progress()) -> tuple:
+    def reload_classes(self, key: str | None, class_source: str, progress: gr.Progress = gr.Progress(),
+                       request: gr.Request = None) -> tuple:
         """The loaded set again, its classes from ``class_source`` (the Data tab's **Class source**);
         ``gr.skip()`` for every output when no set is loaded yet (the choice then applies to the next load)."""
         source = self._class_source_arg(class_source)
@@ -117,7 +127,10 @@ class DataTab:
         if not key:
             return (gr.skip(),) * 7
         progress(0.1, desc="Reading the classes again…")
-        return self._data_outputs(self.bundle(dataset_key(split_dataset_key(key)[0], source)))
+        self._admit(request)
+        bundle = self.bundle(dataset_key(split_dataset_key(key)[0], source))
+        self._hold(request, bundle.key)
+        return self._data_outputs(bundle)
 
     @staticmethod
     def class_source_of(key: str | None) -> str:
@@ -227,7 +240,7 @@ class DataTab:
                 bundle.at_resolution = {resolution: ds}
         return ds
 
-    def restore_dataset(self, key: Any) -> tuple:
+    def restore_dataset(self, key: Any, request: gr.Request = None) -> tuple:
         """Page load: bring back the dataset this browser loaded before (its key is kept in the browser).
 
         Only a well-formed key is looked up, inside the upload store; anything else changes nothing.
@@ -235,7 +248,10 @@ class DataTab:
         if not isinstance(key, str) or not re.fullmatch(DATASET_KEY_RE, key):
             return (gr.skip(),) * 7
         try:
-            return self._data_outputs(self.bundle(key))
+            self._admit(request)
+            bundle = self.bundle(key)
+            self._hold(request, bundle.key)
+            return self._data_outputs(bundle)
         except gr.Error:
             logger.info("dataset %s could not be restored", key)
             return (gr.skip(),) * 7
@@ -351,7 +367,9 @@ def build(studio: DataTab, shared: Shared) -> gr.Tab:
                    .then(fn, inputs, data_outputs, api_name=name))
         loading.failure(enable_two, None, buttons, queue=False, api_visibility="private")
         loading.then(enable_two, None, buttons, queue=False, api_visibility="private")
-    class_dd.change(studio.class_gallery, [ds_key, class_dd], class_gallery, api_name="class_gallery")
+    # cheap reads of memory: never queued behind a generation (queue=False)
+    class_dd.change(studio.class_gallery, [ds_key, class_dd], class_gallery, api_name="class_gallery", queue=False,
+                    concurrency_limit=None)
     # Another class source reloads the loaded set; a refused one puts the choice back.
     reloading = class_src.input(studio.reload_classes, [ds_key, class_src], data_outputs, api_name="class_source")
     reloading.failure(studio.class_source_of, ds_key, class_src, api_visibility="private")

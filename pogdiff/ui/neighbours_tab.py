@@ -337,7 +337,7 @@ def build(studio: NeighboursTab, shared: Shared) -> gr.Tab:
             search_gallery = gr.Gallery(label="Their images", columns=6, height=220, object_fit="contain",
                                         fit_columns=False, elem_classes="pixelated")
 
-    ds_key.change(studio.dataset_banner, ds_key, banner, api_visibility="private")
+    ds_key.change(studio.dataset_banner, ds_key, banner, api_visibility="private", queue=False, concurrency_limit=None)
     map_outputs = [scatter, caption_dd, banner]
     map_btn.click(studio.neighbour_map, [ds_key, colour_by, preset], map_outputs, api_name="neighbour_map").then(
         studio.map_points, ds_key, map_points, api_visibility="private")

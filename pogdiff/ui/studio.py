@@ -1,5 +1,5 @@
 """The :class:`Studio`: server-side state and every callback of the app, one mixin per concern (each
-tab's module, and the Train tab's job and runs)."""
+tab's module, the Train tab's job and runs, and the visitors of a shared server)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from pogdiff.config import (
 )
 from pogdiff.constants import SHIPPED_DIR
 from pogdiff.jobs import JobManager
+from pogdiff.quotas import QUOTAS, Quotas
 from pogdiff.ui.compare_views import ResultCache
 from pogdiff.ui.state import DatasetBundle
 from pogdiff.ui.views import (
@@ -42,11 +43,12 @@ from pogdiff.ui.compare_tab import CompareTab
 from pogdiff.ui.data_tab import DataTab
 from pogdiff.ui.metrics_tab import MetricsPanel
 from pogdiff.ui.neighbours_tab import NeighboursTab
+from pogdiff.ui.sessions import SessionRegistry, Sessions
 from pogdiff.ui.train_jobs import TrainJobs
 from pogdiff.ui.train_runs import TrainRuns
 
 
-class Studio(DataTab, NeighboursTab, TrainJobs, TrainRuns, CompareTab, MetricsPanel):
+class Studio(DataTab, NeighboursTab, TrainJobs, TrainRuns, CompareTab, MetricsPanel, Sessions):
     """Server-side state and every callback of the app.
 
     Args:
@@ -60,6 +62,8 @@ class Studio(DataTab, NeighboursTab, TrainJobs, TrainRuns, CompareTab, MetricsPa
         limits: server-side bounds on every request value (README "Limits and safety").
         view_encoder: a caption encoder the Neighbours tab uses instead of the preset's (tests
             inject a cheap one).
+        quotas: how the server is shared among visitors: the visitor cap, idle time, disk quotas,
+            the queue's concurrency (:mod:`pogdiff.quotas`, :mod:`pogdiff.ui.sessions`).
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class Studio(DataTab, NeighboursTab, TrainJobs, TrainRuns, CompareTab, MetricsPa
         single_user: bool = False,
         limits: Limits = LIMITS,
         view_encoder: Any = None,
+        quotas: Quotas = QUOTAS,
     ) -> None:
         self.runs_dir = Path(runs_dir)
         self.shipped_dir = Path(shipped_dir)
@@ -92,6 +97,8 @@ class Studio(DataTab, NeighboursTab, TrainJobs, TrainRuns, CompareTab, MetricsPa
         self._results = ResultCache()  # Compare results kept for page reloads, by a token the browser holds
         self._pair_stash: OrderedDict[str, dict] = OrderedDict()  # last generated pair per browser session
         self._metric_stash: OrderedDict[tuple, tuple] = OrderedDict()  # last metric outputs per run pair
+        self.quotas = quotas
+        self.sessions = SessionRegistry(quotas.max_visitors, 60.0 * quotas.session_idle_minutes)
 
     # ------------------------------------------------------------------ shared lazies
     @property

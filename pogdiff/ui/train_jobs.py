@@ -211,6 +211,7 @@ class TrainJobs:
         if train_cfg.method == "pogdiff" and not (train_cfg.psi.use_density or train_cfg.psi.use_image_sim
                                                    or train_cfg.psi.use_text_sim) and train_cfg.psi.psi_max > 0:
             gr.Warning("All psi factors are off: every sample borrows psi_max from its neighbour.")
+        self._check_runs(request)  # runs kept per visitor, the runs folder's size (pogdiff.ui.sessions)
         dataset = self.dataset_at(bundle, model_cfg.resolution)  # sd15: the set at 512 px
         try:
             self.jobs.start(
@@ -265,6 +266,7 @@ class TrainJobs:
 
         Returns ``gr.skip()`` for every output when nothing changed since ``seen_version``.
         """
+        self.sweep_idle()  # every open tab polls: visitors idle too long are freed here too
         s = self.jobs.status()
         if not isinstance(seen_version, int) or isinstance(seen_version, bool):
             seen_version = -1

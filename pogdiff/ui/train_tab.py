@@ -120,11 +120,13 @@ def build(studio: Studio, shared: Shared) -> gr.Tab:
             resume_btn = gr.Button("Resume", scale=1)
             export_btn = gr.Button("Zip weights + config", scale=1)
             weights_btn = gr.Button("Weights only (.safetensors: fp16 UNet, or LoRA)", scale=1)
+            delete_btn = gr.Button("Delete run", variant="stop", size="sm", scale=1)
             zip_file = gr.File(label="Download", scale=2, interactive=False, visible=False)
         runs_table = gr.Dataframe(label="Runs", interactive=False, max_height=240, value=studio.runs_table)
 
-    ds_key.change(studio.dataset_banner, ds_key, banner, api_visibility="private")
-    tab.select(studio.dataset_banner, ds_key, banner, api_visibility="private")
+    cheap = dict(queue=False, concurrency_limit=None)  # reads of memory: never behind a generation
+    ds_key.change(studio.dataset_banner, ds_key, banner, api_visibility="private", **cheap)
+    tab.select(studio.dataset_banner, ds_key, banner, api_visibility="private", **cheap)
     # .input, not .change: restoring a run's form must not reset its batch size and learning rate
     form.preset.input(studio.preset_defaults, form.preset, [form.batch_size, form.lr, form.pretrained],
                       api_visibility="private")
@@ -142,7 +144,7 @@ def build(studio: Studio, shared: Shared) -> gr.Tab:
     resuming.failure(studio.poll, None, poll_outputs, api_name="poll_after_refused_resume", api_visibility="private")
     timer.tick(studio.poll, seen, poll_outputs, show_progress="hidden", concurrency_limit=None,
                api_name="poll", queue=False)
-    runs_dd.change(studio.runs_table, None, runs_table, api_visibility="private")
+    runs_dd.change(studio.runs_table, None, runs_table, api_visibility="private", **cheap)
     runs_dd.change(studio.base_options, form.base, form.base, api_visibility="private")  # a run that ended can be a base
     # the job's headline changes when it starts, stops or ends: the form note then names the run's state
     job_md.change(studio.train_form_note, None, form_note, api_visibility="private")
@@ -150,6 +152,7 @@ def build(studio: Studio, shared: Shared) -> gr.Tab:
         show_file, None, zip_file, queue=False, api_visibility="private")
     weights_btn.click(studio.export_weights, runs_dd, zip_file, api_name="export_weights").success(
         show_file, None, zip_file, queue=False, api_visibility="private")
+    delete_btn.click(studio.delete_run, runs_dd, runs_dd, api_name="delete_run")  # one of your runs (quotas)
     estimate_inputs = form.pick(("method", "preset", "steps", "batch_size"))
     for comp in estimate_inputs:
         comp.change(studio.recorded_estimate, estimate_inputs, estimate_md, api_visibility="private")
