@@ -51,6 +51,7 @@ CSS = """
 #pg-report th:nth-child(-n+2), #pg-report td:nth-child(-n+2) {white-space: nowrap; min-width: 5.5em;}
 #pg-report th:nth-child(3), #pg-report td:nth-child(3) {min-width: 8em; overflow-wrap: anywhere;}
 #pg-report th:nth-child(n+4), #pg-report td:nth-child(n+4) {min-width: 12em;}
+#pg-map-points th, #pg-map-points th * {white-space: nowrap; word-break: keep-all; overflow-wrap: normal;}
 """
 
 INTRO = """# PoGDiff Studio

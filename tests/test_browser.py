@@ -249,6 +249,21 @@ _COLUMN_LINES = """(table, name) => {
 }"""
 
 
+# How many lines the text of a table's header ``name`` takes (its text only, not its sort buttons).
+_HEADER_TEXT_LINES = """(table, name) => {
+    const th = [...table.querySelectorAll("thead th")].find(t => t.innerText.trim() === name);
+    if (!th) return null;
+    const walker = document.createTreeWalker(th, NodeFilter.SHOW_TEXT);
+    const tops = new Set();
+    while (walker.nextNode()) {
+        const range = document.createRange();
+        range.selectNodeContents(walker.currentNode);
+        for (const r of range.getClientRects()) if (r.width > 0) tops.add(Math.round(r.top));
+    }
+    return tops.size;
+}"""
+
+
 def test_data_tab(fresh_page, tmp_path):
     page = fresh_page
     open_tab(page, "Data")
@@ -307,6 +322,9 @@ def test_neighbours_tab(own_page, tmp_path):
     body = page.inner_text("body")
     assert "w_density" in body and "s_img" in body and "s_txt" in body
     assert "purple hexagon" in page.locator("#pg-map-points").inner_text()
+    # the points table's headers stay on one line ("class size" used to wrap a few letters a line)
+    points = page.locator("#pg-map-points table").first
+    assert [points.evaluate(_HEADER_TEXT_LINES, name) for name in ("subject", "class size", "caption")] == [1, 1, 1]
     # the neighbour list shows each neighbour's image
     page.locator("#pg-nb-table [role=gridcell] img[src^='data:image/png']").first.wait_for()
     # a click on a row of the map's points table picks that caption
