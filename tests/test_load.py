@@ -121,3 +121,36 @@ def test_one_visitor_past_the_cap_is_refused_in_words(served):
     rec.call(late, "/load_demo", "auto", who="late")  # a place is free again
     assert rec.calls[-1]["kind"] == "ok"
     late.close()
+
+
+def test_a_connection_closed_mid_response_is_retried_once_and_counted():
+    from pogdiff.bench.visitors import Recorder, error_summary
+
+    class RemoteProtocolError(Exception):  # the name httpx gives it
+        pass
+
+    class Job:
+        communicator = None
+
+        def __init__(self, outcome):
+            self.outcome = outcome
+
+        def result(self, timeout=None):
+            if isinstance(self.outcome, Exception):
+                raise self.outcome
+            return self.outcome
+
+    class Client:
+        def __init__(self, outcomes):
+            self.outcomes = list(outcomes)
+
+        def submit(self, *args, api_name=None):
+            return Job(self.outcomes.pop(0))
+
+    rec = Recorder()
+    assert rec.call(Client([RemoteProtocolError("peer closed"), "ok"]), "/load_demo") == "ok"
+    assert rec.call(Client([RemoteProtocolError("peer closed"), RemoteProtocolError("again")]), "/load_demo") is None
+    summary = error_summary(rec.calls)
+    assert (summary["retried"], summary["unexpected"]) == (2, 1)
+    assert [c["kind"] for c in rec.calls] == ["retried: RemoteProtocolError", "ok", "retried: RemoteProtocolError",
+                                              "unexpected: RemoteProtocolError"]

@@ -21,6 +21,7 @@ POLL_SECONDS = 1.0  # pogdiff.ui.shared.POLL_SECONDS: the open page's job timer
 
 
 # ------------------------------------------------------------------------------------- calls
+RETRIED = {"RemoteProtocolError"}  # transport errors retried once (Recorder.call); the retries are counted
 def classify(exc: BaseException) -> str:
     """``refusal: <kind>`` for a documented refusal, else ``unexpected: <type>``."""
     from pogdiff.quotas import QUEUE_FULL_TEXT, REFUSAL_KINDS
@@ -45,7 +46,12 @@ class Recorder:
             self.calls.append(row)
 
     def call(self, client, api_name: str, *args: Any, who: str = "", timeout: float = 1800, **kwargs: Any):
-        """``client.predict`` of ``api_name``, recorded; the result, or None when it raised."""
+        """``client.predict`` of ``api_name``, recorded; the result, or None when it raised.
+
+        A connection the server closed mid-response (``httpx.RemoteProtocolError``, seen once in a
+        5-visitor run on a loaded machine) is retried once, as a reload would; the retry is recorded
+        as a row of kind ``retried: <type>`` (counted in :func:`error_summary`, never hidden), and a
+        second failure counts as unexpected."""
         from gradio_client.utils import Status
 
         t0 = time.time()
@@ -55,6 +61,16 @@ class Recorder:
             result = job.result(timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - every error is classified and counted
             kind, message = classify(exc), str(exc)[:300]
+            if type(exc).__name__ in RETRIED:
+                self.add(endpoint=api_name, who=who, kind=f"retried: {type(exc).__name__}", message=message,
+                         latency_s=time.time() - t0, wait_s=None, position=None, t=t0)
+                t0 = time.time()
+                job = client.submit(*args, api_name=api_name, **kwargs)
+                kind, message = "ok", ""
+                try:
+                    result = job.result(timeout=timeout)
+                except Exception as exc2:  # noqa: BLE001
+                    kind, message = classify(exc2), str(exc2)[:300]
         latency = time.time() - t0
         started, rank = None, None
         updates = getattr(job.communicator, "updates", None)
@@ -179,7 +195,8 @@ def error_summary(calls: list[dict[str, Any]]) -> dict[str, Any]:
     for c in calls:
         if c["kind"].startswith("refusal"):
             refusals[c["kind"]] = refusals.get(c["kind"], 0) + 1
-    return {"unexpected": len(unexpected), "refusals": refusals,
+    retried = sum(1 for c in calls if c["kind"].startswith("retried"))
+    return {"unexpected": len(unexpected), "refusals": refusals, "retried": retried,
             "unexpected_examples": [{"endpoint": c["endpoint"].lstrip("/"), "kind": c["kind"], "message": c["message"]}
                                     for c in unexpected[:10]]}
 
