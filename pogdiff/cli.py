@@ -233,6 +233,8 @@ def cmd_train(args) -> int:
         if train_cfg.method == "pogdiff":
             post.update(psi=f"{info.psi_mean:.3f}", active=f"{100 * info.psi_active:.0f}%",
                         pog=f"{100 * info.pog_share:.2f}%")
+        elif train_cfg.method == "t2h":
+            post.update(transferred=f"{100 * info.transfer_rate:.0f}%")
         bar.set_postfix(**post)
         bar.refresh()
 

@@ -27,9 +27,9 @@ def cache_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "pogdiff"
 
 
-METHODS = ("baseline", "pogdiff", "cbdm", "resample")
+METHODS = ("baseline", "pogdiff", "cbdm", "resample", "t2h")
 # Methods that draw class-balanced batches unless TrainConfig.balanced_sampling says otherwise.
-BALANCED_BY_DEFAULT = {"resample": True, "pogdiff": True}
+BALANCED_BY_DEFAULT = {"resample": True, "pogdiff": True, "t2h": True}
 PRESETS = ("tiny", "sd15")
 TEACHERS = ("live", "base")
 # Tempering of balanced batches by default (TrainConfig.balance_alpha): the recipe that lifted the
@@ -224,6 +224,7 @@ RECIPES: dict[str, list[str]] = {
     "cbdm": ["method=cbdm"],
     "pogdiff": ["method=pogdiff"],
     "pogdiff_no_pog": ["method=resample", f"balance_alpha={DEFAULT_BALANCE_ALPHA:g}"],
+    "t2h": ["method=t2h", f"balance_alpha={DEFAULT_BALANCE_ALPHA:g}"],
 }
 # Recipes whose paired comparisons against every other recipe summary.json holds.
 COMPARED = ("pogdiff", "pogdiff_no_pog")

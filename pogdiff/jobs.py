@@ -375,7 +375,7 @@ class JobManager:
         row: dict[str, float] = {"step": int(getattr(info, "step", 0))}
         for key, value in (getattr(info, "terms", None) or {}).items():
             row[str(key)] = float(value)
-        for key in ("lr", "psi_mean", "psi_active", "pog_share", "seconds_per_step"):
+        for key in ("lr", "psi_mean", "psi_active", "pog_share", "transfer_rate", "seconds_per_step"):
             value = getattr(info, key, None)
             if value is not None:
                 row[key] = float(value)

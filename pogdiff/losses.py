@@ -1,4 +1,4 @@
-"""Pure loss functions: eps-MSE, PoGDiff (two equivalent forms) and CBDM.
+"""Pure loss functions: eps-MSE, PoGDiff (two equivalent forms), CBDM and T2H's transferred target.
 
 Every function takes tensors and returns a dict of named per-sample terms, each of shape
 ``[N]``; ``terms["loss"]`` is the per-sample total that the trainer averages (README "The method").
@@ -59,7 +59,7 @@ def _per_sample(name: str, value: Tensor | float, like: Tensor) -> Tensor:
     return value
 
 
-def _bcast(v: Tensor, like: Tensor) -> Tensor:
+def bcast(v: Tensor, like: Tensor) -> Tensor:
     """``[N] -> [N, 1, 1, ...]`` so it broadcasts against ``like`` of shape ``[N, ...]``."""
     return v.reshape(-1, *([1] * (like.ndim - 1)))
 
@@ -85,7 +85,7 @@ def pog_target(eps: Tensor, eps_neighbour: Tensor, psi: Tensor | float) -> Tenso
     :return: float32 [N x ...] target.
     """
     _check_pair("eps", eps, "eps_neighbour", eps_neighbour)
-    psi = _bcast(_per_sample("psi", psi, eps), eps)
+    psi = bcast(_per_sample("psi", psi, eps), eps)
     return (eps.float() + psi * eps_neighbour.detach().float()) / (1.0 + psi)
 
 
@@ -121,7 +121,7 @@ def pogdiff_loss(
     psi = _per_sample("psi", psi, eps_pred)
     if bool((psi < 0).any()):
         raise ValueError(f"psi must be >= 0, got min {psi.min().item():.4g}")
-    active = _bcast(psi > 0, eps)
+    active = bcast(psi > 0, eps)
     # Rows with psi == 0 borrow nothing: substitute eps so a skipped (NaN / garbage) neighbour
     # cannot leak into the loss or its gradient.
     eps_nb = torch.where(active, eps_neighbour.detach().float(), eps.float())
@@ -170,3 +170,40 @@ def cbdm_loss(
     reg = mean_flat((pred - pred_b.detach()) ** 2) + CBDM_COMMITMENT * mean_flat((pred.detach() - pred_b) ** 2)
     cbdm = weight * reg
     return {"loss": mse + cbdm, "mse": mse, "cbdm": cbdm}
+
+
+def t2h_log_weights(x0: Tensor, eps: Tensor, abar: Tensor) -> Tensor:
+    """T2H's log-weights of every batch row ``j`` as the source of row ``i``'s noised input
+    (Zhang et al., ICLR 2024; README "The method")::
+
+        log w[i, j] = -||x0_i + sigma_i * eps_i - x0_j||^2 / (2 sigma_i^2),   sigma_i^2 = 1 / abar_i - 1
+
+    ``x_t,i / sqrt(abar_i) = x0_i + sigma_i eps_i``, so ``w[i, :]`` normalised is the posterior over
+    which row of the batch produced ``x_t,i``, the batch standing in for the data distribution.
+    The squared norm is a sum over all non-batch dimensions (a density, not a per-pixel mean).
+
+    :param x0: the [N x ...] clean inputs of the batch.
+    :param eps: the [N x ...] noise added to them.
+    :param abar: [N] cumulative alpha of each row's timestep, in (0, 1).
+    :return: float64 [N x N] log-weights (row ``i``: the candidates for row ``i``).
+    """
+    _check_pair("x0", x0, "eps", eps)
+    abar = _per_sample("abar", abar, x0).double()
+    sigma2 = 1.0 / abar - 1.0
+    point = x0.double() + bcast(sigma2.sqrt(), eps) * eps.double()  # [N, ...] = x_t / sqrt(abar)
+    dist2 = torch.cdist(point.reshape(len(x0), -1), x0.double().reshape(len(x0), -1)) ** 2  # [N, N]
+    return -dist2 / (2.0 * sigma2[:, None])
+
+
+def transferred_target(x_t: Tensor, x0_source: Tensor, abar: Tensor) -> Tensor:
+    """T2H's target ``eps' = (x_t - sqrt(abar) x0_j) / sqrt(1 - abar)``: the noise that would have
+    produced ``x_t`` from the source row's clean input ``x0_j`` (``x0_j = x0_i`` gives back ``eps_i``).
+
+    :param x_t: the [N x ...] noised inputs.
+    :param x0_source: the [N x ...] clean inputs of the chosen source rows.
+    :param abar: [N] cumulative alpha of each row's timestep.
+    :return: float32 [N x ...] target.
+    """
+    _check_pair("x_t", x_t, "x0_source", x0_source)
+    abar = bcast(_per_sample("abar", abar, x_t), x_t)
+    return (x_t.float() - abar.sqrt() * x0_source.float()) / (1.0 - abar).sqrt()

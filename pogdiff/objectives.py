@@ -14,6 +14,9 @@ formulas themselves are in :mod:`pogdiff.losses`.
 - ``pogdiff``: the Product-of-Gaussians target built from a neighbouring caption's prediction
   for the same ``x_t`` (no gradient through it), weighted per pair by psi; the neighbour pass
   runs only for rows whose psi is above ``psi_threshold``.
+- ``t2h``: T2H's head-to-tail target transfer: a row may take the noise target of another row of
+  the batch, of a class at least as frequent, drawn by how likely that row is to have produced
+  its noised input; no extra forward pass.
 
 At the end, :func:`pogdiff_inactive_warning`: the plain-words warning the trainer gives when the
 PoG term stays a negligible share of the loss (README "Is PoGDiff doing anything?").
@@ -52,6 +55,8 @@ class Step:
     num_timesteps: int
     # ``(x_t, t, rows) -> eps`` of the frozen teacher (PsiConfig.teacher "base"), without gradients.
     predict_teacher: Callable[..., torch.Tensor] | None = None
+    # [N rows of the data set] the training-set size of each row's class (T2H's head -> tail rule).
+    class_count: torch.Tensor | None = None
 
 
 class Objective:
@@ -160,6 +165,39 @@ class PoGDiff(Objective):
         return terms, {"psi_mean": float(psi.mean()), "psi_active": float(active.float().mean())}
 
 
+class T2H(Objective):
+    """Head-to-tail target transfer (T2H, "Long-tailed Diffusion Models with Oriented Calibration",
+    ICLR 2024), on the same batches as the other methods (README "The method").
+
+    For each row ``i`` a source row ``j`` of the batch is drawn with probability proportional to
+    ``exp(losses.t2h_log_weights)[i, j]`` (``j = i`` included). It is accepted when it is another data
+    row, its class has at least as many training rows as ``i``'s (knowledge flows from head to
+    tail) and ``i``'s caption was not dropped; an accepted row trains on :func:`losses.transferred_target`, still
+    conditioned on its own caption; a refused one keeps its own noise as the target.
+    """
+
+    name = "t2h"
+
+    def log_stats(self, info) -> str:
+        return f"transferred {100 * info.transfer_rate:.0f}%"
+
+    def terms(self, step, batch, x_t, g):
+        if step.class_count is None:
+            raise ValueError("method 't2h' needs each row's class size: the trainer passes class_count")
+        t, eps, rows, drop = batch["t_dev"], batch["eps_dev"], batch["rows"], batch["drop"]
+        x0 = batch["x0_dev"]
+        abar = torch.cumprod(1.0 - step.betas.double(), 0)[batch["t"]]  # [B]
+        weights = torch.softmax(losses.t2h_log_weights(x0, eps, abar.to(x0.device)), dim=1).cpu()
+        source = torch.multinomial(weights, 1, generator=g).squeeze(1)  # [B] a batch index per row
+        count = step.class_count[rows]
+        accept = (rows[source] != rows) & (count[source] >= count) & ~drop  # a copy of the row moves nothing
+        moved = losses.transferred_target(x_t, x0[source.to(x0.device)], abar.to(x_t.device))
+        target = torch.where(losses.bcast(accept.to(eps.device), eps), moved, eps.float())  # refused: eps itself
+        eps_pred = step.predict(x_t, t, rows, drop)
+        terms = losses.mse_loss(eps_pred, target)
+        return terms, {"transfer_rate": float(accept.float().mean())}
+
+
 def objective_for(cfg) -> Objective:
     """The objective of a :class:`pogdiff.config.TrainConfig`."""
     if cfg.method == "pogdiff":
@@ -167,9 +205,11 @@ def objective_for(cfg) -> Objective:
                        psi_max=cfg.psi.psi_max)
     if cfg.method == "cbdm":
         return CBDM(cfg.cbdm_tau)
+    if cfg.method == "t2h":
+        return T2H()
     if cfg.method in ("baseline", "resample"):  # resample: plain loss on class-balanced batches
         return Objective()
-    raise ValueError(f"unknown method {cfg.method!r}: use baseline, resample, cbdm or pogdiff")
+    raise ValueError(f"unknown method {cfg.method!r}: use baseline, resample, cbdm, t2h or pogdiff")
 
 
 # ---------------------------------------------------------------- is PoGDiff doing anything?

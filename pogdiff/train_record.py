@@ -48,6 +48,8 @@ class StepInfo:
     psi_active: float = 0.0  # share of batch rows that ran the neighbour forward pass
     # PoGDiff only: the PoG term's share of the loss, mean(pog) / mean(loss) over the batch.
     pog_share: float = 0.0
+    # T2H only: share of batch rows whose target was transferred from a row of a larger class.
+    transfer_rate: float = 0.0
 
 
 @dataclass
@@ -64,7 +66,7 @@ def tracker_values(info: StepInfo) -> dict[str, float]:
     """The scalars sent to the tracker for one step: every loss term, lr and the psi statistics."""
     values = {k: float(v) for k, v in info.terms.items()}
     values.update(lr=float(info.lr), psi_mean=float(info.psi_mean), psi_active=float(info.psi_active),
-                  pog_share=float(info.pog_share))
+                  pog_share=float(info.pog_share), transfer_rate=float(info.transfer_rate))
     return values
 
 

@@ -87,6 +87,8 @@ class Trainer(RunFiles):
         from diffusers.optimization import get_scheduler
 
         self.model, self.data, self.cfg = model, data, cfg
+        # [N] the size of each row's class (T2H's head -> tail rule)
+        self.class_count = torch.tensor([len(r) for r in data.class_rows])[data.class_ids]
         self.run_dir = Path(run_dir)
         self.callback, self.preview_callback = callback, preview_callback
         self.preview_captions = list(preview_captions or [])
@@ -364,8 +366,9 @@ class Trainer(RunFiles):
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         step = Step(predict=self.predict, balanced_rows=self._balanced_rows, table=self.data.table,
                     betas=self.model.noise_scheduler.betas, num_timesteps=self.num_timesteps,
-                    predict_teacher=self.predict_teacher if self.teacher_unet is not None else None)
-        terms, stats = self.objective.terms(step, {**batch, "t_dev": t, "eps_dev": eps}, x_t, g)
+                    predict_teacher=self.predict_teacher if self.teacher_unet is not None else None,
+                    class_count=self.class_count)
+        terms, stats = self.objective.terms(step, {**batch, "t_dev": t, "eps_dev": eps, "x0_dev": x0}, x_t, g)
         weights = eps_loss_weights(t, self.model.noise_scheduler, snr_gamma=self.cfg.snr_gamma)
         if weights is not None:
             terms = {k: v * weights.to(v.device) for k, v in terms.items()}

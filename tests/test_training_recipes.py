@@ -118,6 +118,9 @@ FIRST_LOSSES = {
     "resample": [1.1723012924194336, 1.1420420408248901, 1.1242811679840088],
     "cbdm": [1.1356213092803955, 1.1897331476211548, 1.1377270221710205],
     "pogdiff": [1.1725080013275146, 1.1420420408248901, 1.1243339776992798],
+    # T2H moves no target in these 3 steps (batch 4: no source row is likely enough at 32x32x3),
+    # so its losses are resampling's to the last bit: the refused rows keep eps itself.
+    "t2h": [1.1723012924194336, 1.1420420408248901, 1.1242811679840088],
 }
 STORED_RTOL = 1e-5
 
@@ -129,3 +132,4 @@ def test_first_losses_of_each_method_match_the_stored_numbers(method, dataset, t
                       caption_dropout=0.1, balance_alpha=0.0, psi=psi)
     result = train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=cfg, run_dir=tmp_path)
     np.testing.assert_allclose(loss_curve(result.history), FIRST_LOSSES[method], rtol=STORED_RTOL, atol=0)
+
