@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
-from pogdiff import quotas  # noqa: E402
+from pogdiff.server import quotas  # noqa: E402
 from pogdiff.config import LIMITS  # noqa: E402
 from pogdiff.ui import Studio, compare_tab, data_tab, neighbours_tab, sessions, train_tab  # noqa: E402
 from pogdiff.ui.shared import Shared  # noqa: E402

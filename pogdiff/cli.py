@@ -27,7 +27,7 @@ from pogdiff.config import (
     configs_from_options,
 )
 from pogdiff.constants import DEFAULT_BASE
-from pogdiff.safety import bounded
+from pogdiff.server.safety import bounded
 
 logger = logging.getLogger("pogdiff")
 
@@ -164,7 +164,7 @@ def configs_from_args(args):
     """``train`` flags -> ``(ModelConfig, TrainConfig)`` through :func:`pogdiff.config.configs_from_options`."""
     mixed_precision = args.mixed_precision
     if mixed_precision is None:
-        from pogdiff.train_setup import accelerate_mixed_precision
+        from pogdiff.training.setup import accelerate_mixed_precision
 
         mixed_precision = accelerate_mixed_precision()
     return configs_from_options(
@@ -217,9 +217,9 @@ def cmd_train(args) -> int:
 
     from tqdm import tqdm
 
-    from pogdiff.train_record import NonFiniteError
+    from pogdiff.training.records import NonFiniteError
 
-    from pogdiff.training import train
+    from pogdiff.training.run import train
 
     main_process = int(os.environ.get("RANK", "0") or 0) == 0  # torchrun / accelerate launch
     model_cfg, train_cfg = configs_from_args(args)
@@ -261,8 +261,8 @@ def cmd_train(args) -> int:
 
 # ----------------------------------------------------------------------------------- sample
 def cmd_sample(args) -> int:
-    from pogdiff import checkpoints
-    from pogdiff.sampling import generate, image_grid
+    from pogdiff.model import checkpoints
+    from pogdiff.model.sampling import generate, image_grid
 
     ckpt = Path(args.checkpoint)
     if ckpt.is_dir() and not (ckpt / "configs.json").exists():
@@ -286,7 +286,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pogdiff import export
+    from pogdiff.runs import export
 
     card = export.CardInfo(license=args.license, base_model=args.base_model, prompts=tuple(args.prompt or ()),
                            metrics_csv=args.metrics)

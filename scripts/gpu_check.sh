@@ -6,7 +6,7 @@
 #     channels-last, AdamW foreach / for-loop against the default fused, torch.compile), 8-bit AdamW
 #     for 2 steps: s/step, ratio to the example, FLOP per step, share of the bf16 peak, peak memory,
 #     share of rows running the neighbour pass;
-#   - the Neighbours tab's sd15 preparation (pogdiff.prepare: CLIP + VAE on the GPU, neighbour table)
+#   - the Neighbours tab's sd15 preparation (pogdiff.method.prepare: CLIP + VAE on the GPU, neighbour table)
 #     on tiny random SD parts, or on the pipeline folder in $POGDIFF_SD_PIPELINE.
 # Writes results/gpu.json (after each configuration, so a run cut short keeps what it measured) and
 # prints the table.

@@ -45,7 +45,7 @@ class HashEncoder:
                 seed = int(hashlib.sha256(word.encode()).hexdigest()[:8], 16)
                 tokens[i, j] = torch.randn(TOKEN_DIM, generator=torch.Generator().manual_seed(seed))
                 mask[i, j] = True
-        from pogdiff.text import TextEmbeddings
+        from pogdiff.model.text import TextEmbeddings
 
         return TextEmbeddings(torch.nn.functional.normalize(tokens.sum(1), dim=-1), tokens, mask)
 
@@ -142,7 +142,7 @@ class FakeResult:
 
 
 class FakeTrain:
-    """Mimics pogdiff.training.train: steps gated by the test, honours stop_event, writes a checkpoint."""
+    """Mimics pogdiff.training.run.train: steps gated by the test, honours stop_event, writes a checkpoint."""
 
     def __init__(self, *, gated: bool = False, fail_at: int | None = None) -> None:
         self.gated = gated
@@ -290,7 +290,7 @@ def tiny_sd_pipeline(folder: str | Path, *, hidden: int = 32, seed: int = 0):
 
 def write_tiny_sd_pipeline(folder: str | Path, *, hidden: int = 32, seed: int = 0) -> Path:
     """:func:`tiny_sd_pipeline` saved as a local diffusers folder ``folder/pipe`` that
-    :func:`pogdiff.models.load_stable_diffusion` loads as it would a real one; returns its path.
+    :func:`pogdiff.model.models.load_stable_diffusion` loads as it would a real one; returns its path.
 
     ``python -m tests.fakes FOLDER`` writes one (``scripts/gpu_check.sh`` uses it).
     """

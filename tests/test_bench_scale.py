@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pogdiff import evaluation
+from pogdiff.evaluation import protocol as evaluation
 from pogdiff.bench import gpu, scale
 from pogdiff.cli import main
 
@@ -143,7 +143,8 @@ def test_bench_data_cli_tiny_second_pass_hits_cache(tmp_path):
     (["bench", "judge", "--demo", "--agreement"], {"demo": True, "agreement": True, "backbone": False, "out": None}),
 ])
 def test_scale_benches_are_registered(argv, expected):
-    from pogdiff.bench import judge, train_tab
+    from pogdiff.bench import judge_agreement as judge
+    from pogdiff.bench import train_tab_timing as train_tab
     from pogdiff.cli import build_parser
 
     handler = {"gpu": gpu.main, "train-tab": train_tab.main, "judge": judge.main}.get(argv[1], scale.main)
@@ -199,7 +200,7 @@ def test_checkpoint_digest_follows_the_weights(tmp_path):
 
 
 def test_train_tab_runs_append_to_one_file(tmp_path):
-    from pogdiff.bench.train_tab import append_run
+    from pogdiff.bench.train_tab_timing import append_run
 
     out = tmp_path / "results" / "train_tab.json"
     append_run(out, {"default_run_s": 1.0})

@@ -22,7 +22,7 @@ WAIT_MS = 60_000
 def page(tmp_path_factory):
     sync_playwright = browser_or_skip()
     import app
-    from pogdiff.jobs import JobManager
+    from pogdiff.runs.jobs import JobManager
     from pogdiff.ui import Studio
 
     root = tmp_path_factory.mktemp("browser-safety")

@@ -1,4 +1,4 @@
-"""pogdiff.checkpoints: round trips, atomic writes, pruning, optimizer state, EMA, export."""
+"""pogdiff.model.checkpoints: round trips, atomic writes, pruning, optimizer state, EMA, export."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
-import pogdiff.checkpoints as ckpt
-from pogdiff.checkpoints import (
+import pogdiff.model.checkpoints as ckpt
+from pogdiff.model.checkpoints import (
     latest_checkpoint,
     load_configs,
     load_model,
@@ -19,7 +19,7 @@ from pogdiff.checkpoints import (
     save_checkpoint,
 )
 from pogdiff.config import ModelConfig, TrainConfig
-from pogdiff.models import DiffusionModel, build_tiny
+from pogdiff.model.models import DiffusionModel, build_tiny
 from tests.fakes import TOKEN_DIM, HashEncoder
 
 SMALL = ModelConfig(block_out_channels=(8, 16, 32), resolution=16, cross_attention_dim=TOKEN_DIM)
@@ -157,7 +157,7 @@ def test_half_precision_storage_loads_back_as_float32_with_small_error(tmp_path)
 
 
 def test_verify_checkpoint_names_a_damaged_or_missing_file(tmp_path):
-    from pogdiff.checkpoints import CheckpointError, verify_checkpoint
+    from pogdiff.model.checkpoints import CheckpointError, verify_checkpoint
 
     model = _model()
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
@@ -182,8 +182,8 @@ def test_verify_checkpoint_names_a_damaged_or_missing_file(tmp_path):
 
 
 def test_candidates_cleanup_and_set_aside(tmp_path):
-    from pogdiff.checkpoints import clean_temporary, resume_candidates
-    from pogdiff.run_folder import HISTORY_FILE, RUN_FILE, set_aside, update_record
+    from pogdiff.model.checkpoints import clean_temporary, resume_candidates
+    from pogdiff.runs.run_folder import HISTORY_FILE, RUN_FILE, set_aside, update_record
 
     model = _model()
     run = tmp_path / "run"

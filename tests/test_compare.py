@@ -13,7 +13,7 @@ import pytest
 
 from pogdiff.ui import compare_views as cv
 from tests.fakes import relative_luminance
-from pogdiff import metrics
+from pogdiff.evaluation import metrics
 from pogdiff.ui import state as ui_state
 from pogdiff.ui import views
 
@@ -169,7 +169,7 @@ def studio(tmp_path):
     import gradio as gr  # noqa: F401
 
     from pogdiff import ui
-    from pogdiff.jobs import JobManager
+    from pogdiff.runs.jobs import JobManager
     from tests.fakes import HashEncoder
     from tests.fakes import FakeTrain
 
@@ -202,7 +202,7 @@ def fake_runs(studio, tmp_path, monkeypatch):
         calls.append((model, list(captions), list(seeds), cfg.steps))
         return np.full((len(captions), 8, 8, 3), 0 if model == "run:a" else 40, np.uint8)
 
-    monkeypatch.setattr("pogdiff.sampling.generate", generate)
+    monkeypatch.setattr("pogdiff.model.sampling.generate", generate)
     return calls
 
 
@@ -359,7 +359,8 @@ def test_compute_metrics_fast_by_default_full_on_request_and_cached(tmp_path, mo
     same checkpoint weights and mode is read from the cache, not generated again."""
     import pandas as pd
 
-    from pogdiff import evaluation, ui
+    from pogdiff import ui
+    from pogdiff.evaluation import protocol as evaluation
 
     shipped = Path(__file__).resolve().parent.parent / "checkpoints"
     studio = ui.Studio(tmp_path / "runs", shipped_dir=shipped, device="cpu")
@@ -389,7 +390,7 @@ def test_compute_metrics_fast_by_default_full_on_request_and_cached(tmp_path, mo
 
 # ====================================================== metrics table: key columns, verdicts, CSV
 def test_verdict_table_puts_the_difference_interval_verdict_and_judge_first():
-    from pogdiff import comparison as m
+    from pogdiff.evaluation import comparison as m
 
     verdicts = m.per_class_verdicts(A_TABLE, B_TABLE)
     rel = pd.DataFrame({"subject": ["a", "b", "c"], "reliability": [1.0, 0.25, 0.8], "weak": [False, True, False]})
@@ -407,7 +408,7 @@ def test_verdict_table_puts_the_difference_interval_verdict_and_judge_first():
 
 
 def test_bucket_markdown_and_metrics_csv_frame():
-    from pogdiff import comparison as m
+    from pogdiff.evaluation import comparison as m
 
     md = cv.bucket_markdown(m.bucket_verdicts(A_TABLE, B_TABLE), ("base", "pog"))
     lines = md.splitlines()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pogdiff import evaluation
+from pogdiff.evaluation import protocol as evaluation
 from pogdiff.data.identities import make_identities, sample_attributes
 from pogdiff.data.render import render
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pogdiff import evaluator as ev
+from pogdiff.evaluation import demo_classifier as ev
 from pogdiff.data.demo import SPLITS, DemoSpec, demo_identities, render_set, split_seed
 from pogdiff.data.identities import ATTRIBUTE_HEADS
-from pogdiff.evaluator import (
+from pogdiff.evaluation.demo_classifier import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     Evaluator,

@@ -1,4 +1,4 @@
-"""pogdiff.export and ``python -m pogdiff export``: the self-contained tiny pipeline (loaded in a
+"""pogdiff.runs.export and ``python -m pogdiff export``: the self-contained tiny pipeline (loaded in a
 Python where pogdiff cannot be imported, same pixels as ``sample``), the sd15 LoRA / merged
 export, the model card and the Hub upload (offline, the upload call replaced)."""
 
@@ -18,12 +18,12 @@ import torch
 import yaml
 from PIL import Image
 
-from pogdiff import export
-from pogdiff.checkpoints import save_checkpoint
+from pogdiff.runs import export
+from pogdiff.model.checkpoints import save_checkpoint
 from pogdiff.cli import main
 from pogdiff.config import ModelConfig, TrainConfig
-from pogdiff.export import CardInfo, export_diffusers, push_to_hub
-from pogdiff.models import build_tiny, load_stable_diffusion
+from pogdiff.runs.export import CardInfo, export_diffusers, push_to_hub
+from pogdiff.model.models import build_tiny, load_stable_diffusion
 from tests.fakes import TOKEN_DIM, HashEncoder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ def exported(tmp_path_factory) -> Path:
 
 def _grid_tiles(path: Path, n: int, size: int) -> np.ndarray:
     """Tiles of a ``sample --scale 1`` grid (one row, GRID_GAP pixels apart)."""
-    from pogdiff.sampling import GRID_GAP
+    from pogdiff.model.sampling import GRID_GAP
 
     grid = np.asarray(Image.open(path).convert("RGB"))
     return np.stack([grid[:size, i * (size + GRID_GAP): i * (size + GRID_GAP) + size] for i in range(n)])

@@ -19,13 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pogdiff import checkpoints
-from pogdiff.runs import RunStore
+from pogdiff.model import checkpoints
+from pogdiff.runs.store import RunStore
 from pogdiff.config import DataConfig, PsiConfig, TrainConfig
 from pogdiff.data import load_image_text_set
-from pogdiff.trainer import Trainer
-from pogdiff.training import build_model, train
-from pogdiff.prepare import prepare_data
+from pogdiff.training.trainer import Trainer
+from pogdiff.training.run import build_model, train
+from pogdiff.method.prepare import prepare_data
 from tests.conftest import SMALL_MODEL
 from tests.fakes import free_port
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from pogdiff.config import ModelConfig, TrainConfig
-from pogdiff.jobs import JobBusyError, JobManager, JobStatus
-from pogdiff.run_folder import read_previews
+from pogdiff.runs.jobs import JobBusyError, JobManager, JobStatus
+from pogdiff.runs.run_folder import read_previews
 from tests.fakes import FakeDataset, FakeTrain
 
 TIMEOUT = 10.0
@@ -209,7 +209,7 @@ def test_an_interrupted_run_is_listed_and_resumes_in_its_own_folder(tmp_path):
 
 # ----------------------------------------------------------------- previews, run settings, step time
 def test_previews_are_saved_in_the_run_folder_and_read_back(tmp_path):
-    from pogdiff.run_folder import read_previews
+    from pogdiff.runs.run_folder import read_previews
 
     jobs = JobManager(tmp_path, train_fn=FakeTrain())
     jobs.start(FakeDataset(), *_cfgs(5), preview_captions=["x", "y"], run_name="named")
@@ -242,7 +242,7 @@ def test_previews_of_the_current_job_are_read_with_a_relative_runs_folder(tmp_pa
 
 
 def test_save_preview_refuses_images_and_captions_that_do_not_match(tmp_path):
-    from pogdiff.run_folder import save_preview
+    from pogdiff.runs.run_folder import save_preview
 
     with pytest.raises(ValueError, match=r"needs N images \[N, H, W, 3\] and N captions, got \(2, 8, 8, 3\) and 1"):
         save_preview(tmp_path, 1, np.zeros((2, 8, 8, 3), np.uint8), ["only one"])
@@ -323,7 +323,7 @@ def _steps(*segments, start=1, t0=0.0):
 
 
 def test_eta_waits_for_a_few_timed_steps_and_never_uses_the_warm_up_step():
-    from pogdiff.jobs import ETA_MIN_STEPS, estimate_eta
+    from pogdiff.runs.jobs import ETA_MIN_STEPS, estimate_eta
 
     assert ETA_MIN_STEPS == 3
     assert estimate_eta([(1, 30.0)], 300) == (None, None, False)  # step 1 alone (set-up, warm-up): estimating
@@ -333,7 +333,7 @@ def test_eta_waits_for_a_few_timed_steps_and_never_uses_the_warm_up_step():
 
 
 def test_eta_follows_the_latest_steps_rate():
-    from pogdiff.jobs import ETA_WINDOW, estimate_eta
+    from pogdiff.runs.jobs import ETA_WINDOW, estimate_eta
 
     ends = _steps((30, 0.5), (ETA_WINDOW, 2.0))  # the machine got busy: steps went from 0.5 s to 2 s
     left, rate, _ = estimate_eta(ends, 100)
@@ -343,7 +343,7 @@ def test_eta_follows_the_latest_steps_rate():
 
 
 def test_eta_counts_the_previews_still_to_come_at_their_measured_time():
-    from pogdiff.jobs import estimate_eta
+    from pogdiff.runs.jobs import estimate_eta
 
     ends = _steps((9, 1.0))  # step 10 of 300, previews every 50, none made yet
     left, rate, untimed = estimate_eta(ends, 300, preview_every=50)
@@ -371,7 +371,7 @@ def test_the_live_eta_of_a_job_says_estimating_at_first_and_is_zero_at_the_end(t
 
 
 def test_scratch_folders_are_never_listed_as_runs(tmp_path):
-    from pogdiff.run_folder import update_record
+    from pogdiff.runs.run_folder import update_record
 
     jobs = JobManager(tmp_path, train_fn=FakeTrain())
     jobs.start(FakeDataset(), *_cfgs(2), run_name="real")
@@ -387,7 +387,7 @@ def test_scratch_folders_are_never_listed_as_runs(tmp_path):
 
 def test_the_record_holds_the_trainers_fields_and_the_job_managers(tmp_path):
     """run.json is one record written by two hands: what the trainer writes survives the job's end."""
-    from pogdiff.run_folder import read_record, update_record
+    from pogdiff.runs.run_folder import read_record, update_record
 
     fake = FakeTrain()
 

@@ -1,4 +1,4 @@
-"""The judge of a user's own classes (pogdiff/judge.py) and the Compare metrics that use it."""
+"""The judge of a user's own classes (pogdiff/evaluation/user_judge.py) and the Compare metrics that use it."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pogdiff import judge as judging
-from pogdiff.judge import UserJudge, stratified_folds
+from pogdiff.evaluation import user_judge as judging
+from pogdiff.evaluation.user_judge import UserJudge, stratified_folds
 from pogdiff.ui import views
 
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"

@@ -21,9 +21,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from gradio_client import Client  # noqa: E402
 
 import app  # noqa: E402
-from pogdiff import checkpoints  # noqa: E402
+from pogdiff.model import checkpoints  # noqa: E402
 from pogdiff.bench.visitors import Recorder, error_summary, small_zip, visitor_session  # noqa: E402
-from pogdiff.quotas import Quotas  # noqa: E402
+from pogdiff.server.quotas import Quotas  # noqa: E402
 from pogdiff.ui import Studio  # noqa: E402
 from tests.fakes import HashEncoder, free_port  # noqa: E402
 

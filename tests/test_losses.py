@@ -1,4 +1,4 @@
-"""Pins the math of pogdiff.losses: closed forms, gradients, stop-gradients."""
+"""Pins the math of pogdiff.method.losses: closed forms, gradients, stop-gradients."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pogdiff.losses import cbdm_loss, mean_flat, mse_loss, pog_target, pogdiff_loss
+from pogdiff.method.losses import cbdm_loss, mean_flat, mse_loss, pog_target, pogdiff_loss
 
 SHAPE = (6, 3, 4, 4)
 

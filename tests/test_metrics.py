@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from pogdiff.config import DataConfig
-from pogdiff.metrics import (
+from pogdiff.evaluation.metrics import (
     accuracy_vs_frequency_figure,
     dino_score,
     frechet_distance,
@@ -224,7 +224,7 @@ def test_accuracy_vs_frequency_figure(tmp_path):
 
 
 def test_paired_ratios_by_hand():
-    from pogdiff.comparison import paired_ratios
+    from pogdiff.evaluation.comparison import paired_ratios
 
     assert paired_ratios([0.3, 0.2, 0.0, 0.1], [0.2, 0.4, 0.0, 0.0]) == [pytest.approx(1.5), 0.5, pytest.approx(float("nan"), nan_ok=True), float("inf")]
     with pytest.raises(ValueError, match="as many treated as control"):
@@ -233,7 +233,7 @@ def test_paired_ratios_by_hand():
 
 def test_bootstrap_ratio_ci_matches_the_exact_resampling_distribution():
     """Two classes: the 4 equally likely resamples give ratios 1.5 (x,x), 1.25 (y,y) and 8/6 (x,y twice)."""
-    from pogdiff.comparison import bootstrap_ratio_ci
+    from pogdiff.evaluation.comparison import bootstrap_ratio_ci
 
     ratio, low, high = bootstrap_ratio_ci([0.3, 0.5], [0.2, 0.4], n_boot=20_000, level=0.9, seed=1)
     assert ratio == pytest.approx(0.8 / 0.6)

@@ -1,4 +1,4 @@
-"""pogdiff.models: tiny UNet shape / size / attention layout, determinism, conditioning, LoRA."""
+"""pogdiff.model.models: tiny UNet shape / size / attention layout, determinism, conditioning, LoRA."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention
 
 from pogdiff.config import ModelConfig
-from pogdiff.models import (
+from pogdiff.model.models import (
     DiffusionModel,
     add_lora,
     build_tiny,
@@ -189,7 +189,7 @@ def _schedule(kind: str) -> DDPMScheduler:
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
 def test_output_to_eps_recovers_eps_from_the_exact_target_of_each_prediction_type(kind):
-    from pogdiff.models import output_to_eps
+    from pogdiff.model.models import output_to_eps
 
     sched = _schedule(kind)
     g = torch.Generator().manual_seed(0)
@@ -208,8 +208,8 @@ def test_output_to_eps_recovers_eps_from_the_exact_target_of_each_prediction_typ
 def test_eps_loss_weights_turn_the_eps_error_into_the_native_error(kind):
     from diffusers.training_utils import compute_snr
 
-    from pogdiff.models import output_to_eps
-    from pogdiff.train_setup import eps_loss_weights
+    from pogdiff.model.models import output_to_eps
+    from pogdiff.training.setup import eps_loss_weights
 
     sched = _schedule(kind)
     g = torch.Generator().manual_seed(1)
@@ -244,7 +244,7 @@ def test_eps_loss_weights_turn_the_eps_error_into_the_native_error(kind):
 def test_predict_eps_works_through_a_distributed_data_parallel_wrapper():
     import torch.distributed as dist
 
-    from pogdiff.models import is_lora, unwrap
+    from pogdiff.model.models import is_lora, unwrap
     from tests.fakes import free_port
 
     model = _small()

@@ -31,7 +31,7 @@ def test_every_ui_module_is_under_the_limit():
 
 
 # Layers that import nothing of training, the UI or the benchmarks (docs/ARCHITECTURE.md "Stages").
-LOWER = ("pogdiff.config", "pogdiff.constants", "pogdiff.safety", "pogdiff.knn", "pogdiff.losses", "pogdiff.text",
+LOWER = ("pogdiff.config", "pogdiff.constants", "pogdiff.server.safety", "pogdiff.method.knn", "pogdiff.method.losses", "pogdiff.model.text",
          "pogdiff.data")
 
 
@@ -84,7 +84,7 @@ def test_lower_layers_import_nothing_above_them():
 
 
 def test_checkpoint_format_knows_nothing_of_run_folders_or_export():
-    assert not _graph()["pogdiff.checkpoints"] & {"pogdiff.run_folder", "pogdiff.runs", "pogdiff.export", "pogdiff.jobs"}
+    assert not _graph()["pogdiff.model.checkpoints"] & {"pogdiff.runs.run_folder", "pogdiff.runs.store", "pogdiff.runs.export", "pogdiff.runs.jobs"}
 
 
 def test_only_the_cli_imports_the_benchmarks():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pogdiff.config import PsiConfig
-from pogdiff.neighbours import (
+from pogdiff.method.neighbours import (
     gaussian_psi_factor,
     pair_delta2,
     build_neighbour_table,

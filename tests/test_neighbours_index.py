@@ -6,10 +6,10 @@ import faiss
 import numpy as np
 import pytest
 
-from pogdiff.neighbours import (
+from pogdiff.method.neighbours import (
     knn,
 )
-from pogdiff.knn import (
+from pogdiff.method.knn import (
     build_index,
     choose_index,
     exact_knn_rows,
@@ -82,7 +82,7 @@ def test_recall_at_k_counts_overlap_in_any_order_and_ignores_missing():
 
 
 def test_truncated_kernel_density_equals_the_top_k_sum(monkeypatch):
-    from pogdiff import neighbours
+    from pogdiff.method import neighbours
 
     v = _unit(300, 8, seed=5)
     monkeypatch.setattr(neighbours, "DENSITY_EXACT_MAX", 100)
@@ -121,7 +121,7 @@ def test_ivf_self_join_recall_guard_falls_back_to_exact_on_unstructured_data(cap
     exact = exact_knn_rows(v, np.arange(2000), 5)
     fixed = ivf_self_join(v, 5, nlist=40, nprobe=2)  # explicit nprobe: no guard
     assert recall_at_k(fixed.idx, exact, 5) < 0.5 and not fixed.exact_fallback
-    with caplog.at_level("WARNING", logger="pogdiff.knn"):
+    with caplog.at_level("WARNING", logger="pogdiff.method.knn"):
         guarded = ivf_self_join(v, 5, nlist=40)  # automatic nprobe: guard on
     assert recall_at_k(guarded.idx, exact, 5) == 1.0
     assert guarded.exact_fallback  # the result says so, and so does the log
@@ -130,7 +130,7 @@ def test_ivf_self_join_recall_guard_falls_back_to_exact_on_unstructured_data(cap
 
 def test_ivf_self_join_keeps_the_fast_graph_on_clustered_data(caplog):
     v = _clustered(3000, 32, clusters=30, seed=9)
-    with caplog.at_level("WARNING", logger="pogdiff.knn"):
+    with caplog.at_level("WARNING", logger="pogdiff.method.knn"):
         found = ivf_self_join(v, 5, nlist=60)
     assert not found.exact_fallback and "computed exactly" not in caplog.text
     idx = found.idx
@@ -145,7 +145,7 @@ def test_knn_self_query_above_the_threshold_is_the_self_join():
 
 
 def test_psi_table_shares_one_search_between_graph_and_density(monkeypatch):
-    from pogdiff import neighbours
+    from pogdiff.method import neighbours
     from pogdiff.config import PsiConfig
 
     v = _clustered(400, 16, clusters=8, seed=11)
@@ -165,9 +165,9 @@ def test_psi_table_shares_one_search_between_graph_and_density(monkeypatch):
 
 
 def test_caption_graph_takes_the_index_settings_and_reports_the_fallback():
-    from pogdiff import neighbours
+    from pogdiff.method import neighbours
     from pogdiff.config import PsiConfig
-    from pogdiff.knn import KnnSearch
+    from pogdiff.method.knn import KnnSearch
 
     v = _unit(2000, 32, seed=8)  # isotropic: the self-join's recall guard falls back to exact
     cfg = PsiConfig(k=5, pool="all", hnsw_above=100, use_density=False, use_image_sim=False)

@@ -1,4 +1,4 @@
-"""Each objective's forward pass (pogdiff/objectives.py) against the loss formulas by hand."""
+"""Each objective's forward pass (pogdiff/method/objectives.py) against the loss formulas by hand."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from pogdiff import losses
+from pogdiff.method import losses
 from pogdiff.config import PsiConfig, TrainConfig
-from pogdiff.neighbours import NeighbourTable
-from pogdiff.objectives import CBDM, Objective, PoGDiff, Step, objective_for
+from pogdiff.method.neighbours import NeighbourTable
+from pogdiff.method.objectives import CBDM, Objective, PoGDiff, Step, objective_for
 
 
 def _table(psi: np.ndarray) -> NeighbourTable:

@@ -55,7 +55,7 @@ def test_wheel_has_the_package_a_console_script_and_the_runtime_requirements(tmp
         meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     ours = {str(p.relative_to(REPO)) for p in (REPO / "pogdiff").rglob("*.py")}
-    assert ours <= names and "pogdiff/pipeline_pogdiff.py" in names and "pogdiff/data/loader.py" in names
+    assert ours <= names and "pogdiff/runs/pipeline_pogdiff.py" in names and "pogdiff/data/loader.py" in names
     assert "pogdiff = pogdiff.cli:main" in entry_points
     requires = re.findall(r"^Requires-Dist: (.+)$", meta, flags=re.M)
     assert [r for r in requires if "extra ==" not in r] == _requirements("requirements.txt")

@@ -12,9 +12,9 @@ from pogdiff.data import load_image_text_set
 from pogdiff.data.demo import RenderedSet, write_image_folder
 from pogdiff.data.identities import make_identities, sample_attributes
 from pogdiff.data.render import render
-from pogdiff.objectives import INACTIVE_POG_SHARE, pog_share, pogdiff_inactive_warning
-from pogdiff.train_record import StepInfo
-from pogdiff.training import train
+from pogdiff.method.objectives import INACTIVE_POG_SHARE, pog_share, pogdiff_inactive_warning
+from pogdiff.training.records import StepInfo
+from pogdiff.training.run import train
 
 BASE = Path(__file__).resolve().parent.parent / "checkpoints" / "base-tiny"
 
@@ -99,7 +99,7 @@ def test_train_tab_shows_pogdiff_activity_and_the_warning():
 
 def test_the_train_tab_warning_does_not_advise_the_pool_the_run_already_uses():
     """Regression: the progress panel advised the other-class pool to a run that used it already."""
-    from pogdiff.jobs import JobStatus
+    from pogdiff.runs.jobs import JobStatus
     from pogdiff.ui.views import progress_html
 
     quiet = [{"step": s, "loss": 1.0, "mse": 1.0, "pog": 0.001, "pog_share": 0.001, "psi_mean": 0.3,

@@ -1,4 +1,4 @@
-"""One preparation path (pogdiff/prepare.py): the Neighbours tab shows the psi training uses,
+"""One preparation path (pogdiff/method/prepare.py): the Neighbours tab shows the psi training uses,
 captions are encoded once, and the neighbour table is cached by content."""
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def _tables_equal(a, b) -> None:
 
 
 def test_the_neighbours_tab_shows_the_table_training_builds(studio_and_key):
-    from pogdiff.models import build_tiny
-    from pogdiff.prepare import prepare_data
+    from pogdiff.model.models import build_tiny
+    from pogdiff.method.prepare import prepare_data
 
     studio, key, encoder = studio_and_key
     psi = PsiConfig(k=4, psi_max=2.0, pool="other_class")
@@ -55,8 +55,8 @@ def test_the_neighbours_tab_shows_the_table_training_builds(studio_and_key):
 
 
 def test_neighbour_table_cache_round_trip_and_bad_file(tmp_path, caplog):
-    from pogdiff import prepare
-    from pogdiff.neighbours import image_features
+    from pogdiff.method import prepare
+    from pogdiff.method.neighbours import image_features
 
     rng = np.random.default_rng(0)
     pooled = rng.normal(size=(12, 8)).astype(np.float32)
@@ -81,7 +81,7 @@ def test_neighbour_table_cache_round_trip_and_bad_file(tmp_path, caplog):
 
 
 def test_k_is_capped_at_the_set_size(tmp_path):
-    from pogdiff import prepare
+    from pogdiff.method import prepare
 
     pooled = np.eye(3, dtype=np.float32)
     table = prepare.neighbour_table(pooled, None, PsiConfig(k=10, use_image_sim=False, schedule="constant"),

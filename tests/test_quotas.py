@@ -13,9 +13,9 @@ import gradio as gr
 import pytest
 
 import app
-from pogdiff import quotas
-from pogdiff.jobs import JobManager
-from pogdiff.quotas import QUOTA_TITLE, VISITORS_TITLE, QuotaError, Quotas
+from pogdiff.server import quotas
+from pogdiff.runs.jobs import JobManager
+from pogdiff.server.quotas import QUOTA_TITLE, VISITORS_TITLE, QuotaError, Quotas
 from pogdiff.ui import Studio
 from pogdiff.ui.sessions import SessionRegistry, VisitorLimitError
 from tests.fakes import FakeTrain, noop_progress, tiny_set, train_form

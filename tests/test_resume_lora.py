@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from pogdiff.config import DataConfig, ModelConfig, TrainConfig
 from pogdiff.data import load_image_text_set
-from pogdiff.training import train
+from pogdiff.training.run import train
 from tests.fakes import loss_curve
 from tests.fakes import SD_HIDDEN as HIDDEN, SD_LORA_RANK as RANK, tiny_sd_pipeline
 

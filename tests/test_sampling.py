@@ -1,4 +1,4 @@
-"""pogdiff.sampling: fixed per-image seeds, batch independence, guidance, stop, grids."""
+"""pogdiff.model.sampling: fixed per-image seeds, batch independence, guidance, stop, grids."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from pogdiff.config import ModelConfig, SampleConfig
-from pogdiff.models import build_tiny
-from pogdiff.sampling import GenerationStopped, generate, image_grid, initial_noise, make_scheduler, to_uint8
+from pogdiff.model.models import build_tiny
+from pogdiff.model.sampling import GenerationStopped, generate, image_grid, initial_noise, make_scheduler, to_uint8
 from tests.fakes import TOKEN_DIM, HashEncoder
 
 SMALL = ModelConfig(block_out_channels=(8, 16, 32), resolution=16, cross_attention_dim=TOKEN_DIM)
@@ -178,7 +178,8 @@ def test_shipped_base_samples_today_s_pixels(scheduler, monkeypatch):
     """
     from pathlib import Path
 
-    from pogdiff import checkpoints, sampling
+    from pogdiff.model import checkpoints
+    from pogdiff.model import sampling
 
     base = Path(__file__).resolve().parent.parent / "checkpoints" / "base-tiny"
     model = checkpoints.load_model(base)

@@ -1,7 +1,7 @@
 """The Stable Diffusion code path, offline, with tiny randomly initialised pipeline parts.
 
 A tiny UNet / VAE / CLIP pipeline is saved as a local diffusers folder and loaded through
-:func:`pogdiff.models.load_stable_diffusion` exactly as a real one would be.
+:func:`pogdiff.model.models.load_stable_diffusion` exactly as a real one would be.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-from pogdiff.checkpoints import load_model, save_checkpoint
+from pogdiff.model.checkpoints import load_model, save_checkpoint
 from pogdiff.config import ModelConfig, SampleConfig, TrainConfig
-from pogdiff.export import export_diffusers
-from pogdiff.models import LORA_TARGET_MODULES, attention_processors, load_stable_diffusion
-from pogdiff.sampling import generate
-from pogdiff.text import CLIPCaptionEncoder
+from pogdiff.runs.export import export_diffusers
+from pogdiff.model.models import LORA_TARGET_MODULES, attention_processors, load_stable_diffusion
+from pogdiff.model.sampling import generate
+from pogdiff.model.text import CLIPCaptionEncoder
 from tests.fakes import SD_HIDDEN, SD_LORA_RANK, write_tiny_sd_pipeline
 
 HIDDEN = SD_HIDDEN
@@ -140,7 +140,7 @@ def test_generate_two_steps(model):
 
 
 def test_vae_latents_are_cached_on_disk_and_reused(tmp_path, model):
-    from pogdiff.prepare import encode_dataset_images
+    from pogdiff.method.prepare import encode_dataset_images
 
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     first = encode_dataset_images(model, images, cache_dir=tmp_path)
@@ -157,7 +157,7 @@ def test_vae_latents_are_cached_on_disk_and_reused(tmp_path, model):
 def test_trainer_fine_tunes_lora_on_the_stable_diffusion_path(method, cfg, small_demo, tmp_path):
     from pogdiff.config import DataConfig
     from pogdiff.data import load_image_text_set
-    from pogdiff.training import train
+    from pogdiff.training.run import train
 
     ds = load_image_text_set(small_demo / "train", DataConfig(resolution=32))
     train_cfg = TrainConfig(method=method, max_steps=2, batch_size=2, checkpoint_every=0, log_every=0)
@@ -173,8 +173,8 @@ def test_trainer_fine_tunes_lora_on_the_stable_diffusion_path(method, cfg, small
 def test_mixed_precision_keeps_frozen_weights_in_half_and_lora_in_float32(cfg, small_demo, tmp_path):
     from pogdiff.config import DataConfig, PsiConfig
     from pogdiff.data import load_image_text_set
-    from pogdiff.trainer import Trainer
-    from pogdiff.prepare import prepare_data
+    from pogdiff.training.trainer import Trainer
+    from pogdiff.method.prepare import prepare_data
 
     model = load_stable_diffusion(cfg)
     ds = load_image_text_set(small_demo / "train", DataConfig(resolution=32))
@@ -202,8 +202,9 @@ def test_train_tab_trains_sd15_on_data_loaded_at_the_tiny_size(tmp_path, pipe_di
     """
     import dataclasses
 
-    from pogdiff import config, training, ui
-    from pogdiff.jobs import JobManager
+    from pogdiff import config, ui
+    from pogdiff.training import run as training
+    from pogdiff.runs.jobs import JobManager
     from tests.fakes import noop_progress, tiny_set, train_form
 
     real_preset = config.model_preset

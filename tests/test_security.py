@@ -18,9 +18,10 @@ import gradio as gr
 import pandas as pd
 import pytest
 
-from pogdiff import cli, safety, ui
+from pogdiff import cli, ui
+from pogdiff.server import safety
 from pogdiff.config import LIMITS, ModelConfig, TrainConfig
-from pogdiff.jobs import JobManager
+from pogdiff.runs.jobs import JobManager
 
 from tests.fakes import FakeDataset, FakeTrain, free_port, noop_progress, tiny_set, train_form
 from pogdiff.ui import views

@@ -8,19 +8,19 @@ import dataclasses
 import pytest
 import torch
 
-from pogdiff import train_setup
+from pogdiff.training import setup as train_setup
 from pogdiff.bench.gpu import SD15_UNET_CONFIG
 from pogdiff.config import DataConfig, ModelConfig, PsiConfig, TrainConfig, configs_from_options, model_preset
 from pogdiff.data import load_image_text_set
-from pogdiff.models import attention_processors, build_tiny, unwrap
-from pogdiff.prepare import prepare_data
-from pogdiff.train_setup import (
+from pogdiff.model.models import attention_processors, build_tiny, unwrap
+from pogdiff.method.prepare import prepare_data
+from pogdiff.training.setup import (
     adamw_kernel_options,
     build_optimizer,
     needs_gradient_checkpointing,
     step_memory_estimate,
 )
-from pogdiff.trainer import Trainer
+from pogdiff.training.trainer import Trainer
 from tests.conftest import SMALL_MODEL
 
 FAST = TrainConfig(method="baseline", batch_size=4, max_steps=2, checkpoint_every=0, log_every=0, warmup_steps=0,

@@ -1,4 +1,4 @@
-"""T2H's head-to-tail target transfer (pogdiff/losses.py, pogdiff/objectives.py) against float64
+"""T2H's head-to-tail target transfer (pogdiff/method/losses.py, pogdiff/method/objectives.py) against float64
 references written from its definition (README "The method")."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pogdiff import losses
+from pogdiff.method import losses
 from pogdiff.config import TrainConfig
-from pogdiff.objectives import T2H, Step, objective_for
+from pogdiff.method.objectives import T2H, Step, objective_for
 
 
 def _reference_log_weights(x0: np.ndarray, eps: np.ndarray, abar: np.ndarray) -> np.ndarray:

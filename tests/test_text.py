@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pogdiff.config import ModelConfig
-from pogdiff.text import (
+from pogdiff.model.text import (
     CachedEncoder,
     CaptionEncoder,
     CLIPCaptionEncoder,

@@ -8,12 +8,13 @@ import threading
 import numpy as np
 import pytest
 
-from pogdiff import checkpoints, run_folder
-from pogdiff.runs import RunStore
+from pogdiff.model import checkpoints
+from pogdiff.runs import run_folder
+from pogdiff.runs.store import RunStore
 from pogdiff.config import DataConfig, PsiConfig, SampleConfig, TrainConfig
 from pogdiff.data import load_image_text_set
-from pogdiff.sampling import generate
-from pogdiff.training import train
+from pogdiff.model.sampling import generate
+from pogdiff.training.run import train
 from tests.fakes import loss_curve
 from tests.conftest import SMALL_MODEL
 
@@ -158,7 +159,7 @@ def test_a_diverging_run_stops_naming_the_term_and_keeps_the_last_good_checkpoin
     import torch
     from safetensors.torch import load_file
 
-    from pogdiff.train_record import NonFiniteError
+    from pogdiff.training.records import NonFiniteError
 
     cfg = dataclasses.replace(FAST, method="baseline", learning_rate=1e6, max_steps=30, checkpoint_every=1)
     with pytest.raises(NonFiniteError, match=r"non-finite loss at step \d+: the 'mse' term of the loss is nan.*"
@@ -175,12 +176,12 @@ def test_a_diverging_run_stops_naming_the_term_and_keeps_the_last_good_checkpoin
 def test_a_non_finite_gradient_stops_before_the_weights_change(dataset, tmp_path):
     import torch
 
-    from pogdiff.train_record import NonFiniteError
-    from pogdiff.trainer import Trainer
+    from pogdiff.training.records import NonFiniteError
+    from pogdiff.training.trainer import Trainer
 
-    from pogdiff.training import build_model
+    from pogdiff.training.run import build_model
 
-    from pogdiff.prepare import prepare_data
+    from pogdiff.method.prepare import prepare_data
 
     model = build_model(SMALL_MODEL)
     data = prepare_data(dataset, model, PsiConfig(), need_table=False)
@@ -228,7 +229,7 @@ def _stopped_at(n):
 def test_stop_and_resume_ends_with_bit_identical_unet_ema_and_optimizer(extra, dataset, tmp_path, monkeypatch):
     import torch
 
-    from pogdiff.trainer import Trainer
+    from pogdiff.training.trainer import Trainer
 
     cfg = dataclasses.replace(FAST, max_steps=6, ema_decay=0.9, checkpoint_minutes=0.0,
                               **{"method": "pogdiff", **extra})
@@ -266,11 +267,11 @@ def test_lr_follows_the_diffusers_schedule_with_warmup(dataset, tmp_path):
 def test_offset_noise_adds_one_constant_per_sample_and_channel(dataset, tmp_path):
     import torch
 
-    from pogdiff.trainer import Trainer
+    from pogdiff.training.trainer import Trainer
 
-    from pogdiff.training import build_model
+    from pogdiff.training.run import build_model
 
-    from pogdiff.prepare import prepare_data
+    from pogdiff.method.prepare import prepare_data
 
     model = build_model(SMALL_MODEL)
     data = prepare_data(dataset, model, PsiConfig(), need_table=False)
@@ -320,7 +321,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(dataset, tmp
     raw[len(raw) // 2] ^= 0xFF  # one flipped byte inside the tensor data: still loads, wrong numbers
     weights.write_bytes(bytes(raw))
     (tmp_path / "split" / ".tmp-checkpoint-000005-dead").mkdir()
-    with caplog.at_level("WARNING", logger="pogdiff.training"):
+    with caplog.at_level("WARNING", logger="pogdiff.training.run"):
         second = train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=cfg, run_dir=tmp_path / "split")
     assert "cannot resume from" in caplog.text and "checkpoint-000004" in caplog.text
     assert "does not match its checksum" in caplog.text
@@ -347,7 +348,7 @@ def test_an_unwritable_or_full_run_folder_is_refused_before_step_1(dataset, tmp_
 
 
 def test_resuming_another_method_or_data_is_refused_unless_a_new_run_is_asked(dataset, tmp_path):
-    from pogdiff.train_setup import RunMismatchError
+    from pogdiff.training.setup import RunMismatchError
 
     base = dataclasses.replace(FAST, method="baseline")
     train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=base, run_dir=tmp_path)
@@ -383,11 +384,11 @@ def test_interrupted_runs_are_listed_until_they_finish(dataset, tmp_path):
 def test_gradient_accumulation_averages_the_micro_batch_gradients(dataset, tmp_path, monkeypatch):
     import torch
 
-    from pogdiff.trainer import Trainer
+    from pogdiff.training.trainer import Trainer
 
-    from pogdiff.training import build_model
+    from pogdiff.training.run import build_model
 
-    from pogdiff.prepare import prepare_data
+    from pogdiff.method.prepare import prepare_data
 
     model = build_model(SMALL_MODEL)
     data = prepare_data(dataset, model, PsiConfig(), need_table=False)
@@ -412,7 +413,7 @@ def test_gradient_accumulation_averages_the_micro_batch_gradients(dataset, tmp_p
 
 def test_mixed_precision_comes_from_accelerate_unless_the_flag_is_given(monkeypatch):
     from pogdiff.cli import build_parser, configs_from_args
-    from pogdiff.train_setup import accelerate_mixed_precision
+    from pogdiff.training.setup import accelerate_mixed_precision
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert accelerate_mixed_precision() == "bf16"
@@ -427,7 +428,7 @@ def test_mixed_precision_comes_from_accelerate_unless_the_flag_is_given(monkeypa
 def test_mixed_precision_comes_from_the_accelerate_config_file(monkeypatch, tmp_path):
     import accelerate.commands.config.config_args as config_args
 
-    from pogdiff.train_setup import accelerate_mixed_precision
+    from pogdiff.training.setup import accelerate_mixed_precision
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     path = tmp_path / "default_config.yaml"

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from pogdiff import checkpoints, run_folder, train_setup
+from pogdiff.model import checkpoints
+from pogdiff.runs import run_folder
+from pogdiff.training import setup as train_setup
 from pogdiff.config import DataConfig, TrainConfig
 from pogdiff.data import load_image_text_set
-from pogdiff.train_setup import build_optimizer
-from pogdiff.train_record import history_from_rows
-from pogdiff.training import train
+from pogdiff.training.setup import build_optimizer
+from pogdiff.training.records import history_from_rows
+from pogdiff.training.run import train
 from tests.fakes import loss_curve
 from tests.conftest import SMALL_MODEL
 
@@ -166,9 +168,9 @@ def test_a_history_line_cut_short_is_skipped_with_a_warning(tmp_path, caplog):
 
 # ------------------------------------------------------------------------ runtime checks
 def test_runtime_shape_checks_say_what_is_wrong():
-    from pogdiff.models import build_tiny
-    from pogdiff.text import TextEmbeddings
-    from pogdiff.prepare import TrainData
+    from pogdiff.model.models import build_tiny
+    from pogdiff.model.text import TextEmbeddings
+    from pogdiff.method.prepare import TrainData
 
     model = build_tiny(SMALL_MODEL, seed=0)
     with pytest.raises(ValueError, match=r"expects RGB images \[N, 3, H, W\], got shape \(2, 32, 32, 3\)"):

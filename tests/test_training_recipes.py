@@ -11,8 +11,8 @@ import torch
 
 from pogdiff.config import DataConfig, PsiConfig, TrainConfig
 from pogdiff.data import load_image_text_set
-from pogdiff.trainer import class_draw_weights
-from pogdiff.training import train
+from pogdiff.training.trainer import class_draw_weights
+from pogdiff.training.run import train
 from tests.fakes import loss_curve
 from tests.conftest import SMALL_MODEL
 
@@ -33,9 +33,9 @@ def test_class_draw_weights_follow_counts_to_the_power_alpha():
 
 
 def test_tempered_draws_match_their_class_probabilities(dataset, tmp_path):
-    from pogdiff.models import build_tiny
-    from pogdiff.prepare import prepare_data
-    from pogdiff.trainer import Trainer
+    from pogdiff.model.models import build_tiny
+    from pogdiff.method.prepare import prepare_data
+    from pogdiff.training.trainer import Trainer
 
     model = build_tiny(SMALL_MODEL, seed=0)
     data = prepare_data(dataset, model, PsiConfig(), need_table=False)
@@ -52,9 +52,9 @@ def test_tempered_draws_match_their_class_probabilities(dataset, tmp_path):
 
 def test_class_uniform_draws_are_unchanged_by_the_tempering_option(dataset, tmp_path):
     """alpha 0 keeps the draws of earlier versions: the same rows as a class-uniform draw by hand."""
-    from pogdiff.models import build_tiny
-    from pogdiff.prepare import prepare_data
-    from pogdiff.trainer import Trainer
+    from pogdiff.model.models import build_tiny
+    from pogdiff.method.prepare import prepare_data
+    from pogdiff.training.trainer import Trainer
 
     model = build_tiny(SMALL_MODEL, seed=0)
     data = prepare_data(dataset, model, PsiConfig(), need_table=False)
@@ -95,9 +95,9 @@ def test_a_base_teacher_equals_the_live_model_at_the_first_step_and_stays_frozen
 
 
 def test_the_trainer_refuses_a_base_teacher_it_was_not_given(dataset, tmp_path):
-    from pogdiff.models import build_tiny
-    from pogdiff.prepare import prepare_data
-    from pogdiff.trainer import Trainer
+    from pogdiff.model.models import build_tiny
+    from pogdiff.method.prepare import prepare_data
+    from pogdiff.training.trainer import Trainer
 
     model = build_tiny(SMALL_MODEL, seed=0)
     data = prepare_data(dataset, model, PsiConfig())

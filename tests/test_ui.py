@@ -16,8 +16,8 @@ import pytest
 from pogdiff import ui
 from pogdiff.ui import shared
 from pogdiff.config import DataConfig, PsiConfig
-from pogdiff.jobs import JobManager, JobStatus
-from pogdiff.runs import RunInfo
+from pogdiff.runs.jobs import JobManager, JobStatus
+from pogdiff.runs.store import RunInfo
 
 from tests.fakes import SHAPES, FakeTrain, kohya_zip, noop_progress, tiny_set, train_form
 from pogdiff.ui.train_form import form_values
@@ -446,7 +446,7 @@ def test_time_estimate_before_start_is_measured(tmp_path):
 
 
 def test_estimate_markdown_adds_the_set_up_to_the_steps():
-    from pogdiff.runs import StepTime
+    from pogdiff.runs.store import StepTime
 
     md = views.estimate_markdown(StepTime(0.5, 2, "trial", 0.0, setup_seconds=10.0), 100, where="2 CPU cores")
     assert md.startswith("About **1m 00s** for 100 steps: 0.50 s/step") and "(2 CPU cores)" in md

@@ -1,4 +1,4 @@
-"""B − A with an interval and the verdict rule (pogdiff/metrics.py, README "Reading B − A")."""
+"""B − A with an interval and the verdict rule (pogdiff/evaluation/metrics.py, README "Reading B − A")."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from scipy.stats import binom
 
-from pogdiff import comparison
-from pogdiff.comparison import A_BETTER, B_BETTER, NO_DIFFERENCE, NOT_MEASURED
+from pogdiff.evaluation import comparison
+from pogdiff.evaluation.comparison import A_BETTER, B_BETTER, NO_DIFFERENCE, NOT_MEASURED
 
 
 def _table(rows: list[tuple[str, int, str, float, int]]) -> pd.DataFrame:

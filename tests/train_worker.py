@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pogdiff.config import DataConfig, TrainConfig
     from pogdiff.data import load_image_text_set
-    from pogdiff.training import train
+    from pogdiff.training.run import train
     from tests.conftest import SMALL_MODEL
 
     p = argparse.ArgumentParser()

@@ -8,14 +8,16 @@ heavy dependencies (torch, training, checkpoints) where they use them, so ``--he
 - :mod:`~pogdiff.bench.quality`: ``speed``, ``quality``, ``report``
 - :mod:`~pogdiff.bench.scale`: ``knn``, ``sampling``, ``data``, ``metrics``
 - :mod:`~pogdiff.bench.gpu`: ``gpu``
-- :mod:`~pogdiff.bench.train_tab`: ``train-tab``
-- :mod:`~pogdiff.bench.judge`: ``judge``
+- :mod:`~pogdiff.bench.train_tab_timing`: ``train-tab``
+- :mod:`~pogdiff.bench.judge_agreement`: ``judge``
 - :mod:`~pogdiff.bench.load`: ``load`` (its visitors: :mod:`~pogdiff.bench.visitors`)
 """
 
 from __future__ import annotations
 
-from pogdiff.bench import gpu, judge, load, quality, scale, train_tab
+from pogdiff.bench import gpu, load, quality, scale
+from pogdiff.bench import judge_agreement as judge
+from pogdiff.bench import train_tab_timing as train_tab
 
 BENCHMARKS = (quality, scale, gpu, train_tab, judge, load)  # the modules whose commands ``bench`` lists, in order
 

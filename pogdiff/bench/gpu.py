@@ -6,7 +6,7 @@ here, with random weights: no download. Two kinds of step are timed:
 
 - hand-written steps (``results``): the diffusers LoRA example's step, the reference, and the
   earlier hand-written copies of ours;
-- the project's :class:`pogdiff.trainer.Trainer` (``trainer``): the model, cached latents and text
+- the project's :class:`pogdiff.training.trainer.Trainer` (``trainer``): the model, cached latents and text
   states, optimizer and mixed precision of ``pogdiff train --preset sd15``, with the plain and the
   PoGDiff objectives, and one configuration per speed option (README "Training options").
 
@@ -60,7 +60,7 @@ def _gpu_steps(unet, mode: str, *, batch: int, steps: int, warmup: int, lr: floa
     from diffusers import DDPMScheduler
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pogdiff.losses import mse_loss, pogdiff_loss
+    from pogdiff.method.losses import mse_loss, pogdiff_loss
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
@@ -124,7 +124,7 @@ def lora_unet(config: dict[str, Any], mode: str, *, rank: int, device: str, seed
     import torch
     from diffusers import UNet2DConditionModel
 
-    from pogdiff.models import add_lora
+    from pogdiff.model.models import add_lora
 
     torch.manual_seed(seed)
     with torch.device(device):  # initialised where it runs: seconds, not a minute, for 860M parameters
@@ -155,7 +155,7 @@ def bench_gpu(*, batch: int = 8, steps: int = 10, warmup: int = 3, lora_rank: in
     if device == "cuda" and not torch.cuda.is_available():
         return {"skipped": "no CUDA", "message": "no CUDA device: the gpu benchmark needs an NVIDIA GPU; "
                 "run it on a CUDA machine", **machine()}
-    from pogdiff.models import count_parameters
+    from pogdiff.model.models import count_parameters
 
     unet_config = unet_config or SD15_UNET_CONFIG
     cuda = device == "cuda"

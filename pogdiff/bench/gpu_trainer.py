@@ -1,4 +1,4 @@
-"""The GPU benchmark's Trainer part (BENCHMARKS.md "GPU"): the project's :class:`pogdiff.trainer.Trainer`
+"""The GPU benchmark's Trainer part (BENCHMARKS.md "GPU"): the project's :class:`pogdiff.training.trainer.Trainer`
 timed on an SD-like model with random weights, cached latents and text states, with the plain and the
 PoGDiff objectives and one configuration per speed option; and the Neighbours tab's sd15 preparation.
 :mod:`pogdiff.bench.gpu` runs it beside the diffusers example's step.
@@ -56,7 +56,7 @@ class RandomStates:
     def encode(self, captions):
         import torch
 
-        from pogdiff.text import TextEmbeddings
+        from pogdiff.model.text import TextEmbeddings
 
         def seeded(text: str) -> torch.Generator:
             return torch.Generator().manual_seed(int(hashlib.sha256(text.encode()).hexdigest()[:8], 16))
@@ -71,7 +71,7 @@ class RandomStates:
 
 def sd_like_model(unet_config: dict[str, Any], *, lora_rank: int, device: str, seed: int = 0,
                   gradient_checkpointing: str = "auto"):
-    """A :class:`pogdiff.models.DiffusionModel` as the sd15 preset builds it (LoRA on the attention
+    """A :class:`pogdiff.model.models.DiffusionModel` as the sd15 preset builds it (LoRA on the attention
     projections, DDPM scaled-linear schedule, no caption mask), around a random UNet of
     ``unet_config`` made on ``device``; captions come from :class:`RandomStates` and there is no
     VAE (the trainer reads cached latents only). Its ``resolution`` is the latent size."""
@@ -79,7 +79,7 @@ def sd_like_model(unet_config: dict[str, Any], *, lora_rank: int, device: str, s
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from pogdiff.config import model_preset
-    from pogdiff.models import add_lora, from_parts
+    from pogdiff.model.models import add_lora, from_parts
 
     cfg = model_preset("sd15", pretrained="", resolution=unet_config["sample_size"], lora_rank=lora_rank,
                        cross_attention_dim=unet_config["cross_attention_dim"],
@@ -94,14 +94,14 @@ def sd_like_model(unet_config: dict[str, Any], *, lora_rank: int, device: str, s
 
 
 def synthetic_train_data(model, *, need_table: bool, seed: int = 0):
-    """:class:`pogdiff.prepare.TrainData` of a long-tailed synthetic set (``CLASS_COUNTS``): latents
+    """:class:`pogdiff.method.prepare.TrainData` of a long-tailed synthetic set (``CLASS_COUNTS``): latents
     ``[N, 4, h, w]`` drawn around one mean per class, captions encoded once, the neighbour table of
-    the default PsiConfig built by :func:`pogdiff.prepare.neighbour_table`: the cached tensors a run
+    the default PsiConfig built by :func:`pogdiff.method.prepare.neighbour_table`: the cached tensors a run
     reads, without images, VAE or CLIP."""
     import torch
 
     from pogdiff.config import PsiConfig
-    from pogdiff.prepare import TrainData, neighbour_table, similarity_features
+    from pogdiff.method.prepare import TrainData, neighbour_table, similarity_features
 
     g = torch.Generator().manual_seed(seed)
     subjects = [f"class {c}" for c, n in enumerate(CLASS_COUNTS) for _ in range(n)]
@@ -137,8 +137,8 @@ def time_trainer(name: str, unet_config: dict[str, Any], *, batch: int, steps: i
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pogdiff.models import attention_processors
-    from pogdiff.trainer import Trainer
+    from pogdiff.model.models import attention_processors
+    from pogdiff.training.trainer import Trainer
 
     cuda = torch.device(device).type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -204,7 +204,7 @@ def bench_trainer(unet_config: dict[str, Any], *, configs, batch: int, steps: in
     """Every configuration of ``configs``; one that cannot run here (8-bit AdamW without
     bitsandbytes or CUDA) is recorded as ``{"skipped": reason}``, one that fails as ``{"error": ...}``.
     ``progress`` is called with the results so far after each configuration."""
-    from pogdiff.train_setup import adamw8bit_missing
+    from pogdiff.training.setup import adamw8bit_missing
 
     out: dict[str, Any] = {}
     for name in configs:
@@ -234,8 +234,8 @@ def bench_trainer(unet_config: dict[str, Any], *, configs, batch: int, steps: in
 
 
 def bench_prepare(pipeline: str, *, device: str, n: int = 16) -> dict[str, Any]:
-    """The Neighbours tab's sd15 preparation: :func:`pogdiff.prepare.encoder_parts` of a diffusers
-    Stable Diffusion folder on ``device`` (CLIP and VAE), then :func:`pogdiff.prepare.prepare_data`
+    """The Neighbours tab's sd15 preparation: :func:`pogdiff.method.prepare.encoder_parts` of a diffusers
+    Stable Diffusion folder on ``device`` (CLIP and VAE), then :func:`pogdiff.method.prepare.prepare_data`
     and the neighbour table of ``n`` synthetic images, as the tab calls them."""
     import types
 
@@ -243,7 +243,7 @@ def bench_prepare(pipeline: str, *, device: str, n: int = 16) -> dict[str, Any]:
     import torch
     from diffusers import AutoencoderKL
 
-    from pogdiff import prepare
+    from pogdiff.method import prepare
     from pogdiff.config import PsiConfig, model_preset
 
     from diffusers import UNet2DConditionModel

@@ -13,7 +13,7 @@ the server and once under the visitors, so its step time is compared in the same
 
 Each call is timed from submit to result, with its queue wait (submit to gradio's ``process_starts``)
 and the queue position gradio reported. An error is a *refusal* when it is one of the documented ones
-(queue full, a quota, the visitor cap, the one-job rule: :data:`pogdiff.quotas.REFUSAL_KINDS`), and
+(queue full, a quota, the visitor cap, the one-job rule: :data:`pogdiff.server.quotas.REFUSAL_KINDS`), and
 *unexpected* otherwise.
 """
 
@@ -112,7 +112,7 @@ class Server:
         return round(max(inside), 1) if inside else None
 
     def disk_mb(self) -> dict[str, float]:
-        from pogdiff.quotas import MB, folder_bytes
+        from pogdiff.server.quotas import MB, folder_bytes
 
         return {"uploads_store": round(folder_bytes(self.runs_dir / "uploads") / MB, 3),
                 "runs_without_uploads": round(folder_bytes(self.runs_dir, skip=("uploads",)) / MB, 3),
@@ -158,7 +158,7 @@ def watch_run(client, rec: Recorder, run_dir: Path, timeout: float) -> list[tupl
 
 def run_report(run_dir: Path, steps: int) -> dict[str, Any]:
     """The run's outcome from its run.json, its last checkpoint checked against its manifest."""
-    from pogdiff import checkpoints
+    from pogdiff.model import checkpoints
 
     meta = json.loads((run_dir / "run.json").read_text())
     out = {"state": meta.get("state"), "steps_done": meta.get("steps_done"), "error": meta.get("error") or "",
@@ -199,7 +199,7 @@ def run(visitors: int = DEFAULT_VISITORS, train_steps: int = DEFAULT_TRAIN_STEPS
 
     from gradio_client import Client
 
-    from pogdiff.quotas import QUOTAS
+    from pogdiff.server.quotas import QUOTAS
 
     root = Path(tempfile.mkdtemp(prefix="pogdiff-bench-load-"))
     server = Server(root, tuple(app_args))
@@ -302,7 +302,7 @@ def run(visitors: int = DEFAULT_VISITORS, train_steps: int = DEFAULT_TRAIN_STEPS
 
 def targets(r: dict[str, Any], visitors: int) -> dict[str, Any]:
     """The issue's targets, each with its measured value and whether it is met."""
-    from pogdiff.quotas import QUOTAS
+    from pogdiff.server.quotas import QUOTAS
 
     conc = QUOTAS.generation_concurrency
     for i, a in enumerate(r["app_args"]):

@@ -5,7 +5,7 @@
 - ``bench quality``: baseline / PoGDiff / CBDM fine-tuned from the same base with the same steps,
   batch and seeds; generations for every evaluation caption with fixed seeds; metrics per class and
   per many / medium / few-shot bucket, mean +- std over training seeds (the protocol is
-  :mod:`pogdiff.evaluation`'s); ``results/quality/summary.json`` and ``budget.json``.
+  :mod:`pogdiff.evaluation.protocol`'s); ``results/quality/summary.json`` and ``budget.json``.
 - ``bench report``: the markdown tables of a ``summary.json`` and the targets of the default recipe
   (:mod:`pogdiff.bench.report`; the summary blocks are :mod:`pogdiff.bench.summary`'s).
 
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from pogdiff.constants import REPO_ROOT
-from pogdiff.evaluation import EVAL_SAMPLE, evaluate_model, per_class_rows, subset
+from pogdiff.evaluation.protocol import EVAL_SAMPLE, evaluate_model, per_class_rows, subset
 from pogdiff.constants import SHIPPED_DIR as SHIPPED
 from pogdiff.bench.report import budget_figure, budget_markdown, few_shot_grids, summary_markdown
 from pogdiff.bench.summary import add_generation_shifts, merge_summary, aggregate, summary_entry, to_markdown
@@ -68,7 +68,8 @@ def _demo_splits(data: str = "demo"):
 
 
 def _base_or_fresh():
-    from pogdiff import checkpoints, models
+    from pogdiff.model import checkpoints
+    from pogdiff.model import models
 
     if (BASE_DIR / "configs.json").exists():
         return checkpoints.load_model(BASE_DIR), str(BASE_DIR)
@@ -78,9 +79,9 @@ def _base_or_fresh():
 
 # ------------------------------------------------------------------------------------ speed
 def _reencoding_trainer():
-    """The naive loop: a :class:`pogdiff.training.Trainer` that encodes the batch's captions with
+    """The naive loop: a :class:`pogdiff.training.run.Trainer` that encodes the batch's captions with
     the text encoder at every step."""
-    from pogdiff.trainer import Trainer
+    from pogdiff.training.trainer import Trainer
 
     class ReencodeTrainer(Trainer):
         def caption_states(self, rows):
@@ -92,8 +93,8 @@ def _reencoding_trainer():
 
 def speed(*, steps: int = 20, warmup: int = 3, batch_size: int = 32, repeats: int = 3) -> pd.DataFrame:
     """Median seconds per step of each configuration, and the ratio to plain fine-tuning."""
-    from pogdiff.trainer import Trainer
-    from pogdiff.prepare import prepare_data
+    from pogdiff.training.trainer import Trainer
+    from pogdiff.method.prepare import prepare_data
 
     _, train_set, _ = _demo_splits()
     model, _ = _base_or_fresh()
@@ -188,8 +189,8 @@ def train_to_budgets(run_dir: Path, cfg: TrainConfig, budgets, train_set, *, mod
 
     :returns: ``{budget: checkpoint folder}``.
     """
-    from pogdiff import checkpoints
-    from pogdiff.training import train
+    from pogdiff.model import checkpoints
+    from pogdiff.training.run import train
 
     run_dir = Path(run_dir)
     budgets = sorted({int(b) for b in budgets})
@@ -213,10 +214,10 @@ def train_to_budgets(run_dir: Path, cfg: TrainConfig, budgets, train_set, *, mod
 
 def evaluated_checkpoint(ckpt: Path, eval_set, evaluator, counts, *, train_set, sample_cfg: SampleConfig,
                          sample_seeds: int):
-    """Evaluate one checkpoint (:func:`pogdiff.evaluation.evaluate_model`), cached beside it in
+    """Evaluate one checkpoint (:func:`pogdiff.evaluation.protocol.evaluate_model`), cached beside it in
     ``eval-<step>/`` and keyed by its weights, the captions, the sampler and the sampling seeds."""
-    from pogdiff import checkpoints
-    from pogdiff.evaluation import checkpoint_digest
+    from pogdiff.model import checkpoints
+    from pogdiff.evaluation.protocol import checkpoint_digest
 
     folder = ckpt.parent / f"eval-{ckpt.name.rsplit('-', 1)[-1]}"
     key = json.dumps({"weights": checkpoint_digest(ckpt), "captions": list(eval_set.captions),
@@ -253,8 +254,9 @@ def quality(*, out: Path, methods, seeds, budgets=None, steps: int | None = None
     Writes ``out/<data>/`` (tables, plots, grids; runs under ``runs/``), merges the ``steps``
     budget into ``out/summary.json`` and every budget into ``out/budget.json``.
     """
-    from pogdiff import checkpoints, metrics
-    from pogdiff.evaluator import load_evaluator
+    from pogdiff.model import checkpoints
+    from pogdiff.evaluation import metrics
+    from pogdiff.evaluation.demo_classifier import load_evaluator
 
     out = Path(out)
     folder = out / data
@@ -342,7 +344,7 @@ def add_parsers(bench) -> None:
     """Register ``speed``, ``report`` and ``quality`` under ``python -m pogdiff bench`` (README
     "Options of the other commands")."""
     from pogdiff.config import LIMITS
-    from pogdiff.safety import bounded
+    from pogdiff.server.safety import bounded
 
     STEPS, BATCH = bounded(int, 1, LIMITS.max_steps), bounded(int, 1, LIMITS.max_batch_size)
 

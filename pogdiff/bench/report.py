@@ -178,7 +178,7 @@ def budget_figure(long: pd.DataFrame, *, path: Path, title: str = "") -> Path:
 
 def few_shot_grids(out: Path, eval_set, grids: dict[str, np.ndarray], counts: dict[str, int]) -> None:
     from pogdiff.data.stats import shot_bucket
-    from pogdiff.sampling import image_grid
+    from pogdiff.model.sampling import image_grid
 
     rows = [i for i, s in enumerate(eval_set.subjects) if shot_bucket(counts.get(s, 0)) == "few"]
     if not rows:

@@ -2,7 +2,7 @@
 
 - ``knn``: the caption kNN graph and psi table for N random 384-d captions; seconds and recall@5
   of the graph against brute-force numpy on a subsample of queries.
-- ``sampling``: images/s of the tiny preset through :func:`pogdiff.sampling.generate` against the
+- ``sampling``: images/s of the tiny preset through :func:`pogdiff.model.sampling.generate` against the
   same UNet in a stock diffusers scheduler loop, batch size swept; DPM-Solver++ 20 steps and DDIM
   50 steps next to a 250-step DDIM reference; the time of the Compare tab's default generation.
 - ``data``: a synthetic set of mixed-size / CMYK / alpha / EXIF-rotated images through load +
@@ -71,12 +71,13 @@ class KnnBenchConfig:
 
 
 def bench_knn(cfg: KnnBenchConfig) -> dict[str, Any]:
-    """Graph + psi table (:func:`pogdiff.neighbours.caption_graph` and ``build_neighbour_table``,
+    """Graph + psi table (:func:`pogdiff.method.neighbours.caption_graph` and ``build_neighbour_table``,
     ``pool="all"``, random image features) timed end to end; the graph alone timed separately;
     recall@k of both on ``recall_queries`` random rows against brute force. Every search uses the
-    index settings of ``cfg`` (:class:`pogdiff.knn.KnnSearch`); ``recall_guard_fell_back_to_exact``
-    is what the searches report (:class:`pogdiff.knn.KnnResult`)."""
-    from pogdiff import knn, neighbours
+    index settings of ``cfg`` (:class:`pogdiff.method.knn.KnnSearch`); ``recall_guard_fell_back_to_exact``
+    is what the searches report (:class:`pogdiff.method.knn.KnnResult`)."""
+    from pogdiff.method import knn
+    from pogdiff.method import neighbours
     from pogdiff.config import PsiConfig
 
     if cfg.recall_queries < 1:
@@ -120,7 +121,7 @@ def _diffusers_loop(model, captions: list[str], seeds: list[int], steps: int, gu
     import torch
     from diffusers import DDIMScheduler
 
-    from pogdiff.sampling import initial_noise, to_uint8
+    from pogdiff.model.sampling import initial_noise, to_uint8
 
     out = []
     with torch.no_grad():
@@ -177,10 +178,10 @@ def bench_sampling(*, batch_sizes: tuple[int, ...] = (1, 8, 32), images: int = 3
                    checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
     """See the module docstring. ``images`` per batch-size point; all timings in one process."""
 
-    from pogdiff import checkpoints
+    from pogdiff.model import checkpoints
     from pogdiff.config import SampleConfig
-    from pogdiff.evaluator import load_evaluator
-    from pogdiff.sampling import generate
+    from pogdiff.evaluation.demo_classifier import load_evaluator
+    from pogdiff.model.sampling import generate
 
     ckpt = Path(checkpoint) if checkpoint else SHIPPED / "demo-pogdiff"
     model = checkpoints.load_model(ckpt)
@@ -246,10 +247,11 @@ def bench_metrics(*, mode: str = "fast", names: tuple[str, ...] = ("demo-baselin
     replaces the shipped tables with the recomputed ones (how they are made, fast mode)."""
     import pandas as pd
 
-    from pogdiff import checkpoints, evaluation
+    from pogdiff.model import checkpoints
+    from pogdiff.evaluation import protocol as evaluation
     from pogdiff.config import DataConfig
     from pogdiff.data import ensure_demo, load_image_text_set
-    from pogdiff.evaluator import load_evaluator
+    from pogdiff.evaluation.demo_classifier import load_evaluator
 
     folder = Path(shipped) if shipped else SHIPPED
     load_before = os.getloadavg()[0]
@@ -365,9 +367,9 @@ def data_pass(root: str, cache_dir: str) -> dict[str, Any]:
     """One load + prepare pass (images cached by content hash, captions by the caption cache)."""
     from types import SimpleNamespace
 
-    from pogdiff import models
+    from pogdiff.model import models
     from pogdiff.config import PsiConfig, model_preset
-    from pogdiff.prepare import prepare_data
+    from pogdiff.method.prepare import prepare_data
 
     t0 = time.perf_counter()
     images, captions, subjects, hit = load_prepared(root, cache_dir)

@@ -14,18 +14,18 @@ import numpy as np
 import pandas as pd
 from safetensors.torch import load_file, save_file
 
-from pogdiff import checkpoints
+from pogdiff.model import checkpoints
 from pogdiff.config import DataConfig, TrainConfig, model_preset
 from pogdiff.constants import REPO_ROOT
-from pogdiff.evaluation import EVAL_SAMPLE
-from pogdiff.export import strip_local_names
-from pogdiff.training import train
+from pogdiff.evaluation.protocol import EVAL_SAMPLE
+from pogdiff.runs.export import strip_local_names
+from pogdiff.training.run import train
 
 
 def store_half_precision(ckpt_dir: str | Path) -> None:
     """Rewrite the UNet weights of a checkpoint in float16, halving what the repository ships.
 
-    :func:`pogdiff.checkpoints.load_model` always loads them back as float32; the rounding changes
+    :func:`pogdiff.model.checkpoints.load_model` always loads them back as float32; the rounding changes
     sampled pixels by at most a few levels. Optimizer state is not kept (shipped checkpoints are
     for fine-tuning from and sampling, not for resuming), nor where the model was loaded from.
     """
@@ -88,7 +88,7 @@ def build_base(*, out: Path, steps: int, batch_size: int, lr: float, seed: int) 
 def base_samples(out: Path, pre) -> Path:
     """A grid of the base model's samples for 8 pretraining identities (4 seeds each), with the
     real pretraining images of the same identities beside it for comparison."""
-    from pogdiff.sampling import generate, image_grid
+    from pogdiff.model.sampling import generate, image_grid
 
     model = checkpoints.load_model(out)
     subjects = sorted(set(pre.subjects))[:8]
@@ -110,7 +110,7 @@ def build(args) -> int:
         print(f"base checkpoint written to {out}")
         return 0
     from pogdiff.data.demo import DemoSpec
-    from pogdiff.evaluator import EvaluatorConfig, train_evaluator
+    from pogdiff.evaluation.demo_classifier import EvaluatorConfig, train_evaluator
 
     cfg = EvaluatorConfig(seed=args.seed)
     if args.steps:

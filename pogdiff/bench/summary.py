@@ -50,7 +50,7 @@ def _compare(per_method: dict, classes: pd.DataFrame, a: str, b: str) -> dict:
     """Paired comparison of recipe ``a`` against ``b`` per bucket: per-seed accuracy ratios, the
     ratio of class means with its bootstrap interval over classes (and its relative half-width),
     and the difference in copy rate."""
-    from pogdiff import comparison
+    from pogdiff.evaluation import comparison
 
     out = {}
     for bucket in ("few", "medium", "many"):

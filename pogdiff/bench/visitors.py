@@ -24,7 +24,7 @@ POLL_SECONDS = 1.0  # pogdiff.ui.shared.POLL_SECONDS: the open page's job timer
 RETRIED = {"RemoteProtocolError"}  # transport errors retried once (Recorder.call); the retries are counted
 def classify(exc: BaseException) -> str:
     """``refusal: <kind>`` for a documented refusal, else ``unexpected: <type>``."""
-    from pogdiff.quotas import QUEUE_FULL_TEXT, REFUSAL_KINDS
+    from pogdiff.server.quotas import QUEUE_FULL_TEXT, REFUSAL_KINDS
 
     if QUEUE_FULL_TEXT.lower() in str(exc).lower():
         return "refusal: queue full"

@@ -163,7 +163,7 @@ def cluster_captions(texts: list[str], n_clusters: int = 0, seed: int = 0, encod
     """Class names for free-text captions: k-means (scikit-learn) on their sentence embeddings.
 
     ``encoder``: anything with ``encode(captions).pooled`` (default: the shared MiniLM of
-    :mod:`pogdiff.text`). ``n_clusters = 0`` picks ``round(sqrt(n / 2))`` clipped to ``2..50``.
+    :mod:`pogdiff.model.text`). ``n_clusters = 0`` picks ``round(sqrt(n / 2))`` clipped to ``2..50``.
     Clusters are numbered by size (``00`` the largest) and named after the caption nearest the
     centre: ``"cluster 00: a cat on a sofa"``.
     """
@@ -174,7 +174,7 @@ def cluster_captions(texts: list[str], n_clusters: int = 0, seed: int = 0, encod
         return []
     k = max(1, min(n_clusters or auto_cluster_count(n), n))
     if encoder is None:
-        from ..text import default_minilm
+        from ..model.text import default_minilm
 
         encoder = default_minilm()
     x = np.asarray(encoder.encode(list(texts)).pooled, dtype=np.float64)

@@ -1,6 +1,6 @@
 """The Compare tab: its layout and events (:func:`build`) and its callbacks (:class:`CompareTab`, a mixin
 of :class:`pogdiff.ui.Studio`: checkpoints, images, kept state). The per-class metrics below the images
-are the Studio's :class:`~pogdiff.ui.metrics_tab.MetricsPanel`."""
+are the Studio's :class:`~pogdiff.ui.metrics_panel.MetricsPanel`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from pogdiff import safety
+from pogdiff.server import safety
 from pogdiff.config import (
     SampleConfig,
 )
@@ -84,7 +84,7 @@ class CompareTab:
         if (folder / "configs.json").exists():
             return folder
         if folder.is_dir():
-            from pogdiff.checkpoints import latest_checkpoint
+            from pogdiff.model.checkpoints import latest_checkpoint
 
             found = latest_checkpoint(folder)
             return Path(found) if found else None
@@ -151,7 +151,7 @@ class CompareTab:
             if model is not None:
                 self._models.move_to_end(cache_key)
                 return model
-        from pogdiff import checkpoints
+        from pogdiff.model import checkpoints
 
         model = checkpoints.load_model(source.checkpoint, device=self.device)
         with self._lock:
@@ -189,7 +189,7 @@ class CompareTab:
         all_caps = [c for _ in seeds for c in captions]
         all_seeds = [s for s in seeds for _ in captions]
         cfg = SampleConfig(steps=int(sample_steps), guidance_scale=float(guidance))
-        from pogdiff.sampling import generate, image_grid
+        from pogdiff.model.sampling import generate, image_grid
 
         outs = []
         for i, src in enumerate((a, b)):
@@ -260,7 +260,7 @@ class CompareTab:
     def pair_views(self, key_a: str | None, key_b: str | None, ds_key: str | None, state: Any,
                    request: gr.Request = None) -> tuple:
         """After Generate: real training images, the |A - B| heatmap and its numbers, the kept state."""
-        from pogdiff.sampling import image_grid
+        from pogdiff.model.sampling import image_grid
 
         with self._lock:
             last = self._pair_stash.get(self._stash_key(request))

@@ -190,7 +190,7 @@ def delta_table(table_a: pd.DataFrame, table_b: pd.DataFrame, name_a: str = "A",
     """Per-class ``A``, ``B`` and ``B − A`` of each metric both tables have, rarest classes first.
 
     Both tables are per-class tables (``subject``, ``train_count``, ``shot`` and metric columns, as
-    :func:`pogdiff.metrics.per_class_table` writes them). Classes missing from one side get NaN.
+    :func:`pogdiff.evaluation.metrics.per_class_table` writes them). Classes missing from one side get NaN.
     The last column, ``few``, marks few-shot rows with ``★ few``.
     """
     keys = ["subject", "train_count", "shot"]
@@ -229,11 +229,11 @@ def verdict_table(table_a: pd.DataFrame, table_b: pd.DataFrame, name_a: str, nam
     """The Compare tab's per-class metrics table, key columns first (README "Reading B − A").
 
     Columns, left to right: ``subject``, ``train_count``, ``accuracy · B−A``, ``95% interval``,
-    ``verdict`` (from :func:`pogdiff.comparison.per_class_verdicts`), with a judge's ``reliability``
+    ``verdict`` (from :func:`pogdiff.evaluation.comparison.per_class_verdicts`), with a judge's ``reliability``
     (user data) ``judge reliability`` and ``judge`` (ok / ``weak_mark``), then ``accuracy`` of A and of B,
     ``shot``, ``few``, and A / B / B − A of the other metrics. Rarest classes first.
     """
-    from pogdiff.comparison import NOT_MEASURED
+    from pogdiff.evaluation.comparison import NOT_MEASURED
 
     merged = delta_table(table_a, table_b, name_a, name_b, metrics)
     by_subject = verdicts.set_index("subject")
@@ -252,7 +252,7 @@ def verdict_table(table_a: pd.DataFrame, table_b: pd.DataFrame, name_a: str, nam
 
 
 def bucket_markdown(buckets: pd.DataFrame, names: tuple[str, str]) -> str:
-    """The bucket summary of :func:`pogdiff.comparison.bucket_verdicts` as a markdown table."""
+    """The bucket summary of :func:`pogdiff.evaluation.comparison.bucket_verdicts` as a markdown table."""
     lines = [f"| bucket | classes | accuracy · {names[0]} (A) | accuracy · {names[1]} (B) | B − A | {INTERVAL} "
              "| verdict |", "|---|---:|---:|---:|---:|---|---|"]
     for bucket, row in buckets.iterrows():

@@ -17,7 +17,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from pogdiff import safety
+from pogdiff.server import safety
 from pogdiff.constants import SHOT_COLOURS
 from pogdiff.data.classes import CLASS_SOURCES, DEFAULT_CLASS_SOURCE
 from pogdiff.ui.shared import Shared, disable_two, enable_two, same

@@ -10,7 +10,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from pogdiff import safety
+from pogdiff.server import safety
 from pogdiff.config import (
     PRESETS,
     PsiConfig,
@@ -50,12 +50,12 @@ class NeighboursTab:
 
     def _embed(self, bundle: DatasetBundle, preset: str = "tiny") -> None:
         """Prepare ``bundle`` for the Neighbours tab exactly as training prepares it for ``preset``
-        (:func:`pogdiff.prepare.prepare_data`: same caption encoder, same image features, same cache)."""
+        (:func:`pogdiff.method.prepare.prepare_data`: same caption encoder, same image features, same cache)."""
         with bundle.lock:
             if bundle.pooled is not None and bundle.view_preset == preset:
                 return
-            from pogdiff import prepare
-            from pogdiff.neighbours import pca_2d
+            from pogdiff.method import prepare
+            from pogdiff.method.neighbours import pca_2d
 
             model_cfg = model_preset(preset)  # sd15: the preset's default model id (its CLIP and VAE)
             parts = self._encoder_parts(model_cfg)
@@ -69,7 +69,7 @@ class NeighboursTab:
             bundle.tables = {}
 
     def _encoder_parts(self, model_cfg):
-        from pogdiff import prepare
+        from pogdiff.method import prepare
 
         if self._view_encoder is not None:  # an injected encoder (tests), for pixel presets
             return prepare.EncoderParts(text_encoder=self._view_encoder)
@@ -89,7 +89,7 @@ class NeighboursTab:
         with bundle.lock:
             table = bundle.tables.get(cache_key)
             if table is None:
-                from pogdiff.prepare import neighbour_table
+                from pogdiff.method.prepare import neighbour_table
 
                 table = neighbour_table(bundle.pooled, bundle.image_feats, psi, bundle.subjects, clean=bundle.x0,
                                         cache_dir=self.runs_dir / "cache")
@@ -257,7 +257,7 @@ class NeighboursTab:
             raise gr.Error("Type a caption to search for, e.g. 'a photo of someone smiling, wearing glasses'.")
         bundle = self.bundle(key)
         self._embed(bundle, preset)
-        from pogdiff.neighbours import knn
+        from pogdiff.method.neighbours import knn
 
         q = bundle.view_encoder.encode([query]).pooled
         q = q.detach().cpu().numpy() if hasattr(q, "detach") else np.asarray(q)

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from pogdiff import quotas, safety
-from pogdiff.quotas import QUOTA_TITLE, VISITORS_TITLE, QuotaError
+from pogdiff.server import quotas
+from pogdiff.server import safety
+from pogdiff.server.quotas import QUOTA_TITLE, VISITORS_TITLE, QuotaError
 from pogdiff.ui.views import UPLOAD_STORE, checked_input, request_owner
 
 if TYPE_CHECKING:

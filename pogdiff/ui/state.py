@@ -22,7 +22,7 @@ class DatasetBundle:
     table: pd.DataFrame
     summary: dict[str, Any]
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # The Neighbours tab's view, prepared by pogdiff.prepare for the preset in view_preset:
+    # The Neighbours tab's view, prepared by pogdiff.method.prepare for the preset in view_preset:
     pooled: np.ndarray | None = None  # [N, D] L2-normalised caption vectors of the preset's encoder
     coords: np.ndarray | None = None  # [N, 2] PCA of pooled
     image_feats: np.ndarray | None = None  # [N, F] the features behind s_img
@@ -31,7 +31,7 @@ class DatasetBundle:
     view_encoder: Any = None  # the preset's caption encoder (for free-text search)
     tables: dict[tuple, Any] = field(default_factory=dict)  # PsiConfig fields -> NeighbourTable
     at_resolution: dict[int, Any] = field(default_factory=dict)  # the set reloaded at a model's size
-    judge: Any = None  # pogdiff.judge.UserJudge of this set's classes, fitted on first use
+    judge: Any = None  # pogdiff.evaluation.user_judge.UserJudge of this set's classes, fitted on first use
 
     @property
     def subjects(self) -> list[str]:

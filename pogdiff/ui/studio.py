@@ -13,15 +13,15 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from pogdiff import safety
+from pogdiff.server import safety
 from pogdiff.config import (
     LIMITS,
     DataConfig,
     Limits,
 )
 from pogdiff.constants import SHIPPED_DIR
-from pogdiff.jobs import JobManager
-from pogdiff.quotas import QUOTAS, Quotas
+from pogdiff.runs.jobs import JobManager
+from pogdiff.server.quotas import QUOTAS, Quotas
 from pogdiff.ui.compare_views import ResultCache
 from pogdiff.ui.state import DatasetBundle
 from pogdiff.ui.views import (
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 from pogdiff.ui.compare_tab import CompareTab
 from pogdiff.ui.data_tab import DataTab
-from pogdiff.ui.metrics_tab import MetricsPanel
+from pogdiff.ui.metrics_panel import MetricsPanel
 from pogdiff.ui.neighbours_tab import NeighboursTab
 from pogdiff.ui.sessions import SessionRegistry, Sessions
 from pogdiff.ui.train_jobs import TrainJobs
@@ -63,7 +63,7 @@ class Studio(DataTab, NeighboursTab, TrainJobs, TrainRuns, CompareTab, MetricsPa
         view_encoder: a caption encoder the Neighbours tab uses instead of the preset's (tests
             inject a cheap one).
         quotas: how the server is shared among visitors: the visitor cap, idle time, disk quotas,
-            the queue's concurrency (:mod:`pogdiff.quotas`, :mod:`pogdiff.ui.sessions`).
+            the queue's concurrency (:mod:`pogdiff.server.quotas`, :mod:`pogdiff.ui.sessions`).
     """
 
     def __init__(

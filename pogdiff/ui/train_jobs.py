@@ -8,7 +8,7 @@ from typing import Any
 
 import gradio as gr
 
-from pogdiff import safety
+from pogdiff.server import safety
 from pogdiff.config import (
     METHODS,
     PRESETS,
@@ -16,7 +16,7 @@ from pogdiff.config import (
     model_preset,
     train_preset,
 )
-from pogdiff.jobs import JobBusyError
+from pogdiff.runs.jobs import JobBusyError
 from pogdiff.config import POOLS
 from pogdiff.ui.state import DatasetBundle
 from pogdiff.ui.train_form import TrainForm, form_endpoint
@@ -132,7 +132,7 @@ class TrainJobs:
         if model_cfg.preset == "sd15" and not self.on_gpu:
             raise gr.Error("The sd15 preset needs a GPU; this server has none. Use the tiny preset on CPU.")
         bundle = self.bundle(key)
-        from pogdiff.train_setup import check_train_config
+        from pogdiff.training.setup import check_train_config
 
         try:
             check_train_config(train_cfg, len(bundle.captions))

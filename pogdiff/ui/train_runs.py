@@ -13,9 +13,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from pogdiff import safety
+from pogdiff.server import safety
 from pogdiff.config import METHODS, PRESETS, model_preset
-from pogdiff.jobs import JobBusyError
+from pogdiff.runs.jobs import JobBusyError
 from pogdiff.ui.train_form import TrainForm, form_endpoint, form_values
 from pogdiff.ui.views import (
     EXPORT_TMP_PREFIX,

@@ -23,12 +23,12 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pogdiff import safety  # noqa: E402
+from pogdiff.server import safety  # noqa: E402
 from pogdiff.config import DataConfig  # noqa: E402
 from pogdiff.data.classes import CLASS_SOURCE_LABELS, CLASS_SOURCES, DEFAULT_CLASS_SOURCE  # noqa: E402
 from pogdiff.data.stats import shot_bucket  # noqa: E402
-from pogdiff.jobs import JobStatus  # noqa: E402
-from pogdiff.runs import RunInfo  # noqa: E402
+from pogdiff.runs.jobs import JobStatus  # noqa: E402
+from pogdiff.runs.store import RunInfo  # noqa: E402
 from pogdiff.ui.state import Source  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def progress_html(status: JobStatus) -> str:
 
 
 def eta_text(status: JobStatus) -> str:
-    """The live ETA: "estimating…" until a few steps after the first are timed (:func:`pogdiff.jobs.estimate_eta`),
+    """The live ETA: "estimating…" until a few steps after the first are timed (:func:`pogdiff.runs.jobs.estimate_eta`),
     then the time left, with "+ previews" while previews are still to come and none was timed yet."""
     if status.eta_seconds is None:
         return "estimating…"
@@ -130,7 +130,7 @@ def pogdiff_activity_html(history: Sequence[dict[str, float]], *, pool: str | No
     """PoGDiff's activity in the latest steps (mean psi, rows with a neighbour pass, PoG share of
     the loss) and the plain-words warning when it behaves like plain fine-tuning; '' otherwise.
     ``pool``: the run's neighbour pool, which the warning's advice does not suggest again."""
-    from pogdiff.objectives import INACTIVE_WINDOW, pogdiff_inactive_warning
+    from pogdiff.method.objectives import INACTIVE_WINDOW, pogdiff_inactive_warning
 
     rows = [h for h in history if "pog_share" in h and "pog" in h]
     if not rows:
@@ -304,7 +304,7 @@ def default_device() -> str:
 
 
 def checked_input(check: Callable, *args: Any) -> Any:
-    """Run one :mod:`pogdiff.safety` check; its ValueError becomes a ``gr.Error`` for the client."""
+    """Run one :mod:`pogdiff.server.safety` check; its ValueError becomes a ``gr.Error`` for the client."""
     try:
         return check(*args)
     except ValueError as exc:
@@ -368,7 +368,7 @@ def clean_temp_folders(older_than_s: float, *, prefixes: Sequence[str] = (EXPORT
 def own_data_note(name: str, judge: Any, *, mode: str, per_class: int, n_images: int, cached: int,
                   other_data: Sequence[str] = ()) -> str:
     """What the user-data metrics are and how far the judge behind them can be trusted."""
-    from pogdiff.judge import WEAK_BELOW
+    from pogdiff.evaluation.user_judge import WEAK_BELOW
 
     rel = judge.reliability
     checked = rel["reliability"].notna()
@@ -403,7 +403,7 @@ def source_name(src: Source) -> str:
 
 # ======================================================================= Train tab: pure helpers
 def preview_items(preview: Any) -> list[tuple[np.ndarray, str]]:
-    """Gallery items of one saved preview (:class:`pogdiff.run_folder.Preview`)."""
+    """Gallery items of one saved preview (:class:`pogdiff.runs.run_folder.Preview`)."""
     return gallery_items(preview.images, [f"step {preview.step} · {c}" for c in preview.captions], min_px=128)
 
 
@@ -436,7 +436,7 @@ def budget_advice(curve: dict | None, steps: int) -> str:
 
 
 def estimate_markdown(measured: Any, steps: int, *, where: str = "") -> str:
-    """The time estimate of a ``steps``-step run from a :class:`pogdiff.runs.StepTime`, saying how it was
+    """The time estimate of a ``steps``-step run from a :class:`pogdiff.runs.store.StepTime`, saying how it was
     measured and what it leaves out."""
     spt = measured.seconds_per_step
     if measured.source == "trial":

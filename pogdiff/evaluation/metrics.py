@@ -2,7 +2,7 @@
 
 All functions are pure: they take feature arrays (``float [N, F]``, one row per image) and
 subject names, and return numbers or tables. Where features come from is the caller's concern
-(:mod:`pogdiff.evaluator`: the demo set's identity classifier, or a generic feature space for
+(:mod:`pogdiff.evaluation.demo_classifier`: the demo set's identity classifier, or a generic feature space for
 user data).
 
 Definitions (quoted by the README):
@@ -268,7 +268,7 @@ def per_class_table(
 
 
 # Per-class columns added after per_class_table when the training images are known
-# (pogdiff.evaluation.copy_and_coverage); summarise averages them like the others.
+# (pogdiff.evaluation.protocol.copy_and_coverage); summarise averages them like the others.
 EXTRA_COLUMNS = ("copy", "proximity", "coverage")
 
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from pogdiff.run_folder import RUN_FILE, save_preview, update_record
-from pogdiff.runs import RunInfo, RunStore, StepTime, describe_dataset
-from pogdiff.safety import check_run_name, owner_digest
+from pogdiff.runs.run_folder import RUN_FILE, save_preview, update_record
+from pogdiff.runs.store import RunInfo, RunStore, StepTime, describe_dataset
+from pogdiff.server.safety import check_run_name, owner_digest
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class Job:
 
 
 def _default_train_fn() -> Callable[..., Any]:
-    from pogdiff.training import train  # lazy: keeps `import pogdiff.jobs` light
+    from pogdiff.training.run import train  # lazy: keeps `import pogdiff.runs.jobs` light
 
     return train
 
@@ -178,7 +178,7 @@ class JobManager:
         runs_dir: every run gets a folder here (``<time>-<method>``) with ``run.json``
             beside the checkpoints that ``train_fn`` writes.
         train_fn: the training function, called with the keyword arguments of
-            :func:`pogdiff.training.train`. Defaults to it (imported on first use).
+            :func:`pogdiff.training.run.train`. Defaults to it (imported on first use).
         max_seconds: wall time of one job; past it the job is asked to stop (like **Stop**) and
             keeps its checkpoint. None or 0: no limit.
 
@@ -219,7 +219,7 @@ class JobManager:
         ``run_name`` names the run folder exactly (checked like any run name; a taken name is
         refused); without it the folder is ``<date>-<time>-<name or method>``.
 
-        ``owner`` (a session or user id) is stored only as :func:`~pogdiff.safety.owner_digest`.
+        ``owner`` (a session or user id) is stored only as :func:`~pogdiff.server.safety.owner_digest`.
 
         Raises:
             JobBusyError: a job is already running on this server.

@@ -1,10 +1,10 @@
-"""What a run leaves behind, and how the :class:`~pogdiff.trainer.Trainer` writes and reads it.
+"""What a run leaves behind, and how the :class:`~pogdiff.training.trainer.Trainer` writes and reads it.
 
 :class:`StepInfo` is one step's report (the callback's argument and a line of ``history.jsonl``),
 :class:`TrainResult` what a finished run returns, :class:`NonFiniteError` why a run stopped early.
 :class:`RunFiles` is the Trainer's part that touches the run folder: checkpoints written and
 restored (optimizer, lr scheduler, EMA weights, RNG states), the history file kept equal to the
-steps done, and the run's record (``run.json``, :mod:`pogdiff.run_folder`).
+steps done, and the run's record (``run.json``, :mod:`pogdiff.runs.run_folder`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from pogdiff import checkpoints, run_folder
+from pogdiff.model import checkpoints
+from pogdiff.runs import run_folder
 from pogdiff.config import to_dict
-from pogdiff.train_setup import rng_state, set_rng_state
+from pogdiff.training.setup import rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class StepInfo:
     lr: float
     seconds_per_step: float
     eta_seconds: float
-    # The objective's named statistics (pogdiff.objectives.Objective.terms); 0 for the methods without them.
+    # The objective's named statistics (pogdiff.method.objectives.Objective.terms); 0 for the methods without them.
     psi_mean: float = 0.0
     psi_active: float = 0.0  # share of batch rows that ran the neighbour forward pass
     # PoGDiff only: the PoG term's share of the loss, mean(pog) / mean(loss) over the batch.
@@ -71,13 +72,13 @@ def tracker_values(info: StepInfo) -> dict[str, float]:
 
 
 def history_from_rows(rows: Sequence[dict]) -> list[StepInfo]:
-    """``StepInfo`` of each row of :func:`pogdiff.run_folder.read_history` (unknown keys ignored)."""
+    """``StepInfo`` of each row of :func:`pogdiff.runs.run_folder.read_history` (unknown keys ignored)."""
     known = {f.name for f in dataclasses.fields(StepInfo)}
     return [StepInfo(**{k: v for k, v in h.items() if k in known}) for h in rows]
 
 
 class RunFiles:
-    """The Trainer's checkpoints, history and record. Mixed into :class:`~pogdiff.trainer.Trainer`,
+    """The Trainer's checkpoints, history and record. Mixed into :class:`~pogdiff.training.trainer.Trainer`,
     whose ``__init__`` sets what these methods read (model, optimizer, lr scheduler, EMA, accelerator,
     step, history, run folder)."""
 
@@ -129,7 +130,7 @@ class RunFiles:
         return path
 
     def restore(self, state: dict) -> None:
-        """Continue from a checkpoint read by :func:`pogdiff.checkpoints.read_trainer_state`:
+        """Continue from a checkpoint read by :func:`pogdiff.model.checkpoints.read_trainer_state`:
         step, history, optimizer, lr scheduler, EMA weights and global RNG states.
 
         The history comes from the run's ``history.jsonl`` up to the checkpoint's step (rows

@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from pogdiff import safety
+from pogdiff.server import safety
 from pogdiff.ui.compare_views import (
     INTERVAL,
     ResultCache,
@@ -42,7 +42,7 @@ class MetricsPanel:
             if self._evaluator is not None:
                 return self._evaluator
         folder = self.shipped_dir / "evaluator"
-        from pogdiff.evaluator import load_evaluator
+        from pogdiff.evaluation.demo_classifier import load_evaluator
 
         if not folder.exists():
             raise gr.Error("The identity evaluator (checkpoints/evaluator) is not there yet; make it with "
@@ -83,10 +83,10 @@ class MetricsPanel:
         captions per class, so the shipped demo numbers come out again; ``full=True``: all 8.
         On a user's set: up to 4 (fast) or 8 (full) of each class's own captions, judged by a
         classifier fitted on the set's images, whose held-out reliability is shown per class
-        (:mod:`pogdiff.judge`). Results are cached per checkpoint weights, data and mode
+        (:mod:`pogdiff.evaluation.user_judge`). Results are cached per checkpoint weights, data and mode
         (README "What you see", "Metrics on your own data").
         """
-        from pogdiff import evaluation
+        from pogdiff.evaluation import protocol as evaluation
 
         a, b = self._source(key_a), self._source(key_b)
         mode = "full" if checked_input(safety.flag, "Full evaluation", False if full is None else full) else "fast"
@@ -111,7 +111,7 @@ class MetricsPanel:
 
     def judge_for(self, bundle: DatasetBundle, progress: Callable | None = None):
         """The classifier of ``bundle``'s own classes (fitted once per loaded set, kept with it)."""
-        from pogdiff.judge import UserJudge
+        from pogdiff.evaluation.user_judge import UserJudge
 
         with bundle.lock:
             if bundle.judge is None:
@@ -125,8 +125,8 @@ class MetricsPanel:
             return bundle.judge
 
     def _own_data_metrics(self, a: Source, b: Source, mode: str, bundle: DatasetBundle, progress) -> tuple:
-        from pogdiff import evaluation
-        from pogdiff import judge as judging
+        from pogdiff.evaluation import protocol as evaluation
+        from pogdiff.evaluation import user_judge as judging
 
         judge = self.judge_for(bundle, progress)
         per_class = self.OWN_PER_CLASS[mode]
@@ -174,9 +174,9 @@ class MetricsPanel:
         return (desc.get("num_samples"), desc.get("num_classes")) == (len(bundle.ds), len(bundle.ds.classes))
 
     def _metrics_cache_path(self, src: Source, mode: str, eval_set, *, data: str = "demo") -> Path:
-        from pogdiff import evaluation
+        from pogdiff.evaluation import protocol as evaluation
         from pogdiff.config import to_dict
-        from pogdiff.judge import JUDGE_VERSION
+        from pogdiff.evaluation.user_judge import JUDGE_VERSION
 
         what = {"captions": list(eval_set.captions)} if eval_set is not None else \
             {"data": data, "judge": JUDGE_VERSION, "per_class": self.OWN_PER_CLASS[mode]}
@@ -193,7 +193,7 @@ class MetricsPanel:
         With a judge's ``reliability`` (user data) the table gets its per-class held-out accuracy and
         a weak mark, and the bucket summary a row over the classes the judge can score.
         """
-        from pogdiff import comparison
+        from pogdiff.evaluation import comparison
 
         names = list(tables)
         name_a, name_b = (names * 2)[:2]  # A and B may be the same checkpoint

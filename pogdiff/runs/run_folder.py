@@ -1,6 +1,6 @@
 """One run folder beside its checkpoints: its record, its training history and its saved previews.
 
-Layout of a run folder (the checkpoint folders themselves: :mod:`pogdiff.checkpoints`)::
+Layout of a run folder (the checkpoint folders themselves: :mod:`pogdiff.model.checkpoints`)::
 
     run.json            the run's one record: state (running / stopped / finished / failed), steps
                         done, the newest checkpoint, method, configs, data fingerprint; the Studio adds
@@ -12,7 +12,7 @@ Layout of a run folder (the checkpoint folders themselves: :mod:`pogdiff.checkpo
 
 The Trainer and the Studio's job manager both write ``run.json`` by merging their fields into it
 (:func:`update_record`), so the file always holds the union of what each knows; reading a run as a
-listing entry is :mod:`pogdiff.runs`' concern.
+listing entry is :mod:`pogdiff.runs.store`' concern.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from pogdiff.checkpoints import STATE_JSON, TMP_PREFIX, json_default, latest_checkpoint, resume_candidates
-from pogdiff.safety import UnsafePathError, is_inside, resolve_inside
+from pogdiff.model.checkpoints import STATE_JSON, TMP_PREFIX, json_default, latest_checkpoint, resume_candidates
+from pogdiff.server.safety import UnsafePathError, is_inside, resolve_inside
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The :class:`Trainer`: ``run_loop -> run_step -> forward_backward -> optimize``.
 
-See :mod:`pogdiff.training` for how a run is put together around it (data preparation, the
-model, resuming); each method's forward pass is in :mod:`pogdiff.objectives`.
+See :mod:`pogdiff.training.run` for how a run is put together around it (data preparation, the
+model, resuming); each method's forward pass is in :mod:`pogdiff.method.objectives`.
 """
 
 from __future__ import annotations
@@ -18,21 +18,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pogdiff import checkpoints
+from pogdiff.model import checkpoints
 from pogdiff.config import (
     SampleConfig,
     TrainConfig,
     uses_balanced_sampling,
 )
-from pogdiff.objectives import (
+from pogdiff.method.objectives import (
     INACTIVE_WINDOW,
     Step,
     objective_for,
     pog_share,
 )
-from pogdiff.prepare import TrainData
-from pogdiff.train_record import NonFiniteError, RunFiles, StepInfo, TrainResult, tracker_values
-from pogdiff.train_setup import (
+from pogdiff.method.prepare import TrainData
+from pogdiff.training.records import NonFiniteError, RunFiles, StepInfo, TrainResult, tracker_values
+from pogdiff.training.setup import (
     SEED_STRIDE,
     TRACKER_PROJECT,
     make_accelerator,
@@ -124,7 +124,7 @@ class Trainer(RunFiles):
         if objective.needs_teacher:
             if teacher_unet is None:
                 raise ValueError("psi teacher 'base' needs the frozen weights the run started from: pass "
-                                 "teacher_unet= (pogdiff.training.train builds it from the base checkpoint)")
+                                 "teacher_unet= (pogdiff.training.run.train builds it from the base checkpoint)")
             self.teacher_unet = teacher_unet.to(self.device, dtype=frozen_weight_dtype(model, self.accelerator.mixed_precision))
             self.teacher_unet.requires_grad_(False).eval()
             if cfg.channels_last:
@@ -357,7 +357,7 @@ class Trainer(RunFiles):
             return self.model.predict_eps(x_t, t, tokens, mask, unet=self.teacher_unet)
 
     def forward_backward(self, batch: dict[str, torch.Tensor], g: torch.Generator):
-        """One forward/backward pass of the configured objective (:mod:`pogdiff.objectives`);
+        """One forward/backward pass of the configured objective (:mod:`pogdiff.method.objectives`);
         returns (terms, the objective's named statistics)."""
         dev = self.device
         x0, eps, t = batch["x0"].to(dev), batch["eps"].to(dev), batch["t"].to(dev)
@@ -416,7 +416,7 @@ class Trainer(RunFiles):
             self.ema.step(self.params)
 
     def _preview(self) -> None:
-        from pogdiff.sampling import generate
+        from pogdiff.model.sampling import generate
 
         unet = self.model.unet
         was_training = unet.training

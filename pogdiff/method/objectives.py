@@ -4,8 +4,8 @@ An objective turns one micro-batch (rows, clean inputs, noise, timesteps, captio
 per-sample loss terms. It sees the model only through a :class:`Step`: the noised input, the
 caption context of any rows, and ``predict(x_t, t, rows)`` which runs the UNet being trained
 (wrapped for several processes or not: the objective does not care). The trainer owns the
-optimizer, accumulation, mixed precision and checkpoints (:mod:`pogdiff.training`); the loss
-formulas themselves are in :mod:`pogdiff.losses`.
+optimizer, accumulation, mixed precision and checkpoints (:mod:`pogdiff.training.run`); the loss
+formulas themselves are in :mod:`pogdiff.method.losses`.
 
 - ``baseline`` and ``resample``: plain eps-MSE (``resample`` draws class-balanced batches; the
   drawing is the trainer's).
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pogdiff import losses
-from pogdiff.neighbours import NeighbourTable, gaussian_psi_factor, psi_gate
+from pogdiff.method import losses
+from pogdiff.method.neighbours import NeighbourTable, gaussian_psi_factor, psi_gate
 
 Terms = dict[str, torch.Tensor]
 Stats = dict[str, float]  # an objective's named statistics of one micro-batch (StepInfo fields)
@@ -64,7 +64,7 @@ class Objective:
 
     The statistics are named floats of the micro-batch (PoGDiff: ``psi_mean``, the mean psi, and
     ``psi_active``, the share of rows that ran the neighbour pass); the trainer averages them over
-    micro-batches and processes and puts them in the step's :class:`~pogdiff.train_record.StepInfo`
+    micro-batches and processes and puts them in the step's :class:`~pogdiff.training.records.StepInfo`
     under the same names, so each name must be a field of it.
 
     Besides the terms, an objective says what it needs (``needs_table``: the neighbour table;
@@ -82,7 +82,7 @@ class Objective:
         return ""
 
     def log_stats(self, info) -> str:
-        """Method statistics of one logged step (a :class:`pogdiff.train_record.StepInfo`), or ''."""
+        """Method statistics of one logged step (a :class:`pogdiff.training.records.StepInfo`), or ''."""
         return ""
 
     def diagnose(self, history: Sequence) -> str | None:
@@ -146,7 +146,7 @@ class PoGDiff(Objective):
         if self.schedule == "gaussian":
             if table.delta2 is None:
                 raise ValueError("psi schedule 'gaussian' needs the pairs' image differences: build the neighbour "
-                                 "table with clean=<the clean images> (pogdiff.prepare does)")
+                                 "table with clean=<the clean images> (pogdiff.method.prepare does)")
             delta2 = torch.as_tensor(table.delta2[rows, slots], dtype=torch.float32)
             psi = psi * gaussian_psi_factor(batch["t"], delta2, step.betas)
         psi[batch["drop"]] = 0.0  # an unconditional row has no caption to borrow through
@@ -158,7 +158,7 @@ class PoGDiff(Objective):
             predict = step.predict if self.teacher == "live" else step.predict_teacher
             if predict is None:
                 raise ValueError("psi teacher 'base' needs the frozen base weights: the trainer is given them "
-                                 "by pogdiff.training.train (teacher_unet=...)")
+                                 "by pogdiff.training.run.train (teacher_unet=...)")
             with torch.no_grad():
                 eps_nb[idx] = predict(x_t[idx], t[idx], torch.as_tensor(nb)[active], None).to(eps_nb.dtype)
         terms = losses.pogdiff_loss(eps_pred, eps, eps_nb, psi.to(eps_pred.device))

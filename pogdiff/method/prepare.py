@@ -4,7 +4,7 @@ README "Preparation". For a data set (``images`` uint8 ``[N, H, W, 3]`` at the m
 resolution, ``captions``, ``subjects``) and a model, :func:`prepare_data` computes once:
 
 - the caption embeddings of the model's own caption encoder (MiniLM for the tiny preset, CLIP for
-  Stable Diffusion), cached on disk by content hash (:class:`pogdiff.text.CachedEncoder`);
+  Stable Diffusion), cached on disk by content hash (:class:`pogdiff.model.text.CachedEncoder`);
 - ``x0``, the images in diffusion space (pixels in [-1, 1], or VAE latents cached on disk by a
   hash of the pixels and the VAE weights);
 - the image features behind ``s_img`` (of the pixels for pixel models, of the latents for latent
@@ -32,8 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pogdiff.config import PsiConfig
-from pogdiff.neighbours import NeighbourTable, build_neighbour_table, image_features
-from pogdiff.text import CachedEncoder, TextEmbeddings
+from pogdiff.method.neighbours import NeighbourTable, build_neighbour_table, image_features
+from pogdiff.model.text import CachedEncoder, TextEmbeddings
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def prepare_data(
     The one preparation path of training, the Neighbours tab and the CLI (README "Preparation").
 
     :param model: anything with the model's ``text_encoder``, ``vae`` (None for pixel models),
-        ``encode_images`` and ``device``: a :class:`pogdiff.models.DiffusionModel`, or the
+        ``encode_images`` and ``device``: a :class:`pogdiff.model.models.DiffusionModel`, or the
         :class:`EncoderParts` of one (no UNet) for views.
     :param dataset: an ``ImageTextSet`` (``images`` uint8 [N x H x W x 3], ``captions``, ``subjects``).
     """
@@ -208,7 +208,7 @@ def encoder_parts(model_cfg, *, device: str = "cpu") -> EncoderParts:
     whole pipeline is loaded (its CLIP text encoder and VAE are what count) from the local
     Hugging Face cache or the Hub.
     """
-    from pogdiff import models
+    from pogdiff.model import models
 
     if model_cfg.preset == "tiny":
         return EncoderParts(text_encoder=models.default_text_encoder(model_cfg), device=device)

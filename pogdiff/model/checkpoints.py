@@ -11,7 +11,7 @@ Layout of ``run_dir/checkpoint-{step:06d}/``::
     manifest.json             size and sha256 of every file above (checked before a resume)
 
 The files of the run folder around the checkpoints (its record ``run.json``, the history, the
-previews) are :mod:`pogdiff.run_folder`'s.
+previews) are :mod:`pogdiff.runs.run_folder`'s.
 
 Nothing is ever loaded with pickle.
 """
@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pogdiff.config import ModelConfig, TrainConfig, from_dict, to_dict
-from pogdiff.models import (
+from pogdiff.model.models import (
     DiffusionModel,
     default_text_encoder,
     from_parts,

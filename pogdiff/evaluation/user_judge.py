@@ -161,7 +161,7 @@ class UserJudge:
     """Classifier of a data set's own classes (see the module docstring).
 
     :param backbone: optionally an image feature network with a ``features(images) -> [N, F]``
-        method (the shipped :class:`pogdiff.evaluator.Evaluator`), whose features are joined as one
+        method (the shipped :class:`pogdiff.evaluation.demo_classifier.Evaluator`), whose features are joined as one
         more block. Off by default: on the demo set and on simple shapes it made the judge worse
         (BENCHMARKS.md "The user-data judge checked on the demo").
     """
@@ -263,12 +263,12 @@ def score_on_own_data(model, ds, judge: UserJudge, train_counts: dict[str, int],
     """Generate one image per chosen caption of the loaded set (seed = its position) and score it
     with ``judge`` against the set's real images; the judge's reliability joined per class.
 
-    :returns: :func:`pogdiff.metrics.per_class_table` columns plus ``judge_reliability`` and
+    :returns: :func:`pogdiff.evaluation.metrics.per_class_table` columns plus ``judge_reliability`` and
         ``judge_weak``.
     """
-    from pogdiff import metrics
+    from pogdiff.evaluation import metrics
     from pogdiff.config import DataConfig
-    from pogdiff.sampling import generate
+    from pogdiff.model.sampling import generate
 
     rows = prompt_rows(ds.subjects, per_class)
     captions = [ds.captions[i] for i in rows]

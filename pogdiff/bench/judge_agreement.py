@@ -1,7 +1,7 @@
 """The user-data judge checked on the demo set (BENCHMARKS.md "The user-data judge checked on the
 demo"): ``python -m pogdiff bench judge --demo [--backbone] [--agreement] [--out FILE.json]``.
 
-The judge (:class:`pogdiff.judge.UserJudge`) is fitted on the demo's training images as the Compare
+The judge (:class:`pogdiff.evaluation.user_judge.UserJudge`) is fitted on the demo's training images as the Compare
 tab fits it on a user's: its held-out reliability per shot bucket, its accuracy on the demo's
 evaluation images beside the shipped evaluator's and, with ``--agreement``, how often the two
 name the same identity on generations of the shipped demo checkpoints (README "Metrics on your
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pogdiff.judge import UserJudge
+from pogdiff.evaluation.user_judge import UserJudge
 
 
 def demo_report(*, backbone: bool = False, agreement: bool = False) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def demo_report(*, backbone: bool = False, agreement: bool = False) -> dict[str,
     from pogdiff.constants import SHIPPED_DIR
     from pogdiff.data import ensure_demo, load_image_text_set
     from pogdiff.data.stats import shot_bucket
-    from pogdiff.evaluator import load_evaluator
+    from pogdiff.evaluation.demo_classifier import load_evaluator
 
     cfg = DataConfig()
     root = ensure_demo()
@@ -56,9 +56,10 @@ def demo_report(*, backbone: bool = False, agreement: bool = False) -> dict[str,
 def _agreement(judge: UserJudge, evaluator, evalset, train) -> dict[str, Any]:
     """On generations of the shipped demo checkpoints (the metrics' fast protocol): how often the
     judge names the same identity as the shipped evaluator, and both one's accuracy per checkpoint."""
-    from pogdiff import checkpoints, evaluation
+    from pogdiff.model import checkpoints
+    from pogdiff.evaluation import protocol as evaluation
     from pogdiff.constants import SHIPPED_DIR
-    from pogdiff.sampling import generate
+    from pogdiff.model.sampling import generate
 
     part = evaluation.metric_eval_set(evalset, "fast")
     truth = np.asarray(part.subjects, dtype=object)

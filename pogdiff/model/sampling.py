@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from pogdiff.config import SampleConfig
-from pogdiff.models import DiffusionModel
+from pogdiff.model.models import DiffusionModel
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 ``tiny`` checkpoints become a self-contained pipeline folder::
 
     model_index.json          _class_name ["pipeline_pogdiff", "PoGDiffPipeline"]
-    pipeline_pogdiff.py       the pipeline class (a copy of pogdiff/pipeline_pogdiff.py)
+    pipeline_pogdiff.py       the pipeline class (a copy of pogdiff/runs/pipeline_pogdiff.py)
     unet/                     UNet2DConditionModel, float32 safetensors
     scheduler/                DDIMScheduler: clip_sample, trailing spacing (as ``pogdiff sample``)
     text_encoder/, tokenizer/ the frozen caption encoder's files (all-MiniLM-L6-v2)
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from pogdiff import checkpoints as ckpts
+from pogdiff.model import checkpoints as ckpts
 from pogdiff.config import ModelConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -245,8 +245,8 @@ pipe = StableDiffusionPipeline.from_pretrained("{folder}")
 
 
 def _noise_schedule_only(model_cfg: ModelConfig) -> types.SimpleNamespace:
-    """What :func:`pogdiff.sampling.make_scheduler` reads of a model, for the pixel-space preset."""
-    from pogdiff.models import make_noise_scheduler
+    """What :func:`pogdiff.model.sampling.make_scheduler` reads of a model, for the pixel-space preset."""
+    from pogdiff.model.models import make_noise_scheduler
 
     return types.SimpleNamespace(noise_scheduler=make_noise_scheduler(model_cfg), vae=None)
 
@@ -255,7 +255,7 @@ def _caption_encoder_dir(model_cfg: ModelConfig) -> Path:
     if model_cfg.text_encoder != "minilm":
         raise ValueError(f"a tiny export needs the 'minilm' caption encoder, this checkpoint uses "
                          f"{model_cfg.text_encoder!r}; export an sd15 checkpoint instead")
-    from pogdiff.text import minilm_model_dir
+    from pogdiff.model.text import minilm_model_dir
 
     return minilm_model_dir()
 
@@ -272,7 +272,7 @@ def export_tiny(ckpt_dir: Path, out_dir: Path, *, use_ema: bool = False) -> None
     """Write the self-contained pipeline folder of a tiny checkpoint (see the module docstring)."""
     from diffusers import UNet2DConditionModel
 
-    from pogdiff.sampling import make_scheduler
+    from pogdiff.model.sampling import make_scheduler
 
     model_cfg, _ = ckpts.load_configs(ckpt_dir)
     src = ckpt_dir / (ckpts.EMA_DIR if use_ema else ckpts.UNET_DIR)
@@ -315,7 +315,7 @@ def _diffusers_version() -> str:
 def _stable_diffusion(base: str, **kwargs):
     from diffusers import StableDiffusionPipeline
 
-    from pogdiff.models import use_local_files
+    from pogdiff.model.models import use_local_files
 
     return StableDiffusionPipeline.from_pretrained(base, local_files_only=use_local_files(base), **kwargs)
 

@@ -7,7 +7,7 @@ quality benchmark (README "Results"):
   of caption ``i`` (of ``N``) in round ``s`` is ``i + s * N``, so round 0 is the seed the Compare
   tab has always used and every method sees the same noise;
 - scores: the frozen evaluator's identity and attribute predictions and features, turned into the
-  per-class table of :func:`pogdiff.metrics.per_class_table` and its bucket summary;
+  per-class table of :func:`pogdiff.evaluation.metrics.per_class_table` and its bucket summary;
 - with the training images at hand, more per-class columns (README "Copying and diversity"):
   ``copy``, the share of generations that sit closer to one of their class's training images than
   held-out real images of that class do (:func:`copy_flags`); ``proximity``, the median of that
@@ -206,8 +206,8 @@ def evaluate_model(model, eval_set, evaluator, train_counts: dict[str, int], *,
 
     :returns: (per-class table, bucket summary, generated images uint8 [N x H x W x 3]).
     """
-    from pogdiff import metrics
-    from pogdiff.sampling import generate
+    from pogdiff.evaluation import metrics
+    from pogdiff.model.sampling import generate
 
     captions = list(eval_set.captions) * sample_seeds
     subjects = list(eval_set.subjects) * sample_seeds

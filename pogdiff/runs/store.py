@@ -1,6 +1,6 @@
 """The runs folder: every run under it read as a :class:`RunInfo`, listed, found by name, and exported.
 
-A run is a folder under the runs folder with a record (``run.json``, :mod:`pogdiff.run_folder`) and
+A run is a folder under the runs folder with a record (``run.json``, :mod:`pogdiff.runs.run_folder`) and
 a checkpoint. :class:`RunStore` is the one place that reads them: the Studio's Train, Compare and
 metrics views, the job manager and the time estimates all go through it. Every path that comes from
 a caller or from a ``run.json`` is resolved (symlinks followed) and used only when it lies inside the
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pogdiff.run_folder import RUN_FILE, Preview, find_checkpoint, read_previews
-from pogdiff.safety import UnsafePathError, check_run_name, resolve_inside
+from pogdiff.runs.run_folder import RUN_FILE, Preview, find_checkpoint, read_previews
+from pogdiff.server.safety import UnsafePathError, check_run_name, resolve_inside
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class RunStore:
     def get_run(self, run: RunInfo | str | Path) -> RunInfo:
         """Resolve a run by RunInfo or folder name; ValueError when it has no checkpoint.
 
-        A name is a plain folder name (:func:`~pogdiff.safety.check_run_name`); a ``Path`` must
+        A name is a plain folder name (:func:`~pogdiff.server.safety.check_run_name`); a ``Path`` must
         resolve inside ``runs_dir``. Absolute paths, ``..`` and symlinks out are refused.
         """
         if isinstance(run, RunInfo):

@@ -2,7 +2,7 @@
 
 Config checks, the optimizer (AdamW, 8-bit AdamW), trackers, per-timestep loss weights, the run's
 fingerprint (a resume with other data or settings is refused), the accelerate object, and the
-global RNG states a checkpoint stores. :mod:`pogdiff.training` re-exports these names.
+global RNG states a checkpoint stores. :mod:`pogdiff.training.run` re-exports these names.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def step_memory_estimate(unet, *, batch_size: int, latent_pixels: int, mixed_pre
     checkpointing: the activations kept for the backward pass (:data:`ACTIVATION_BYTES_PER_UNIT`
     per unit of :func:`activation_units`, per latent pixel and sample, doubled for float32) plus the
     gradient and the two AdamW moments of every trainable parameter."""
-    from pogdiff.models import unwrap
+    from pogdiff.model.models import unwrap
 
     base = unwrap(unet)
     half = str(mixed_precision) in ("fp16", "bf16")
@@ -250,10 +250,10 @@ def tracker_options(cfg: TrainConfig, run_dir: str | Path) -> dict:
 
 
 def eps_loss_weights(t: torch.Tensor, scheduler, *, snr_gamma: float = 0.0) -> torch.Tensor | None:
-    """Per-sample weights ``w(t)`` [N] for the eps-space losses of :mod:`pogdiff.losses`.
+    """Per-sample weights ``w(t)`` [N] for the eps-space losses of :mod:`pogdiff.method.losses`.
 
     The losses compare eps-predictions (the UNet output converted by
-    :func:`pogdiff.models.output_to_eps`). ``w`` turns that squared error into the squared error of
+    :func:`pogdiff.model.models.output_to_eps`). ``w`` turns that squared error into the squared error of
     the model's own prediction type, ``snr = abar / (1 - abar)``:
 
     - ``epsilon``: ``w = 1``;

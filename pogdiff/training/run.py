@@ -1,9 +1,9 @@
 """Fine-tuning runs for the plain, PoGDiff, CBDM and class-resampling methods: :func:`train`.
 
 Structure (improved-diffusion style): ``Trainer.run_loop -> run_step -> forward_backward ->
-optimize`` (:mod:`pogdiff.trainer`), each method's forward pass in :mod:`pogdiff.objectives`,
-the data prepared once by :mod:`pogdiff.prepare`, and what a run sets up before its first step
-(config checks, optimizer, trackers, fingerprint, RNG states) in :mod:`pogdiff.train_setup`.
+optimize`` (:mod:`pogdiff.training.trainer`), each method's forward pass in :mod:`pogdiff.method.objectives`,
+the data prepared once by :mod:`pogdiff.method.prepare`, and what a run sets up before its first step
+(config checks, optimizer, trackers, fingerprint, RNG states) in :mod:`pogdiff.training.setup`.
 This module puts a run together (model, data, resume). The same ``Trainer`` is driven by the CLI, by the app's background thread and by the
 tests: it takes a per-step ``callback``, a ``threading.Event`` to stop, and never prints.
 
@@ -30,20 +30,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pogdiff import checkpoints, run_folder
+from pogdiff.model import checkpoints
+from pogdiff.runs import run_folder
 from pogdiff.config import ModelConfig, TrainConfig
-from pogdiff.objectives import objective_for
-from pogdiff.prepare import prepare_data
-from pogdiff.train_setup import RunMismatchError, check_same_run, check_train_config, make_accelerator, run_fingerprint, tracker_options
-from pogdiff.train_record import StepInfo, TrainResult
-from pogdiff.trainer import Trainer
+from pogdiff.method.objectives import objective_for
+from pogdiff.method.prepare import prepare_data
+from pogdiff.training.setup import RunMismatchError, check_same_run, check_train_config, make_accelerator, run_fingerprint, tracker_options
+from pogdiff.training.records import StepInfo, TrainResult
+from pogdiff.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
 
 def build_model(model_cfg: ModelConfig, *, base_checkpoint: str | Path | None = None, seed: int = 0):
     """The model to fine-tune: a base checkpoint, a Stable Diffusion pipeline, or a fresh tiny UNet."""
-    from pogdiff import models
+    from pogdiff.model import models
 
     if base_checkpoint:
         return checkpoints.load_model(base_checkpoint)

@@ -10,7 +10,7 @@ Two presets (docs/ARCHITECTURE.md):
   (full fine-tune optional); VAE and text encoder frozen.
 
 This module does no file I/O besides reading a pretrained pipeline in
-:func:`load_stable_diffusion`; checkpoints live in :mod:`pogdiff.checkpoints`.
+:func:`load_stable_diffusion`; checkpoints live in :mod:`pogdiff.model.checkpoints`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from pogdiff.config import ModelConfig
 
 if TYPE_CHECKING:
-    from pogdiff.text import CaptionEncoder
+    from pogdiff.model.text import CaptionEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def output_to_eps(output: Tensor, x_t: Tensor, t: Tensor, scheduler: DDPMSchedul
     - ``sample``: ``eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)``.
 
     This is the one place where prediction types meet the eps-space losses of
-    :mod:`pogdiff.losses`; ``pogdiff.train_setup.eps_loss_weights`` gives the per-sample weight that
+    :mod:`pogdiff.method.losses`; ``pogdiff.training.setup.eps_loss_weights`` gives the per-sample weight that
     turns the eps-space squared error back into the prediction type's own squared error.
 
     :param output: ``[N, ...]`` UNet output; ``x_t`` the same shape; ``t`` ``[N]`` integer timesteps.
@@ -206,7 +206,7 @@ class DiffusionModel:
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"encode_images expects RGB images [N, 3, H, W], got shape {tuple(images.shape)}: "
-                             "convert uint8 [N, H, W, 3] arrays with pogdiff.prepare.images_to_tensor")
+                             "convert uint8 [N, H, W, 3] arrays with pogdiff.method.prepare.images_to_tensor")
         if self.vae is None:
             return images.float()
         out = []
@@ -344,7 +344,7 @@ def make_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
 def default_text_encoder(cfg: ModelConfig) -> CaptionEncoder:
     """The frozen caption encoder of a tiny model: the shared MiniLM instance, or
     ``text.build_text_encoder(cfg)`` for other choices."""
-    from pogdiff import text
+    from pogdiff.model import text
 
     if cfg.text_encoder == "minilm":
         return text.default_minilm(cfg.max_caption_tokens)
@@ -418,7 +418,7 @@ def load_stable_diffusion(
     """
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from pogdiff import text
+    from pogdiff.model import text
 
     if not cfg.pretrained:
         raise ValueError("ModelConfig.pretrained is empty; give a hub id or a local pipeline folder")

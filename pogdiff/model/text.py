@@ -1,7 +1,7 @@
 """Caption encoders and their on-disk cache (docs/ARCHITECTURE.md).
 
 An encoder maps captions to :class:`TextEmbeddings`: a pooled, L2-normalised vector per
-caption (the neighbour index of :mod:`pogdiff.neighbours`) and padded token states (the UNet's
+caption (the neighbour index of :mod:`pogdiff.method.neighbours`) and padded token states (the UNet's
 cross-attention context). Two encoders:
 
 - :class:`MiniLMEncoder`: the frozen sentence encoder all-MiniLM-L6-v2 shipped inside the

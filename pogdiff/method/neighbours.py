@@ -6,7 +6,7 @@ becomes the per-pair relative precision
 
     psi_ij = psi_max * w_density(i) * s_img(i, j) * s_txt(i, j)
 
-that :func:`pogdiff.losses.pogdiff_loss` consumes. During training :meth:`NeighbourTable.draw`
+that :func:`pogdiff.method.losses.pogdiff_loss` consumes. During training :meth:`NeighbourTable.draw`
 picks one of the k neighbours per sample.
 
 Missing neighbours (k larger than the pool, or a class of one under the ``same_class`` pool) are
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pogdiff.config import POOLS, SAMPLING_MODES, SCHEDULES, PsiConfig
-from pogdiff.knn import MISSING, KnnResult, KnnSearch, as_normalised, knn, knn_search, pad_to_k
+from pogdiff.method.knn import MISSING, KnnResult, KnnSearch, as_normalised, knn, knn_search, pad_to_k
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Exact (FAISS inner product) up to a size threshold, approximate beyond it: an IVF self-join
 batched by list for the caption graph, with a recall guard that falls back to exact search, or
-an HNSW / IVF index for queries. :mod:`pogdiff.neighbours` builds the psi table on top.
+an HNSW / IVF index for queries. :mod:`pogdiff.method.neighbours` builds the psi table on top.
 
 :func:`knn` returns the arrays; :func:`knn_search` takes the approximate index's settings as one
 :class:`KnnSearch` and returns a :class:`KnnResult`, which also says whether the recall guard fell

@@ -4,9 +4,9 @@
   (:mod:`pogdiff.data.identities`), so its ground truth is unlimited. It names the identity in
   an image and reads the attributes of :data:`~pogdiff.data.identities.ATTRIBUTE_HEADS`; its
   L2-normalised 128-d feature layer is the feature space of the metrics in
-  :mod:`pogdiff.metrics` for the embedded demo set.
+  :mod:`pogdiff.evaluation.metrics` for the embedded demo set.
 
-A user's own classes are judged by :mod:`pogdiff.judge` instead (a classifier fitted on their
+A user's own classes are judged by :mod:`pogdiff.evaluation.user_judge` instead (a classifier fitted on their
 images, with its held-out reliability).
 
 Checkpoints are ``evaluator.safetensors`` (weights) plus ``evaluator.json`` (architecture,

@@ -31,7 +31,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from PIL import Image
 
 OUTPUT_TYPES = ("pil", "np")
-ENCODE_BATCH = 256  # captions per text-encoder pass, as pogdiff.text.MiniLMEncoder
+ENCODE_BATCH = 256  # captions per text-encoder pass, as pogdiff.model.text.MiniLMEncoder
 
 
 class PoGDiffPipeline(DiffusionPipeline):

@@ -1,0 +1,1 @@
+"""Evaluation: the protocol, the demo classifier, the user-data judge, metrics, paired comparisons."""

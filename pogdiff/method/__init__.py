@@ -1,0 +1,1 @@
+"""The method: loss formulas, objectives, caption neighbours and psi, kNN search, data preparation."""

@@ -1,0 +1,1 @@
+"""Runs: a run's folder and record, the store of runs, background jobs, export."""

@@ -1,0 +1,1 @@
+"""Serving many visitors: input checks and quotas."""

@@ -1,0 +1,1 @@
+"""Training: the trainer loop, its setup, its records and the run entry point."""
