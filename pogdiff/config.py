@@ -100,6 +100,9 @@ class PsiConfig:
     # "live" the model being trained (the paper's form), "base" the frozen weights the run started
     # from (prior preservation in product-of-Gaussians form).
     teacher: str = "live"
+    # Rarity psi: borrow only for classes with fewer rows than the median class (psi 0 for the
+    # others), so the PoG term cannot pull the frequent subjects (README "The method").
+    rare_only: bool = False
 
 
 @dataclass

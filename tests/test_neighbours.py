@@ -190,6 +190,21 @@ def test_psi_is_monotone_in_each_factor_and_off_means_one():
     assert base.w_density[np.array(classes) == "mid"].min() > base.w_density[np.array(classes) == "many"].max()
 
 
+def test_rarity_psi_keeps_psi_only_below_the_median_class_size():
+    pooled, feats, _ = _toy_set()
+    classes = ["a"] * 5 + ["b"] * 3 + ["c"] * 2  # sizes 5, 3, 2: median 3, only "c" is below it
+    cfg = PsiConfig(pool="all", k=3)
+    base = build_neighbour_table(pooled, feats, cfg, classes=classes)
+    rare = build_neighbour_table(pooled, feats, dataclasses.replace(cfg, rare_only=True), classes=classes)
+    labels = np.array(classes)
+    sizes = {c: int((labels == c).sum()) for c in set(classes)}
+    median = float(np.median(list(sizes.values())))
+    below = np.array([sizes[c] < median for c in classes])
+    assert below.sum() == 2 and base.psi[below].max() > 0 and base.psi[~below].max() > 0
+    np.testing.assert_array_equal(rare.psi[below], base.psi[below])
+    assert np.all(rare.psi[~below] == 0)
+
+
 def test_same_class_pool_never_crosses_classes():
     pooled, feats, classes = _toy_set()
     table = build_neighbour_table(pooled, feats, PsiConfig(k=4, pool="same_class"), classes=classes)

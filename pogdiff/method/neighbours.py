@@ -356,6 +356,9 @@ def build_neighbour_table(
     if labels is not None:
         counts = Counter(labels)
         psi[np.array([counts[c] == 1 for c in labels])] = 0.0
+        if cfg.rare_only:  # rarity psi: only classes below the median class size borrow
+            median = float(np.median(list(counts.values())))
+            psi[np.array([counts[c] >= median for c in labels])] = 0.0
     probs = _sampling_probs(s_txt, valid, cfg.sampling)
     delta2 = pair_delta2(clean, idx) if clean is not None else None
     table = NeighbourTable(
