@@ -121,7 +121,7 @@ def test_summary_markdown_lists_methods_and_comparisons():
     table = report.budget_markdown(curve)
     assert "| baseline | few_acc | 0.300 ± 0.141 | 0.500 ± 0.141 |" in table
     assert "| baseline | 0.300 ± 0.141 |" in text
-    assert "| pogdiff vs baseline | few | 1.50, 1.25 | 1.33 [1.25, 1.50] | — | yes | — | — |" in text
+    assert "| pogdiff vs baseline | few | 1.50, 1.25 | 1.33 [1.25, 1.50] | — | — | yes | — | — |" in text
 
 
 def test_target_checks_judge_each_target_from_the_summary_block():
@@ -138,8 +138,17 @@ def test_target_checks_judge_each_target_from_the_summary_block():
     assert checks["few-shot acc above cbdm"] is None  # not run
     assert checks["few-shot copy rate below resample's"] is True
     assert checks["many-shot acc within 2 points of plain"] is True  # 0.96 vs 0.98
-    # The PoG term changes the result (here for the worse): its interval excludes 1.
-    assert checks["PoG term's own effect (vs the same recipe without it): interval excludes 1"] is True
+    pog = "PoG term's own effect: few-shot >= 1.05x the same recipe without it, interval (seeds and classes) above 1"
+    assert checks[pog] is False  # 0.9x, for the worse
+    assert checks["few-shot acc at least T2H's"] is None  # not run
+    block["comparisons"]["pogdiff_vs_pogdiff_no_pog"]["few"] = {"ratio_of_means": 1.08, "bootstrap_ci95": [1.02, 1.1],
+                                                               "hierarchical_ci95": [0.97, 1.2]}
+    block["comparisons"]["pogdiff_vs_t2h"] = {"few": {"ratio_of_means": 1.01}}
+    checks = {c["target"]: c["met"] for c in report.target_checks(block)}
+    assert checks[pog] is False  # above 1.05, but the interval over seeds and classes reaches below 1
+    assert checks["few-shot acc at least T2H's"] is True
+    block["comparisons"]["pogdiff_vs_pogdiff_no_pog"]["few"]["hierarchical_ci95"] = [1.01, 1.2]
+    assert {c["target"]: c["met"] for c in report.target_checks(block)}[pog] is True
 
 
 def test_generation_shift_is_the_rms_pixel_difference_of_paired_images():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -245,3 +247,43 @@ def test_bootstrap_ratio_ci_matches_the_exact_resampling_distribution():
     assert np.isnan(nan_ratio) and np.isnan(lo) and np.isnan(hi)
     with pytest.raises(ValueError, match="equal-length"):
         bootstrap_ratio_ci([0.1], [0.1, 0.2])
+
+
+def test_hierarchical_interval_with_one_seed_is_the_class_bootstrap():
+    from pogdiff.evaluation.comparison import bootstrap_ratio_ci, hierarchical_ratio_ci
+
+    rng = np.random.default_rng(3)
+    a, b = rng.uniform(0.2, 1.0, 12), rng.uniform(0.2, 1.0, 12)
+    assert hierarchical_ratio_ci(a[None], b[None], seed=4) == bootstrap_ratio_ci(a, b, seed=4)
+    # identical seeds add nothing either: every seed row equal gives the class bootstrap again
+    assert hierarchical_ratio_ci(np.tile(a, (3, 1)), np.tile(b, (3, 1)), seed=4) == pytest.approx(
+        bootstrap_ratio_ci(a, b, seed=4))
+
+
+def test_hierarchical_interval_matches_enumerating_every_seed_and_class_resample():
+    """2 seeds x 2 classes: 4 seed draws x 4 class draws, all equally likely; the exact 5% and 95%
+    quantiles of the ratio come from that enumeration."""
+    from pogdiff.evaluation.comparison import hierarchical_ratio_ci
+
+    a = np.array([[0.9, 0.3], [0.5, 0.1]])
+    b = np.array([[0.6, 0.2], [0.5, 0.3]])
+    ratios = sorted(a[np.ix_(s, c)].mean() / b[np.ix_(s, c)].mean()
+                    for s in itertools.product(range(2), repeat=2) for c in itertools.product(range(2), repeat=2))
+    ratio, low, high = hierarchical_ratio_ci(a, b, n_boot=40_000, level=0.9, seed=2)
+    assert ratio == pytest.approx(a.mean() / b.mean())
+    # 16 atoms of 1/16: the 5% quantile lies on the 1st atom, the 95% one on the 16th
+    assert low == pytest.approx(ratios[0], abs=0.02) and high == pytest.approx(ratios[-1], abs=0.02)
+
+
+def test_hierarchical_interval_sees_a_seed_spread_the_class_bootstrap_hides():
+    from pogdiff.evaluation.comparison import bootstrap_ratio_ci, hierarchical_ratio_ci
+
+    # every class moves together with the seed: seed 0 favours a, seed 1 favours b
+    a = np.array([[0.8] * 6, [0.4] * 6])
+    b = np.array([[0.4] * 6, [0.8] * 6])
+    _, lo_c, hi_c = bootstrap_ratio_ci(a.mean(0), b.mean(0))
+    _, lo_h, hi_h = hierarchical_ratio_ci(a, b)
+    assert lo_c == hi_c == pytest.approx(1.0)  # classes alone: no spread at all
+    assert lo_h == pytest.approx(0.5) and hi_h == pytest.approx(2.0)  # seeds (0,0) and (1,1)
+    with pytest.raises(ValueError, match="seeds x classes"):
+        hierarchical_ratio_ci(a[0], b[0])

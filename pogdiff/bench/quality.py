@@ -67,6 +67,12 @@ def _demo_splits(data: str = "demo"):
     return root, load_image_text_set(root / "train", cfg), load_image_text_set(root / "eval", cfg)
 
 
+def eval_subjects(data: str = "demo", eval_per_class: int = QUALITY_EVAL_PER_CLASS) -> list[str]:
+    """The subject of each evaluation caption of a benchmark set, in the order they are generated."""
+    _, _, eval_set = _demo_splits(data)
+    return list(subset(eval_set, per_class_rows(eval_set, eval_per_class)).subjects)
+
+
 def _base_or_fresh():
     from pogdiff.model import checkpoints
     from pogdiff.model import models

@@ -26,9 +26,11 @@ SUMMARY_METRICS = {
 
 
 def summary_entry(long: pd.DataFrame, classes: pd.DataFrame, *, steps: int, seeds: list[int], batch_size: int,
-                  n_eval_captions: int, overrides: list[str], **protocol) -> dict:
+                  n_eval_captions: int, overrides: list[str], compared: tuple[str, ...] = COMPARED,
+                  **protocol) -> dict:
     """One benchmark set's block of ``summary.json``: per-seed bucket metrics of every recipe and the
-    paired comparisons of the ``COMPARED`` recipes against each other recipe (README "Results")."""
+    paired comparisons of the ``compared`` recipes against each other recipe, each pair once
+    (README "Results")."""
     methods = list(dict.fromkeys(long["method"]))
     block: dict = {"steps": steps, "seeds": seeds, "batch_size": batch_size, "n_eval_captions": n_eval_captions,
                    "overrides": overrides, **protocol, "methods": {}, "comparisons": {}}
@@ -38,10 +40,10 @@ def summary_entry(long: pd.DataFrame, classes: pd.DataFrame, *, steps: int, seed
             name: [_clean(_bucket_value(rows, seed, bucket, col)) for seed in seeds]
             for name, (bucket, col) in SUMMARY_METRICS.items()
         }
-    for a in COMPARED:
+    for i, a in enumerate(compared):
         if a in methods:
             for other in methods:
-                if other != a and not (a != COMPARED[0] and other in COMPARED):
+                if other != a and other not in compared[:i]:
                     block["comparisons"][f"{a}_vs_{other}"] = _compare(block["methods"], classes, a, other)
     return block
 
@@ -75,6 +77,12 @@ def _compare(per_method: dict, classes: pd.DataFrame, a: str, b: str) -> dict:
                          n_classes=int(len(by_class)))
             if np.isfinite(ratio) and ratio > 0 and np.isfinite(low) and np.isfinite(high):
                 entry["ci_half_width_relative"] = _clean((high - low) / (2 * ratio))
+            grid = part.pivot_table(index=["seed", "subject"], columns="method", values="accuracy")
+            if a in grid and b in grid:
+                mat_a, mat_b = (grid[m].unstack("subject").values for m in (a, b))  # [S, C] each
+                if np.isfinite(mat_a).all() and np.isfinite(mat_b).all():
+                    _, h_low, h_high = comparison.hierarchical_ratio_ci(mat_a, mat_b)
+                    entry["hierarchical_ci95"] = [_clean(h_low), _clean(h_high)]
         out[bucket] = entry
     return out
 
