@@ -96,6 +96,10 @@ class PsiConfig:
     # Rows whose psi is at most this skip the neighbour forward pass (their target would move by
     # less than psi / (1 + psi) towards the neighbour); this is what keeps PoGDiff cheap.
     psi_threshold: float = 0.05
+    # At most this share of a batch's rows run the neighbour pass: the rows whose PoG target would
+    # move most (psi_t / (1 + psi_t) times the neighbour's expected prediction gap; README "The
+    # method"). 1 runs it for every row above psi_threshold.
+    neighbour_share: float = 1.0
     # Whose prediction for the neighbour's caption builds the PoG target (README "Teacher"):
     # "live" the model being trained (the paper's form), "base" the frozen weights the run started
     # from (prior preservation in product-of-Gaussians form).
@@ -209,6 +213,7 @@ class TrainConfig:
         check_number("balance_alpha", self.balance_alpha, low=0.0, high=1.0)
         if isinstance(self.psi, PsiConfig):
             check_number("psi_max", self.psi.psi_max, low=0.0)
+            check_number("psi.neighbour_share", self.psi.neighbour_share, low=0.0, high=1.0, low_inclusive=False)
             check_choice("psi.teacher", self.psi.teacher, TEACHERS)
         check_number("weight_decay", self.weight_decay, low=0.0)
         check_number("grad_clip", self.grad_clip, low=0.0)

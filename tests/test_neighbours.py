@@ -361,3 +361,39 @@ def test_gaussian_psi_factor_matches_a_float64_reference(schedule):
     assert hi_noise[0] > hi_noise[1]
     lo_hi = gaussian_psi_factor(torch.tensor([5, 500]), torch.tensor([0.2, 0.2]), sched.betas)
     assert lo_hi[0] < lo_hi[1]
+
+
+def test_expected_shift_is_the_distance_between_the_two_eps_targets():
+    """For x_t made from x0, the eps targets of x0 and of a neighbour image x0' differ by
+    sqrt(abar / (1 - abar)) (x0' - x0); its RMS times psi / (1 + psi) is the expected shift."""
+    from pogdiff.method.neighbours import expected_shift
+
+    betas = torch.linspace(1e-4, 0.02, 1000)
+    abar = torch.cumprod(1 - betas.double(), 0)
+    g = torch.Generator().manual_seed(0)
+    x0, x0n, eps = (torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([5, 400, 990])
+    a = abar[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    target_nb = (x_t - a.sqrt() * x0n) / (1 - a).sqrt()
+    rms = ((target_nb - eps) ** 2).mean(dim=(1, 2, 3)).sqrt()
+    delta2 = ((x0n - x0) ** 2).mean(dim=(1, 2, 3))
+    psi = torch.tensor([0.5, 1.0, 3.0])
+    np.testing.assert_allclose(expected_shift(psi, t, delta2, betas).numpy(), (psi / (1 + psi) * rms).numpy(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(expected_shift(psi, t, None, betas).numpy(), (psi / (1 + psi)).numpy(), rtol=1e-6)
+
+
+def test_neighbour_pass_rows_keep_the_largest_shifts_within_the_share():
+    from pogdiff.method.neighbours import neighbour_pass_rows
+
+    psi = torch.tensor([0.0, 0.5, 0.2, 0.9, 0.04, 0.3])
+    shift = torch.tensor([9.0, 0.1, 0.7, 0.3, 5.0, 0.7])
+    everyone = neighbour_pass_rows(psi, shift, threshold=0.05, share=1.0)
+    assert everyone.tolist() == [False, True, True, True, False, True]  # psi above the threshold
+    half = neighbour_pass_rows(psi, shift, threshold=0.05, share=0.5)  # at most 3 of 6 rows
+    assert half.tolist() == [False, False, True, True, False, True]  # 0.7, 0.7 (earlier row first), 0.3
+    third = neighbour_pass_rows(psi, shift, threshold=0.05, share=0.3)  # ceil(1.8) = 2 rows
+    assert third.tolist() == [False, False, True, False, False, True]
+    # rows below the threshold never run, however large their shift
+    assert not neighbour_pass_rows(psi, shift, threshold=0.05, share=0.2)[0]

@@ -86,6 +86,25 @@ def test_pogdiff_uses_the_neighbours_prediction_only_above_the_threshold():
     assert torch.allclose(terms["loss"], ref["loss"])
 
 
+def test_a_neighbour_share_keeps_the_pass_for_the_rows_that_move_most():
+    """Constant psi: the expected shift is psi / (1 + psi), so with room for 1 row of 4
+    (share 0.25) only row 0 (psi 0.9; row 3 is caption-dropped) runs the neighbour pass."""
+    psi = np.array([[0.9], [0.3], [0.5], [0.9]], np.float32)
+    batch, x_t = _batch()
+    batch["eps_dev"] = batch["eps"]
+    model = _Model()
+    terms, stats = PoGDiff("constant", 0.05, neighbour_share=0.25).terms(_step(model, _table(psi)), batch, x_t,
+                                                                         torch.Generator().manual_seed(1))
+    assert model.calls[1] == [1] and stats["psi_active"] == 0.25
+    want_psi = torch.tensor([0.9, 0.0, 0.0, 0.0])
+    eps_pred = model(x_t, batch["t"], batch["rows"], batch["drop"])
+    eps_nb = torch.zeros_like(eps_pred)
+    eps_nb[[0]] = model(x_t[[0]], batch["t"][[0]], torch.tensor([1]), None)
+    assert torch.allclose(terms["loss"], losses.pogdiff_loss(eps_pred, batch["eps"], eps_nb, want_psi)["loss"])
+    with pytest.raises(ValueError, match="neighbour_share"):
+        TrainConfig(psi=PsiConfig(neighbour_share=0.0))
+
+
 def test_a_base_teacher_builds_the_target_from_its_own_prediction_float64_reference():
     """PoG target with the frozen teacher: loss = ||p - eps||^2 + psi * ||p - teacher(x_t, y')||^2,
     written here in float64 from the teacher's prediction; the live model is not asked for y'."""

@@ -16,6 +16,7 @@ marked with index ``-1``; they have psi 0 and probability 0, so they never contr
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
@@ -201,6 +202,47 @@ def psi_gate(psi: np.ndarray | torch.Tensor, threshold: float):
     threshold or below keeps the plain target; its target would move by at most
     ``threshold / (1 + threshold)`` of the way towards the neighbour's prediction."""
     return psi > threshold
+
+
+def expected_shift(psi_t: torch.Tensor, t: torch.Tensor, delta2: torch.Tensor | None,
+                   betas: torch.Tensor) -> torch.Tensor:
+    """How far the PoG target moves a row, in eps units: ``psi_t / (1 + psi_t) * gap_t``.
+
+    ``gap_t = sqrt(abar_t / (1 - abar_t) * delta2)`` is the RMS difference of the two eps targets
+    that a clean image and its neighbour's (mean squared difference ``delta2``) give the same
+    ``x_t``: the neighbour's prediction gap of a model that knew both images. Without ``delta2``
+    (constant psi) every gap counts as 1. This is what a row's neighbour pass is worth
+    (README "The method", the cost of the neighbour pass).
+
+    :param psi_t: [B] psi at each row's timestep.
+    :param t: [B] integer timesteps.
+    :param delta2: [B] mean squared clean-image differences of the pairs, or None.
+    :param betas: [T] the noise schedule's betas.
+    :return: float32 [B], >= 0.
+    """
+    weight = psi_t.double() / (1.0 + psi_t.double())
+    if delta2 is None:
+        return weight.float()
+    abar = torch.cumprod(1.0 - betas.double().cpu(), dim=0)[t.long().cpu()]
+    return (weight * (abar / (1.0 - abar) * delta2.double().cpu()).sqrt()).float()
+
+
+def neighbour_pass_rows(psi_t: torch.Tensor, shift: torch.Tensor | None, *, threshold: float,
+                        share: float) -> torch.Tensor:
+    """Which rows run the neighbour pass: those above the psi threshold (:func:`psi_gate`) and,
+    when ``share < 1``, of them at most ``ceil(share * B)``, the ones whose target would move most
+    (``shift``, :func:`expected_shift`; ties go to the earlier row).
+
+    :return: bool [B].
+    """
+    active = psi_gate(psi_t, threshold)
+    if share >= 1.0:
+        return active
+    budget = math.ceil(share * len(psi_t))
+    order = torch.argsort(torch.where(active, shift, torch.full_like(shift, -1.0)), descending=True, stable=True)
+    keep = torch.zeros_like(active)
+    keep[order[:budget]] = True
+    return active & keep
 
 
 def _check_config(cfg: PsiConfig) -> None:

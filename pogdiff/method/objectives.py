@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pogdiff.method import losses
-from pogdiff.method.neighbours import NeighbourTable, gaussian_psi_factor, psi_gate
+from pogdiff.method.neighbours import NeighbourTable, expected_shift, gaussian_psi_factor, neighbour_pass_rows
 
 Terms = dict[str, torch.Tensor]
 Stats = dict[str, float]  # an objective's named statistics of one micro-batch (StepInfo fields)
@@ -115,9 +115,10 @@ class PoGDiff(Objective):
     needs_table = True
 
     def __init__(self, schedule: str, psi_threshold: float, teacher: str = "live", *, pool: str | None = None,
-                 psi_max: float = 1.0) -> None:
+                 psi_max: float = 1.0, neighbour_share: float = 1.0) -> None:
         self.schedule = schedule
         self.psi_threshold = psi_threshold
+        self.neighbour_share = neighbour_share
         self.teacher = teacher
         self.pool, self.psi_max = pool, psi_max
         self.needs_teacher = teacher == "base"
@@ -150,7 +151,11 @@ class PoGDiff(Objective):
             delta2 = torch.as_tensor(table.delta2[rows, slots], dtype=torch.float32)
             psi = psi * gaussian_psi_factor(batch["t"], delta2, step.betas)
         psi[batch["drop"]] = 0.0  # an unconditional row has no caption to borrow through
-        active = psi_gate(psi, self.psi_threshold)
+        shift = None
+        if self.neighbour_share < 1.0:
+            pair_delta2 = None if table.delta2 is None else torch.as_tensor(table.delta2[rows, slots])
+            shift = expected_shift(psi, batch["t"], pair_delta2, step.betas)
+        active = neighbour_pass_rows(psi, shift, threshold=self.psi_threshold, share=self.neighbour_share)
         psi = torch.where(active, psi, torch.zeros_like(psi))
         eps_nb = torch.zeros_like(eps_pred)
         if bool(active.any()):
@@ -202,7 +207,7 @@ def objective_for(cfg) -> Objective:
     """The objective of a :class:`pogdiff.config.TrainConfig`."""
     if cfg.method == "pogdiff":
         return PoGDiff(cfg.psi.schedule, cfg.psi.psi_threshold, cfg.psi.teacher, pool=cfg.psi.pool,
-                       psi_max=cfg.psi.psi_max)
+                       psi_max=cfg.psi.psi_max, neighbour_share=cfg.psi.neighbour_share)
     if cfg.method == "cbdm":
         return CBDM(cfg.cbdm_tau)
     if cfg.method == "t2h":
