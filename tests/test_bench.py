@@ -103,10 +103,14 @@ def test_summary_entry_holds_per_seed_values_and_paired_comparisons():
 
 def test_speed_benchmark_reports_every_configuration_relative_to_baseline():
     table = bench.speed(steps=1, warmup=0, batch_size=4, repeats=1)
-    assert len(table) == 5
+    assert len(table) == 7
     assert table.loc[0, "ratio_to_baseline"] == 1.0
     naive = table[table["configuration"].str.startswith("pogdiff naive")]
     assert float(naive["rows_with_neighbour_pass"].iloc[0]) == 1.0
+    capped = table[table["configuration"].str.contains("quarter")]
+    assert float(capped["rows_with_neighbour_pass"].iloc[0]) <= 0.25  # 1 row of 4 at most
+    t2h = table[table["configuration"].str.startswith("t2h")]
+    assert float(t2h["rows_with_neighbour_pass"].iloc[0]) == 0.0
 
 
 def test_summary_markdown_lists_methods_and_comparisons():
