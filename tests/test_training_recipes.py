@@ -116,7 +116,9 @@ def test_the_trainer_refuses_a_base_teacher_it_was_not_given(dataset, tmp_path):
 FIRST_LOSSES = {
     "baseline": [1.1352970600128174, 1.1893689632415771, 1.1372328996658325],
     "resample": [1.1723012924194336, 1.1420420408248901, 1.1242811679840088],
-    "cbdm": [1.1356213092803955, 1.1897331476211548, 1.1377270221710205],
+    # CBDM's third step has a dropped caption, which since CBDM follows its authors carries no
+    # regulariser (it was 1.1377270221710205 with one).
+    "cbdm": [1.1356213092803955, 1.1897331476211548, 1.1376416683197021],
     "pogdiff": [1.1725080013275146, 1.1420420408248901, 1.1243339776992798],
     # T2H moves no target in these 3 steps (batch 4: no source row is likely enough at 32x32x3),
     # so its losses are resampling's to the last bit: the refused rows keep eps itself.
@@ -132,4 +134,5 @@ def test_first_losses_of_each_method_match_the_stored_numbers(method, dataset, t
                       caption_dropout=0.1, balance_alpha=0.0, psi=psi)
     result = train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=cfg, run_dir=tmp_path)
     np.testing.assert_allclose(loss_curve(result.history), FIRST_LOSSES[method], rtol=STORED_RTOL, atol=0)
+
 

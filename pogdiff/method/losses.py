@@ -144,7 +144,7 @@ def cbdm_loss(
     t: Tensor,
     num_timesteps: int,
     *,
-    tau: float,
+    tau: float | Tensor,
 ) -> dict[str, Tensor]:
     """Class-Balancing Diffusion loss (Qin et al., CVPR 2023) adapted to captions (README "The method").
 
@@ -157,14 +157,14 @@ def cbdm_loss(
     :param eps_pred_balanced: the [N x ...] prediction for the balanced caption ``y_b``.
     :param t: [N] timesteps in ``[0, num_timesteps)``.
     :param num_timesteps: T, the number of diffusion steps.
-    :param tau: regulariser weight.
+    :param tau: regulariser weight, a scalar or ``[N]`` (0 for rows without the regulariser).
     :return: ``{"loss", "mse", "cbdm"}``, each float32 ``[N]``; loss = mse + cbdm.
     """
     _check_pair("eps_pred", eps_pred, "eps", eps)
     _check_pair("eps_pred", eps_pred, "eps_pred_balanced", eps_pred_balanced)
     if num_timesteps <= 0:
         raise ValueError(f"num_timesteps must be positive, got {num_timesteps}")
-    weight = tau * _per_sample("t", t, eps_pred) / num_timesteps
+    weight = _per_sample("tau", tau, eps_pred) * _per_sample("t", t, eps_pred) / num_timesteps
     pred, pred_b = eps_pred.float(), eps_pred_balanced.float()
     mse = mean_flat((pred - eps.float()) ** 2)
     reg = mean_flat((pred - pred_b.detach()) ** 2) + CBDM_COMMITMENT * mean_flat((pred.detach() - pred_b) ** 2)

@@ -97,6 +97,11 @@ class Objective:
 
 
 class CBDM(Objective):
+    """Class-Balancing Diffusion Models' regulariser (README "The method"), as its authors train it:
+    the balanced caption of a class drawn uniformly, ``t/T`` weighting, the 1/4 commitment term, and
+    no regulariser for a row whose caption was dropped (an unconditional prediction has no class to
+    balance)."""
+
     name = "cbdm"
 
     def __init__(self, tau: float) -> None:
@@ -107,7 +112,8 @@ class CBDM(Objective):
         eps_pred = step.predict(x_t, t, batch["rows"], batch["drop"])
         rows_b = step.balanced_rows(len(t), g)
         eps_pred_b = step.predict(x_t, t, rows_b, None)
-        return losses.cbdm_loss(eps_pred, eps, eps_pred_b, t, step.num_timesteps, tau=self.tau), {}
+        tau = self.tau * (~batch["drop"]).float().to(eps_pred.device)  # [B]: 0 for dropped captions
+        return losses.cbdm_loss(eps_pred, eps, eps_pred_b, t, step.num_timesteps, tau=tau), {}
 
 
 class PoGDiff(Objective):
