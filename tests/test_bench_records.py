@@ -77,3 +77,31 @@ def test_another_protocol_and_bad_sources_are_refused_in_words(tmp_path):
         combine(sources=[f"{one}:t2h=x"], data="demo", out=tmp_path / "out", steps=1000, compared=())
     with pytest.raises(ValueError, match="DIR:RECIPE=NEW_NAME"):
         parse_source("out:pogdiff")
+
+
+def test_tune_chooses_on_the_validation_split_and_scores_the_choice_on_the_evaluation_split(tmp_path):
+    from pogdiff.bench import tune
+
+    record = tune.tune(data="demo", recipe="cbdm", knob="cbdm_tau", values=[0.1, 1.0], out=tmp_path, quick=True)
+    assert set(record["validation"]) == {"0.1", "1"} and record["chosen"] in record["validation"]
+    best = max(v["all"] for v in record["validation"].values())
+    assert record["validation"][record["chosen"]]["all"] == best
+    chosen = tmp_path / f"cbdm-cbdm_tau-{record['chosen']}"
+    summary = json.loads((chosen / "summary.json").read_text())["demo"]
+    assert summary["split"] == "eval" and summary["overrides"] == [f"cbdm_tau={record['chosen']}"]
+    other = tmp_path / f"cbdm-cbdm_tau-{'1' if record['chosen'] == '0.1' else '0.1'}"
+    assert json.loads((other / "summary.json").read_text())["demo"]["split"] == "val"
+    saved = json.loads((tmp_path / "tuning.json").read_text())["demo"]["cbdm"]
+    assert saved == record
+    # validation records never mix with evaluation records
+    with pytest.raises(ValueError, match="another protocol"):
+        combine(sources=[str(chosen), str(other)], data="demo", out=tmp_path / "mix", steps=2, compared=())
+
+
+def test_choose_takes_the_best_class_mean_accuracy_and_the_first_of_equals():
+    from pogdiff.bench.tune import choose
+
+    assert choose({"0.01": {"all": 0.4, "few": 0.9}, "0.1": {"all": 0.6, "few": 0.1}}) == "0.1"
+    assert choose({"1": {"all": 0.5}, "2": {"all": 0.5}}) == "1"
+    with pytest.raises(ValueError, match="no value"):
+        choose({})

@@ -15,7 +15,7 @@ from pogdiff.cli import build_parser, main
 from pogdiff.config import PsiConfig
 from tests.conftest import SMALL_SPEC
 
-BENCHMARKS = ["speed", "quality", "report", "combine", "knn", "sampling", "data", "metrics", "gpu", "train-tab", "judge", "load"]
+BENCHMARKS = ["speed", "quality", "report", "combine", "tune", "knn", "sampling", "data", "metrics", "gpu", "train-tab", "judge", "load"]
 COMMANDS = [
     ["data", "demo"], ["data", "stats"], ["train"], ["sample"], ["export"],
     ["build", "base"], ["build", "evaluator"], *(["bench", name] for name in BENCHMARKS),

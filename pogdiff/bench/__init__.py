@@ -7,6 +7,7 @@ heavy dependencies (torch, training, checkpoints) where they use them, so ``--he
 
 - :mod:`~pogdiff.bench.quality`: ``speed``, ``quality``, ``report``
 - :mod:`~pogdiff.bench.records`: ``combine``
+- :mod:`~pogdiff.bench.tune`: ``tune``
 - :mod:`~pogdiff.bench.scale`: ``knn``, ``sampling``, ``data``, ``metrics``
 - :mod:`~pogdiff.bench.gpu`: ``gpu``
 - :mod:`~pogdiff.bench.train_tab_timing`: ``train-tab``
@@ -16,11 +17,11 @@ heavy dependencies (torch, training, checkpoints) where they use them, so ``--he
 
 from __future__ import annotations
 
-from pogdiff.bench import gpu, load, quality, records, scale
+from pogdiff.bench import gpu, load, quality, records, scale, tune
 from pogdiff.bench import judge_agreement as judge
 from pogdiff.bench import train_tab_timing as train_tab
 
-BENCHMARKS = (quality, records, scale, gpu, train_tab, judge, load)  # the modules whose commands ``bench`` lists, in order
+BENCHMARKS = (quality, records, tune, scale, gpu, train_tab, judge, load)  # the modules whose commands ``bench`` lists, in order
 
 
 def add_parsers(sub) -> None:

@@ -58,14 +58,23 @@ QUICK_STEPS = 2
 SPEED_SHARE = 0.25  # bench speed's capped configuration: psi.neighbour_share
 
 
-def _demo_splits(data: str = "demo"):
+EVAL_SPLITS = ("eval", "val")  # the evaluation split reported, the validation split that chooses knobs
+
+
+def _demo_splits(data: str = "demo", split: str = "eval"):
     from pogdiff.data import DemoSpec, ensure_demo, load_image_text_set
+    from pogdiff.data.demo import ensure_validation_split
 
     if data not in DATASETS:
         raise ValueError(f"unknown benchmark set {data!r}; choose one of {', '.join(DATASETS)}")
-    root = ensure_demo(DemoSpec(kind=DATASETS[data][0]))
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(EVAL_SPLITS)}")
+    spec = DemoSpec(kind=DATASETS[data][0])
+    root = ensure_demo(spec)
+    if split == "val":
+        ensure_validation_split(root, spec)
     cfg = DataConfig()
-    return root, load_image_text_set(root / "train", cfg), load_image_text_set(root / "eval", cfg)
+    return root, load_image_text_set(root / "train", cfg), load_image_text_set(root / split, cfg)
 
 
 def eval_subjects(data: str = "demo", eval_per_class: int = QUALITY_EVAL_PER_CLASS) -> list[str]:
@@ -252,7 +261,8 @@ def evaluated_checkpoint(ckpt: Path, eval_set, evaluator, counts, *, train_set, 
 def quality(*, out: Path, methods, seeds, budgets=None, steps: int | None = None, quick: bool = False,
             overrides: list[str] | None = None, ship: Path | None = None, data: str = "demo",
             batch_size: int = QUALITY_BATCH, eval_per_class: int = QUALITY_EVAL_PER_CLASS,
-            sample_seeds: int = QUALITY_SAMPLE_SEEDS, seeds_for: dict[str, list[int]] | None = None) -> pd.DataFrame:
+            sample_seeds: int = QUALITY_SAMPLE_SEEDS, seeds_for: dict[str, list[int]] | None = None,
+            split: str = "eval") -> pd.DataFrame:
     """Fine-tune each recipe from the same base for each seed, read every budget, evaluate, report.
 
     ``seeds_for`` gives some recipes fewer seeds than ``seeds`` (a subset of them); comparisons
@@ -261,6 +271,8 @@ def quality(*, out: Path, methods, seeds, budgets=None, steps: int | None = None
     Runs are paired: every recipe sees the same seeds, hence the same timesteps, noise and (except
     where batches are class-balanced) batch rows, and generates from the same captions with the
     same sampling seeds. Each (recipe, seed) is one run, read at every budget of ``budgets``.
+    ``split="val"`` scores the validation split instead of the evaluation split (choosing a knob,
+    :mod:`pogdiff.bench.tune`).
     Writes ``out/<data>/`` (tables, plots, grids; runs under ``runs/``), merges the ``steps``
     budget into ``out/summary.json`` and every budget into ``out/budget.json``.
     """
@@ -271,7 +283,7 @@ def quality(*, out: Path, methods, seeds, budgets=None, steps: int | None = None
     out = Path(out)
     folder = out / data
     folder.mkdir(parents=True, exist_ok=True)
-    _, train_set, eval_set = _demo_splits(data)
+    _, train_set, eval_set = _demo_splits(data, split)
     eval_set = subset(eval_set, _quick_rows(eval_set) if quick else per_class_rows(eval_set, eval_per_class))
     evaluator = load_evaluator(DATASETS[data][1])
     _, base = _base_or_fresh()
@@ -316,7 +328,7 @@ def quality(*, out: Path, methods, seeds, budgets=None, steps: int | None = None
     (folder / "results.md").write_text(to_markdown(report, steps=steps, seeds=seeds))
     metrics.accuracy_vs_frequency_figure(tables, path=folder / "accuracy_vs_frequency.png")
     few_shot_grids(folder, eval_set, grids, counts)
-    protocol = {"batch_size": batch_size, "n_eval_captions": len(eval_set), "sample_seeds": sample_seeds,
+    protocol = {"batch_size": batch_size, "n_eval_captions": len(eval_set), "sample_seeds": sample_seeds, "split": split,
                 "sampler": to_dict(sample_cfg), "overrides": overrides or [],
                 "recipes": {m: RECIPES[m] for m in methods}, "seeds_for": seeds_for}
     entry = summary_entry(at, classes_all[classes_all["steps"] == steps], steps=steps, seeds=list(seeds), **protocol)

@@ -25,7 +25,7 @@ from pogdiff.bench.summary import add_generation_shifts, aggregate, merge_summar
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_KEYS = ("batch_size", "n_eval_captions", "sample_seeds", "sampler")  # what must agree across sources
+PROTOCOL_KEYS = ("batch_size", "n_eval_captions", "sample_seeds", "sampler", "split")  # must agree across sources
 RECORD_KEY = ["method", "seed", "steps"]
 
 
@@ -60,7 +60,7 @@ def load_source(folder: Path, data: str, renames: dict[str, str]) -> dict:
     recipes = {renames.get(m, m): list(r) + overrides for m, r in block.get("recipes", {}).items()
                if m in set(long["method"]) or m in renames}
     return {"folder": folder, "long": long, "classes": classes, "recipes": recipes,
-            "protocol": {k: block.get(k) for k in PROTOCOL_KEYS}, "renames": renames}
+            "protocol": {"split": "eval", **{k: block[k] for k in PROTOCOL_KEYS if k in block}}, "renames": renames}
 
 
 def union_records(frames: list[pd.DataFrame], what: str) -> pd.DataFrame:

@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 DEMO_FORMAT_VERSION = 2
 SPEC_FILE = "demo_spec.json"
 SPLITS = ("train", "eval", "pretrain")
-_SPLIT_IDS = {"train": 1, "eval": 2, "pretrain": 3}
+_SPLIT_IDS = {"train": 1, "eval": 2, "pretrain": 3, "val": 4}
+VALIDATION_SPLIT = "val"  # held-out images for choosing a knob, apart from the evaluation split
 DEMO_KINDS = ("identities", "families")
 FAMILY_RELATIVE_COUNTS = (2, 3, 4)  # train images of the rare relatives, in turn
 FAMILY_HEAD_MIN = 12  # train images of the least frequent family head
@@ -268,6 +269,32 @@ def _write_demo(root: Path, spec: DemoSpec) -> None:
         write_image_folder(root / name, rendered)
     contact_sheet(fine, train, held).save(root / "contact_sheet.png")
     (root / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2, sort_keys=True) + "\n")
+
+
+def ensure_validation_split(root: str | Path, spec: DemoSpec = DemoSpec()) -> Path:
+    """Write ``root/val/`` once: ``n_eval_per_identity`` more held-out images per fine-tuning
+    identity, drawn with a seed of their own, for choosing a baseline's knob without looking at the
+    evaluation split (BENCHMARKS.md "Quality"). The other splits are left as they are.
+
+    :return: the ``val`` folder.
+    """
+    folder = Path(root) / VALIDATION_SPLIT
+    if (folder / "metadata.jsonl").is_file():
+        return folder
+    held = render_set(demo_identities(spec), spec.n_eval_per_identity, split_seed(spec.seed, VALIDATION_SPLIT),
+                      spec.resolution)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{VALIDATION_SPLIT}.tmp-", dir=root))
+    try:
+        write_image_folder(tmp, held)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "metadata.jsonl").is_file():  # not a concurrent writer of the same split
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _slug(name: str) -> str:
