@@ -2,7 +2,9 @@
 
 - ``"column"``: the ``subject`` / ``class`` column of the metadata (rows without it fall back to
   the caption template, else the whole caption);
-- ``"folder"``: the image's sub-folder (images in the root are skipped and reported);
+- ``"folder"``: the image's sub-folder (images in the root are skipped and reported), or the class
+  its folder has in a kohya / OneTrainer config (``10_red circle/`` -> ``red circle``;
+  :mod:`pogdiff.data.trainer_configs`);
 - ``"first_tag"``: the caption up to its first comma, for tag captions as kohya-style trainers
   write them (``"red fox, outdoors, photo"`` -> ``"red fox"``);
 - ``"template"``: the ``{subject}`` of ``DataConfig.caption_template`` (``"a photo of {subject}"``),
@@ -76,6 +78,7 @@ class ClassItem:
     text: str
     column_subject: str | None  # from the metadata's subject / class column
     caption_from: str  # "metadata" | "sidecar" | "folder"
+    concept: str | None = None  # the class of its folder in a kohya / OneTrainer config (trainer_configs.py)
 
 
 def check_class_source(source: str) -> str:
@@ -205,7 +208,7 @@ def assign_classes(items: list[ClassItem], config: DataConfig, report: Validatio
     if source == "column":
         return _by_column(items, config, report), source, reason
     if source == "folder":
-        return _per_item(items, lambda it: folder_subject(it.file_name), report, "not_in_class_folder",
+        return _per_item(items, lambda it: it.concept or folder_subject(it.file_name), report, "not_in_class_folder",
                          "The image is not in a class sub-folder; skipped (class source: folders).",
                          f"Move it into a sub-folder named after its class, {other}"), source, reason
     if source == "first_tag":
@@ -239,6 +242,8 @@ def choose_class_source(items: list[ClassItem], config: DataConfig) -> tuple[str
     n = len(items)
     if any(it.column_subject for it in items):
         return "column", "auto: the metadata has a 'subject' / 'class' column"
+    if all(it.concept for it in items):
+        return "folder", "auto: a kohya / OneTrainer config gives every image's class and how often it is drawn"
     folders = {folder_subject(it.file_name) for it in items}
     if None not in folders and any(it.caption_from == "folder" for it in items):
         return "folder", "auto: the captions were made from the sub-folder names"

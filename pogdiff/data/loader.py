@@ -40,6 +40,7 @@ from ..config import DataConfig
 from .classes import ClassItem, assign_classes, check_class_source, cluster_captions, subject_from_caption
 from .validation import DatasetError, ValidationReport
 from .metadata import read_metadata, clean_caption
+from .trainer_configs import KOHYA_TOML, ONETRAINER_CONCEPTS, SOURCE_NAMES, TrainerConfig, class_weights, find_trainer_config
 from .sources import (
     IMAGE_EXTENSIONS,
     METADATA_NAMES,
@@ -79,6 +80,11 @@ class ImageTextSet:
     class_source: str
     class_source_requested: str = "auto"
     class_source_reason: str = ""  # why that source was used ("auto: the captions are tags (...)")
+    # A kohya / OneTrainer config found in the upload (pogdiff/data/trainer_configs.py): its source
+    # ("kohya_folders", "kohya_toml", "onetrainer" or "") and, per class, images, repeats, draw
+    # weight, share of the draws and loss weight. Empty when the classes did not come from it.
+    trainer_config: str = ""
+    class_weights: dict[str, dict] = field(default_factory=dict)
 
     @property
     def subjects(self) -> list[str]:
@@ -214,6 +220,7 @@ class _Pending:
     subject: str | None  # from a column
     extra: dict[str, Any]
     caption_from: str  # "metadata" | "sidecar" | "folder"
+    concept: str | None = None  # the class a kohya / OneTrainer config gives the image
 
 
 def load_image_text_set(source: str | Path, config: DataConfig = DataConfig(), *,
@@ -231,7 +238,7 @@ def load_image_text_set(source: str | Path, config: DataConfig = DataConfig(), *
     prefix = strip_single_top_folder(src)
     if prefix:
         logger.info("reading %s from its top folder %s", source, prefix)
-    pending = _collect(src, config, report)
+    pending, trainer = _collect(src, config, report)
     samples, images, sizes = [], [], []
     for item in pending:
         data = src.read_image(item.path, config, report)
@@ -242,7 +249,9 @@ def load_image_text_set(source: str | Path, config: DataConfig = DataConfig(), *
             sizes.append(size)
     _raise_if_empty(source, samples, report)
     caption_from = {p.path: p.caption_from for p in pending}
-    items = [ClassItem(s.file_name, s.text, s.subject or None, caption_from[s.file_name]) for s in samples]
+    concept = {p.path: p.concept for p in pending}
+    items = [ClassItem(s.file_name, s.text, s.subject or None, caption_from[s.file_name], concept[s.file_name])
+             for s in samples]
     subjects, class_source, reason = assign_classes(items, config, report, encoder)
     kept = [i for i, subject in enumerate(subjects) if subject is not None]
     for i in kept:
@@ -252,7 +261,14 @@ def load_image_text_set(source: str | Path, config: DataConfig = DataConfig(), *
     _note_resized([sizes[i] for i in kept], config.resolution, report)
     _warn_small_classes(samples, report)
     logger.info("loaded %s: %s; classes from %s", Path(source).name, report.summary(), class_source)
-    return ImageTextSet(str(source), samples, np.stack(images), report, class_source, config.class_source, reason)
+    weights = {}
+    if trainer is not None and class_source == "folder":
+        folders = Counter(c.folder for c in (trainer.concept_of(s.file_name) for s in samples) if c is not None)
+        weights = class_weights(trainer, dict(folders))
+        if config.class_source == "auto":
+            reason = f"auto: {SOURCE_NAMES[trainer.source]} give each image's class and how often it is drawn"
+    return ImageTextSet(str(source), samples, np.stack(images), report, class_source, config.class_source, reason,
+                        trainer.source if weights else "", weights)
 
 
 def _raise_if_empty(source: str | Path, samples: list[Sample], report: ValidationReport) -> None:
@@ -279,31 +295,55 @@ def _open(path: Path, config: DataConfig, report: ValidationReport) -> FileSourc
     raise DatasetError(f"Cannot load '{path.name}': not a folder or a .zip archive.", report)
 
 
-def _collect(src: FileSource, config: DataConfig, report: ValidationReport) -> list[_Pending]:
-    """Match every image with its caption; report files that cannot be used."""
+def _collect(src: FileSource, config: DataConfig, report: ValidationReport) -> tuple[list[_Pending], TrainerConfig | None]:
+    """Match every image with its caption (and its kohya / OneTrainer concept); report files that
+    cannot be used."""
     rows, has_metadata = read_metadata(src, config, report)
     metadata_broken = has_metadata and not rows and any(i.code in ("metadata_columns", "metadata_json") for i in report.errors)
     images = [p for p in sorted(src.files) if PurePosixPath(p).suffix.lower() in IMAGE_EXTENSIONS]
+    trainer = find_trainer_config(src.files, images, lambda p: _text(src, p, config, report), report)
     image_set = set(images)
     stems = {str(PurePosixPath(p).with_suffix("")) for p in images}
-    _check_other_files(src, image_set, rows, stems, report)
+    caption_exts = {".txt"} | {c.caption_extension for c in (trainer.concepts if trainer else [])}
+    _check_other_files(src, image_set, rows, stems, report, caption_exts)
     _check_case_duplicates(images, report)
     report.n_images_found = len(images)
     pending = []
     for path in images:
+        concept = trainer.concept_of(path) if trainer else None
         row = rows.get(path)
         if row is not None:
             if row.text:
-                pending.append(_Pending(path, row.text, row.subject, row.extra, "metadata"))
+                pending.append(_Pending(path, row.text, row.subject, row.extra, "metadata",
+                                        concept.name if concept else None))
             continue
-        item = _caption_without_row(src, path, config, has_metadata, metadata_broken, report)
+        item = _caption_without_row(src, path, config, has_metadata, metadata_broken, report,
+                                    concept.caption_extension if concept else ".txt")
         if item is not None:
+            if concept is not None:
+                item.concept = concept.name
+                if item.caption_from == "folder":  # kohya captions an image without a caption file by its class tokens
+                    item.text = concept.name
             pending.append(item)
-    return pending
+    return pending, trainer
 
 
-def _caption_without_row(src, path, config, has_metadata, metadata_broken, report) -> _Pending | None:
-    sidecar = str(PurePosixPath(path).with_suffix(".txt"))
+def _text(src: FileSource, path: str, config: DataConfig, report: ValidationReport) -> str | None:
+    data = src.read(path, config, report)
+    if data is None:
+        return None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        report.error("bad_config_file", path, "The file is not UTF-8 text; not read.", "Save it as UTF-8.")
+        return None
+
+
+def _caption_without_row(src, path, config, has_metadata, metadata_broken, report,
+                         caption_ext: str = ".txt") -> _Pending | None:
+    sidecar = str(PurePosixPath(path).with_suffix(caption_ext))
+    if sidecar not in src.files and caption_ext != ".txt":
+        sidecar = str(PurePosixPath(path).with_suffix(".txt"))
     if sidecar in src.files:
         data = src.read(sidecar, config, report)
         if data is None:
@@ -334,12 +374,12 @@ def _caption_without_row(src, path, config, has_metadata, metadata_broken, repor
     return None
 
 
-def _check_other_files(src, image_set, rows, stems, report) -> None:
+def _check_other_files(src, image_set, rows, stems, report, caption_exts=frozenset({".txt"})) -> None:
     for path in sorted(src.files):
         p = PurePosixPath(path)
-        if path in image_set or p.name in METADATA_NAMES + MISNAMED_METADATA:
+        if path in image_set or p.name in METADATA_NAMES + MISNAMED_METADATA or path in (KOHYA_TOML, ONETRAINER_CONCEPTS):
             continue
-        if p.suffix.lower() == ".txt":
+        if p.suffix.lower() in caption_exts:
             if str(p.with_suffix("")) not in stems and p.stem.lower() not in ("readme", "license", "licence"):
                 report.warning("caption_for_missing_file", path, f"Caption file without an image named '{p.stem}.*'.",
                                "Add the image with the same name, or delete the caption file.")
