@@ -11,5 +11,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_DIR = REPO_ROOT / "checkpoints"  # base-tiny, evaluator(s), demo-* fine-tunes
 DEFAULT_BASE = SHIPPED_DIR / "base-tiny"  # the tiny preset's shipped base checkpoint
 BUDGET_CURVE = REPO_ROOT / "results" / "quality" / "budget.json"  # the quality benchmark's budget curve
+QUALITY_SUMMARY = REPO_ROOT / "results" / "quality" / "summary.json"  # its paired comparisons at the chosen budget
 # Shot buckets, used alike by the app's plots, the long-tail chart and the neighbour map.
 SHOT_COLOURS = {"many": "#2563eb", "medium": "#f59e0b", "few": "#dc2626"}

@@ -1,5 +1,5 @@
-"""Compare and Neighbours views: the pure pieces (pogdiff.ui.compare_views, the two-run figure) and
-the Studio methods behind them, with a fake sampler instead of a model."""
+"""Compare and Neighbours views: the pure pieces (pogdiff.ui.compare_views, pogdiff.ui.neighbours_views,
+the two-run figure) and the tabs' callbacks behind them, with a fake sampler instead of a model."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from pogdiff.ui import compare_views as cv
+from pogdiff.ui import neighbours_views as nv
 from tests.fakes import relative_luminance
 from pogdiff.evaluation import metrics
 from pogdiff.ui import state as ui_state
@@ -130,29 +131,45 @@ def test_paired_frequency_figure_bars_are_b_minus_a():
 
 
 # ============================================================================ pure: Neighbours
+def test_pca_2d_matches_covariance_eigenvectors_and_is_deterministic():
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((50, 5)) * np.array([5.0, 3.0, 1.0, 0.5, 0.1])
+    p = nv.pca_2d(x)
+    assert p.shape == (50, 2) and p.dtype == np.float32
+    xc = x - x.mean(0)
+    evals, evecs = np.linalg.eigh(np.cov(xc.T))
+    top = evecs[:, ::-1][:, :2]
+    top *= np.sign(top[np.abs(top).argmax(axis=0), [0, 1]])
+    np.testing.assert_allclose(p, xc @ top, atol=1e-4)
+    np.testing.assert_array_equal(nv.pca_2d(x), p)
+    # the sign convention follows the data: negated data gives the negated map
+    np.testing.assert_allclose(nv.pca_2d(-x), -p, atol=1e-4)
+    assert nv.pca_2d(x[:1]).shape == (1, 2)
+
+
 @pytest.mark.parametrize("value,expected", [(0.123456, 0.123), (-98765.4, -98800.0), (1.0005, 1.0),
                                             (0.0, 0.0), (0.00012345, 0.000123)])
 def test_round_sig(value, expected):
-    assert cv.round_sig(value) == expected
+    assert nv.round_sig(value) == expected
 
 
 def test_size_bins_and_colours_keep_rare_points_dark():
-    assert [cv.size_bin(n) for n in (1, 2, 3, 4, 15, 16, 31, 32, 500)] == [
+    assert [nv.size_bin(n) for n in (1, 2, 3, 4, 15, 16, 31, 32, 500)] == [
         "1 img", "2–3 img", "2–3 img", "4–7 img", "8–15 img", "16–31 img", "16–31 img", "32+ img", "32+ img"]
-    cmap = cv.size_colour_map()
-    assert list(cmap)[0] == "1 img" and len(cmap) == len(cv.SIZE_BINS)
+    cmap = nv.size_colour_map()
+    assert list(cmap)[0] == "1 img" and len(cmap) == len(nv.SIZE_BINS)
     assert max(relative_luminance(c) for c in cmap.values()) < 0.5
     assert relative_luminance("#ffffff") == pytest.approx(1.0)
     with pytest.raises(ValueError, match="at least one image"):
-        cv.size_bin(0)
+        nv.size_bin(0)
 
 
 def test_points_in_band_and_thumbnail():
     frame = pd.DataFrame({"x": [0.0, 1.0, 2.0, 3.0], "class size": [9, 1, 5, 1], "row": [0, 1, 2, 3]})
-    assert cv.points_in_band(frame, [2.5, 0.5])["row"].tolist() == [1, 2]
+    assert nv.points_in_band(frame, [2.5, 0.5])["row"].tolist() == [1, 2]
     with pytest.raises(ValueError, match="two numbers"):
-        cv.points_in_band(frame, "x")
-    md = cv.thumbnail_markdown(np.zeros((8, 8, 3), np.uint8), px=16)
+        nv.points_in_band(frame, "x")
+    md = nv.thumbnail_markdown(np.zeros((8, 8, 3), np.uint8), px=16)
     assert md.startswith("![thumbnail](data:image/png;base64,")
     import base64
     import io
@@ -315,9 +332,9 @@ def test_map_frame_rounds_and_bins_and_keeps_rare_points_on_top(studio, key):
     assert frame["class size"].tolist() == sorted(frame["class size"], reverse=True)  # the rarest drawn last
     bundle = studio.bundle(key)
     for r in frame.itertuples():
-        assert r.x == cv.round_sig(bundle.coords[r.row, 0]) and r.y == cv.round_sig(bundle.coords[r.row, 1])
+        assert r.x == nv.round_sig(bundle.coords[r.row, 0]) and r.y == nv.round_sig(bundle.coords[r.row, 1])
         assert r.caption == bundle.captions[r.row]
-    assert frame["class size bin"].tolist() == [cv.size_bin(n) for n in frame["class size"]]
+    assert frame["class size bin"].tolist() == [nv.size_bin(n) for n in frame["class size"]]
     assert set(frame["class size bin"]) == {"1 img", "2–3 img", "4–7 img"}
 
 
@@ -350,7 +367,7 @@ def test_neighbour_list_shows_each_neighbours_image(studio, key):
     for r in frame.itertuples():
         png = base64.b64decode(r.image.split(",", 1)[1].rstrip(")"))
         img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-        assert np.array_equal(img, views.upscale(bundle.ds.images[r.row], cv.THUMB_MARKDOWN_PX))
+        assert np.array_equal(img, views.upscale(bundle.ds.images[r.row], nv.THUMB_MARKDOWN_PX))
     assert all(isinstance(v, float) for v in frame["psi"])
 
 

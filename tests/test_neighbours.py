@@ -16,7 +16,6 @@ from pogdiff.method.neighbours import (
     density_weights,
     image_features,
     knn,
-    pca_2d,
 )
 
 
@@ -281,22 +280,6 @@ def test_image_features_uint8_and_latents():
     assert lat.shape == (3, 16)
     # a constant image has no structure: zero vector
     assert np.all(image_features(np.full((1, 8, 8, 3), 7, np.uint8), size=2) == 0)
-
-
-def test_pca_2d_matches_covariance_eigenvectors_and_is_deterministic():
-    rng = np.random.default_rng(10)
-    x = rng.standard_normal((50, 5)) * np.array([5.0, 3.0, 1.0, 0.5, 0.1])
-    p = pca_2d(x)
-    assert p.shape == (50, 2) and p.dtype == np.float32
-    xc = x - x.mean(0)
-    evals, evecs = np.linalg.eigh(np.cov(xc.T))
-    top = evecs[:, ::-1][:, :2]
-    top *= np.sign(top[np.abs(top).argmax(axis=0), [0, 1]])
-    np.testing.assert_allclose(p, xc @ top, atol=1e-4)
-    np.testing.assert_array_equal(pca_2d(x), p)
-    # the sign convention follows the data: negated data gives the negated map
-    np.testing.assert_allclose(pca_2d(-x), -p, atol=1e-4)
-    assert pca_2d(x[:1]).shape == (1, 2)
 
 
 def test_other_class_pool_takes_the_nearest_captions_of_other_classes():

@@ -24,7 +24,7 @@ from pogdiff.config import LIMITS, ModelConfig, TrainConfig
 from pogdiff.runs.jobs import JobManager
 
 from tests.fakes import FakeDataset, FakeTrain, free_port, noop_progress, tiny_set, train_form
-from pogdiff.ui import views
+from pogdiff.ui import downloads, views
 
 TIMEOUT = 10.0
 GRADIO_REFUSES = "greater than maximum|less than minimum|not in the list of choices"  # gradio's own checks
@@ -174,7 +174,7 @@ def test_studio_export_copies_the_zip_out_of_the_runs_folder(crafted):
     studio = ui.Studio(crafted.runs, shipped_dir=crafted.tmp / "shipped", device="cpu")
     out = Path(studio.export_run(crafted.honest.name, A))
     assert out.is_file() and not out.resolve().is_relative_to(crafted.runs.resolve())
-    assert out.parent.name.startswith(views.EXPORT_TMP_PREFIX)
+    assert out.parent.name.startswith(downloads.EXPORT_TMP_PREFIX)
     for bad in ("evil", "linked", "leaky", str(crafted.outside), "../outside", {"path": "/etc"}):
         with pytest.raises(gr.Error):
             studio.export_run(bad, A)
@@ -306,7 +306,7 @@ def test_expired_uploads_and_exports_are_removed(tmp_path):
     key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
     incoming = studio.upload_store / f"{views.UPLOAD_TMP_PREFIX}crashed"
     incoming.mkdir()
-    export = Path(tempfile.mkdtemp(prefix=views.EXPORT_TMP_PREFIX))
+    export = Path(tempfile.mkdtemp(prefix=downloads.EXPORT_TMP_PREFIX))
     old = time.time() - 3600 * (LIMITS.upload_max_age_hours + 1)
     for folder in (studio.upload_store / key, incoming, export):
         os.utime(folder, (old, old))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import zipfile
@@ -280,7 +279,6 @@ def test_precomputed_metrics_need_both_shipped_tables(studio, tmp_path):
 
 def test_app_builds_without_loading_anything_heavy(tmp_path, monkeypatch):
     """Building the UI must not load models, encoders or the demo set."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import app
 
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
@@ -605,3 +603,23 @@ def test_the_budget_advice_quotes_the_measured_curve_per_set_and_budget():
     assert "demo — 300 steps: 10% plain, 30% pogdiff; 1000 steps: 50% plain, 90% pogdiff" in text
     assert "You asked for 250 steps" in text and "face model" in text
     assert budget_advice(None, 10) == "" and budget_advice({"demo": {"budgets": [], "by_budget": {}}}, 10) == ""
+
+
+def test_the_method_note_lists_every_method_and_reads_its_figures_from_the_summary(tmp_path):
+    from pogdiff.config import METHODS
+    from pogdiff.ui.train_tab import METHOD_INFO, method_info
+
+    assert all(f"{m}:" in METHOD_INFO for m in METHODS)  # t2h included
+    few = {"ratio_of_means": 1.0354, "bootstrap_ci95": [1.0028, 1.0879]}
+    summary = {"demo": {"comparisons": {"pogdiff_vs_pogdiff_no_pog": {"few": few}}},
+               "families": {"comparisons": {"pogdiff_vs_t2h": {"few": {**few, "ratio_of_means": 0.97}}}}}
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    text = method_info(path)
+    assert text.startswith(METHOD_INFO)
+    assert "the PoG term (pogdiff over the same batches without it): 1.04x [1.00, 1.09] on demo" in text
+    assert "pogdiff over t2h: 0.97x [1.00, 1.09] on families" in text
+    # no summary, or one without these comparisons: the note without figures
+    assert method_info(tmp_path / "missing.json") == METHOD_INFO
+    path.write_text(json.dumps({"demo": {"comparisons": {}}}))
+    assert method_info(path) == METHOD_INFO and not re.search(r"\d\.\d\dx", METHOD_INFO)

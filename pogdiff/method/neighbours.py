@@ -477,22 +477,3 @@ def _image_similarity(
     unit = np.divide(feats, norms, out=np.zeros_like(feats), where=norms > 0)
     cos = np.einsum("nf,nkf->nk", unit, unit[idx])
     return np.where(valid, np.clip(cos, 0.0, 1.0), 0.0).astype(np.float32)
-
-
-def pca_2d(vectors: np.ndarray) -> np.ndarray:
-    """2-D PCA map via numpy SVD; each axis' sign makes its largest-magnitude loading positive.
-
-    :param vectors: [N x D] array.
-    :return: float32 [N x 2] (zero-padded when fewer than 2 components exist).
-    """
-    x = np.asarray(vectors, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"vectors must be a non-empty [N, D] array, got shape {x.shape}")
-    x = x - x.mean(axis=0, keepdims=True)
-    u, s, vt = np.linalg.svd(x, full_matrices=False)
-    m = min(2, s.size)
-    signs = np.sign(vt[np.arange(m), np.abs(vt[:m]).argmax(axis=1)])
-    signs[signs == 0] = 1.0
-    coords = np.zeros((x.shape[0], 2))
-    coords[:, :m] = u[:, :m] * s[:m] * signs
-    return coords.astype(np.float32)

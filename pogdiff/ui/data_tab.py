@@ -20,6 +20,7 @@ import pandas as pd
 from pogdiff.server import safety
 from pogdiff.constants import SHOT_COLOURS
 from pogdiff.data.classes import CLASS_SOURCES, DEFAULT_CLASS_SOURCE
+from pogdiff.ui.downloads import clean_temp_folders
 from pogdiff.ui.shared import Shared, disable_two, enable_two, same
 from pogdiff.ui.state import DatasetBundle
 from pogdiff.ui.views import (
@@ -33,7 +34,6 @@ from pogdiff.ui.views import (
     checked_input,
     class_source_choices,
     class_source_markdown,
-    clean_temp_folders,
     dataset_key,
     error_report_html,
     gallery_items,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,10 @@ from pogdiff.ui.compare_views import (
     metrics_csv_frame,
     verdict_table,
 )
+from pogdiff.ui.downloads import download_path
 from pogdiff.ui.state import DatasetBundle, Source
 from pogdiff.ui.views import (
     DEMO_KEY,
-    EXPORT_TMP_PREFIX,
     MAX_CACHED_MODELS,
     MAX_KEY_CHARS,
     WEAK_MARK,
@@ -226,8 +225,7 @@ class MetricsPanel:
         frame = pd.DataFrame(table) if table is not None else pd.DataFrame()
         if frame.empty or "subject" not in frame.columns:
             return gr.DownloadButton(value=None, interactive=False)
-        folder = Path(tempfile.mkdtemp(prefix=EXPORT_TMP_PREFIX))
-        path = folder / "per_class_metrics.csv"
+        path = download_path("per_class_metrics.csv")
         metrics_csv_frame(frame).to_csv(path, index=False)
         return gr.DownloadButton(value=str(path), interactive=True)
 

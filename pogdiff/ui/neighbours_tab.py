@@ -19,7 +19,8 @@ from pogdiff.config import (
 from pogdiff.constants import SHOT_COLOURS
 from pogdiff.data.stats import shot_bucket
 from pogdiff.config import POOLS
-from pogdiff.ui.compare_views import (
+from pogdiff.ui.neighbours_views import (
+    pca_2d,
     points_in_band,
     round_sig,
     size_bin,
@@ -55,7 +56,6 @@ class NeighboursTab:
             if bundle.pooled is not None and bundle.view_preset == preset:
                 return
             from pogdiff.method import prepare
-            from pogdiff.method.neighbours import pca_2d
 
             model_cfg = model_preset(preset)  # sd15: the preset's default model id (its CLIP and VAE)
             parts = self._encoder_parts(model_cfg)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,9 @@ import pandas as pd
 from pogdiff.server import safety
 from pogdiff.config import METHODS, PRESETS, model_preset
 from pogdiff.runs.jobs import JobBusyError
+from pogdiff.ui.downloads import download_path
 from pogdiff.ui.train_form import TrainForm, form_endpoint, form_values
 from pogdiff.ui.views import (
-    EXPORT_TMP_PREFIX,
     checked_input,
     estimate_markdown,
     preview_items,
@@ -61,7 +60,7 @@ class TrainRuns:
         except ValueError as exc:
             raise gr.Error(str(exc)) from exc
         self.clean_leftovers()
-        out = Path(tempfile.mkdtemp(prefix=EXPORT_TMP_PREFIX)) / path.name
+        out = download_path(path.name)
         shutil.copyfile(path, out)
         return str(out)
 

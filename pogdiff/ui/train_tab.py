@@ -7,28 +7,44 @@ form's fields travel as one :class:`~pogdiff.ui.train_form.TrainForm`.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import gradio as gr
 
 from pogdiff.config import METHODS
+from pogdiff.constants import QUALITY_SUMMARY
 from pogdiff.config import POOLS
 from pogdiff.ui.shared import Shared, disable, empty_text, show_file
 from pogdiff.ui.train_form import TrainForm
+from pogdiff.ui.views import measured_methods_note
 
 if TYPE_CHECKING:
     from pogdiff.ui.studio import Studio
 
 TRAIN_HELP = """Fine-tune from the shipped base model with one objective: **baseline** (plain ε-MSE),
-**pogdiff**, **cbdm** (class-balancing regulariser) or **resample** (class-balanced batches). Training
-runs on the server in the background: the curve and the previews of rare prompts update live, a page
-refresh or another tab re-attaches to the same job, and **Stop** ends it after the current step and
-keeps its checkpoint. One job runs per server at a time."""
+**pogdiff**, **cbdm** (class-balancing regulariser), **resample** (class-balanced batches) or **t2h**
+(T2H's head-to-tail target transfer). Training runs on the server in the background: the curve and the
+previews of rare prompts update live, a page refresh or another tab re-attaches to the same job, and
+**Stop** ends it after the current step and keeps its checkpoint. One job runs per server at a time."""
 
 METHOD_INFO = ("baseline: plain fine-tuning · pogdiff: borrow from neighbouring captions, on tempered class-balanced "
-               "batches · cbdm: class-balancing regulariser · resample: the same tempered batches, plain loss — on the "
-               "embedded sets pogdiff and resample lift the rare subjects alike; the PoG term adds little (3.5% on "
-               "one set, nothing measurable on the other; README \"Results\")")
+               "batches · cbdm: class-balancing regulariser · resample: the same tempered batches, plain loss · t2h: "
+               "T2H's head-to-tail target transfer (a row may train on the noise that carries a more frequent class's "
+               "image to its noised input), on the same tempered batches (README \"The method\")")
+
+
+def method_info(summary_path: Path = QUALITY_SUMMARY) -> str:
+    """:data:`METHOD_INFO`, then what the quality benchmark measured between the recipes, read from its
+    ``summary.json`` (:func:`pogdiff.ui.views.measured_methods_note`); the note alone when there is none."""
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        summary = None
+    measured = measured_methods_note(summary)
+    return f"{METHOD_INFO} — {measured}" if measured else METHOD_INFO
+
 
 BASE_NOTE = ("The shipped base, checkpoints/base-tiny, is a face model pretrained on 40 procedural demo identities "
              "at 32 px: on your own data it starts from faces. From scratch (a random UNet) needs many more steps. "
@@ -39,7 +55,7 @@ def _form(studio: Studio, shared: Shared) -> TrainForm:
     """The form's components (left column), laid out; ``shared.preset`` is rendered here."""
     start = TrainForm()
     L = studio.limits
-    method = gr.Radio(list(METHODS), value=start.method, label="Method", info=METHOD_INFO)
+    method = gr.Radio(list(METHODS), value=start.method, label="Method", info=method_info())
     preset = shared.preset.render()
     pretrained = gr.Textbox(label="Model id or local folder (sd15)", visible=False,
                             info="A diffusers Stable Diffusion 1.x/2.x pipeline: hub id or path.")

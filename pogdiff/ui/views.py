@@ -8,28 +8,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from html import escape as html_escape
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+import gradio as gr
+import numpy as np
+import pandas as pd
 
-import gradio as gr  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from pogdiff.server import safety  # noqa: E402
-from pogdiff.config import DataConfig  # noqa: E402
-from pogdiff.data.classes import CLASS_SOURCE_LABELS, CLASS_SOURCES, DEFAULT_CLASS_SOURCE  # noqa: E402
-from pogdiff.data.stats import shot_bucket  # noqa: E402
-from pogdiff.runs.jobs import JobStatus  # noqa: E402
-from pogdiff.runs.store import RunInfo  # noqa: E402
-from pogdiff.ui.state import Source  # noqa: E402
+from pogdiff.config import DataConfig
+from pogdiff.data.classes import CLASS_SOURCE_LABELS, CLASS_SOURCES, DEFAULT_CLASS_SOURCE
+from pogdiff.data.stats import shot_bucket
+from pogdiff.runs.jobs import JobStatus
+from pogdiff.runs.store import RunInfo
+from pogdiff.ui.state import Source
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +47,6 @@ UPLOAD_KEY_RE = r"upload-[0-9a-f]{16}"
 CLASS_SOURCE_SEP = "~"
 DATASET_KEY_RE = (rf"(?:{DEMO_KEY}|{UPLOAD_KEY_RE})(?:{CLASS_SOURCE_SEP}(?:"
                   + "|".join(s for s in CLASS_SOURCES if s != DEFAULT_CLASS_SOURCE) + "))?")
-EXPORT_TMP_PREFIX = "pogdiff-export-"  # one folder per exported zip handed to a client
 STALE_UPLOAD_SECONDS = 600  # a start-up sweep removes upload folders left older than this
 HUB_ID_RE = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
 # The Train form's "Start from" (the tiny preset's base): the shipped base, a random UNet, or a run's checkpoint.
@@ -357,13 +351,6 @@ def request_owner(request: gr.Request | None) -> str:
     return f"session:{getattr(request, 'session_hash', None) or 'anonymous'}"
 
 
-def clean_temp_folders(older_than_s: float, *, prefixes: Sequence[str] = (EXPORT_TMP_PREFIX,),
-                       root: str | Path | None = None) -> int:
-    """Remove the app's leftover temp folders (exported zips handed out) older than ``older_than_s``."""
-    root = Path(root or tempfile.gettempdir())
-    return sum(safety.remove_old_dirs(root, prefix, older_than_s) for prefix in prefixes)
-
-
 # =========================================================== Compare: metrics on own data
 def own_data_note(name: str, judge: Any, *, mode: str, per_class: int, n_images: int, cached: int,
                   other_data: Sequence[str] = ()) -> str:
@@ -433,6 +420,35 @@ def budget_advice(curve: dict | None, steps: int) -> str:
     return ("On the embedded sets (batch 16) the rare subjects' identity accuracy was " + " · ".join(parts)
             + f". You asked for {steps} steps. The tiny base is a face model: on other images expect to need more, "
             "or start from scratch (README \"Results\").")
+
+
+# Paired comparisons of the quality benchmark the Train form's method note quotes: (summary.json key, what it measures).
+MEASURED_PAIRS = (("pogdiff_vs_pogdiff_no_pog", "the PoG term (pogdiff over the same batches without it)"),
+                  ("pogdiff_vs_t2h", "pogdiff over t2h"))
+
+
+def measured_methods_note(summary: dict | None) -> str:
+    """What the quality benchmark's ``summary.json`` measured between the recipes, per embedded set: the
+    few-shot accuracy ratio of class means with its 95% interval, for each of :data:`MEASURED_PAIRS` it
+    holds; '' when it holds none (README "Results")."""
+    if not isinstance(summary, dict):
+        return ""
+    parts = []
+    for key, what in MEASURED_PAIRS:
+        cells = []
+        for data, block in summary.items():
+            few = ((block.get("comparisons") or {}).get(key) or {}).get("few") if isinstance(block, dict) else None
+            try:
+                ratio, (low, high) = float(few["ratio_of_means"]), few["bootstrap_ci95"]
+                cells.append(f"{ratio:.2f}x [{float(low):.2f}, {float(high):.2f}] on {data}")
+            except (TypeError, KeyError, ValueError):
+                continue
+        if cells:
+            parts.append(f"{what}: " + ", ".join(cells))
+    if not parts:
+        return ""
+    return ("measured few-shot accuracy, ratio of class means with its 95% interval, at the benchmark's budget: "
+            + "; ".join(parts) + " (README \"Results\")")
 
 
 def estimate_markdown(measured: Any, steps: int, *, where: str = "") -> str:
