@@ -121,11 +121,11 @@ def test_processes_draw_disjoint_rows_and_distinct_noise(dataset, tmp_path):
     for rank in (0, 1):
         trainer.accelerator = types.SimpleNamespace(process_index=rank)
         batches.append(trainer.sample_batch(trainer.generator(3), trainer.rows_generator(3)))
-    rows = [set(b["rows"].tolist()) for b in batches]
+    rows = [set(b.rows.tolist()) for b in batches]
     assert len(rows[0]) == len(rows[1]) == 4 and not rows[0] & rows[1]
     shared = set(torch.randperm(len(data), generator=trainer.rows_generator(3))[:8].tolist())
     assert rows[0] | rows[1] == shared
-    assert not torch.equal(batches[0]["eps"], batches[1]["eps"])
+    assert not torch.equal(batches[0].eps, batches[1].eps)
     seeds = set()
     for rank in range(1000):  # no stride limit on the number of processes
         trainer.accelerator = types.SimpleNamespace(process_index=rank)

@@ -9,7 +9,7 @@ import torch
 
 from pogdiff.method import losses
 from pogdiff.config import TrainConfig
-from pogdiff.method.objectives import T2H, Step, objective_for
+from pogdiff.method.objectives import T2H, Batch, ModelAccess, objective_for
 
 
 def _reference_log_weights(x0: np.ndarray, eps: np.ndarray, abar: np.ndarray) -> np.ndarray:
@@ -64,10 +64,10 @@ def _run(class_count, rows, drop, t, seed=3):
     betas = torch.linspace(1e-4, 0.02, 1000)
     abar = torch.cumprod(1 - betas.double(), 0)[t].float().view(-1, 1, 1, 1)
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
-    step = Step(predict=_predict, balanced_rows=None, table=None, betas=betas, num_timesteps=1000,
-                class_count=torch.as_tensor(class_count))
-    batch = {"rows": torch.as_tensor(rows), "t": t, "t_dev": t, "eps_dev": eps, "x0_dev": x0, "drop": drop}
-    terms, stats = T2H().terms(step, batch, x_t, torch.Generator().manual_seed(seed + 100))
+    access = ModelAccess(predict=_predict, balanced_rows=None, table=None, betas=betas, num_timesteps=1000,
+                         class_count=torch.as_tensor(class_count))
+    batch = Batch(rows=torch.as_tensor(rows), x0=x0, t=t, eps=eps, drop=drop).on("cpu")
+    terms, stats = T2H().terms(access, batch, x_t, torch.Generator().manual_seed(seed + 100))
     return terms, stats, x0, eps, x_t, abar
 
 
@@ -119,9 +119,9 @@ def test_t2h_is_a_method_on_tempered_batches():
 
 
 def test_t2h_without_class_sizes_is_refused_in_words():
-    step = Step(predict=_predict, balanced_rows=None, table=None, betas=torch.linspace(1e-4, 0.02, 1000),
-                num_timesteps=1000)
-    batch = {"rows": torch.arange(2), "t": torch.tensor([1, 2]), "t_dev": torch.tensor([1, 2]),
-             "eps_dev": torch.zeros(2, 3, 2, 2), "x0_dev": torch.zeros(2, 3, 2, 2), "drop": torch.zeros(2, dtype=bool)}
+    access = ModelAccess(predict=_predict, balanced_rows=None, table=None, betas=torch.linspace(1e-4, 0.02, 1000),
+                         num_timesteps=1000)
+    batch = Batch(rows=torch.arange(2), x0=torch.zeros(2, 3, 2, 2), t=torch.tensor([1, 2]), eps=torch.zeros(2, 3, 2, 2),
+                  drop=torch.zeros(2, dtype=bool)).on("cpu")
     with pytest.raises(ValueError, match="needs each row's class size"):
-        T2H().terms(step, batch, torch.zeros(2, 3, 2, 2), torch.Generator())
+        T2H().terms(access, batch, torch.zeros(2, 3, 2, 2), torch.Generator())

@@ -162,3 +162,53 @@ def test_bad_toml_and_concepts_files_name_the_line_and_key(tmp_path):
     (root / "concepts.json").write_text('[{"path": "img/red circle",\n "balancing": }]')
     issue = next(i for i in load_image_text_set(root, DataConfig()).report.issues if i.code == "onetrainer_json")
     assert "line 2" in issue.message
+
+
+def test_errors_name_the_files_line_and_key(tmp_path):
+    root = kohya_tree(tmp_path / "t", prefix=False)
+    (root / "dataset_config.toml").write_text('[general]\nshuffle_caption = true\n\n[[datasets]]\n'
+                                              '  [[datasets.subsets]]\n  image_dir = "img/red circle"\n'
+                                              '  num_repeats = 0\n')
+    issues = load_image_text_set(root, DataConfig()).report.issues
+    repeats = next(i for i in issues if i.code == "kohya_repeats")
+    assert repeats.where == "dataset_config.toml:7 ([[datasets]] 1, [[datasets.subsets]] 1, key num_repeats)"
+    unread = next(i for i in issues if i.code == "kohya_toml_unread_key")
+    assert unread.where == "dataset_config.toml:2 ([general], key shuffle_caption)"
+    (root / "dataset_config.toml").unlink()
+    (root / "concepts.json").write_text('[\n  {"path": "img/red circle"},\n  {"name": "x",\n   "path": "img/gold moon",\n'
+                                        '   "loss_weight": 0}\n]')
+    issue = next(i for i in load_image_text_set(root, DataConfig()).report.issues if i.code == "onetrainer_value")
+    assert issue.where == "concepts.json:5 (concept 2, key loss_weight)" and "loss_weight = 0" in issue.message
+
+
+def test_options_of_general_and_datasets_apply_to_their_subsets_and_reg_subsets_are_left_out(tmp_path):
+    root = kohya_tree(tmp_path / "g", caption_ext=".cap", prefix=False)
+    subsets = "\n".join(f'[[datasets.subsets]]\nimage_dir = "img/{name}"\nclass_tokens = "{name}"\n'
+                        for name in SHAPES if name != "gold moon")
+    (root / "dataset_config.toml").write_text(
+        '[general]\ncaption_extension = ".cap"\nkeep_tokens = 1\n[[datasets]]\nnum_repeats = 3\n' + subsets
+        + '[[datasets.subsets]]\nimage_dir = "img/gold moon"\nis_reg = true\n')
+    ds = load_image_text_set(root, DataConfig())
+    assert sorted(ds.classes) == sorted(set(SHAPES) - {"gold moon"})
+    assert all(ds.class_weights[c]["repeats"] == 3 for c in ds.classes)  # num_repeats of its [[datasets]]
+    assert all(c.startswith(f"{s}, shape") for c, s in zip(ds.captions, ds.subjects))  # .cap from [general]
+    codes = _codes(ds)
+    assert {"kohya_reg_subset", "kohya_keep_tokens"} <= codes and "not_in_concept" not in codes
+
+
+def test_an_image_in_no_concept_is_skipped_and_an_old_repeats_key_is_read(tmp_path):
+    root = kohya_tree(tmp_path / "o", prefix=False)
+    concepts = [{"path": f"img/{name}", "repeats": float(r)} for name, (_, r) in SHAPES.items() if name != "red circle"]
+    (root / "concepts.json").write_text(json.dumps(concepts))
+    ds = load_image_text_set(root, DataConfig())
+    assert "red circle" not in ds.classes and ds.class_weights["gold moon"]["repeats"] == 13.0
+    skipped = [i for i in ds.report.issues if i.code == "not_in_concept"]
+    assert len(skipped) == SHAPES["red circle"][0] and "img/red circle/" in skipped[0].where
+
+
+def test_a_path_of_the_users_machine_is_refused_with_the_uploads_folder_of_that_name(tmp_path):
+    root = kohya_tree(tmp_path / "p", prefix=False)
+    (root / "dataset_config.toml").write_text('[[datasets]]\n[[datasets.subsets]]\n'
+                                              'image_dir = "C:\\\\train\\\\img\\\\red circle"\n')
+    issue = next(i for i in load_image_text_set(root, DataConfig()).report.issues if i.code == "kohya_toml_outside")
+    assert '"img/red circle" (the upload\'s folder of that name)' in issue.fix

@@ -278,8 +278,8 @@ def test_offset_noise_adds_one_constant_per_sample_and_channel(dataset, tmp_path
     plain = Trainer(model, data, dataclasses.replace(FAST, method="baseline"), run_dir=tmp_path)
     offset = Trainer(model, data, dataclasses.replace(FAST, method="baseline", noise_offset=0.5), run_dir=tmp_path)
     a, b = plain.sample_batch(plain.generator(7)), offset.sample_batch(offset.generator(7))
-    assert torch.equal(a["rows"], b["rows"]) and torch.equal(a["t"], b["t"])
-    diff = b["eps"] - a["eps"]
+    assert torch.equal(a.rows, b.rows) and torch.equal(a.t, b.t)
+    diff = b.eps - a.eps
     assert torch.allclose(diff, diff[:, :, :1, :1].expand_as(diff), atol=1e-6)
     assert 0.05 < float(diff[:, :, 0, 0].abs().mean()) < 2.0
 

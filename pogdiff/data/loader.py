@@ -311,6 +311,12 @@ def _collect(src: FileSource, config: DataConfig, report: ValidationReport) -> t
     pending = []
     for path in images:
         concept = trainer.concept_of(path) if trainer else None
+        if trainer is not None and concept is None:  # kohya / OneTrainer would not train it
+            if not any(path.startswith(f + "/") for f in trainer.ignored):
+                report.warning("not_in_concept", path, f"The image is in no folder of the {SOURCE_NAMES[trainer.source]}; "
+                               "its trainer would not train it, so it is skipped.", "Add its folder to the config, "
+                               "or move the image into one of the folders it names.")
+            continue
         row = rows.get(path)
         if row is not None:
             if row.text:

@@ -25,7 +25,7 @@ import json
 import math
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from .validation import ValidationReport
@@ -36,9 +36,12 @@ ONETRAINER_CONCEPTS = "concepts.json"
 KOHYA_SUBSET_KEYS = {"image_dir", "num_repeats", "class_tokens", "caption_extension", "keep_tokens"}
 # Keys of a kohya subset that change how images look or are captioned, not how often they are drawn:
 # read by kohya, not by the Studio; reported as such.
-KOHYA_KNOWN_IGNORED = {"is_reg", "shuffle_caption", "flip_aug", "color_aug", "random_crop", "caption_dropout_rate",
-                       "caption_tag_dropout_rate", "caption_prefix", "caption_suffix", "resolution",
-                       "enable_bucket", "batch_size", "keep_tokens_separator", "secondary_separator"}
+KOHYA_KNOWN_IGNORED = {"shuffle_caption", "flip_aug", "color_aug", "random_crop", "caption_dropout_rate",
+                       "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "caption_prefix",
+                       "caption_suffix", "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
+                       "bucket_reso_steps", "bucket_no_upscale", "batch_size", "keep_tokens_separator",
+                       "secondary_separator", "token_warmup_min", "token_warmup_step", "face_crop_aug_range",
+                       "enable_wildcard", "alpha_mask", "cache_info"}
 ONETRAINER_KEYS = {"path", "name", "balancing", "balancing_strategy", "loss_weight", "enabled"}
 BALANCING_STRATEGIES = ("REPEATS", "SAMPLES")
 SOURCE_NAMES = {"kohya_folders": "kohya folders (<repeats>_<name>)", "kohya_toml": f"kohya {KOHYA_TOML}",
@@ -67,6 +70,7 @@ class TrainerConfig:
 
     source: str
     concepts: list[Concept]
+    ignored: list[str] = field(default_factory=list)  # folders the config leaves out (kohya is_reg subsets)
 
     def concept_of(self, path: str) -> Concept | None:
         """The concept whose folder holds ``path`` (the deepest one), else None."""
@@ -135,9 +139,10 @@ def _subset_dir(raw: object, files: dict, where: str, report: ValidationReport) 
         return None
     path = PurePosixPath(raw.replace("\\", "/").strip())
     if path.is_absolute() or re.match(r"^[A-Za-z]:", raw.strip()) or ".." in path.parts:
-        report.error("kohya_toml_outside", where, f"image_dir '{raw}' is outside the upload; nothing there is read.",
-                     "Write image_dir relative to dataset_config.toml, as a folder of the upload, e.g. "
-                     f"image_dir = \"img/{path.name}\".")
+        same = _folder_named_like(path, files)
+        report.error("kohya_toml_outside", where, f"'{raw}' is outside the upload; nothing there is read.",
+                     "Write the path relative to the config file, as a folder of the upload, e.g. "
+                     + (f"\"{same}\" (the upload's folder of that name)." if same else f"\"img/{path.name}\"."))
         return None
     folder = str(path).strip("/")
     folder = "" if folder == "." else folder
@@ -148,18 +153,90 @@ def _subset_dir(raw: object, files: dict, where: str, report: ValidationReport) 
     return folder
 
 
+def _folder_named_like(path: PurePosixPath, files: dict) -> str | None:
+    """The upload's folder whose path is the longest tail of ``path`` (a path on the user's machine), if any."""
+    folders = {str(PurePosixPath(f).parent) for f in files}
+    folders |= {str(p) for f in folders for p in PurePosixPath(f).parents if str(p) != "."}
+    parts = [q for q in path.parts if q not in ("/", "..")]
+    for k in range(len(parts)):
+        tail = "/".join(parts[k:])
+        if tail in folders:
+            return tail
+    return None
+
+
+def json_concept_lines(text: str) -> list[dict[str, int]]:
+    """Per top-level object of a JSON list, ``{"": the line of its '{', key: the line of each of its own
+    keys}`` (1-based), found by scanning the text (json does not keep positions)."""
+    out: list[dict[str, int]] = []
+    depth, line, in_string, escaped, token = 0, 1, False, False, []
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+                if depth == 2 and out and token:
+                    out[-1].setdefault("\0" + "".join(token), line)  # a string at the concept's level: maybe a key
+            else:
+                token.append(ch)
+        elif ch == '"':
+            in_string, token = True, []
+        elif ch in "[{":
+            depth += 1
+            if ch == "{" and depth == 2:
+                out.append({"": line})
+        elif ch in "]}":
+            depth -= 1
+        if ch == "\n":
+            line += 1
+    return [{k.lstrip("\0"): v for k, v in keys.items()} for keys in out]
+
+
 def read_kohya_toml(text: str, files: dict, report: ValidationReport) -> TrainerConfig | None:
-    """Concepts of a kohya ``dataset_config.toml`` (one per ``[[datasets.subsets]]``)."""
+    """Concepts of a kohya ``dataset_config.toml`` (one per ``[[datasets.subsets]]``).
+
+    As in kohya, a subset's options may also be set in its ``[[datasets]]`` or in ``[general]`` (the more
+    specific one wins); problems name the file's line and the key (:func:`toml_lines`).
+    """
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         report.error("kohya_toml_syntax", KOHYA_TOML, f"Not valid TOML: {err}.", "Fix the file at that line.")
         return None
-    concepts = []
+    lines = toml_lines(text)
+
+    def where_in(d: int, s: int):
+        def where(key: str | None = None) -> str:
+            keys = lines.get((d, s), {})
+            line = keys.get(key) or keys.get("")
+            scope = "[general]" if d < 0 else f"[[datasets]] {d + 1}" + (f", [[datasets.subsets]] {s + 1}" if s >= 0 else "")
+            return f"{KOHYA_TOML}{f':{line}' if line else ''} ({scope}{f', key {key}' if key else ''})"
+        return where
+
+    for key in sorted(set(doc) - {"general", "datasets"}):
+        report.warning("kohya_toml_unread_key", f"{KOHYA_TOML} (table {key})", f"Table '{key}' is not part of a "
+                       "kohya dataset config ([general], [[datasets]], [[datasets.subsets]]); it changes nothing here.",
+                       "Remove it, or check its spelling.")
+    general = doc.get("general", {}) if isinstance(doc.get("general"), dict) else {}
+    _report_unread(general, where_in(-1, -1), report)
+    concepts, ignored = [], []
     for d, dataset in enumerate(doc.get("datasets", [])):
+        _report_unread({k: v for k, v in dataset.items() if k != "subsets"}, where_in(d, -1), report)
+        inherited = {**{k: v for k, v in general.items() if k in KOHYA_SUBSET_KEYS},
+                     **{k: v for k, v in dataset.items() if k in KOHYA_SUBSET_KEYS}}
         for s, subset in enumerate(dataset.get("subsets", [])):
-            where = f"{KOHYA_TOML} [[datasets]] {d + 1}, [[datasets.subsets]] {s + 1}"
-            concept = _kohya_subset(subset, dataset, files, where, report)
+            _report_unread({k: v for k, v in subset.items() if k != "is_reg"}, where_in(d, s), report)
+            if subset.get("is_reg") is True:
+                folder = _subset_dir(subset.get("image_dir"), files, where_in(d, s)("image_dir"), report)
+                ignored += [folder] if folder is not None else []
+                report.warning("kohya_reg_subset", where_in(d, s)("is_reg"), "A regularisation subset (is_reg = true): "
+                               "its images are not trained here and are skipped.", "Nothing to do; PoGDiff's 'base' "
+                               "teacher (--psi-teacher base) is its prior preservation (README \"The method\").")
+                continue
+            concept = _kohya_subset({**inherited, **subset}, files, where_in(d, s), report)
             if concept is None:
                 return None
             concepts.append(concept)
@@ -167,20 +244,61 @@ def read_kohya_toml(text: str, files: dict, report: ValidationReport) -> Trainer
         report.error("kohya_toml_empty", KOHYA_TOML, "No [[datasets.subsets]] found.",
                      "Add one [[datasets.subsets]] with image_dir and num_repeats per class folder.")
         return None
-    return _merged(TrainerConfig("kohya_toml", concepts), report)
+    return _merged(TrainerConfig("kohya_toml", concepts, ignored), report)
 
 
-def _kohya_subset(subset: dict, dataset: dict, files: dict, where: str, report: ValidationReport) -> Concept | None:
-    for key in sorted(set(subset) - KOHYA_SUBSET_KEYS):
+def toml_lines(text: str) -> dict[tuple[int, int], dict[str, int]]:
+    """Line numbers of a kohya TOML's tables: ``(dataset, subset)`` (0-based; ``(-1, -1)`` is
+    ``[general]``, ``(d, -1)`` a ``[[datasets]]``) -> ``{"": the table's header line, key: the line of
+    each key}``. Tables written with headers; the keys of an inline subset are not found (its table is)."""
+    out: dict[tuple[int, int], dict[str, int]] = {}
+    scope: tuple[int, int] | None = None
+    d, s = -1, -1
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if line.startswith("[[datasets.subsets]]"):
+            s += 1
+            scope = (d, s)
+        elif line.startswith("[[datasets]]"):
+            d, s = d + 1, -1
+            scope = (d, -1)
+        elif line.startswith("[general]"):
+            scope = (-1, -1)
+        elif line.startswith("["):
+            scope = None
+            continue
+        elif scope is not None:
+            m = re.match(r"""^["']?([A-Za-z0-9_-]+)["']?\s*=""", line)
+            if m:
+                out.setdefault(scope, {}).setdefault(m.group(1), number)
+            continue
+        else:
+            continue
+        out.setdefault(scope, {})[""] = number
+    return out
+
+
+def _report_unread(table: dict, where, report: ValidationReport) -> None:
+    """A warning per key of a kohya table that the Studio does not read (never dropped silently)."""
+    for key in sorted(set(table) - KOHYA_SUBSET_KEYS):
         known = key in KOHYA_KNOWN_IGNORED
-        report.warning("kohya_toml_unread_key", where, f"Key '{key}' is {'a kohya option the Studio does not use' if known else 'not a kohya subset key the Studio knows'}; "
+        report.warning("kohya_toml_unread_key", where(key),
+                       f"Key '{key}' is {'a kohya option the Studio does not use' if known else 'not a kohya key the Studio knows'}; "
                        "it changes nothing here.", "Remove it, or keep it for kohya; the draws here follow num_repeats.")
-    folder = _subset_dir(subset.get("image_dir"), files, where, report)
+    if table.get("keep_tokens") not in (None, 0):
+        report.info("kohya_keep_tokens", where("keep_tokens"), f"keep_tokens = {table['keep_tokens']!r} keeps the first "
+                    "tags in place when kohya shuffles captions; captions are used here as written, never shuffled.",
+                    "Nothing to do.")
+
+
+def _kohya_subset(subset: dict, files: dict, where, report: ValidationReport) -> Concept | None:
+    """One subset (its options merged over its dataset's and [general]'s) as a concept, else None (reported)."""
+    folder = _subset_dir(subset.get("image_dir"), files, where("image_dir"), report)
     if folder is None:
         return None
     repeats = subset.get("num_repeats", 1)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        report.error("kohya_repeats", where, f"num_repeats = {repeats!r}: kohya needs a whole number of 1 or more.",
+        report.error("kohya_repeats", where("num_repeats"), f"num_repeats = {repeats!r}: kohya needs a whole number of 1 or more.",
                      "Write num_repeats = 1 (or more) in the subset.")
         return None
     tokens = subset.get("class_tokens")
@@ -188,9 +306,9 @@ def _kohya_subset(subset: dict, dataset: dict, files: dict, where: str, report: 
     if name is None:
         parsed = kohya_folder(PurePosixPath(folder).name)
         name = parsed[1] if parsed else (PurePosixPath(folder).name or "root")
-    ext = subset.get("caption_extension", dataset.get("caption_extension", ".caption"))
+    ext = subset.get("caption_extension", ".caption")
     if not isinstance(ext, str) or not ext.startswith("."):
-        report.error("kohya_toml_key", where, f"caption_extension = {ext!r} must start with a dot.",
+        report.error("kohya_toml_key", where("caption_extension"), f"caption_extension = {ext!r} must start with a dot.",
                      "Write caption_extension = \".txt\" (or \".caption\").")
         return None
     return Concept(name=name, folder=folder, repeats=float(repeats), caption_extension=ext)
@@ -209,15 +327,23 @@ def read_onetrainer(text: str, files: dict, report: ValidationReport) -> Trainer
                      "Save OneTrainer's concepts file as it writes it: [ {\"path\": ..., ...}, ... ].")
         return None
     concepts = []
+    lines = json_concept_lines(text)
     for i, item in enumerate(doc):
-        where = f"{ONETRAINER_CONCEPTS} concept {i + 1}"
+        keys = lines[i] if i < len(lines) else {}
+
+        def where(key: str | None = None, i=i, keys=keys) -> str:
+            line = keys.get(key) or keys.get("")
+            return f"{ONETRAINER_CONCEPTS}{f':{line}' if line else ''} (concept {i + 1}{f', key {key}' if key else ''})"
+
         if not isinstance(item, dict):
-            report.error("onetrainer_json", where, "A concept must be a JSON object.", "Write it as {\"path\": ...}.")
+            report.error("onetrainer_json", where(), "A concept must be a JSON object.", "Write it as {\"path\": ...}.")
             return None
         if item.get("enabled", True) is False:
             continue
+        if "balancing" not in item and "repeats" in item:  # concepts saved before OneTrainer renamed it
+            item = {**{k: v for k, v in item.items() if k != "repeats"}, "balancing": item["repeats"]}
         for key in sorted(set(item) - ONETRAINER_KEYS):
-            report.info("onetrainer_unread_key", where, f"Key '{key}' does not change how often the concept is "
+            report.info("onetrainer_unread_key", where(key), f"Key '{key}' does not change how often the concept is "
                         "drawn or weighted; not used here.", "Nothing to do.")
         concept = _onetrainer_concept(item, files, where, report)
         if concept is None:
@@ -230,19 +356,19 @@ def read_onetrainer(text: str, files: dict, report: ValidationReport) -> Trainer
     return _merged(TrainerConfig("onetrainer", concepts), report)
 
 
-def _onetrainer_concept(item: dict, files: dict, where: str, report: ValidationReport) -> Concept | None:
-    folder = _subset_dir(item.get("path"), files, where, report)
+def _onetrainer_concept(item: dict, files: dict, where, report: ValidationReport) -> Concept | None:
+    folder = _subset_dir(item.get("path"), files, where("path"), report)
     if folder is None:
         return None
     strategy = str(item.get("balancing_strategy", "REPEATS")).upper()
     balancing, weight = item.get("balancing", 1.0), item.get("loss_weight", 1.0)
     for key, value in (("balancing", balancing), ("loss_weight", weight)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            report.error("onetrainer_value", where, f"{key} = {value!r} must be a number above 0.",
+            report.error("onetrainer_value", where(key), f"{key} = {value!r} must be a number above 0.",
                          f"Write \"{key}\": 1.0 (or another positive number).")
             return None
     if strategy not in BALANCING_STRATEGIES:
-        report.error("onetrainer_value", where, f"balancing_strategy = {strategy!r}; OneTrainer knows "
+        report.error("onetrainer_value", where("balancing_strategy"), f"balancing_strategy = {strategy!r}; OneTrainer knows "
                      f"{' and '.join(BALANCING_STRATEGIES)}.", "Write \"balancing_strategy\": \"REPEATS\".")
         return None
     name = str(item.get("name") or "").strip() or (kohya_folder(PurePosixPath(folder).name) or (0, PurePosixPath(folder).name))[1]

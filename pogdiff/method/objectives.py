@@ -1,11 +1,11 @@
 """Each training objective's forward pass, in one place (README "The method").
 
-An objective turns one micro-batch (rows, clean inputs, noise, timesteps, caption dropout) into
-per-sample loss terms. It sees the model only through a :class:`Step`: the noised input, the
-caption context of any rows, and ``predict(x_t, t, rows)`` which runs the UNet being trained
-(wrapped for several processes or not: the objective does not care). The trainer owns the
-optimizer, accumulation, mixed precision and checkpoints (:mod:`pogdiff.training.run`); the loss
-formulas themselves are in :mod:`pogdiff.method.losses`.
+An objective turns one micro-batch, a :class:`Batch` (rows, clean inputs, noise, timesteps, caption
+dropout), into per-sample loss terms. It sees the model only through a :class:`ModelAccess`:
+``predict(x_t, t, rows, drop)`` runs the UNet being trained (wrapped for several processes or not:
+the objective does not care), beside class-balanced rows, the neighbour table and the noise
+schedule. The trainer owns the optimizer, accumulation, mixed precision and checkpoints
+(:mod:`pogdiff.training.trainer`); the loss formulas themselves are in :mod:`pogdiff.method.losses`.
 
 - ``baseline`` and ``resample``: plain eps-MSE (``resample`` draws class-balanced batches; the
   drawing is the trainer's).
@@ -25,7 +25,7 @@ PoG term stays a negligible share of the loss (README "Is PoGDiff doing anything
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -38,7 +38,35 @@ Stats = dict[str, float]  # an objective's named statistics of one micro-batch (
 
 
 @dataclass
-class Step:
+class Batch:
+    """One micro-batch, as the trainer draws it (:meth:`pogdiff.training.trainer.Trainer.sample_batch`).
+
+    ``rows``, ``t`` and ``drop`` stay on the CPU (they index the data set and the neighbour table);
+    ``x0_dev``, ``t_dev`` and ``eps_dev`` are the copies on the training device, set by :meth:`on`.
+
+    :param rows: [B] int64 data-set rows (each row's caption and class).
+    :param x0: [B x C x H x W] clean inputs (pixels or latents) of the rows.
+    :param t: [B] int64 timesteps.
+    :param eps: [B x C x H x W] the noise added to ``x0``.
+    :param drop: [B] bool, rows whose caption is replaced by the empty one.
+    """
+
+    rows: torch.Tensor
+    x0: torch.Tensor
+    t: torch.Tensor
+    eps: torch.Tensor
+    drop: torch.Tensor
+    x0_dev: torch.Tensor | None = None
+    t_dev: torch.Tensor | None = None
+    eps_dev: torch.Tensor | None = None
+
+    def on(self, device: torch.device | str) -> Batch:
+        """This batch with ``x0_dev``, ``t_dev`` and ``eps_dev`` on ``device``."""
+        return replace(self, x0_dev=self.x0.to(device), t_dev=self.t.to(device), eps_dev=self.eps.to(device))
+
+
+@dataclass
+class ModelAccess:
     """What an objective may use of the trainer for one micro-batch.
 
     :param predict: ``(x_t, t, rows, drop) -> eps`` of the UNet being trained, for caption ``rows``
@@ -60,7 +88,7 @@ class Step:
 
 
 class Objective:
-    """``terms(step, batch, x_t, g) -> (per-sample terms with a "loss" key, statistics)``.
+    """``terms(model, batch, x_t, g) -> (per-sample terms with a "loss" key, statistics)``.
 
     The statistics are named floats of the micro-batch (PoGDiff: ``psi_mean``, the mean psi, and
     ``psi_active``, the share of rows that ran the neighbour pass); the trainer averages them over
@@ -90,10 +118,10 @@ class Objective:
         another one, else None."""
         return None
 
-    def terms(self, step: Step, batch: dict[str, torch.Tensor], x_t: torch.Tensor,
+    def terms(self, model: ModelAccess, batch: Batch, x_t: torch.Tensor,
               g: torch.Generator) -> tuple[Terms, Stats]:
-        eps_pred = step.predict(x_t, batch["t_dev"], batch["rows"], batch["drop"])
-        return losses.mse_loss(eps_pred, batch["eps_dev"]), {}
+        eps_pred = model.predict(x_t, batch.t_dev, batch.rows, batch.drop)
+        return losses.mse_loss(eps_pred, batch.eps_dev), {}
 
 
 class CBDM(Objective):
@@ -107,13 +135,13 @@ class CBDM(Objective):
     def __init__(self, tau: float) -> None:
         self.tau = tau
 
-    def terms(self, step, batch, x_t, g):
-        t, eps = batch["t_dev"], batch["eps_dev"]
-        eps_pred = step.predict(x_t, t, batch["rows"], batch["drop"])
-        rows_b = step.balanced_rows(len(t), g)
-        eps_pred_b = step.predict(x_t, t, rows_b, None)
-        tau = self.tau * (~batch["drop"]).float().to(eps_pred.device)  # [B]: 0 for dropped captions
-        return losses.cbdm_loss(eps_pred, eps, eps_pred_b, t, step.num_timesteps, tau=tau), {}
+    def terms(self, model, batch, x_t, g):
+        t, eps = batch.t_dev, batch.eps_dev
+        eps_pred = model.predict(x_t, t, batch.rows, batch.drop)
+        rows_b = model.balanced_rows(len(t), g)
+        eps_pred_b = model.predict(x_t, t, rows_b, None)
+        tau = self.tau * (~batch.drop).float().to(eps_pred.device)  # [B]: 0 for dropped captions
+        return losses.cbdm_loss(eps_pred, eps, eps_pred_b, t, model.num_timesteps, tau=tau), {}
 
 
 class PoGDiff(Objective):
@@ -140,13 +168,13 @@ class PoGDiff(Objective):
         return pogdiff_inactive_warning([h.pog_share for h in history], [h.psi_mean for h in history],
                                         pool=self.pool)
 
-    def terms(self, step, batch, x_t, g):
-        table = step.table
+    def terms(self, model, batch, x_t, g):
+        table = model.table
         if table is None:
             raise ValueError("method 'pogdiff' needs a neighbour table: prepare the data with need_table=True")
-        t, eps = batch["t_dev"], batch["eps_dev"]
-        eps_pred = step.predict(x_t, t, batch["rows"], batch["drop"])
-        rows = batch["rows"].numpy()
+        t, eps = batch.t_dev, batch.eps_dev
+        eps_pred = model.predict(x_t, t, batch.rows, batch.drop)
+        rows = batch.rows.numpy()
         slots = table.draw_slots(rows, g)
         nb = table.indices[rows, slots]
         psi = torch.as_tensor(table.psi[rows, slots], dtype=torch.float32)
@@ -155,18 +183,18 @@ class PoGDiff(Objective):
                 raise ValueError("psi schedule 'gaussian' needs the pairs' image differences: build the neighbour "
                                  "table with clean=<the clean images> (pogdiff.method.prepare does)")
             delta2 = torch.as_tensor(table.delta2[rows, slots], dtype=torch.float32)
-            psi = psi * gaussian_psi_factor(batch["t"], delta2, step.betas)
-        psi[batch["drop"]] = 0.0  # an unconditional row has no caption to borrow through
+            psi = psi * gaussian_psi_factor(batch.t, delta2, model.betas)
+        psi[batch.drop] = 0.0  # an unconditional row has no caption to borrow through
         shift = None
         if self.neighbour_share < 1.0:
             pair_delta2 = None if table.delta2 is None else torch.as_tensor(table.delta2[rows, slots])
-            shift = expected_shift(psi, batch["t"], pair_delta2, step.betas)
+            shift = expected_shift(psi, batch.t, pair_delta2, model.betas)
         active = neighbour_pass_rows(psi, shift, threshold=self.psi_threshold, share=self.neighbour_share)
         psi = torch.where(active, psi, torch.zeros_like(psi))
         eps_nb = torch.zeros_like(eps_pred)
         if bool(active.any()):
             idx = torch.nonzero(active).flatten().to(eps_pred.device)
-            predict = step.predict if self.teacher == "live" else step.predict_teacher
+            predict = model.predict if self.teacher == "live" else model.predict_teacher
             if predict is None:
                 raise ValueError("psi teacher 'base' needs the frozen base weights: the trainer is given them "
                                  "by pogdiff.training.run.train (teacher_unet=...)")
@@ -192,19 +220,19 @@ class T2H(Objective):
     def log_stats(self, info) -> str:
         return f"transferred {100 * info.transfer_rate:.0f}%"
 
-    def terms(self, step, batch, x_t, g):
-        if step.class_count is None:
+    def terms(self, model, batch, x_t, g):
+        if model.class_count is None:
             raise ValueError("method 't2h' needs each row's class size: the trainer passes class_count")
-        t, eps, rows, drop = batch["t_dev"], batch["eps_dev"], batch["rows"], batch["drop"]
-        x0 = batch["x0_dev"]
-        abar = torch.cumprod(1.0 - step.betas.double(), 0)[batch["t"]]  # [B]
+        t, eps, rows, drop = batch.t_dev, batch.eps_dev, batch.rows, batch.drop
+        x0 = batch.x0_dev
+        abar = torch.cumprod(1.0 - model.betas.double(), 0)[batch.t]  # [B]
         weights = torch.softmax(losses.t2h_log_weights(x0, eps, abar.to(x0.device)), dim=1).cpu()
         source = torch.multinomial(weights, 1, generator=g).squeeze(1)  # [B] a batch index per row
-        count = step.class_count[rows]
+        count = model.class_count[rows]
         accept = (rows[source] != rows) & (count[source] >= count) & ~drop  # a copy of the row moves nothing
         moved = losses.transferred_target(x_t, x0[source.to(x0.device)], abar.to(x_t.device))
         target = torch.where(losses.bcast(accept.to(eps.device), eps), moved, eps.float())  # refused: eps itself
-        eps_pred = step.predict(x_t, t, rows, drop)
+        eps_pred = model.predict(x_t, t, rows, drop)
         terms = losses.mse_loss(eps_pred, target)
         return terms, {"transfer_rate": float(accept.float().mean())}
 

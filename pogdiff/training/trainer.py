@@ -26,7 +26,8 @@ from pogdiff.config import (
 )
 from pogdiff.method.objectives import (
     INACTIVE_WINDOW,
-    Step,
+    Batch,
+    ModelAccess,
     objective_for,
     pog_share,
 )
@@ -288,7 +289,7 @@ class Trainer(RunFiles):
             step=self.step + 1, term=term,
         )
 
-    def sample_batch(self, g: torch.Generator, g_rows: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def sample_batch(self, g: torch.Generator, g_rows: torch.Generator | None = None) -> Batch:
         """Draw rows, timesteps, noise and caption dropout for one micro-batch from ``g``.
 
         With ``g_rows`` (several processes) the rows are this process's slice of one draw of
@@ -307,7 +308,7 @@ class Trainer(RunFiles):
         if self.cfg.noise_offset > 0:
             offset = torch.randn((b, x0.shape[1], *([1] * (x0.ndim - 2))), generator=g)
             eps = eps + self.cfg.noise_offset * offset
-        return {"rows": rows, "x0": x0, "t": t, "eps": eps, "drop": drop}
+        return Batch(rows=rows, x0=x0, t=t, eps=eps, drop=drop)
 
     def _draw_rows(self, b: int, g: torch.Generator) -> torch.Tensor:
         n = len(self.data)
@@ -356,20 +357,19 @@ class Trainer(RunFiles):
         with torch.no_grad():
             return self.model.predict_eps(x_t, t, tokens, mask, unet=self.teacher_unet)
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], g: torch.Generator):
+    def forward_backward(self, batch: Batch, g: torch.Generator):
         """One forward/backward pass of the configured objective (:mod:`pogdiff.method.objectives`);
         returns (terms, the objective's named statistics)."""
-        dev = self.device
-        x0, eps, t = batch["x0"].to(dev), batch["eps"].to(dev), batch["t"].to(dev)
-        x_t = self.model.noise_scheduler.add_noise(x0, eps, t)
+        batch = batch.on(self.device)
+        x_t = self.model.noise_scheduler.add_noise(batch.x0_dev, batch.eps_dev, batch.t_dev)
         if self.cfg.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        step = Step(predict=self.predict, balanced_rows=self._balanced_rows, table=self.data.table,
-                    betas=self.model.noise_scheduler.betas, num_timesteps=self.num_timesteps,
-                    predict_teacher=self.predict_teacher if self.teacher_unet is not None else None,
-                    class_count=self.class_count)
-        terms, stats = self.objective.terms(step, {**batch, "t_dev": t, "eps_dev": eps, "x0_dev": x0}, x_t, g)
-        weights = eps_loss_weights(t, self.model.noise_scheduler, snr_gamma=self.cfg.snr_gamma)
+        access = ModelAccess(predict=self.predict, balanced_rows=self._balanced_rows, table=self.data.table,
+                             betas=self.model.noise_scheduler.betas, num_timesteps=self.num_timesteps,
+                             predict_teacher=self.predict_teacher if self.teacher_unet is not None else None,
+                             class_count=self.class_count)
+        terms, stats = self.objective.terms(access, batch, x_t, g)
+        weights = eps_loss_weights(batch.t_dev, self.model.noise_scheduler, snr_gamma=self.cfg.snr_gamma)
         if weights is not None:
             terms = {k: v * weights.to(v.device) for k, v in terms.items()}
         loss = terms["loss"].mean()
