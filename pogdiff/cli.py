@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pogdiff.config import (
     ADAMW_KERNELS,
+    BALANCES,
     CHECKPOINTING,
     LIMITS,
     METHODS,
@@ -133,6 +134,13 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="draw batches class-balanced (always on for --method resample)")
     p.add_argument("--balance-alpha", type=float, default=None,
                    help="balanced batches draw a class with probability ~ n_c ** alpha (0 class-uniform, 1 as plain)")
+    p.add_argument("--balance", choices=BALANCES, default=None,
+                   help="'method': the method's batches; 'from-data': each class as often as the set's kohya / "
+                        "OneTrainer repeats say (n_c * repeats), with its loss weights")
+    p.add_argument("--class-loss-beta", type=float, default=None,
+                   help="weight each class's loss by n_c ** -beta, mean 1 over a plain batch (0 off, 1 every class alike)")
+    p.add_argument("--class-loss-weight", type=class_weight_item, action="append", default=None, metavar="CLASS=WEIGHT",
+                   help="multiply one class's loss by WEIGHT (repeat the flag per class)")
     p.add_argument("--psi-teacher", choices=TEACHERS, default=None,
                    help="PoGDiff: the neighbour's prediction from the live model or the frozen base weights")
     p.add_argument("--neighbour-sampling", choices=("similarity", "nearest"), default=None,
@@ -181,8 +189,22 @@ def configs_from_args(args):
         neighbour_pool=args.neighbour_pool, psi_schedule=args.psi_schedule,
         neighbour_sampling=args.neighbour_sampling, balance_alpha=args.balance_alpha, psi_teacher=args.psi_teacher,
         gradient_checkpointing=args.gradient_checkpointing, adamw_kernel=args.adamw_kernel,
-        channels_last=args.channels_last, compile_unet=args.compile,
+        channels_last=args.channels_last, compile_unet=args.compile, balance=args.balance,
+        class_loss_beta=args.class_loss_beta,
+        class_loss_weights=dict(args.class_loss_weight) if args.class_loss_weight else None,
     )
+
+
+def class_weight_item(text: str) -> tuple[str, float]:
+    """``"red circle=2"`` -> ``("red circle", 2.0)`` (``--class-loss-weight``)."""
+    name, sep, raw = text.rpartition("=")
+    try:
+        weight = float(raw)
+    except ValueError:
+        weight = float("nan")
+    if not sep or not name.strip() or not weight > 0 or weight == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: write CLASS=WEIGHT with a weight above 0, e.g. 'red circle=2'")
+    return name.strip(), weight
 
 
 def default_cache_dir() -> Path:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from pogdiff.checks import check_choice, check_class_numbers, check_number, check_whole
 
 T = TypeVar("T")
 
@@ -43,6 +43,10 @@ CHECKPOINTING = ("auto", "on", "off")
 # per-parameter for-loop implementation.
 ADAMW_KERNELS = ("auto", "fused", "foreach", "loop")
 TRACKERS = ("none", "tensorboard")
+# TrainConfig.balance: "method" draws the method's batches (plain rows, or class-balanced tempered by
+# balance_alpha); "from-data" draws each class as the set's own repeats say (kohya / OneTrainer;
+# pogdiff/training/balance.py).
+BALANCES = ("method", "from-data")
 # PsiConfig choices (README "The method"): where neighbours come from, how one is drawn, psi over timesteps.
 POOLS = ("same_class", "all", "other_class")
 SAMPLING_MODES = ("similarity", "nearest")
@@ -163,6 +167,16 @@ class TrainConfig:
     # probability proportional to n_c ** balance_alpha, then one of its rows uniformly. 0 is
     # class-uniform (fully balanced); 1 draws classes as often as plain fine-tuning does.
     balance_alpha: float = DEFAULT_BALANCE_ALPHA
+    # Where batch rows come from (BALANCES; README "Training options"): "method", or "from-data": a
+    # class with probability proportional to class_draw_weights[c] (empty: the set's own, kohya
+    # n_c * num_repeats or OneTrainer balancing), then one of its rows uniformly.
+    balance: str = "method"
+    class_draw_weights: dict[str, float] = field(default_factory=dict)
+    # Per class name, a multiplier of its rows' loss (OneTrainer's loss_weight); classes not named keep 1.
+    class_loss_weights: dict[str, float] = field(default_factory=dict)
+    # Class loss weights w_c proportional to n_c ** -class_loss_beta, normalised to mean 1 over the
+    # rows of a plain batch (0 = off; 1 gives every class the same total weight).
+    class_loss_beta: float = 0.0
     mixed_precision: str = "no"  # "no", "fp16", "bf16"
     checkpoint_every: int = 250
     log_every: int = 10
@@ -211,6 +225,10 @@ class TrainConfig:
         check_number("learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
         check_number("cbdm_tau", self.cbdm_tau, low=0.0)
         check_number("balance_alpha", self.balance_alpha, low=0.0, high=1.0)
+        check_choice("balance", self.balance, BALANCES)
+        check_number("class_loss_beta", self.class_loss_beta, low=0.0, high=1.0)
+        for name in ("class_draw_weights", "class_loss_weights"):
+            check_class_numbers(name, getattr(self, name))
         if isinstance(self.psi, PsiConfig):
             check_number("psi_max", self.psi.psi_max, low=0.0)
             check_number("psi.neighbour_share", self.psi.neighbour_share, low=0.0, high=1.0, low_inclusive=False)
@@ -233,43 +251,12 @@ RECIPES: dict[str, list[str]] = {
     "pogdiff": ["method=pogdiff"],
     "pogdiff_no_pog": ["method=resample", f"balance_alpha={DEFAULT_BALANCE_ALPHA:g}"],
     "t2h": ["method=t2h", f"balance_alpha={DEFAULT_BALANCE_ALPHA:g}"],
+    # Plain batches, each class's loss weighted by n_c ** -beta (mean 1 over a plain batch); bench
+    # tune chooses beta (--knob class_loss_beta).
+    "loss_weight": ["method=baseline", "class_loss_beta=0.5"],
 }
 # Recipes whose paired comparisons against every other recipe summary.json holds.
 COMPARED = ("pogdiff", "pogdiff_no_pog")
-
-
-def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                 low_inclusive: bool = True, high_inclusive: bool = True) -> None:
-    """Refuse a config number that is not a finite real in the allowed range, naming it."""
-    allowed = " and ".join(
-        part for part in (
-            None if low is None else f"{'>=' if low_inclusive else '>'} {low:g}",
-            None if high is None else f"{'<=' if high_inclusive else '<'} {high:g}",
-        ) if part
-    )
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value >= low if low_inclusive else value > low
-    if ok and high is not None:
-        ok = value <= high if high_inclusive else value < high
-    if not ok:
-        raise ValueError(f"{name} must be a finite number{' ' + allowed if allowed else ''}, got {value!r}")
-
-
-def check_whole(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> None:
-    """Refuse a config count that is not a whole number in the allowed range, naming it."""
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not ok or (low is not None and value < low) or (high is not None and value > high):
-        allowed = " and ".join(p for p in (None if low is None else f">= {low}", None if high is None else f"<= {high}")
-                               if p)
-        raise ValueError(f"{name} must be {allowed + ', ' if allowed else ''}a whole number; got {value!r}")
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...], *, article: str | None = None) -> None:
-    """Refuse a config value that is not one of ``choices``, naming it and listing the choices."""
-    if value not in choices:
-        lead = f"{article} {value!r}" if article else f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
-        raise ValueError(f"{lead}; choose one of {', '.join(choices)}" if article else lead)
 
 
 def uses_balanced_sampling(cfg: "TrainConfig") -> bool:
@@ -353,6 +340,9 @@ def configs_from_options(
     psi_schedule: str | None = None,
     neighbour_sampling: str | None = None,
     balance_alpha: float | None = None,
+    balance: str | None = None,
+    class_loss_beta: float | None = None,
+    class_loss_weights: dict[str, float] | None = None,
     psi_teacher: str | None = None,
     gradient_checkpointing: str | None = None,
     adamw_kernel: str | None = None,
@@ -401,6 +391,12 @@ def configs_from_options(
         model_over["resolution"] = resolution
     if balance_alpha is not None:
         check_number("balance_alpha", balance_alpha, low=0.0, high=1.0)
+    if balance is not None:
+        check_choice("balance", balance, BALANCES)
+    if class_loss_beta is not None:
+        check_number("class_loss_beta", class_loss_beta, low=0.0, high=1.0)
+    if class_loss_weights is not None:
+        check_class_numbers("class_loss_weights", class_loss_weights)
     psi_over = {"psi_max": None if psi_max is None else float(psi_max), "k": k, "pool": neighbour_pool,
                 "schedule": psi_schedule, "sampling": neighbour_sampling, "teacher": psi_teacher}
     psi = dataclasses.replace(PsiConfig(), **{key: v for key, v in psi_over.items() if v is not None},
@@ -415,6 +411,8 @@ def configs_from_options(
         "sample_every": sample_every, "cbdm_tau": cbdm_tau,
         "balance_alpha": None if balance_alpha is None else float(balance_alpha),
         "adamw_kernel": adamw_kernel, "channels_last": channels_last, "compile_unet": compile_unet,
+        "balance": balance, "class_loss_beta": None if class_loss_beta is None else float(class_loss_beta),
+        "class_loss_weights": None if class_loss_weights is None else {k: float(v) for k, v in class_loss_weights.items()},
     }
     train_cfg = train_preset(preset, method=method, seed=seed, balanced_sampling=balanced_sampling, psi=psi,
                              **{key: v for key, v in train_over.items() if v is not None})

@@ -31,7 +31,7 @@ def test_every_ui_module_is_under_the_limit():
 
 
 # Layers that import nothing of training, the UI or the benchmarks (docs/ARCHITECTURE.md "Stages").
-LOWER = ("pogdiff.config", "pogdiff.constants", "pogdiff.server.safety", "pogdiff.method.knn", "pogdiff.method.losses", "pogdiff.model.text",
+LOWER = ("pogdiff.config", "pogdiff.checks", "pogdiff.constants", "pogdiff.server.safety", "pogdiff.method.knn", "pogdiff.method.losses", "pogdiff.model.text",
          "pogdiff.data")
 
 

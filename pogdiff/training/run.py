@@ -36,6 +36,7 @@ from pogdiff.config import ModelConfig, TrainConfig
 from pogdiff.method.objectives import objective_for
 from pogdiff.method.prepare import prepare_data
 from pogdiff.training.setup import RunMismatchError, check_same_run, check_train_config, make_accelerator, run_fingerprint, tracker_options
+from pogdiff.training.balance import with_data_weights
 from pogdiff.training.records import StepInfo, TrainResult
 from pogdiff.training.trainer import Trainer
 
@@ -115,7 +116,10 @@ def train(
     run of the same method, preset and data. Without ``resume`` existing checkpoints are moved
     aside (``replaced-*``) and a new run starts. Before step 1 the run folder is checked for
     writability and room for one checkpoint, and leftover temporary folders are removed.
+    With ``balance="from-data"`` the set's own repeats and loss weights fill the config
+    (:func:`pogdiff.training.balance.with_data_weights`), so its checkpoints record them.
     """
+    train_cfg = with_data_weights(train_cfg, dataset)
     check_train_config(train_cfg, len(dataset))
     size = dataset.images.shape[1]
     if size != model_cfg.resolution:

@@ -32,6 +32,7 @@ from pogdiff.method.objectives import (
     pog_share,
 )
 from pogdiff.method.prepare import TrainData
+from pogdiff.training.balance import class_loss_table, class_names, draw_probabilities
 from pogdiff.training.records import NonFiniteError, RunFiles, StepInfo, TrainResult, tracker_values
 from pogdiff.training.setup import (
     SEED_STRIDE,
@@ -90,6 +91,11 @@ class Trainer(RunFiles):
         self.model, self.data, self.cfg = model, data, cfg
         # [N] the size of each row's class (T2H's head -> tail rule)
         self.class_count = torch.tensor([len(r) for r in data.class_rows])[data.class_ids]
+        # balance "from-data": each class's draw probability; class loss weights: [N] per row (None: all 1)
+        names = class_names(data.class_rows, data.subjects)
+        self.class_probs = draw_probabilities(cfg, names)
+        loss_table = class_loss_table(cfg, names, [len(r) for r in data.class_rows])
+        self.row_loss_weights = None if loss_table is None else loss_table[data.class_ids]
         self.run_dir = Path(run_dir)
         self.callback, self.preview_callback = callback, preview_callback
         self.preview_captions = list(preview_captions or [])
@@ -312,16 +318,21 @@ class Trainer(RunFiles):
 
     def _draw_rows(self, b: int, g: torch.Generator) -> torch.Tensor:
         n = len(self.data)
+        if self.class_probs is not None:
+            return self._balanced_rows(b, g, probs=self.class_probs)
         if uses_balanced_sampling(self.cfg):
             return self._balanced_rows(b, g, alpha=self.cfg.balance_alpha)
         if b <= n:
             return torch.randperm(n, generator=g)[:b]
         return torch.randint(0, n, (b,), generator=g)
 
-    def _balanced_rows(self, b: int, g: torch.Generator, *, alpha: float = 0.0) -> torch.Tensor:
+    def _balanced_rows(self, b: int, g: torch.Generator, *, alpha: float = 0.0,
+                       probs: torch.Tensor | None = None) -> torch.Tensor:
         """Class-balanced draw: a class with probability proportional to ``n_c ** alpha``
-        (``alpha = 0``: uniformly), then a row of that class uniformly."""
-        if alpha == 0.0:
+        (``alpha = 0``: uniformly) or ``probs`` when given, then a row of that class uniformly."""
+        if probs is not None:
+            classes = torch.multinomial(probs, b, replacement=True, generator=g)
+        elif alpha == 0.0:
             classes = torch.randint(0, len(self.data.class_rows), (b,), generator=g)
         else:
             classes = torch.multinomial(class_draw_weights(self.data.class_rows, alpha), b, replacement=True,
@@ -370,6 +381,9 @@ class Trainer(RunFiles):
                              class_count=self.class_count)
         terms, stats = self.objective.terms(access, batch, x_t, g)
         weights = eps_loss_weights(batch.t_dev, self.model.noise_scheduler, snr_gamma=self.cfg.snr_gamma)
+        if self.row_loss_weights is not None:
+            rows_w = self.row_loss_weights[batch.rows].to(self.device)
+            weights = rows_w if weights is None else weights * rows_w
         if weights is not None:
             terms = {k: v * weights.to(v.device) for k, v in terms.items()}
         loss = terms["loss"].mean()
