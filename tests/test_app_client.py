@@ -9,13 +9,10 @@ import os
 import zipfile
 
 import pytest
+from gradio_client import Client
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-from gradio_client import Client  # noqa: E402
-
-import app  # noqa: E402
-from pogdiff.ui import Studio  # noqa: E402
+import app
+from pogdiff.ui import Studio
 from tests.fakes import free_port
 
 TRAIN_TIMEOUT = 420.0

@@ -34,8 +34,6 @@ import numpy as np
 import pytest
 from tests.fakes import CHROMIUM, CHROMIUM_ARGS, VIEWPORT, browser_or_skip, free_port, open_tab
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
 pytestmark = pytest.mark.slow  # a real browser, a model and four short training runs: about 4 minutes on 2 cores
 
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "assets" / "screenshots"

@@ -6,14 +6,11 @@ function of ``fakes.py``; no model is loaded.
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
 
 from tests.fakes import CHROMIUM, CHROMIUM_ARGS, VIEWPORT, FakeTrain, browser_or_skip, free_port, open_tab, tiny_set
-
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 WAIT_MS = 60_000
 

@@ -9,23 +9,19 @@ the cap is refused in words (BENCHMARKS.md "Load" runs the full 20-visitor versi
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from gradio_client import Client
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-from gradio_client import Client  # noqa: E402
-
-import app  # noqa: E402
-from pogdiff.model import checkpoints  # noqa: E402
-from pogdiff.bench.visitors import Recorder, error_summary, small_zip, visitor_session  # noqa: E402
-from pogdiff.server.quotas import Quotas  # noqa: E402
-from pogdiff.ui import Studio  # noqa: E402
-from tests.fakes import HashEncoder, free_port  # noqa: E402
+import app
+from pogdiff.model import checkpoints
+from pogdiff.bench.visitors import Recorder, error_summary, small_zip, visitor_session
+from pogdiff.server.quotas import Quotas
+from pogdiff.ui import Studio
+from tests.fakes import HashEncoder, free_port
 
 VISITORS = 5
 

@@ -15,11 +15,7 @@ holds loaded data sets and checkpoint sources. Nothing heavy happens at import o
 time: the demo set, the text encoder and the models are built on first use.
 """
 
-import os
-
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
-
-from pogdiff.ui.studio import Studio  # noqa: E402
-from pogdiff.ui.train_form import TrainForm  # noqa: E402
+from pogdiff.ui.studio import Studio
+from pogdiff.ui.train_form import TrainForm
 
 __all__ = ["Studio", "TrainForm"]
