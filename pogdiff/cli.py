@@ -89,6 +89,28 @@ def cmd_data_stats(args) -> int:
     return 0
 
 
+def cmd_data_kohya(args) -> int:
+    from pogdiff.config import TrainConfig
+    from pogdiff.runs.trainer_export import kohya_dataset_config, onetrainer_concepts
+    from pogdiff.training.balance import with_data_weights
+
+    ds = resolve_data(args.source)
+    cfg, run = TrainConfig(), ""
+    if args.checkpoint:
+        from pogdiff.model import checkpoints
+
+        ckpt = checkpoint_of(args.checkpoint)
+        cfg, run = checkpoints.load_configs(ckpt)[1], ckpt.parent.name
+    cfg = with_data_weights(cfg, ds)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(kohya_dataset_config(ds, cfg, run=run), encoding="utf-8")
+    print(f"kohya dataset config written to {args.out}")
+    if args.onetrainer:
+        Path(args.onetrainer).write_text(onetrainer_concepts(ds, cfg), encoding="utf-8")
+        print(f"OneTrainer concepts written to {args.onetrainer}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ train
 def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=DEMO, help="folder or .zip of images + captions, or 'demo' (default)")
@@ -286,13 +308,7 @@ def cmd_sample(args) -> int:
     from pogdiff.model import checkpoints
     from pogdiff.model.sampling import generate, image_grid
 
-    ckpt = Path(args.checkpoint)
-    if ckpt.is_dir() and not (ckpt / "configs.json").exists():
-        latest = checkpoints.latest_checkpoint(ckpt)
-        if latest is None:
-            raise SystemExit(f"no checkpoint found in {ckpt}: pass a checkpoint-XXXXXX folder or a run folder")
-        ckpt = latest
-    model = checkpoints.load_model(ckpt)
+    model = checkpoints.load_model(checkpoint_of(args.checkpoint))
     prompts = list(args.prompt)
     seeds = list(args.seeds)
     captions = [p for p in prompts for _ in seeds]
@@ -305,6 +321,19 @@ def cmd_sample(args) -> int:
     grid.save(args.out)
     print(f"grid of {len(prompts)} prompt(s) x {len(seeds)} seed(s) written to {args.out}")
     return 0
+
+
+def checkpoint_of(path: str) -> Path:
+    """A checkpoint folder, or the latest checkpoint of a run folder."""
+    from pogdiff.model import checkpoints
+
+    ckpt = Path(path)
+    if ckpt.is_dir() and not (ckpt / "configs.json").exists():
+        latest = checkpoints.latest_checkpoint(ckpt)
+        if latest is None:
+            raise SystemExit(f"no checkpoint found in {ckpt}: pass a checkpoint-XXXXXX folder or a run folder")
+        ckpt = latest
+    return ckpt
 
 
 def cmd_export(args) -> int:
@@ -342,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="folder, .zip, or 'demo'")
     p.add_argument("--plot", default=None, help="write the long-tail chart to this PNG")
     p.set_defaults(fn=cmd_data_stats)
+    p = data.add_parser("kohya-config", help="a run's class balance as a kohya dataset_config.toml (and OneTrainer concepts)")
+    p.add_argument("source", help="the run's data: folder, .zip, or 'demo'")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint or run folder whose balance is written (default: the default recipe's)")
+    p.add_argument("--out", required=True, help="the dataset_config.toml to write")
+    p.add_argument("--onetrainer", default=None, metavar="JSON", help="also write OneTrainer concepts here")
+    p.set_defaults(fn=cmd_data_kohya)
 
     p = sub.add_parser("train", help="fine-tune with baseline / pogdiff / cbdm / resample")
     add_train_options(p)

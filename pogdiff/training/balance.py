@@ -92,3 +92,37 @@ def class_loss_table(cfg: TrainConfig, names: Sequence[str], counts: Sequence[in
     if cfg.class_loss_beta:
         table = table * beta_loss_weights(counts, cfg.class_loss_beta)
     return table.float()
+
+
+def run_class_shares(cfg: TrainConfig, names: Sequence[str], counts: Sequence[int]) -> dict[str, float]:
+    """Each class's expected share of a run's batch rows: ``class_draw_weights`` normalised under
+    ``balance="from-data"``, ``n_c ** alpha`` normalised for class-balanced batches
+    (:func:`pogdiff.training.trainer.class_draw_weights`), ``n_c / N`` for plain ones."""
+    from pogdiff.config import uses_balanced_sampling
+
+    probs = draw_probabilities(cfg, names)
+    if probs is None:
+        n = torch.tensor([float(c) for c in counts], dtype=torch.float64)
+        alpha = cfg.balance_alpha if uses_balanced_sampling(cfg) else 1.0
+        probs = n ** alpha / (n ** alpha).sum()
+    return {c: float(p) for c, p in zip(names, probs)}
+
+
+def kohya_repeats(shares: dict[str, float], counts: dict[str, int], *, tolerance: float = 0.05,
+                  max_scale: int = 20) -> dict[str, int]:
+    """Whole kohya ``num_repeats`` per class whose epoch shares ``n_c r_c / sum_k n_k r_k`` come
+    closest to ``shares``: ``r_c ∝ share_c / n_c``, the smallest ``m`` (1, 2, ... ``max_scale``)
+    for the least of them, rounded; the first ``m`` whose shares are all within ``tolerance``
+    (relative) of the wanted ones, else the closest."""
+    ratio = {c: shares[c] / counts[c] for c in shares if counts.get(c)}
+    low = min(ratio.values())
+    best, best_err = {}, float("inf")
+    for m in range(1, max_scale + 1):
+        reps = {c: max(1, round(m * r / low)) for c, r in ratio.items()}
+        total = sum(counts[c] * r for c, r in reps.items())
+        err = max(abs(counts[c] * r / total - shares[c]) / shares[c] for c, r in reps.items())
+        if err < best_err:
+            best, best_err = reps, err
+        if err <= tolerance:
+            break
+    return best
