@@ -1,9 +1,9 @@
 """PoGDiff Studio: the Gradio app.
 
 This file assembles the page: the Blocks with its theme and CSS, the state the tabs share, and the
-four tabs, each laid out and bound by its own module (``pogdiff.ui.data_tab``, ``neighbours_tab``,
-``train_tab``, ``compare_tab``: ``build(studio, shared)``). Every callback is a method of
-:class:`pogdiff.ui.Studio`. Nothing heavy happens at import time: the demo set, the text encoder and
+four tabs, each laid out and bound to its controller by its own module (``pogdiff.ui.data_tab``,
+``neighbours_tab``, ``train_tab``, ``compare_tab``). The controllers and the services they share are made
+by :class:`pogdiff.ui.Studio`. Nothing heavy happens at import time: the demo set, the text encoder and
 the models are built on first use.
 
     python app.py                      # http://127.0.0.1:7860
@@ -37,7 +37,6 @@ DEFAULT_MAX_UPLOAD_MB = 500
 DEFAULT_CONCURRENCY = 2
 QUEUE_SIZE = quotas.QUOTAS.queue_size
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-TABS = (data_tab, neighbours_tab, train_tab, compare_tab)  # left to right: Data -> Neighbours -> Train -> Compare
 
 CSS = """
 .pg-progress {margin: 4px 0 8px 0;}
@@ -62,17 +61,19 @@ Work left to right: **Data → Neighbours → Train → Compare**."""
 
 
 def build_demo(studio: Studio | None = None) -> gr.Blocks:
-    """The four tabs, laid out and bound to ``studio`` (a fresh :class:`Studio` by default)."""
+    """The four tabs, laid out and bound to the controllers of ``studio`` (a fresh :class:`Studio` by default)."""
     studio = studio or Studio()
     max_age_s = int(3600 * studio.limits.upload_max_age_hours)
     # Uploads and generated files in gradio's cache expire: swept hourly, deleted once older than max_age_s.
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(min(3600, max_age_s), max_age_s)) as demo:
         shared = Shared.create(demo, studio.browser_secret())
         gr.Markdown(INTRO, elem_id="pg-header")
-        with gr.Tabs():
-            for tab in TABS:
-                tab.build(studio, shared)
-        sessions.build(studio, shared)  # the usage panel; a closed tab frees its visitor's data
+        with gr.Tabs():  # left to right: Data -> Neighbours -> Train -> Compare
+            data_tab.build(studio.data, shared)
+            neighbours_tab.build(studio.neighbours, shared)
+            train_tab.build(studio.train, studio.train_runs, shared)
+            compare_tab.build(studio.compare, studio.metrics, shared)
+        sessions.build(studio.sessions, shared)  # the usage panel; a closed tab frees its visitor's data
     return demo
 
 
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     limits = dataclasses.replace(LIMITS, max_job_minutes=args.max_job_minutes)
     studio = Studio(args.runs_dir, single_user=args.single_user, limits=limits, quotas=args.quotas)
-    studio.clean_leftovers()
+    studio.datasets.clean_leftovers()
     logging.getLogger(__name__).info("single-user mode: %s; max job minutes: %g", args.single_user,
                                      args.max_job_minutes)
     demo = build_demo(studio)

@@ -203,7 +203,7 @@ def key(studio, tmp_path):
     from tests.fakes import tiny_set
 
     folder = tiny_set(tmp_path / "set", {"Ann Lee": 6, "Bo Chan": 2, "Cy Dee": 1})
-    return studio.load_upload([str(p) for p in sorted(folder.iterdir())], progress=_noop)[0]
+    return studio.data.load_upload([str(p) for p in sorted(folder.iterdir())], progress=_noop)[0]
 
 
 @pytest.fixture
@@ -211,8 +211,8 @@ def fake_runs(studio, tmp_path, monkeypatch):
     """Two runs whose 'sampler' paints every image 0 (run A) or 40 (run B); records its calls."""
 
     sources = [ui_state.Source("run:a", "run · a", tmp_path / "a"), ui_state.Source("run:b", "run · b", tmp_path / "b")]
-    monkeypatch.setattr(studio, "sources", lambda: sources)
-    monkeypatch.setattr(studio, "_model", lambda src: src.key)
+    monkeypatch.setattr(studio.sources, "all", lambda: sources)
+    monkeypatch.setattr(studio.sources, "model", lambda src: src.key)
     calls = []
 
     def generate(model, captions, seeds, cfg, **kwargs):
@@ -226,7 +226,7 @@ def fake_runs(studio, tmp_path, monkeypatch):
 def test_typed_prompts_reach_the_sampler_and_are_validated(studio, fake_runs):
     import gradio as gr
 
-    pair, grid_a, grid_b, note = studio.generate_pair(
+    pair, grid_a, grid_b, note = studio.compare.generate_pair(
         "run:a", "run:b", ["a photo of Bo Chan"], " red  fox, snow\n\n a cat ", 2, 3.0, 5, progress=_noop)
     assert [c[0] for c in fake_runs] == ["run:a", "run:b"]
     assert fake_runs[0][1] == ["a photo of Bo Chan", "red fox, snow", "a cat"] * 2
@@ -234,15 +234,15 @@ def test_typed_prompts_reach_the_sampler_and_are_validated(studio, fake_runs):
     assert "3 prompt(s)" in note
     long = "x" * (studio.limits.max_text_chars + 1)
     with pytest.raises(gr.Error, match="Typed prompt 1 is .* characters long"):
-        studio.generate_pair("run:a", "run:b", [], long, 1, 3.0, 5, progress=_noop)
+        studio.compare.generate_pair("run:a", "run:b", [], long, 1, 3.0, 5, progress=_noop)
 
 
 def test_real_images_and_difference_beside_a_and_b(studio, key, fake_runs):
 
-    studio.generate_pair("run:a", "run:b", ["a photo of Bo Chan", "a photo of Ann Lee"], "a photo of nobody", 1,
+    studio.compare.generate_pair("run:a", "run:b", ["a photo of Bo Chan", "a photo of Ann Lee"], "a photo of nobody", 1,
                          3.0, 5, progress=_noop)
-    gallery, real_md, diff, diff_md, state = studio.pair_views("run:a", "run:b", key, None)
-    bundle = studio.bundle(key)
+    gallery, real_md, diff, diff_md, state = studio.compare.pair_views("run:a", "run:b", key, None)
+    bundle = studio.datasets.bundle(key)
     bo = [i for i, s in enumerate(bundle.subjects) if s == "Bo Chan"]
     ann = [i for i, s in enumerate(bundle.subjects) if s == "Ann Lee"]
     expected = [bundle.ds.images[i] for i in bo + ann[:cv.MAX_REAL_IMAGES]]
@@ -262,31 +262,31 @@ def test_real_images_and_difference_beside_a_and_b(studio, key, fake_runs):
 def test_real_images_come_from_the_session_data_then_the_demo_set(studio, key, monkeypatch):
 
     demo = ui_state.DatasetBundle(key="demo", name="demo set", ds=None, table=pd.DataFrame(), summary={})
-    monkeypatch.setattr(studio, "_load_demo_bundle", lambda: demo)
-    own = studio.bundle(key)
-    assert studio.training_bundles("shipped:demo-baseline", "shipped:demo-pogdiff", None) == [demo]
-    assert studio.training_bundles("shipped:demo-baseline", "run:x", key) == [own, demo]
-    assert studio.training_bundles("run:y", "run:x", key) == [own]
+    monkeypatch.setattr(studio.datasets, "load_demo", lambda: demo)
+    own = studio.datasets.bundle(key)
+    assert studio.compare.training_bundles("shipped:demo-baseline", "shipped:demo-pogdiff", None) == [demo]
+    assert studio.compare.training_bundles("shipped:demo-baseline", "run:x", key) == [own, demo]
+    assert studio.compare.training_bundles("run:y", "run:x", key) == [own]
     # a subject found in the session's data is shown from there, with the dataset named
-    items, md = studio.real_panel([own, own], ["a photo of Cy Dee"])
+    items, md = studio.compare.real_panel([own, own], ["a photo of Cy Dee"])
     assert len(items) == 1 and f"**Cy Dee**: 1 training image (few-shot) in *{own.name}*" in md
 
 
 def test_compare_state_survives_tab_switches_and_reloads(studio, key, fake_runs):
-    a, b, _ = studio.compare_choices("run:b", "run:a")  # a tab switch keeps the choice
+    a, b, _ = studio.compare.compare_choices("run:b", "run:a")  # a tab switch keeps the choice
     assert (a.value, b.value) == ("run:b", "run:a")
-    a, b, _ = studio.compare_choices("run:gone", None)
+    a, b, _ = studio.compare.compare_choices("run:gone", None)
     assert (a.value, b.value) == ("run:b", "run:a")  # the defaults: the older run as A, the newest as B
-    prompts = studio.prompt_choices(key, ["a photo of Ann Lee", "typed by hand"])
+    prompts = studio.compare.prompt_choices(key, ["a photo of Ann Lee", "typed by hand"])
     assert prompts.value == ["a photo of Ann Lee", "typed by hand"]
-    assert studio.prompt_choices(key).value == ["a photo of Cy Dee", "a photo of Bo Chan"]  # few-shot default
+    assert studio.compare.prompt_choices(key).value == ["a photo of Cy Dee", "a photo of Bo Chan"]  # few-shot default
 
-    state = studio.remember_compare("run:a", "run:b", ["a photo of Bo Chan"], "a cat", 1, 2.5, 7, None)
-    pair, *_ = studio.generate_pair("run:a", "run:b", ["a photo of Bo Chan"], "a cat", 1, 2.5, 7, progress=_noop)
-    *_, state = studio.pair_views("run:a", "run:b", key, state)
+    state = studio.compare.remember_compare("run:a", "run:b", ["a photo of Bo Chan"], "a cat", 1, 2.5, 7, None)
+    pair, *_ = studio.compare.generate_pair("run:a", "run:b", ["a photo of Bo Chan"], "a cat", 1, 2.5, 7, progress=_noop)
+    *_, state = studio.compare.pair_views("run:a", "run:b", key, state)
     state = json.loads(json.dumps(state))  # what the browser keeps
-    restored = studio.restore_compare(state)
-    names = studio.RESTORE_OUTPUTS
+    restored = studio.compare.restore_compare(state)
+    names = studio.compare.RESTORE_OUTPUTS
     values = dict(zip(names, restored))
     assert values["run_a"].value == "run:a" and values["run_b"].value == "run:b"
     assert values["prompts"].value == ["a photo of Bo Chan"] and values["custom"] == "a cat"
@@ -294,7 +294,7 @@ def test_compare_state_survives_tab_switches_and_reloads(studio, key, fake_runs)
     assert np.array_equal(values["slider"][0], pair[0]) and np.array_equal(values["slider"][1], pair[1])
     assert "Mean |A − B| = **40.00**" in values["diff_md"]
     # a browser without a state, or with junk, changes nothing
-    assert all(isinstance(v, dict) and v.get("__type__") == "update" for v in studio.restore_compare({"x": 1}))
+    assert all(isinstance(v, dict) and v.get("__type__") == "update" for v in studio.compare.restore_compare({"x": 1}))
 
 
 def _ship(studio, name, acc):
@@ -308,29 +308,29 @@ def _ship(studio, name, acc):
 def test_metric_table_is_the_delta_of_the_two_runs_and_is_kept(studio):
     _ship(studio, "demo-baseline", "a")
     _ship(studio, "demo-pogdiff", "b")
-    table, fig, md = studio.precomputed_metrics("shipped:demo-baseline", "shipped:demo-pogdiff")
+    table, fig, md = studio.metrics.precomputed_metrics("shipped:demo-baseline", "shipped:demo-pogdiff")
     want = cv.delta_table(A_TABLE, B_TABLE, "demo-baseline", "demo-pogdiff")
     assert table["subject"].tolist() == ["b", "c", "a"]
     assert table["accuracy · B−A"].tolist() == pytest.approx(want["accuracy · B−A"].tolist())
     assert table["accuracy · B−A"].tolist() == pytest.approx([0.3, 0.05, -0.1])
     assert len(fig.axes) == 2  # both runs, and B − A per class
-    state = studio.keep_metrics("shipped:demo-baseline", "shipped:demo-pogdiff", None)
-    values = dict(zip(studio.RESTORE_OUTPUTS, studio.restore_compare(state)))
+    state = studio.metrics.keep_metrics("shipped:demo-baseline", "shipped:demo-pogdiff", None)
+    values = dict(zip(studio.compare.RESTORE_OUTPUTS, studio.compare.restore_compare(state)))
     assert values["metrics_table"]["accuracy · B−A"].tolist() == pytest.approx([0.3, 0.05, -0.1])
     assert values["metrics_md"] == md
     # on a page load the kept metrics win over the shipped ones
-    assert all(v.get("__type__") == "update" for v in studio.load_metrics("shipped:demo-baseline",
+    assert all(v.get("__type__") == "update" for v in studio.metrics.load_metrics("shipped:demo-baseline",
                                                                           "shipped:demo-pogdiff", state))
-    assert studio.load_metrics("shipped:demo-baseline", "shipped:demo-pogdiff", None)[2] == md
+    assert studio.metrics.load_metrics("shipped:demo-baseline", "shipped:demo-pogdiff", None)[2] == md
 
 
 # ============================================================================ Studio: Neighbours
 def test_map_frame_rounds_and_bins_and_keeps_rare_points_on_top(studio, key):
-    scatter, dd, banner = studio.neighbour_map(key, "class frequency", progress=_noop)
+    scatter, dd, banner = studio.neighbours.neighbour_map(key, "class frequency", progress=_noop)
     assert scatter.color == "class size bin" and list(scatter.color_map)[0] == "1 img"
-    frame = studio.map_frame(studio.bundle(key))
+    frame = studio.neighbours.map_frame(studio.datasets.bundle(key))
     assert frame["class size"].tolist() == sorted(frame["class size"], reverse=True)  # the rarest drawn last
-    bundle = studio.bundle(key)
+    bundle = studio.datasets.bundle(key)
     for r in frame.itertuples():
         assert r.x == nv.round_sig(bundle.coords[r.row, 0]) and r.y == nv.round_sig(bundle.coords[r.row, 1])
         assert r.caption == bundle.captions[r.row]
@@ -341,17 +341,17 @@ def test_map_frame_rounds_and_bins_and_keeps_rare_points_on_top(studio, key):
 def test_points_table_and_brushed_band_pick_a_caption(studio, key):
     import gradio as gr
 
-    studio.neighbour_map(key, "shot bucket", progress=_noop)
-    points = studio.map_points(key)
+    studio.neighbours.neighbour_map(key, "shot bucket", progress=_noop)
+    points = studio.neighbours.map_points(key)
     assert points["subject"].tolist()[0] == "Cy Dee" and points["class size"].is_monotonic_increasing
     second = points.iloc[2]
     evt = gr.SelectData(None, {"index": [2, 1], "value": second["caption"], "selected": True})
-    assert studio.hop(key, points, evt) == int(second["row"])  # a click on a row picks its caption
-    frame = studio.map_frame(studio.bundle(key))
+    assert studio.neighbours.hop(key, points, evt) == int(second["row"])  # a click on a row picks its caption
+    frame = studio.neighbours.map_frame(studio.datasets.bundle(key))
     x = float(frame.loc[frame["subject"] == "Bo Chan", "x"].iloc[0])
-    band, row = studio.map_band(key, gr.SelectData(None, {"index": [x - 1e-9, x + 1e-9], "value": None}))
+    band, row = studio.neighbours.map_band(key, gr.SelectData(None, {"index": [x - 1e-9, x + 1e-9], "value": None}))
     assert "Bo Chan" in band["subject"].tolist() and row == int(band.iloc[0]["row"])
-    assert studio.map_band(key, gr.SelectData(None, {"index": "junk", "value": None}))[1].get("__type__") == "update"
+    assert studio.neighbours.map_band(key, gr.SelectData(None, {"index": "junk", "value": None}))[1].get("__type__") == "update"
 
 
 def test_neighbour_list_shows_each_neighbours_image(studio, key):
@@ -361,9 +361,9 @@ def test_neighbour_list_shows_each_neighbours_image(studio, key):
     from PIL import Image
 
 
-    head, frame, gallery = studio.neighbours_of(key, 0, 3, 1.0, "all")
+    head, frame, gallery = studio.neighbours.neighbours_of(key, 0, 3, 1.0, "all")
     assert frame.columns[0] == "image" and len(frame) == 3
-    bundle = studio.bundle(key)
+    bundle = studio.datasets.bundle(key)
     for r in frame.itertuples():
         png = base64.b64decode(r.image.split(",", 1)[1].rstrip(")"))
         img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
@@ -392,17 +392,17 @@ def test_compute_metrics_fast_by_default_full_on_request_and_cached(tmp_path, mo
         return table, None, None
 
     monkeypatch.setattr(evaluation, "evaluate_model", fake_evaluate)
-    monkeypatch.setattr(ui.Studio, "_model", lambda self, source: object())
+    monkeypatch.setattr(studio.sources, "model", lambda source: object())
     a, b = "shipped:demo-baseline", "shipped:demo-pogdiff"
-    n_classes = len(set(studio._eval_set().subjects))
-    *_, md = studio.compute_metrics(a, b, progress=lambda *x, **k: None)
+    n_classes = len(set(studio.datasets.eval_set().subjects))
+    *_, md = studio.metrics.compute_metrics(a, b, progress=lambda *x, **k: None)
     assert calls == [4 * n_classes, 4 * n_classes] and "fast mode" in md and "cache" not in md
-    *_, md = studio.compute_metrics(a, b, progress=lambda *x, **k: None)
+    *_, md = studio.metrics.compute_metrics(a, b, progress=lambda *x, **k: None)
     assert len(calls) == 2 and "2 of 2 read from the cache" in md
-    *_, md = studio.compute_metrics(a, b, True, progress=lambda *x, **k: None)
+    *_, md = studio.metrics.compute_metrics(a, b, True, progress=lambda *x, **k: None)
     assert calls[2:] == [8 * n_classes, 8 * n_classes] and "full mode" in md
     with pytest.raises(gr.Error, match="Full evaluation"):
-        studio.compute_metrics(a, b, "yes please", progress=lambda *x, **k: None)
+        studio.metrics.compute_metrics(a, b, "yes please", progress=lambda *x, **k: None)
 
 
 # ====================================================== metrics table: key columns, verdicts, CSV
@@ -443,8 +443,8 @@ def test_bucket_markdown_and_metrics_csv_frame():
 def test_per_class_metrics_download_as_csv(studio):
     _ship(studio, "demo-baseline", "a")
     _ship(studio, "demo-pogdiff", "b")
-    table, fig, md = studio.precomputed_metrics("shipped:demo-baseline", "shipped:demo-pogdiff")
-    button = studio.metrics_csv(table)
+    table, fig, md = studio.metrics.precomputed_metrics("shipped:demo-baseline", "shipped:demo-pogdiff")
+    button = studio.metrics.metrics_csv(table)
     assert button.interactive
     path = Path(button.value["path"] if isinstance(button.value, dict) else button.value)
     assert path.name == "per_class_metrics.csv"
@@ -454,7 +454,7 @@ def test_per_class_metrics_download_as_csv(studio):
     assert list(saved.columns[:6]) == ["subject", "train_count", "accuracy · B−A", "B−A low", "B−A high", "verdict"]
     assert (saved["B−A low"] <= saved["accuracy · B−A"] + 1e-9).all()
     assert (saved["B−A high"] >= saved["accuracy · B−A"] - 1e-9).all()
-    empty = studio.metrics_csv(pd.DataFrame(columns=["subject", "accuracy"]))
+    empty = studio.metrics.metrics_csv(pd.DataFrame(columns=["subject", "accuracy"]))
     assert not empty.interactive
 
 
@@ -468,13 +468,13 @@ def test_compare_lists_every_shipped_demo_run(studio):
         folder.mkdir(parents=True)
         (folder / "configs.json").write_text(json.dumps({"train": {"method": method}} if method else {}))
     (studio.shipped_dir / "evaluator").mkdir()  # not a demo run
-    keys = [s.key for s in studio.sources()]
+    keys = [s.key for s in studio.sources.all()]
     assert keys[:4] == ["shipped:demo-baseline", "shipped:demo-pogdiff", "shipped:demo-cbdm", "shipped:demo-resample"]
     assert not any("evaluator" in k for k in keys)
-    labels = {s.key: s.label for s in studio.sources()}
+    labels = {s.key: s.label for s in studio.sources.all()}
     assert labels["shipped:demo-resample"] == "shipped · demo-resample (resample, demo set)"
     assert labels["shipped:demo-baseline"] == "shipped · demo-baseline (baseline, demo set)"
-    a, b, _ = studio.compare_choices()
+    a, b, _ = studio.compare.compare_choices()
     assert (a.value, b.value) == ("shipped:demo-baseline", "shipped:demo-pogdiff")
     assert ("shipped · demo-resample (resample, demo set)", "shipped:demo-resample") in a.choices
 
@@ -486,9 +486,9 @@ def test_the_real_shipped_checkpoints_include_resampling(tmp_path):
 
     studio = ui.Studio(tmp_path / "runs", shipped_dir=Path(__file__).resolve().parent.parent / "checkpoints",
                        device="cpu")
-    keys = [s.key for s in studio.sources() if s.key.startswith("shipped:")]
+    keys = [s.key for s in studio.sources.all() if s.key.startswith("shipped:")]
     assert {"shipped:demo-baseline", "shipped:demo-pogdiff", "shipped:demo-resample"} <= set(keys)
-    assert all(s.metrics_csv is not None for s in studio.sources() if s.key.startswith("shipped:"))
+    assert all(s.metrics_csv is not None for s in studio.sources.all() if s.key.startswith("shipped:"))
 
 
 # ====================================================== default prompts follow the caption style
@@ -537,8 +537,8 @@ def test_compare_default_prompts_of_a_tag_captioned_upload(studio, tmp_path):
             Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(folder / name)
             rows.append({"file_name": name, "text": caption, "subject": subject})
     (folder / "metadata.jsonl").write_text("\n".join(__import__("json").dumps(r) for r in rows) + "\n")
-    key = studio.load_upload([str(p) for p in sorted(folder.iterdir())], progress=_noop)[0]
-    dd = studio.prompt_choices(key)
+    key = studio.data.load_upload([str(p) for p in sorted(folder.iterdir())], progress=_noop)[0]
+    dd = studio.compare.prompt_choices(key)
     choices = [c[0] if isinstance(c, tuple) else c for c in dd.choices]
     assert choices == ["green ring", "blue square, flat, outline", "red circle, flat"]  # rarest first
     assert dd.value == ["green ring", "blue square, flat, outline", "red circle, flat"]  # all few-shot
@@ -550,7 +550,7 @@ def test_compare_default_prompts_of_a_tag_captioned_upload(studio, tmp_path):
 def test_neighbour_table_shows_psi_draw_and_informative_first(studio, key):
     import app
 
-    head, frame, gallery = studio.neighbours_of(key, 0, 3, 1.0, "all")
+    head, frame, gallery = studio.neighbours.neighbours_of(key, 0, 3, 1.0, "all")
     assert list(frame.columns[:6]) == ["image", "rank", "subject", "psi", "p(draw)", "informative"]
     table = next(b for b in app.build_demo(studio).blocks.values() if getattr(b, "elem_id", None) == "pg-nb-table")
     assert table.headers == list(frame.columns)  # the tab lays out the columns the callback fills

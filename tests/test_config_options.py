@@ -63,7 +63,7 @@ def test_command_line_and_app_give_equal_configs_for_equal_options(tmp_path):
     from pogdiff import ui
 
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
-    ui_model, ui_train = studio.build_configs(ui.TrainForm(method="cbdm", preset="tiny", steps=40, batch_size=8,
+    ui_model, ui_train = studio.train.build_configs(ui.TrainForm(method="cbdm", preset="tiny", steps=40, batch_size=8,
                                                            lr=3e-4, psi_max=2.5, k=7, use_image_sim=False,
                                                            pool="all", sample_every=0, seed=5))
     args = build_parser().parse_args([

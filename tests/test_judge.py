@@ -124,11 +124,11 @@ def test_compare_metrics_on_user_data_are_judged_on_its_own_classes(tmp_path):
             zf.writestr(f"{name}/{i:02d}.png", png.getvalue())
             zf.writestr(f"{name}/{i:02d}.txt", f"{name}, outdoors, photo")
     studio = ui.Studio(tmp_path / "runs", shipped_dir=SHIPPED, device="cpu")
-    key = studio.load_upload(str(archive), progress=lambda *a, **k: None)[0]
-    bundle = studio.bundle(key)
+    key = studio.data.load_upload(str(archive), progress=lambda *a, **k: None)[0]
+    bundle = studio.datasets.bundle(key)
     assert sorted(bundle.subjects) == sorted(labels)
     a, b = "shipped:demo-baseline", "shipped:demo-pogdiff"
-    table, fig, md = studio.compute_metrics(a, b, False, key, progress=lambda *x, **k: None)
+    table, fig, md = studio.metrics.compute_metrics(a, b, False, key, progress=lambda *x, **k: None)
     assert sorted(table["subject"]) == sorted(counts)  # the user's classes, not the demo identities
     row = table.set_index("subject")
     assert row.loc["sea otter", "judge"] == views.WEAK_MARK and row.loc["red fox", "judge"] == "ok"
@@ -136,11 +136,11 @@ def test_compare_metrics_on_user_data_are_judged_on_its_own_classes(tmp_path):
     assert "Judged on" in md and "3 classes" in md and "Warning — judge too weak for 1 of 3 classes" in md
     assert "sea otter" in md and "not trained on this data set" in md and "| judge ok |" in md
     assert row["train_count"].to_dict() == counts
-    cached = studio.compute_metrics(a, b, False, key, progress=lambda *x, **k: None)
+    cached = studio.metrics.compute_metrics(a, b, False, key, progress=lambda *x, **k: None)
     assert "2 of 2 read from the cache" in cached[2]
     pd.testing.assert_frame_equal(cached[0], table)
     with pytest.raises(gr.Error, match="no longer in memory"):
-        studio.compute_metrics(a, b, False, "upload-" + "0" * 16, progress=lambda *x, **k: None)
+        studio.metrics.compute_metrics(a, b, False, "upload-" + "0" * 16, progress=lambda *x, **k: None)
 
 
 def _shapes(counts=(40, 20, 8, 3, 2), seed: int = 0, size: int = 32) -> tuple[np.ndarray, list[str]]:

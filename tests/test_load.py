@@ -65,7 +65,7 @@ def test_five_visitors_while_a_job_trains_then_everything_they_held_is_freed(ser
 
     def sample():
         while not done.wait(0.1):
-            peak[0] = max(peak[0], studio.sessions.count())
+            peak[0] = max(peak[0], studio.sessions.registry.count())
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -85,8 +85,8 @@ def test_five_visitors_while_a_job_trains_then_everything_they_held_is_freed(ser
     assert peak[0] == VISITORS + 1
 
     # The tabs closed: only the trainer is held, with the one set it loaded.
-    assert _until(lambda: studio.sessions.count() == 1), studio.usage()
-    assert set(studio._datasets) <= {"demo"} and set(studio._pair_stash) <= {trainer.session_hash}
+    assert _until(lambda: studio.sessions.registry.count() == 1), studio.sessions.usage()
+    assert set(studio.datasets.loaded) <= {"demo"} and set(studio.sessions.pairs) <= {trainer.session_hash}
     uploads = Path(get_upload_folder())
     assert not [p for p in uploads.rglob("visitor-*.zip")], "gradio's copies of the uploads are removed"
 
@@ -97,7 +97,7 @@ def test_five_visitors_while_a_job_trains_then_everything_they_held_is_freed(ser
     checkpoints.verify_checkpoint(ckpt)
     assert checkpoints.read_trainer_state(ckpt)["step"] == 6
     trainer.close()
-    assert _until(lambda: studio.sessions.count() == 0) and not studio._datasets
+    assert _until(lambda: studio.sessions.registry.count() == 0) and not studio.datasets.loaded
 
 
 def test_one_visitor_past_the_cap_is_refused_in_words(served):
@@ -113,7 +113,7 @@ def test_one_visitor_past_the_cap_is_refused_in_words(served):
     assert error_summary(rec.calls)["unexpected"] == 0
     for c in holding:
         c.close()
-    assert _until(lambda: studio.sessions.count() == 0)
+    assert _until(lambda: studio.sessions.registry.count() == 0)
     rec.call(late, "/load_demo", "auto", who="late")  # a place is free again
     assert rec.calls[-1]["kind"] == "ok"
     late.close()

@@ -216,8 +216,8 @@ def test_compare_events_ask_for_the_gpu_and_share_one_queue(monkeypatch, tmp_pat
     demo = app.build_demo(studio)
     fns = {f.api_name: f for f in demo.fns.values()}
     compare, metrics = fns["compare"], fns["metrics"]
-    assert compare.fn.gpu_duration == compare_tab.COMPARE_GPU_SECONDS and compare.fn.__wrapped__ == studio.generate_pair
-    assert metrics.fn.gpu_duration == compare_tab.METRICS_GPU_SECONDS and metrics.fn.__wrapped__ == studio.compute_metrics
+    assert compare.fn.gpu_duration == compare_tab.COMPARE_GPU_SECONDS and compare.fn.__wrapped__ == studio.compare.generate_pair
+    assert metrics.fn.gpu_duration == compare_tab.METRICS_GPU_SECONDS and metrics.fn.__wrapped__ == studio.metrics.compute_metrics
     assert compare.concurrency_id == metrics.concurrency_id == compare_tab.GPU_QUEUE
     assert fns["poll"].concurrency_id != compare_tab.GPU_QUEUE
     assert sorted(d for _, d in calls) == sorted([compare_tab.COMPARE_GPU_SECONDS, compare_tab.METRICS_GPU_SECONDS])

@@ -24,7 +24,7 @@ def studio_and_key(tmp_path):
     encoder = CountingEncoder()
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu", view_encoder=encoder)
     folder = tiny_set(tmp_path / "set", {"Ann Lee": 6, "Bo Chan": 3, "Cy Dee": 2})
-    key = studio.load_upload([str(p) for p in sorted(folder.iterdir())], progress=lambda *a, **k: None)[0]
+    key = studio.data.load_upload([str(p) for p in sorted(folder.iterdir())], progress=lambda *a, **k: None)[0]
     return studio, key, encoder
 
 
@@ -42,9 +42,9 @@ def test_the_neighbours_tab_shows_the_table_training_builds(studio_and_key):
 
     studio, key, encoder = studio_and_key
     psi = PsiConfig(k=4, psi_max=2.0, pool="other_class")
-    head, frame, _ = studio.neighbours_of(key, 0, psi.k, psi.psi_max, psi.pool)
-    shown = studio._psi_table(studio.bundle(key), psi)
-    bundle = studio.bundle(key)
+    head, frame, _ = studio.neighbours.neighbours_of(key, 0, psi.k, psi.psi_max, psi.pool)
+    shown = studio.neighbours.psi_table(studio.datasets.bundle(key), psi)
+    bundle = studio.datasets.bundle(key)
     model = build_tiny(ModelConfig(block_out_channels=(8, 16, 32), resolution=32, cross_attention_dim=TOKEN_DIM),
                        text_encoder=encoder)
     seen = encoder.seen
@@ -91,6 +91,6 @@ def test_k_is_capped_at_the_set_size(tmp_path):
 
 def test_sd15_view_falls_back_to_tiny_without_a_gpu(studio_and_key):
     studio, key, _ = studio_and_key
-    assert studio.view_preset("sd15") == "tiny" and studio.view_preset(None) == "tiny"
-    *_, banner = studio.neighbour_map(key, "shot bucket", "sd15", progress=lambda *a, **k: None)
+    assert studio.neighbours.view_preset("sd15") == "tiny" and studio.neighbours.view_preset(None) == "tiny"
+    *_, banner = studio.neighbours.neighbour_map(key, "shot bucket", "sd15", progress=lambda *a, **k: None)
     assert "for the **tiny** preset" in banner

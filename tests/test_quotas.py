@@ -115,38 +115,38 @@ def test_the_registry_caps_visitors_and_expires_the_idle_ones():
 def test_a_visitor_past_the_cap_is_refused_and_a_closed_tab_frees_its_place_and_data(tmp_path, upload_folder):
     studio = studio_with(tmp_path, max_visitors=2)
     files = uploaded(upload_folder)
-    key = studio.load_upload(files, visitor("a"), progress=noop_progress)[0]
-    studio.load_upload(files, visitor("b"), progress=noop_progress)
+    key = studio.data.load_upload(files, visitor("a"), progress=noop_progress)[0]
+    studio.data.load_upload(files, visitor("b"), progress=noop_progress)
     with pytest.raises(gr.Error, match="serving 2 visitors") as info:
-        studio.load_upload(files, visitor("c"), progress=noop_progress)
+        studio.data.load_upload(files, visitor("c"), progress=noop_progress)
     assert info.value.title == VISITORS_TITLE
-    assert studio.usage()["visitors"] == 2 and key in studio._datasets
-    studio.end_session(visitor("a"))
-    assert key in studio._datasets  # b still works on it
-    studio.end_session(visitor("b"))
-    assert studio.usage()["visitors"] == 0 and not studio._datasets
+    assert studio.sessions.usage()["visitors"] == 2 and key in studio.datasets.loaded
+    studio.sessions.end_session(visitor("a"))
+    assert key in studio.datasets.loaded  # b still works on it
+    studio.sessions.end_session(visitor("b"))
+    assert studio.sessions.usage()["visitors"] == 0 and not studio.datasets.loaded
     files = uploaded(upload_folder)  # gradio's copies went with the last visitor who handed them in
-    studio.load_upload(files, visitor("c"), progress=noop_progress)  # a place is free again
-    assert studio.bundle(key).key == key  # and the set reloads from the upload store
+    studio.data.load_upload(files, visitor("c"), progress=noop_progress)  # a place is free again
+    assert studio.datasets.bundle(key).key == key  # and the set reloads from the upload store
 
 
 def test_python_callers_are_not_visitors(tmp_path):
     studio = studio_with(tmp_path, max_visitors=1)
     files = [str(p) for p in tiny_set(tmp_path / "set").iterdir()]
     for _ in range(3):
-        studio.load_upload(files, progress=noop_progress)
-    assert studio.sessions.count() == 0
+        studio.data.load_upload(files, progress=noop_progress)
+    assert studio.sessions.registry.count() == 0
 
 
 def test_idle_visitors_are_ended_on_the_next_poll(tmp_path, upload_folder):
     studio = studio_with(tmp_path, session_idle_minutes=1)
     now = [0.0]
-    studio.sessions._clock = lambda: now[0]
+    studio.sessions.registry._clock = lambda: now[0]
     files = uploaded(upload_folder)
-    studio.load_upload(files, visitor("a"), progress=noop_progress)
+    studio.data.load_upload(files, visitor("a"), progress=noop_progress)
     now[0] = 61
-    studio.poll(-1)
-    assert studio.sessions.count() == 0 and not studio._datasets
+    studio.train.poll(-1)
+    assert studio.sessions.registry.count() == 0 and not studio.datasets.loaded
 
 
 def test_upload_quotas_refuse_in_words_and_remove_the_refused_copies(tmp_path, upload_folder):
@@ -155,51 +155,51 @@ def test_upload_quotas_refuse_in_words_and_remove_the_refused_copies(tmp_path, u
     size = quotas.folder_bytes(first)
     studio = studio_with(tmp_path, upload_mb_per_session=1.5 * size / quotas.MB)
     files = [str(p) for p in sorted(first.iterdir())]
-    studio.load_upload(files, visitor("a"), progress=noop_progress)
-    studio.load_upload(files, visitor("a"), progress=noop_progress)  # the same set again costs nothing
+    studio.data.load_upload(files, visitor("a"), progress=noop_progress)
+    studio.data.load_upload(files, visitor("a"), progress=noop_progress)  # the same set again costs nothing
     with pytest.raises(gr.Error, match="one visitor session may upload") as info:
-        studio.load_upload([str(p) for p in sorted(second.iterdir())], visitor("a"), progress=noop_progress)
+        studio.data.load_upload([str(p) for p in sorted(second.iterdir())], visitor("a"), progress=noop_progress)
     assert info.value.title == QUOTA_TITLE
     assert not second.exists()  # the refused upload's copies are gone
     assert all(Path(f).exists() for f in files)  # the loaded one's stay while its visitor is here
-    studio.end_session(visitor("a"))
+    studio.sessions.end_session(visitor("a"))
     assert not any(Path(f).exists() for f in files)  # gradio's copies go when the tab closes
-    assert (studio.upload_store).is_dir() and any(studio.upload_store.iterdir())  # the stored set stays
+    assert (studio.datasets.upload_store).is_dir() and any(studio.datasets.upload_store.iterdir())  # the stored set stays
 
     full = studio_with(tmp_path / "other", upload_store_mb=0.5 * size / quotas.MB)
     again = tiny_set(tmp_path / "again")
     with pytest.raises(gr.Error, match="space for uploaded sets is full"):
-        full.load_upload([str(p) for p in again.iterdir()], progress=noop_progress)
+        full.data.load_upload([str(p) for p in again.iterdir()], progress=noop_progress)
 
 
 def test_runs_quotas_refuse_a_new_run_and_a_visitor_may_delete_only_their_own(tmp_path, upload_folder):
     studio = studio_with(tmp_path, runs_per_visitor=1)
     files = uploaded(upload_folder)
     a, b = visitor("a"), visitor("b")
-    key = studio.load_upload(files, a, progress=noop_progress)[0]
-    studio.start_run(key, train_form(), a)
+    key = studio.data.load_upload(files, a, progress=noop_progress)[0]
+    studio.train.start_run(key, train_form(), a)
     assert studio.jobs.wait(10).state == "finished"
     with pytest.raises(gr.Error, match="You keep 1 runs") as info:
-        studio.start_run(key, train_form(), a)
+        studio.train.start_run(key, train_form(), a)
     assert info.value.title == QUOTA_TITLE
     name = studio.jobs.runs.list_runs()[0].name
     with pytest.raises(gr.Error, match="another visitor"):
-        studio.delete_run(name, b)
-    studio.start_run(key, train_form(), b)  # b's own quota is untouched
+        studio.train_runs.delete_run(name, b)
+    studio.train.start_run(key, train_form(), b)  # b's own quota is untouched
     assert studio.jobs.wait(10).state == "finished"
-    studio.delete_run(name, a)
+    studio.train_runs.delete_run(name, a)
     assert not (studio.runs_dir / name).exists() and len(studio.jobs.runs.list_runs()) == 1
-    studio.start_run(key, train_form(), a)  # room again
+    studio.train.start_run(key, train_form(), a)  # room again
     assert studio.jobs.wait(10).state == "finished"
     with pytest.raises(gr.Error, match="not a run name"):
-        studio.delete_run("../runs", a)
+        studio.train_runs.delete_run("../runs", a)
 
     tight = studio_with(tmp_path / "tight", runs_dir_mb=1e-9)
-    key = tight.load_upload(files, progress=noop_progress)[0]
-    tight.start_run(key, train_form())
+    key = tight.data.load_upload(files, progress=noop_progress)[0]
+    tight.train.start_run(key, train_form())
     tight.jobs.wait(10)
     with pytest.raises(gr.Error, match="runs folder is full"):
-        tight.start_run(key, train_form())
+        tight.train.start_run(key, train_form())
 
 
 def test_queue_settings_of_the_page(tmp_path, monkeypatch):
@@ -213,16 +213,16 @@ def test_queue_settings_of_the_page(tmp_path, monkeypatch):
     for cheap in ("poll", "class_gallery", "server_usage"):
         assert fns[cheap].queue is False, cheap
     assert any(t[1] == "unload" for f in demo.fns.values() for t in f.targets)
-    md, data = studio.server_usage()
+    md, data = studio.sessions.server_usage()
     assert "visitors now" in md and data["max_visitors"] == studio.quotas.max_visitors
 
 
 def test_usage_counts_disk(tmp_path, upload_folder):
     studio = studio_with(tmp_path)
-    studio.load_upload(uploaded(upload_folder), visitor("a"), progress=noop_progress)
-    u = studio.usage(visitor("a"))
+    studio.data.load_upload(uploaded(upload_folder), visitor("a"), progress=noop_progress)
+    u = studio.sessions.usage(visitor("a"))
     assert u["upload_store_mb"] > 0 and u["your_upload_mb"] > 0 and u["your_runs"] == 0 and u["visitors"] == 1
-    assert os.path.isdir(studio.upload_store)
+    assert os.path.isdir(studio.datasets.upload_store)
 
 
 def test_argparse_types_follow_the_defaults():
@@ -242,7 +242,7 @@ def test_a_set_that_did_not_load_keeps_its_copies_until_its_visitor_leaves(tmp_p
         zf.writestr("notes.md", "no images here")
     for _ in range(2):  # the same files again: the same report, not "upload missing"
         with pytest.raises(gr.Error, match="(?i)image"):
-            studio.load_upload([str(bad)], visitor("a"), progress=noop_progress)
+            studio.data.load_upload([str(bad)], visitor("a"), progress=noop_progress)
     assert bad.exists()
-    studio.end_session(visitor("a"))
+    studio.sessions.end_session(visitor("a"))
     assert not bad.exists()

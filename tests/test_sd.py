@@ -205,6 +205,7 @@ def test_train_tab_trains_sd15_on_data_loaded_at_the_tiny_size(tmp_path, pipe_di
     from pogdiff import config, ui
     from pogdiff.training import run as training
     from pogdiff.runs.jobs import JobManager
+    from pogdiff.ui.state import Device
     from tests.fakes import noop_progress, tiny_set, train_form
 
     real_preset = config.model_preset
@@ -216,7 +217,7 @@ def test_train_tab_trains_sd15_on_data_loaded_at_the_tiny_size(tmp_path, pipe_di
         return cfg
 
     monkeypatch.setattr(config, "model_preset", tiny_sd15)
-    monkeypatch.setattr(ui.Studio, "on_gpu", property(lambda self: True))
+    monkeypatch.setattr(Device, "on_gpu", property(lambda self: True))  # a GPU server, models on the CPU
     seen = []
 
     def spy_train(**kwargs):
@@ -225,9 +226,9 @@ def test_train_tab_trains_sd15_on_data_loaded_at_the_tiny_size(tmp_path, pipe_di
 
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", single_user=True, device="cpu",
                        jobs=JobManager(tmp_path / "runs", train_fn=spy_train))
-    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
-    assert studio.bundle(key).ds.images.shape[1] == 32  # what the Data tab loaded
-    studio.start_run(key, train_form(method="pogdiff", preset="sd15", pretrained=str(pipe_dir), steps=2, batch_size=2,
+    key = studio.data.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
+    assert studio.datasets.bundle(key).ds.images.shape[1] == 32  # what the Data tab loaded
+    studio.train.start_run(key, train_form(method="pogdiff", preset="sd15", pretrained=str(pipe_dir), steps=2, batch_size=2,
                                      sample_every=0))
     status = studio.jobs.wait(600)
     assert status.state == "finished", status.error

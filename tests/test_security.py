@@ -172,12 +172,12 @@ def test_honest_export_still_works_and_stays_inside(crafted):
 
 def test_studio_export_copies_the_zip_out_of_the_runs_folder(crafted):
     studio = ui.Studio(crafted.runs, shipped_dir=crafted.tmp / "shipped", device="cpu")
-    out = Path(studio.export_run(crafted.honest.name, A))
+    out = Path(studio.train_runs.export_run(crafted.honest.name, A))
     assert out.is_file() and not out.resolve().is_relative_to(crafted.runs.resolve())
     assert out.parent.name.startswith(downloads.EXPORT_TMP_PREFIX)
     for bad in ("evil", "linked", "leaky", str(crafted.outside), "../outside", {"path": "/etc"}):
         with pytest.raises(gr.Error):
-            studio.export_run(bad, A)
+            studio.train_runs.export_run(bad, A)
 
 
 def test_precomputed_metrics_take_no_path(tmp_path):
@@ -186,9 +186,9 @@ def test_precomputed_metrics_take_no_path(tmp_path):
     secret.mkdir()
     pd.DataFrame({"subject": ["x"], "train_count": [1], "shot": ["few"], "accuracy": [0.123456]}
                  ).to_csv(secret / "per_class.csv", index=False)
-    out = studio.precomputed_metrics("shipped:../secret", "shipped:../secret/.")
+    out = studio.metrics.precomputed_metrics("shipped:../secret", "shipped:../secret/.")
     assert all(isinstance(x, dict) and x.get("__type__") == "update" for x in out)  # nothing read
-    out = studio.precomputed_metrics(str(secret), ["shipped:../secret"])
+    out = studio.metrics.precomputed_metrics(str(secret), ["shipped:../secret"])
     assert all(isinstance(x, dict) and x.get("__type__") == "update" for x in out)
 
 
@@ -217,18 +217,18 @@ def studio(tmp_path):
 ])
 def test_training_options_are_bounded_on_the_server(studio, kw, message):
     with pytest.raises(gr.Error, match=message):
-        studio.build_configs(train_form(**kw))
+        studio.train.build_configs(train_form(**kw))
     with pytest.raises(gr.Error, match=message):
-        studio.start_run(None, train_form(**kw))
+        studio.train.start_run(None, train_form(**kw))
     assert studio.jobs.current() is None
 
 
 def test_local_model_folders_only_in_single_user_mode(tmp_path):
     local = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path, device="cpu", single_user=True)
-    model_cfg, _ = local.build_configs(train_form(preset="sd15", pretrained=str(tmp_path)))
+    model_cfg, _ = local.train.build_configs(train_form(preset="sd15", pretrained=str(tmp_path)))
     assert model_cfg.pretrained == str(tmp_path)
     hosted = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path, device="cpu")
-    assert hosted.build_configs(train_form(preset="sd15", pretrained="org/model"))[0].pretrained == "org/model"
+    assert hosted.train.build_configs(train_form(preset="sd15", pretrained="org/model"))[0].pretrained == "org/model"
 
 
 @pytest.mark.parametrize("args,message", [
@@ -247,71 +247,71 @@ def test_compare_values_are_bounded_before_any_model_loads(studio, args, message
                   n_seeds=1, guidance=3.0, sample_steps=5)
     values.update(args)
     with pytest.raises(gr.Error, match=message):
-        studio.generate_pair(*values.values(), progress=noop_progress)
-    assert studio._models == {}
+        studio.compare.generate_pair(*values.values(), progress=noop_progress)
+    assert studio.sources.models == {}
 
 
 def test_data_and_neighbour_inputs_are_bounded(studio, tmp_path):
-    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
+    key = studio.data.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
     for args, message in (((key, -1, 3, 1.0, False), "caption index must be a whole number from 0 to 7"),
                           ((key, 0, 10**9, 1.0, False), "k \\(neighbours\\) must be a whole number from 1 to 50"),
                           ((key, 0, 3, float("nan"), False), "psi_max must be a finite number"),
                           ((key, "../0", 3, 1.0, False), "caption index must be a number"),
                           ((["x"], 0, 3, 1.0, False), "dataset key must be text")):
         with pytest.raises(gr.Error, match=message):
-            studio.neighbours_of(*args)
+            studio.neighbours.neighbours_of(*args)
     with pytest.raises(gr.Error, match="limit is 500"):
-        studio.search(key, "q" * 5000, 3)
+        studio.neighbours.search(key, "q" * 5000, 3)
     with pytest.raises(gr.Error, match="Colour by must be one of"):
-        studio.neighbour_map(key, "/etc/passwd", progress=noop_progress)
+        studio.neighbours.neighbour_map(key, "/etc/passwd", progress=noop_progress)
     with pytest.raises(gr.Error, match="limit is 64"):
-        studio.dataset_banner("k" * 1000)
-    assert studio._parts == {}  # refused before any encoding
+        studio.datasets.dataset_banner("k" * 1000)
+    assert studio.neighbours.parts == {}  # refused before any encoding
 
 
 def test_upload_reads_only_the_upload_folder_and_keeps_only_sets_that_loaded(studio, tmp_path):
     secret = tmp_path / "secret.jsonl"
     secret.write_text("{}\n")
     with pytest.raises(gr.Error, match="resolves outside"):
-        studio.load_upload([str(secret)], A, progress=noop_progress)
+        studio.data.load_upload([str(secret)], A, progress=noop_progress)
     with pytest.raises(gr.Error, match="2001 files uploaded; at most 2000"):
-        studio.load_upload(["x"] * (LIMITS.max_upload_files + 1), progress=noop_progress)
+        studio.data.load_upload(["x"] * (LIMITS.max_upload_files + 1), progress=noop_progress)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "notes.md").write_text("no images")
     with pytest.raises(gr.Error):
-        studio.load_upload([str(bad / "notes.md")], progress=noop_progress)
-    assert not studio.upload_store.exists() or list(studio.upload_store.iterdir()) == []
-    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
-    assert [p.name for p in studio.upload_store.iterdir()] == [key]  # no half-copied folder is left
+        studio.data.load_upload([str(bad / "notes.md")], progress=noop_progress)
+    assert not studio.datasets.upload_store.exists() or list(studio.datasets.upload_store.iterdir()) == []
+    key = studio.data.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
+    assert [p.name for p in studio.datasets.upload_store.iterdir()] == [key]  # no half-copied folder is left
 
 
 def test_a_reload_restores_the_dataset_by_its_content_hash(tmp_path):
     files = [str(p) for p in tiny_set(tmp_path / "set").iterdir()]
     first = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
-    key = first.load_upload(files, progress=noop_progress)[0]
+    key = first.data.load_upload(files, progress=noop_progress)[0]
     assert key == views.upload_key([Path(f) for f in reversed(files)])  # content, not order or temp paths
     restarted = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")  # nothing in memory
-    out = restarted.restore_dataset(key)
+    out = restarted.data.restore_dataset(key)
     assert out[0] == key and "8 images · 2 classes" in out[1]
-    assert restarted.bundle(key).captions == first.bundle(key).captions
+    assert restarted.datasets.bundle(key).captions == first.datasets.bundle(key).captions
     for bad in ("../runs", "upload-../../x", "upload-" + "0" * 16, f"{key}/..", None, ["x"], "/etc/passwd"):
-        assert all(isinstance(x, dict) and x.get("__type__") == "update" for x in restarted.restore_dataset(bad))
+        assert all(isinstance(x, dict) and x.get("__type__") == "update" for x in restarted.data.restore_dataset(bad))
 
 
 def test_expired_uploads_and_exports_are_removed(tmp_path):
     import tempfile
 
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
-    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
-    incoming = studio.upload_store / f"{views.UPLOAD_TMP_PREFIX}crashed"
+    key = studio.data.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
+    incoming = studio.datasets.upload_store / f"{views.UPLOAD_TMP_PREFIX}crashed"
     incoming.mkdir()
     export = Path(tempfile.mkdtemp(prefix=downloads.EXPORT_TMP_PREFIX))
     old = time.time() - 3600 * (LIMITS.upload_max_age_hours + 1)
-    for folder in (studio.upload_store / key, incoming, export):
+    for folder in (studio.datasets.upload_store / key, incoming, export):
         os.utime(folder, (old, old))
-    assert studio.clean_leftovers() >= 3
-    assert not (studio.upload_store / key).exists() and not incoming.exists() and not export.exists()
+    assert studio.datasets.clean_leftovers() >= 3
+    assert not (studio.datasets.upload_store / key).exists() and not incoming.exists() and not export.exists()
 
 
 # ----------------------------------------------------------------------------- ownership and wall time
@@ -319,23 +319,23 @@ def test_a_job_belongs_to_the_session_that_started_it(tmp_path):
     fake = FakeTrain(gated=True)
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped",
                        jobs=JobManager(tmp_path / "runs", train_fn=fake), device="cpu")
-    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
-    studio.start_run(key, train_form(steps=2), A)
-    assert studio.poll(-1, B)[5].interactive is False and studio.poll(-1, A)[5].interactive is True
+    key = studio.data.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
+    studio.train.start_run(key, train_form(steps=2), A)
+    assert studio.train.poll(-1, B)[5].interactive is False and studio.train.poll(-1, A)[5].interactive is True
     with pytest.raises(gr.Error, match="started by another visitor"):
-        studio.stop_training(B)
+        studio.train.stop_training(B)
     assert studio.jobs.status().state == "running"
-    assert "Stopping" in studio.stop_training(A)[0]
+    assert "Stopping" in studio.train.stop_training(A)[0]
     fake.step_gate.release()
     run = studio.jobs.wait(TIMEOUT)
     assert run.stopped and run.stop_reason == "requested"
     name = studio.jobs.runs.list_runs()[0].name
     assert "session-a" not in (tmp_path / "runs" / name / "run.json").read_text()  # only a digest is stored
     with pytest.raises(gr.Error, match="started by another visitor"):
-        studio.export_run(name, B)
-    assert Path(studio.export_run(name, A)).is_file()
-    studio.single_user = True
-    assert Path(studio.export_run(name, B)).is_file()
+        studio.train_runs.export_run(name, B)
+    assert Path(studio.train_runs.export_run(name, A)).is_file()
+    studio.sessions.single_user = True
+    assert Path(studio.train_runs.export_run(name, B)).is_file()
 
 
 class SlowTrain(FakeTrain):
@@ -519,7 +519,7 @@ def test_every_parameter_of_every_endpoint_resists_paths_and_huge_values(served,
     def no_demo():
         raise gr.Error("no demo set in this test")
 
-    monkeypatch.setattr(served.studio, "_load_demo_bundle", no_demo)  # nothing valid gets far: no heavy work
+    monkeypatch.setattr(served.studio.datasets, "load_demo", no_demo)  # nothing valid gets far: no heavy work
     secret = served.outside / "ckpt" / "secret.txt"
     attacks = ["../../outside/ckpt", str(served.outside), "shipped:../outside", 10**12, -(10**12),
                "x" * 20_000, None, {"path": str(secret)}]

@@ -127,7 +127,7 @@ def studio(tmp_path):
 
 
 def test_build_configs_maps_every_option(studio):
-    model_cfg, train_cfg = studio.build_configs(train_form(method="cbdm", psi_max=2.5, k=7, use_image_sim=False,
+    model_cfg, train_cfg = studio.train.build_configs(train_form(method="cbdm", psi_max=2.5, k=7, use_image_sim=False,
                                                            pool="other_class", seed=3))
     assert model_cfg.preset == "tiny"
     assert (train_cfg.method, train_cfg.max_steps, train_cfg.batch_size, train_cfg.seed) == ("cbdm", 4, 2, 3)
@@ -145,7 +145,7 @@ def test_build_configs_maps_every_option(studio):
 ])
 def test_build_configs_rejects_bad_values_with_gr_error(studio, kw, message):
     with pytest.raises(gr.Error, match=message):
-        studio.build_configs(train_form(**kw))
+        studio.train.build_configs(train_form(**kw))
 
 
 def test_the_api_endpoints_take_the_forms_fields_by_name(studio, tmp_path):
@@ -154,47 +154,47 @@ def test_the_api_endpoints_take_the_forms_fields_by_name(studio, tmp_path):
     import dataclasses
     import inspect
 
-    for endpoint in (studio.start_training, studio.estimate_time):
+    for endpoint in (studio.train.start_training, studio.train_runs.estimate_time):
         assert list(inspect.signature(endpoint).parameters) == ["key", *ui.TrainForm.names(), "request"]
-    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
-    studio.start_training(key, *train_form(steps=2, run_name="positional").values())
+    key = studio.data.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
+    studio.train.start_training(key, *train_form(steps=2, run_name="positional").values())
     assert studio.jobs.wait(10).run_name == "positional"
-    studio.start_training(key, **dataclasses.asdict(train_form(steps=2, run_name="by-name")))
+    studio.train.start_training(key, **dataclasses.asdict(train_form(steps=2, run_name="by-name")))
     assert studio.jobs.wait(10).run_name == "by-name"
     with pytest.raises(TypeError):
-        studio.start_training(key, **dataclasses.asdict(train_form()), same_class=True)  # not a field
+        studio.train.start_training(key, **dataclasses.asdict(train_form()), same_class=True)  # not a field
 
 
 def test_sd15_on_cpu_is_refused(studio):
     with pytest.raises(gr.Error, match="needs a GPU"):
-        studio.start_run(None, train_form(preset="sd15", pretrained="some/model"))
+        studio.train.start_run(None, train_form(preset="sd15", pretrained="some/model"))
 
 
 def test_upload_loose_files_then_galleries_and_training_with_fake(studio, tmp_path):
     folder = tiny_set(tmp_path / "set")
     files = [str(p) for p in sorted(folder.iterdir())]
-    key, headline, report, table, long_tail, class_dd, gallery = studio.load_upload(files, progress=noop_progress)
+    key, headline, report, table, long_tail, class_dd, gallery = studio.data.load_upload(files, progress=noop_progress)
     assert key.startswith("upload-") and "8 images · 2 classes" in headline
     assert table["subject"].tolist() == ["Ann Lee", "Bo Chan"] and long_tail["rank"].tolist() == [1, 2]
     assert class_dd.value == "Bo Chan" and len(gallery) == 2  # few-shot class first
-    assert "8 images" in studio.dataset_banner(key)
-    studio.start_run(key, train_form())
+    assert "8 images" in studio.datasets.dataset_banner(key)
+    studio.train.start_run(key, train_form())
     status = studio.jobs.wait(10)
     assert status.state == "finished" and status.preview_captions[0].startswith("a photo of Bo Chan")
-    md, html, frame, preview, start, stop, runs, version = studio.poll(-1)
+    md, html, frame, preview, start, stop, runs, version = studio.train.poll(-1)
     assert "Finished" in md and set(frame["term"]) == {"loss", "mse", "pog"} and len(preview) == 2
     assert start.interactive is True and stop.interactive is False and runs.value
-    assert all(isinstance(x, dict) and x.get("__type__") == "update" for x in studio.poll(version)[:-1])
-    zip_path = studio.export_run(runs.value)
+    assert all(isinstance(x, dict) and x.get("__type__") == "update" for x in studio.train.poll(version)[:-1])
+    zip_path = studio.train_runs.export_run(runs.value)
     with zipfile.ZipFile(zip_path) as zf:
         assert any(n.endswith("configs.json") for n in zf.namelist())
     with pytest.raises(gr.Error, match="has no UNet weights"):  # the fake run wrote no real weights
-        studio.export_weights(runs.value)
-    a, b, note = studio.compare_choices()
+        studio.train_runs.export_weights(runs.value)
+    a, b, note = studio.compare.compare_choices()
     assert [c[1] for c in a.choices] == [f"run:{runs.value}"] and "not there yet" in note
     assert a.value == b.value == f"run:{runs.value}"
     with pytest.raises(gr.Error, match="evaluator"):
-        studio.compute_metrics(a.value, b.value, progress=noop_progress)
+        studio.metrics.compute_metrics(a.value, b.value, progress=noop_progress)
 
 
 def test_upload_zip_with_errors_raises_the_data_layer_message(studio, tmp_path):
@@ -202,10 +202,10 @@ def test_upload_zip_with_errors_raises_the_data_layer_message(studio, tmp_path):
     with zipfile.ZipFile(bad, "w") as zf:
         zf.writestr("notes.md", "no images here")
     with pytest.raises(gr.Error) as info:
-        studio.load_upload([str(bad)], progress=noop_progress)
+        studio.data.load_upload([str(bad)], progress=noop_progress)
     assert "image" in str(info.value).lower()
     with pytest.raises(gr.Error, match="Upload a .zip"):
-        studio.load_upload(None, progress=noop_progress)
+        studio.data.load_upload(None, progress=noop_progress)
 
 
 def test_a_set_that_does_not_load_says_why_in_html_for_the_error_pop_up(studio, tmp_path):
@@ -213,7 +213,7 @@ def test_a_set_that_does_not_load_says_why_in_html_for_the_error_pop_up(studio, 
     broken = tmp_path / "broken.zip"
     broken.write_bytes(b"this is not a zip archive")
     with pytest.raises(gr.Error) as info:
-        studio.load_upload([str(broken)], progress=noop_progress)
+        studio.data.load_upload([str(broken)], progress=noop_progress)
     message = info.value.message
     assert "|---" not in message and "**" not in message and "`" not in message
     assert message.startswith("<p>Could not open the archive.</p><p><b>Problems found</b>: 0 of 0 images loaded")
@@ -236,11 +236,11 @@ def test_second_start_is_refused_in_the_ui(tmp_path):
     fake = FakeTrain(gated=True)
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped",
                        jobs=JobManager(tmp_path / "runs", train_fn=fake), device="cpu")
-    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
-    studio.start_run(key, train_form(steps=2))
+    key = studio.data.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
+    studio.train.start_run(key, train_form(steps=2))
     with pytest.raises(gr.Error, match="already running"):
-        studio.start_run(key, train_form(steps=2))
-    md, *_ = studio.stop_training()
+        studio.train.start_run(key, train_form(steps=2))
+    md, *_ = studio.train.stop_training()
     assert "Stopping" in md
     fake.step_gate.release()
     fake.step_gate.release()
@@ -249,15 +249,15 @@ def test_second_start_is_refused_in_the_ui(tmp_path):
 
 def test_unknown_dataset_key_and_missing_checkpoint_are_clear(studio):
     with pytest.raises(gr.Error, match="no longer in memory"):
-        studio.bundle("upload-deadbeef")
+        studio.datasets.bundle("upload-deadbeef")
     with pytest.raises(gr.Error, match="not available"):
-        studio.generate_pair("run:nope", "run:nope", ["a photo of x"], "", 1, 3.0, 5, progress=noop_progress)
+        studio.compare.generate_pair("run:nope", "run:nope", ["a photo of x"], "", 1, 3.0, 5, progress=noop_progress)
     with pytest.raises(gr.Error, match="Pick at least one prompt"):
-        studio.generate_pair("run:nope", "run:nope", [], " ", 1, 3.0, 5, progress=noop_progress)
+        studio.compare.generate_pair("run:nope", "run:nope", [], " ", 1, 3.0, 5, progress=noop_progress)
 
 
 def test_precomputed_metrics_need_both_shipped_tables(studio, tmp_path):
-    assert all(x.get("__type__") == "update" for x in studio.precomputed_metrics("shipped:demo-baseline", None))
+    assert all(x.get("__type__") == "update" for x in studio.metrics.precomputed_metrics("shipped:demo-baseline", None))
     for name, acc in (("demo-baseline", 0.2), ("demo-pogdiff", 0.6)):
         folder = studio.shipped_dir / name
         folder.mkdir(parents=True)
@@ -265,7 +265,7 @@ def test_precomputed_metrics_need_both_shipped_tables(studio, tmp_path):
         pd.DataFrame({"subject": ["a", "b"], "train_count": [50, 3], "shot": ["many", "few"],
                       "accuracy": [0.9, acc], "gRecall": [0.5, 0.1], "dino": [0.8, 0.4], "n_gen": [8, 8]}
                      ).to_csv(folder / "per_class.csv", index=False)
-    table, fig, md = studio.precomputed_metrics("shipped:demo-baseline", "shipped:demo-pogdiff")
+    table, fig, md = studio.metrics.precomputed_metrics("shipped:demo-baseline", "shipped:demo-pogdiff")
     # the key columns first: the difference, its interval and the verdict, then A and B
     assert list(table.columns[:7]) == ["subject", "train_count", "accuracy · B−A", "95% interval", "verdict",
                                        "accuracy · demo-baseline", "accuracy · demo-pogdiff"]
@@ -284,7 +284,7 @@ def test_app_builds_without_loading_anything_heavy(tmp_path, monkeypatch):
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
     demo = app.build_demo(studio)
     assert isinstance(demo, gr.Blocks)
-    assert studio._datasets == {} and studio._models == {} and studio._parts == {}
+    assert studio.datasets.loaded == {} and studio.sources.models == {} and studio.neighbours.parts == {}
     names = {d.api_name for d in demo.fns.values() if d.api_name}
     assert {"load_demo", "load_upload", "neighbour_map", "neighbours", "search", "start_training",
             "stop_training", "poll", "export_run", "compare", "metrics"} <= names
@@ -319,19 +319,19 @@ def test_every_event_that_disables_a_button_re_enables_it_when_it_fails(tmp_path
 def test_runs_named_by_the_user_are_checked_and_listed(tmp_path):
     studio = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped",
                        jobs=JobManager(tmp_path / "runs", train_fn=FakeTrain()), device="cpu")
-    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
+    key = studio.data.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
     with pytest.raises(gr.Error, match="is not a run name"):
-        studio.start_run(key, train_form(steps=2, run_name="../outside"))
-    studio.start_run(key, train_form(steps=2, run_name=" my-first.run "))
+        studio.train.start_run(key, train_form(steps=2, run_name="../outside"))
+    studio.train.start_run(key, train_form(steps=2, run_name=" my-first.run "))
     assert studio.jobs.wait(10).run_name == "my-first.run" and (tmp_path / "runs" / "my-first.run").is_dir()
     with pytest.raises(gr.Error, match="a run named 'my-first.run' exists already"):
-        studio.start_run(key, train_form(steps=2, run_name="my-first.run"))
-    frame = studio.runs_table()
+        studio.train.start_run(key, train_form(steps=2, run_name="my-first.run"))
+    frame = studio.train_runs.runs_table()
     row = frame[frame["run"] == "my-first.run"].iloc[0]
     assert row["method"] == "pogdiff" and row["steps"] == "2/2" and row["images"] == 8
     assert row["data"] == key  # the stored upload's folder
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", row["finished"])
-    studio.start_run(key, train_form(steps=2))  # empty name: a dated one, as before
+    studio.train.start_run(key, train_form(steps=2))  # empty name: a dated one, as before
     assert re.fullmatch(r"\d{8}-\d{6}-pogdiff", studio.jobs.wait(10).run_name)
 
 
@@ -359,15 +359,15 @@ def test_train_from_scratch_skips_the_shipped_base(tmp_path):
     (shipped / "base-tiny" / "configs.json").write_text("{}")
     studio = ui.Studio(tmp_path / "runs", shipped_dir=shipped, jobs=JobManager(tmp_path / "runs", train_fn=fake),
                        device="cpu")
-    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
-    studio.start_run(key, train_form(steps=2))
+    key = studio.data.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
+    studio.train.start_run(key, train_form(steps=2))
     studio.jobs.wait(10)
     assert fake.kwargs["base_checkpoint"] == shipped / "base-tiny"  # the default: fine-tune the face base
-    studio.start_run(key, train_form(steps=2, from_scratch=True))
+    studio.train.start_run(key, train_form(steps=2, from_scratch=True))
     studio.jobs.wait(10)
     assert fake.kwargs["base_checkpoint"] is None
     with pytest.raises(gr.Error, match="Train from scratch"):
-        studio.start_run(key, train_form(steps=2, from_scratch="maybe"))
+        studio.train.start_run(key, train_form(steps=2, from_scratch="maybe"))
 
 
 # ------------------------------------------------------------- Train tab: form, previews, time estimate
@@ -377,28 +377,28 @@ def _studio_with_base(tmp_path, fake=None):
     (shipped / "base-tiny" / "configs.json").write_text("{}")
     studio = ui.Studio(tmp_path / "runs", shipped_dir=shipped,
                        jobs=JobManager(tmp_path / "runs", train_fn=fake or FakeTrain()), device="cpu")
-    key = studio.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
+    key = studio.data.load_upload([str(p) for p in tiny_set(tmp_path / "set").iterdir()], progress=noop_progress)[0]
     return studio, key
 
 
 def test_the_form_after_a_reload_shows_the_last_jobs_settings(tmp_path):
     studio, key = _studio_with_base(tmp_path)
-    assert all(isinstance(v, dict) and v.get("__type__") == "update" for v in studio.restore_train_form())  # no run
+    assert all(isinstance(v, dict) and v.get("__type__") == "update" for v in studio.train_runs.restore_train_form())  # no run
     options = dict(method="cbdm", preset="tiny", pretrained="", steps=4, batch_size=3, lr=3e-4, psi_max=2.5, k=7,
                    use_density=False, use_image_sim=False, use_text_sim=True, pool="same_class", sample_every=2,
                    seed=3)
-    studio.start_training(key, *options.values(), "restored", True)
+    studio.train.start_training(key, *options.values(), "restored", True)
     studio.jobs.wait(10)
-    *values, note = studio.restore_train_form()
+    *values, note = studio.train_runs.restore_train_form()
     restored = dict(zip(ui.TrainForm.RESTORED, values))
     assert restored.pop("base").value == "scratch"  # Start from: the run began from a random UNet
     pretrained = restored.pop("pretrained")
     assert pretrained.visible is False and pretrained.value == ""
     assert restored == {k: v for k, v in options.items() if k != "pretrained"}
     assert "run **restored** (finished)" in note
-    studio.start_run(key, train_form(steps=2))  # the shipped base: from_scratch comes back False
+    studio.train.start_run(key, train_form(steps=2))  # the shipped base: from_scratch comes back False
     studio.jobs.wait(10)
-    assert dict(zip(ui.TrainForm.RESTORED, studio.restore_train_form()))["base"].value == "shipped"
+    assert dict(zip(ui.TrainForm.RESTORED, studio.train_runs.restore_train_form()))["base"].value == "shipped"
 
 
 def test_form_values_need_the_saved_configs():
@@ -412,35 +412,35 @@ def test_form_values_need_the_saved_configs():
 
 def test_preview_history_with_a_step_slider(tmp_path):
     studio, key = _studio_with_base(tmp_path)
-    slider, items, note = studio.preview_history("")
+    slider, items, note = studio.train_runs.preview_history("")
     assert slider.interactive is False and items == [] and "No previews saved" in note
-    studio.start_run(key, train_form(steps=6, sample_every=2, run_name="with-previews"))
+    studio.train.start_run(key, train_form(steps=6, sample_every=2, run_name="with-previews"))
     studio.jobs.wait(10)
-    slider, items, note = studio.preview_history("")  # the current job
+    slider, items, note = studio.train_runs.preview_history("")  # the current job
     assert (slider.minimum, slider.maximum, slider.step, slider.value) == (2, 6, 2, 6)
-    assert [c for _, c in items] == [f"step 6 · {c}" for c in studio.preview_captions(studio.bundle(key))]
+    assert [c for _, c in items] == [f"step 6 · {c}" for c in studio.train.preview_captions(studio.datasets.bundle(key))]
     assert "Step **6**" in note and "steps 2, 4, 6" in note
-    items, note = studio.preview_at("with-previews", 3)  # a tie picks the earlier step
+    items, note = studio.train_runs.preview_at("with-previews", 3)  # a tie picks the earlier step
     assert items[0][1].startswith("step 2 · ") and int(items[0][0][0, 0, 0]) == 2  # FakeTrain's pixel value
-    assert studio.preview_history("with-previews")[0].value == 6
-    choices = studio.preview_runs().choices
+    assert studio.train_runs.preview_history("with-previews")[0].value == 6
+    choices = studio.train_runs.preview_runs().choices
     assert choices[0] == ("current or last job", "") and ("with-previews", "with-previews") in choices
     with pytest.raises(gr.Error, match="is not a run name"):
-        studio.preview_history("../outside")
+        studio.train_runs.preview_history("../outside")
 
 
 def test_time_estimate_before_start_is_measured(tmp_path):
     studio, key = _studio_with_base(tmp_path)
-    assert "recorded its step time yet" in studio.recorded_estimate("pogdiff", "tiny", 300, 2)
-    md = studio.estimate_run(key, train_form(steps=300))
+    assert "recorded its step time yet" in studio.train_runs.recorded_estimate("pogdiff", "tiny", 300, 2)
+    md = studio.train_runs.estimate_run(key, train_form(steps=300))
     assert "for 300 steps" in md and "measured just now by timing 2 real steps" in md and "CPU cores" in md
     assert studio.jobs.runs.list_runs() == []  # the trial keeps nothing
-    studio.start_run(key, train_form(steps=4))
+    studio.train.start_run(key, train_form(steps=4))
     studio.jobs.wait(10)
-    md = studio.recorded_estimate("pogdiff", "tiny", 300, 2)  # FakeTrain reports 0.01 s/step: 3 s for 300
+    md = studio.train_runs.recorded_estimate("pogdiff", "tiny", 300, 2)  # FakeTrain reports 0.01 s/step: 3 s for 300
     assert md.startswith("About **3s** for 300 steps: 0.01 s/step") and "over 4 steps" in md
-    assert "recorded its step time yet" in studio.recorded_estimate("baseline", "tiny", 300, 2)
-    assert "No time estimate: Steps must be a whole number" in studio.recorded_estimate("pogdiff", "tiny", 0, 2)
+    assert "recorded its step time yet" in studio.train_runs.recorded_estimate("baseline", "tiny", 300, 2)
+    assert "No time estimate: Steps must be a whole number" in studio.train_runs.recorded_estimate("pogdiff", "tiny", 0, 2)
 
 
 def test_estimate_markdown_adds_the_set_up_to_the_steps():
@@ -457,58 +457,58 @@ def test_changing_a_or_b_never_leaves_another_pairs_metrics_on_screen(studio, tm
         (folder / "configs.json").write_text("{}")
         pd.DataFrame({"subject": ["a"], "train_count": [3], "shot": ["few"], "accuracy": [0.5]}
                      ).to_csv(folder / "per_class.csv", index=False)
-    table, fig, md = studio.metrics_on_choice("shipped:demo-baseline", "shipped:demo-pogdiff")
+    table, fig, md = studio.metrics.metrics_on_choice("shipped:demo-baseline", "shipped:demo-pogdiff")
     assert len(table) == 1 and fig is not None and "Precomputed" in md  # a shipped pair: its own numbers
-    table, fig, md = studio.metrics_on_choice("shipped:demo-baseline", "run:not-there")
+    table, fig, md = studio.metrics.metrics_on_choice("shipped:demo-baseline", "run:not-there")
     assert len(table) == 0 and fig is None and "press **Compute metrics**" in md  # cleared, not kept
 
 
 # ------------------------------------------------------------------ Data tab: class source
 def test_a_flat_kohya_zip_loads_its_tag_classes_with_their_counts(studio, tmp_path):
-    key, headline, report, table, long_tail, class_dd, gallery = studio.load_upload(
+    key, headline, report, table, long_tail, class_dd, gallery = studio.data.load_upload(
         str(kohya_zip(tmp_path / "shapes.zip")), progress=noop_progress)
     assert dict(zip(table["subject"], table["count"])) == SHAPES  # not split by background, not clustered
     assert "19 images · 5 classes" in headline
     assert "**Classes from:** first tag (auto: the captions are tags (19 of 19 comma-separated; 18 of 19" in headline
     assert "classes_clustered" not in report and "Class source" in headline
-    assert class_dd.value == "green triangle" and studio.class_source_of(key) == "auto"  # the first few-shot class
+    assert class_dd.value == "green triangle" and studio.data.class_source_of(key) == "auto"  # the first few-shot class
     with pytest.raises(gr.Error, match="does not read 'a photo of X, ...'") as refused:  # another source, refused
-        studio.reload_classes(key, "template", progress=noop_progress)
+        studio.data.reload_classes(key, "template", progress=noop_progress)
     assert "&lt;subject&gt;" in str(refused.value) and "<subject>" not in str(refused.value)
-    assert (studio.upload_store / key).is_dir()  # the refused source keeps the upload that loaded
-    assert studio.bundle(key).ds.class_source == "first_tag"
+    assert (studio.datasets.upload_store / key).is_dir()  # the refused source keeps the upload that loaded
+    assert studio.datasets.bundle(key).ds.class_source == "first_tag"
 
 
 def test_the_class_source_choice_reloads_the_set_and_survives_a_restart(studio, tmp_path):
     files = [str(p) for p in tiny_set(tmp_path / "set").iterdir()]
-    key = studio.load_upload(files, progress=noop_progress)[0]
-    assert studio.bundle(key).ds.class_source == "column"
-    tags_key, headline, _, table, *_ = studio.reload_classes(key, "first_tag", progress=noop_progress)
-    assert tags_key == f"{key}~first_tag" and studio.class_source_of(tags_key) == "first_tag"
+    key = studio.data.load_upload(files, progress=noop_progress)[0]
+    assert studio.datasets.bundle(key).ds.class_source == "column"
+    tags_key, headline, _, table, *_ = studio.data.reload_classes(key, "first_tag", progress=noop_progress)
+    assert tags_key == f"{key}~first_tag" and studio.data.class_source_of(tags_key) == "first_tag"
     assert table["subject"].tolist() == ["a photo of Ann Lee", "a photo of Bo Chan"]
     assert "**Classes from:** first tag (chosen: first tag)" in headline
-    assert studio.reload_classes(tags_key, "auto", progress=noop_progress)[0] == key
-    assert studio.load_upload(files, None, "first_tag", progress=noop_progress)[0] == tags_key
-    bundle = studio.bundle(tags_key)
-    assert studio.dataset_at(bundle, 16).subjects == bundle.subjects  # another size keeps the class source
+    assert studio.data.reload_classes(tags_key, "auto", progress=noop_progress)[0] == key
+    assert studio.data.load_upload(files, None, "first_tag", progress=noop_progress)[0] == tags_key
+    bundle = studio.datasets.bundle(tags_key)
+    assert studio.datasets.dataset_at(bundle, 16).subjects == bundle.subjects  # another size keeps the class source
     restarted = ui.Studio(tmp_path / "runs", shipped_dir=tmp_path / "shipped", device="cpu")
-    assert restarted.restore_dataset(tags_key)[3]["subject"].tolist() == ["a photo of Ann Lee", "a photo of Bo Chan"]
-    assert all(isinstance(x, dict) for x in restarted.reload_classes(None, "cluster", progress=noop_progress))
+    assert restarted.data.restore_dataset(tags_key)[3]["subject"].tolist() == ["a photo of Ann Lee", "a photo of Bo Chan"]
+    assert all(isinstance(x, dict) for x in restarted.data.reload_classes(None, "cluster", progress=noop_progress))
     with pytest.raises(gr.Error, match="Class source must be one of"):
-        studio.reload_classes(key, "../tags", progress=noop_progress)
+        studio.data.reload_classes(key, "../tags", progress=noop_progress)
 
 
 def test_the_form_note_follows_the_job_when_it_ends(tmp_path):
     fake = FakeTrain(gated=True)
     studio, key = _studio_with_base(tmp_path, fake)
-    studio.start_run(key, train_form(steps=2, run_name="live"))
-    *_, note = studio.restore_train_form()  # a page load while the job runs
+    studio.train.start_run(key, train_form(steps=2, run_name="live"))
+    *_, note = studio.train_runs.restore_train_form()  # a page load while the job runs
     assert "run **live** (running)" in note
     fake.step_gate.release(2)
     assert studio.jobs.wait(10).state == "finished"
-    assert "run **live** (finished)" in studio.train_form_note()  # what the page shows once the job ended
+    assert "run **live** (finished)" in studio.train_runs.train_form_note()  # what the page shows once the job ended
     meta = json.loads((tmp_path / "runs" / "live" / "run.json").read_text())
-    assert "run **gone** (interrupted)" in studio._form_note({**meta, "name": "gone", "state": "running"})
+    assert "run **gone** (interrupted)" in studio.train_runs.form_note({**meta, "name": "gone", "state": "running"})
 
 
 def test_the_progress_label_says_estimating_until_the_eta_is_known():
@@ -523,27 +523,27 @@ def test_the_progress_label_says_estimating_until_the_eta_is_known():
 def test_start_from_offers_the_shipped_base_scratch_and_own_runs_and_trains_from_the_choice(tmp_path):
     fake = FakeTrain()
     studio, key = _studio_with_base(tmp_path, fake)
-    assert [v for _, v in studio.base_choices()] == ["shipped", "scratch"]  # no run yet
-    studio.start_run(key, train_form(steps=2, run_name="first", base="shipped"))
+    assert [v for _, v in studio.train.base_choices()] == ["shipped", "scratch"]  # no run yet
+    studio.train.start_run(key, train_form(steps=2, run_name="first", base="shipped"))
     studio.jobs.wait(10)
     assert fake.kwargs["base_checkpoint"] == tmp_path / "shipped" / "base-tiny"
-    assert [v for _, v in studio.base_choices()] == ["shipped", "scratch", "run:first"]
+    assert [v for _, v in studio.train.base_choices()] == ["shipped", "scratch", "run:first"]
     first_ckpt = studio.jobs.runs.get_run("first").checkpoint
-    studio.start_run(key, train_form(steps=2, run_name="second", base="run:first"))  # what the Train tab sends
+    studio.train.start_run(key, train_form(steps=2, run_name="second", base="run:first"))  # what the Train tab sends
     studio.jobs.wait(10)
     assert fake.kwargs["base_checkpoint"] == first_ckpt and first_ckpt.name == "checkpoint-000002"
     assert json.loads((tmp_path / "runs" / "second" / "run.json").read_text())["base_checkpoint"] == str(first_ckpt)
-    assert dict(zip(ui.TrainForm.RESTORED, studio.restore_train_form()))["base"].value == "run:first"
-    studio.start_run(key, train_form(steps=2, run_name="third", base="scratch"))
+    assert dict(zip(ui.TrainForm.RESTORED, studio.train_runs.restore_train_form()))["base"].value == "run:first"
+    studio.train.start_run(key, train_form(steps=2, run_name="third", base="scratch"))
     studio.jobs.wait(10)
     assert fake.kwargs["base_checkpoint"] is None
-    dd = studio.base_options("run:gone")  # a choice that is no longer offered falls back to the first
+    dd = studio.train.base_options("run:gone")  # a choice that is no longer offered falls back to the first
     assert dd.value == "shipped" and ("run second (pogdiff, 2 steps)", "run:second") in dd.choices
     for bad, message in (("run:nope", "no finished run with a checkpoint named 'nope'"),
                          ("run:../x", "is not a run name"), ("elsewhere", "Start from must be 'shipped', 'scratch'"),
                          ("run:first", "contradict")):
         with pytest.raises(gr.Error, match=message):
-            studio.start_run(key, train_form(steps=2, from_scratch=bad == "run:first", base=bad))
+            studio.train.start_run(key, train_form(steps=2, from_scratch=bad == "run:first", base=bad))
 
 
 def test_a_run_of_another_visitor_or_another_size_is_no_base(tmp_path):
@@ -552,18 +552,18 @@ def test_a_run_of_another_visitor_or_another_size_is_no_base(tmp_path):
     A, B = SimpleNamespace(username=None, session_hash="a"), SimpleNamespace(username=None, session_hash="b")
     fake = FakeTrain()
     studio, key = _studio_with_base(tmp_path, fake)
-    studio.start_run(key, train_form(steps=2, run_name="theirs"), A)
+    studio.train.start_run(key, train_form(steps=2, run_name="theirs"), A)
     studio.jobs.wait(10)
-    assert "run:theirs" in [v for _, v in studio.base_choices(A)]
-    assert "run:theirs" not in [v for _, v in studio.base_choices(B)]
+    assert "run:theirs" in [v for _, v in studio.train.base_choices(A)]
+    assert "run:theirs" not in [v for _, v in studio.train.base_choices(B)]
     with pytest.raises(gr.Error, match="started by another visitor"):
-        studio.start_run(key, train_form(steps=2, base="run:theirs"), B)
+        studio.train.start_run(key, train_form(steps=2, base="run:theirs"), B)
     meta_path = tmp_path / "runs" / "theirs" / "run.json"
     meta = json.loads(meta_path.read_text())
     meta["model_cfg"]["resolution"] = 64
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(gr.Error, match=r"cannot start a tiny run at 32 px"):
-        studio.start_run(key, train_form(steps=2, base="run:theirs"), A)
+        studio.train.start_run(key, train_form(steps=2, base="run:theirs"), A)
 
 
 def test_layout_keeps_the_plot_title_the_report_levels_and_a_metrics_download(tmp_path):

@@ -57,9 +57,9 @@ def run(steps: int = DEFAULT_STEPS, stop_at: tuple[int, ...] = (10, DEFAULT_PREV
                  "load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="pogdiff-bench-train-") as tmp:
         studio = Studio(Path(tmp) / "runs", device="cpu")
-        studio.load_demo(progress=lambda *a, **k: None)
+        studio.data.load_demo(progress=lambda *a, **k: None)
         t0 = time.perf_counter()
-        studio.start_run(DEMO_KEY, _options(steps, sample_every))
+        studio.train.start_run(DEMO_KEY, _options(steps, sample_every))
         status = studio.jobs.wait(timeout=3 * 3600)
         out["default_run_s"] = time.perf_counter() - t0
         out["default_run_state"] = status.state
@@ -67,7 +67,7 @@ def run(steps: int = DEFAULT_STEPS, stop_at: tuple[int, ...] = (10, DEFAULT_PREV
         out["train_seconds_per_step"] = status.seconds_per_step
         stops = []
         for step in stop_at:
-            studio.start_run(DEMO_KEY, _options(steps, sample_every))
+            studio.train.start_run(DEMO_KEY, _options(steps, sample_every))
             _wait_for_step(studio, step, timeout=1800)
             t_stop = time.perf_counter()
             studio.jobs.stop()

@@ -1,19 +1,16 @@
-"""The Compare tab: its layout and events (:func:`build`) and its callbacks (:class:`CompareTab`, a mixin
-of :class:`pogdiff.ui.Studio`: checkpoints, images, kept state). The per-class metrics below the images
-are the Studio's :class:`~pogdiff.ui.metrics_panel.MetricsPanel`."""
+"""The Compare tab: its callbacks (:class:`CompareTab`: choices, images, kept state) and its layout and
+events (:func:`build`). The per-class metrics below the images are the
+:class:`~pogdiff.ui.metrics_panel.MetricsPanel`, laid out here with them."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from pogdiff.server import safety
-from pogdiff.config import (
-    SampleConfig,
-)
+from pogdiff.config import DataConfig, Limits, SampleConfig
 from pogdiff.data.stats import shot_bucket
 from pogdiff.ui.compare_views import (
     MAX_REAL_IMAGES,
@@ -25,13 +22,14 @@ from pogdiff.ui.compare_views import (
     real_examples,
     subject_for_prompt,
 )
+from pogdiff.ui.datasets import Datasets
+from pogdiff.ui.metrics_panel import MetricsPanel
+from pogdiff.ui.sessions import Sessions
 from pogdiff.ui.shared import Shared, disable, enable
+from pogdiff.ui.sources import Sources
 from pogdiff.ui.state import DatasetBundle, Source
 from pogdiff.ui.views import (
     DEMO_KEY,
-    MAX_CACHED_DATASETS,
-    MAX_CACHED_MODELS,
-    SHIPPED_RUNS,
     SLIDER_PX,
     checked_input,
     gallery_items,
@@ -40,74 +38,34 @@ from pogdiff.ui.views import (
 )
 
 
-
 class CompareTab:
-    """Two checkpoints, the same prompts and seeds; real images and differences beside them."""
+    """Two checkpoints, the same prompts and seeds; real images and differences beside them.
 
-    # ========================================================================== Compare tab
-    def shipped_runs(self) -> dict[str, str]:
-        """Every shipped demo run (a ``demo-*`` folder of the shipped checkpoints), folder -> method:
-        the defaults of :data:`SHIPPED_RUNS` first, then the others by name. The method is the one
-        its ``configs.json`` records, else the folder name's suffix."""
-        import json
+    Args:
+        sources: the checkpoints to choose from, and their loaded models.
+        datasets: the page's data sets (prompts per class, real training images).
+        sessions: the visitors; each one's last generated pair is kept there.
+        results: what a browser gets back after a page reload, by the token it keeps (shared with the
+            metrics panel).
+        limits: server-side bounds on every request value (README "Limits and safety").
+        data_config: the caption template and the shot buckets.
+    """
 
-        folders = sorted(p.name for p in self.shipped_dir.glob("demo-*") if p.is_dir())
-        order = [f for f in SHIPPED_RUNS.values() if f in folders] + [f for f in folders if f not in SHIPPED_RUNS.values()]
-        found = {}
-        for folder in order:
-            method = folder.removeprefix("demo-")
-            try:
-                train = json.loads((self.shipped_dir / folder / "configs.json").read_text()).get("train")
-                method = train.get("method", method) if isinstance(train, dict) else method
-            except (OSError, ValueError, AttributeError):
-                pass
-            found[folder] = str(method)
-        return found
-
-    def sources(self) -> list[Source]:
-        """Every shipped demo checkpoint first (README "Results": baseline, PoGDiff, resampling),
-        then finished runs, newest first."""
-        found = []
-        for folder, method in self.shipped_runs().items():
-            ckpt = self._checkpoint_in(self.shipped_dir / folder)
-            if ckpt is not None:
-                csv = self.shipped_dir / folder / "per_class.csv"
-                found.append(Source(f"shipped:{folder}", f"shipped · {folder} ({method}, demo set)", ckpt,
-                                    metrics_csv=csv if csv.is_file() else None))
-        for run in self.jobs.runs.list_runs():
-            found.append(Source(f"run:{run.name}", f"run · {run.name} ({run.method}, {run.steps_done} steps)",
-                                run.checkpoint))
-        return found
-
-    @staticmethod
-    def _checkpoint_in(folder: Path) -> Path | None:
-        if (folder / "configs.json").exists():
-            return folder
-        if folder.is_dir():
-            from pogdiff.model.checkpoints import latest_checkpoint
-
-            found = latest_checkpoint(folder)
-            return Path(found) if found else None
-        return None
-
-    def shipped_note(self) -> str:
-        missing = [f for f in SHIPPED_RUNS.values() if self._checkpoint_in(self.shipped_dir / f) is None]
-        if not missing:
-            return ("Defaults: the shipped **demo-baseline** and **demo-pogdiff** checkpoints, fine-tuned from the "
-                    "same base on the demo set with the same steps and seed (1000 steps of batch 16; README \"Results\"); "
-                    "every other shipped recipe is listed too.")
-        return ("**Not there yet:** the shipped comparison checkpoints "
-                "(`checkpoints/demo-baseline`, `checkpoints/demo-pogdiff`) "
-                "are not there yet. Make them with `python -m pogdiff bench quality --ship checkpoints`, "
-                "or train two runs in the **Train** tab (method *baseline*, then *pogdiff*, same steps) and pick "
-                "them here.")
+    def __init__(self, sources: Sources, datasets: Datasets, sessions: Sessions, results: ResultCache,
+                 limits: Limits, data_config: DataConfig) -> None:
+        self.sources = sources
+        self.datasets = datasets
+        self.sessions = sessions
+        self.results = results
+        self.limits = limits
+        self.data_config = data_config
 
     def compare_choices(self, current_a: Any = None, current_b: Any = None) -> tuple:
         """Dropdown A, dropdown B (defaults: shipped baseline vs pogdiff) and the note.
 
         A current choice that is still in the list is kept (a tab switch or refresh keeps A and B).
         """
-        sources = self.sources()
+        sources = self.sources.all()
         choices = [(s.label, s.key) for s in sources]
         keys = [s.key for s in sources]
         newest = keys[0] if keys else None
@@ -115,13 +73,14 @@ class CompareTab:
         b = "shipped:demo-pogdiff" if "shipped:demo-pogdiff" in keys else newest
         a = current_a if isinstance(current_a, str) and current_a in keys else a
         b = current_b if isinstance(current_b, str) and current_b in keys else b
-        return (gr.Dropdown(choices=choices, value=a), gr.Dropdown(choices=choices, value=b), self.shipped_note())
+        return (gr.Dropdown(choices=choices, value=a), gr.Dropdown(choices=choices, value=b),
+                self.sources.shipped_note())
 
     def prompt_choices(self, key: str | None, current: Any = None) -> Any:
         """One prompt per class (rarest first) in the set's caption style (tags for a tag-captioned
         set, else the caption template: :func:`pogdiff.ui.compare_views.class_prompts`); few-shot ones
         pre-selected, or the current selection kept."""
-        bundle = self.bundle(key)
+        bundle = self.datasets.bundle(key)
         prompt_of = class_prompts(bundle.captions, bundle.subjects, self.data_config.caption_template)
         table = bundle.table.sort_values(["count", "subject"])
         choices = [prompt_of[s] for s in table["subject"]]
@@ -136,30 +95,6 @@ class CompareTab:
         return gr.Dropdown(choices=choices, value=kept or selected or choices[:4], multiselect=True,
                            allow_custom_value=True)
 
-    def _source(self, key: str | None) -> Source:
-        for s in self.sources():
-            if isinstance(key, str) and s.key == key:
-                return s
-        key = key[:80] if isinstance(key, str) else key
-        raise gr.Error(f"Checkpoint {key!r} is not available. {self.shipped_note() if not key else ''}".strip(),
-                       title="Pick two checkpoints")
-
-    def _model(self, source: Source):
-        cache_key = f"{source.checkpoint}:{source.checkpoint.stat().st_mtime if source.checkpoint.exists() else 0}"
-        with self._lock:
-            model = self._models.get(cache_key)
-            if model is not None:
-                self._models.move_to_end(cache_key)
-                return model
-        from pogdiff.model import checkpoints
-
-        model = checkpoints.load_model(source.checkpoint, device=self.device)
-        with self._lock:
-            self._models[cache_key] = model
-            while len(self._models) > MAX_CACHED_MODELS:
-                self._models.popitem(last=False)
-        return model
-
     def generate_pair(
         self, key_a: str, key_b: str, prompts: Sequence[str] | None, custom: str, n_seeds: float,
         guidance: float, sample_steps: float, progress: gr.Progress = gr.Progress(), request: gr.Request = None,
@@ -169,7 +104,7 @@ class CompareTab:
         The images are also kept for :meth:`pair_views` (real images, difference) of the same session.
         """
         L = self.limits
-        self._admit(request)  # its images are kept for this visitor (pogdiff.ui.sessions)
+        self.sessions.admit(request)  # its images are kept for this visitor (pogdiff.ui.sessions)
         prompts = checked_input(safety.text_list, "Prompts", prompts, L.max_prompts, L.max_text_chars)
         custom = checked_input(safety.text, "Typed prompts", custom, L.max_prompts * (L.max_text_chars + 1))
         typed = checked_input(parse_typed_prompts, custom, L.max_prompts, L.max_text_chars)
@@ -183,7 +118,7 @@ class CompareTab:
             raise gr.Error(f"{len(captions)} prompt(s) × {n_seeds} seed(s) = {len(captions) * n_seeds} images per "
                            f"checkpoint; the limit is {L.max_prompts} prompts and {L.max_images} images.",
                            title="Too many images")
-        a, b = self._source(key_a), self._source(key_b)
+        a, b = self.sources.find(key_a), self.sources.find(key_b)
         seeds = list(range(n_seeds))
         # Grid: one column per prompt, one row per seed.
         all_caps = [c for _ in seeds for c in captions]
@@ -194,7 +129,7 @@ class CompareTab:
         outs = []
         for i, src in enumerate((a, b)):
             progress(0.0 + 0.5 * i, desc=f"Loading {src.label}…")
-            model = self._model(src)
+            model = self.sources.model(src)
 
             def cb(done: int, total: int, i: int = i, src: Source = src) -> None:
                 progress(0.5 * i + 0.5 * done / max(1, total), desc=f"Sampling {src.label}")
@@ -206,11 +141,8 @@ class CompareTab:
         pair = (upscale(outs[0][0], SLIDER_PX), upscale(outs[1][0], SLIDER_PX))
         note = (f"Left / first grid: **{a.label}**. Right / second grid: **{b.label}**. "
                 f"{len(captions)} prompt(s) × seeds {seeds}; the slider shows *{captions[0]}*, seed 0.")
-        with self._lock:
-            self._pair_stash[self._stash_key(request)] = dict(
-                a=outs[0], b=outs[1], captions=captions, scale=grid_scale, outputs=(pair, grids[0], grids[1], note))
-            while len(self._pair_stash) > MAX_CACHED_DATASETS * 4:
-                self._pair_stash.popitem(last=False)
+        self.sessions.keep_pair(request, dict(a=outs[0], b=outs[1], captions=captions, scale=grid_scale,
+                                              outputs=(pair, grids[0], grids[1], note)))
         return pair, grids[0], grids[1], note
 
     # ------------------------------------------------------------ Compare: beside A and B, kept state
@@ -218,18 +150,15 @@ class CompareTab:
                        "slider", "grid_a", "grid_b", "pair_md", "real_gallery", "real_md", "diff", "diff_md",
                        "metrics_table", "metrics_plot", "metrics_md")
 
-    def _stash_key(self, request: gr.Request | None) -> str:
-        return getattr(request, "session_hash", None) or "local"
-
     def training_bundles(self, key_a: str | None, key_b: str | None, ds_key: str | None) -> list[DatasetBundle]:
         """Where the real images of a prompted subject are looked up, in order: the dataset this
         browser session loaded, then the demo set when A or B is a shipped demo run (or when the
         session loaded nothing)."""
         shipped = any(isinstance(k, str) and k.startswith("shipped:") for k in (key_a, key_b))
-        own = self.bundle(ds_key) if ds_key else None
+        own = self.datasets.bundle(ds_key) if ds_key else None
         found = [own] if own is not None else []
         if (shipped or own is None) and (own is None or own.key != DEMO_KEY):
-            found.append(self._load_demo_bundle())
+            found.append(self.datasets.load_demo())
         return found
 
     def real_panel(self, bundles: Sequence[DatasetBundle], captions: Sequence[str]) -> tuple[list, str]:
@@ -262,8 +191,7 @@ class CompareTab:
         """After Generate: real training images, the |A - B| heatmap and its numbers, the kept state."""
         from pogdiff.model.sampling import image_grid
 
-        with self._lock:
-            last = self._pair_stash.get(self._stash_key(request))
+        last = self.sessions.last_pair(request)
         if last is None:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         real, real_md = self.real_panel(self.training_bundles(key_a, key_b, ds_key), last["captions"])
@@ -272,13 +200,11 @@ class CompareTab:
         diff = image_grid(view.heatmaps, ncols=len(last["captions"]), labels=labels, scale=last["scale"])
         kept = self._state(state)
         kept.token = kept.token or ResultCache.new_token()
-        self._results.put(kept.token, pair=last["outputs"], real=(real, real_md), diff=(diff, view.summary()))
+        self.results.put(kept.token, pair=last["outputs"], real=(real, real_md), diff=(diff, view.summary()))
         return real, real_md, diff, view.summary(), kept.to_browser()
 
-    def _state(self, raw: Any):
-        L = self.limits
-        return CompareState.from_browser(raw, max_prompts=L.max_prompts, max_chars=L.max_text_chars) \
-            or CompareState()
+    def _state(self, raw: Any) -> CompareState:
+        return CompareState.kept(raw, max_prompts=self.limits.max_prompts, max_chars=self.limits.max_text_chars)
 
     def remember_compare(self, key_a: Any, key_b: Any, prompts: Any, custom: Any, n_seeds: Any, guidance: Any,
                          sample_steps: Any, state: Any) -> Any:
@@ -296,7 +222,7 @@ class CompareTab:
         kept = CompareState.from_browser(state, max_prompts=L.max_prompts, max_chars=L.max_text_chars)
         if kept is None:
             return (gr.skip(),) * len(self.RESTORE_OUTPUTS)
-        found = self._results.get(kept.token)
+        found = self.results.get(kept.token)
         pair = found.get("pair", (gr.skip(),) * 4)
         real = found.get("real", (gr.skip(),) * 2)
         diff = found.get("diff", (gr.skip(),) * 2)
@@ -347,15 +273,13 @@ def queue_of(name: str) -> str:
     return GPU_QUEUE if _spaces() is not None else name
 
 
-def build(studio: CompareTab, shared: Shared) -> gr.Tab:
-    """The Compare tab: two runs on the same prompts and seeds, real images, |A − B|, per-class metrics.
-    Its choices and results are kept in the browser over page reloads.
-
-    ``studio`` is the :class:`~pogdiff.ui.studio.Studio`, of which this tab's class is one mixin."""
-    ds_key, kept, L = shared.dataset, shared.kept_compare, studio.limits  # kept: choices + results token
+def build(compare: CompareTab, metrics: MetricsPanel, shared: Shared) -> gr.Tab:
+    """The Compare tab: two runs on the same prompts and seeds, real images, |A − B|, and below them the
+    per-class metrics of ``metrics``. Its choices and results are kept in the browser over page reloads."""
+    ds_key, kept, L = shared.dataset, shared.kept_compare, compare.limits  # kept: choices + results token
     with gr.Tab("Compare", id="compare") as tab:
         gr.Markdown(COMPARE_HELP, elem_classes="explain")
-        note = gr.Markdown(studio.shipped_note())
+        note = gr.Markdown(compare.sources.shipped_note())
         with gr.Row():
             run_a = gr.Dropdown(label="A (left)", choices=[], allow_custom_value=True,
                                 info="Usually the baseline: a shipped checkpoint or one of your runs.")
@@ -419,42 +343,42 @@ def build(studio: CompareTab, shared: Shared) -> gr.Tab:
     runs, choice_outputs = [run_a, run_b], [run_a, run_b, note]
     metric_outputs = [metrics_table, metrics_plot, metrics_md]
     # A tab switch keeps A, B and the prompts; Refresh also reloads the shipped metrics.
-    (tab.select(studio.compare_choices, runs, choice_outputs, api_visibility="private")
-     .then(studio.prompt_choices, [ds_key, prompts], prompts, api_visibility="private"))
-    (refresh_btn.click(studio.compare_choices, runs, choice_outputs, api_visibility="private")
-     .then(studio.prompt_choices, [ds_key, prompts], prompts, api_visibility="private")
-     .then(studio.precomputed_metrics, runs, metric_outputs, api_visibility="private")
-     .then(studio.keep_metrics, [*runs, kept], kept, api_visibility="private"))
+    (tab.select(compare.compare_choices, runs, choice_outputs, api_visibility="private")
+     .then(compare.prompt_choices, [ds_key, prompts], prompts, api_visibility="private"))
+    (refresh_btn.click(compare.compare_choices, runs, choice_outputs, api_visibility="private")
+     .then(compare.prompt_choices, [ds_key, prompts], prompts, api_visibility="private")
+     .then(metrics.precomputed_metrics, runs, metric_outputs, api_visibility="private")
+     .then(metrics.keep_metrics, [*runs, kept], kept, api_visibility="private"))
     for dd in runs:
-        (dd.input(studio.metrics_on_choice, runs, metric_outputs, api_visibility="private")
-         .then(studio.keep_metrics, [*runs, kept], kept, api_visibility="private"))
+        (dd.input(metrics.metrics_on_choice, runs, metric_outputs, api_visibility="private")
+         .then(metrics.keep_metrics, [*runs, kept], kept, api_visibility="private"))
     choices = [run_a, run_b, prompts, custom, n_seeds, guidance, sample_steps]
     for comp in choices:
-        comp.change(studio.remember_compare, [*choices, kept], kept, queue=False, api_visibility="private")
+        comp.change(compare.remember_compare, [*choices, kept], kept, queue=False, api_visibility="private")
     for btn, fn, seconds, inputs, outputs, name in (
-            (gen_btn, studio.generate_pair, COMPARE_GPU_SECONDS, choices, [slider, grid_a, grid_b, pair_md],
+            (gen_btn, compare.generate_pair, COMPARE_GPU_SECONDS, choices, [slider, grid_a, grid_b, pair_md],
              "compare"),
-            (metrics_btn, studio.compute_metrics, METRICS_GPU_SECONDS, [*runs, metrics_full, ds_key], metric_outputs,
+            (metrics_btn, metrics.compute_metrics, METRICS_GPU_SECONDS, [*runs, metrics_full, ds_key], metric_outputs,
              "metrics")):
         running = (btn.click(disable, None, btn, queue=False, api_visibility="private")
                    .then(zero_gpu(fn, seconds), inputs, outputs, api_name=name, concurrency_id=queue_of(name),
-                         concurrency_limit=studio.quotas.generation_concurrency))
+                         concurrency_limit=compare.sessions.quotas.generation_concurrency))
         running.then(enable, None, btn, queue=False, api_visibility="private")
         running.failure(enable, None, btn, queue=False, api_visibility="private")
         if btn is gen_btn:
-            running.then(studio.pair_views, [*runs, ds_key, kept], [real_gallery, real_md, diff, diff_md, kept],
+            running.then(compare.pair_views, [*runs, ds_key, kept], [real_gallery, real_md, diff, diff_md, kept],
                          api_visibility="private")
         else:
-            running.then(studio.keep_metrics, [*runs, kept], kept, api_visibility="private")
-    metrics_table.change(studio.metrics_csv, metrics_table, metrics_csv, api_visibility="private")
+            running.then(metrics.keep_metrics, [*runs, kept], kept, api_visibility="private")
+    metrics_table.change(metrics.metrics_csv, metrics_table, metrics_csv, api_visibility="private")
 
     restored = dict(run_a=run_a, run_b=run_b, prompts=prompts, custom=custom, n_seeds=n_seeds, guidance=guidance,
                     sample_steps=sample_steps, slider=slider, grid_a=grid_a, grid_b=grid_b, pair_md=pair_md,
                     real_gallery=real_gallery, real_md=real_md, diff=diff, diff_md=diff_md,
                     metrics_table=metrics_table, metrics_plot=metrics_plot, metrics_md=metrics_md)
     # Restore first: the choices it sets trigger remember_compare, which rewrites the kept state.
-    (shared.page.load(studio.restore_compare, kept, [restored[n] for n in studio.RESTORE_OUTPUTS],
+    (shared.page.load(compare.restore_compare, kept, [restored[n] for n in compare.RESTORE_OUTPUTS],
                       api_visibility="private")
-     .then(studio.compare_choices, runs, choice_outputs, api_visibility="private")
-     .then(studio.load_metrics, [*runs, kept], metric_outputs, api_visibility="private"))
+     .then(compare.compare_choices, runs, choice_outputs, api_visibility="private")
+     .then(metrics.load_metrics, [*runs, kept], metric_outputs, api_visibility="private"))
     return tab

@@ -329,6 +329,11 @@ class CompareState:
             return None
         return state
 
+    @classmethod
+    def kept(cls, raw: Any, *, max_prompts: int, max_chars: int) -> CompareState:
+        """The state a browser sent back, or a fresh one when it is missing or malformed."""
+        return cls.from_browser(raw, max_prompts=max_prompts, max_chars=max_chars) or cls()
+
 
 def _text(value: Any, max_chars: int) -> str:
     if not isinstance(value, str) or len(value) > max_chars:

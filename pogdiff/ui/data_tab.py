@@ -1,14 +1,11 @@
-"""The Data tab: its layout and events (:func:`build`) and its callbacks (:class:`DataTab`, a mixin of
-:class:`pogdiff.ui.Studio`)."""
+"""The Data tab: its callbacks (:class:`DataTab`, over the page's data sets and visitors) and its layout
+and events (:func:`build`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,24 +15,21 @@ import numpy as np
 import pandas as pd
 
 from pogdiff.server import safety
+from pogdiff.config import Limits
 from pogdiff.constants import SHOT_COLOURS
 from pogdiff.data.classes import CLASS_SOURCES, DEFAULT_CLASS_SOURCE
-from pogdiff.ui.downloads import clean_temp_folders
+from pogdiff.ui.datasets import Datasets
+from pogdiff.ui.sessions import Sessions
 from pogdiff.ui.shared import Shared, disable_two, enable_two, same
 from pogdiff.ui.state import DatasetBundle
 from pogdiff.ui.views import (
     DATASET_KEY_RE,
-    DEMO_KEY,
     MAX_GALLERY,
     MAX_KEY_CHARS,
-    STALE_UPLOAD_SECONDS,
-    UPLOAD_STORE,
-    UPLOAD_TMP_PREFIX,
     checked_input,
     class_source_choices,
     class_source_markdown,
     dataset_key,
-    error_report_html,
     gallery_items,
     report_markdown,
     split_dataset_key,
@@ -48,18 +42,28 @@ logger = logging.getLogger(__name__)
 
 
 class DataTab:
-    """Load the demo or an upload, keep uploads by content hash, show classes and the long tail."""
+    """Load the demo or an upload (kept by content hash in the upload store), show classes and the long tail.
 
-    # ============================================================================ Data tab
+    Args:
+        datasets: the page's data sets, where a loaded set goes.
+        sessions: the visitors: who loads, what each holds, the upload quotas.
+        limits: server-side bounds on every request value (README "Limits and safety").
+    """
+
+    def __init__(self, datasets: Datasets, sessions: Sessions, limits: Limits) -> None:
+        self.datasets = datasets
+        self.sessions = sessions
+        self.limits = limits
+
     def load_demo(self, class_source: str = DEFAULT_CLASS_SOURCE, progress: gr.Progress = gr.Progress(),
                   request: gr.Request = None) -> tuple:
         """Build (first time, cached on disk) and load the built-in long-tailed demo set, its classes from
         ``class_source`` (README "Your own data")."""
         source = self._class_source_arg(class_source)
-        self._admit(request)  # a visitor past the server's cap is refused (pogdiff.ui.sessions)
+        self.sessions.admit(request)  # a visitor past the server's cap is refused (pogdiff.ui.sessions)
         progress(0.1, desc="Building the demo set (first time only)…")
-        bundle = self._load_demo_bundle() if source == DEFAULT_CLASS_SOURCE else self._load_demo_bundle(source)
-        self._hold(request, bundle.key)
+        bundle = self.datasets.load_demo() if source == DEFAULT_CLASS_SOURCE else self.datasets.load_demo(source)
+        self.sessions.hold(request, bundle.key)
         return self._data_outputs(bundle)
 
     def load_upload(self, files: Sequence[str] | str | None, request: gr.Request = None,
@@ -94,28 +98,27 @@ class DataTab:
             zips = [p.name for p in paths if p.suffix.lower() == ".zip"]
             raise gr.Error(f"Upload one .zip on its own, or loose files without a .zip (got {zips}).",
                            title="Mixed upload")
-        self._admit(request)
+        self.sessions.admit(request)
         progress(0.05, desc="Hashing the upload…")
         base = upload_key(paths)
         key = dataset_key(base, source)
-        upload = (base, self._check_upload(request, base, paths))  # quotas (pogdiff.ui.sessions)
+        upload = (base, self.sessions.check_upload(request, base, paths))  # quotas (pogdiff.ui.sessions)
         # gradio's copies of the files stay until this visitor leaves (a failed set can be loaded again)
-        self._hold(request, None, temp_files=[str(p) for p in paths] if request is not None else [])
-        with self._lock:
-            known = self._datasets.get(key)
+        self.sessions.hold(request, None, temp_files=[str(p) for p in paths] if request is not None else [])
+        known = self.datasets.known(key)
         if known is not None:
-            self._hold(request, key, upload=upload)
+            self.sessions.hold(request, key, upload=upload)
             return self._data_outputs(known)
-        fresh = not (self.upload_store / base).is_dir()
-        store = self._store_upload(base, paths)
+        fresh = not (self.datasets.upload_store / base).is_dir()
+        store = self.datasets.store_upload(base, paths)
         progress(0.1, desc="Reading and validating…")
         try:
-            bundle = self._load_stored(key, store)
+            bundle = self.datasets.load_stored(key, store)
         except gr.Error:
             if fresh:
                 shutil.rmtree(store, ignore_errors=True)  # keep only sets that loaded
             raise
-        self._hold(request, key, upload=upload)
+        self.sessions.hold(request, key, upload=upload)
         return self._data_outputs(bundle)
 
     def reload_classes(self, key: str | None, class_source: str, progress: gr.Progress = gr.Progress(),
@@ -127,9 +130,9 @@ class DataTab:
         if not key:
             return (gr.skip(),) * 7
         progress(0.1, desc="Reading the classes again…")
-        self._admit(request)
-        bundle = self.bundle(dataset_key(split_dataset_key(key)[0], source))
-        self._hold(request, bundle.key)
+        self.sessions.admit(request)
+        bundle = self.datasets.bundle(dataset_key(split_dataset_key(key)[0], source))
+        self.sessions.hold(request, bundle.key)
         return self._data_outputs(bundle)
 
     @staticmethod
@@ -144,101 +147,6 @@ class DataTab:
         return checked_input(safety.choice, "Class source", DEFAULT_CLASS_SOURCE if class_source is None else class_source,
                     CLASS_SOURCES)
 
-    # ------------------------------------------------------------------ uploads kept by content hash
-    @property
-    def upload_store(self) -> Path:
-        """Uploaded sets that loaded, one folder per content hash, so a page reload can restore them."""
-        return self.runs_dir / UPLOAD_STORE
-
-    def _store_upload(self, key: str, paths: Sequence[Path]) -> Path:
-        store = self.upload_store / key
-        if store.is_dir():
-            os.utime(store)  # in use again: it expires upload_max_age_hours from now
-            return store
-        self.upload_store.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=UPLOAD_TMP_PREFIX, dir=self.upload_store))
-        try:
-            for p in paths:
-                shutil.copyfile(p, tmp / p.name)
-            tmp.rename(store)
-        except OSError:
-            if not store.is_dir():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename, or a loser of a race
-        self.clean_leftovers()
-        return store
-
-    def browser_secret(self) -> str:
-        """The key the browser's saved dataset id is encrypted with; kept in the runs folder so it survives restarts."""
-        import secrets
-
-        path = self.runs_dir / ".browser-secret"
-        try:
-            return path.read_text().strip()
-        except OSError:
-            self.runs_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_hex(32))
-            path.chmod(0o600)
-            return path.read_text().strip()
-
-    def clean_leftovers(self) -> int:
-        """Half-copied uploads (left by a crash), expired uploads and expired exported zips; how many went."""
-        max_age = 3600.0 * self.limits.upload_max_age_hours
-        return (safety.remove_old_dirs(self.upload_store, UPLOAD_TMP_PREFIX, STALE_UPLOAD_SECONDS)
-                + safety.remove_old_dirs(self.upload_store, "upload-", max_age)
-                + clean_temp_folders(max_age))
-
-    def _load_stored(self, key: str, store: Path) -> DatasetBundle:
-        source, name = self._stored_source(store)
-        ds = self._read_set(source, split_dataset_key(key)[1])
-        return self._remember(self._make_bundle(key, name, ds))
-
-    @staticmethod
-    def _stored_source(store: Path) -> tuple[Path, str]:
-        """What a stored upload is read from (its one .zip, or the folder of loose files) and its name."""
-        files = sorted(p for p in store.iterdir() if p.is_file())
-        if len(files) == 1 and files[0].suffix.lower() == ".zip":
-            return files[0], files[0].name
-        return store, f"{len(files)} uploaded files"
-
-    def _read_set(self, source: Path, class_source: str, resolution: int | None = None):
-        """``load_image_text_set`` with this server's DataConfig, ``class_source`` and (optionally) another
-        resolution; a set that does not validate becomes a ``gr.Error`` carrying its report."""
-        from pogdiff.data import DatasetError, load_image_text_set
-
-        changes = {"class_source": class_source, **({"resolution": resolution} if resolution else {})}
-        try:
-            return load_image_text_set(source, dataclasses.replace(self.data_config, **changes))
-        except DatasetError as exc:
-            # the pop-up shows HTML: the report as a list (as Markdown its table came out as raw pipes)
-            raise gr.Error(error_report_html(getattr(exc, "headline", str(exc)), getattr(exc, "report", None)),
-                           title="The dataset did not validate", print_exception=False) from exc
-
-    def dataset_at(self, bundle: DatasetBundle, resolution: int):
-        """The bundle's set at ``resolution`` px, for a model of that size (README "Training options").
-
-        The Data tab loads images at the tiny preset's size; a model of another size (sd15: 512 px)
-        gets the set reloaded from its files (the demo's, or the stored upload's), with the same class
-        source, not upscaled from the small copy. Kept per bundle (the latest size only).
-        """
-        if bundle.ds.images.shape[1] == resolution:
-            return bundle.ds
-        base, class_source = split_dataset_key(bundle.key)
-        with bundle.lock:
-            ds = bundle.at_resolution.get(resolution)
-            if ds is None:
-                if base == DEMO_KEY:
-                    source = self.demo_root() / "train"
-                else:
-                    store = self.upload_store / base
-                    if not store.is_dir():
-                        raise gr.Error("The uploaded files of this dataset are gone (expired); upload them again.",
-                                       title="Upload missing")
-                    source = self._stored_source(store)[0]
-                ds = self._read_set(source, class_source, resolution)
-                bundle.at_resolution = {resolution: ds}
-        return ds
 
     def restore_dataset(self, key: Any, request: gr.Request = None) -> tuple:
         """Page load: bring back the dataset this browser loaded before (its key is kept in the browser).
@@ -248,9 +156,9 @@ class DataTab:
         if not isinstance(key, str) or not re.fullmatch(DATASET_KEY_RE, key):
             return (gr.skip(),) * 7
         try:
-            self._admit(request)
-            bundle = self.bundle(key)
-            self._hold(request, bundle.key)
+            self.sessions.admit(request)
+            bundle = self.datasets.bundle(key)
+            self.sessions.hold(request, bundle.key)
             return self._data_outputs(bundle)
         except gr.Error:
             logger.info("dataset %s could not be restored", key)
@@ -288,20 +196,10 @@ class DataTab:
         subject = checked_input(safety.text, "class", subject, self.limits.max_text_chars)
         if not subject:
             return []
-        bundle = self.bundle(key)
+        bundle = self.datasets.bundle(key)
         rows = [i for i, s in enumerate(bundle.subjects) if s == subject][:MAX_GALLERY]
         return gallery_items(bundle.ds.images[rows], [bundle.captions[i] for i in rows])
 
-    def dataset_banner(self, key: str | None) -> str:
-        """One line naming the dataset the session works on (for the Neighbours / Train tabs)."""
-        key = checked_input(safety.text, "dataset key", key, MAX_KEY_CHARS)
-        with self._lock:
-            bundle = self._datasets.get(key or DEMO_KEY)
-        if bundle is None:
-            return ("Working on the **built-in demo set** (load another one in the **Data** tab)."
-                    if not key or key == DEMO_KEY else "Load a dataset in the **Data** tab.")
-        return (f"Working on **{bundle.name}**: {len(bundle.captions)} images, {len(bundle.table)} classes, "
-                f"{len(bundle.few_shot_subjects())} few-shot.")
 
 
 # ================================================================================ layout
@@ -317,10 +215,8 @@ CLASS_SOURCE_INFO = ("Where each image's class comes from. auto: the metadata's 
                      "Another choice reloads the loaded set.")
 
 
-def build(studio: DataTab, shared: Shared) -> gr.Tab:
-    """The Data tab: upload or demo set, class source, validation report, long tail, class samples.
-
-    ``studio`` is the :class:`~pogdiff.ui.studio.Studio`, of which this tab's class is one mixin."""
+def build(data: DataTab, shared: Shared) -> gr.Tab:
+    """The Data tab: upload or demo set, class source, validation report, long tail, class samples."""
     ds_key, saved_key = shared.dataset, shared.kept_dataset  # ds_key, kept across page reloads
     with gr.Tab("Data", id="data") as tab:
         gr.Markdown(DATA_HELP, elem_classes="explain")
@@ -361,21 +257,21 @@ def build(studio: DataTab, shared: Shared) -> gr.Tab:
 
     data_outputs = [ds_key, summary_md, report_md, class_table, long_tail, class_dd, class_gallery]
     buttons = [demo_btn, load_btn]
-    for btn, fn, inputs, name in ((demo_btn, studio.load_demo, [class_src], "load_demo"),
-                                  (load_btn, studio.load_upload, [upload, class_src], "load_upload")):
+    for btn, fn, inputs, name in ((demo_btn, data.load_demo, [class_src], "load_demo"),
+                                  (load_btn, data.load_upload, [upload, class_src], "load_upload")):
         loading = (btn.click(disable_two, None, buttons, queue=False, api_visibility="private")
                    .then(fn, inputs, data_outputs, api_name=name))
         loading.failure(enable_two, None, buttons, queue=False, api_visibility="private")
         loading.then(enable_two, None, buttons, queue=False, api_visibility="private")
     # cheap reads of memory: never queued behind a generation (queue=False)
-    class_dd.change(studio.class_gallery, [ds_key, class_dd], class_gallery, api_name="class_gallery", queue=False,
+    class_dd.change(data.class_gallery, [ds_key, class_dd], class_gallery, api_name="class_gallery", queue=False,
                     concurrency_limit=None)
     # Another class source reloads the loaded set; a refused one puts the choice back.
-    reloading = class_src.input(studio.reload_classes, [ds_key, class_src], data_outputs, api_name="class_source")
-    reloading.failure(studio.class_source_of, ds_key, class_src, api_visibility="private")
+    reloading = class_src.input(data.reload_classes, [ds_key, class_src], data_outputs, api_name="class_source")
+    reloading.failure(data.class_source_of, ds_key, class_src, api_visibility="private")
     # The browser keeps the key of every set loaded (the other tabs follow ds_key too) ...
     ds_key.change(same, ds_key, saved_key, queue=False, api_visibility="private")
     # ... and a page load brings that set back.
-    (shared.page.load(studio.restore_dataset, saved_key, data_outputs, api_visibility="private")
-     .then(studio.class_source_of, ds_key, class_src, api_visibility="private"))
+    (shared.page.load(data.restore_dataset, saved_key, data_outputs, api_visibility="private")
+     .then(data.class_source_of, ds_key, class_src, api_visibility="private"))
     return tab

@@ -1,10 +1,14 @@
-"""The Compare tab's per-class metrics (a mixin of :class:`pogdiff.ui.Studio`)."""
+"""The Compare tab's per-class metrics (:class:`MetricsPanel`): the demo's evaluator, or a judge of the
+user's own classes, scoring what checkpoints A and B generate (README "What you see", "Metrics on your own
+data")."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,15 +16,20 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from pogdiff.config import DataConfig, Limits
+from pogdiff.runs.store import RunStore
 from pogdiff.server import safety
 from pogdiff.ui.compare_views import (
     INTERVAL,
+    CompareState,
     ResultCache,
     bucket_markdown,
     metrics_csv_frame,
     verdict_table,
 )
+from pogdiff.ui.datasets import Datasets
 from pogdiff.ui.downloads import download_path
+from pogdiff.ui.sources import Sources
 from pogdiff.ui.state import DatasetBundle, Source
 from pogdiff.ui.views import (
     DEMO_KEY,
@@ -34,7 +43,34 @@ from pogdiff.ui.views import (
 
 
 class MetricsPanel:
-    """Per-class metrics of A and B: the demo's evaluator, or a judge of the user's own classes."""
+    """Per-class metrics of A and B: the demo's evaluator, or a judge of the user's own classes.
+
+    Args:
+        sources: the checkpoints A and B are chosen from, and their loaded models.
+        datasets: the page's data sets (the demo's evaluation split, a user's set).
+        runs: the runs folder's records (what a run was trained on).
+        results: what a browser gets back after a page reload (shared with the Compare tab).
+        shipped_dir: folder of the shipped checkpoints (the demo's ``evaluator``).
+        cache_dir: where scored tables are cached (``metrics/``).
+        limits: server-side bounds on every request value (README "Limits and safety").
+        data_config: the shot buckets.
+    """
+
+    OWN_PER_CLASS = {"fast": 4, "full": 8}  # captions per class of a user's set that A and B draw
+
+    def __init__(self, sources: Sources, datasets: Datasets, runs: RunStore, results: ResultCache,
+                 shipped_dir: str | Path, cache_dir: str | Path, limits: Limits, data_config: DataConfig) -> None:
+        self.sources = sources
+        self.datasets = datasets
+        self.runs = runs
+        self.results = results
+        self.shipped_dir = Path(shipped_dir)
+        self.cache_dir = Path(cache_dir)
+        self.limits = limits
+        self.data_config = data_config
+        self._lock = threading.Lock()
+        self._evaluator = None
+        self._metric_stash: OrderedDict[tuple, tuple] = OrderedDict()  # last metric outputs per run pair
 
     def _evaluator_or_error(self):
         with self._lock:
@@ -54,7 +90,7 @@ class MetricsPanel:
     def precomputed_metrics(self, key_a: str | None, key_b: str | None) -> tuple:
         """Per-class tables shipped beside the demo checkpoints (``per_class.csv``), if any."""
         tables = {}
-        shipped = {s.key: s for s in self.sources() if s.metrics_csv is not None}  # looked up by id, never a path
+        shipped = {s.key: s for s in self.sources.all() if s.metrics_csv is not None}  # looked up by id, never a path
         for key in (key_a, key_b):
             source = shipped.get(key) if isinstance(key, str) else None
             if source is not None:
@@ -87,26 +123,24 @@ class MetricsPanel:
         """
         from pogdiff.evaluation import protocol as evaluation
 
-        a, b = self._source(key_a), self._source(key_b)
+        a, b = self.sources.find(key_a), self.sources.find(key_b)
         mode = "full" if checked_input(safety.flag, "Full evaluation", False if full is None else full) else "fast"
         key = checked_input(safety.text, "dataset key", key, MAX_KEY_CHARS) if key is not None else None
         if key and key != DEMO_KEY:
-            return self._own_data_metrics(a, b, mode, self.bundle(key), progress)
+            return self._own_data_metrics(a, b, mode, self.datasets.bundle(key), progress)
         evaluator = self._evaluator_or_error()
         progress(0.02, desc="Loading the demo evaluation split…")
-        eval_set = evaluation.metric_eval_set(self._eval_set(), mode)
-        counts = self._load_demo_bundle().count_of()
+        eval_set = evaluation.metric_eval_set(self.datasets.eval_set(), mode)
+        counts = self.datasets.load_demo().count_of()
         tables, cached = self._scored_pair(
             (a, b), lambda src: self._metrics_cache_path(src, mode, eval_set),
-            lambda src: evaluation.evaluate_model(self._model(src), eval_set, evaluator, counts)[0],
+            lambda src: evaluation.evaluate_model(self.sources.model(src), eval_set, evaluator, counts)[0],
             f"Generating and scoring {{}} ({len(eval_set.captions)} images)…", progress)
         per_class = evaluation.METRIC_MODES[mode]
         what = f"{per_class} held-out captions per class" if per_class else "every held-out caption"
         note = (f"Computed on the demo evaluation split ({mode} mode: {what}, {len(eval_set.captions)} images "
                 f"per model, fixed seeds)" + (f"; {cached} of 2 read from the cache." if cached else "."))
         return self._metric_outputs(tables, note=note)
-
-    OWN_PER_CLASS = {"fast": 4, "full": 8}  # captions per class of a user's set that A and B draw
 
     def judge_for(self, bundle: DatasetBundle, progress: Callable | None = None):
         """The classifier of ``bundle``'s own classes (fitted once per loaded set, kept with it)."""
@@ -134,8 +168,9 @@ class MetricsPanel:
         n_images = len(judging.prompt_rows(bundle.subjects, per_class))
         tables, cached = self._scored_pair(
             (a, b), lambda src: self._metrics_cache_path(src, mode, None, data=digest),
-            lambda src: judging.score_on_own_data(self._model(src), bundle.ds, judge, counts, per_class=per_class,
-                                                  sample_cfg=evaluation.EVAL_SAMPLE, config=self.data_config),
+            lambda src: judging.score_on_own_data(self.sources.model(src), bundle.ds, judge, counts,
+                                                  per_class=per_class, sample_cfg=evaluation.EVAL_SAMPLE,
+                                                  config=self.data_config),
             f"Generating and judging {{}} ({n_images} images)…", progress)
         note = own_data_note(bundle.name, judge, mode=mode, per_class=per_class, n_images=n_images,
                              cached=cached, other_data=[s.label for s in (a, b) if not self._trained_on(s, bundle)])
@@ -168,7 +203,7 @@ class MetricsPanel:
         if src.key.startswith("shipped:"):
             return bundle.key == DEMO_KEY
         name = src.key.split(":", 1)[1]
-        meta = self.jobs.runs.run_meta(name) or {}
+        meta = self.runs.run_meta(name) or {}
         desc = meta.get("dataset") if isinstance(meta.get("dataset"), dict) else {}
         return (desc.get("num_samples"), desc.get("num_classes")) == (len(bundle.ds), len(bundle.ds.classes))
 
@@ -181,7 +216,7 @@ class MetricsPanel:
             {"data": data, "judge": JUDGE_VERSION, "per_class": self.OWN_PER_CLASS[mode]}
         key = hashlib.sha256(json.dumps({"weights": evaluation.checkpoint_digest(src.checkpoint), "mode": mode,
                                          **what, "sample": to_dict(evaluation.EVAL_SAMPLE)}, sort_keys=True).encode())
-        return self.runs_dir / "cache" / "metrics" / f"{key.hexdigest()[:32]}.csv"
+        return self.cache_dir / "metrics" / f"{key.hexdigest()[:32]}.csv"
 
     def _metric_outputs(self, tables: dict[str, pd.DataFrame], *, note: str,
                         reliability: pd.DataFrame | None = None) -> tuple:
@@ -231,18 +266,21 @@ class MetricsPanel:
 
     def keep_metrics(self, key_a: str | None, key_b: str | None, state: Any) -> Any:
         """After the metrics are shown: keep them with this browser's Compare state."""
-        names = tuple(source_name(self._source(k)) for k in (key_a, key_b))
+        names = tuple(source_name(self.sources.find(k)) for k in (key_a, key_b))
         with self._lock:
             outputs = self._metric_stash.get(names)
         if outputs is None:
             return gr.skip()
         kept = self._state(state)
         kept.token = kept.token or ResultCache.new_token()
-        self._results.put(kept.token, metrics=outputs)
+        self.results.put(kept.token, metrics=outputs)
         return kept.to_browser()
+
+    def _state(self, raw: Any) -> CompareState:
+        return CompareState.kept(raw, max_prompts=self.limits.max_prompts, max_chars=self.limits.max_text_chars)
 
     def load_metrics(self, key_a: str | None, key_b: str | None, state: Any) -> tuple:
         """Page load: the shipped metrics of A and B, unless this browser's kept results have metrics."""
-        if "metrics" in self._results.get(self._state(state).token):
+        if "metrics" in self.results.get(self._state(state).token):
             return gr.skip(), gr.skip(), gr.skip()
         return self.precomputed_metrics(key_a, key_b)

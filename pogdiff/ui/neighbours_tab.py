@@ -1,21 +1,20 @@
-"""The Neighbours tab: its layout and events (:func:`build`) and its callbacks (:class:`NeighboursTab`, a
-mixin of :class:`pogdiff.ui.Studio`)."""
+"""The Neighbours tab: its callbacks (:class:`NeighboursTab`: the caption map, each caption's neighbours
+with psi, free-text search) and its layout and events (:func:`build`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import numpy as np
 import pandas as pd
 
 from pogdiff.server import safety
-from pogdiff.config import (
-    PRESETS,
-    PsiConfig,
-    model_preset,
-)
+from pogdiff.config import PRESETS, DataConfig, Limits, PsiConfig, model_preset
 from pogdiff.constants import SHOT_COLOURS
 from pogdiff.data.stats import shot_bucket
 from pogdiff.config import POOLS
@@ -27,8 +26,9 @@ from pogdiff.ui.neighbours_views import (
     size_colour_map,
     thumbnail_markdown,
 )
+from pogdiff.ui.datasets import Datasets
 from pogdiff.ui.shared import Shared
-from pogdiff.ui.state import DatasetBundle
+from pogdiff.ui.state import DatasetBundle, Device
 from pogdiff.ui.views import (
     COLOUR_BY,
     checked_input,
@@ -40,14 +40,33 @@ logger = logging.getLogger(__name__)
 
 
 class NeighboursTab:
-    """The caption map, each caption's neighbours with psi, and free-text search."""
+    """The caption map, each caption's neighbours with psi, and free-text search.
 
-    # ======================================================================= Neighbours tab
+    Args:
+        datasets: the page's data sets; each set keeps its prepared view (:class:`DatasetBundle`).
+        device: where the caption encoder runs; without a GPU the sd15 preset shows tiny's preparation.
+        limits: server-side bounds on every request value (README "Limits and safety").
+        data_config: the shot buckets.
+        cache_dir: the preparation's cache, the one training reads (README "Preparation").
+        view_encoder: a caption encoder to use instead of the preset's (tests inject a cheap one).
+    """
+
+    def __init__(self, datasets: Datasets, device: Device, limits: Limits, data_config: DataConfig,
+                 cache_dir: str | Path, view_encoder: Any = None) -> None:
+        self.datasets = datasets
+        self.device = device
+        self.limits = limits
+        self.data_config = data_config
+        self.cache_dir = Path(cache_dir)
+        self._view_encoder = view_encoder
+        self._lock = threading.Lock()
+        self.parts: dict[tuple, Any] = {}  # caption encoder (and VAE) of the preset shown
+
     def view_preset(self, preset: str | None) -> str:
         """The preset whose preparation the Neighbours tab shows: the Train tab's choice, except
         sd15 on a server without a GPU (it cannot train there), which shows the tiny preset."""
         preset = checked_input(safety.choice, "Model preset", preset or "tiny", PRESETS)
-        return "tiny" if preset == "sd15" and not self.on_gpu else preset
+        return "tiny" if preset == "sd15" and not self.device.on_gpu else preset
 
     def _embed(self, bundle: DatasetBundle, preset: str = "tiny") -> None:
         """Prepare ``bundle`` for the Neighbours tab exactly as training prepares it for ``preset``
@@ -59,8 +78,8 @@ class NeighboursTab:
 
             model_cfg = model_preset(preset)  # sd15: the preset's default model id (its CLIP and VAE)
             parts = self._encoder_parts(model_cfg)
-            data = prepare.prepare_data(self.dataset_at(bundle, model_cfg.resolution), parts, PsiConfig(),
-                                        cache_dir=self.runs_dir / "cache", need_table=False)
+            data = prepare.prepare_data(self.datasets.dataset_at(bundle, model_cfg.resolution), parts, PsiConfig(),
+                                        cache_dir=self.cache_dir, need_table=False)
             bundle.pooled = data.text.pooled.numpy().astype(np.float32)
             bundle.coords = np.asarray(pca_2d(bundle.pooled), dtype=np.float32)
             bundle.image_feats = data.image_feats
@@ -76,14 +95,14 @@ class NeighboursTab:
 
         with self._lock:
             key = (model_cfg.preset, model_cfg.pretrained, model_cfg.text_encoder, model_cfg.max_caption_tokens)
-            parts = self._parts.get(key)
+            parts = self.parts.get(key)
         if parts is None:
-            parts = prepare.encoder_parts(model_cfg, device=self.device)
+            parts = prepare.encoder_parts(model_cfg, device=self.device.name)
             with self._lock:
-                self._parts = {key: parts}  # keep one preset's encoders
+                self.parts = {key: parts}  # keep one preset's encoders
         return parts
 
-    def _psi_table(self, bundle: DatasetBundle, psi: PsiConfig, preset: str = "tiny"):
+    def psi_table(self, bundle: DatasetBundle, psi: PsiConfig, preset: str = "tiny"):
         self._embed(bundle, preset)
         cache_key = tuple(sorted(dataclasses.asdict(psi).items()))
         with bundle.lock:
@@ -92,7 +111,7 @@ class NeighboursTab:
                 from pogdiff.method.prepare import neighbour_table
 
                 table = neighbour_table(bundle.pooled, bundle.image_feats, psi, bundle.subjects, clean=bundle.x0,
-                                        cache_dir=self.runs_dir / "cache")
+                                        cache_dir=self.cache_dir)
                 bundle.tables = {cache_key: table}  # keep the latest only
         return table
 
@@ -102,7 +121,7 @@ class NeighboursTab:
         the data for ``preset`` (the Train tab's choice)."""
         colour_by = checked_input(safety.choice, "Colour by", colour_by, COLOUR_BY)
         preset = self.view_preset(preset)
-        bundle = self.bundle(key)
+        bundle = self.datasets.bundle(key)
         if len(bundle.captions) < 2:
             raise gr.Error("The neighbour map needs at least two captions.")
         progress(0.2, desc=f"Encoding captions with the {preset} preset's encoder (first time only)…")
@@ -116,13 +135,13 @@ class NeighboursTab:
         return (
             self._scatter(frame, colour_by),
             gr.Dropdown(choices=choices, value=chosen, interactive=True),
-            self.dataset_banner(bundle.key) + f" Neighbours and psi as training computes them for the **{preset}** "
-            f"preset ({encoder}; the Train tab's preset chooses).",
+            self.datasets.dataset_banner(bundle.key) + " Neighbours and psi as training computes them for the "
+            f"**{preset}** preset ({encoder}; the Train tab's preset chooses).",
         )
 
     def recolour(self, key: str | None, colour_by: str):
         colour_by = checked_input(safety.choice, "Colour by", colour_by, COLOUR_BY)
-        bundle = self.bundle(key)
+        bundle = self.datasets.bundle(key)
         if bundle.coords is None:
             return gr.skip()
         return self._scatter(self.map_frame(bundle), colour_by)
@@ -159,7 +178,7 @@ class NeighboursTab:
 
     def map_points(self, key: str | None) -> pd.DataFrame:
         """Every point of the map as a table row, rarest class first (a click on a row picks it)."""
-        bundle = self.bundle(key)
+        bundle = self.datasets.bundle(key)
         if bundle.coords is None:
             return pd.DataFrame(columns=self.POINT_COLUMNS)
         frame = self.map_frame(bundle)
@@ -168,7 +187,7 @@ class NeighboursTab:
     def map_band(self, key: str | None, evt: gr.SelectData) -> tuple:
         """A band brushed on the map (the plot reports its x interval, not a point): its points,
         rarest first, and the rarest one picked."""
-        bundle = self.bundle(key)
+        bundle = self.datasets.bundle(key)
         if bundle.coords is None:
             return gr.skip(), gr.skip()
         try:
@@ -193,13 +212,13 @@ class NeighboursTab:
         preset = self.view_preset(preset)
         if row is None or row == "":
             return "Pick a caption above.", pd.DataFrame(), []
-        bundle = self.bundle(key)
+        bundle = self.datasets.bundle(key)
         row = checked_input(safety.whole_number, "caption index", row, 0, len(bundle.captions) - 1)
         L = self.limits
         psi_cfg = PsiConfig(k=checked_input(safety.whole_number, "k (neighbours)", k, 1, L.max_k),
                             psi_max=checked_input(safety.real_number, "psi_max", psi_max, 0.0, L.max_psi_max),
                             pool=checked_input(safety.choice, "Neighbour pool", pool, POOLS))
-        table = self._psi_table(bundle, psi_cfg, preset)
+        table = self.psi_table(bundle, psi_cfg, preset)
         counts = bundle.count_of()
         subj = bundle.subjects[row]
         w = float(np.asarray(table.w_density).reshape(len(bundle.captions), -1)[row].mean())
@@ -255,7 +274,7 @@ class NeighboursTab:
         k = checked_input(safety.whole_number, "k (neighbours)", k, 1, self.limits.max_k)
         if not query:
             raise gr.Error("Type a caption to search for, e.g. 'a photo of someone smiling, wearing glasses'.")
-        bundle = self.bundle(key)
+        bundle = self.datasets.bundle(key)
         self._embed(bundle, preset)
         from pogdiff.method.neighbours import knn
 
@@ -285,16 +304,14 @@ across the map to list only the points of that band. Click a row of the neighbou
 SEARCH_HEADERS = ["rank", "similarity", "caption", "subject", "class size", "row"]
 
 
-def build(studio: NeighboursTab, shared: Shared) -> gr.Tab:
+def build(neighbours: NeighboursTab, shared: Shared) -> gr.Tab:
     """The Neighbours tab: the caption map, a caption's neighbours with psi, free-text search. Its
-    preparation is that of the Train tab's preset (``shared.preset``).
-
-    ``studio`` is the :class:`~pogdiff.ui.studio.Studio`, of which this tab's class is one mixin."""
+    preparation is that of the Train tab's preset (``shared.preset``)."""
     ds_key, preset = shared.dataset, shared.preset
     psi = PsiConfig()
     with gr.Tab("Neighbours", id="neighbours") as tab:
         gr.Markdown(NEIGHBOURS_HELP, elem_classes="explain")
-        banner = gr.Markdown(studio.dataset_banner(None))
+        banner = gr.Markdown(neighbours.datasets.dataset_banner(None))
         with gr.Row():
             scatter = gr.ScatterPlot(
                 x="x", y="y", color="shot", color_map=SHOT_COLOURS,
@@ -304,7 +321,7 @@ def build(studio: NeighboursTab, shared: Shared) -> gr.Tab:
             map_points = gr.Dataframe(
                 label="Points on the map, rarest class first: click a row to pick its caption",
                 interactive=False, max_height=420, wrap=True, scale=2, elem_id="pg-map-points",
-                headers=list(studio.POINT_COLUMNS))
+                headers=list(neighbours.POINT_COLUMNS))
             with gr.Column(scale=1, min_width=260):
                 colour_by = gr.Radio(list(COLOUR_BY), value="shot bucket", label="Colour by",
                                      info="many / medium / few-shot bucket, or images in the class")
@@ -322,8 +339,8 @@ def build(studio: NeighboursTab, shared: Shared) -> gr.Tab:
         )
         nb_head = gr.Markdown("")
         nb_table = gr.Dataframe(label="Nearest captions (click a row to hop to it)", interactive=False,
-                                max_height=420, wrap=True, headers=list(studio.NEIGHBOUR_COLUMNS),
-                                datatype=[studio.NEIGHBOUR_TYPES[c] for c in studio.NEIGHBOUR_COLUMNS],
+                                max_height=420, wrap=True, headers=list(neighbours.NEIGHBOUR_COLUMNS),
+                                datatype=[neighbours.NEIGHBOUR_TYPES[c] for c in neighbours.NEIGHBOUR_COLUMNS],
                                 elem_id="pg-nb-table")
         nb_gallery = gr.Gallery(label="The caption's image, then its neighbours", columns=6, height=240,
                                 object_fit="contain", fit_columns=False, elem_classes="pixelated")
@@ -337,23 +354,24 @@ def build(studio: NeighboursTab, shared: Shared) -> gr.Tab:
             search_gallery = gr.Gallery(label="Their images", columns=6, height=220, object_fit="contain",
                                         fit_columns=False, elem_classes="pixelated")
 
-    ds_key.change(studio.dataset_banner, ds_key, banner, api_visibility="private", queue=False, concurrency_limit=None)
+    ds_key.change(neighbours.datasets.dataset_banner, ds_key, banner, api_visibility="private", queue=False,
+                  concurrency_limit=None)
     map_outputs = [scatter, caption_dd, banner]
-    map_btn.click(studio.neighbour_map, [ds_key, colour_by, preset], map_outputs, api_name="neighbour_map").then(
-        studio.map_points, ds_key, map_points, api_visibility="private")
-    tab.select(studio.neighbour_map, [ds_key, colour_by, preset], map_outputs, api_name="neighbour_map_on_tab",
-               api_visibility="private").then(studio.map_points, ds_key, map_points, api_visibility="private")
+    map_btn.click(neighbours.neighbour_map, [ds_key, colour_by, preset], map_outputs, api_name="neighbour_map").then(
+        neighbours.map_points, ds_key, map_points, api_visibility="private")
+    tab.select(neighbours.neighbour_map, [ds_key, colour_by, preset], map_outputs, api_name="neighbour_map_on_tab",
+               api_visibility="private").then(neighbours.map_points, ds_key, map_points, api_visibility="private")
     # The scatter plot reports a brushed x band, not a clicked point: the band's points go to the table.
-    scatter.select(studio.map_band, ds_key, [map_points, caption_dd], api_visibility="private")
-    map_points.select(studio.hop, [ds_key, map_points], caption_dd, api_visibility="private")
-    colour_by.change(studio.recolour, [ds_key, colour_by], scatter, api_visibility="private")
+    scatter.select(neighbours.map_band, ds_key, [map_points, caption_dd], api_visibility="private")
+    map_points.select(neighbours.hop, [ds_key, map_points], caption_dd, api_visibility="private")
+    colour_by.change(neighbours.recolour, [ds_key, colour_by], scatter, api_visibility="private")
     nb_inputs = [ds_key, caption_dd, k, psi_max, pool, preset]
     nb_outputs = [nb_head, nb_table, nb_gallery]
-    caption_dd.change(studio.neighbours_of, nb_inputs, nb_outputs, api_name="neighbours")
+    caption_dd.change(neighbours.neighbours_of, nb_inputs, nb_outputs, api_name="neighbours")
     for trigger in (k.release, psi_max.release, pool.change):
-        trigger(studio.neighbours_of, nb_inputs, nb_outputs, api_visibility="private")
-    nb_table.select(studio.hop, [ds_key, nb_table], caption_dd, api_visibility="private")
-    search_btn.click(studio.search, [ds_key, query, k, preset], [search_table, search_gallery], api_name="search")
-    query.submit(studio.search, [ds_key, query, k, preset], [search_table, search_gallery], api_name="search_submit",
-                 api_visibility="private")
+        trigger(neighbours.neighbours_of, nb_inputs, nb_outputs, api_visibility="private")
+    nb_table.select(neighbours.hop, [ds_key, nb_table], caption_dd, api_visibility="private")
+    search_btn.click(neighbours.search, [ds_key, query, k, preset], [search_table, search_gallery], api_name="search")
+    query.submit(neighbours.search, [ds_key, query, k, preset], [search_table, search_gallery],
+                 api_name="search_submit", api_visibility="private")
     return tab

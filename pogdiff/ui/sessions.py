@@ -1,5 +1,5 @@
-"""Visitors of a shared server (a mixin of :class:`pogdiff.ui.Studio`): who holds what in memory, the
-visitor cap, idle and closed sessions freed, upload and run quotas, and the page's usage panel.
+"""Visitors of a shared server (:class:`Sessions`): who holds what in memory, the visitor cap, idle and
+closed sessions freed, upload and run quotas, who may control a run, and the page's usage panel.
 
 A *visitor* is a browser session (``gr.Request.session_hash``) from its first load or generation until
 its tab closes (gradio's ``unload`` event, :meth:`Sessions.end_session`) or it stays idle for
@@ -14,24 +14,24 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
-import shutil
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gradio as gr
 
 from pogdiff.server import quotas
 from pogdiff.server import safety
-from pogdiff.server.quotas import QUOTA_TITLE, VISITORS_TITLE, QuotaError
-from pogdiff.ui.views import UPLOAD_STORE, checked_input, request_owner
+from pogdiff.runs.store import RunStore
+from pogdiff.server.quotas import QUOTA_TITLE, VISITORS_TITLE, QuotaError, Quotas
+from pogdiff.ui.datasets import Datasets
+from pogdiff.ui.shared import Shared
+from pogdiff.ui.views import MAX_CACHED_DATASETS, UPLOAD_STORE, request_owner
 
-if TYPE_CHECKING:
-    from pogdiff.ui.shared import Shared
-    from pogdiff.ui.studio import Studio
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,11 @@ def session_id(request: gr.Request | None) -> str | None:
     return getattr(request, "session_hash", None) or None
 
 
+def pair_key(request: gr.Request | None) -> str:
+    """Where a visitor's last generated pair is kept: its session, or ``local`` for Python calls."""
+    return getattr(request, "session_hash", None) or "local"
+
+
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the system (glibc), so the server's RSS
     follows what it holds."""
@@ -152,55 +157,90 @@ def release_memory() -> None:
 
 
 class Sessions:
-    """The visitor cap, what each visitor holds, quotas and the usage panel."""
+    """The visitor cap, what each visitor holds, quotas, who may control a run, and the usage panel.
 
-    def _admit(self, request: gr.Request | None) -> Session | None:
+    Args:
+        registry: the visitors now (:class:`SessionRegistry`).
+        datasets: the page's data sets; a set no remaining visitor holds leaves memory.
+        runs: the runs folder's records (whose runs a visitor keeps).
+        runs_dir: the runs folder (its size, under ``Quotas.runs_dir_mb``).
+        quotas: how the server is shared (:mod:`pogdiff.server.quotas`).
+        single_user: every visitor may stop and export every job (one person on localhost). Off: a job
+            belongs to the session (or logged-in user) that started it; others watch.
+    """
+
+    def __init__(self, registry: SessionRegistry, datasets: Datasets, runs: RunStore, runs_dir: str | Path,
+                 quotas: Quotas, *, single_user: bool = False) -> None:
+        self.registry = registry
+        self.datasets = datasets
+        self.runs = runs
+        self.runs_dir = Path(runs_dir)
+        self.quotas = quotas
+        self.single_user = single_user
+        self._lock = threading.Lock()
+        self.pairs: OrderedDict[str, dict] = OrderedDict()  # the last generated pair of each visitor
+
+    def may_control(self, owner: str, request: gr.Request | None) -> bool:
+        """May this request stop, resume, export or delete a job or run whose ``owner`` digest is given?"""
+        return self.single_user or not owner or safety.owner_digest(request_owner(request)) == owner
+
+    # ------------------------------------------------------------------ what each visitor holds
+    def keep_pair(self, request: gr.Request | None, pair: dict) -> None:
+        """Keep the images the Compare tab generated last for this visitor (Python calls share one place)."""
+        with self._lock:
+            self.pairs[pair_key(request)] = pair
+            while len(self.pairs) > MAX_CACHED_DATASETS * 4:
+                self.pairs.popitem(last=False)
+
+    def last_pair(self, request: gr.Request | None) -> dict | None:
+        with self._lock:
+            return self.pairs.get(pair_key(request))
+
+    def admit(self, request: gr.Request | None) -> Session | None:
         """The visitor making ``request`` (None for Python calls); gr.Error when every place is taken."""
         sid = session_id(request)
         if sid is None:
             return None
         self.sweep_idle()
         try:
-            return self.sessions.admit(sid)
+            return self.registry.admit(sid)
         except VisitorLimitError as exc:
             raise gr.Error(str(exc), title=VISITORS_TITLE, print_exception=False) from exc
 
-    def _hold(self, request: gr.Request | None, key: str | None, **kwargs: Any) -> None:
+    def hold(self, request: gr.Request | None, key: str | None, **kwargs: Any) -> None:
         sid = session_id(request)
         if sid is not None:
-            self.sessions.hold(sid, key, **kwargs)
+            self.registry.hold(sid, key, **kwargs)
 
     def end_session(self, request: gr.Request = None) -> None:
         """A tab closed (gradio's ``unload``): free what its visitor held."""
-        self._release([s for s in [self.sessions.end(session_id(request))] if s is not None])
+        self.release([s for s in [self.registry.end(session_id(request))] if s is not None])
 
     def sweep_idle(self) -> int:
         """End the visitors idle for ``Quotas.session_idle_minutes``; how many."""
-        gone = self.sessions.expire()
-        self._release(gone)
+        gone = self.registry.expire()
+        self.release(gone)
         return len(gone)
 
-    def _release(self, gone: Sequence[Session]) -> None:
+    def release(self, gone: Sequence[Session]) -> None:
         if not gone:
             return
-        held = self.sessions.held_keys()
+        held = self.registry.held_keys()
         with self._lock:
             for s in gone:
-                self._pair_stash.pop(s.sid, None)
-            dropped = [k for k in self._datasets if k not in held]
-            for k in dropped:
-                del self._datasets[k]
-        self._remove_temp_uploads({f for s in gone for f in s.temp_files})
+                self.pairs.pop(s.sid, None)
+        dropped = self.datasets.drop_unheld(held)
+        self.remove_temp_uploads({f for s in gone for f in s.temp_files})
         logger.info("%d visitor session(s) ended; %d data set(s) left memory; %d visitor(s) remain",
-                    len(gone), len(dropped), self.sessions.count())
+                    len(gone), dropped, self.registry.count())
         release_memory()
 
-    def _remove_temp_uploads(self, paths: Iterable[str]) -> None:
+    def remove_temp_uploads(self, paths: Iterable[str]) -> None:
         """Delete gradio's cached copies of uploads that no remaining visitor handed in (gradio keeps
         one folder per content hash, shared by visitors who upload the same file)."""
         from gradio.utils import get_upload_folder
 
-        root, kept = Path(get_upload_folder()), self.sessions.temp_files_held()
+        root, kept = Path(get_upload_folder()), self.registry.temp_files_held()
         for p in set(paths) - kept:
             if not safety.is_inside(root, p):
                 continue
@@ -213,31 +253,31 @@ class Sessions:
                 logger.debug("could not remove the upload copy %s", path, exc_info=True)
 
     # ------------------------------------------------------------------ quotas
-    def _check_upload(self, request: gr.Request | None, base: str, paths: Sequence[Path]) -> int:
+    def check_upload(self, request: gr.Request | None, base: str, paths: Sequence[Path]) -> int:
         """Bytes of an upload that fits the session's and the server's quotas; gr.Error (its temporary
         copies removed) when it does not."""
         new = sum(p.stat().st_size for p in paths)
-        s = self.sessions.get(session_id(request))
+        s = self.registry.get(session_id(request))
         try:
             if s is not None and base not in s.uploads:
                 quotas.check_session_upload(sum(s.uploads.values()), new, self.quotas.upload_mb_per_session)
-            if not (self.upload_store / base).is_dir():
+            if not (self.datasets.upload_store / base).is_dir():
                 if self.quotas.upload_store_mb:
-                    self.clean_leftovers()
-                quotas.check_upload_store(quotas.folder_bytes(self.upload_store), new, self.quotas.upload_store_mb)
+                    self.datasets.clean_leftovers()
+                quotas.check_upload_store(quotas.folder_bytes(self.datasets.upload_store), new, self.quotas.upload_store_mb)
         except QuotaError as exc:
             if request is not None:
-                self._remove_temp_uploads(str(p) for p in paths)
+                self.remove_temp_uploads(str(p) for p in paths)
             raise gr.Error(str(exc), title=QUOTA_TITLE, print_exception=False) from exc
         return new
 
-    def _own_runs(self, request: gr.Request | None) -> list:
+    def own_runs(self, request: gr.Request | None) -> list:
         owner = safety.owner_digest(request_owner(request))
-        return [r for r in self.jobs.runs.list_runs() if r.owner == owner]
+        return [r for r in self.runs.list_runs() if r.owner == owner]
 
-    def _check_runs(self, request: gr.Request | None) -> None:
+    def check_runs(self, request: gr.Request | None) -> None:
         """Before a new run: the visitor's count of kept runs and the runs folder's size."""
-        own = 0 if self.single_user or request is None else len(self._own_runs(request))
+        own = 0 if self.single_user or request is None else len(self.own_runs(request))
         try:
             quotas.check_runs(own, self.runs_bytes(), per_visitor=self.quotas.runs_per_visitor,
                               limit_mb=self.quotas.runs_dir_mb)
@@ -248,46 +288,24 @@ class Sessions:
         """Bytes in the runs folder, the upload store not counted (it has its own quota)."""
         return quotas.folder_bytes(self.runs_dir, skip=(UPLOAD_STORE,))
 
-    def delete_run(self, name: str | None, request: gr.Request = None):
-        """Delete one of your finished runs (its folder, checkpoints included), to make room under the
-        quotas; another visitor's run, or the running one, is refused. Returns the refreshed runs list."""
-        if not name:
-            raise gr.Error("Pick one of your finished runs first.", title="No run")
-        name = checked_input(safety.check_run_name, name)
-        try:
-            info = self.jobs.runs.get_run(name)
-        except ValueError as exc:
-            raise gr.Error(str(exc), title="No such run") from exc
-        if not self.may_control(info.owner, request):
-            raise gr.Error(f"Run {name!r} was started by another visitor; only they can delete it.",
-                           title="Not your run")
-        status = self.jobs.status()
-        if status.busy and status.run_name == name:
-            raise gr.Error("This run is training now: stop it first.", title="Busy")
-        folder = checked_input(safety.resolve_inside, self.runs_dir, info.run_dir)
-        shutil.rmtree(folder)
-        logger.info("run %s deleted by its owner", name)
-        gr.Info(f"Run {name} deleted.")
-        return self.runs_update()
-
     # ------------------------------------------------------------------ the usage panel
     def usage(self, request: gr.Request | None = None) -> dict[str, Any]:
         """What this server holds now against its limits (the page's usage panel and ``/server_usage``)."""
         self.sweep_idle()
         q = self.quotas
-        s = self.sessions.get(session_id(request))
+        s = self.registry.get(session_id(request))
+        datasets = self.datasets.count()
         with self._lock:
-            datasets = len(self._datasets)
-            stash = len(self._pair_stash)
+            stash = len(self.pairs)
         return {
-            "visitors": self.sessions.count(), "max_visitors": q.max_visitors,
-            "sessions_ended": self.sessions.ended, "visitors_refused": self.sessions.refused,
+            "visitors": self.registry.count(), "max_visitors": q.max_visitors,
+            "sessions_ended": self.registry.ended, "visitors_refused": self.registry.refused,
             "datasets_in_memory": datasets, "generated_pairs_in_memory": stash,
             "your_upload_mb": round(sum(s.uploads.values()) / quotas.MB, 2) if s else 0.0,
             "upload_mb_per_session": q.upload_mb_per_session,
-            "upload_store_mb": round(quotas.folder_bytes(self.upload_store) / quotas.MB, 2),
+            "upload_store_mb": round(quotas.folder_bytes(self.datasets.upload_store) / quotas.MB, 2),
             "upload_store_limit_mb": q.upload_store_mb,
-            "your_runs": len(self._own_runs(request)) if request is not None and not self.single_user else None,
+            "your_runs": len(self.own_runs(request)) if request is not None and not self.single_user else None,
             "runs_per_visitor": q.runs_per_visitor,
             "runs_dir_mb": round(self.runs_bytes() / quotas.MB, 2), "runs_dir_limit_mb": q.runs_dir_mb,
             "generation_concurrency": q.generation_concurrency, "queue_size": q.queue_size,
@@ -322,7 +340,7 @@ SERVER_HELP = ("This Studio is shared: these limits keep it usable for everyone 
                "A refusal says which limit was reached.")
 
 
-def build(studio: Studio, shared: Shared) -> None:
+def build(sessions: Sessions, shared: Shared) -> None:
     """The page's **Server limits and usage** panel (below the tabs) and the end-of-session hook."""
     with gr.Accordion("Server limits and usage", open=False):
         gr.Markdown(SERVER_HELP, elem_classes="explain")
@@ -330,6 +348,6 @@ def build(studio: Studio, shared: Shared) -> None:
         usage_json = gr.JSON(visible=False)
         refresh = gr.Button("Refresh", size="sm")
     cheap = dict(queue=False, concurrency_limit=None)  # a read of counters: never behind a generation
-    refresh.click(studio.server_usage, None, [usage_md, usage_json], api_name="server_usage", **cheap)
-    shared.page.load(studio.server_usage, None, [usage_md, usage_json], api_visibility="private", **cheap)
-    shared.page.unload(studio.end_session)
+    refresh.click(sessions.server_usage, None, [usage_md, usage_json], api_name="server_usage", **cheap)
+    shared.page.load(sessions.server_usage, None, [usage_md, usage_json], api_visibility="private", **cheap)
+    shared.page.unload(sessions.end_session)

@@ -1,4 +1,5 @@
-"""Server-side state of the app: a loaded data set with what is derived from it, a checkpoint source."""
+"""Server-side state of the app: a loaded data set with what is derived from it, a checkpoint source, the
+device models run on."""
 
 from __future__ import annotations
 
@@ -56,3 +57,23 @@ class Source:
     label: str
     checkpoint: Path
     metrics_csv: Path | None = None  # per_class.csv shipped beside a demo checkpoint
+
+
+class Device:
+    """The torch device the app runs models on: ``name`` as given, else found on first use (CUDA when
+    available), so that building the app imports no torch."""
+
+    def __init__(self, name: str | None = None) -> None:
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        if self._name is None:
+            import torch
+
+            self._name = "cuda" if torch.cuda.is_available() else "cpu"
+        return self._name
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.name.startswith("cuda")

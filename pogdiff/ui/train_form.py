@@ -2,7 +2,7 @@
 
 :class:`TrainForm` names every field of the Train form once. The Train tab builds one from its
 components (``TrainForm(method=gr.Radio(...), ...)``) and sends ``form.values()`` to **Start** and
-**Estimate time**; the Studio's handlers receive a :class:`TrainForm` of values. The public API
+**Estimate time**; their handlers receive a :class:`TrainForm` of values. The public API
 endpoints ``/start_training`` and ``/estimate_time`` take the same fields as named parameters:
 :func:`form_endpoint` gives a handler ``(key, form, request)`` the signature
 ``(key, method, preset, ..., base, request)`` that gradio reads the parameter names from.
@@ -35,9 +35,9 @@ _TRAIN, _PSI = TrainConfig(), PsiConfig()
 class TrainForm:
     """The Train form's fields in the order the form sends them, with the form's initial values.
 
-    Values come from a browser or an API caller as they are: :meth:`pogdiff.ui.Studio.build_configs`
-    checks each one on the server. The same class also holds the form's components, one per field,
-    where the Train tab lays them out.
+    Values come from a browser or an API caller as they are:
+    :meth:`pogdiff.ui.train_jobs.TrainJobs.build_configs` checks each one on the server. The same class
+    also holds the form's components, one per field, where the Train tab lays them out.
     """
 
     method: str = "pogdiff"

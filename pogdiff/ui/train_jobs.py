@@ -1,5 +1,5 @@
-"""The Train tab's training job (a mixin of :class:`pogdiff.ui.Studio`): the form's values to configs,
-the **Start from** choices, and starting, resuming, stopping and polling the background job."""
+"""The Train tab's training job (:class:`TrainJobs`): the form's values to configs, the **Start from**
+choices, and starting, resuming, stopping and polling the background job."""
 
 from __future__ import annotations
 
@@ -12,13 +12,16 @@ from pogdiff.server import safety
 from pogdiff.config import (
     METHODS,
     PRESETS,
+    Limits,
     configs_from_options,
     model_preset,
     train_preset,
 )
-from pogdiff.runs.jobs import JobBusyError
+from pogdiff.runs.jobs import JobBusyError, JobManager
 from pogdiff.config import POOLS
-from pogdiff.ui.state import DatasetBundle
+from pogdiff.ui.datasets import Datasets
+from pogdiff.ui.sessions import Sessions
+from pogdiff.ui.state import DatasetBundle, Device
 from pogdiff.ui.train_form import TrainForm, form_endpoint
 from pogdiff.ui.views import (
     BASE_RUN_PREFIX,
@@ -37,7 +40,27 @@ from pogdiff.ui.views import (
 
 
 class TrainJobs:
-    """The Train form to configs, Start from, and the job: start, resume, stop, poll."""
+    """The Train form to configs, Start from, and the job: start, resume, stop, poll.
+
+    Args:
+        jobs: the server's one background training job, and its runs (``jobs.runs``).
+        datasets: the page's data sets (what a run trains on).
+        sessions: the visitors: who may control a run, the runs quotas, idle visitors ended on a poll.
+        device: where training runs (sd15 needs a GPU).
+        limits: server-side bounds on every request value (README "Limits and safety").
+        runs_dir: the runs folder (a run as a base; the preparation's cache).
+        shipped_dir: folder of the shipped checkpoints (the tiny base, ``base-tiny``).
+    """
+
+    def __init__(self, jobs: JobManager, datasets: Datasets, sessions: Sessions, device: Device, limits: Limits,
+                 runs_dir: str | Path, shipped_dir: str | Path) -> None:
+        self.jobs = jobs
+        self.datasets = datasets
+        self.sessions = sessions
+        self.device = device
+        self.limits = limits
+        self.runs_dir = Path(runs_dir)
+        self.shipped_dir = Path(shipped_dir)
 
     def preset_defaults(self, preset: str) -> tuple:
         """Batch size, learning rate and model-id visibility for a preset."""
@@ -94,7 +117,7 @@ class TrainJobs:
         """A hub id (``org/name``); a local folder only in single-user mode."""
         import re
 
-        if self.single_user or re.fullmatch(HUB_ID_RE, value) and not Path(value).exists():
+        if self.sessions.single_user or re.fullmatch(HUB_ID_RE, value) and not Path(value).exists():
             return value
         raise gr.Error(f"{value!r} is not a Hugging Face model id (org/name). Local folders are accepted only "
                        "when the server runs in single-user mode (python app.py --single-user).",
@@ -112,7 +135,7 @@ class TrainJobs:
         tiny = model_preset("tiny").resolution
         for r in self.jobs.runs.list_runs():
             if r.model_cfg.get("preset") == "tiny" and r.model_cfg.get("resolution", tiny) == tiny \
-                    and self.may_control(r.owner, request):
+                    and self.sessions.may_control(r.owner, request):
                 choices.append((f"run {r.name} ({r.method}, {r.steps_done} steps)", f"{BASE_RUN_PREFIX}{r.name}"))
         return choices
 
@@ -129,9 +152,9 @@ class TrainJobs:
         and options the loaded set cannot train with, each in words."""
         from_scratch = checked_input(safety.flag, "Train from scratch", False if form.from_scratch is None else form.from_scratch)
         model_cfg, train_cfg = self.build_configs(form)
-        if model_cfg.preset == "sd15" and not self.on_gpu:
+        if model_cfg.preset == "sd15" and not self.device.on_gpu:
             raise gr.Error("The sd15 preset needs a GPU; this server has none. Use the tiny preset on CPU.")
-        bundle = self.bundle(key)
+        bundle = self.datasets.bundle(key)
         from pogdiff.training.setup import check_train_config
 
         try:
@@ -163,7 +186,7 @@ class TrainJobs:
             info = self.jobs.runs.get_run(name)
         except ValueError as exc:
             raise gr.Error(f"{exc}: pick a run in Start from.", title="No such run") from exc
-        if not self.may_control(info.owner, request):
+        if not self.sessions.may_control(info.owner, request):
             raise gr.Error(f"Run {name!r} was started by another visitor: start from your own runs, the shipped "
                            "base or from scratch.", title="Not your run")
         trained = (info.model_cfg.get("preset"), info.model_cfg.get("resolution"))
@@ -173,7 +196,7 @@ class TrainJobs:
                            "was trained at. Choose the shipped base or from scratch.", title="Invalid input")
         return choice, info.checkpoint
 
-    def _base_of(self, meta: dict[str, Any], values: dict[str, Any], request: gr.Request | None = None) -> str:
+    def base_of(self, meta: dict[str, Any], values: dict[str, Any], request: gr.Request | None = None) -> str:
         """The **Start from** value a run in ``run.json`` ``meta`` was started with."""
         recorded = str(meta.get("base_checkpoint") or "")
         if values["preset"] != "tiny":
@@ -211,8 +234,8 @@ class TrainJobs:
         if train_cfg.method == "pogdiff" and not (train_cfg.psi.use_density or train_cfg.psi.use_image_sim
                                                    or train_cfg.psi.use_text_sim) and train_cfg.psi.psi_max > 0:
             gr.Warning("All psi factors are off: every sample borrows psi_max from its neighbour.")
-        self._check_runs(request)  # runs kept per visitor, the runs folder's size (pogdiff.ui.sessions)
-        dataset = self.dataset_at(bundle, model_cfg.resolution)  # sd15: the set at 512 px
+        self.sessions.check_runs(request)  # runs kept per visitor, the runs folder's size (pogdiff.ui.sessions)
+        dataset = self.datasets.dataset_at(bundle, model_cfg.resolution)  # sd15: the set at 512 px
         try:
             self.jobs.start(
                 dataset, model_cfg, train_cfg, base_checkpoint=base,
@@ -237,13 +260,13 @@ class TrainJobs:
             info = self.jobs.runs.get_run(name)
         except ValueError as exc:
             raise gr.Error(str(exc), title="No such run") from exc
-        if not self.may_control(info.owner, request):
+        if not self.sessions.may_control(info.owner, request):
             raise gr.Error("This run was started by another visitor: you can compare it but not resume it.",
                            title="Not your run")
-        bundle = self.bundle(key)
+        bundle = self.datasets.bundle(key)
         resolution = int((info.model_cfg or {}).get("resolution") or bundle.ds.images.shape[1])
         try:
-            self.jobs.resume(info, self.dataset_at(bundle, resolution), owner=request_owner(request),
+            self.jobs.resume(info, self.datasets.dataset_at(bundle, resolution), owner=request_owner(request),
                              cache_dir=self.runs_dir / "cache")
         except JobBusyError as exc:
             raise gr.Error(str(exc), title="Busy") from exc
@@ -254,7 +277,7 @@ class TrainJobs:
     def stop_training(self, request: gr.Request = None) -> tuple:
         """Stop the running job: only its owner may, unless the server is single-user."""
         status = self.jobs.status()
-        if status.busy and not self.may_control(status.owner, request):
+        if status.busy and not self.sessions.may_control(status.owner, request):
             raise gr.Error("This training job was started by another visitor: you can watch it but not stop it.",
                            title="Not your job")
         if not self.jobs.stop():
@@ -266,7 +289,7 @@ class TrainJobs:
 
         Returns ``gr.skip()`` for every output when nothing changed since ``seen_version``.
         """
-        self.sweep_idle()  # every open tab polls: visitors idle too long are freed here too
+        self.sessions.sweep_idle()  # every open tab polls: visitors idle too long are freed here too
         s = self.jobs.status()
         if not isinstance(seen_version, int) or isinstance(seen_version, bool):
             seen_version = -1
@@ -283,7 +306,7 @@ class TrainJobs:
             loss if len(loss) else None,  # an empty frame would freeze the plot's colour scale
             preview,
             gr.Button(interactive=not s.busy),
-            gr.Button(interactive=s.state == "running" and self.may_control(s.owner, request)),
+            gr.Button(interactive=s.state == "running" and self.sessions.may_control(s.owner, request)),
             self.runs_update() if runs_changed else gr.skip(),
             s.version,
         )

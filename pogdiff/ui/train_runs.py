@@ -1,8 +1,9 @@
-"""The Train tab's runs (a mixin of :class:`pogdiff.ui.Studio`): the runs list and its downloads, the
-form restored from a run, the preview history and the time estimates."""
+"""The Train tab's runs (:class:`TrainRuns`): the runs list, its downloads and Delete run, the form restored
+from a run, the preview history and the time estimates."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -13,9 +14,13 @@ import gradio as gr
 import pandas as pd
 
 from pogdiff.server import safety
-from pogdiff.config import METHODS, PRESETS, model_preset
-from pogdiff.runs.jobs import JobBusyError
+from pogdiff.config import METHODS, PRESETS, Limits, model_preset
+from pogdiff.runs.jobs import JobBusyError, JobManager
+from pogdiff.ui.datasets import Datasets
 from pogdiff.ui.downloads import download_path
+from pogdiff.ui.sessions import Sessions
+from pogdiff.ui.state import Device
+from pogdiff.ui.train_jobs import TrainJobs
 from pogdiff.ui.train_form import TrainForm, form_endpoint, form_values
 from pogdiff.ui.views import (
     checked_input,
@@ -25,9 +30,31 @@ from pogdiff.ui.views import (
     runs_frame,
 )
 
+logger = logging.getLogger(__name__)
+
 
 class TrainRuns:
-    """Runs list, exports, the form restored on a page load, saved previews, time estimates."""
+    """Runs list, exports, Delete run, the form restored on a page load, saved previews, time estimates.
+
+    Args:
+        training: the Train tab's job (the form's checks, Start from, the runs dropdown).
+        jobs: the server's one background training job, and its runs (``jobs.runs``).
+        datasets: the page's data sets (what an estimate is measured on; leftovers swept).
+        sessions: the visitors: who may export or delete a run.
+        device: where an estimate is measured.
+        limits: server-side bounds on every request value (README "Limits and safety").
+        runs_dir: the runs folder.
+    """
+
+    def __init__(self, training: TrainJobs, jobs: JobManager, datasets: Datasets, sessions: Sessions,
+                 device: Device, limits: Limits, runs_dir: str | Path) -> None:
+        self.training = training
+        self.jobs = jobs
+        self.datasets = datasets
+        self.sessions = sessions
+        self.device = device
+        self.limits = limits
+        self.runs_dir = Path(runs_dir)
 
     def runs_table(self) -> pd.DataFrame:
         return runs_frame(self.jobs.runs.list_runs())
@@ -53,37 +80,59 @@ class TrainRuns:
         name = checked_input(safety.check_run_name, name)
         try:
             info = self.jobs.runs.get_run(name)
-            if not self.may_control(info.owner, request):
+            if not self.sessions.may_control(info.owner, request):
                 raise gr.Error(f"Run {name!r} was started by another visitor; only they can download it.",
                                title="Not your run")
             path = export(info)
         except ValueError as exc:
             raise gr.Error(str(exc)) from exc
-        self.clean_leftovers()
+        self.datasets.clean_leftovers()
         out = download_path(path.name)
         shutil.copyfile(path, out)
         return str(out)
+
+    def delete_run(self, name: str | None, request: gr.Request = None):
+        """Delete one of your finished runs (its folder, checkpoints included), to make room under the
+        quotas; another visitor's run, or the running one, is refused. Returns the refreshed runs list."""
+        if not name:
+            raise gr.Error("Pick one of your finished runs first.", title="No run")
+        name = checked_input(safety.check_run_name, name)
+        try:
+            info = self.jobs.runs.get_run(name)
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="No such run") from exc
+        if not self.sessions.may_control(info.owner, request):
+            raise gr.Error(f"Run {name!r} was started by another visitor; only they can delete it.",
+                           title="Not your run")
+        status = self.jobs.status()
+        if status.busy and status.run_name == name:
+            raise gr.Error("This run is training now: stop it first.", title="Busy")
+        folder = checked_input(safety.resolve_inside, self.runs_dir, info.run_dir)
+        shutil.rmtree(folder)
+        logger.info("run %s deleted by its owner", name)
+        gr.Info(f"Run {name} deleted.")
+        return self.training.runs_update()
 
     def restore_train_form(self, request: gr.Request = None) -> tuple:
         """The Train form's values (:attr:`TrainForm.RESTORED` order) as the running or last job set them (its
         ``run.json``), then a note naming that run; ``gr.skip()`` for all when there is no readable run."""
         meta = self.jobs.runs.run_meta()
-        values = form_values(meta, base_available=self.base_checkpoint("tiny") is not None) if meta else None
+        values = form_values(meta, base_available=self.training.base_checkpoint("tiny") is not None) if meta else None
         if values is None:
             return (gr.skip(),) * (len(TrainForm.RESTORED) + 1)
-        values["base"] = self._base_of(meta, values, request)
+        values["base"] = self.training.base_of(meta, values, request)
         values["pretrained"] = gr.Textbox(value=values["pretrained"], visible=values["preset"] == "sd15")
-        values["base"] = self.base_options(values["base"], request)
+        values["base"] = self.training.base_options(values["base"], request)
         out = [values[name] for name in TrainForm.RESTORED]
-        return (*out, self._form_note(meta))
+        return (*out, self.form_note(meta))
 
     def train_form_note(self) -> str:
         """The note under the Train form, again: the app calls it when a job starts or ends, so the run's
         state it names is the current one (not the "running" of a run that has ended since)."""
         meta = self.jobs.runs.run_meta()
-        return self._form_note(meta) if meta else ""
+        return self.form_note(meta) if meta else ""
 
-    def _form_note(self, meta: dict[str, Any]) -> str:
+    def form_note(self, meta: dict[str, Any]) -> str:
         """"The form shows the settings of run X (state)": running only while this server's job runs it."""
         name = str(meta.get("name", "?"))
         status, job = self.jobs.status(), self.jobs.current()
@@ -153,9 +202,9 @@ class TrainRuns:
     def estimate_run(self, key: str | None, form: TrainForm, request: gr.Request = None) -> str:
         """Measure the step time on the loaded data with the form's settings (3 real steps in a scratch
         folder, the last 2 timed) and return the estimate for the whole run. Refused while a job runs."""
-        model_cfg, train_cfg, bundle, _, base = self.checked_setup(key, form, request)
+        model_cfg, train_cfg, bundle, _, base = self.training.checked_setup(key, form, request)
         try:
-            measured = self.jobs.time_steps(self.dataset_at(bundle, model_cfg.resolution), model_cfg, train_cfg,
+            measured = self.jobs.time_steps(self.datasets.dataset_at(bundle, model_cfg.resolution), model_cfg, train_cfg,
                                             base_checkpoint=base, cache_dir=self.runs_dir / "cache")
         except JobBusyError as exc:
             raise gr.Error(f"{exc} The estimate is measured with the processor to itself.", title="Busy") from exc
@@ -166,7 +215,7 @@ class TrainRuns:
 
     def where(self) -> str:
         """The machine in words, for measured figures: device and, on CPU, cores and load average."""
-        if self.on_gpu:
+        if self.device.on_gpu:
             import torch
 
             return f"GPU {torch.cuda.get_device_name(0)}"

@@ -1,15 +1,14 @@
 """The Train tab, laid out and bound (:func:`build`).
 
-Its callbacks are the Studio's :class:`~pogdiff.ui.train_jobs.TrainJobs` (the form to configs, the
-job) and :class:`~pogdiff.ui.train_runs.TrainRuns` (runs, downloads, previews, time estimates); the
-form's fields travel as one :class:`~pogdiff.ui.train_form.TrainForm`.
+Its callbacks are :class:`~pogdiff.ui.train_jobs.TrainJobs` (the form to configs, the job) and
+:class:`~pogdiff.ui.train_runs.TrainRuns` (runs, downloads, previews, time estimates); the form's fields
+travel as one :class:`~pogdiff.ui.train_form.TrainForm`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import gradio as gr
 
@@ -18,10 +17,9 @@ from pogdiff.constants import QUALITY_SUMMARY
 from pogdiff.config import POOLS
 from pogdiff.ui.shared import Shared, disable, empty_text, show_file
 from pogdiff.ui.train_form import TrainForm
+from pogdiff.ui.train_jobs import TrainJobs
+from pogdiff.ui.train_runs import TrainRuns
 from pogdiff.ui.views import measured_methods_note
-
-if TYPE_CHECKING:
-    from pogdiff.ui.studio import Studio
 
 TRAIN_HELP = """Fine-tune from the shipped base model with one objective: **baseline** (plain ε-MSE),
 **pogdiff**, **cbdm** (class-balancing regulariser), **resample** (class-balanced batches) or **t2h**
@@ -51,10 +49,10 @@ BASE_NOTE = ("The shipped base, checkpoints/base-tiny, is a face model pretraine
              "One of your tiny runs: a new run fine-tunes its last checkpoint on the loaded data.")
 
 
-def _form(studio: Studio, shared: Shared) -> TrainForm:
+def _form(training: TrainJobs, shared: Shared) -> TrainForm:
     """The form's components (left column), laid out; ``shared.preset`` is rendered here."""
     start = TrainForm()
-    L = studio.limits
+    L = training.limits
     method = gr.Radio(list(METHODS), value=start.method, label="Method", info=method_info())
     preset = shared.preset.render()
     pretrained = gr.Textbox(label="Model id or local folder (sd15)", visible=False,
@@ -72,7 +70,7 @@ def _form(studio: Studio, shared: Shared) -> TrainForm:
                              info="Sample the rarest classes' prompts this often; 0 = never.")
     run_name = gr.Textbox(start.run_name, label="Run name (optional)", max_lines=1,
                           info="Letters, digits, '.', '_' and '-'; empty: a dated name.")
-    base = gr.Dropdown(choices=studio.base_choices(), value=studio.base_choices()[0][1],
+    base = gr.Dropdown(choices=training.base_choices(), value=training.base_choices()[0][1],
                        label="Start from (tiny preset)", info=BASE_NOTE, elem_id="pg-base")
     # /start_training's from_scratch, kept for API callers (the form uses Start from)
     from_scratch = gr.Checkbox(start.from_scratch, visible=False, label="Train from scratch")
@@ -94,16 +92,17 @@ def _form(studio: Studio, shared: Shared) -> TrainForm:
                      from_scratch=from_scratch, base=base)
 
 
-def build(studio: Studio, shared: Shared) -> gr.Tab:
-    """The Train tab: the form, the live job (status, loss curve, previews), the preview history, the runs."""
+def build(training: TrainJobs, runs: TrainRuns, shared: Shared) -> gr.Tab:
+    """The Train tab: the form and the live job (status, loss curve, previews) of ``training``; the preview
+    history and the runs of ``runs``."""
     ds_key, timer = shared.dataset, shared.timer
     with gr.Tab("Train", id="train") as tab:
         seen = gr.State(-1)  # last job version this tab has drawn
         gr.Markdown(TRAIN_HELP, elem_classes="explain")
-        banner = gr.Markdown(studio.dataset_banner(None))
+        banner = gr.Markdown(training.datasets.dataset_banner(None))
         with gr.Row():
             with gr.Column(scale=2, min_width=320):
-                form = _form(studio, shared)
+                form = _form(training, shared)
                 with gr.Row():
                     start_btn = gr.Button("Start training", variant="primary")
                     stop_btn = gr.Button("Stop", variant="stop", interactive=False)
@@ -138,56 +137,56 @@ def build(studio: Studio, shared: Shared) -> gr.Tab:
             weights_btn = gr.Button("Weights only (.safetensors: fp16 UNet, or LoRA)", scale=1)
             delete_btn = gr.Button("Delete run", variant="stop", size="sm", scale=1)
             zip_file = gr.File(label="Download", scale=2, interactive=False, visible=False)
-        runs_table = gr.Dataframe(label="Runs", interactive=False, max_height=240, value=studio.runs_table)
+        runs_table = gr.Dataframe(label="Runs", interactive=False, max_height=240, value=runs.runs_table)
 
     cheap = dict(queue=False, concurrency_limit=None)  # reads of memory: never behind a generation
-    ds_key.change(studio.dataset_banner, ds_key, banner, api_visibility="private", **cheap)
-    tab.select(studio.dataset_banner, ds_key, banner, api_visibility="private", **cheap)
+    ds_key.change(training.datasets.dataset_banner, ds_key, banner, api_visibility="private", **cheap)
+    tab.select(training.datasets.dataset_banner, ds_key, banner, api_visibility="private", **cheap)
     # .input, not .change: restoring a run's form must not reset its batch size and learning rate
-    form.preset.input(studio.preset_defaults, form.preset, [form.batch_size, form.lr, form.pretrained],
+    form.preset.input(training.preset_defaults, form.preset, [form.batch_size, form.lr, form.pretrained],
                       api_visibility="private")
     poll_outputs = [job_md, job_progress, loss_plot, preview, start_btn, stop_btn, runs_dd, seen]
     starting = start_btn.click(disable, None, start_btn, queue=False, api_visibility="private").then(
-        studio.start_training, [ds_key, *form.values()], poll_outputs, api_name="start_training")
-    starting.then(studio.poll, None, poll_outputs, api_name="poll_after_start", api_visibility="private")
+        training.start_training, [ds_key, *form.values()], poll_outputs, api_name="start_training")
+    starting.then(training.poll, None, poll_outputs, api_name="poll_after_start", api_visibility="private")
     # the started run holds that name now: a second Start gets a dated name, not a refusal (the form note
     # says the run name is left empty)
     starting.success(empty_text, None, form.run_name, queue=False, api_visibility="private")
-    starting.failure(studio.poll, None, poll_outputs, api_name="poll_after_refused_start",
+    starting.failure(training.poll, None, poll_outputs, api_name="poll_after_refused_start",
                      api_visibility="private")  # the buttons follow the job again
-    stop_btn.click(studio.stop_training, None, poll_outputs, api_name="stop_training", concurrency_limit=None)
-    resuming = resume_btn.click(studio.resume_training, [ds_key, runs_dd], poll_outputs, api_name="resume_training")
-    resuming.failure(studio.poll, None, poll_outputs, api_name="poll_after_refused_resume", api_visibility="private")
-    timer.tick(studio.poll, seen, poll_outputs, show_progress="hidden", concurrency_limit=None,
+    stop_btn.click(training.stop_training, None, poll_outputs, api_name="stop_training", concurrency_limit=None)
+    resuming = resume_btn.click(training.resume_training, [ds_key, runs_dd], poll_outputs, api_name="resume_training")
+    resuming.failure(training.poll, None, poll_outputs, api_name="poll_after_refused_resume", api_visibility="private")
+    timer.tick(training.poll, seen, poll_outputs, show_progress="hidden", concurrency_limit=None,
                api_name="poll", queue=False)
-    runs_dd.change(studio.runs_table, None, runs_table, api_visibility="private", **cheap)
-    runs_dd.change(studio.base_options, form.base, form.base, api_visibility="private")  # a run that ended can be a base
+    runs_dd.change(runs.runs_table, None, runs_table, api_visibility="private", **cheap)
+    runs_dd.change(training.base_options, form.base, form.base, api_visibility="private")  # a run that ended can be a base
     # the job's headline changes when it starts, stops or ends: the form note then names the run's state
-    job_md.change(studio.train_form_note, None, form_note, api_visibility="private")
-    export_btn.click(studio.export_run, runs_dd, zip_file, api_name="export_run").success(
+    job_md.change(runs.train_form_note, None, form_note, api_visibility="private")
+    export_btn.click(runs.export_run, runs_dd, zip_file, api_name="export_run").success(
         show_file, None, zip_file, queue=False, api_visibility="private")
-    weights_btn.click(studio.export_weights, runs_dd, zip_file, api_name="export_weights").success(
+    weights_btn.click(runs.export_weights, runs_dd, zip_file, api_name="export_weights").success(
         show_file, None, zip_file, queue=False, api_visibility="private")
-    delete_btn.click(studio.delete_run, runs_dd, runs_dd, api_name="delete_run")  # one of your runs (quotas)
+    delete_btn.click(runs.delete_run, runs_dd, runs_dd, api_name="delete_run")  # one of your runs (quotas)
     estimate_inputs = form.pick(("method", "preset", "steps", "batch_size"))
     for comp in estimate_inputs:
-        comp.change(studio.recorded_estimate, estimate_inputs, estimate_md, api_visibility="private")
-    estimate_btn.click(studio.estimate_time, [ds_key, *form.values()], estimate_md, api_name="estimate_time")
+        comp.change(runs.recorded_estimate, estimate_inputs, estimate_md, api_visibility="private")
+    estimate_btn.click(runs.estimate_time, [ds_key, *form.values()], estimate_md, api_name="estimate_time")
     hist_outputs = [hist_slider, hist_gallery, hist_md]
-    runs_dd.change(studio.preview_runs, None, hist_run, api_visibility="private").then(
-        studio.preview_history, hist_run, hist_outputs, api_visibility="private")
+    runs_dd.change(runs.preview_runs, None, hist_run, api_visibility="private").then(
+        runs.preview_history, hist_run, hist_outputs, api_visibility="private")
     # a finished run has recorded its step time: the estimate before the next start uses it
-    runs_dd.change(studio.recorded_estimate, estimate_inputs, estimate_md, api_visibility="private")
-    hist_run.change(studio.preview_history, hist_run, hist_outputs, api_name="preview_history")
-    hist_btn.click(studio.preview_history, hist_run, hist_outputs, api_visibility="private")
-    hist_slider.release(studio.preview_at, [hist_run, hist_slider], [hist_gallery, hist_md], api_name="preview_at")
+    runs_dd.change(runs.recorded_estimate, estimate_inputs, estimate_md, api_visibility="private")
+    hist_run.change(runs.preview_history, hist_run, hist_outputs, api_name="preview_history")
+    hist_btn.click(runs.preview_history, hist_run, hist_outputs, api_visibility="private")
+    hist_slider.release(runs.preview_at, [hist_run, hist_slider], [hist_gallery, hist_md], api_name="preview_at")
 
     # A page load shows the running or last job and puts that run's settings back into the form.
-    shared.page.load(studio.poll, None, poll_outputs, api_name="poll_on_load", api_visibility="private")
-    (shared.page.load(studio.restore_train_form, None, [*form.pick(TrainForm.RESTORED), form_note],
+    shared.page.load(training.poll, None, poll_outputs, api_name="poll_on_load", api_visibility="private")
+    (shared.page.load(runs.restore_train_form, None, [*form.pick(TrainForm.RESTORED), form_note],
                       api_visibility="private")
-     .then(studio.base_options, form.base, form.base, api_visibility="private")  # this visitor's runs
-     .then(studio.recorded_estimate, estimate_inputs, estimate_md, api_visibility="private")
-     .then(studio.preview_runs, None, hist_run, api_visibility="private"))
+     .then(training.base_options, form.base, form.base, api_visibility="private")  # this visitor's runs
+     .then(runs.recorded_estimate, estimate_inputs, estimate_md, api_visibility="private")
+     .then(runs.preview_runs, None, hist_run, api_visibility="private"))
     return tab
 

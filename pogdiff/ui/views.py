@@ -291,12 +291,6 @@ def gallery_items(
     return [(upscale(np.asarray(img), min_px), str(cap)) for img, cap in zip(images, captions)]
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def checked_input(check: Callable, *args: Any) -> Any:
     """Run one :mod:`pogdiff.server.safety` check; its ValueError becomes a ``gr.Error`` for the client."""
     try:
