@@ -194,7 +194,7 @@ def configs_from_args(args):
     """``train`` flags -> ``(ModelConfig, TrainConfig)`` through :func:`pogdiff.config.configs_from_options`."""
     mixed_precision = args.mixed_precision
     if mixed_precision is None:
-        from pogdiff.training.setup import accelerate_mixed_precision
+        from pogdiff.training.accelerator import accelerate_mixed_precision
 
         mixed_precision = accelerate_mixed_precision()
     return configs_from_options(
@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser("build", help="reproduce the shipped artefacts").add_subparsers(dest="build_cmd", required=True)
     p = build.add_parser("base", help="pretrain the tiny base checkpoint on the balanced pretraining identities")
-    p.add_argument("--out", default="checkpoints/base-tiny", help="output folder")
+    p.add_argument("--out", default=str(DEFAULT_BASE), help="output folder (default: the shipped base, checkpoints/base-tiny)")
     p.add_argument("--steps", type=STEPS, default=3000, help="pretraining steps")
     p.add_argument("--batch-size", type=BATCH, default=64, help="batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")

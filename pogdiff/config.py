@@ -37,7 +37,7 @@ TEACHERS = ("live", "base")
 DEFAULT_BALANCE_ALPHA = 0.5
 OPTIMIZERS = ("adamw", "adamw8bit")
 # ModelConfig.gradient_checkpointing: "auto" turns it on only when the free CUDA memory is below the
-# step's estimated need (pogdiff.training.setup.needs_gradient_checkpointing; never on a CPU).
+# step's estimated need (pogdiff.training.memory.needs_gradient_checkpointing; never on a CPU).
 CHECKPOINTING = ("auto", "on", "off")
 # TrainConfig.adamw_kernel: "auto" is fused on CUDA (torch's default elsewhere); "loop" is the
 # per-parameter for-loop implementation.

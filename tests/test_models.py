@@ -209,7 +209,7 @@ def test_eps_loss_weights_turn_the_eps_error_into_the_native_error(kind):
     from diffusers.training_utils import compute_snr
 
     from pogdiff.model.models import output_to_eps
-    from pogdiff.training.setup import eps_loss_weights
+    from pogdiff.method.losses import eps_loss_weights
 
     sched = _schedule(kind)
     g = torch.Generator().manual_seed(1)

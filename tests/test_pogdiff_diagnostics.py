@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from pogdiff.config import DataConfig, PsiConfig, TrainConfig, model_preset
+from pogdiff.constants import DEFAULT_BASE
 from pogdiff.data import load_image_text_set
 from pogdiff.data.demo import RenderedSet, write_image_folder
 from pogdiff.data.identities import make_identities, sample_attributes
@@ -15,8 +14,6 @@ from pogdiff.data.render import render
 from pogdiff.method.objectives import INACTIVE_POG_SHARE, pog_share, pogdiff_inactive_warning
 from pogdiff.training.records import StepInfo
 from pogdiff.training.run import train
-
-BASE = Path(__file__).resolve().parent.parent / "checkpoints" / "base-tiny"
 
 TEMPLATES = ("a photo of a {}", "a product photo of a {}", "a close-up photo of a {}",
              "a picture of a {}", "an image of a {}")
@@ -67,7 +64,7 @@ def _twenty_steps(dataset, tmp_path, psi: PsiConfig):
                       warmup_steps=1, psi=psi)
     # The shipped base model conditions on captions; a random one predicts the same for any caption.
     return train(dataset=dataset, model_cfg=model_preset("tiny"), train_cfg=cfg, run_dir=tmp_path,
-                 base_checkpoint=BASE)
+                 base_checkpoint=DEFAULT_BASE)
 
 
 def test_template_captions_with_the_same_class_pool_get_the_warning(template_set, tmp_path):

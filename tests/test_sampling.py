@@ -176,13 +176,11 @@ def test_shipped_base_samples_today_s_pixels(scheduler, monkeypatch):
     moves them by far more (ddim and dpm differ by 0.34 on the first pixel). If a change to the
     sampler is intended, record the new values and say so in the commit.
     """
-    from pathlib import Path
-
+    from pogdiff.constants import DEFAULT_BASE
     from pogdiff.model import checkpoints
     from pogdiff.model import sampling
 
-    base = Path(__file__).resolve().parent.parent / "checkpoints" / "base-tiny"
-    model = checkpoints.load_model(base)
+    model = checkpoints.load_model(DEFAULT_BASE)
     floats = []
     real = sampling.to_uint8
     monkeypatch.setattr(sampling, "to_uint8", lambda x: (floats.append(x.clone()), real(x))[1])

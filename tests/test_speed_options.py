@@ -8,18 +8,14 @@ import dataclasses
 import pytest
 import torch
 
-from pogdiff.training import setup as train_setup
+from pogdiff.training import memory
 from pogdiff.bench.gpu import SD15_UNET_CONFIG
 from pogdiff.config import DataConfig, ModelConfig, PsiConfig, TrainConfig, configs_from_options, model_preset
 from pogdiff.data import load_image_text_set
 from pogdiff.model.models import attention_processors, build_tiny, unwrap
 from pogdiff.method.prepare import prepare_data
-from pogdiff.training.setup import (
-    adamw_kernel_options,
-    build_optimizer,
-    needs_gradient_checkpointing,
-    step_memory_estimate,
-)
+from pogdiff.training.memory import needs_gradient_checkpointing, step_memory_estimate
+from pogdiff.training.optimizer import adamw_kernel_options, build_optimizer
 from pogdiff.training.trainer import Trainer
 from tests.conftest import SMALL_MODEL
 
@@ -60,7 +56,7 @@ def test_checkpointing_decision_is_a_function_of_free_memory_and_the_estimate():
 def test_the_memory_estimate_grows_with_batch_and_pixels_and_halves_in_bf16():
     from diffusers import UNet2DConditionModel
 
-    assert train_setup.activation_units(SD15_UNET_CONFIG) == 2900
+    assert memory.activation_units(SD15_UNET_CONFIG) == 2900
     with torch.device("meta"):  # shapes only
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
     full = step_memory_estimate(unet, batch_size=1, latent_pixels=64 * 64, mixed_precision="bf16")
@@ -104,11 +100,11 @@ def test_the_trainer_applies_the_checkpointing_choice(data, tmp_path, monkeypatc
     on = _trainer(data, tmp_path / "on", model_cfg=dataclasses.replace(SMALL_MODEL, gradient_checkpointing="on"))
     assert on.model.unet.is_gradient_checkpointing and on.unet_options["gradient_checkpointing"] is True
     auto = dataclasses.replace(SMALL_MODEL, gradient_checkpointing="auto")
-    monkeypatch.setattr(train_setup, "free_device_memory", lambda device: None)  # what a CPU reports
+    monkeypatch.setattr(memory, "free_device_memory", lambda device: None)  # what a CPU reports
     cpu = _trainer(data, tmp_path / "cpu", model_cfg=auto)
     assert not cpu.model.unet.is_gradient_checkpointing and cpu.unet_options["free_bytes"] is None
     # a card with less free memory than the step needs: auto turns it on
-    monkeypatch.setattr(train_setup, "free_device_memory", lambda device: 1024)
+    monkeypatch.setattr(memory, "free_device_memory", lambda device: 1024)
     small_card = _trainer(data, tmp_path / "card", model_cfg=auto)
     assert small_card.model.unet.is_gradient_checkpointing
     assert small_card.unet_options["estimated_bytes"] > 1024

@@ -348,7 +348,7 @@ def test_an_unwritable_or_full_run_folder_is_refused_before_step_1(dataset, tmp_
 
 
 def test_resuming_another_method_or_data_is_refused_unless_a_new_run_is_asked(dataset, tmp_path):
-    from pogdiff.training.setup import RunMismatchError
+    from pogdiff.runs.run_folder import RunMismatchError
 
     base = dataclasses.replace(FAST, method="baseline")
     train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=base, run_dir=tmp_path)
@@ -413,7 +413,7 @@ def test_gradient_accumulation_averages_the_micro_batch_gradients(dataset, tmp_p
 
 def test_mixed_precision_comes_from_accelerate_unless_the_flag_is_given(monkeypatch):
     from pogdiff.cli import build_parser, configs_from_args
-    from pogdiff.training.setup import accelerate_mixed_precision
+    from pogdiff.training.accelerator import accelerate_mixed_precision
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert accelerate_mixed_precision() == "bf16"
@@ -428,7 +428,7 @@ def test_mixed_precision_comes_from_accelerate_unless_the_flag_is_given(monkeypa
 def test_mixed_precision_comes_from_the_accelerate_config_file(monkeypatch, tmp_path):
     import accelerate.commands.config.config_args as config_args
 
-    from pogdiff.training.setup import accelerate_mixed_precision
+    from pogdiff.training.accelerator import accelerate_mixed_precision
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     path = tmp_path / "default_config.yaml"

@@ -14,10 +14,10 @@ import torch
 
 from pogdiff.model import checkpoints
 from pogdiff.runs import run_folder
-from pogdiff.training import setup as train_setup
+from pogdiff.training import accelerator, setup
 from pogdiff.config import DataConfig, TrainConfig
 from pogdiff.data import load_image_text_set
-from pogdiff.training.setup import build_optimizer
+from pogdiff.training.optimizer import build_optimizer
 from pogdiff.training.records import history_from_rows
 from pogdiff.training.run import train
 from tests.fakes import loss_curve
@@ -47,12 +47,12 @@ def test_adamw8bit_without_cuda_names_cuda_only(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", _fake_bitsandbytes())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"but CUDA is not available: install"):
-        train_setup.check_train_config(dataclasses.replace(FAST, optimizer="adamw8bit"), 10)
+        setup.check_train_config(dataclasses.replace(FAST, optimizer="adamw8bit"), 10)
 
 
 def test_an_unknown_optimizer_is_refused():
     with pytest.raises(ValueError, match=r"unknown optimizer 'sgd'; choose one of adamw, adamw8bit"):
-        train_setup.check_train_config(dataclasses.replace(FAST, optimizer="sgd"), 10)
+        setup.check_train_config(dataclasses.replace(FAST, optimizer="sgd"), 10)
 
 
 def _fake_bitsandbytes():
@@ -96,11 +96,11 @@ def test_tensorboard_run_writes_the_loss_of_every_logging_step(dataset, tmp_path
 
 
 def test_missing_tensorboard_or_unknown_tracker_is_refused(monkeypatch):
-    monkeypatch.setattr(train_setup, "_tensorboard_available", lambda: False)
+    monkeypatch.setattr(accelerator, "_tensorboard_available", lambda: False)
     with pytest.raises(ValueError, match=r"report_to 'tensorboard' needs the tensorboard package.*pip install"):
-        train_setup.check_train_config(dataclasses.replace(FAST, report_to="tensorboard"), 10)
+        setup.check_train_config(dataclasses.replace(FAST, report_to="tensorboard"), 10)
     with pytest.raises(ValueError, match=r"unknown report_to 'wandb'; choose one of none, tensorboard"):
-        train_setup.check_train_config(dataclasses.replace(FAST, report_to="wandb"), 10)
+        setup.check_train_config(dataclasses.replace(FAST, report_to="wandb"), 10)
 
 
 # --------------------------------------------------------------------------------- history

@@ -120,7 +120,7 @@ def lora_unet(config: dict[str, Any], mode: str, *, rank: int, device: str, seed
     """A randomly initialised UNet with frozen weights and LoRA adapters, set up as ``mode`` does:
     the diffusers example keeps frozen weights in bf16 and LoRA in fp32 without autocast; ours does
     the same under bf16 autocast with gradient checkpointing (the sd15 preset, as the trainer sets
-    it up: ``train_setup.frozen_weight_dtype``)."""
+    it up: ``pogdiff.training.memory.frozen_weight_dtype``)."""
     import torch
     from diffusers import UNet2DConditionModel
 

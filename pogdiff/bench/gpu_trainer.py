@@ -204,7 +204,7 @@ def bench_trainer(unet_config: dict[str, Any], *, configs, batch: int, steps: in
     """Every configuration of ``configs``; one that cannot run here (8-bit AdamW without
     bitsandbytes or CUDA) is recorded as ``{"skipped": reason}``, one that fails as ``{"error": ...}``.
     ``progress`` is called with the results so far after each configuration."""
-    from pogdiff.training.setup import adamw8bit_missing
+    from pogdiff.training.optimizer import adamw8bit_missing
 
     out: dict[str, Any] = {}
     for name in configs:

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pogdiff.constants import REPO_ROOT
-from pogdiff.evaluation.protocol import EVAL_SAMPLE, evaluate_model, per_class_rows, subset
+from pogdiff.constants import DEFAULT_BASE, REPO_ROOT
 from pogdiff.constants import SHIPPED_DIR as SHIPPED
+from pogdiff.evaluation.protocol import EVAL_SAMPLE, evaluate_model, per_class_rows, subset
 from pogdiff.bench.report import budget_figure, budget_markdown, few_shot_grids, summary_markdown
 from pogdiff.bench.summary import add_generation_shifts, merge_summary, aggregate, summary_entry, to_markdown
 from pogdiff.config import (
@@ -42,7 +42,6 @@ from pogdiff.config import (
 
 logger = logging.getLogger(__name__)
 
-BASE_DIR = SHIPPED / "base-tiny"
 EVALUATOR_DIR = SHIPPED / "evaluator"
 # The embedded benchmark sets (README "Results"): the demo spec kind and the evaluator that names them.
 DATASETS = {"demo": ("identities", EVALUATOR_DIR), "families": ("families", SHIPPED / "evaluator-families")}
@@ -87,9 +86,9 @@ def _base_or_fresh():
     from pogdiff.model import checkpoints
     from pogdiff.model import models
 
-    if (BASE_DIR / "configs.json").exists():
-        return checkpoints.load_model(BASE_DIR), str(BASE_DIR)
-    logger.warning("no base checkpoint at %s; using a randomly initialised tiny UNet", BASE_DIR)
+    if (DEFAULT_BASE / "configs.json").exists():
+        return checkpoints.load_model(DEFAULT_BASE), str(DEFAULT_BASE)
+    logger.warning("no base checkpoint at %s; using a randomly initialised tiny UNet", DEFAULT_BASE)
     return models.build_tiny(model_preset("tiny")), None
 
 

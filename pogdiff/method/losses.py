@@ -1,4 +1,5 @@
-"""Pure loss functions: eps-MSE, PoGDiff (two equivalent forms), CBDM and T2H's transferred target.
+"""Pure loss functions: eps-MSE, PoGDiff (two equivalent forms), CBDM and T2H's transferred target,
+and the per-timestep weights of the eps-space losses (:func:`eps_loss_weights`).
 
 Every function takes tensors and returns a dict of named per-sample terms, each of shape
 ``[N]``; ``terms["loss"]`` is the per-sample total that the trainer averages (README "The method").
@@ -207,3 +208,36 @@ def transferred_target(x_t: Tensor, x0_source: Tensor, abar: Tensor) -> Tensor:
     _check_pair("x_t", x_t, "x0_source", x0_source)
     abar = bcast(_per_sample("abar", abar, x_t), x_t)
     return (x_t.float() - abar.sqrt() * x0_source.float()) / (1.0 - abar).sqrt()
+
+
+def eps_loss_weights(t: torch.Tensor, scheduler, *, snr_gamma: float = 0.0) -> torch.Tensor | None:
+    """Per-sample weights ``w(t)`` [N] for the eps-space losses of this module.
+
+    The losses compare eps-predictions (the UNet output converted by
+    :func:`pogdiff.model.models.output_to_eps`). ``w`` turns that squared error into the squared error of
+    the model's own prediction type, ``snr = abar / (1 - abar)``:
+
+    - ``epsilon``: ``w = 1``;
+    - ``v_prediction``: ``eps_err = sqrt(abar) v_err``, so ``w = 1 / abar = (snr + 1) / snr``;
+    - ``sample``: ``eps_err = -sqrt(abar / (1 - abar)) x0_err``, so ``w = 1 / snr``.
+
+    With ``snr_gamma > 0`` the Min-SNR weight of that prediction type multiplies it (as in
+    diffusers' training scripts: ``min(snr, gamma) / snr`` for epsilon, ``/ (snr + 1)`` for v,
+    ``min(snr, gamma)`` for sample), which in eps space is ``min(snr, gamma) / snr`` for all three.
+    Returns None when every weight is 1 (epsilon without Min-SNR).
+    """
+    from diffusers.training_utils import compute_snr
+
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon" and not snr_gamma:
+        return None
+    snr = compute_snr(scheduler, t.long())
+    native = {"epsilon": torch.ones_like(snr), "v_prediction": (snr + 1) / snr, "sample": 1 / snr}
+    if kind not in native:
+        raise ValueError(f"unsupported prediction_type {kind!r}; supported: {', '.join(native)}")
+    weight = native[kind]
+    if snr_gamma:
+        clipped = torch.clamp(snr, max=snr_gamma)
+        min_snr = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}
+        weight = weight * min_snr[kind]
+    return weight.float()

@@ -86,7 +86,7 @@ def output_to_eps(output: Tensor, x_t: Tensor, t: Tensor, scheduler: DDPMSchedul
     - ``sample``: ``eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)``.
 
     This is the one place where prediction types meet the eps-space losses of
-    :mod:`pogdiff.method.losses`; ``pogdiff.training.setup.eps_loss_weights`` gives the per-sample weight that
+    :mod:`pogdiff.method.losses`; ``pogdiff.method.losses.eps_loss_weights`` gives the per-sample weight that
     turns the eps-space squared error back into the prediction type's own squared error.
 
     :param output: ``[N, ...]`` UNet output; ``x_t`` the same shape; ``t`` ``[N]`` integer timesteps.

@@ -12,11 +12,13 @@ Layout of a run folder (the checkpoint folders themselves: :mod:`pogdiff.model.c
 
 The Trainer and the Studio's job manager both write ``run.json`` by merging their fields into it
 (:func:`update_record`), so the file always holds the union of what each knows; reading a run as a
-listing entry is :mod:`pogdiff.runs.store`' concern.
+listing entry is :mod:`pogdiff.runs.store`' concern. A run's fingerprint (:func:`run_fingerprint`:
+method, preset, base pipeline, the data's hash) is what a resume into the folder must not change.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from pogdiff.config import ModelConfig, TrainConfig
 from pogdiff.model.checkpoints import STATE_JSON, TMP_PREFIX, json_default, latest_checkpoint, resume_candidates
 from pogdiff.server.safety import UnsafePathError, is_inside, resolve_inside
 
@@ -124,6 +127,47 @@ def set_aside(run_dir: str | Path) -> Path | None:
         os.replace(path, aside / path.name)
     logger.warning("new run in %s: the previous checkpoints were moved to %s", run_dir, aside)
     return aside
+
+
+# --- the run's fingerprint -----------------------------------------------------------------------
+FINGERPRINT_KEYS = ("method", "preset", "pretrained", "dataset_hash")
+
+
+class RunMismatchError(ValueError):
+    """The run folder holds a run with another method, preset or data."""
+
+
+def dataset_hash(dataset) -> str:
+    """sha256 (first 16 hex digits) of a set's pixels, captions and subjects."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(dataset.images).tobytes())
+    for text in (*dataset.captions, "\x00", *dataset.subjects):
+        digest.update(text.encode() + b"\x00")
+    return digest.hexdigest()[:16]
+
+
+def run_fingerprint(dataset, model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict:
+    """What a resume must not change: method, preset, pretrained pipeline and the data's hash
+    (``data`` and ``n_images`` are kept for the message only)."""
+    return {
+        "method": train_cfg.method, "preset": model_cfg.preset, "pretrained": model_cfg.pretrained,
+        "dataset_hash": dataset_hash(dataset), "n_images": len(dataset.captions),
+        "data": str(getattr(dataset, "root", "")),
+    }
+
+
+def check_same_run(run_dir: Path, saved: dict, now: dict) -> None:
+    """Refuse to resume when a fingerprint field differs, naming each difference."""
+    diffs = [f"{k} {saved[k]!r} in the run folder, {now[k]!r} now" for k in FINGERPRINT_KEYS
+             if k in saved and saved[k] != now.get(k)]
+    if diffs:
+        hint = ""
+        if any(k.startswith("dataset") for k in FINGERPRINT_KEYS if k in saved and saved[k] != now.get(k)):
+            hint = f" (run data: {saved.get('data', '?')}, {saved.get('n_images', '?')} images; now: {now.get('data')}, {now.get('n_images')} images)"
+        raise RunMismatchError(
+            f"{run_dir} holds another run: {'; '.join(diffs)}{hint}. Resuming would mix them: start a new "
+            "run (--no-resume, or resume=False, moves the old checkpoints aside) or choose another run folder"
+        )
 
 
 # --- training history ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@
   batch weigh 1 on average: ``w_c = n_c ** -beta * N / sum_k n_k ** (1 - beta)``; 0 is off.
 
 The two loss weights multiply each other and the per-timestep weights of
-:func:`pogdiff.training.setup.eps_loss_weights`.
+:func:`pogdiff.method.losses.eps_loss_weights`.
 """
 
 from __future__ import annotations

@@ -2,26 +2,22 @@
 
 :class:`StepInfo` is one step's report (the callback's argument and a line of ``history.jsonl``),
 :class:`TrainResult` what a finished run returns, :class:`NonFiniteError` why a run stopped early.
-:class:`RunFiles` is the Trainer's part that touches the run folder: checkpoints written and
-restored (optimizer, lr scheduler, EMA weights, RNG states), the history file kept equal to the
-steps done, and the run's record (``run.json``, :mod:`pogdiff.runs.run_folder`).
+:class:`RunFiles` is the run folder as the Trainer keeps it: the history file equal to the steps
+done, the run's record (``run.json``, :mod:`pogdiff.runs.run_folder`) and the checkpoints written;
+what a checkpoint holds besides the weights is :mod:`pogdiff.training.state`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from pogdiff.model import checkpoints
 from pogdiff.runs import run_folder
-from pogdiff.config import to_dict
-from pogdiff.training.setup import rng_state, set_rng_state
+from pogdiff.config import TrainConfig, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -78,111 +74,57 @@ def history_from_rows(rows: Sequence[dict]) -> list[StepInfo]:
 
 
 class RunFiles:
-    """The Trainer's checkpoints, history and record. Mixed into :class:`~pogdiff.training.trainer.Trainer`,
-    whose ``__init__`` sets what these methods read (model, optimizer, lr scheduler, EMA, accelerator,
-    step, history, run folder)."""
+    """The run folder as a run keeps it: ``history.jsonl`` equal to the steps done, the record
+    ``run.json`` and the checkpoints. Only the main process writes (``is_main``).
 
-    def _fast_forward_scheduler(self, step: int) -> None:
-        """Put the lr scheduler at ``step`` (a pure function of the step for LambdaLR schedules)."""
-        if step > 0:
-            sched = self.lr_scheduler
-            sched.last_epoch = step
-            for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
-                group["lr"] = base * fn(step)
-            sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+    :param model: the model whose checkpoints are written (its config goes into the record).
+    :param fingerprint: what a resume must not change (:func:`pogdiff.runs.run_folder.run_fingerprint`),
+        kept in the record and in every checkpoint.
+    """
 
-    def save(self) -> Path:
-        """Write ``checkpoint-{step}`` (main process; the others wait) and return its path.
+    def __init__(self, run_dir: str | Path, *, model, cfg: TrainConfig, is_main: bool,
+                 fingerprint: dict | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.model, self.cfg, self.is_main = model, cfg, is_main
+        self.fingerprint = fingerprint
+        self.history_written = 0  # rows of the history already in history.jsonl
 
-        Refuses (:class:`NonFiniteError`) to write weights that are not finite.
-        """
-        bad = next((i for i, p in enumerate(self.params) if not bool(torch.isfinite(p).all())), None)
-        if bad is not None:
-            raise self._non_finite(f"trainable parameter {bad} holds non-finite values", "weights")
-        self.accelerator.wait_for_everyone()
-        path = self.run_dir / f"checkpoint-{self.step:06d}"
-        self._flush_history()  # before the checkpoint: a checkpoint's steps are always in the history file
-        if self.is_main:
-            path = self._write_checkpoint()
-            logger.info("saved %s", path)
-        self.accelerator.wait_for_everyone()
-        self.last_checkpoint = path
-        self._last_save_time = time.monotonic()
-        return path
-
-    def _write_checkpoint(self) -> Path:
-        rng_meta, rng_tensors = rng_state()
-        extra = {
-            "fingerprint": self.fingerprint,
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "rng": rng_meta,
-            "num_processes": self.num_processes,
-        }
-        scaler = self.accelerator.scaler
-        if scaler is not None:
-            extra["grad_scaler"] = {k: (v.item() if isinstance(v, torch.Tensor) else v)
-                                    for k, v in scaler.state_dict().items()}
+    def write_checkpoint(self, step: int, *, optimizer, ema, extra: dict, extra_tensors: dict) -> Path:
+        """Write ``checkpoint-{step}`` (:func:`pogdiff.model.checkpoints.save_checkpoint`, keeping at most
+        ``checkpoints_total_limit``) and note it in the record; main process only."""
         path = checkpoints.save_checkpoint(
-            self.run_dir, self.step, self.model, train_cfg=self.cfg, optimizer=self.optimizer,
-            ema_unet=self.ema, extra=extra, extra_tensors=rng_tensors, keep=self.cfg.checkpoints_total_limit,
+            self.run_dir, step, self.model, train_cfg=self.cfg, optimizer=optimizer,
+            ema_unet=ema, extra=extra, extra_tensors=extra_tensors, keep=self.cfg.checkpoints_total_limit,
         )
-        self._write_status(steps_done=self.step, last_checkpoint=path.name)
+        self.write_status(steps_done=step, last_checkpoint=path.name)
         return path
 
-    def restore(self, state: dict) -> None:
-        """Continue from a checkpoint read by :func:`pogdiff.model.checkpoints.read_trainer_state`:
-        step, history, optimizer, lr scheduler, EMA weights and global RNG states.
+    def history_upto(self, step: int, extra: dict) -> list[StepInfo]:
+        """The history of a run resumed at ``step``: from ``history.jsonl`` up to that step (rows
+        written after it are dropped when the loop starts), else from a checkpoint's ``extra``
+        written before the history had its own file."""
+        rows = run_folder.read_history(self.run_dir, upto=step)
+        if len(rows) != step and "history" in extra:
+            rows = [h for h in extra["history"] if int(h["step"]) <= step]
+        return history_from_rows(rows)
 
-        The history comes from the run's ``history.jsonl`` up to the checkpoint's step (rows
-        written after it are dropped when the loop starts), else from a checkpoint written before
-        the history had its own file."""
-        self.step = int(state["step"])
-        extra = state.get("extra") or {}
-        rows = run_folder.read_history(self.run_dir, upto=self.step)
-        if len(rows) != self.step and "history" in extra:
-            rows = [h for h in extra["history"] if int(h["step"]) <= self.step]
-        self.history = history_from_rows(rows)
-        checkpoints.apply_optimizer_state(self.optimizer, state)
-        if "lr_scheduler" in extra:
-            self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
-        else:
-            self._fast_forward_scheduler(self.step)
-        scaler = self.accelerator.scaler
-        if scaler is not None and "grad_scaler" in extra:
-            scaler.load_state_dict(extra["grad_scaler"])
-        if self.ema is not None:
-            self._restore_ema(state)
-        if extra.get("num_processes", 1) != self.num_processes:
-            logger.info("resuming a %s-process checkpoint on %d process(es)", extra.get("num_processes", 1),
-                        self.num_processes)
-        set_rng_state(extra.get("rng"), state.get("extra_tensors") or {})
-        self.last_checkpoint = state.get("path")
-
-    def _start_history(self) -> None:
-        """Make ``history.jsonl`` hold exactly ``self.history`` (drops rows of steps past a resumed
+    def start_history(self, history: Sequence[StepInfo]) -> None:
+        """Make ``history.jsonl`` hold exactly ``history`` (drops rows of steps past a resumed
         checkpoint; converts a run whose history was kept in its checkpoints)."""
         if self.is_main:
-            run_folder.write_history(self.run_dir, [dataclasses.asdict(h) for h in self.history])
-        self._history_written = len(self.history)
+            run_folder.write_history(self.run_dir, [dataclasses.asdict(h) for h in history])
+        self.history_written = len(history)
 
-    def _flush_history(self) -> None:
-        """Append the steps not yet written to ``history.jsonl`` (main process only)."""
-        new = self.history[self._history_written:]
+    def flush_history(self, history: Sequence[StepInfo]) -> None:
+        """Append the steps of ``history`` not yet written to ``history.jsonl`` (main process only)."""
+        new = history[self.history_written:]
         if self.is_main and new:
             run_folder.append_history(self.run_dir, [dataclasses.asdict(h) for h in new])
-        self._history_written = len(self.history)
+        self.history_written = len(history)
 
-    def _restore_ema(self, state: dict) -> None:
-        try:
-            shadow = checkpoints.load_ema_shadow(state["path"], self.model)
-        except FileNotFoundError:
-            logger.warning("%s has no EMA weights; the EMA restarts from the current weights", state["path"])
-            return
-        ema_state = dict(state.get("ema") or {})
-        ema_state["shadow_params"] = [s.to(device=p.device, dtype=p.dtype) for s, p in zip(shadow, self.params, strict=True)]
-        self.ema.load_state_dict(ema_state)
-
-    def _write_status(self, **fields) -> None:
+    def write_status(self, **fields) -> None:
+        """Merge ``fields`` into the record with the run's configs and fingerprint (main process only;
+        a failed write is logged, never raised)."""
         if not self.is_main:
             return
         try:

@@ -2,10 +2,14 @@
 
 Structure (improved-diffusion style): ``Trainer.run_loop -> run_step -> forward_backward ->
 optimize`` (:mod:`pogdiff.training.trainer`), each method's forward pass in :mod:`pogdiff.method.objectives`,
-the data prepared once by :mod:`pogdiff.method.prepare`, and what a run sets up before its first step
-(config checks, optimizer, trackers, fingerprint, RNG states) in :mod:`pogdiff.training.setup`.
-This module puts a run together (model, data, resume). The same ``Trainer`` is driven by the CLI, by the app's background thread and by the
-tests: it takes a per-step ``callback``, a ``threading.Event`` to stop, and never prints.
+the data prepared once by :mod:`pogdiff.method.prepare`; what a run sets up before its first step
+has a module per concern: config checks (:mod:`pogdiff.training.setup`), the accelerate object and
+trackers (:mod:`~pogdiff.training.accelerator`), memory and gradient checkpointing
+(:mod:`~pogdiff.training.memory`), the optimizer (:mod:`~pogdiff.training.optimizer`), seeds and the
+state a checkpoint restores (:mod:`~pogdiff.training.state`); the run's fingerprint is
+:func:`pogdiff.runs.run_folder.run_fingerprint`. This module puts a run together (model, data,
+resume). The same ``Trainer`` is driven by the CLI, by the app's background thread and by the tests:
+it takes a per-step ``callback``, a ``threading.Event`` to stop, and never prints.
 
 Randomness: step ``s`` draws batch rows, timesteps, noise, caption dropout and neighbours from a
 CPU ``torch.Generator`` seeded with ``(seed, s)`` (and the process index and micro-batch when
@@ -35,7 +39,9 @@ from pogdiff.runs import run_folder
 from pogdiff.config import ModelConfig, TrainConfig
 from pogdiff.method.objectives import objective_for
 from pogdiff.method.prepare import prepare_data
-from pogdiff.training.setup import RunMismatchError, check_same_run, check_train_config, make_accelerator, run_fingerprint, tracker_options
+from pogdiff.runs.run_folder import RunMismatchError, check_same_run, run_fingerprint
+from pogdiff.training.accelerator import make_accelerator, tracker_options
+from pogdiff.training.setup import check_train_config
 from pogdiff.training.balance import with_data_weights
 from pogdiff.training.records import StepInfo, TrainResult
 from pogdiff.training.trainer import Trainer
@@ -152,8 +158,8 @@ def train(
     trainer = Trainer(
         model, data, train_cfg, run_dir=run_dir, callback=callback, preview_callback=preview_callback,
         preview_captions=preview_captions, stop_event=stop_event, accelerator=accelerator, teacher_unet=teacher,
+        fingerprint=fingerprint,
     )
-    trainer.fingerprint = fingerprint
     if state is not None:
         trainer.restore(state)
     if trainer.step >= train_cfg.max_steps:

@@ -33,37 +33,37 @@ from pogdiff.method.objectives import (
 )
 from pogdiff.method.prepare import TrainData
 from pogdiff.training.balance import class_loss_table, class_names, draw_probabilities
+from pogdiff.method.losses import eps_loss_weights
+from pogdiff.training.accelerator import TRACKER_PROJECT, make_accelerator, tracker_options
+from pogdiff.training.memory import apply_unet_options, frozen_weight_dtype
+from pogdiff.training.optimizer import build_optimizer
 from pogdiff.training.records import NonFiniteError, RunFiles, StepInfo, TrainResult, tracker_values
-from pogdiff.training.setup import (
+from pogdiff.training.setup import check_train_config
+from pogdiff.training.state import (
     SEED_STRIDE,
-    TRACKER_PROJECT,
-    make_accelerator,
+    checkpoint_extra,
+    fast_forward_scheduler,
     own_storage,
+    restore_state,
     seed_of,
-    apply_unet_options,
-    build_optimizer,
-    check_train_config,
-    eps_loss_weights,
-    frozen_weight_dtype,
-    tracker_options,
 )
 
 logger = logging.getLogger(__name__)
 
 PREVIEW_SAMPLE_STEPS = 10
-# Fields of the run fingerprint that must match to resume (the others are only reported).
 
 
-
-
-class Trainer(RunFiles):
-    """Fine-tunes ``model`` on ``data`` with the method in ``cfg``.
+class Trainer:
+    """Fine-tunes ``model`` on ``data`` with the method in ``cfg``; its run folder is kept by
+    ``self.files`` (:class:`~pogdiff.training.records.RunFiles`).
 
     :param callback: called with a :class:`StepInfo` after every step (main process only).
     :param preview_callback: called as ``(step, images uint8 [N x H x W x 3], captions)`` every
         ``cfg.sample_every`` steps when ``preview_captions`` are given (main process only).
     :param stop_event: when set, the loop ends after the current step and writes a checkpoint.
     :param accelerator: an ``accelerate.Accelerator`` already made for this run (else one is made).
+    :param fingerprint: what a resume must not change (:func:`pogdiff.runs.run_folder.run_fingerprint`),
+        kept in the run's record and checkpoints.
     """
 
     def __init__(
@@ -81,6 +81,7 @@ class Trainer(RunFiles):
         history: list[StepInfo] | None = None,
         accelerator=None,
         teacher_unet=None,
+        fingerprint: dict | None = None,
     ):
         check_train_config(cfg, len(data))
         objective = objective_for(cfg)
@@ -102,16 +103,15 @@ class Trainer(RunFiles):
         self.stop_event = stop_event or threading.Event()
         self.step = start_step
         self.history: list[StepInfo] = list(history or [])
-        self._history_written = 0  # rows of self.history already in history.jsonl
         self.warnings: list[str] = []
         self._warned_inactive = False
-        self.fingerprint: dict | None = None
         self.last_checkpoint: Path | None = None
         self.accelerator = (accelerator if accelerator is not None
                             else make_accelerator(cfg.mixed_precision, **tracker_options(cfg, self.run_dir)))
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.num_processes = self.accelerator.num_processes
+        self.files = RunFiles(self.run_dir, model=model, cfg=cfg, is_main=self.is_main, fingerprint=fingerprint)
         model.to(self.device, dtype=frozen_weight_dtype(model, self.accelerator.mixed_precision))
         own_storage(model.unet)
         # Gradient checkpointing (decided here, on the training device) and the memory format.
@@ -142,7 +142,7 @@ class Trainer(RunFiles):
             cfg.lr_scheduler, optimizer=getattr(self.optimizer, "optimizer", self.optimizer),
             num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps,
         )
-        self._fast_forward_scheduler(start_step)
+        fast_forward_scheduler(self.lr_scheduler, start_step)
         self.ema = None
         if cfg.ema_decay > 0:
             from diffusers.training_utils import EMAModel
@@ -163,8 +163,8 @@ class Trainer(RunFiles):
         t_start, steps_timed = time.perf_counter(), 0
         self.model.unet.train()  # a UNet loaded with from_pretrained comes in eval mode
         self._last_save_time = time.monotonic()
-        self._write_status(state="running", pid=os.getpid())
-        self._start_history()
+        self.files.write_status(state="running", pid=os.getpid())
+        self.files.start_history(self.history)
         if self.cfg.report_to != "none":
             self.accelerator.init_trackers(TRACKER_PROJECT)
         outcome = "failed"
@@ -183,7 +183,7 @@ class Trainer(RunFiles):
                 if self.is_main:
                     self._diagnose()
                 if self._due(self.cfg.log_every):
-                    self._flush_history()
+                    self.files.flush_history(self.history)
                     if self.cfg.report_to != "none":
                         self.accelerator.log(tracker_values(info), step=self.step)
                     if self.is_main:
@@ -201,10 +201,10 @@ class Trainer(RunFiles):
                 last_ckpt = self.save()
             outcome = "stopped" if stopped else "finished"
         finally:
-            self._flush_history()
+            self.files.flush_history(self.history)
             if self.cfg.report_to != "none":
                 self.accelerator.end_training()
-            self._write_status(state=outcome, steps_done=self.step, stopped=outcome == "stopped",
+            self.files.write_status(state=outcome, steps_done=self.step, stopped=outcome == "stopped",
                                finished_at=time.time())
         return TrainResult(self.run_dir, last_ckpt, self.step, stopped, self.history, self.warnings)
 
@@ -224,6 +224,39 @@ class Trainer(RunFiles):
             return bool(flag)
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    # ------------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        """Write ``checkpoint-{step}`` (main process; the others wait) and return its path.
+
+        Refuses (:class:`NonFiniteError`) to write weights that are not finite.
+        """
+        bad = next((i for i, p in enumerate(self.params) if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise self._non_finite(f"trainable parameter {bad} holds non-finite values", "weights")
+        self.accelerator.wait_for_everyone()
+        path = self.run_dir / f"checkpoint-{self.step:06d}"
+        self.files.flush_history(self.history)  # before the checkpoint: its steps are always in the history file
+        if self.is_main:
+            extra, tensors = checkpoint_extra(fingerprint=self.files.fingerprint, lr_scheduler=self.lr_scheduler,
+                                              scaler=self.accelerator.scaler, num_processes=self.num_processes)
+            path = self.files.write_checkpoint(self.step, optimizer=self.optimizer, ema=self.ema, extra=extra,
+                                               extra_tensors=tensors)
+            logger.info("saved %s", path)
+        self.accelerator.wait_for_everyone()
+        self.last_checkpoint = path
+        self._last_save_time = time.monotonic()
+        return path
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint read by :func:`pogdiff.model.checkpoints.read_trainer_state`: its
+        step, the history up to it, and the state :func:`pogdiff.training.state.restore_state` puts back."""
+        self.step = int(state["step"])
+        self.history = self.files.history_upto(self.step, state.get("extra") or {})
+        restore_state(state, model=self.model, params=self.params, optimizer=self.optimizer,
+                      lr_scheduler=self.lr_scheduler, scaler=self.accelerator.scaler, ema=self.ema,
+                      num_processes=self.num_processes)
+        self.last_checkpoint = state.get("path")
 
     def current_lr(self) -> float:
         """The learning rate the next optimizer step uses."""
