@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one image per seed (at most {LIMITS.max_seeds})")
     p.add_argument("--scheduler", choices=("ddim", "dpm"), default="ddim", help="sampler")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="UNet arithmetic: float32, or bfloat16 autocast (about 1.8x faster where supported)")
+                   help="UNet arithmetic: float32, or bfloat16 autocast (faster where supported; BENCHMARKS.md \"Sampling\")")
     p.add_argument("--sample-steps", type=bounded(int, 1, LIMITS.max_sample_steps), default=25,
                    help=f"denoising steps (1..{LIMITS.max_sample_steps})")
     p.add_argument("--guidance", type=bounded(float, 0.0, LIMITS.max_guidance), default=3.0,

@@ -104,7 +104,7 @@ class PsiConfig:
     # move most (psi_t / (1 + psi_t) times the neighbour's expected prediction gap; README "The
     # method"). 1 runs it for every row above psi_threshold.
     neighbour_share: float = 1.0
-    # Whose prediction for the neighbour's caption builds the PoG target (README "Teacher"):
+    # Whose prediction for the neighbour's caption builds the PoG target (README "Variants"):
     # "live" the model being trained (the paper's form), "base" the frozen weights the run started
     # from (prior preservation in product-of-Gaussians form).
     teacher: str = "live"
@@ -163,7 +163,7 @@ class TrainConfig:
     # Draw batch rows class-balanced (a class uniformly, then one of its rows). None = the method's
     # default (BALANCED_BY_DEFAULT); with "pogdiff" it puts the PoG target on top of balanced batches.
     balanced_sampling: bool | None = None
-    # Tempering of balanced batches (README "Tempered class sampling"): a class is drawn with
+    # Tempering of balanced batches (README "Variants"): a class is drawn with
     # probability proportional to n_c ** balance_alpha, then one of its rows uniformly. 0 is
     # class-uniform (fully balanced); 1 draws classes as often as plain fine-tuning does.
     balance_alpha: float = DEFAULT_BALANCE_ALPHA
@@ -275,7 +275,7 @@ class SampleConfig:
     guidance_scale: float = 3.0
     seeds: tuple[int, ...] = (0, 1, 2, 3)
     # "fp32", or "bf16": the UNet runs under bfloat16 autocast (the scheduler arithmetic stays
-    # float32). About 1.8x faster on CPUs with AVX-512 BF16 and on recent GPUs; the pixel cost is
+    # float32). Faster on CPUs with AVX-512 BF16 and on recent GPUs; the speed and the pixel cost are
     # measured in BENCHMARKS.md "Sampling".
     precision: str = "fp32"
 

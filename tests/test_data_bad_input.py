@@ -1,4 +1,4 @@
-"""Bad input: damaged zip entries, huge entries, and malformed captions (README "Bad input")."""
+"""Bad input: damaged zip entries, huge entries, and malformed captions (README "Data loading: bad input")."""
 
 import dataclasses
 import io

@@ -30,7 +30,7 @@ def test_every_ui_module_is_under_the_limit():
     assert max(sizes.values()) <= MODULE_MAX_LINES, sizes
 
 
-# Layers that import nothing of training, the UI or the benchmarks (docs/ARCHITECTURE.md "Stages").
+# Layers that import nothing of training, the UI or the benchmarks (docs/ARCHITECTURE.md "Stages, and who may import whom").
 LOWER = ("pogdiff.config", "pogdiff.checks", "pogdiff.constants", "pogdiff.server.safety", "pogdiff.method.knn", "pogdiff.method.losses", "pogdiff.model.text",
          "pogdiff.data")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,15 @@ from pogdiff.data import load_image_text_set
 from pogdiff.data.demo import RenderedSet, write_image_folder
 from pogdiff.data.identities import make_identities, sample_attributes
 from pogdiff.data.render import render
-from pogdiff.method.objectives import INACTIVE_POG_SHARE, pog_share, pogdiff_inactive_warning
+from pogdiff.method.objectives import (
+    INACTIVE_POG_SHARE,
+    POG_COMPARISON,
+    TEMPERED_COMPARISON,
+    UNMEASURED_POG_EFFECT,
+    measured_pog_effect,
+    pog_share,
+    pogdiff_inactive_warning,
+)
 from pogdiff.training.records import StepInfo
 from pogdiff.training.run import train
 
@@ -38,6 +48,27 @@ def test_warning_only_when_the_pog_share_stays_below_one_percent():
     already = pogdiff_inactive_warning([0.002] * 20, [0.2] * 20, pool="other_class")
     assert "psi pool 'other_class'" not in already and "a larger psi_max" in already
     assert pogdiff_inactive_warning([INACTIVE_POG_SHARE * 2] * 20, [0.2] * 20) is None
+
+
+def test_the_warning_quotes_the_measured_figures_of_the_quality_summary(tmp_path):
+    """The figures come from the summary file, never from the code; without it, words without figures."""
+    def comparison(ratio, low, high):
+        return {"few": {"ratio_of_means": ratio, "bootstrap_ci95": [low, high]}}
+
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({
+        "setA": {"comparisons": {POG_COMPARISON: comparison(1.123, 1.01, 1.2),
+                                 TEMPERED_COMPARISON: comparison(1.5, 1.2, 1.9)}},
+        "setB": {"comparisons": {POG_COMPARISON: comparison(0.98, 0.9, 1.05),
+                                 TEMPERED_COMPARISON: comparison(1.25, 1.1, 1.4)}},
+    }))
+    said = pogdiff_inactive_warning([0.002] * 20, [0.2] * 20, summary_path=summary)
+    assert "setA: +12.3% accuracy from the PoG term, +50.0% accuracy from the tempered batches" in said
+    assert "setB: nothing measurable (-2.0% accuracy, its interval holds no change) from the PoG term" in said
+    assert measured_pog_effect(tmp_path / "missing.json") == UNMEASURED_POG_EFFECT
+    summary.write_text(json.dumps({"setA": {"comparisons": {}}}))
+    assert measured_pog_effect(summary) == UNMEASURED_POG_EFFECT
+    assert not any(c.isdigit() for c in UNMEASURED_POG_EFFECT)
 
 
 @pytest.fixture(scope="module")

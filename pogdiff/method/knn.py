@@ -1,4 +1,4 @@
-"""k-nearest-neighbour search over L2-normalised vectors (BENCHMARKS.md "Caption kNN graph").
+"""k-nearest-neighbour search over L2-normalised vectors (BENCHMARKS.md "Caption kNN graph + psi table").
 
 Exact (FAISS inner product) up to a size threshold, approximate beyond it: an IVF self-join
 batched by list for the caption graph, with a recall guard that falls back to exact search, or
@@ -60,7 +60,7 @@ class KnnSearch:
 class KnnResult:
     """Neighbours found and how: ``sims`` float32 [Q, k] descending, ``idx`` int64 [Q, k] (``-1``
     padding); ``exact_fallback`` is True when the IVF self-join's recall guard found the
-    approximate graph too poor and recomputed it exactly (BENCHMARKS.md "Caption kNN graph")."""
+    approximate graph too poor and recomputed it exactly (BENCHMARKS.md "Caption kNN graph + psi table")."""
 
     sims: np.ndarray
     idx: np.ndarray

@@ -19,7 +19,7 @@ def frozen_weight_dtype(model, mixed_precision: str) -> torch.dtype | None:
 
     As diffusers' LoRA training scripts do, frozen weights are stored in the autocast dtype and
     only the LoRA parameters stay float32: no cast in every forward, half the weight memory
-    (BENCHMARKS.md "GPU" measured the fp32-weights step at about half the speed).
+    (BENCHMARKS.md "GPU" times the step with float32 frozen weights beside it).
     """
     if not getattr(model, "is_lora", False):
         return None
