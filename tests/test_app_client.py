@@ -159,8 +159,8 @@ def test_a_flat_kohya_tag_zip_through_the_api_and_another_class_source(served, t
     endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert [p["parameter_name"] for p in endpoints["/load_upload"]["parameters"]] == ["files", "class_source"]
     assert [p["parameter_name"] for p in endpoints["/class_source"]["parameters"]] == ["class_source"]
-    assert [p["parameter_name"] for p in endpoints["/start_training"]["parameters"]][-3:] == \
-        ["run_name", "from_scratch", "base"]
+    assert [p["parameter_name"] for p in endpoints["/start_training"]["parameters"]][-5:] == \
+        ["run_name", "from_scratch", "base", "balance", "loss_weights"]
     summary, report, table, *_ = client.predict([handle_file(str(kohya_zip(tmp_path / "shapes.zip")))],
                                                 api_name="/load_upload")
     assert {row[0]: row[1] for row in table["data"]} == SHAPES and "**Classes from:** first tag (auto:" in summary

@@ -394,6 +394,7 @@ def test_the_form_after_a_reload_shows_the_last_jobs_settings(tmp_path):
     assert restored.pop("base").value == "scratch"  # Start from: the run began from a random UNet
     pretrained = restored.pop("pretrained")
     assert pretrained.visible is False and pretrained.value == ""
+    assert (restored.pop("balance"), restored.pop("loss_weights")) == ("method", "")  # the method's batches
     assert restored == {k: v for k, v in options.items() if k != "pretrained"}
     assert "run **restored** (finished)" in note
     studio.train.start_run(key, train_form(steps=2))  # the shipped base: from_scratch comes back False

@@ -40,6 +40,13 @@ def class_shares(ds: Any) -> dict[str, dict[str, float]]:
     return {c: {key: s[c] for key, s in shares.items()} for c in names}
 
 
+def repeats_text(entry: dict | None) -> str:
+    """A class's repeats as its config gives them (``"13"``, OneTrainer ``"20 samples"``); "" without."""
+    if not entry:
+        return ""
+    return f"{entry['samples']:g} samples" if entry.get("samples") is not None else f"{entry['repeats']:g}"
+
+
 def balance_frame(ds: Any, loss_weights: dict[str, float] | None = None) -> pd.DataFrame:
     """:data:`BALANCE_COLUMNS` per class, most images first: repeats and draws per epoch as the set's
     config says (empty without one), the loss weight (``loss_weights``, else the set's, else 1) and
@@ -51,8 +58,7 @@ def balance_frame(ds: Any, loss_weights: dict[str, float] | None = None) -> pd.D
     rows = []
     for c in sorted(counts, key=lambda c: (-counts[c], c)):
         entry = weights.get(c, {})
-        repeats = entry.get("samples") if entry.get("samples") is not None else entry.get("repeats")
-        rows.append([c, counts[c], "" if repeats is None else f"{repeats:g}" + (" samples" if entry.get("samples") else ""),
+        rows.append([c, counts[c], repeats_text(entry),
                      float(loss.get(c, entry.get("loss_weight", 1.0))),
                      "" if not entry else round(float(entry["draw_weight"]), 2),
                      round(100 * shares[c]["yours"], 1) if "yours" in shares[c] else None,
@@ -156,3 +162,57 @@ def parse_loss_weights(frame: Any, classes: list[str]) -> dict[str, float]:
         if weight != 1.0:
             out[name] = weight
     return out
+
+
+def weights_text(weights: dict[str, float]) -> str:
+    """``{"gold moon": 2.0}`` -> ``"gold moon=2"``: the Train form's class loss weights, one
+    ``class=weight`` per entry, separated by ``;``."""
+    return "; ".join(f"{c}={w:g}" for c, w in sorted(weights.items()))
+
+
+def parse_weights_text(text: Any, classes: list[str] | None = None) -> dict[str, float]:
+    """The Train form's ``class=weight; class=weight`` (``;`` or new lines between entries) as a
+    dict; an entry without ``=``, a weight that is not a number above 0 or (with ``classes``) a class
+    the set lacks is refused in words."""
+    out = {}
+    for part in str(text or "").replace("\n", ";").split(";"):
+        if not part.strip():
+            continue
+        name, sep, raw = part.rpartition("=")
+        try:
+            weight = float(raw)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not name.strip() or not (weight > 0 and math.isfinite(weight)):
+            raise ValueError(f"class loss weight {part.strip()!r}: write class=weight with a weight above 0, "
+                             "e.g. 'gold moon=2', entries separated by ';'")
+        out[name.strip()] = weight
+    unknown = sorted(set(out) - set(classes)) if classes is not None else []
+    if unknown:
+        raise ValueError(f"class loss weights name class(es) {', '.join(map(repr, unknown))} that the loaded set "
+                         "does not have (the Data tab lists its classes)")
+    return out
+
+
+def class_table_view(table: pd.DataFrame, ds: Any) -> pd.DataFrame:
+    """The Data tab's images-per-class table with, for a set whose config gives them, each class's
+    ``repeats`` and ``share of draws %`` under them."""
+    weights = getattr(ds, "class_weights", None) or {}
+    if not weights:
+        return table
+    view = table.copy()
+    view["repeats"] = [repeats_text(weights.get(s)) for s in view["subject"]]
+    view["share of draws %"] = [round(100 * weights[s]["share"], 1) if s in weights else None for s in view["subject"]]
+    return view
+
+
+def balance_label(train_cfg: Any) -> str:
+    """What a run's record says of its class balance, for its label in Compare (``", your repeats"``,
+    ``", your loss weights"``, ``", loss beta 0.5"``; "" for the method's own batches)."""
+    cfg = train_cfg if isinstance(train_cfg, dict) else {}
+    parts = ["your repeats"] if cfg.get("balance") == "from-data" else []
+    if cfg.get("class_loss_weights"):
+        parts.append("your loss weights")
+    if cfg.get("class_loss_beta"):
+        parts.append(f"loss beta {cfg['class_loss_beta']:g}")
+    return "".join(f", {p}" for p in parts)

@@ -18,6 +18,9 @@ from pogdiff.server import safety
 from pogdiff.config import Limits
 from pogdiff.constants import SHOT_COLOURS
 from pogdiff.data.classes import CLASS_SOURCES, DEFAULT_CLASS_SOURCE
+from pogdiff.ui.balance_panel import BalancePanel
+from pogdiff.ui.balance_panel import build as build_balance_panel
+from pogdiff.ui.balance_views import class_table_view
 from pogdiff.ui.datasets import Datasets
 from pogdiff.ui.sessions import Sessions
 from pogdiff.ui.shared import Shared, disable_two, enable_two, same
@@ -54,6 +57,7 @@ class DataTab:
         self.datasets = datasets
         self.sessions = sessions
         self.limits = limits
+        self.balance = BalancePanel(datasets, limits)  # the Balancing panel: repeats, shares, loss weights
 
     def load_demo(self, class_source: str = DEFAULT_CLASS_SOURCE, progress: gr.Progress = gr.Progress(),
                   request: gr.Request = None) -> tuple:
@@ -178,7 +182,7 @@ class DataTab:
             bundle.key,
             headline,
             report_markdown(bundle.ds.report),
-            bundle.table,
+            class_table_view(bundle.table, bundle.ds),  # with each class's repeats when the set gives them
             self.long_tail_frame(bundle),
             gr.Dropdown(choices=choices, value=chosen, interactive=True),
             self.class_gallery(bundle.key, chosen),
@@ -254,6 +258,7 @@ def build(data: DataTab, shared: Shared) -> gr.Tab:
         )
         class_gallery = gr.Gallery(label="Class samples", columns=8, height=300, object_fit="contain",
                                    fit_columns=False, elem_classes="pixelated", allow_preview=True)
+        build_balance_panel(data.balance, shared)
 
     data_outputs = [ds_key, summary_md, report_md, class_table, long_tail, class_dd, class_gallery]
     buttons = [demo_btn, load_btn]

@@ -14,6 +14,8 @@ import gradio as gr
 from pogdiff.config import PRESETS
 
 POLL_SECONDS = 1.0  # the timer that polls the server-side job: refresh-proof, shared by all tabs
+LOSS_WEIGHTS_INFO = ("class=weight; class=weight: each class's loss times its weight (the others 1), from the Data "
+                     "tab's Balancing panel or typed; with your repeats and this empty, the set's own loss weights")
 PRESET_INFO = "tiny: small pixel-space UNet, runs on CPU · sd15: Stable Diffusion 1.x/2.x with LoRA (GPU)"
 
 
@@ -26,6 +28,8 @@ class Shared:
     other tabs read it and refresh their banner when it changes.
     ``preset``: the model preset; the Train tab shows it and trains with it, the Neighbours tab shows
     that preset's preparation. It is made unrendered here and rendered by the Train tab.
+    ``loss_weights``: the Train form's class loss weights (``class=weight; ...``), which the Data tab's
+    Balancing panel fills; made unrendered here, rendered by the Train tab.
     ``kept_dataset`` and ``kept_compare``: what the browser keeps over a page reload (the Data tab's
     dataset key; the Compare tab's choices and a token of its results), and ``timer``, which polls
     the training job. They live on the page, not in a tab: a tab's components mount only when the
@@ -35,6 +39,7 @@ class Shared:
     page: gr.Blocks
     dataset: gr.State
     preset: gr.Radio
+    loss_weights: gr.Textbox
     kept_dataset: gr.BrowserState
     kept_compare: gr.BrowserState
     timer: gr.Timer
@@ -47,6 +52,8 @@ class Shared:
             page=page,
             dataset=gr.State(None),
             preset=gr.Radio(list(PRESETS), value="tiny", label="Model preset", info=PRESET_INFO, render=False),
+            loss_weights=gr.Textbox("", label="Class loss weights", max_lines=3, render=False,
+                                    info=LOSS_WEIGHTS_INFO, elem_id="pg-loss-weights"),
             kept_dataset=gr.BrowserState(None, storage_key="pogdiff-dataset", secret=browser_secret),
             kept_compare=gr.BrowserState(None, storage_key="pogdiff-compare", secret=browser_secret),
             timer=gr.Timer(POLL_SECONDS),

@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 
 from pogdiff.runs.store import RunStore
+from pogdiff.ui.balance_views import balance_label
 from pogdiff.ui.state import Device, Source
 from pogdiff.ui.views import MAX_CACHED_MODELS, SHIPPED_RUNS
 
@@ -60,8 +61,8 @@ class Sources:
                 found.append(Source(f"shipped:{folder}", f"shipped · {folder} ({method}, demo set)", ckpt,
                                     metrics_csv=csv if csv.is_file() else None))
         for run in self.runs.list_runs():
-            found.append(Source(f"run:{run.name}", f"run · {run.name} ({run.method}, {run.steps_done} steps)",
-                                run.checkpoint))
+            found.append(Source(f"run:{run.name}", f"run · {run.name} ({run.method}{balance_label(run.train_cfg)}, "
+                                f"{run.steps_done} steps)", run.checkpoint))
         return found
 
     @staticmethod

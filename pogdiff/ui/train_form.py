@@ -20,7 +20,7 @@ from typing import Any
 
 import gradio as gr
 
-from pogdiff.config import METHODS, PRESETS, PsiConfig, TrainConfig
+from pogdiff.config import BALANCES, METHODS, PRESETS, PsiConfig, TrainConfig
 from pogdiff.config import POOLS
 
 # The budget chosen from the quality benchmark's curve: at 300 steps no recipe has learned the rare
@@ -57,13 +57,19 @@ class TrainForm:
     run_name: str = ""  # empty: a dated name
     from_scratch: bool = False  # kept for API callers: the form's Start from does the same with "scratch"
     base: str = ""  # Start from: "shipped" (or empty), "scratch" or "run:<name>"
+    # Class balance (README "Training options"): "method" (the method's batches) or "from-data" (the
+    # set's own kohya / OneTrainer repeats); loss_weights: "class=weight; ..." (empty: none, or with
+    # from-data the set's own).
+    balance: str = "method"
+    loss_weights: str = ""
 
     # API callers may leave these out (README "Scripting the app"); the fields before them are required.
-    OPTIONAL: typing.ClassVar[tuple[str, ...]] = ("run_name", "from_scratch", "base")
+    OPTIONAL: typing.ClassVar[tuple[str, ...]] = ("run_name", "from_scratch", "base", "balance", "loss_weights")
     # What a page load puts back from the running or last run's run.json (the run name stays empty).
     RESTORED: typing.ClassVar[tuple[str, ...]] = ("method", "preset", "pretrained", "steps", "batch_size", "lr",
                                                   "psi_max", "k", "use_density", "use_image_sim", "use_text_sim",
-                                                  "pool", "sample_every", "seed", "base")
+                                                  "pool", "sample_every", "seed", "base", "balance",
+                                                  "loss_weights")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -127,5 +133,8 @@ def form_values(meta: dict[str, Any], *, base_available: bool = True) -> dict[st
         "use_text_sim": bool(psi.get("use_text_sim", defaults.use_text_sim)),
         "pool": psi.get("pool") if psi.get("pool") in POOLS else defaults.pool,
         "sample_every": train.get("sample_every", 0), "seed": train.get("seed", 0),
+        "balance": train.get("balance") if train.get("balance") in BALANCES else "method",
+        "loss_weights": "; ".join(f"{c}={w:g}" for c, w in sorted((train.get("class_loss_weights") or {}).items())
+                                  if isinstance(w, (int, float))),
         "from_scratch": preset == "tiny" and base_available and not meta.get("base_checkpoint"),
     }

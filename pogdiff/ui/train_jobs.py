@@ -3,6 +3,7 @@ choices, and starting, resuming, stopping and polling the background job."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import gradio as gr
 
 from pogdiff.server import safety
 from pogdiff.config import (
+    BALANCES,
     METHODS,
     PRESETS,
     Limits,
@@ -155,6 +157,7 @@ class TrainJobs:
         if model_cfg.preset == "sd15" and not self.device.on_gpu:
             raise gr.Error("The sd15 preset needs a GPU; this server has none. Use the tiny preset on CPU.")
         bundle = self.datasets.bundle(key)
+        train_cfg = self.class_balance(train_cfg, form, bundle)
         from pogdiff.training.setup import check_train_config
 
         try:
@@ -163,6 +166,22 @@ class TrainJobs:
             raise gr.Error(str(exc), title="Invalid training options") from exc
         choice, base = self.chosen_base(model_cfg, from_scratch, form.base, request)
         return model_cfg, train_cfg, bundle, choice, base
+
+    def class_balance(self, train_cfg: Any, form: TrainForm, bundle: DatasetBundle):
+        """``train_cfg`` with the form's **Class balance** and **Class loss weights** on the loaded set:
+        ``from-data`` takes the set's repeats (and its loss weights when the form names none); gr.Error
+        in words for a set without repeats, a class it lacks or a bad weight."""
+        from pogdiff.training.balance import with_data_weights
+        from pogdiff.ui.balance_views import parse_weights_text
+
+        balance = checked_input(safety.choice, "Class balance", form.balance or "method", BALANCES)
+        text = checked_input(safety.text, "Class loss weights", form.loss_weights or "", 8 * self.limits.max_text_chars)
+        try:
+            weights = parse_weights_text(text, list(bundle.table["subject"]))
+            cfg = dataclasses.replace(train_cfg, balance=balance, class_loss_weights=weights)
+            return with_data_weights(cfg, bundle.ds)
+        except ValueError as exc:
+            raise gr.Error(str(exc), title="Invalid class balance") from exc
 
     def chosen_base(self, model_cfg: Any, from_scratch: bool, base: str | None,
                     request: gr.Request | None) -> tuple[str, Path | None]:

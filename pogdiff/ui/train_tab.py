@@ -44,6 +44,10 @@ def method_info(summary_path: Path = QUALITY_SUMMARY) -> str:
     return f"{METHOD_INFO} — {measured}" if measured else METHOD_INFO
 
 
+BALANCE_CHOICES = [("the method's batches", "method"), ("your repeats (kohya / OneTrainer)", "from-data")]
+BALANCE_INFO = ("the method's: plain rows for baseline and cbdm, tempered class-balanced for the others · your "
+                "repeats: each class as often as the set's <repeats>_<name> folders, dataset_config.toml or "
+                "concepts.json say (the Data tab's Balancing panel shows the shares)")
 BASE_NOTE = ("The shipped base, checkpoints/base-tiny, is a face model pretrained on 40 procedural demo identities "
              "at 32 px: on your own data it starts from faces. From scratch (a random UNet) needs many more steps. "
              "One of your tiny runs: a new run fine-tunes its last checkpoint on the loaded data.")
@@ -74,6 +78,8 @@ def _form(training: TrainJobs, shared: Shared) -> TrainForm:
                        label="Start from (tiny preset)", info=BASE_NOTE, elem_id="pg-base")
     # /start_training's from_scratch, kept for API callers (the form uses Start from)
     from_scratch = gr.Checkbox(start.from_scratch, visible=False, label="Train from scratch")
+    balance = gr.Radio(BALANCE_CHOICES, value=start.balance, label="Class balance", info=BALANCE_INFO)
+    loss_weights = shared.loss_weights.render()
     with gr.Accordion("psi options (pogdiff)", open=False):
         psi_max = gr.Slider(0.0, 5.0, value=start.psi_max, step=0.1, label="psi_max",
                             info="Largest weight a sample gives to its neighbour's prediction.")
@@ -89,7 +95,7 @@ def _form(training: TrainJobs, shared: Shared) -> TrainForm:
     return TrainForm(method=method, preset=preset, pretrained=pretrained, steps=steps, batch_size=batch_size, lr=lr,
                      psi_max=psi_max, k=k, use_density=use_density, use_image_sim=use_image_sim,
                      use_text_sim=use_text_sim, pool=pool, sample_every=sample_every, seed=seed, run_name=run_name,
-                     from_scratch=from_scratch, base=base)
+                     from_scratch=from_scratch, base=base, balance=balance, loss_weights=loss_weights)
 
 
 def build(training: TrainJobs, runs: TrainRuns, shared: Shared) -> gr.Tab:
