@@ -454,3 +454,34 @@ def test_compare_tab(trained_page, tmp_path):
     assert _mean_difference(page) == before
     assert page.get_by_label("Or type prompts").input_value() == typed
     page.get_by_text(f"Judged on {OWN_ZIP}'s own").first.wait_for()
+
+
+def test_a_kohya_tree_zip_shows_its_repeats_and_their_verdict(fresh_page, tmp_path):
+    """A kohya tree (``img/<repeats>_<class>/`` with ``.txt`` tags): the class table names the classes
+    without the prefix, with their images and repeats; the Balancing panel sets the shares of draws under
+    the repeats beside plain and tempered batches, with its note; the Train form offers *your repeats*."""
+    from tests.test_balance_ui import kohya_zip_of
+    from tests.test_trainer_configs import SHAPES
+
+    page = fresh_page
+    open_tab(page, "Data")
+    _upload(page, [kohya_zip_of(tmp_path)])
+    page.get_by_role("button", name="Validate and load upload").click()
+    page.get_by_text(f"{sum(n for n, _ in SHAPES.values())} images · {len(SHAPES)} classes").first.wait_for()
+    heads, rows = _grid(page.locator("[role=grid][aria-label='Images per class']"))
+    col = {h: i for i, h in enumerate(heads)}
+    assert {r[col["subject"]]: (int(r[col["count"]]), r[col["repeats"]]) for r in rows} == \
+        {c: (n, str(r)) for c, (n, r) in SHAPES.items()}
+    page.get_by_text("Balancing: your repeats, plain and tempered batches, loss weights").first.click()
+    note = page.locator("#pg-balance-note")
+    note.get_by_text("Your balancing").first.wait_for()
+    assert "gold moon" in note.inner_text() and "class-uniform resampling" in note.inner_text()
+    heads, rows = _grid(page.locator("[role=grid][aria-label='Share of draws per class']"))
+    col = {h: i for i, h in enumerate(heads)}
+    shares = {r[col["class"]]: float(r[col["your repeats %"]]) for r in rows}
+    assert shares["gold moon"] == pytest.approx(round(100 * 26 / 57, 1))
+    page.get_by_role("button", name="Use these loss weights for training").click()
+    page.get_by_text("Every class weighs 1").first.wait_for()
+    _shot(page, "data-kohya", tmp_path)
+    open_tab(page, "Train")
+    assert page.get_by_text("your repeats (kohya / OneTrainer)").count() >= 1
