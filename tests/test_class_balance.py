@@ -146,3 +146,18 @@ def test_the_train_flags_reach_the_config():
     for bad in ("red circle", "x=0", "x=-1", "=2", "x=inf", "x=two"):
         with pytest.raises(argparse.ArgumentTypeError, match="write CLASS=WEIGHT"):
             class_weight_item(bad)
+
+
+def test_a_runs_class_shares_are_the_trainers_draw():
+    """run_class_shares (the Data tab's table, the kohya export) gives what the trainer draws."""
+    from pogdiff.training.balance import run_class_shares
+    from pogdiff.training.trainer import class_draw_weights
+
+    rows, names, counts = [list(range(9)), list(range(4)), [0]], ["a", "b", "c"], [9, 4, 1]
+    for alpha in (0.0, 0.5, 1.0):
+        shares = run_class_shares(TrainConfig(method="resample", balance_alpha=alpha), names, counts)
+        np.testing.assert_allclose([shares[c] for c in names], class_draw_weights(rows, alpha).numpy(), rtol=1e-12)
+    assert run_class_shares(TrainConfig(method="baseline"), names, counts) == pytest.approx(
+        {"a": 9 / 14, "b": 4 / 14, "c": 1 / 14})
+    cfg = TrainConfig(balance="from-data", class_draw_weights={"a": 9.0, "b": 8.0, "c": 13.0})
+    assert run_class_shares(cfg, names, counts) == pytest.approx({"a": 0.3, "b": 8 / 30, "c": 13 / 30})

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pogdiff.config import TrainConfig
+from pogdiff.config import TrainConfig, uses_balanced_sampling
 
 FROM_DATA = "from-data"
 
@@ -98,8 +98,6 @@ def run_class_shares(cfg: TrainConfig, names: Sequence[str], counts: Sequence[in
     """Each class's expected share of a run's batch rows: ``class_draw_weights`` normalised under
     ``balance="from-data"``, ``n_c ** alpha`` normalised for class-balanced batches
     (:func:`pogdiff.training.trainer.class_draw_weights`), ``n_c / N`` for plain ones."""
-    from pogdiff.config import uses_balanced_sampling
-
     probs = draw_probabilities(cfg, names)
     if probs is None:
         n = torch.tensor([float(c) for c in counts], dtype=torch.float64)
