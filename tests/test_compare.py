@@ -14,7 +14,6 @@ import pytest
 from pogdiff.ui import compare_views as cv
 from pogdiff.ui import neighbours_views as nv
 from tests.fakes import relative_luminance
-from pogdiff.evaluation import metrics
 from pogdiff.ui import state as ui_state
 from pogdiff.ui import views
 
@@ -116,18 +115,6 @@ def test_result_cache_is_bounded_and_merges():
     cache.get(t1)  # t1 is now the most recent
     cache.put(t3, images=4)
     assert cache.get(t2) == {} and cache.get(t1) and cache.get(t3) and cache.get(None) == {}
-
-
-def test_paired_frequency_figure_bars_are_b_minus_a():
-    fig = metrics.paired_frequency_figure(A_TABLE, B_TABLE, ("base", "pog"))
-    top, bottom = fig.axes
-    heights = sorted(round(p.get_height(), 6) for p in bottom.patches)
-    assert heights == sorted([round(0.4 - 0.1, 6), round(0.55 - 0.5, 6), round(0.8 - 0.9, 6)])
-    colours = {round(p.get_height(), 6): p.get_facecolor()[:3] for p in bottom.patches}
-    assert colours[round(0.8 - 0.9, 6)][0] > colours[round(0.8 - 0.9, 6)][1]  # B below A: red
-    assert [t.get_text() for t in top.get_legend().get_texts()][:2] == ["base", "pog"]
-    with pytest.raises(ValueError, match="lacks column"):
-        metrics.paired_frequency_figure(A_TABLE, B_TABLE.drop(columns="accuracy"))
 
 
 # ============================================================================ pure: Neighbours

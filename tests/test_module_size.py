@@ -25,11 +25,6 @@ def test_no_module_of_the_package_is_over_the_limit():
     assert not over, f"split these modules by concept (at most {MODULE_MAX_LINES} lines each): {over}"
 
 
-def test_every_ui_module_is_under_the_limit():
-    sizes = {p.name: _lines(p) for p in (REPO / "pogdiff" / "ui").glob("*.py")}
-    assert max(sizes.values()) <= MODULE_MAX_LINES, sizes
-
-
 # Layers that import nothing of training, the UI or the benchmarks (docs/ARCHITECTURE.md "Stages, and who may import whom").
 LOWER = ("pogdiff.config", "pogdiff.checks", "pogdiff.constants", "pogdiff.server.safety", "pogdiff.method.knn", "pogdiff.method.losses", "pogdiff.model.text",
          "pogdiff.data")

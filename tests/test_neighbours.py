@@ -128,6 +128,13 @@ def test_density_weights_kde_reverses_cluster_size():
     np.testing.assert_allclose(w, rho.min() / rho, rtol=1e-5)
 
 
+def _draw(table, rows, generator):
+    """One neighbour per row as training draws it (``draw_slots``): (neighbour ids [B], psi [B])."""
+    rows = np.asarray(rows, dtype=np.int64)
+    slots = table.draw_slots(rows, generator)
+    return table.indices[rows, slots], table.psi[rows, slots]
+
+
 def _toy_set(seed: int = 8):
     """3 classes of sizes 6, 3, 1 with cluster structure in both caption and image space."""
     rng = np.random.default_rng(seed)
@@ -217,7 +224,7 @@ def test_same_class_pool_never_crosses_classes():
             assert np.all(table.probs[i][~valid] == 0)
     one = np.flatnonzero(labels == "one")[0]
     assert np.all(table.indices[one] == -1) and np.all(table.psi[one] == 0)
-    ids, psi = table.draw(np.arange(len(classes)).repeat(50), torch.Generator().manual_seed(0))
+    ids, psi = _draw(table, np.arange(len(classes)).repeat(50), torch.Generator().manual_seed(0))
     src = labels[np.arange(len(classes)).repeat(50)]
     ok = ids >= 0
     assert np.all(labels[ids[ok]] == src[ok])
@@ -226,16 +233,16 @@ def test_same_class_pool_never_crosses_classes():
         build_neighbour_table(pooled, feats, PsiConfig(pool="same_class"))
 
 
-def test_draw_is_deterministic_and_matches_probs():
+def test_draw_slots_is_deterministic_and_matches_probs():
     pooled, feats, classes = _toy_set()
     table = build_neighbour_table(pooled, feats, PsiConfig(pool="all", k=3), classes=classes)
     rows = np.array([0, 4, 7])
-    a = table.draw(rows, torch.Generator().manual_seed(123))
-    b = table.draw(rows, torch.Generator().manual_seed(123))
+    a = _draw(table, rows, torch.Generator().manual_seed(123))
+    b = _draw(table, rows, torch.Generator().manual_seed(123))
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
     many = np.repeat(rows, 20_000)
-    ids, psi = table.draw(many, torch.Generator().manual_seed(7))
+    ids, psi = _draw(table, many, torch.Generator().manual_seed(7))
     for r in rows:
         picked = ids[many == r]
         freq = np.array([(picked == j).mean() for j in table.indices[r]])
@@ -243,7 +250,7 @@ def test_draw_is_deterministic_and_matches_probs():
         lookup = dict(zip(table.indices[r], table.psi[r]))
         np.testing.assert_array_equal(psi[many == r], [lookup[j] for j in picked])
     nearest = build_neighbour_table(pooled, feats, PsiConfig(pool="all", k=3, sampling="nearest"), classes=classes)
-    ids, _ = nearest.draw(np.arange(10), torch.Generator().manual_seed(0))
+    ids, _ = _draw(nearest, np.arange(10), torch.Generator().manual_seed(0))
     np.testing.assert_array_equal(ids, nearest.indices[:, 0])
 
 

@@ -44,24 +44,6 @@ def test_two_steps_of_each_method_write_a_checkpoint_that_loads_and_samples(meth
     assert (run.name, run.state, run.steps_done, run.max_steps, run.method) == ("run", "finished", 2, 2, method)
 
 
-def test_resume_reproduces_the_uninterrupted_loss_curve(dataset, tmp_path):
-    cfg = dataclasses.replace(FAST, method="pogdiff", max_steps=6)
-    full = train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=cfg, run_dir=tmp_path / "full")
-
-    stop = threading.Event()
-
-    def stop_at_3(info):
-        if info.step == 3:
-            stop.set()
-
-    first = train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=cfg, run_dir=tmp_path / "split",
-                  callback=stop_at_3, stop_event=stop)
-    assert first.stopped and first.steps_done == 3
-    second = train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=cfg, run_dir=tmp_path / "split")
-    assert second.steps_done == 6 and not second.stopped
-    np.testing.assert_allclose(loss_curve(second.history), loss_curve(full.history), rtol=1e-5, atol=1e-6)
-
-
 def test_stop_event_is_honoured_within_one_step(dataset, tmp_path):
     stop = threading.Event()
     seen = []

@@ -6,8 +6,9 @@ becomes the per-pair relative precision
 
     psi_ij = psi_max * w_density(i) * s_img(i, j) * s_txt(i, j)
 
-that :func:`pogdiff.method.losses.pogdiff_loss` consumes. During training :meth:`NeighbourTable.draw`
-picks one of the k neighbours per sample.
+that :func:`pogdiff.method.losses.pogdiff_loss` consumes. During training
+:meth:`NeighbourTable.draw_slots` picks one of the k neighbours per sample (its column of the table's
+``[N, k]`` arrays: the objective reads the neighbour's row and psi there).
 
 Missing neighbours (k larger than the pool, or a class of one under the ``same_class`` pool) are
 marked with index ``-1``; they have psi 0 and probability 0, so they never contribute.
@@ -166,19 +167,10 @@ class NeighbourTable:
     def __len__(self) -> int:
         return int(self.indices.shape[0])
 
-    def draw(self, rows: np.ndarray, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Pick one neighbour per row by ``probs``.
-
-        :param rows: [B] int sample rows.
-        :param generator: a CPU ``torch.Generator``; the same state gives the same draw.
-        :return: ``(neighbour ids [B] int64, psi [B] float32)``; id -1 only where psi is 0.
-        """
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        col = self.draw_slots(rows, generator)
-        return self.indices[rows, col].copy(), self.psi[rows, col].astype(np.float32)
-
     def draw_slots(self, rows: np.ndarray, generator: torch.Generator) -> np.ndarray:
-        """The neighbour slot (column of the [N, k] arrays) drawn for each of ``rows`` [B]: int64 [B]."""
+        """The neighbour slot (column of the [N, k] arrays) drawn for each of ``rows`` [B] by ``probs``:
+        int64 [B]. ``generator`` is a CPU ``torch.Generator``; the same state gives the same draw. A
+        slot whose neighbour is -1 (none) has probability 0, so it is drawn only where psi is 0."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size == 0:
             return np.empty(0, np.int64)
