@@ -183,7 +183,7 @@ def test_verify_checkpoint_names_a_damaged_or_missing_file(tmp_path):
 
 def test_candidates_cleanup_and_set_aside(tmp_path):
     from pogdiff.model.checkpoints import clean_temporary, resume_candidates
-    from pogdiff.runs.run_folder import HISTORY_FILE, RUN_FILE, set_aside, update_record
+    from pogdiff.training.run_folder import HISTORY_FILE, RUN_FILE, set_aside, update_record
 
     model = _model()
     run = tmp_path / "run"

@@ -12,7 +12,7 @@ import pytest
 
 from pogdiff.config import ModelConfig, TrainConfig
 from pogdiff.runs.jobs import JobBusyError, JobManager, JobStatus
-from pogdiff.runs.run_folder import read_previews
+from pogdiff.training.run_folder import read_previews
 from tests.fakes import FakeDataset, FakeTrain
 
 TIMEOUT = 10.0
@@ -209,7 +209,7 @@ def test_an_interrupted_run_is_listed_and_resumes_in_its_own_folder(tmp_path):
 
 # ----------------------------------------------------------------- previews, run settings, step time
 def test_previews_are_saved_in_the_run_folder_and_read_back(tmp_path):
-    from pogdiff.runs.run_folder import read_previews
+    from pogdiff.training.run_folder import read_previews
 
     jobs = JobManager(tmp_path, train_fn=FakeTrain())
     jobs.start(FakeDataset(), *_cfgs(5), preview_captions=["x", "y"], run_name="named")
@@ -242,7 +242,7 @@ def test_previews_of_the_current_job_are_read_with_a_relative_runs_folder(tmp_pa
 
 
 def test_save_preview_refuses_images_and_captions_that_do_not_match(tmp_path):
-    from pogdiff.runs.run_folder import save_preview
+    from pogdiff.training.run_folder import save_preview
 
     with pytest.raises(ValueError, match=r"needs N images \[N, H, W, 3\] and N captions, got \(2, 8, 8, 3\) and 1"):
         save_preview(tmp_path, 1, np.zeros((2, 8, 8, 3), np.uint8), ["only one"])
@@ -371,7 +371,7 @@ def test_the_live_eta_of_a_job_says_estimating_at_first_and_is_zero_at_the_end(t
 
 
 def test_scratch_folders_are_never_listed_as_runs(tmp_path):
-    from pogdiff.runs.run_folder import update_record
+    from pogdiff.training.run_folder import update_record
 
     jobs = JobManager(tmp_path, train_fn=FakeTrain())
     jobs.start(FakeDataset(), *_cfgs(2), run_name="real")
@@ -387,7 +387,7 @@ def test_scratch_folders_are_never_listed_as_runs(tmp_path):
 
 def test_the_record_holds_the_trainers_fields_and_the_job_managers(tmp_path):
     """run.json is one record written by two hands: what the trainer writes survives the job's end."""
-    from pogdiff.runs.run_folder import read_record, update_record
+    from pogdiff.training.run_folder import read_record, update_record
 
     fake = FakeTrain()
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pogdiff.model import checkpoints
-from pogdiff.runs import run_folder
+from pogdiff.training import run_folder
 from pogdiff.runs.store import RunStore
 from pogdiff.config import DataConfig, PsiConfig, SampleConfig, TrainConfig
 from pogdiff.data import load_image_text_set
@@ -330,7 +330,7 @@ def test_an_unwritable_or_full_run_folder_is_refused_before_step_1(dataset, tmp_
 
 
 def test_resuming_another_method_or_data_is_refused_unless_a_new_run_is_asked(dataset, tmp_path):
-    from pogdiff.runs.run_folder import RunMismatchError
+    from pogdiff.training.run_folder import RunMismatchError
 
     base = dataclasses.replace(FAST, method="baseline")
     train(dataset=dataset, model_cfg=SMALL_MODEL, train_cfg=base, run_dir=tmp_path)

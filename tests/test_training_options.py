@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pogdiff.model import checkpoints
-from pogdiff.runs import run_folder
+from pogdiff.training import run_folder
 from pogdiff.training import accelerator, setup
 from pogdiff.config import DataConfig, TrainConfig
 from pogdiff.data import load_image_text_set

@@ -202,8 +202,8 @@ def train_to_budgets(run_dir: Path, cfg: TrainConfig, budgets, train_set, *, mod
     """Train one run to each budget in turn, resuming, and keep the checkpoint of every budget.
 
     A run resumed from its ``b``-step checkpoint ends bit for bit where an uninterrupted run ends
-    (docs/ARCHITECTURE.md "Shapes and conventions"), so the budgets' checkpoints are those of one run read along the way. A run
-    folder that holds another configuration is refused rather than mixed in.
+    (docs/ARCHITECTURE.md "Shapes and conventions"), so the budgets' checkpoints are those of one run
+    read along the way. A run folder that holds another configuration is refused rather than mixed in.
 
     :returns: ``{budget: checkpoint folder}``.
     """

@@ -11,7 +11,7 @@ Layout of ``run_dir/checkpoint-{step:06d}/``::
     manifest.json             size and sha256 of every file above (checked before a resume)
 
 The files of the run folder around the checkpoints (its record ``run.json``, the history, the
-previews) are :mod:`pogdiff.runs.run_folder`'s.
+previews) are :mod:`pogdiff.training.run_folder`'s.
 
 Nothing is ever loaded with pickle.
 """

@@ -1,1 +1,1 @@
-"""Runs: a run's folder and record, the store of runs, background jobs, export."""
+"""Runs: the store of runs, background training jobs, export (the run folder itself is written by training)."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pogdiff.runs.run_folder import RUN_FILE, save_preview, update_record
+from pogdiff.training.run_folder import RUN_FILE, save_preview, update_record
 from pogdiff.runs.store import RunInfo, RunStore, StepTime, describe_dataset
 from pogdiff.server.safety import check_run_name, owner_digest
 

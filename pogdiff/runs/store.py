@@ -1,6 +1,6 @@
 """The runs folder: every run under it read as a :class:`RunInfo`, listed, found by name, and exported.
 
-A run is a folder under the runs folder with a record (``run.json``, :mod:`pogdiff.runs.run_folder`) and
+A run is a folder under the runs folder with a record (``run.json``, :mod:`pogdiff.training.run_folder`) and
 a checkpoint. :class:`RunStore` is the one place that reads them: the Studio's Train, Compare and
 metrics views, the job manager and the time estimates all go through it. Every path that comes from
 a caller or from a ``run.json`` is resolved (symlinks followed) and used only when it lies inside the
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pogdiff.runs.run_folder import RUN_FILE, Preview, find_checkpoint, read_previews
+from pogdiff.training.run_folder import RUN_FILE, Preview, find_checkpoint, read_previews
 from pogdiff.server.safety import UnsafePathError, check_run_name, resolve_inside
 
 logger = logging.getLogger(__name__)

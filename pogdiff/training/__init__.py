@@ -1,1 +1,1 @@
-"""Training: the trainer loop, its setup, its records and the run entry point."""
+"""Training: the trainer loop, what it sets up, the run folder it writes and the run entry point."""

@@ -3,7 +3,7 @@
 :class:`StepInfo` is one step's report (the callback's argument and a line of ``history.jsonl``),
 :class:`TrainResult` what a finished run returns, :class:`NonFiniteError` why a run stopped early.
 :class:`RunFiles` is the run folder as the Trainer keeps it: the history file equal to the steps
-done, the run's record (``run.json``, :mod:`pogdiff.runs.run_folder`) and the checkpoints written;
+done, the run's record (``run.json``, :mod:`pogdiff.training.run_folder`) and the checkpoints written;
 what a checkpoint holds besides the weights is :mod:`pogdiff.training.state`'s.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pogdiff.model import checkpoints
-from pogdiff.runs import run_folder
+from pogdiff.training import run_folder
 from pogdiff.config import TrainConfig, to_dict
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def tracker_values(info: StepInfo) -> dict[str, float]:
 
 
 def history_from_rows(rows: Sequence[dict]) -> list[StepInfo]:
-    """``StepInfo`` of each row of :func:`pogdiff.runs.run_folder.read_history` (unknown keys ignored)."""
+    """``StepInfo`` of each row of :func:`pogdiff.training.run_folder.read_history` (unknown keys ignored)."""
     known = {f.name for f in dataclasses.fields(StepInfo)}
     return [StepInfo(**{k: v for k, v in h.items() if k in known}) for h in rows]
 
@@ -78,7 +78,7 @@ class RunFiles:
     ``run.json`` and the checkpoints. Only the main process writes (``is_main``).
 
     :param model: the model whose checkpoints are written (its config goes into the record).
-    :param fingerprint: what a resume must not change (:func:`pogdiff.runs.run_folder.run_fingerprint`),
+    :param fingerprint: what a resume must not change (:func:`pogdiff.training.run_folder.run_fingerprint`),
         kept in the record and in every checkpoint.
     """
 

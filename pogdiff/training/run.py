@@ -7,7 +7,7 @@ has a module per concern: config checks (:mod:`pogdiff.training.setup`), the acc
 trackers (:mod:`~pogdiff.training.accelerator`), memory and gradient checkpointing
 (:mod:`~pogdiff.training.memory`), the optimizer (:mod:`~pogdiff.training.optimizer`), seeds and the
 state a checkpoint restores (:mod:`~pogdiff.training.state`); the run's fingerprint is
-:func:`pogdiff.runs.run_folder.run_fingerprint`. This module puts a run together (model, data,
+:func:`pogdiff.training.run_folder.run_fingerprint`. This module puts a run together (model, data,
 resume). The same ``Trainer`` is driven by the CLI, by the app's background thread and by the tests:
 it takes a per-step ``callback``, a ``threading.Event`` to stop, and never prints.
 
@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 from pogdiff.model import checkpoints
-from pogdiff.runs import run_folder
+from pogdiff.training import run_folder
 from pogdiff.config import ModelConfig, TrainConfig
 from pogdiff.method.objectives import objective_for
 from pogdiff.method.prepare import prepare_data
-from pogdiff.runs.run_folder import RunMismatchError, check_same_run, run_fingerprint
+from pogdiff.training.run_folder import RunMismatchError, check_same_run, run_fingerprint
 from pogdiff.training.accelerator import make_accelerator, tracker_options
 from pogdiff.training.setup import check_train_config
 from pogdiff.training.balance import with_data_weights

@@ -62,7 +62,7 @@ class Trainer:
         ``cfg.sample_every`` steps when ``preview_captions`` are given (main process only).
     :param stop_event: when set, the loop ends after the current step and writes a checkpoint.
     :param accelerator: an ``accelerate.Accelerator`` already made for this run (else one is made).
-    :param fingerprint: what a resume must not change (:func:`pogdiff.runs.run_folder.run_fingerprint`),
+    :param fingerprint: what a resume must not change (:func:`pogdiff.training.run_folder.run_fingerprint`),
         kept in the run's record and checkpoints.
     """
 
