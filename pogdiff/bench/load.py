@@ -67,8 +67,8 @@ class Server:
         self.root = root
         self.runs_dir, self.gradio_dir = root / "runs", root / "gradio"
         self.url = f"http://127.0.0.1:{self.port}/"
-        env = {**os.environ, "GRADIO_TEMP_DIR": str(self.gradio_dir), "GRADIO_ANALYTICS_ENABLED": "False",
-               "HF_HUB_OFFLINE": "1"}
+        # app.py turns gradio's analytics off itself (GRADIO_ANALYTICS_ENABLED), before it imports gradio
+        env = {**os.environ, "GRADIO_TEMP_DIR": str(self.gradio_dir), "HF_HUB_OFFLINE": "1"}
         cmd = [sys.executable, str(APP), "--host", "127.0.0.1", "--port", str(self.port), "--runs-dir",
                str(self.runs_dir), "--no-single-user", *extra_args]
         self.log = open(root / "server.log", "w")  # noqa: SIM115 - closed in stop()
