@@ -307,7 +307,8 @@ UNMEASURED_POG_EFFECT = ("On the embedded benchmark sets the PoG term changed ra
 def measured_pog_effect(summary_path: str | Path = QUALITY_SUMMARY) -> str:
     """What the quality benchmark measured of the PoG term on the rare subjects, in words, read from its
     ``summary.json`` (per set, ``comparisons`` -> :data:`POG_COMPARISON` and :data:`TEMPERED_COMPARISON`
-    -> ``few``: ``ratio_of_means`` and ``bootstrap_ci95``); :data:`UNMEASURED_POG_EFFECT`, without
+    -> ``few``: ``ratio_of_means`` and ``hierarchical_ci95``, the interval over seeds and classes, else
+    ``bootstrap_ci95``); :data:`UNMEASURED_POG_EFFECT`, without
     figures, when the file is missing or holds no such comparison."""
     try:
         summary = json.loads(Path(summary_path).read_text(encoding="utf-8"))
@@ -325,6 +326,6 @@ def measured_pog_effect(summary_path: str | Path = QUALITY_SUMMARY) -> str:
 def _accuracy_change(comparison: dict) -> str:
     """``+3.5% accuracy`` for a ratio of class means of 1.035; "nothing measurable" when its 95%
     interval holds 1."""
-    ratio, (low, high) = float(comparison["ratio_of_means"]), comparison["bootstrap_ci95"]
+    ratio, (low, high) = float(comparison["ratio_of_means"]), comparison.get("hierarchical_ci95") or comparison["bootstrap_ci95"]
     change = f"{100 * (ratio - 1):+.1f}% accuracy"
     return change if float(low) > 1 or float(high) < 1 else f"nothing measurable ({change}, its interval holds no change)"

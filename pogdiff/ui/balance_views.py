@@ -88,7 +88,7 @@ def measured(summary: Any, key: str) -> list[str]:
         cells = []
         for bucket in ("few", "many"):
             try:
-                ratio, (low, high) = float(comp[bucket]["ratio_of_means"]), comp[bucket]["bootstrap_ci95"]
+                ratio, (low, high) = float(comp[bucket]["ratio_of_means"]), comp[bucket].get("hierarchical_ci95") or comp[bucket]["bootstrap_ci95"]
                 cells.append(f"{bucket}-shot {ratio:.2f}x [{float(low):.2f}, {float(high):.2f}]")
             except (TypeError, KeyError, ValueError):
                 continue

@@ -433,7 +433,7 @@ def measured_methods_note(summary: dict | None) -> str:
         for data, block in summary.items():
             few = ((block.get("comparisons") or {}).get(key) or {}).get("few") if isinstance(block, dict) else None
             try:
-                ratio, (low, high) = float(few["ratio_of_means"]), few["bootstrap_ci95"]
+                ratio, (low, high) = float(few["ratio_of_means"]), few.get("hierarchical_ci95") or few["bootstrap_ci95"]
                 cells.append(f"{ratio:.2f}x [{float(low):.2f}, {float(high):.2f}] on {data}")
             except (TypeError, KeyError, ValueError):
                 continue
